@@ -1,0 +1,111 @@
+"""The appliance's main job, end to end on one machine, printed step by step.
+
+Starts a real server process, drives it with the real training client exactly as the
+EAGLE-3 recipe would (vocab mapping, embeddings, padded batches, prefetch), and checks each
+answer bit for bit against the same model run in this process.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from appliance.launch import ServerProcess
+from appliance.settings import Device, Dtype, Settings
+from appliance.target import Target, VocabMapping, load_target
+from client import RemoteEagle3TargetModel
+
+__all__ = ["make_batch", "make_vocab_mapping", "run_demo", "supervision_equal"]
+
+
+def make_vocab_mapping(vocab_size: int, draft_vocab: int, seed: int = 0) -> VocabMapping:
+    """A random, unsorted draft vocabulary of ``draft_vocab`` token ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(vocab_size, generator=g)[:draft_vocab]
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[ids] = True
+    return VocabMapping(ids, mask)
+
+
+def make_batch(
+    vocab_size: int, batch_size: int, seq_len: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random tokens, right padding on every other row, a prompt/answer loss mask."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    loss_mask = torch.zeros_like(input_ids)
+    for row in range(batch_size):
+        length = seq_len if row % 2 == 0 else max(1, seq_len - int(torch.randint(1, seq_len, (1,), generator=g)))
+        attention_mask[row, length:] = 0
+        input_ids[row, length:] = 0
+        loss_mask[row, length // 3 : length] = 1
+    return input_ids, attention_mask, loss_mask
+
+
+def supervision_equal(batch: object, reference: dict[str, torch.Tensor]) -> bool:
+    """Bitwise equality of every supervision tensor (dtype, shape and values)."""
+    for key, expected in reference.items():
+        got = getattr(batch, key).cpu()
+        if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected.cpu()):
+            return False
+    return True
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
+
+
+def run_demo(
+    *,
+    model: str,
+    dtype: Dtype,
+    device: Device,
+    port: int,
+    batches: int,
+    batch_size: int,
+    seq_len: int,
+    draft_vocab: int,
+    cache_dir: Path,
+) -> int:
+    """Returns the process exit code: 0 when every batch was bit-exact."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print(f"== eagle3-appliance demo: model={model} dtype={dtype.value} device={device.value}")
+    t0 = time.perf_counter()
+    args = ["--model", model, "--dtype", dtype.value, "--device", device.value, "--cache-dir", str(cache_dir)]
+    log = Path(tempfile.gettempdir()) / "eagle3-appliance-demo-server.log"
+    with ServerProcess(args, port=port, log_path=log) as server:
+        print(f"server  {server.url} healthy after {time.perf_counter() - t0:.1f} s (log: {log})")
+        reference: Target = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
+        with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", timeout=120, max_retries=3) as remote:
+            info = remote.model_info()
+            print(f"model   {info}")
+            emb = remote.get_input_embeddings().weight
+            print(f"embed   weight {list(emb.shape)} {emb.dtype} ({_mb(emb.numel() * emb.element_size())})")
+            vocab = reference.logits_size
+            mapping = make_vocab_mapping(vocab, min(draft_vocab, vocab))
+            remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
+            print(f"vocab   draft vocabulary of {mapping.draft_vocab_size} tokens out of {vocab} sent")
+            all_exact = True
+            for i in range(batches):
+                batch_inputs = make_batch(reference.vocab_size, batch_size, seq_len, seed=i)
+                start = time.perf_counter()
+                result = remote.generate_batch(*batch_inputs)
+                elapsed = time.perf_counter() - start
+                expected = reference.supervise(*batch_inputs, mapping)
+                exact = supervision_equal(result, expected)
+                all_exact &= exact
+                nbytes = sum(t.numel() * t.element_size() for t in expected.values())
+                print(
+                    f"batch {i}  input {list(batch_inputs[0].shape)}  aux {list(result.aux_hidden_states.shape)} "
+                    f"{result.aux_hidden_states.dtype}  probs {list(result.target_probs.shape)}  "
+                    f"{_mb(nbytes)}  {elapsed * 1e3:.0f} ms  {batch_inputs[0].numel() / elapsed:.0f} tok/s  "
+                    f"supervised {int(result.position_mask.sum())}  bit-exact={'yes' if exact else 'NO'}"
+                )
+    print(f"done    {batches} batches, bit-exact={'yes' if all_exact else 'NO'}, total {time.perf_counter() - t0:.1f} s")
+    return 0 if all_exact else 1

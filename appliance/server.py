@@ -1,0 +1,178 @@
+"""The Sanic application: upstream's endpoints, lifecycle and the streaming wire response.
+
+Concurrency model. Sanic runs one process with one event loop. Everything that touches the
+model (the forward, swapping the vocab mapping) runs on :class:`ModelRunner`, a one-thread
+executor: the forward hooks write into one capture slot, so forwards must not overlap, and
+a single worker thread gives that ordering without a lock the event loop would block on.
+The loop itself only decodes small request bodies and writes response bytes, so
+``GET /health`` is answered while a long forward runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from sanic import Blueprint, Request, Sanic
+from sanic.response import HTTPResponse, json
+
+from appliance.errors import NotConfigured, install_error_handler
+from appliance.settings import Settings
+from appliance.target import Target, VocabMapping
+from appliance.validation import decode_body, validate_generate, validate_vocab_mapping
+from client import protocol, wire
+
+__all__ = ["ModelRunner", "ServingState", "create_app", "run_server", "send_wire"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Response bodies are written in slices so that the socket's flow control paces us and
+# the transport never buffers (copies) more than one slice of a large tensor.
+SEND_SLICE_BYTES = 4 * 1024 * 1024
+
+
+class ModelRunner:
+    """The one thread that runs model work, in submission order."""
+
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+
+@dataclass
+class ServingState:
+    """What the handlers share: the model, its runner and the current vocab mapping."""
+
+    settings: Settings
+    target: Target
+    runner: ModelRunner = field(default_factory=ModelRunner)
+    mapping: VocabMapping | None = None
+
+
+def _state(request: Request) -> ServingState:
+    return request.app.ctx.state
+
+
+async def send_wire(request: Request, tensors: Mapping[str, torch.Tensor | None]) -> None:
+    """Stream a wire blob: each entry header, then the tensor's own memory, no concatenation."""
+    parts, total = wire.encode_parts(tensors)
+    response = await request.respond(content_type=protocol.OCTET_STREAM, headers={"content-length": str(total)})
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, view.nbytes, SEND_SLICE_BYTES):
+            await response.send(view[start : start + SEND_SLICE_BYTES])
+
+
+def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+
+
+control = Blueprint("control")
+
+
+@control.get(protocol.path(protocol.EP_HEALTH))
+async def health(request: Request) -> HTTPResponse:
+    return json({"status": "ok"})
+
+
+@control.route(protocol.path(protocol.EP_MODEL_INFO), methods=["GET", "POST"])
+async def model_info(request: Request) -> HTTPResponse:
+    return json(_state(request).target.model_info())
+
+
+@control.post(protocol.path(protocol.EP_INPUT_EMBEDDINGS))
+async def input_embeddings(request: Request) -> None:
+    state = _state(request)
+    weight = await state.runner.run(lambda: _to_host({"weight": state.target.input_embeddings}))
+    await send_wire(request, weight)
+
+
+@control.post(protocol.path(protocol.EP_SET_VOCAB_MAPPING))
+async def set_vocab_mapping(request: Request) -> HTTPResponse:
+    state = _state(request)
+    mapping = validate_vocab_mapping(decode_body(request.body), logits_size=state.target.logits_size)
+
+    def install() -> None:
+        # On the model thread, so a forward in flight finishes with the mapping it started with.
+        device = state.target.device
+        state.mapping = VocabMapping(mapping.selected_token_ids.to(device), mapping.selected_token_mask.to(device))
+
+    await state.runner.run(install)
+    return json({"status": "ok"})
+
+
+@control.post(protocol.path(protocol.EP_INIT_NCCL))
+async def init_nccl(request: Request) -> HTTPResponse:
+    # This server has no process-group data plane: upstream clients then use the wire body.
+    return json({"status": "disabled"})
+
+
+@control.post(protocol.path(protocol.EP_GENERATE))
+async def generate(request: Request) -> None:
+    state = _state(request)
+    settings = state.settings
+    input_ids, attention_mask, loss_mask = validate_generate(
+        decode_body(request.body),
+        vocab_size=state.target.vocab_size,
+        max_seq_len=settings.max_seq_len,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
+    mapping = state.mapping
+    if mapping is None:
+        raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
+
+    def supervise() -> dict[str, torch.Tensor]:
+        return _to_host(state.target.supervise(input_ids, attention_mask, loss_mask, mapping))
+
+    supervision = await state.runner.run(supervise)
+    await send_wire(request, supervision)
+
+
+@control.post(protocol.path(protocol.EP_HEARTBEAT))
+async def heartbeat(request: Request) -> HTTPResponse:
+    return json({"status": "ok"})
+
+
+@control.post(protocol.path(protocol.EP_DISCONNECT))
+async def disconnect(request: Request) -> HTTPResponse:
+    # Unlike upstream's server, one client leaving does not stop a shared appliance.
+    return json({"status": "ok"})
+
+
+def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance") -> Sanic:
+    """Build the application around an already-loaded target."""
+    app = Sanic(name, configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
+    # A forward of a long batch on a big model can take minutes; the client has its own timeout.
+    app.config.RESPONSE_TIMEOUT = 24 * 3600
+    app.config.KEEP_ALIVE_TIMEOUT = 600
+    app.config.NOISY_EXCEPTIONS = False
+    app.ctx.state = ServingState(settings=settings, target=target)
+    app.blueprint(control)
+    install_error_handler(app)
+
+    @app.after_server_stop
+    async def _release(app: Sanic) -> None:
+        app.ctx.state.runner.shutdown()
+
+    return app
+
+
+def run_server(app: Sanic, settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM, in this process (Sanic's single-process mode)."""
+    app.prepare(
+        host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False
+    )
+    Sanic.serve_single(app)

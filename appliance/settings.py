@@ -1,0 +1,65 @@
+"""The appliance's one settings object, built by the CLI from flags and the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+__all__ = ["BUILTIN_MODEL", "Device", "Dtype", "ENV_PREFIX", "Settings", "default_cache_dir"]
+
+# Every flag of ``eagle3-appliance serve`` can also be set as ENV_PREFIX + FLAG_NAME
+# (``--max-seq-len`` -> ``EAGLE3_MAX_SEQ_LEN``), which is how containers configure it.
+ENV_PREFIX = "EAGLE3_"
+
+# The value of ``--model`` that selects the built-in tiny model (also the default).
+BUILTIN_MODEL = "builtin"
+
+
+class Dtype(str, Enum):
+    """Model dtype. ``auto`` is bfloat16 on CUDA and float32 on CPU (upstream's choice)."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    """Where the model runs. ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def default_cache_dir() -> Path:
+    """Where the built-in model is written: ``$XDG_CACHE_HOME/eagle3-appliance``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "eagle3-appliance"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start; immutable once built."""
+
+    model: str = BUILTIN_MODEL
+    dtype: Dtype = Dtype.auto
+    device: Device = Device.auto
+    aux_layer_ids: tuple[int, int, int] | None = None
+    trust_remote_code: bool = False
+    host: str = "0.0.0.0"
+    port: int = 8001
+    # Longest sequence and largest batch a /generate may ask for (422 beyond).
+    max_seq_len: int = 8192
+    max_batch_tokens: int = 65536
+    # Largest request body accepted (413 beyond). Requests are small (token ids), so this
+    # only has to hold the vocab mapping of a very large vocabulary.
+    max_body_bytes: int = 64 * 1024 * 1024
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    log_level: str = "INFO"
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.model == BUILTIN_MODEL

@@ -1,0 +1,86 @@
+"""The recipe's own types when NeMo AutoModel is installed, equivalent local ones otherwise.
+
+The EAGLE-3 recipe checks ``isinstance(backend, Eagle3TargetBackend)`` and reads
+``Eagle3TargetBatch`` fields, so when ``nemo_automodel`` is importable we must hand it its
+own classes. Without it (a lean trainer image, or our CI) the local versions below have the
+same fields, the same "exactly one supervision source" validation and the same defaults.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Eagle3TargetBackend", "Eagle3TargetBatch", "USING_NEMO_AUTOMODEL"]
+
+
+@dataclass
+class _LocalEagle3TargetBatch:
+    """Supervision for one batch: ``logits`` or (``target_probs`` and ``position_mask``)."""
+
+    aux_hidden_states: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    logits: torch.Tensor | None = None
+    target_probs: torch.Tensor | None = None
+    position_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    doc_remaining: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        has_logits = self.logits is not None
+        has_probs = self.target_probs is not None and self.position_mask is not None
+        if has_logits == has_probs:
+            raise ValueError(
+                "Eagle3TargetBatch needs exactly one supervision source: `logits`, "
+                "or both `target_probs` and `position_mask`"
+            )
+
+
+class _LocalEagle3TargetBackend(ABC):
+    """The backend contract of upstream-protocol.md §5."""
+
+    @abstractmethod
+    def generate_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> Any: ...
+
+    @abstractmethod
+    def get_input_embeddings(self) -> torch.nn.Module: ...
+
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
+        """Co-located backends ignore the mapping; remote ones forward it."""
+
+    @property
+    def supports_async(self) -> bool:
+        return False
+
+    def generate_batch_async(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not support async prefetch")
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+try:  # the real classes, so that the recipe sees its own types
+    from nemo_automodel.components.speculative.eagle.backend import (
+        Eagle3TargetBackend as _UpstreamBackend,
+    )
+    from nemo_automodel.components.speculative.eagle.target import (
+        Eagle3TargetBatch as _UpstreamBatch,
+    )
+except ImportError:
+    Eagle3TargetBackend: type = _LocalEagle3TargetBackend
+    Eagle3TargetBatch: type = _LocalEagle3TargetBatch
+    USING_NEMO_AUTOMODEL = False
+else:
+    Eagle3TargetBackend = _UpstreamBackend
+    Eagle3TargetBatch = _UpstreamBatch
+    USING_NEMO_AUTOMODEL = True

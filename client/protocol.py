@@ -1,0 +1,94 @@
+"""The remote-target protocol: endpoint names, headers, keys and limits shared by both sides.
+
+This module and :mod:`client.wire` are the only places where the protocol is spelled out;
+the appliance imports them, so a change here changes both ends at once. Everything in the
+upstream column of ``shared/design/upstream-protocol.md`` is reproduced exactly; what we add
+(marked *extension*) is only ever used after the peer has said it understands it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_PORT",
+    "EP_DISCONNECT",
+    "EP_GENERATE",
+    "EP_HEALTH",
+    "EP_HEARTBEAT",
+    "EP_INIT_NCCL",
+    "EP_INPUT_EMBEDDINGS",
+    "EP_MODEL_INFO",
+    "EP_SET_VOCAB_MAPPING",
+    "ENV_ENABLE_NCCL",
+    "ENV_NCCL_PORT",
+    "GENERATE_INPUT_KEYS",
+    "JSON",
+    "NCCL_HEADER",
+    "OCTET_STREAM",
+    "SUPERVISION_KEYS",
+    "VOCAB_MAPPING_KEYS",
+    "default_aux_layer_ids",
+    "path",
+    "validate_aux_layer_ids",
+]
+
+DEFAULT_PORT = 8001
+
+# Endpoints. Upstream compares paths without the leading slash; ``path()`` adds it back.
+EP_HEALTH = "health"
+EP_MODEL_INFO = "model_info"
+EP_INPUT_EMBEDDINGS = "input_embeddings"
+EP_SET_VOCAB_MAPPING = "set_vocab_mapping"
+EP_INIT_NCCL = "init_nccl"
+EP_GENERATE = "generate"
+EP_HEARTBEAT = "heartbeat"
+EP_DISCONNECT = "disconnect"
+
+# Content types.
+OCTET_STREAM = "application/octet-stream"
+JSON = "application/json"
+
+# The client offers NCCL with ``X-NeMo-NCCL: 1``; the server echoes it when the body is
+# NCCL metadata instead of a wire blob.
+NCCL_HEADER = "X-NeMo-NCCL"
+
+# Upstream's NCCL rendezvous knobs (read by both ends).
+ENV_NCCL_PORT = "NEMO_EAGLE_NCCL_PORT"
+ENV_ENABLE_NCCL = "NEMO_EAGLE_ENABLE_NCCL"
+
+# Keys of the /generate request and of its response, in wire order.
+GENERATE_INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+SUPERVISION_KEYS = ("aux_hidden_states", "target_probs", "position_mask", "input_ids", "loss_mask")
+VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
+
+
+def path(endpoint: str) -> str:
+    """The URL path of an endpoint name (``"generate"`` -> ``"/generate"``)."""
+    return "/" + endpoint.lstrip("/")
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's low/mid/high capture layers ``[1, L//2 - 1, L - 4]``.
+
+    Raises instead of deduplicating on shallow models: the draft's ``fc`` is sized for
+    exactly three captured layers, and a silent collapse would fail much later.
+    """
+    ids = [1, num_layers // 2 - 1, num_layers - 4]
+    if any(i < 0 or i >= num_layers for i in ids) or len(set(ids)) != 3:
+        raise ValueError(
+            f"a model with {num_layers} layers is too shallow for the default aux layers {ids}; "
+            "pass 3 distinct layer ids explicitly"
+        )
+    return ids
+
+
+def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
+    """Check an explicit aux-layer choice: exactly 3 distinct ids in ``[0, num_layers)``."""
+    ids = [int(i) for i in aux_layer_ids]
+    if len(ids) != 3:
+        raise ValueError(f"EAGLE-3 needs exactly 3 aux layer ids, got {len(ids)}: {ids}")
+    if len(set(ids)) != 3:
+        raise ValueError(f"aux layer ids must be distinct, got {ids}")
+    for i in ids:
+        if not 0 <= i < num_layers:
+            raise ValueError(f"aux layer id {i} is out of range for a model with {num_layers} layers")
+    return ids
