@@ -40,9 +40,7 @@ def _folder_name(config: dict[str, object], seed: int) -> str:
     return f"builtin-llama-{digest}"
 
 
-def ensure_builtin_model(
-    cache_dir: Path, config: dict[str, object] | None = None, seed: int = BUILTIN_SEED
-) -> Path:
+def ensure_builtin_model(cache_dir: Path, config: dict[str, object] | None = None, seed: int = BUILTIN_SEED) -> Path:
     """Create the tiny model in ``cache_dir`` once and return its folder.
 
     The folder is written under a temporary name and renamed into place, so concurrent

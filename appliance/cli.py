@@ -47,7 +47,9 @@ ModelOpt = Annotated[
         help=f"Causal LM to serve: a local folder or a hub id. '{BUILTIN_MODEL}' is the built-in tiny Llama.",
     ),
 ]
-DtypeOpt = Annotated[Dtype, typer.Option(envvar=_env("DTYPE"), help="Model dtype; auto = bfloat16 on CUDA, float32 on CPU.")]
+DtypeOpt = Annotated[
+    Dtype, typer.Option(envvar=_env("DTYPE"), help="Model dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+]
 DeviceOpt = Annotated[Device, typer.Option(envvar=_env("DEVICE"), help="Where the model runs; auto = cuda if visible.")]
 AuxOpt = Annotated[
     str | None,
@@ -59,9 +61,7 @@ AuxOpt = Annotated[
 TrustOpt = Annotated[
     bool, typer.Option(envvar=_env("TRUST_REMOTE_CODE"), help="Allow the model folder's own Python code.")
 ]
-CacheOpt = Annotated[
-    Path, typer.Option(envvar=_env("CACHE_DIR"), help="Where the built-in model is written.")
-]
+CacheOpt = Annotated[Path, typer.Option(envvar=_env("CACHE_DIR"), help="Where the built-in model is written.")]
 
 
 @app.command()
@@ -137,6 +137,40 @@ def demo(
             dtype=dtype,
             device=device,
             port=port,
+            batches=batches,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            draft_vocab=draft_vocab,
+            cache_dir=cache_dir,
+        )
+    )
+
+
+@app.command()
+def validate(
+    url: Annotated[
+        list[str], typer.Option(envvar=_env("URLS"), help="Server URL; repeat, or comma-separate in EAGLE3_URLS.")
+    ],
+    model: ModelOpt = BUILTIN_MODEL,
+    dtype: DtypeOpt = Dtype.auto,
+    device: DeviceOpt = Device.auto,
+    batches: Annotated[int, typer.Option(help="How many /generate round-trips.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 2,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
+    cache_dir: CacheOpt = default_cache_dir(),
+) -> None:
+    """Drive running servers with the client and check every answer against a local copy of the model."""
+    configure_logging("WARNING")
+    from appliance.demo import run_validate
+
+    urls = [u for item in url for u in item.split(",") if u.strip()]
+    raise typer.Exit(
+        run_validate(
+            urls=urls,
+            model=model,
+            dtype=dtype,
+            device=device,
             batches=batches,
             batch_size=batch_size,
             seq_len=seq_len,

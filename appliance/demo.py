@@ -18,7 +18,7 @@ from appliance.settings import Device, Dtype, Settings
 from appliance.target import Target, VocabMapping, load_target
 from client import RemoteEagle3TargetModel
 
-__all__ = ["make_batch", "make_vocab_mapping", "run_demo", "supervision_equal"]
+__all__ = ["drive", "make_batch", "make_vocab_mapping", "run_demo", "run_validate", "supervision_equal"]
 
 
 def make_vocab_mapping(vocab_size: int, draft_vocab: int, seed: int = 0) -> VocabMapping:
@@ -59,6 +59,49 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 
 
+def drive(urls: list[str], reference: Target, *, batches: int, batch_size: int, seq_len: int, draft_vocab: int) -> bool:
+    """Drive servers with the real client as the recipe does; print each step; True if all bit-exact."""
+    all_exact = True
+    with RemoteEagle3TargetModel.from_urls(urls, device="cpu", timeout=120, max_retries=3) as remote:
+        info = remote.model_info()
+        print(f"model   {info}")
+        emb = remote.get_input_embeddings().weight
+        emb_exact = torch.equal(emb, reference.input_embeddings.cpu())
+        all_exact &= emb_exact
+        print(
+            f"embed   weight {list(emb.shape)} {emb.dtype} ({_mb(emb.numel() * emb.element_size())}) "
+            f"bit-exact={'yes' if emb_exact else 'NO'}"
+        )
+        vocab = reference.logits_size
+        mapping = make_vocab_mapping(vocab, min(draft_vocab, vocab))
+        remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
+        print(
+            f"vocab   draft vocabulary of {mapping.draft_vocab_size} of {vocab} tokens sent to {len(urls)} server(s)"
+        )
+        for i in range(batches):
+            batch_inputs = make_batch(reference.vocab_size, batch_size, seq_len, seed=i)
+            start = time.perf_counter()
+            result = remote.generate_batch(*batch_inputs)
+            elapsed = time.perf_counter() - start
+            expected = reference.supervise(*batch_inputs, mapping)
+            exact = supervision_equal(result, expected)
+            all_exact &= exact
+            nbytes = sum(t.numel() * t.element_size() for t in expected.values())
+            print(
+                f"batch {i}  input {list(batch_inputs[0].shape)}  aux {list(result.aux_hidden_states.shape)} "
+                f"{result.aux_hidden_states.dtype}  probs {list(result.target_probs.shape)}  "
+                f"{_mb(nbytes)}  {elapsed * 1e3:.0f} ms  {batch_inputs[0].numel() / elapsed:.0f} tok/s  "
+                f"supervised {int(result.position_mask.sum())}  bit-exact={'yes' if exact else 'NO'}"
+            )
+    return all_exact
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def run_demo(
     *,
     model: str,
@@ -71,41 +114,42 @@ def run_demo(
     draft_vocab: int,
     cache_dir: Path,
 ) -> int:
-    """Returns the process exit code: 0 when every batch was bit-exact."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    """Start a server, drive it, stop it. Returns the exit code: 0 when every answer was bit-exact."""
+    _quiet_transformers()
     print(f"== eagle3-appliance demo: model={model} dtype={dtype.value} device={device.value}")
     t0 = time.perf_counter()
     args = ["--model", model, "--dtype", dtype.value, "--device", device.value, "--cache-dir", str(cache_dir)]
     log = Path(tempfile.gettempdir()) / "eagle3-appliance-demo-server.log"
     with ServerProcess(args, port=port, log_path=log) as server:
         print(f"server  {server.url} healthy after {time.perf_counter() - t0:.1f} s (log: {log})")
-        reference: Target = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
-        with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", timeout=120, max_retries=3) as remote:
-            info = remote.model_info()
-            print(f"model   {info}")
-            emb = remote.get_input_embeddings().weight
-            print(f"embed   weight {list(emb.shape)} {emb.dtype} ({_mb(emb.numel() * emb.element_size())})")
-            vocab = reference.logits_size
-            mapping = make_vocab_mapping(vocab, min(draft_vocab, vocab))
-            remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-            print(f"vocab   draft vocabulary of {mapping.draft_vocab_size} tokens out of {vocab} sent")
-            all_exact = True
-            for i in range(batches):
-                batch_inputs = make_batch(reference.vocab_size, batch_size, seq_len, seed=i)
-                start = time.perf_counter()
-                result = remote.generate_batch(*batch_inputs)
-                elapsed = time.perf_counter() - start
-                expected = reference.supervise(*batch_inputs, mapping)
-                exact = supervision_equal(result, expected)
-                all_exact &= exact
-                nbytes = sum(t.numel() * t.element_size() for t in expected.values())
-                print(
-                    f"batch {i}  input {list(batch_inputs[0].shape)}  aux {list(result.aux_hidden_states.shape)} "
-                    f"{result.aux_hidden_states.dtype}  probs {list(result.target_probs.shape)}  "
-                    f"{_mb(nbytes)}  {elapsed * 1e3:.0f} ms  {batch_inputs[0].numel() / elapsed:.0f} tok/s  "
-                    f"supervised {int(result.position_mask.sum())}  bit-exact={'yes' if exact else 'NO'}"
-                )
-    print(f"done    {batches} batches, bit-exact={'yes' if all_exact else 'NO'}, total {time.perf_counter() - t0:.1f} s")
-    return 0 if all_exact else 1
+        reference = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
+        ok = drive(
+            [server.url], reference, batches=batches, batch_size=batch_size, seq_len=seq_len, draft_vocab=draft_vocab
+        )
+        code = server.stop()
+        print(f"server  stopped with SIGTERM, exit code {code}")
+    print(f"done    {batches} batches, bit-exact={'yes' if ok else 'NO'}, total {time.perf_counter() - t0:.1f} s")
+    return 0 if ok and code == 0 else 1
+
+
+def run_validate(
+    *,
+    urls: list[str],
+    model: str,
+    dtype: Dtype,
+    device: Device,
+    batches: int,
+    batch_size: int,
+    seq_len: int,
+    draft_vocab: int,
+    cache_dir: Path,
+) -> int:
+    """Check running servers against this process's own copy of the model. Exit code 0 = bit-exact."""
+    _quiet_transformers()
+    print(f"== eagle3-appliance validate: {len(urls)} server(s), reference model={model}")
+    reference = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
+    ok = drive(urls, reference, batches=batches, batch_size=batch_size, seq_len=seq_len, draft_vocab=draft_vocab)
+    print(
+        f"result  {'PASS' if ok else 'FAIL'}: {batches} batches, {len(urls)} server(s), bit-exact={ok}"
+    )
+    return 0 if ok else 1

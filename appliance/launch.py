@@ -43,7 +43,17 @@ class ServerProcess:
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._args = [sys.executable, "-m", "appliance", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self._args = [
+            sys.executable,
+            "-m",
+            "appliance",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log_path = log_path
         self._timeout = startup_timeout
@@ -56,7 +66,9 @@ class ServerProcess:
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"appliance exited with {self.proc.returncode} before answering; see {self._log_path}")
+                raise RuntimeError(
+                    f"appliance exited with {self.proc.returncode} before answering; see {self._log_path}"
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=1.0, trust_env=False).status_code == 200:
                     return self

@@ -172,7 +172,5 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
 
 def run_server(app: Sanic, settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, in this process (Sanic's single-process mode)."""
-    app.prepare(
-        host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False
-    )
+    app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
     Sanic.serve_single(app)

@@ -145,16 +145,12 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
 
     def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
         """Send the draft-vocabulary mapping to every server (each computes the projection)."""
-        payload = wire.encode(
-            {"selected_token_ids": selected_token_ids, "selected_token_mask": selected_token_mask}
-        )
+        payload = wire.encode({"selected_token_ids": selected_token_ids, "selected_token_mask": selected_token_mask})
         for server in self._servers:
             server.control.request("POST", protocol.EP_SET_VOCAB_MAPPING, ControlPlane.read_json, content=payload)
 
     @torch.no_grad()
-    def generate_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
-    ) -> Any:
+    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Any:
         payload = _encode_inputs(input_ids, attention_mask, loss_mask)
         result = self._pick().generate(payload)
         return self._to_batch(result, attention_mask)

@@ -46,9 +46,7 @@ class _LocalEagle3TargetBackend(ABC):
     """The backend contract of upstream-protocol.md §5."""
 
     @abstractmethod
-    def generate_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
-    ) -> Any: ...
+    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Any: ...
 
     @abstractmethod
     def get_input_embeddings(self) -> torch.nn.Module: ...

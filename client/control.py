@@ -82,7 +82,9 @@ class ControlPlane:
         """POST a JSON body (or an empty one) and parse the JSON answer."""
         content = b"" if body is None else orjson.dumps(body)
         content_type = protocol.JSON if body is not None else protocol.OCTET_STREAM
-        return self.request("POST", endpoint, self.read_json, content=content, content_type=content_type, retries=retries)
+        return self.request(
+            "POST", endpoint, self.read_json, content=content, content_type=content_type, retries=retries
+        )
 
     def get_json(self, endpoint: str) -> Any:
         return self.request("GET", endpoint, self.read_json)

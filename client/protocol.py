@@ -18,6 +18,16 @@ __all__ = [
     "EP_INPUT_EMBEDDINGS",
     "EP_MODEL_INFO",
     "EP_SET_VOCAB_MAPPING",
+    "EP_SESSION",
+    "EP_HEALTH_LIVE",
+    "EP_HEALTH_READY",
+    "EP_V2_HEALTH_LIVE",
+    "EP_V2_HEALTH_READY",
+    "EP_METRICS",
+    "EP_GPUS",
+    "SESSION_HEADER",
+    "ENCODING_HEADER",
+    "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
     "GENERATE_INPUT_KEYS",
@@ -42,6 +52,22 @@ EP_INIT_NCCL = "init_nccl"
 EP_GENERATE = "generate"
 EP_HEARTBEAT = "heartbeat"
 EP_DISCONNECT = "disconnect"
+
+# Extensions (ours). A client learns that a server has them from POST /session: an
+# upstream server answers 404 there, and the client then speaks plain upstream protocol.
+EP_SESSION = "session"  # register: JSON offer in, JSON {"session_id", "lease_seconds", ...} out
+EP_HEALTH_LIVE = "health/live"  # process is serving
+EP_HEALTH_READY = "health/ready"  # model loaded, not draining, GPU healthy; else 503 + reason
+EP_V2_HEALTH_LIVE = "v2/health/live"  # KServe / Triton v2 spellings of the same probes
+EP_V2_HEALTH_READY = "v2/health/ready"
+EP_METRICS = "metrics"  # Prometheus text format
+EP_GPUS = "gpus"  # NVML readings as JSON
+# Sent by our client on every request once it has a session; requests without it belong
+# to the anonymous session that upstream clients share.
+SESSION_HEADER = "X-Eagle3-Session"
+# The supervision encoding a /generate answer uses (absent = upstream's "probs").
+ENCODING_HEADER = "X-Eagle3-Encoding"
+AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Content types.
 OCTET_STREAM = "application/octet-stream"

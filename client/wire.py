@@ -274,8 +274,7 @@ class WireReader:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if nbytes != numel * itemsize:
             raise WireFormatError(
-                f"{key!r}: {nbytes} data bytes do not match shape {shape} of {dtype} "
-                f"({numel * itemsize} bytes)"
+                f"{key!r}: {nbytes} data bytes do not match shape {shape} of {dtype} ({numel * itemsize} bytes)"
             )
         remaining = None if self._expected is None else self._expected - self._offset - pos
         if remaining is not None and nbytes > remaining:
