@@ -75,9 +75,7 @@ def drive(urls: list[str], reference: Target, *, batches: int, batch_size: int, 
         vocab = reference.logits_size
         mapping = make_vocab_mapping(vocab, min(draft_vocab, vocab))
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-        print(
-            f"vocab   draft vocabulary of {mapping.draft_vocab_size} of {vocab} tokens sent to {len(urls)} server(s)"
-        )
+        print(f"vocab   draft vocabulary of {mapping.draft_vocab_size} of {vocab} tokens sent to {len(urls)} server(s)")
         for i in range(batches):
             batch_inputs = make_batch(reference.vocab_size, batch_size, seq_len, seed=i)
             start = time.perf_counter()
@@ -149,7 +147,5 @@ def run_validate(
     print(f"== eagle3-appliance validate: {len(urls)} server(s), reference model={model}")
     reference = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
     ok = drive(urls, reference, batches=batches, batch_size=batch_size, seq_len=seq_len, draft_vocab=draft_vocab)
-    print(
-        f"result  {'PASS' if ok else 'FAIL'}: {batches} batches, {len(urls)} server(s), bit-exact={ok}"
-    )
+    print(f"result  {'PASS' if ok else 'FAIL'}: {batches} batches, {len(urls)} server(s), bit-exact={ok}")
     return 0 if ok else 1

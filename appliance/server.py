@@ -21,7 +21,8 @@ import torch
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
-from appliance.errors import NotConfigured, install_error_handler
+from appliance.errors import MalformedBody, NotConfigured, install_error_handler
+from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
 from appliance.target import Target, VocabMapping
 from appliance.validation import decode_body, validate_generate, validate_vocab_mapping
@@ -58,11 +59,15 @@ class ServingState:
     settings: Settings
     target: Target
     runner: ModelRunner = field(default_factory=ModelRunner)
-    mapping: VocabMapping | None = None
+    sessions: SessionRegistry = field(default_factory=SessionRegistry)
 
 
 def _state(request: Request) -> ServingState:
     return request.app.ctx.state
+
+
+def _session(request: Request) -> Session:
+    return _state(request).sessions.get(request.headers.get(protocol.SESSION_HEADER))
 
 
 async def send_wire(request: Request, tensors: Mapping[str, torch.Tensor | None]) -> None:
@@ -99,15 +104,36 @@ async def input_embeddings(request: Request) -> None:
     await send_wire(request, weight)
 
 
+@control.post(protocol.path(protocol.EP_SESSION))
+async def register_session(request: Request) -> HTTPResponse:
+    """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
+    offer = _json_object(request)
+    session = _state(request).sessions.register(client=str(offer.get("client", "")))
+    return json({"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"})
+
+
+def _json_object(request: Request) -> dict[str, Any]:
+    if not request.body:
+        return {}
+    try:
+        body = request.json
+    except Exception:  # noqa: BLE001 - Sanic raises its own BadRequest subclass here
+        raise MalformedBody("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise MalformedBody(f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
 @control.post(protocol.path(protocol.EP_SET_VOCAB_MAPPING))
 async def set_vocab_mapping(request: Request) -> HTTPResponse:
     state = _state(request)
+    session = _session(request)
     mapping = validate_vocab_mapping(decode_body(request.body), logits_size=state.target.logits_size)
 
     def install() -> None:
         # On the model thread, so a forward in flight finishes with the mapping it started with.
         device = state.target.device
-        state.mapping = VocabMapping(mapping.selected_token_ids.to(device), mapping.selected_token_mask.to(device))
+        session.mapping = VocabMapping(mapping.selected_token_ids.to(device), mapping.selected_token_mask.to(device))
 
     await state.runner.run(install)
     return json({"status": "ok"})
@@ -122,6 +148,7 @@ async def init_nccl(request: Request) -> HTTPResponse:
 @control.post(protocol.path(protocol.EP_GENERATE))
 async def generate(request: Request) -> None:
     state = _state(request)
+    session = _session(request)
     settings = state.settings
     input_ids, attention_mask, loss_mask = validate_generate(
         decode_body(request.body),
@@ -129,7 +156,7 @@ async def generate(request: Request) -> None:
         max_seq_len=settings.max_seq_len,
         max_batch_tokens=settings.max_batch_tokens,
     )
-    mapping = state.mapping
+    mapping = session.mapping
     if mapping is None:
         raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
 
@@ -142,12 +169,17 @@ async def generate(request: Request) -> None:
 
 @control.post(protocol.path(protocol.EP_HEARTBEAT))
 async def heartbeat(request: Request) -> HTTPResponse:
+    _session(request)  # renews the session's lease; 410 if it is gone
     return json({"status": "ok"})
 
 
 @control.post(protocol.path(protocol.EP_DISCONNECT))
 async def disconnect(request: Request) -> HTTPResponse:
-    # Unlike upstream's server, one client leaving does not stop a shared appliance.
+    # Ends only the caller's session: unlike upstream's server, one client leaving does not
+    # stop a server that others share. The anonymous session is never dropped.
+    session_id = request.headers.get(protocol.SESSION_HEADER)
+    if session_id:
+        _state(request).sessions.drop(session_id)
     return json({"status": "ok"})
 
 

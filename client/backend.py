@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,29 +24,94 @@ from client import protocol, wire
 from client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from client.control import ControlPlane
 from client.dataplane import DataPlane, WireDataPlane
+from client.errors import TargetHTTPError
 
 __all__ = ["RemoteEagle3TargetModel", "RemoteResult"]
 
+T = TypeVar("T")
+
 
 class _Server:
-    """One server: its control plane, its data plane and the lock that serialises it."""
+    """One server: its control plane, session, data plane and the lock that serialises it.
 
-    def __init__(self, control: ControlPlane, data_plane: DataPlane) -> None:
+    Connecting is lazy (on first use, like upstream) and tells the two kinds of server
+    apart: ours answers ``POST /session`` with a session id that every later request
+    carries; an upstream server answers 404 and is then spoken to in plain upstream
+    protocol. If our server forgets the session (expired lease, restart: HTTP 410), the
+    client registers again, replays its vocab mapping and retries the request once.
+    """
+
+    def __init__(self, control: ControlPlane, client_name: str) -> None:
         self.control = control
-        self.data_plane = data_plane
-        self.lock = threading.Lock()
+        self.client_name = client_name
+        self.lock = threading.Lock()  # at most one request of ours in flight on this server
+        self.session_id: str | None = None
+        self.upstream = False
+        self.data_plane: DataPlane | None = None
+        self.mapping_payload: bytes | None = None
+        self._connected = False
+
+    def _connect(self) -> None:
+        if self._connected:
+            return
+        try:
+            reply = self.control.post_json(protocol.EP_SESSION, {"client": self.client_name})
+        except TargetHTTPError as exc:
+            if exc.status not in (404, 405):
+                raise
+            self.upstream, self.session_id = True, None
+        else:
+            self.upstream, self.session_id = False, str(reply["session_id"])
+        self.control.set_header(protocol.SESSION_HEADER, self.session_id)
+        self.data_plane = WireDataPlane(self.control)
+        self._connected = True
+
+    def call(self, fn: Callable[[_Server], T]) -> T:
+        """Run ``fn`` under the server lock, connected, re-registering once if the session is gone."""
+        with self.lock:
+            self._connect()
+            try:
+                return fn(self)
+            except TargetHTTPError as exc:
+                if exc.status != 410 or self.upstream:
+                    raise
+            self._reconnect()
+            return fn(self)
+
+    def _reconnect(self) -> None:
+        if self.data_plane is not None:
+            self.data_plane.close()
+        self._connected = False
+        self._connect()
+        if self.mapping_payload is not None:
+            self._send_mapping()
+
+    def _send_mapping(self) -> None:
+        assert self.mapping_payload is not None
+        self.control.request(
+            "POST", protocol.EP_SET_VOCAB_MAPPING, ControlPlane.read_json, content=self.mapping_payload
+        )
+
+    def set_vocab_mapping(self, payload: bytes) -> None:
+        def send(server: _Server) -> None:
+            server.mapping_payload = payload
+            server._send_mapping()
+
+        self.call(send)
 
     def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        with self.lock:
-            return self.data_plane.generate(payload)
+        return self.call(lambda server: server.data_plane.generate(payload))  # type: ignore[union-attr]
 
     def close(self) -> None:
-        try:  # best effort and quick: the server may already be gone
-            self.control.post_json(protocol.EP_DISCONNECT, {}, retries=False)
-        except Exception:  # noqa: BLE001 - closing must not fail the trainer
-            pass
-        self.data_plane.close()
-        self.control.close()
+        with self.lock:
+            if self._connected:
+                try:  # best effort and quick: the server may already be gone
+                    self.control.post_json(protocol.EP_DISCONNECT, {}, retries=False)
+                except Exception:  # noqa: BLE001 - closing must not fail the trainer
+                    pass
+            if self.data_plane is not None:
+                self.data_plane.close()
+            self.control.close()
 
 
 class RemoteResult:
@@ -92,11 +159,12 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
         self._device = torch.device(device)
         self._servers: list[_Server] = []
+        client_name = f"{socket.gethostname()}:{os.getpid()}"
         for url in urls:
             control = ControlPlane(
                 url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
             )
-            self._servers.append(_Server(control, WireDataPlane(control)))
+            self._servers.append(_Server(control, client_name))
         self._next = itertools.cycle(range(len(self._servers)))
         self._next_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -131,12 +199,12 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
 
     def model_info(self) -> dict[str, Any]:
         """The first server's ``/model_info`` (layers, hidden size, vocab, aux layer ids)."""
-        return self._servers[0].control.post_json(protocol.EP_MODEL_INFO)
+        return self._servers[0].call(lambda server: server.control.post_json(protocol.EP_MODEL_INFO))
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         """The target's input embedding (frozen), fetched once from the first server and cached."""
         if self._embeddings is None:
-            tensors = self._servers[0].control.post_wire(protocol.EP_INPUT_EMBEDDINGS)
+            tensors = self._servers[0].call(lambda server: server.control.post_wire(protocol.EP_INPUT_EMBEDDINGS))
             weight = tensors.get("weight")
             if weight is None:
                 raise ValueError(f"{self._servers[0].control.url}/input_embeddings returned no weight")
@@ -147,7 +215,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         """Send the draft-vocabulary mapping to every server (each computes the projection)."""
         payload = wire.encode({"selected_token_ids": selected_token_ids, "selected_token_mask": selected_token_mask})
         for server in self._servers:
-            server.control.request("POST", protocol.EP_SET_VOCAB_MAPPING, ControlPlane.read_json, content=payload)
+            server.set_vocab_mapping(payload)
 
     @torch.no_grad()
     def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Any:

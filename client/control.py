@@ -76,6 +76,13 @@ class ControlPlane:
             transport=transport,
         )
 
+    def set_header(self, name: str, value: str | None) -> None:
+        """Send (or, with None, stop sending) a header on every later request."""
+        if value is None:
+            self._http.headers.pop(name, None)
+        else:
+            self._http.headers[name] = value
+
     # -- requests ---------------------------------------------------------------------
 
     def post_json(self, endpoint: str, body: Any = None, *, retries: bool = True) -> Any:

@@ -1,0 +1,78 @@
+"""Client sessions: what the server keeps per connected trainer rank.
+
+A session holds a client's draft-vocabulary mapping and the choices it negotiated
+(supervision encoding, data plane). Our client registers one with ``POST /session`` and
+names it in the ``X-Eagle3-Session`` header of every request. Requests without the header
+belong to the *anonymous* session, which is exactly upstream's server state: one shared
+vocab mapping, never expiring. That keeps unmodified upstream clients working unchanged.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.errors import ApplianceError
+from appliance.target import VocabMapping
+
+__all__ = ["ANONYMOUS", "Session", "SessionGone", "SessionRegistry"]
+
+ANONYMOUS = "anonymous"
+
+
+class SessionGone(ApplianceError):
+    """The named session does not exist (never registered, expired or disconnected)."""
+
+    status_code = 410
+
+
+@dataclass
+class Session:
+    """One client's server-side state."""
+
+    id: str
+    client: str = ""
+    created: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    mapping: VocabMapping | None = None
+    encoding: str = "probs"
+    # Free-form per-session resources owned by optional features (a data plane, ...).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def anonymous(self) -> bool:
+        return self.id == ANONYMOUS
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+
+class SessionRegistry:
+    """All sessions of one server, keyed by id. Used only from the event loop (no locking)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {ANONYMOUS: Session(id=ANONYMOUS, client="upstream")}
+
+    def register(self, client: str = "") -> Session:
+        session = Session(id=secrets.token_hex(8), client=client)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session:
+        """The session a request belongs to; a missing header means the anonymous one."""
+        session = self._sessions.get(session_id or ANONYMOUS)
+        if session is None:
+            raise SessionGone(f"session {session_id!r} is unknown or has expired; register again with POST /session")
+        session.touch()
+        return session
+
+    def drop(self, session_id: str) -> Session | None:
+        if session_id == ANONYMOUS:
+            return None
+        return self._sessions.pop(session_id, None)
+
+    def registered(self) -> list[Session]:
+        """Every session except the anonymous one."""
+        return [s for s in self._sessions.values() if not s.anonymous]
