@@ -60,6 +60,12 @@ class Settings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     log_level: str = "INFO"
 
+    def __post_init__(self) -> None:
+        # Accept plain strings too (Settings(device="cpu")), so library users need no enums.
+        object.__setattr__(self, "dtype", Dtype(self.dtype))
+        object.__setattr__(self, "device", Device(self.device))
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+
     @property
     def is_builtin(self) -> bool:
         return self.model == BUILTIN_MODEL

@@ -54,6 +54,7 @@ class _Server:
     def _connect(self) -> None:
         if self._connected:
             return
+        self.control.set_header(protocol.SESSION_HEADER, None)  # a stale id must not ride along
         try:
             reply = self.control.post_json(protocol.EP_SESSION, {"client": self.client_name})
         except TargetHTTPError as exc:

@@ -107,7 +107,7 @@ class ControlPlane:
         length = resp.headers.get("content-length")
         reader = wire.WireReader(expected_size=int(length) if length is not None else None)
         try:
-            for chunk in resp.iter_raw():
+            for chunk in resp.iter_bytes():
                 reader.feed(chunk)
             return reader.finish()
         except wire.WireFormatError as exc:
