@@ -32,6 +32,8 @@ from client.errors import ProtocolViolation
 
 __all__ = [
     "ENV_ENCODING",
+    "INT16_MAX_VOCAB",
+    "PROBS",
     "Decoded",
     "Encoding",
     "EncodingStats",
