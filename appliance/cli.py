@@ -64,6 +64,15 @@ TrustOpt = Annotated[
 CacheOpt = Annotated[Path, typer.Option(envvar=_env("CACHE_DIR"), help="Where the built-in model is written.")]
 
 
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar=_env("ENCODING"),
+        help="Supervision encoding the client asks for: probs, logits, hidden or topk:K (default probs).",
+    ),
+]
+
+
 @app.command()
 def serve(
     model: ModelOpt = BUILTIN_MODEL,
@@ -126,6 +135,7 @@ def demo(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
     cache_dir: CacheOpt = default_cache_dir(),
+    encoding: EncodingOpt = None,
 ) -> None:
     """The main job on one machine: start a server, drive it with the client, check the bits."""
     configure_logging("WARNING")
@@ -142,6 +152,7 @@ def demo(
             seq_len=seq_len,
             draft_vocab=draft_vocab,
             cache_dir=cache_dir,
+            encoding=encoding,
         )
     )
 
@@ -159,6 +170,7 @@ def validate(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
     cache_dir: CacheOpt = default_cache_dir(),
+    encoding: EncodingOpt = None,
 ) -> None:
     """Drive running servers with the client and check every answer against a local copy of the model."""
     configure_logging("WARNING")
@@ -176,6 +188,7 @@ def validate(
             seq_len=seq_len,
             draft_vocab=draft_vocab,
             cache_dir=cache_dir,
+            encoding=encoding,
         )
     )
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+from appliance.encodings import HIDDEN_TOLERANCE
 from appliance.launch import ServerProcess
 from appliance.settings import Device, Dtype, Settings
 from appliance.target import Target, VocabMapping, load_target
@@ -24,8 +25,6 @@ from tests.oracle import Oracle, assert_bit_exact
 
 DRAFT = 512
 K = 16
-# The documented bound for "hidden" (README, "Supervision encodings"); measured 0 on CPU.
-HIDDEN_TOLERANCE = 1e-6
 SHAPES = [(1, 1), (2, 33), (3, 64)]
 
 
@@ -307,3 +306,18 @@ def test_hidden_is_refused_for_a_soft_capped_model(
     assert "instead of the requested 'hidden'" in caplog.text and "softcapping" in caplog.text
     with connect(server.url, "logits", mapping) as remote:  # soft-capped logits travel as they are
         assert_bit_exact(remote.generate_batch(*inputs), expected)
+
+
+@pytest.mark.parametrize(("encoding", "verdict"), [("logits", "logits: bit-exact=yes"), ("topk:8", "exactly top-K")])
+def test_validate_checks_an_encoding_as_it_promises(
+    server: ServerProcess, cache_dir: Path, encoding: str, verdict: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    args = ["validate", "--url", server.url, "--cache-dir", str(cache_dir), "--device", "cpu"]
+    args += ["--encoding", encoding, "--batches", "1", "--seq-len", "32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert verdict in result.output and "PASS" in result.output
