@@ -42,10 +42,12 @@ __all__ = [
     "encode_logits",
     "encode_probs",
     "encode_topk",
+    "forward",
     "hidden_refusal",
     "lm_head_rows",
     "offered_encodings",
     "supervise",
+    "validate_row_request",
 ]
 
 # Config attributes that put a transformation between the LM head and the logits (their

@@ -238,3 +238,11 @@ def test_topk_encoder_uses_int32_indices_beyond_32768_entries() -> None:
     assert torch.equal(encoded[protocol.KEY_TOPK_VALUES], reference.topk(5, -1).values)
     small = server_encodings.encode_topk(out, inputs, loss_mask, VocabMapping(ids[:32768], mask), 5)
     assert small[protocol.KEY_TOPK_INDICES].dtype == torch.int16
+
+
+@pytest.mark.parametrize("name", ["client.encodings", "appliance.encodings", "appliance.sizes"])
+def test_every_name_in_all_exists(name: str) -> None:
+    import importlib
+
+    module = importlib.import_module(name)
+    assert [n for n in module.__all__ if not hasattr(module, n)] == []
