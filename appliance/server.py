@@ -21,7 +21,9 @@ import torch
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
+from appliance.admission import Ticket
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
+from appliance.operations import install_operations, operations
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
 from appliance.target import Target, VocabMapping
@@ -48,8 +50,8 @@ class ModelRunner:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+    def shutdown(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
 
 @dataclass
@@ -70,14 +72,18 @@ def _session(request: Request) -> Session:
     return _state(request).sessions.get(request.headers.get(protocol.SESSION_HEADER))
 
 
-async def send_wire(request: Request, tensors: Mapping[str, torch.Tensor | None]) -> None:
+async def send_wire(request: Request, tensors: Mapping[str, torch.Tensor | None], ticket: Ticket | None = None) -> None:
     """Stream a wire blob: each entry header, then the tensor's own memory, no concatenation."""
     parts, total = wire.encode_parts(tensors)
+    if ticket is not None:
+        ticket.encoded()
     response = await request.respond(content_type=protocol.OCTET_STREAM, headers={"content-length": str(total)})
     for part in parts:
         view = memoryview(part)
         for start in range(0, view.nbytes, SEND_SLICE_BYTES):
             await response.send(view[start : start + SEND_SLICE_BYTES])
+    if ticket is not None:
+        ticket.sent(total)
 
 
 def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,8 +114,17 @@ async def input_embeddings(request: Request) -> None:
 async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
     offer = _json_object(request)
-    session = _state(request).sessions.register(client=str(offer.get("client", "")))
-    return json({"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"})
+    state = _state(request)
+    session = state.sessions.register(client=str(offer.get("client", "")))
+    return json(
+        {
+            "session_id": session.id,
+            "protocol": 1,
+            "encoding": session.encoding,
+            "data_plane": "wire",
+            "lease_seconds": state.settings.lease_seconds,
+        }
+    )
 
 
 def _json_object(request: Request) -> dict[str, Any]:
@@ -161,10 +176,13 @@ async def generate(request: Request) -> None:
         raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
 
     def supervise() -> dict[str, torch.Tensor]:
-        return _to_host(state.target.supervise(input_ids, attention_mask, loss_mask, mapping))
+        return state.target.supervise(input_ids, attention_mask, loss_mask, mapping)
 
-    supervision = await state.runner.run(supervise)
-    await send_wire(request, supervision)
+    ops = operations(request)
+    async with ops.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
+        supervision = await ops.compute(state.runner.run, ticket, supervise, _to_host, state.target.device)
+        await send_wire(request, supervision, ticket)
+        ops.generated(ticket, input_ids, data_plane="wire", encoding=session.encoding)
 
 
 @control.post(protocol.path(protocol.EP_HEARTBEAT))
@@ -194,15 +212,24 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.ctx.state = ServingState(settings=settings, target=target)
     app.blueprint(control)
     install_error_handler(app)
+    ops = install_operations(app, settings, app.ctx.state.sessions)
 
     @app.after_server_stop
     async def _release(app: Sanic) -> None:
-        app.ctx.state.runner.shutdown()
+        app.ctx.state.runner.shutdown(wait=not ops.lifecycle.forced)
 
     return app
 
 
-def run_server(app: Sanic, settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, in this process (Sanic's single-process mode)."""
+def run_server(app: Sanic, settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM (or idle, with --exit-when-idle), in this process; the exit code.
+
+    Sanic's single-process mode turns SIGTERM/SIGINT into a stop; the drain (appliance.lifecycle)
+    runs before the listener closes.
+    """
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.grace_period
     app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
     Sanic.serve_single(app)
+    lifecycle = app.ctx.ops.lifecycle
+    lifecycle.exit_now_if_forced()
+    return lifecycle.exit_code()
