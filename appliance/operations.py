@@ -118,7 +118,8 @@ class Operations:
             )
         tracked = self.inflight.begin(endpoint, request.headers.get(protocol.SESSION_HEADER), work=work)
         request.ctx.ops_tracked = tracked
-        request.conn_info.ctx.ops_tracked = tracked
+        if request.conn_info is not None:  # closes the record if the client vanishes mid-request
+            request.conn_info.ctx.ops_tracked = tracked
 
     def responded(self, request: Request, status: int) -> None:
         endpoint = getattr(request.ctx, "ops_endpoint", None) or "unmatched"
