@@ -20,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
@@ -174,10 +175,14 @@ class GpuReport:
     error: str | None = None
     driver_version: str | None = None
     gpus: list[GpuReading] = field(default_factory=list)
+    # XIDs from a watched device that could not be told apart any more (e.g. lost from the bus).
+    unattributed_xid_events: list[XidEvent] = field(default_factory=list)
     time: float = field(default_factory=time.time)
 
     def fatal_reasons(self) -> list[str]:
-        return [f"gpu {g.index} ({g.uuid}): {reason}" for g in self.gpus for reason in g.fatal_reasons()]
+        reasons = [f"gpu {g.index} ({g.uuid}): {reason}" for g in self.gpus for reason in g.fatal_reasons()]
+        reasons += [f"unidentified gpu: {e.describe()}" for e in self.unattributed_xid_events if e.fatal]
+        return reasons
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -186,6 +191,7 @@ class GpuReport:
             "driver_version": self.driver_version,
             "time": self.time,
             "gpus": [g.to_json() for g in self.gpus],
+            "unattributed_xid_events": [{**asdict(e), "fatal": e.fatal} for e in self.unattributed_xid_events],
             "fatal": self.fatal_reasons(),
         }
 
@@ -193,18 +199,20 @@ class GpuReport:
 def report_from_json(data: dict[str, Any]) -> GpuReport:
     """The inverse of :meth:`GpuReport.to_json` (``eagle3-appliance gpus --url`` prints a server's report)."""
     names = {f for f in GpuReading.__dataclass_fields__}
+
+    def events(items: list[dict[str, Any]]) -> list[XidEvent]:
+        return [XidEvent(gpu=e["gpu"], uuid=e["uuid"], xid=e["xid"], time=e["time"]) for e in items]
+
     gpus = []
     for item in data.get("gpus", []):
         fields = {k: v for k, v in item.items() if k in names and k != "xid_events"}
-        events = [
-            XidEvent(gpu=e["gpu"], uuid=e["uuid"], xid=e["xid"], time=e["time"]) for e in item.get("xid_events", [])
-        ]
-        gpus.append(GpuReading(**fields, xid_events=events))
+        gpus.append(GpuReading(**fields, xid_events=events(item.get("xid_events", []))))
     return GpuReport(
         nvml=bool(data.get("nvml")),
         error=data.get("error"),
         driver_version=data.get("driver_version"),
         gpus=gpus,
+        unattributed_xid_events=events(data.get("unattributed_xid_events", [])),
         time=float(data.get("time", time.time())),
     )
 
@@ -283,6 +291,14 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _handle_key(handle: Any) -> Any:
+    """Something equal for two handles of one device: the pointer value for pynvml's ctypes handles."""
+    try:
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return handle
+
+
 def _uuid_or_empty(nvml: ModuleType, handle: Any) -> str:
     try:
         return _text(nvml.nvmlDeviceGetUUID(handle))
@@ -298,7 +314,12 @@ def _visible_handles(nvml: ModuleType) -> list[tuple[int, Any]]:
     device. Unset means every device NVML sees.
     """
     count = int(nvml.nvmlDeviceGetCount())
-    handles = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+    handles = []
+    for i in range(count):
+        try:
+            handles.append((i, nvml.nvmlDeviceGetHandleByIndex(i)))
+        except nvml.NVMLError as exc:  # e.g. a device this job's cgroup does not allow
+            logger.info("GPU health: NVML device %d is not accessible: %s", i, exc)
     spec = os.environ.get("CUDA_VISIBLE_DEVICES")
     if spec is None:
         return handles
@@ -307,7 +328,7 @@ def _visible_handles(nvml: ModuleType) -> list[tuple[int, Any]]:
         match = None
         if item.lstrip("-").isdigit():
             idx = int(item)
-            match = handles[idx] if 0 <= idx < count else None
+            match = next((h for h in handles if h[0] == idx), None)
         elif item:
             for i, handle in handles:
                 uuid = _uuid_or_empty(nvml, handle)
@@ -349,6 +370,8 @@ class GpuMonitor:
         self._xids: dict[int, list[XidEvent]] = {}
         self._watched: set[int] = set()
         self._uuids: dict[int, str] = {}
+        self._keys: dict[int, Any] = {}
+        self._initialized = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._event_set: Any = None
@@ -368,6 +391,7 @@ class GpuMonitor:
             self._error = f"NVML unavailable: {exc or type(exc).__name__}"
         else:
             self._nvml = nvml
+            self._initialized = True
             try:
                 self._driver = _text(nvml.nvmlSystemGetDriverVersion())
             except Exception:  # noqa: BLE001 - cosmetic
@@ -375,6 +399,7 @@ class GpuMonitor:
             try:
                 self._handles = _visible_handles(nvml)
                 self._uuids = {i: _uuid_or_empty(nvml, h) for i, h in self._handles}
+                self._keys = {i: _handle_key(h) for i, h in self._handles}
                 self._error = None
             except nvml.NVMLError as exc:
                 self._error = f"NVML cannot list GPUs: {exc}"
@@ -414,13 +439,16 @@ class GpuMonitor:
         gpus = []
         for index, handle in self._handles:
             reading = _read_gpu(self._nvml, index, handle)
+            reading.uuid = reading.uuid or self._uuids.get(index) or None  # a lost GPU forgets its UUID
             reading.xid_watch = index in self._watched
             if not reading.xid_watch and self.watch_events:
                 reading.unsupported.append("xid_events")
             with self._lock:
                 reading.xid_events = list(self._xids.get(index, ()))
             gpus.append(reading)
-        report = GpuReport(nvml=True, driver_version=self._driver, gpus=gpus)
+        with self._lock:
+            unattributed = list(self._xids.get(-1, ()))
+        report = GpuReport(nvml=True, driver_version=self._driver, gpus=gpus, unattributed_xid_events=unattributed)
         self.snapshot = report
         return report
 
@@ -431,8 +459,12 @@ class GpuMonitor:
     def _record(self, data: Any) -> None:
         nvml = self._nvml
         assert nvml is not None
-        uuid = _uuid_or_empty(nvml, data.device)
-        index = next((i for i, u in self._uuids.items() if u == uuid), -1)
+        # The event's handle identifies the device even when a lost GPU no longer tells its UUID.
+        key = _handle_key(data.device)
+        index = next((i for i, k in self._keys.items() if k == key), -1)
+        uuid = self._uuids.get(index) or _uuid_or_empty(nvml, data.device)
+        if index < 0:
+            index = next((i for i, u in self._uuids.items() if u and u == uuid), -1)
         event = XidEvent(gpu=index, uuid=uuid, xid=int(data.eventData), time=time.time())
         log = logger.error if event.fatal else logger.warning
         log("GPU health: gpu %d (%s) reported %s", index, uuid, event.describe())
@@ -478,8 +510,9 @@ class GpuMonitor:
             self._thread.join(timeout=5.0)
             self._thread = None
         nvml = self._nvml
-        if nvml is None or self._error is not None:
+        if nvml is None or not self._initialized:
             return
+        self._initialized = False
         if self._event_set is not None:
             try:
                 nvml.nvmlEventSetFree(self._event_set)
@@ -557,4 +590,6 @@ def format_table(report: GpuReport) -> str:
     for g in report.gpus:
         for name, message in sorted(g.errors.items()):
             lines.append(f"gpu {g.index}: {name} failed: {message}")
+    for event in report.unattributed_xid_events:
+        lines.append(f"unidentified gpu: {event.describe()}" + (" FATAL" if event.fatal else ""))
     return "\n".join(lines)

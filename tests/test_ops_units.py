@@ -462,3 +462,22 @@ def test_drain_releases_every_session_and_records_a_clean_exit() -> None:
 
     closed, code, reasons = _run(scenario())
     assert (closed, code, reasons) == (2, 0, ["shutdown", "shutdown"])
+
+
+def test_an_xid_from_a_gpu_too_lost_to_name_itself_is_still_attributed(nvml: ModuleType) -> None:
+    gpus = healthy_gpus()
+    nvml.configure({"gpus": gpus})
+    monitor = gpu.GpuMonitor(poll_interval=60).start()
+    try:
+        gpus[1].update(lost=True, lost_uuid=True)  # after XID 79 not even the UUID is readable
+        nvml._state["gpus"] = gpus
+        nvml._state["xid_events"] = [{"gpu": 1, "xid": 79}]
+        snapshot = wait_until(lambda: monitor.snapshot.fatal_reasons() and monitor.snapshot, timeout=10)
+    finally:
+        monitor.stop()
+    assert [(e.gpu, e.uuid, e.xid) for e in monitor.xid_events()] == [(1, gpus[1]["uuid"], 79)]
+    assert snapshot.fatal_reasons() == [
+        f"gpu 1 ({gpus[1]['uuid']}): GPU is lost (NVML_ERROR_GPU_IS_LOST)",
+        f"gpu 1 ({gpus[1]['uuid']}): xid 79 (GPU has fallen off the bus)",
+    ]
+    assert snapshot.unattributed_xid_events == []

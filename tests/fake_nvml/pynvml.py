@@ -12,7 +12,7 @@ State::
      "gpus": [{"name", "uuid", "memory_used", "memory_total", "util_gpu", "util_memory",
                "temperature", "power_mw", "power_limit_mw", "clocks_event_reasons",
                "ecc_uncorrected_volatile", "remapped_rows": [corr, unc, pending, failure],
-               "lost": false, "unsupported": ["power_draw", "ecc", ...]}],
+               "lost": false, "lost_uuid": false, "unsupported": ["power_draw", "ecc", ...]}],
      "xid_events": [{"gpu": 0, "xid": 79}]}
 
 ``unsupported`` names: name, uuid, memory, utilization, temperature, power_draw,
@@ -136,8 +136,16 @@ def _check_init() -> dict[str, Any]:
 
 
 class _Handle:
+    """Like NVML's device handles: two handles of one device compare equal."""
+
     def __init__(self, index: int) -> None:
         self.index = index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Handle) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash(self.index)
 
     def __repr__(self) -> str:
         return f"<fake nvmlDevice {self.index}>"
@@ -147,7 +155,7 @@ def _gpu(handle: _Handle, feature: str) -> dict[str, Any]:
     calls.append(feature)
     gpus = _check_init()["gpus"]
     gpu = gpus[handle.index]
-    if gpu.get("lost") and feature not in ("uuid", "name"):
+    if gpu.get("lost") and (feature not in ("uuid", "name") or gpu.get("lost_uuid")):
         raise NVMLError(NVML_ERROR_GPU_IS_LOST)
     if feature in gpu.get("unsupported", ()):
         raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
