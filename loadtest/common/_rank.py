@@ -59,7 +59,9 @@ class TrainingRank(FastHttpUser):
         self.settings = RunSettings.from_options(environment.parsed_options)
         self.network_timeout = self.connection_timeout = self.settings.request_timeout
         super().__init__(environment)
-        self.rng = random.Random(f"{self.settings.seed}:{os.getpid()}:{next(_USER_IDS)}")
+        # Reproducible batches: the same seed, worker and spawn order give the same requests.
+        worker = getattr(environment.runner, "worker_index", 0)
+        self.rng = random.Random(f"{self.settings.seed}:{worker}:{next(_USER_IDS)}")
         self.headers: dict[str, str] = {}
         if self.settings.auth_token:
             self.headers[protocol.AUTH_HEADER] = f"Bearer {self.settings.auth_token}"
