@@ -118,6 +118,8 @@ class OutOfRangeTokens(_Misbehaving):
 class AbruptDisconnect(_Misbehaving):
     """Hang up halfway through sending a request, or right after sending it (a killed trainer)."""
 
+    hang_ups = 0
+
     @tag("faults")
     @task
     def hang_up(self) -> None:
@@ -128,7 +130,8 @@ class AbruptDisconnect(_Misbehaving):
         head, body = request_bytes(
             "POST", GENERATE_PATH, address, wire.encode(make_batch(self.spec, self.rng)), self.wire_headers
         )
-        midway = self.rng.random() < 0.5
+        self.hang_ups += 1
+        midway = self.hang_ups % 2 == 1  # alternate, so that both kinds happen from the second call on
         name = "fault: hang up mid-request" if midway else "fault: hang up before the answer"
         started, error, sent = time.perf_counter(), None, 0
         try:

@@ -116,9 +116,11 @@ def test_steady_distributed(locust: Any, appliance: ServerProcess, model_info: d
 def test_capacity_search_reports_a_user_count(locust: Any, appliance: ServerProcess, tmp_path: Path) -> None:
     """``--tags capacity`` selects the scenario (and its shape) from the whole directory."""
     steps = "--capacity-start-users 1 --capacity-step-users 1 --capacity-max-users 3"
-    timing = "--capacity-step-time 2 --capacity-settle-time 0.5"
+    timing = "--capacity-step-time 3 --capacity-settle-time 0.5"
     # A generous p95 limit: this test checks the search, not this machine's speed.
-    args = ["-f", "loadtest/", "--tags", "capacity", "-t", "60s", *SHAPES, *f"{steps} {timing}".split()]
+    # Small batches, so that every judged window sees many answers even on a busy machine.
+    shapes = ["--batch-size", "1", "--seq-len", "fixed:16", "--draft-vocab", str(DRAFT_VOCAB)]
+    args = ["-f", "loadtest/", "--tags", "capacity", "-t", "60s", *shapes, *f"{steps} {timing}".split()]
     args += ["--max-p95-ms", "60000"]
     run = locust.run(args, appliance.url, tmp_path / "capacity")
     assert_ok(run)
@@ -132,7 +134,8 @@ def test_capacity_search_reports_a_user_count(locust: Any, appliance: ServerProc
 
 
 def test_fault_mix_leaves_the_ranks_unharmed(locust: Any, appliance: ServerProcess, tmp_path: Path) -> None:
-    args = ["-f", "loadtest/faults.py", "-u", "8", "-r", "8", "-t", "8s", *SHAPES, "--slow-read-max-time", "2"]
+    slow = ["--slow-read-batch", "4", "--slow-read-rate", "262144", "--slow-read-max-time", "2"]
+    args = ["-f", "loadtest/faults.py", "-u", "8", "-r", "8", "-t", "8s", *SHAPES, *slow]
     run = locust.run(args, appliance.url, tmp_path / "faults")
     assert_ok(run)
     stats = run.stats()
