@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from tests.ops_support import REPO, server
 
 from appliance.demo import make_batch, make_vocab_mapping, supervision_equal
 from appliance.settings import Settings
 from appliance.target import load_target
 from client import RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
+from tests.ops_support import REPO, server
 
 TOKEN = "s3cret-token-for-tests"
 

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
+from client import wire
 from tests.ops_support import (
     Samples,
     batch,
@@ -21,8 +23,6 @@ from tests.ops_support import (
     wait_until,
     write_state,
 )
-
-from client import wire
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
+from client import RemoteEagle3TargetModel, wire
 from tests.ops_support import (
     batch,
     fake_nvml_env,
@@ -28,8 +30,6 @@ from tests.ops_support import (
     wait_until,
     write_state,
 )
-
-from client import RemoteEagle3TargetModel, wire
 
 SLOW_SECONDS = 3.0
 

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
-from tests.ops_support import REPO, metric, scrape, server, wait_until
 
 from appliance.demo import make_batch, make_vocab_mapping
 from client import RemoteEagle3TargetModel, protocol
+from tests.ops_support import REPO, metric, scrape, server, wait_until
 
 LEASE = 1.5
 

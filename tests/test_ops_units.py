@@ -14,7 +14,6 @@ from types import ModuleType
 
 import httpx
 import pytest
-from tests.ops_support import FAKE_NVML_DIR, healthy_gpus, wait_until
 from typer.testing import CliRunner
 
 from appliance import gpu
@@ -26,6 +25,7 @@ from client import TargetOverloaded, protocol
 from client.auth import auth_headers, resolve_token
 from client.control import ControlPlane
 from client.heartbeat import Heartbeat
+from tests.ops_support import FAKE_NVML_DIR, healthy_gpus, wait_until
 
 # -- NVML through the fake pynvml --------------------------------------------------------
 
