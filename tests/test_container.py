@@ -8,6 +8,7 @@ meet, and a real appliance), and the Dockerfile is read for what the image must 
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 import threading
@@ -179,3 +180,30 @@ def test_dockerfile_keeps_its_promises() -> None:
     env = " ".join(_instructions("ENV"))
     assert "HF_HUB_OFFLINE=1" in env and "EAGLE3_PORT=8001" in env
     assert _instructions("ARG")[0].startswith("BASE_IMAGE=pytorch/pytorch:")
+
+
+@pytest.mark.slow
+def test_sigterm_while_loading_exits_0_at_once(tmp_path: Path) -> None:
+    """``docker stop`` during a long model load must not wait out its timeout (PID 1 ignores
+    signals it has no handler for); here the load is interrupted as soon as it is logged."""
+    cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(free_port()), "--cache-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "loading" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines.extend(proc.stdout)
+    assert proc.wait(timeout=60) == 0, "".join(lines)
+    assert any("SIGTERM while loading" in line for line in lines) or any("Server Stopped" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_sigterm_while_serving_still_drains(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = ServerProcess(["--cache-dir", str(tmp_path)], log_path=log).start()
+    assert server.stop() == 0
+    text = log.read_text()
+    assert "Server Stopped" in text and "SIGTERM while loading" not in text
