@@ -38,12 +38,13 @@ def parse_aux_layer_ids(value: str | None) -> tuple[int, int, int] | None:
 
 
 def exit_on_sigterm_while_loading() -> None:
-    """Make SIGTERM end the process (exit 0) until the server installs its own handler.
+    """Make SIGTERM end the process (exit 0) until Sanic installs its own handler.
 
     Loading a large checkpoint takes minutes, and as a container's PID 1 the process would
     otherwise ignore SIGTERM for all that time (the kernel drops signals PID 1 has no handler
     for), so ``docker stop`` would wait out its timeout and SIGKILL it. Nothing has been
-    served yet, so there is nothing to drain.
+    served yet, so there is nothing to drain. Sanic replaces this handler just before it
+    logs "Worker ready" (it may answer a first request slightly earlier).
     """
 
     def stop(signum: int, frame: object) -> None:

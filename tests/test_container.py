@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -204,6 +205,11 @@ def test_sigterm_while_loading_exits_0_at_once(tmp_path: Path) -> None:
 def test_sigterm_while_serving_still_drains(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     server = ServerProcess(["--cache-dir", str(tmp_path)], log_path=log).start()
+    # Sanic answers its first requests before it installs its own SIGTERM handler; "Worker
+    # ready" is logged after. Until then the loading-time handler is still the one in force.
+    deadline = time.monotonic() + 60
+    while "Worker ready" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert server.stop() == 0
     text = log.read_text()
     assert "Server Stopped" in text and "SIGTERM while loading" not in text
