@@ -158,6 +158,8 @@ DOCKER_BUILDKIT=1 docker build --network none --progress=plain -f containers/Doc
 awk '/^#[0-9]+ \[(builder|runtime)/ {id = $1; sub(/^#[0-9]+ /, ""); step[id] = substr($0, 1, 90)}
      /^#[0-9]+ (DONE|CACHED)/ && ($1 in step) {printf "   %-90s %s %s\n", step[$1], $2, $3; delete step[$1]}' \
   "$CACHE/docker-build.log"
+# The image this tag pointed to before is now dangling: drop it (the build cache stays).
+docker image prune -f --filter label=org.opencontainers.image.title=eagle3-appliance >/dev/null
 size=$(docker image inspect --format '{{.Size}}' "$IMAGE")
 say "built $IMAGE offline in $(elapsed "$t"): image size $size bytes ($((size / 1000000)) MB)"
 rm -f containers/wheels/*.whl
