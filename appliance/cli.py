@@ -7,6 +7,7 @@ is configured, so ``--help`` is fast and an import failure is logged.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,23 @@ def parse_aux_layer_ids(value: str | None) -> tuple[int, int, int] | None:
     if len(ids) != 3 or len(set(ids)) != 3:
         raise typer.BadParameter(f"expected 3 distinct layer ids, got {value!r}")
     return ids  # type: ignore[return-value]
+
+
+def exit_on_sigterm_while_loading() -> None:
+    """Make SIGTERM end the process (exit 0) until Sanic installs its own handler.
+
+    Loading a large checkpoint takes minutes, and as a container's PID 1 the process would
+    otherwise ignore SIGTERM for all that time (the kernel drops signals PID 1 has no handler
+    for), so ``docker stop`` would wait out its timeout and SIGKILL it. Nothing has been
+    served yet, so there is nothing to drain. Sanic replaces this handler just before it
+    logs "Worker ready" (it may answer a first request slightly earlier).
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        logging.getLogger("appliance").info("SIGTERM while loading: exiting")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def configure_logging(level: str) -> None:
@@ -136,6 +154,7 @@ def serve(
     ] = 5.0,
 ) -> None:
     """Load the target and serve it until SIGINT/SIGTERM. Every option also reads EAGLE3_<NAME>."""
+    exit_on_sigterm_while_loading()
     configure_logging(log_level)
     from appliance.auth import load_token
 
