@@ -21,6 +21,7 @@ import torch
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
+from appliance import dataplanes, upstream_nccl
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
@@ -109,7 +110,8 @@ async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
     offer = _json_object(request)
     session = _state(request).sessions.register(client=str(offer.get("client", "")))
-    return json({"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"})
+    reply = {"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"}
+    return json({**reply, "data_planes": dataplanes.offered(request.app)})
 
 
 def _json_object(request: Request) -> dict[str, Any]:
@@ -141,8 +143,11 @@ async def set_vocab_mapping(request: Request) -> HTTPResponse:
 
 @control.post(protocol.path(protocol.EP_INIT_NCCL))
 async def init_nccl(request: Request) -> HTTPResponse:
-    # This server has no process-group data plane: upstream clients then use the wire body.
-    return json({"status": "disabled"})
+    # Upstream's NCCL group (CUDA only); "disabled" sends upstream clients to the wire body.
+    plane = request.app.ctx.data_planes
+    return json(
+        await upstream_nccl.init_nccl(plane, _session(request), _json_object(request), _state(request).settings.port)
+    )
 
 
 @control.post(protocol.path(protocol.EP_GENERATE))
@@ -160,11 +165,17 @@ async def generate(request: Request) -> None:
     if mapping is None:
         raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
 
+    transfer = dataplanes.plan_transfer(request, session)  # None: a plain wire answer
+
     def supervise() -> dict[str, torch.Tensor]:
-        return _to_host(state.target.supervise(input_ids, attention_mask, loss_mask, mapping))
+        out = state.target.supervise(input_ids, attention_mask, loss_mask, mapping)
+        return _to_host(out) if transfer is None else transfer.prepare(out)
 
     supervision = await state.runner.run(supervise)
-    await send_wire(request, supervision)
+    if transfer is None:
+        await send_wire(request, supervision)
+    else:
+        await transfer.answer(request, supervision, send_wire)
 
 
 @control.post(protocol.path(protocol.EP_HEARTBEAT))
@@ -180,6 +191,8 @@ async def disconnect(request: Request) -> HTTPResponse:
     session_id = request.headers.get(protocol.SESSION_HEADER)
     if session_id:
         _state(request).sessions.drop(session_id)
+    else:
+        upstream_nccl.close(_session(request))  # an upstream client leaves: its NCCL group goes too
     return json({"status": "ok"})
 
 
@@ -193,6 +206,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.config.NOISY_EXCEPTIONS = False
     app.ctx.state = ServingState(settings=settings, target=target)
     app.blueprint(control)
+    dataplanes.install(app, settings, target.device)
     install_error_handler(app)
 
     @app.after_server_stop

@@ -9,6 +9,7 @@ vocab mapping, never expiring. That keeps unmodified upstream clients working un
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from typing import Any
 from appliance.errors import ApplianceError
 from appliance.target import VocabMapping
 
-__all__ = ["ANONYMOUS", "Session", "SessionGone", "SessionRegistry"]
+__all__ = ["ANONYMOUS", "Session", "SessionGone", "SessionRegistry", "close_extras"]
+
+logger = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
 
@@ -49,6 +52,18 @@ class Session:
         self.last_seen = time.monotonic()
 
 
+def close_extras(session: Session) -> None:
+    """Release a session's resources: every extra with a ``close()`` (a data-plane group, a stored result)."""
+    for key, extra in list(session.extras.items()):
+        close = getattr(extra, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - one failing resource must not keep the others
+                logger.exception("closing %s of session %s failed", key, session.id)
+    session.extras.clear()
+
+
 class SessionRegistry:
     """All sessions of one server, keyed by id. Used only from the event loop (no locking)."""
 
@@ -71,7 +86,10 @@ class SessionRegistry:
     def drop(self, session_id: str) -> Session | None:
         if session_id == ANONYMOUS:
             return None
-        return self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            close_extras(session)
+        return session
 
     def registered(self) -> list[Session]:
         """Every session except the anonymous one."""

@@ -23,8 +23,10 @@ import torch
 from client import protocol, wire
 from client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from client.control import ControlPlane
-from client.dataplane import DataPlane, WireDataPlane
+from client.dataplane import DataPlane, TransferStats, WireDataPlane
 from client.errors import TargetHTTPError
+from client.group_plane import GroupDataPlane
+from client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers
 
 __all__ = ["RemoteEagle3TargetModel", "RemoteResult"]
 
@@ -41,30 +43,69 @@ class _Server:
     client registers again, replays its vocab mapping and retries the request once.
     """
 
-    def __init__(self, control: ControlPlane, client_name: str) -> None:
+    def __init__(
+        self,
+        control: ControlPlane,
+        client_name: str,
+        config: DataPlaneConfig | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.control = control
         self.client_name = client_name
+        self.config = config or DataPlaneConfig()
+        self.device = device or torch.device("cpu")
         self.lock = threading.Lock()  # at most one request of ours in flight on this server
         self.session_id: str | None = None
         self.upstream = False
         self.data_plane: DataPlane | None = None
         self.mapping_payload: bytes | None = None
+        self.stats = TransferStats()  # survives re-registration
         self._connected = False
 
     def _connect(self) -> None:
         if self._connected:
             return
+        local = local_tiers(self.device)
         try:
-            reply = self.control.post_json(protocol.EP_SESSION, {"client": self.client_name})
+            reply = self.control.post_json(protocol.EP_SESSION, {"client": self.client_name, "data_planes": local})
         except TargetHTTPError as exc:
             if exc.status not in (404, 405):
                 raise
-            self.upstream, self.session_id = True, None
+            self.upstream, self.session_id, offered = True, None, [protocol.TIER_WIRE]
         else:
             self.upstream, self.session_id = False, str(reply["session_id"])
+            offered = list(reply.get("data_planes") or [protocol.TIER_WIRE])
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
-        self.data_plane = WireDataPlane(self.control)
+        try:
+            tier = choose_tier(self.config.preference, local, offered, self.control.url)
+        except DataPlaneUnavailable:
+            if not self.upstream:  # leave nothing behind on the server
+                self.control.post_json(protocol.EP_DISCONNECT, {}, retries=False)
+            raise
+        self.data_plane = self._make_data_plane(tier)
         self._connected = True
+
+    def _make_data_plane(self, tier: str) -> DataPlane:
+        if tier == protocol.TIER_WIRE:
+            return WireDataPlane(self.control, self.stats)
+        return GroupDataPlane(self.control, tier=tier, config=self.config, device=self.device, stats=self.stats)
+
+    def transport_stats(self) -> dict[str, Any]:
+        """What this server's data plane uses and has moved (see ``RemoteEagle3TargetModel.transport_stats``)."""
+        plane, stats = self.data_plane, self.stats
+        return {
+            "url": self.control.url,
+            "tier": plane.tier if plane is not None else protocol.TIER_WIRE,
+            "negotiated": plane.group_tier if isinstance(plane, GroupDataPlane) else protocol.TIER_WIRE,
+            "connected": self._connected,
+            "upstream": self.upstream,
+            "port": plane.port if isinstance(plane, GroupDataPlane) else None,
+            "requests": stats.requests,
+            "bytes": {tier: stats.bytes.get(tier, 0) for tier in protocol.TIERS},
+            "transfer_seconds": {tier: stats.seconds.get(tier, 0.0) for tier in protocol.TIERS},
+            "fallbacks": stats.fallbacks,
+            "reupgrades": stats.reupgrades,
+        }
 
     def call(self, fn: Callable[[_Server], T]) -> T:
         """Run ``fn`` under the server lock, connected, re-registering once if the session is gone."""
@@ -137,10 +178,18 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
 
     Usage::
 
-        target = RemoteEagle3TargetModel.from_urls(["http://node3:8001"], device="cuda")
+        target = RemoteEagle3TargetModel.from_urls(["http://node3:8001"], device="cuda", data_plane="auto")
         target.set_vocab_mapping(selected_token_ids, selected_token_mask)
         batch = target.generate_batch(input_ids, attention_mask, loss_mask)
         target.close()
+
+    Options beyond upstream's (keyword arguments; the environment supplies the defaults):
+    ``data_plane`` (``EAGLE3_DATA_PLANE``: ``auto`` picks the best of nccl, gloo, wire that
+    both ends support; a named tier is forced and raises ``DataPlaneUnavailable`` if the
+    pair cannot do it), ``data_plane_timeout`` (``EAGLE3_DATA_PLANE_TIMEOUT``, seconds per
+    group transfer), ``data_plane_connect_timeout`` (``EAGLE3_DATA_PLANE_CONNECT_TIMEOUT``,
+    seconds to join a group) and ``data_plane_backoff`` (``EAGLE3_DATA_PLANE_BACKOFF``,
+    seconds on the wire after a broken transfer before the group is tried again).
     """
 
     def __init__(
@@ -152,19 +201,24 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         max_retries: int = 3,
         backoff: float = 1.0,
         headers: dict[str, str] | None = None,
+        data_plane: str | None = None,
+        data_plane_timeout: float | None = None,
+        data_plane_backoff: float | None = None,
+        data_plane_connect_timeout: float | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
         self._device = torch.device(device)
+        config = DataPlaneConfig.resolve(data_plane, data_plane_timeout, data_plane_backoff, data_plane_connect_timeout)
         self._servers: list[_Server] = []
         client_name = f"{socket.gethostname()}:{os.getpid()}"
         for url in urls:
             control = ControlPlane(
                 url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
             )
-            self._servers.append(_Server(control, client_name))
+            self._servers.append(_Server(control, client_name, config, self._device))
         self._next = itertools.cycle(range(len(self._servers)))
         self._next_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -196,6 +250,13 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
     @property
     def urls(self) -> list[str]:
         return [s.control.url for s in self._servers]
+
+    def transport_stats(self) -> list[dict[str, Any]]:
+        """One entry per server: ``url``, the ``tier`` in use now (``"nccl"``, ``"gloo"`` or
+        ``"wire"``), the ``negotiated`` tier, ``bytes`` and ``transfer_seconds`` per tier,
+        ``requests``, ``fallbacks`` (broken transfers answered over the wire) and
+        ``reupgrades`` (returns to the group after a fallback)."""
+        return [server.transport_stats() for server in self._servers]
 
     def model_info(self) -> dict[str, Any]:
         """The first server's ``/model_info`` (layers, hidden size, vocab, aux layer ids)."""
