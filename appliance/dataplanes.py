@@ -233,7 +233,7 @@ class GroupLink:
         if self._closed:
             return False
         try:
-            await asyncio.wait_for(asyncio.wrap_future(self.ready), timeout=self.timeout)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.ready)), timeout=self.timeout)
         except Exception:  # noqa: BLE001 - any failure means: answer over the wire
             return False
         return not self._closed

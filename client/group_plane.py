@@ -104,7 +104,8 @@ class GroupDataPlane(DataPlane):
         timeout = self.config.connect_timeout
         group: Group | None = None
         try:
-            reply = self.control.post_json(protocol.EP_DATA_PLANE, {"tier": self.group_tier})
+            # Not retried: a failed upgrade costs nothing, the back-off brings the next try.
+            reply = self.control.post_json(protocol.EP_DATA_PLANE, {"tier": self.group_tier}, retries=False)
             port, nonce = int(reply["port"]), int(reply["nonce"])
             store = connect_store(self.host, port, timeout)
             group = open_group(self.group_tier, store, 1, timeout, self.device)

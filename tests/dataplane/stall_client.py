@@ -1,10 +1,11 @@
 """A trainer rank that stops in the middle of a group transfer (run as its own process).
 
 Usage: ``python stall_client.py URL MODE SEQ_LEN OUT`` with MODE ``die`` (SIGKILL itself once
-it has received the transfer's header, while the tensors are being sent) or ``freeze`` (SIGSTOP itself there; after SIGCONT it goes
-on receiving, recovers over the wire and saves what it got to OUT). It brings up a gloo
-group with one small batch first, then asks for a large answer so that the server's send
-is still in flight (more bytes than the socket buffers hold) when it stops.
+it has received the transfer's header, while the tensors are being sent) or ``freeze``
+(SIGSTOP itself once the answer's metadata is in; after SIGCONT it goes on receiving,
+recovers over the wire and saves what it got to OUT). It brings up a gloo
+group with one small batch first, then asks for a large answer (about 20 MB) so that the
+transfer is far from done when it stops.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def main(url: str, mode: str, seq_len: int, out: str) -> int:
     server = remote._servers[0]
     plane = server.data_plane
     assert isinstance(plane, GroupDataPlane) and plane.tier == "gloo", plane
-    payload = wire.encode(dict(zip(("input_ids", "attention_mask", "loss_mask"), make_batch(VOCAB, 2, seq_len, 1))))
+    keys = ("input_ids", "attention_mask", "loss_mask")
+    payload = wire.encode(dict(zip(keys, make_batch(VOCAB, 2, seq_len, 1), strict=True)))
     seq, kind, answer = plane.request_transfer(payload)
     header = ""
     if mode == "die":  # take the transfer's first message, then vanish while the tensors are being sent

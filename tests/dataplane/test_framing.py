@@ -115,3 +115,34 @@ def test_metadata_json_is_validated() -> None:
     with pytest.raises(ValueError, match="negative"):
         TransferMetadata.from_json({**body, "metadata": {**body["metadata"], "f32": {"dtype_code": 0, "shape": [-1]}}})
     assert protocol.TRANSFER_MAGIC == 0x45334450
+
+
+def test_upstream_framing_sends_each_tensor_in_key_order_with_small_types_as_bytes(pair: tuple[Group, Group]) -> None:
+    """The server half of upstream's NCCL path, run over gloo: what an upstream client receives."""
+    from appliance.upstream_nccl import upstream_frame
+
+    server, client = pair
+    g = torch.Generator().manual_seed(11)
+    supervision = {
+        "aux_hidden_states": torch.randn(2, 5, 12, generator=g),
+        "target_probs": torch.rand(2, 5, 7, generator=g),
+        "position_mask": torch.rand(2, 5, 1, generator=g) > 0.5,
+        "input_ids": torch.randint(0, 100, (2, 5), generator=g),
+        "loss_mask": torch.randint(0, 2, (2, 5), generator=g).to(torch.int16),
+    }
+    sender, sent = in_thread(lambda: upstream_frame(server, 0, supervision, TIMEOUT))
+    got = {}
+    for key in protocol.SUPERVISION_KEYS:  # as upstream's client receives them: tag 0, one message each
+        want = supervision[key]
+        if want.dtype in (torch.bool, torch.int8, torch.int16):
+            buf = torch.empty(want.numel() * want.element_size(), dtype=torch.uint8)
+            client.pg.recv([buf], 0, 0).wait()
+            got[key] = buf.view(want.dtype).reshape(want.shape)
+        else:
+            buf = torch.empty(want.shape, dtype=want.dtype)
+            client.pg.recv([buf], 0, 0).wait()
+            got[key] = buf
+    sender.join()
+    assert sent["value"] == sum(t.numel() * t.element_size() for t in supervision.values())
+    for key, want in supervision.items():
+        assert torch.equal(got[key], want), key

@@ -136,7 +136,9 @@ def test_an_upstream_client_still_gets_upstream_behaviour(
         )
         assert http.post("/set_vocab_mapping", content=body).json() == {"status": "ok"}
         keys = ("input_ids", "attention_mask", "loss_mask")
-        resp = http.post("/generate", content=wire.encode(dict(zip(keys, batch_inputs))), headers={"X-NeMo-NCCL": "1"})
+        resp = http.post(
+            "/generate", content=wire.encode(dict(zip(keys, batch_inputs, strict=True))), headers={"X-NeMo-NCCL": "1"}
+        )
         assert resp.status_code == 200
         assert protocol.NCCL_HEADER not in resp.headers and resp.headers["content-type"] == protocol.OCTET_STREAM
         got = wire.decode(resp.content)
