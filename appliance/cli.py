@@ -81,6 +81,15 @@ TrustOpt = Annotated[
 CacheOpt = Annotated[Path, typer.Option(envvar=_env("CACHE_DIR"), help="Where the built-in model is written.")]
 
 
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar=_env("ENCODING"),
+        help="Supervision encoding the client asks for: probs, logits, hidden or topk:K (default probs).",
+    ),
+]
+
+
 @app.command()
 def serve(
     model: ModelOpt = BUILTIN_MODEL,
@@ -119,10 +128,57 @@ def serve(
         float,
         typer.Option(envvar=_env("DATA_PLANE_TIMEOUT"), help="Seconds a rendezvous or one group transfer may take."),
     ] = 60.0,
+    auth_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("AUTH_TOKEN"),
+            help="Bearer token every endpoint but /health/live requires. Prefer the env var or a file.",
+            show_default=False,
+        ),
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None, typer.Option(envvar=_env("AUTH_TOKEN_FILE"), help="Read the bearer token from this file.")
+    ] = None,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(envvar=_env("LEASE_SECONDS"), min=0.1, help="Drop a client session silent for this long."),
+    ] = 60.0,
+    exit_when_idle: Annotated[
+        bool,
+        typer.Option(envvar=_env("EXIT_WHEN_IDLE"), help="Exit 0 once the last client session has left (batch jobs)."),
+    ] = False,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("MAX_QUEUE"), min=0, help="/generate requests that may wait (503 + Retry-After beyond)."
+        ),
+    ] = 64,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar=_env("REQUEST_TIMEOUT"),
+            min=0.001,
+            help="Most seconds a /generate may wait and compute (503 beyond).",
+        ),
+    ] = 600.0,
+    grace_period: Annotated[
+        float,
+        typer.Option(envvar=_env("GRACE_PERIOD"), min=0, help="SIGTERM: seconds to finish in-flight requests."),
+    ] = 30.0,
+    gpu_poll_interval: Annotated[
+        float,
+        typer.Option(envvar=_env("GPU_POLL_INTERVAL"), min=0.05, help="Seconds between NVML readings."),
+    ] = 5.0,
 ) -> None:
     """Load the target and serve it until SIGINT/SIGTERM. Every option also reads EAGLE3_<NAME>."""
     configure_logging(log_level)
     _check_data_plane_options(data_planes, data_plane_ports, data_plane_timeout)
+    from appliance.auth import load_token
+
+    try:
+        token = load_token(auth_token, auth_token_file)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     settings = Settings(
         model=model,
         dtype=dtype,
@@ -139,6 +195,13 @@ def serve(
         data_planes=data_planes,
         data_plane_ports=data_plane_ports,
         data_plane_timeout=data_plane_timeout,
+        auth_token=token,
+        lease_seconds=lease_seconds,
+        exit_when_idle=exit_when_idle,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        grace_period=grace_period,
+        gpu_poll_interval=gpu_poll_interval,
     )
     from transformers.utils import logging as hf_logging
 
@@ -151,7 +214,43 @@ def serve(
     except ValueError as exc:  # bad aux layer ids, unsupported layout: a user error, not a crash
         raise typer.BadParameter(str(exc)) from None
     logging.getLogger("appliance").info("serving %s on %s:%d", target.model_info(), host, port)
-    run_server(create_app(settings, target), settings)
+    raise typer.Exit(run_server(create_app(settings, target), settings))
+
+
+@app.command()
+def gpus(
+    url: Annotated[
+        str | None, typer.Option(help="Ask a running server's GET /gpus instead of this machine's NVML.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON of GET /gpus instead of a table.")] = False,
+) -> None:
+    """GPU health from NVML: memory, utilisation, temperature, power, throttling, ECC, row remap, XIDs."""
+    import json
+
+    from appliance.gpu import GpuReport, format_table, read_report, report_from_json
+
+    report: GpuReport
+    if url is None:
+        report = read_report()
+    else:
+        report = report_from_json(_get_gpus(url))
+    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else format_table(report))
+    raise typer.Exit(1 if report.fatal_reasons() else 0)
+
+
+def _get_gpus(url: str) -> dict:
+    import httpx
+
+    from client.auth import auth_headers, resolve_token
+    from client.protocol import EP_GPUS, path
+
+    try:
+        resp = httpx.get(url.rstrip("/") + path(EP_GPUS), headers=auth_headers(resolve_token(None)), trust_env=False)
+    except httpx.HTTPError as exc:
+        raise typer.BadParameter(f"cannot reach {url}: {exc}") from None
+    if resp.status_code != 200:
+        raise typer.BadParameter(f"{url}{path(EP_GPUS)} answered HTTP {resp.status_code}: {resp.text[:200]}")
+    return resp.json()
 
 
 @app.command()
@@ -165,6 +264,7 @@ def demo(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
     cache_dir: CacheOpt = default_cache_dir(),
+    encoding: EncodingOpt = None,
 ) -> None:
     """The main job on one machine: start a server, drive it with the client, check the bits."""
     configure_logging("WARNING")
@@ -181,6 +281,7 @@ def demo(
             seq_len=seq_len,
             draft_vocab=draft_vocab,
             cache_dir=cache_dir,
+            encoding=encoding,
         )
     )
 
@@ -198,6 +299,7 @@ def validate(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
     cache_dir: CacheOpt = default_cache_dir(),
+    encoding: EncodingOpt = None,
 ) -> None:
     """Drive running servers with the client and check every answer against a local copy of the model."""
     configure_logging("WARNING")
@@ -215,8 +317,57 @@ def validate(
             seq_len=seq_len,
             draft_vocab=draft_vocab,
             cache_dir=cache_dir,
+            encoding=encoding,
         )
     )
+
+
+@app.command()
+def sizes(
+    model: Annotated[
+        list[str],
+        typer.Option(help="A preset (llama-3.1-8b, qwen3-8b, llama-3.1-70b) or a folder with config.json; repeatable."),
+    ],
+    draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size D.")] = 32768,
+    dtype: Annotated[Dtype, typer.Option(help="Model dtype on the wire (auto = bfloat16, as on a GPU).")] = Dtype.auto,
+    encoding: Annotated[
+        list[str] | None, typer.Option(help="Encodings to list (repeatable); default probs, logits, hidden, topk:64.")
+    ] = None,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch for the per-batch column.")] = 2048,
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table.")] = False,
+) -> None:
+    """Bytes per token and per batch of a /generate answer for each supervision encoding (no download)."""
+    import torch
+
+    from appliance.sizes import load_shape, render_table, size_rows
+
+    dtype_bytes = (torch.bfloat16 if dtype is Dtype.auto else getattr(torch, dtype.value)).itemsize
+    names = encoding or ["probs", "logits", "hidden", "topk:64"]
+    try:
+        rows = [
+            row
+            for name in model
+            for row in size_rows(
+                load_shape(name),
+                draft_vocab=draft_vocab,
+                dtype_bytes=dtype_bytes,
+                encodings=names,
+                batch_tokens=batch_tokens,
+            )
+        ]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(render_table(rows, markdown=markdown))
+    typer.echo(
+        f"\nper token: aux_hidden_states 3H x {dtype_bytes} B + payload + position_mask 1 B + input_ids 8 B + "
+        "loss_mask 8 B (int64, as clients send them); each answer adds a few hundred bytes of headers."
+    )
+    for name in model:
+        shape = load_shape(name)
+        rows_bytes = draft_vocab * shape.hidden_size * dtype_bytes
+        typer.echo(
+            f"hidden on {shape.name}: the client fetches the LM-head rows once per vocab mapping: {rows_bytes:,} B"
+        )
 
 
 def main() -> None:

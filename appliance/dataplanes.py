@@ -10,9 +10,10 @@ Protocol (names in :mod:`client.protocol`):
 * ``POST /session`` replies with ``"data_planes"``: the tiers this server offers.
 * ``POST /data_plane`` ``{"tier": "gloo"|"nccl"}``: the server (rank 0) opens a rendezvous
   store on a port from ``--data-plane-ports`` (the kernel's choice when unset) and replies
-  ``{"tier", "port", "nonce", "timeout"}``; in the background it builds its end of the group
-  and sends a zero-tensor hello numbered ``nonce``, which the client checks. ``{"tier":
-  "wire"}`` tears the session's group down.
+  ``{"tier", "port", "key", "nonce", "timeout"}``; in the background it builds its end of the
+  group (store keys under the secret ``key``, so only the session's owner can join) and sends
+  a zero-tensor hello numbered ``nonce``, which the client checks. ``{"tier": "wire"}``
+  tears the session's group down.
 * ``/generate`` with ``X-Eagle3-Transfer: <seq>``: the answer is the transfer's metadata (JSON,
   header echoed) and the tensors follow on the group (framing in :mod:`client.transfer`).
   The result is kept as the session's last result. If the session has no working group the
@@ -78,7 +79,8 @@ RESULT_KEY = "last_result"  # session.extras: the StoredResult of its last group
 _NONCE_LIMIT = 2**52  # hello numbers stay exact in any JSON reader
 _KEEP_CLOSED = 32  # closed links listed by GET /data_plane, newest last
 
-SendWire = Callable[[Request, Mapping[str, torch.Tensor]], Awaitable[None]]
+# appliance.server.send_wire(request, tensors, ticket, headers)
+SendWire = Callable[[Request, Mapping[str, torch.Tensor], Any, Mapping[str, str] | None], Awaitable[None]]
 
 
 class TierNotOffered(ApplianceError):
@@ -167,6 +169,7 @@ class StoredResult:
 
     seq: int
     tensors: dict[str, torch.Tensor]
+    headers: Mapping[str, str] | None = None  # of a wire answer of it (the encoding's name)
 
     def close(self) -> None:
         self.tensors = {}
@@ -338,15 +341,20 @@ class DataPlaneServer:
     def group_device(self, tier: str) -> torch.device:
         return self.device if tier == protocol.TIER_NCCL else torch.device("cpu")
 
-    async def open_link(self, session: Session, tier: str) -> tuple[GroupLink, int]:
-        """Open a store, start the rendezvous in the background, return the link and its hello nonce."""
+    async def open_link(self, session: Session, tier: str) -> tuple[GroupLink, int, str]:
+        """Open a store, start the rendezvous in the background; the link, its hello nonce and its key.
+
+        The group's keys live under a random prefix that only the session's owner learns (in
+        the authenticated HTTP reply), so a stranger who reaches the store port cannot join.
+        """
         timeout = self.settings.data_plane_timeout
         store, port = await asyncio.to_thread(self.ports.open_store, self.settings.host, timeout)
         nonce = secrets.randbelow(_NONCE_LIMIT - 1) + 1
+        key = secrets.token_hex(16)
         device = self.group_device(tier)
 
         def setup() -> Group:
-            group = open_group(tier, store, 0, timeout, device)
+            group = open_group(tier, store, 0, timeout, device, key_prefix=f"{key}/")
             try:
                 send_transfer(group, nonce, [], timeout)  # the hello
             except Exception:
@@ -356,7 +364,7 @@ class DataPlaneServer:
 
         link = GroupLink(tier, port, timeout, setup, _our_frame, self.ports.release, client=session.client)
         self.track(link)
-        return link, nonce
+        return link, nonce, key
 
     def track(self, link: GroupLink) -> None:
         """Remember a link; closed ones are kept (the last few) for ``GET /data_plane``."""
@@ -408,10 +416,10 @@ async def set_data_plane(request: Request) -> HTTPResponse:
     plane = _plane(request)
     if tier not in plane.offered:
         raise TierNotOffered(f"this server offers {plane.offered}, not {tier!r}")
-    link, nonce = await plane.open_link(session, tier)
+    link, nonce, key = await plane.open_link(session, tier)
     session.extras[LINK_KEY] = link
     logger.info("data plane %s for %s: rendezvous on port %d", tier, session.client or session.id, link.port)
-    return json({"tier": tier, "port": link.port, "nonce": nonce, "timeout": link.timeout})
+    return json({"tier": tier, "port": link.port, "key": key, "nonce": nonce, "timeout": link.timeout})
 
 
 @blueprint.get(protocol.path(protocol.EP_DATA_PLANE))
@@ -445,7 +453,7 @@ async def resend(request: Request) -> None:
     if stored is None or stored.seq != seq or not stored.tensors:
         held = None if stored is None else stored.seq
         raise NoStoredResult(f"no stored result for transfer {seq} (holding {held}); send /generate again")
-    await send_wire(request, await asyncio.to_thread(host_copy, stored.tensors))
+    await send_wire(request, await asyncio.to_thread(host_copy, stored.tensors), None, stored.headers)
 
 
 # -- /generate on a group ----------------------------------------------------------------
@@ -478,26 +486,42 @@ class Transfer:
     def prepare(self, supervision: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return device_ready(supervision) if self.on_device else host_copy(supervision)
 
-    async def answer(self, request: Request, supervision: dict[str, torch.Tensor], send_wire: SendWire) -> None:
+    async def answer(
+        self,
+        request: Request,
+        supervision: dict[str, torch.Tensor],
+        send_wire: SendWire,
+        ticket: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Answer with metadata and send on the group, or with a wire body; returns the tier used."""
         link = self.link
         if link is None or not await link.wait_ready():
             # No working group: a plain wire blob, without the echo, tells the client to fall back.
             self.session.extras.pop(RESULT_KEY, None)
             if self.on_device:
                 supervision = await asyncio.to_thread(host_copy, supervision)
-            await send_wire(request, supervision)
-            return
+            await send_wire(request, supervision, ticket, headers)
+            return protocol.TIER_WIRE
         old = self.session.extras.get(RESULT_KEY)
         if old is not None:
             old.close()
-        self.session.extras[RESULT_KEY] = StoredResult(self.seq, supervision)
-        body = orjson.dumps(TransferMetadata.describe(self.seq, link.tier, supervision).to_json())
-        headers = {protocol.TRANSFER_HEADER: str(self.seq), "content-length": str(len(body))}
-        response = await request.respond(content_type=protocol.JSON, headers=headers)
+        self.session.extras[RESULT_KEY] = StoredResult(self.seq, supervision, headers)
+        meta = TransferMetadata.describe(self.seq, link.tier, supervision)
+        body = orjson.dumps(meta.to_json())
+        if ticket is not None:
+            ticket.encoded()
+        response = await request.respond(
+            content_type=protocol.JSON,
+            headers={**(headers or {}), protocol.TRANSFER_HEADER: str(self.seq), "content-length": str(len(body))},
+        )
         await response.send(body, end_stream=True)
         # Only once the metadata is on its way: a send into a dead HTTP exchange would
         # otherwise wait for a receiver that never comes.
         link.send(self.seq, supervision)
+        if ticket is not None:
+            ticket.sent(meta.total_bytes)
+        return link.tier
 
 
 def plan_transfer(request: Request, session: Session) -> Transfer | Any | None:

@@ -21,13 +21,16 @@ import torch
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
-from appliance import dataplanes, upstream_nccl
+from appliance import dataplanes, encodings, upstream_nccl
+from appliance.admission import Ticket
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
+from appliance.operations import install_operations, operations
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
 from appliance.target import Target, VocabMapping
 from appliance.validation import decode_body, validate_generate, validate_vocab_mapping
 from client import protocol, wire
+from client.encodings import Encoding, parse_encoding
 
 __all__ = ["ModelRunner", "ServingState", "create_app", "run_server", "send_wire"]
 
@@ -49,8 +52,8 @@ class ModelRunner:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+    def shutdown(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
 
 @dataclass
@@ -71,14 +74,25 @@ def _session(request: Request) -> Session:
     return _state(request).sessions.get(request.headers.get(protocol.SESSION_HEADER))
 
 
-async def send_wire(request: Request, tensors: Mapping[str, torch.Tensor | None]) -> None:
+async def send_wire(
+    request: Request,
+    tensors: Mapping[str, torch.Tensor | None],
+    ticket: Ticket | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> None:
     """Stream a wire blob: each entry header, then the tensor's own memory, no concatenation."""
     parts, total = wire.encode_parts(tensors)
-    response = await request.respond(content_type=protocol.OCTET_STREAM, headers={"content-length": str(total)})
+    if ticket is not None:
+        ticket.encoded()
+    response = await request.respond(
+        content_type=protocol.OCTET_STREAM, headers={**(headers or {}), "content-length": str(total)}
+    )
     for part in parts:
         view = memoryview(part)
         for start in range(0, view.nbytes, SEND_SLICE_BYTES):
             await response.send(view[start : start + SEND_SLICE_BYTES])
+    if ticket is not None:
+        ticket.sent(total)
 
 
 def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,10 +122,29 @@ async def input_embeddings(request: Request) -> None:
 @control.post(protocol.path(protocol.EP_SESSION))
 async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
+    state = _state(request)
     offer = _json_object(request)
-    session = _state(request).sessions.register(client=str(offer.get("client", "")))
-    reply = {"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"}
-    return json({**reply, "data_planes": dataplanes.offered(request.app)})
+    encoding, refused = await _negotiate_encoding(state, offer)
+    session = state.sessions.register(client=str(offer.get("client", "")))
+    session.encoding = encoding.name
+    reply = {
+        "session_id": session.id,
+        "protocol": 1,
+        "encoding": session.encoding,
+        "data_plane": "wire",
+        "data_planes": dataplanes.offered(request.app),
+        "lease_seconds": state.settings.lease_seconds,
+    }
+    if refused:
+        reply["encoding_refused"] = refused
+    return json(reply)
+
+
+async def _negotiate_encoding(state: ServingState, offer: dict[str, Any]) -> tuple[Encoding, str | None]:
+    offered = encodings.offered_encodings(offer)
+    wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)
+    refusal = await state.runner.run(encodings.hidden_refusal, state.target) if wants_hidden else None
+    return encodings.choose_encoding(offered, refusal)
 
 
 def _json_object(request: Request) -> dict[str, Any]:
@@ -131,6 +164,7 @@ async def set_vocab_mapping(request: Request) -> HTTPResponse:
     state = _state(request)
     session = _session(request)
     mapping = validate_vocab_mapping(decode_body(request.body), logits_size=state.target.logits_size)
+    encodings.check_mapping(parse_encoding(session.encoding), mapping)
 
     def install() -> None:
         # On the model thread, so a forward in flight finishes with the mapping it started with.
@@ -144,10 +178,8 @@ async def set_vocab_mapping(request: Request) -> HTTPResponse:
 @control.post(protocol.path(protocol.EP_INIT_NCCL))
 async def init_nccl(request: Request) -> HTTPResponse:
     # Upstream's NCCL group (CUDA only); "disabled" sends upstream clients to the wire body.
-    plane = request.app.ctx.data_planes
-    return json(
-        await upstream_nccl.init_nccl(plane, _session(request), _json_object(request), _state(request).settings.port)
-    )
+    plane, settings = request.app.ctx.data_planes, _state(request).settings
+    return json(await upstream_nccl.init_nccl(plane, _session(request), _json_object(request), settings.port))
 
 
 @control.post(protocol.path(protocol.EP_GENERATE))
@@ -165,17 +197,40 @@ async def generate(request: Request) -> None:
     if mapping is None:
         raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
 
+    encoding = parse_encoding(session.encoding)
     transfer = dataplanes.plan_transfer(request, session)  # None: a plain wire answer
 
     def supervise() -> dict[str, torch.Tensor]:
-        out = state.target.supervise(input_ids, attention_mask, loss_mask, mapping)
-        return _to_host(out) if transfer is None else transfer.prepare(out)
+        return encodings.supervise(state.target, encoding, input_ids, attention_mask, loss_mask, mapping)
 
-    supervision = await state.runner.run(supervise)
-    if transfer is None:
-        await send_wire(request, supervision)
-    else:
-        await transfer.answer(request, supervision, send_wire)
+    # Only a negotiated (non-default) encoding is named: upstream's answer stays header-free.
+    headers = None if encoding.kind == protocol.ENCODING_PROBS else {protocol.ENCODING_HEADER: encoding.name}
+    ops = operations(request)
+    async with ops.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
+        place = _to_host if transfer is None else transfer.prepare  # a group may send from the device
+        supervision = await ops.compute(state.runner.run, ticket, supervise, place, state.target.device)
+        if transfer is None:
+            await send_wire(request, supervision, ticket, headers)
+            tier = protocol.TIER_WIRE
+        else:
+            tier = await transfer.answer(request, supervision, send_wire, ticket, headers)
+        ops.generated(ticket, input_ids, data_plane=tier, encoding=session.encoding)
+
+
+@control.post(protocol.path(protocol.EP_LM_HEAD_ROWS))
+async def lm_head_rows(request: Request) -> None:
+    """Extension: the LM head's rows for a draft vocabulary, for clients on the "hidden" encoding."""
+    state = _state(request)
+    _session(request)
+    ids = encodings.validate_row_request(decode_body(request.body), logits_size=state.target.logits_size)
+
+    def rows() -> dict[str, torch.Tensor]:
+        refusal = encodings.hidden_refusal(state.target)
+        if refusal is not None:
+            raise encodings.EncodingError(f"'hidden' is not available for this model: {refusal}")
+        return {"weight": encodings.lm_head_rows(state.target, ids)}
+
+    await send_wire(request, await state.runner.run(rows))
 
 
 @control.post(protocol.path(protocol.EP_HEARTBEAT))
@@ -208,15 +263,24 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.blueprint(control)
     dataplanes.install(app, settings, target.device)
     install_error_handler(app)
+    ops = install_operations(app, settings, app.ctx.state.sessions)
 
     @app.after_server_stop
     async def _release(app: Sanic) -> None:
-        app.ctx.state.runner.shutdown()
+        app.ctx.state.runner.shutdown(wait=not ops.lifecycle.forced)
 
     return app
 
 
-def run_server(app: Sanic, settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, in this process (Sanic's single-process mode)."""
+def run_server(app: Sanic, settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM (or idle, with --exit-when-idle), in this process; the exit code.
+
+    Sanic's single-process mode turns SIGTERM/SIGINT into a stop; the drain (appliance.lifecycle)
+    runs before the listener closes.
+    """
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.grace_period
     app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
     Sanic.serve_single(app)
+    lifecycle = app.ctx.ops.lifecycle
+    lifecycle.exit_now_if_forced()
+    return lifecycle.exit_code()

@@ -108,19 +108,32 @@ class UpstreamTransfer:
     def prepare(self, supervision: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return device_ready(supervision) if self.link is not None else host_copy(supervision)
 
-    async def answer(self, request: Request, supervision: dict[str, torch.Tensor], send_wire: SendWire) -> None:
+    async def answer(
+        self,
+        request: Request,
+        supervision: dict[str, torch.Tensor],
+        send_wire: SendWire,
+        ticket: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
         link = self.link
         if link is None or link.closed:
-            await send_wire(request, await asyncio.to_thread(host_copy, supervision))
-            return
+            await send_wire(request, await asyncio.to_thread(host_copy, supervision), ticket, headers)
+            return protocol.TIER_WIRE
         metadata = {
             key: {"dtype_code": wire.DTYPE_TO_CODE[t.dtype], "shape": list(t.shape)} for key, t in supervision.items()
         }
         body = orjson.dumps({"keys_order": list(protocol.SUPERVISION_KEYS), "metadata": metadata})
-        headers = {protocol.NCCL_HEADER: "1", "content-length": str(len(body))}
-        response = await request.respond(content_type=protocol.JSON, headers=headers)
+        if ticket is not None:
+            ticket.encoded()
+        response = await request.respond(
+            content_type=protocol.JSON, headers={protocol.NCCL_HEADER: "1", "content-length": str(len(body))}
+        )
         await response.send(body, end_stream=True)
         link.send(0, supervision)
+        if ticket is not None:
+            ticket.sent(sum(t.numel() * t.element_size() for t in supervision.values()))
+        return protocol.TIER_NCCL
 
 
 def close(session: Session) -> None:

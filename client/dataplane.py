@@ -12,13 +12,24 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+import httpx
 import torch
 
 from client import protocol
 from client.control import ControlPlane
+from client.encodings import detect_encoding, parse_encoding
 from client.errors import ProtocolViolation
 
-__all__ = ["DataPlane", "TransferStats", "WireDataPlane", "check_supervision"]
+__all__ = ["DataPlane", "TransferStats", "WireAnswer", "WireDataPlane", "check_supervision"]
+
+
+@dataclass
+class WireAnswer:
+    """A decoded wire body, the seconds its transfer took and the encoding its header named."""
+
+    tensors: dict[str, torch.Tensor | None]
+    seconds: float
+    encoding: str | None = None
 
 
 @dataclass
@@ -73,12 +84,26 @@ class DataPlane(ABC):
         self.close()
 
 
-def check_supervision(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    """Every supervision key present and no None: anything else is a protocol violation."""
-    missing = [k for k in protocol.SUPERVISION_KEYS if tensors.get(k) is None]
+def check_supervision(
+    url: str, tensors: dict[str, torch.Tensor | None], encoding: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Every key of the answer's encoding present and no None: anything else is a protocol violation.
+
+    The encoding is recognised by the answer's keys, so any plane can move any encoding;
+    ``encoding`` is what the server said it used (the wire plane's header), checked against them.
+    """
+    found = detect_encoding(tensors)
+    if encoding is not None:
+        try:
+            said = parse_encoding(encoding)
+        except ValueError as exc:
+            raise ProtocolViolation(f"{url}/generate: {exc}") from None
+        if said != found:
+            raise ProtocolViolation(f"{url}/generate said it used encoding {encoding!r} but sent {sorted(tensors)}")
+    missing = [k for k in found.keys if tensors.get(k) is None]
     if missing:
         raise ProtocolViolation(f"{url}/generate answer lacks {missing}; got {sorted(tensors)}")
-    return {k: tensors[k] for k in protocol.SUPERVISION_KEYS}  # type: ignore[misc]
+    return {k: tensors[k] for k in found.keys}  # type: ignore[misc]
 
 
 class WireDataPlane(DataPlane):
@@ -87,17 +112,18 @@ class WireDataPlane(DataPlane):
     name = "wire"
 
     def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        tensors, seconds = self.control.request("POST", protocol.EP_GENERATE, self.read_timed, content=payload)
-        return self.accept(tensors, seconds)
+        answer = self.control.request("POST", protocol.EP_GENERATE, self.read_timed, content=payload)
+        return self.accept(answer)
 
-    def read_timed(self, resp: object) -> tuple[dict[str, torch.Tensor | None], float]:
+    def read_timed(self, resp: httpx.Response) -> WireAnswer:
         """Read a wire answer, timing the body only (the headers arrive once the forward is done)."""
         start = time.perf_counter()
-        tensors = self.control.read_wire(resp)  # type: ignore[arg-type]
-        return tensors, time.perf_counter() - start
+        tensors = self.control.read_wire(resp)
+        return WireAnswer(tensors, time.perf_counter() - start, resp.headers.get(protocol.ENCODING_HEADER))
 
-    def accept(self, tensors: dict[str, torch.Tensor | None], seconds: float) -> dict[str, torch.Tensor]:
-        """Check a decoded wire answer and count it."""
-        result = check_supervision(self.control.url, tensors)
-        self.stats.record(self.name, sum(t.numel() * t.element_size() for t in result.values()), seconds)
+    def accept(self, answer: WireAnswer) -> dict[str, torch.Tensor]:
+        """Check a decoded wire answer against the encoding it names, and count it."""
+        # No header: upstream's probs (an upstream server never sends one).
+        result = check_supervision(self.control.url, answer.tensors, answer.encoding or protocol.ENCODING_PROBS)
+        self.stats.record(self.name, sum(t.numel() * t.element_size() for t in result.values()), answer.seconds)
         return result

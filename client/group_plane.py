@@ -106,9 +106,9 @@ class GroupDataPlane(DataPlane):
         try:
             # Not retried: a failed upgrade costs nothing, the back-off brings the next try.
             reply = self.control.post_json(protocol.EP_DATA_PLANE, {"tier": self.group_tier}, retries=False)
-            port, nonce = int(reply["port"]), int(reply["nonce"])
+            port, nonce, key = int(reply["port"]), int(reply["nonce"]), str(reply["key"])
             store = connect_store(self.host, port, timeout)
-            group = open_group(self.group_tier, store, 1, timeout, self.device)
+            group = open_group(self.group_tier, store, 1, timeout, self.device, key_prefix=f"{key}/")
             recv_transfer(group, TransferMetadata(nonce, self.group_tier, ()), timeout)
         except TargetHTTPError as exc:
             if exc.status == 410:
@@ -146,7 +146,7 @@ class GroupDataPlane(DataPlane):
 
     def request_transfer(self, payload: bytes) -> tuple[int, str, Any]:
         """POST ``/generate`` for a new transfer: ``(seq, kind, answer)``, where ``kind`` is
-        ``"wire"`` (the answer is ``(tensors, seconds)``), the group tier (the answer is the
+        ``"wire"`` (the answer is a :class:`WireAnswer`), the group tier (the answer is the
         :class:`TransferMetadata`) or ``"broken"`` (the answer is the error)."""
         self._seq += 1
         seq = self._seq
@@ -157,7 +157,7 @@ class GroupDataPlane(DataPlane):
                 functools.partial(self._read_answer, seq),
                 content=payload,
                 headers={protocol.TRANSFER_HEADER: str(seq)},
-                retries=False,  # a blind retry could pair the wrong sends and receives
+                retry_lost=False,  # 503s are retried; a lost connection is recovered, never resent
             )
         except TargetHTTPError:
             raise  # an error answer: no transfer was started, the group is intact
@@ -174,8 +174,7 @@ class GroupDataPlane(DataPlane):
         if kind == protocol.TIER_WIRE:
             # No echo: the server no longer has our group and answered in the body.
             self._fall_back("the server answered without the group (it dropped its end)")
-            tensors, seconds = answer
-            return self.wire.accept(tensors, seconds)
+            return self.wire.accept(answer)
         if self.group is None:
             self._fall_back("the group was closed before the transfer")
             return self._resend(seq, payload)
@@ -227,7 +226,7 @@ class GroupDataPlane(DataPlane):
     def _resend(self, seq: int, payload: bytes) -> dict[str, torch.Tensor]:
         """The server's stored answer to transfer ``seq`` over the wire; recompute only if it has none."""
         try:
-            tensors, seconds = self.control.request(
+            answer = self.control.request(
                 "POST",
                 protocol.EP_DATA_PLANE_RESEND,
                 self.wire.read_timed,
@@ -238,7 +237,7 @@ class GroupDataPlane(DataPlane):
             if exc.status != protocol.RESEND_CONFLICT_STATUS:
                 raise
             return self.wire.generate(payload)  # the request never got as far as a stored answer
-        return self.wire.accept(tensors, seconds)
+        return self.wire.accept(answer)
 
     def _schedule_retry(self) -> float:
         self._failures += 1

@@ -136,7 +136,8 @@ def encoded_size(tensors: TensorDict) -> int:
 
 def encode(tensors: TensorDict) -> bytes:
     """The whole blob as one ``bytes`` (for small control-plane bodies)."""
-    parts, _ = encode_parts({k: _cpu_contiguous(v) for k, v in tensors.items()})
+    host = {k: _cpu_contiguous(v) for k, v in tensors.items()}  # keeps copies alive while joined
+    parts, _ = encode_parts(host)
     return b"".join(parts)
 
 

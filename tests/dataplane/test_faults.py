@@ -111,7 +111,8 @@ def test_a_client_killed_mid_transfer_does_not_hang_the_server(
     # The server's send fails (peer gone) and it drops that group; it never stops answering.
     assert health(fault_server.url) == 200
     link = wait_for(lambda: (lk := _link_on(fault_server.url, port)) and lk["state"] == "failed" and lk, "teardown")
-    assert link["failures"] == 1 and "closed by peer" in link["last_error"], link
+    # (gloo words it as a closed or reset connection, or a timeout if the kernel was slow to tell)
+    assert link["failures"] == 1 and link["last_error"].startswith(f"transfer {seq}: gloo send"), link
     # A new client is served over a new group, correctly.
     batch_inputs = inputs(reference, 2, 40, seed=400)
     with connect(fault_server.url, mapping, data_plane="gloo") as remote:

@@ -1,0 +1,96 @@
+"""The command line: help texts, environment variables, aux-layer choice, user errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from appliance.cli import app
+from appliance.launch import ServerProcess
+from client import RemoteEagle3TargetModel, protocol, wire
+from tests.conftest import random_batch, random_mapping
+from tests.oracle import Oracle, assert_bit_exact
+
+runner = CliRunner()
+
+
+def test_serve_help_explains_every_option_and_its_environment_variable() -> None:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0
+    for option, env in [
+        ("--model", "EAGLE3_MODEL"),
+        ("--dtype", "EAGLE3_DTYPE"),
+        ("--device", "EAGLE3_DEVICE"),
+        ("--aux-layer-ids", "EAGLE3_AUX_LAYER_IDS"),
+        ("--trust-remote-code", "EAGLE3_TRUST_REMOTE_CODE"),
+        ("--port", "EAGLE3_PORT"),
+        ("--max-seq-len", "EAGLE3_MAX_SEQ_LEN"),
+        ("--max-body-bytes", "EAGLE3_MAX_BODY_BYTES"),
+    ]:
+        assert option in result.output and env in result.output, option
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("1,1,2", "3 distinct layer ids"), ("1,2", "3 distinct layer ids"), ("a,b,c", "comma-separated integers")],
+)
+def test_bad_aux_layer_ids_are_rejected_before_loading(value: str, message: str) -> None:
+    result = runner.invoke(app, ["serve", "--aux-layer-ids", value], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_out_of_range_aux_layer_ids_fail_with_a_clear_error(cache_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--cache-dir", str(cache_dir), "--aux-layer-ids", "0,2,8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 2
+    assert "aux layer id 8 is out of range for a model with 8 layers" in proc.stderr
+
+
+def test_configuration_from_environment_and_custom_aux_layers(cache_dir: Path, oracle: Oracle, tmp_path: Path) -> None:
+    env = {"EAGLE3_AUX_LAYER_IDS": "0,2,5", "EAGLE3_MAX_SEQ_LEN": "16", "EAGLE3_CACHE_DIR": str(cache_dir)}
+    with ServerProcess(env=env, log_path=tmp_path / "server.log") as server:
+        with RemoteEagle3TargetModel.from_urls([server.url], max_retries=0) as remote:
+            assert remote.model_info()["aux_layer_ids"] == [0, 2, 5]
+            ids, mask = random_mapping(oracle.vocab_size, 99, seed=3)
+            remote.set_vocab_mapping(ids, mask)
+            inputs = random_batch(oracle.vocab_size, 2, 16, seed=4)
+            got = remote.generate_batch(*inputs)
+            expected = oracle.supervision(*inputs, ids, mask)
+            with torch.no_grad():
+                hidden = oracle.model(input_ids=inputs[0], attention_mask=inputs[1], output_hidden_states=True)
+            expected["aux_hidden_states"] = torch.cat([hidden.hidden_states[i + 1] for i in (0, 2, 5)], dim=-1)
+            assert_bit_exact(got, expected)
+        too_long = random_batch(oracle.vocab_size, 1, 17, seed=5)
+        with httpx.Client(base_url=server.url, trust_env=False) as http:
+            mapping = wire.encode({"selected_token_ids": ids, "selected_token_mask": mask})
+            assert http.post("/set_vocab_mapping", content=mapping).status_code == 200
+            answer = http.post(
+                "/generate", content=wire.encode(dict(zip(protocol.GENERATE_INPUT_KEYS, too_long, strict=True)))
+            )
+        assert answer.status_code == 422
+        assert answer.json()["error"] == "sequence length 17 exceeds this server's maximum of 16"
+
+
+def test_demo_command_runs_the_main_job_bit_exact(cache_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "demo", "--cache-dir", str(cache_dir), "--batches", "2", "--seq-len", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("bit-exact=yes") == 4  # embeddings, two batches, summary
+    assert "exit code 0" in proc.stdout
