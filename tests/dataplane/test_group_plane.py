@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -163,3 +164,28 @@ def test_bad_data_plane_requests_get_clear_errors(dp_server: ServerProcess) -> N
         assert resend.status_code == 409 and "no stored result for transfer 3" in resend.json()["error"]
         assert http.post("/data_plane", json={"tier": "wire"}, headers=h).json() == {"tier": "wire"}
         http.post("/disconnect", json={}, headers=h)
+
+
+@pytest.mark.parametrize("encoding", ["logits", "hidden"])
+def test_every_encoding_travels_over_gloo_as_over_the_wire_with_auth_on(
+    dp_cache: Path, reference: Target, mapping: VocabMapping, tmp_path: Path, encoding: str
+) -> None:
+    """The group moves whatever keys the negotiated encoding has, on a token-protected server."""
+    token = "s3cret-token"
+    args = ["--cache-dir", str(dp_cache), "--auth-token", token]
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        opts = dict(encoding=encoding, token=token)
+        with (
+            connect(server.url, mapping, data_plane="gloo", **opts) as group,
+            connect(server.url, mapping, data_plane="wire", **opts) as plain,
+        ):
+            for seed in range(3):
+                batch_inputs = inputs(reference, 2, 24, seed=700 + seed)
+                a, b = group.generate_batch(*batch_inputs), plain.generate_batch(*batch_inputs)
+                for key in protocol.SUPERVISION_KEYS:
+                    assert torch.equal(getattr(a, key), getattr(b, key)), key
+            stats = group.transport_stats()[0]
+            assert (stats["tier"], stats["fallbacks"], stats["bytes"]["wire"]) == ("gloo", 0, 0)
+            assert group.encoding_stats()["negotiated"][server.url] == encoding
+        # Without the token the data-plane endpoints are closed like every other one.
+        assert httpx.post(server.url + "/data_plane", json={"tier": "gloo"}, trust_env=False).status_code == 401
