@@ -38,7 +38,7 @@ from client.encodings import (
 from client.errors import ProtocolViolation, TargetHTTPError
 from client.group_plane import GroupDataPlane
 from client.heartbeat import Heartbeat
-from client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers
+from client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers, receive_device
 
 __all__ = ["RemoteEagle3TargetModel", "RemoteResult"]
 
@@ -281,7 +281,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             control = ControlPlane(
                 url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
             )
-            self._servers.append(_Server(control, client_name, self._encoding, config, self._device))
+            self._servers.append(_Server(control, client_name, self._encoding, config, receive_device(self._device)))
         self._next = itertools.cycle(range(len(self._servers)))
         self._next_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

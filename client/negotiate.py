@@ -19,7 +19,7 @@ from client import protocol
 from client.errors import RemoteTargetError
 from client.transfer import gloo_available, nccl_available
 
-__all__ = ["AUTO", "DataPlaneConfig", "DataPlaneUnavailable", "choose_tier", "local_tiers"]
+__all__ = ["AUTO", "DataPlaneConfig", "DataPlaneUnavailable", "choose_tier", "local_tiers", "receive_device"]
 
 AUTO = "auto"
 _CHOICES = (AUTO, *protocol.TIERS)
@@ -80,6 +80,14 @@ class DataPlaneConfig:
             connect_timeout=pick(connect_timeout, protocol.ENV_DATA_PLANE_CONNECT_TIMEOUT, default.connect_timeout),
             backoff=pick(backoff, protocol.ENV_DATA_PLANE_BACKOFF, default.backoff),
         )
+
+
+def receive_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index means the GPU current *now*: pin it, because answers may be
+    received on a prefetch thread, whose current GPU would otherwise be GPU 0."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def local_tiers(device: torch.device, env: Mapping[str, str] | None = None) -> list[str]:
