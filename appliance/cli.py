@@ -54,6 +54,23 @@ def exit_on_sigterm_while_loading() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _check_data_plane_options(tiers: str, ports: str, timeout: float) -> None:
+    unknown = sorted({t.strip() for t in tiers.split(",") if t.strip()} - {"nccl", "gloo"})
+    if unknown:
+        raise typer.BadParameter(f"--data-planes takes nccl and/or gloo, got {unknown}")
+    if timeout <= 0:
+        raise typer.BadParameter(f"--data-plane-timeout must be positive, got {timeout}")
+    low, _, high = ports.strip().partition("-")
+    try:
+        first, last = (int(low), int(high or low)) if ports.strip() not in ("", "0") else (1, 1)
+    except ValueError:
+        raise typer.BadParameter(
+            f"--data-plane-ports takes a port or a range like 29600-29699, got {ports!r}"
+        ) from None
+    if not 1 <= first <= last <= 65535:
+        raise typer.BadParameter(f"--data-plane-ports range {ports!r} must satisfy 1 <= first <= last <= 65535")
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -111,6 +128,24 @@ def serve(
     ] = 64 * 1024 * 1024,
     cache_dir: CacheOpt = default_cache_dir(),
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"), help="Python logging level.")] = "INFO",
+    data_planes: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("DATA_PLANES"),
+            help="Process-group data planes to offer besides the wire (nccl needs the model on CUDA); '' = wire only.",
+        ),
+    ] = "nccl,gloo",
+    data_plane_ports: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("DATA_PLANE_PORTS"),
+            help="Rendezvous ports for per-client groups, e.g. 29600-29699; empty = the kernel picks free ports.",
+        ),
+    ] = "",
+    data_plane_timeout: Annotated[
+        float,
+        typer.Option(envvar=_env("DATA_PLANE_TIMEOUT"), help="Seconds a rendezvous or one group transfer may take."),
+    ] = 60.0,
     auth_token: Annotated[
         str | None,
         typer.Option(
@@ -156,6 +191,7 @@ def serve(
     """Load the target and serve it until SIGINT/SIGTERM. Every option also reads EAGLE3_<NAME>."""
     exit_on_sigterm_while_loading()
     configure_logging(log_level)
+    _check_data_plane_options(data_planes, data_plane_ports, data_plane_timeout)
     from appliance.auth import load_token
 
     try:
@@ -175,6 +211,9 @@ def serve(
         max_body_bytes=max_body_bytes,
         cache_dir=cache_dir,
         log_level=log_level,
+        data_planes=data_planes,
+        data_plane_ports=data_plane_ports,
+        data_plane_timeout=data_plane_timeout,
         auth_token=token,
         lease_seconds=lease_seconds,
         exit_when_idle=exit_when_idle,

@@ -21,7 +21,7 @@ import torch
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
-from appliance import encodings
+from appliance import dataplanes, encodings, upstream_nccl
 from appliance.admission import Ticket
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
 from appliance.operations import install_operations, operations
@@ -132,6 +132,7 @@ async def register_session(request: Request) -> HTTPResponse:
         "protocol": 1,
         "encoding": session.encoding,
         "data_plane": "wire",
+        "data_planes": dataplanes.offered(request.app),
         "lease_seconds": state.settings.lease_seconds,
     }
     if refused:
@@ -176,8 +177,9 @@ async def set_vocab_mapping(request: Request) -> HTTPResponse:
 
 @control.post(protocol.path(protocol.EP_INIT_NCCL))
 async def init_nccl(request: Request) -> HTTPResponse:
-    # This server has no process-group data plane: upstream clients then use the wire body.
-    return json({"status": "disabled"})
+    # Upstream's NCCL group (CUDA only); "disabled" sends upstream clients to the wire body.
+    plane, settings = request.app.ctx.data_planes, _state(request).settings
+    return json(await upstream_nccl.init_nccl(plane, _session(request), _json_object(request), settings.port))
 
 
 @control.post(protocol.path(protocol.EP_GENERATE))
@@ -196,6 +198,7 @@ async def generate(request: Request) -> None:
         raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
 
     encoding = parse_encoding(session.encoding)
+    transfer = dataplanes.plan_transfer(request, session)  # None: a plain wire answer
 
     def supervise() -> dict[str, torch.Tensor]:
         return encodings.supervise(state.target, encoding, input_ids, attention_mask, loss_mask, mapping)
@@ -204,9 +207,14 @@ async def generate(request: Request) -> None:
     headers = None if encoding.kind == protocol.ENCODING_PROBS else {protocol.ENCODING_HEADER: encoding.name}
     ops = operations(request)
     async with ops.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
-        supervision = await ops.compute(state.runner.run, ticket, supervise, _to_host, state.target.device)
-        await send_wire(request, supervision, ticket, headers)
-        ops.generated(ticket, input_ids, data_plane="wire", encoding=session.encoding)
+        place = _to_host if transfer is None else transfer.prepare  # a group may send from the device
+        supervision = await ops.compute(state.runner.run, ticket, supervise, place, state.target.device)
+        if transfer is None:
+            await send_wire(request, supervision, ticket, headers)
+            tier = protocol.TIER_WIRE
+        else:
+            tier = await transfer.answer(request, supervision, send_wire, ticket, headers)
+        ops.generated(ticket, input_ids, data_plane=tier, encoding=session.encoding)
 
 
 @control.post(protocol.path(protocol.EP_LM_HEAD_ROWS))
@@ -238,6 +246,8 @@ async def disconnect(request: Request) -> HTTPResponse:
     session_id = request.headers.get(protocol.SESSION_HEADER)
     if session_id:
         _state(request).sessions.drop(session_id)
+    else:
+        upstream_nccl.close(_session(request))  # an upstream client leaves: its NCCL group goes too
     return json({"status": "ok"})
 
 
@@ -251,6 +261,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.config.NOISY_EXCEPTIONS = False
     app.ctx.state = ServingState(settings=settings, target=target)
     app.blueprint(control)
+    dataplanes.install(app, settings, target.device)
     install_error_handler(app)
     ops = install_operations(app, settings, app.ctx.state.sessions)
 

@@ -59,6 +59,12 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     cache_dir: Path = field(default_factory=default_cache_dir)
     log_level: str = "INFO"
+    # Process-group data planes offered besides the wire (each only where it can work: nccl
+    # needs the model on CUDA), rendezvous ports ("29600-29699"; empty = the kernel picks)
+    # and the seconds a rendezvous or one transfer may take before the group is dropped.
+    data_planes: str = "nccl,gloo"
+    data_plane_ports: str = ""
+    data_plane_timeout: float = 60.0
     # Operations (appliance/operations.py and the modules it wires up).
     auth_token: str | None = field(default=None, repr=False)  # bearer token; None = no auth
     lease_seconds: float = 60.0  # a session that sends nothing for this long is dropped

@@ -13,9 +13,12 @@ from client.errors import (
     TargetTimeout,
     TargetUnreachable,
 )
+from client.negotiate import DataPlaneUnavailable
+from client.transfer import TransferError
 
 __all__ = [
     "USING_NEMO_AUTOMODEL",
+    "DataPlaneUnavailable",
     "Eagle3TargetBackend",
     "Eagle3TargetBatch",
     "ProtocolViolation",
@@ -26,4 +29,5 @@ __all__ = [
     "TargetOverloaded",
     "TargetTimeout",
     "TargetUnreachable",
+    "TransferError",
 ]

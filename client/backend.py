@@ -25,7 +25,7 @@ from client import protocol, wire
 from client.auth import auth_headers, resolve_token
 from client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from client.control import ControlPlane
-from client.dataplane import DataPlane, WireDataPlane
+from client.dataplane import DataPlane, TransferStats, WireDataPlane
 from client.encodings import (
     PROBS,
     Encoding,
@@ -36,7 +36,9 @@ from client.encodings import (
     requested_encoding,
 )
 from client.errors import ProtocolViolation, TargetHTTPError
+from client.group_plane import GroupDataPlane
 from client.heartbeat import Heartbeat
+from client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers, receive_device
 
 __all__ = ["RemoteEagle3TargetModel", "RemoteResult"]
 
@@ -55,9 +57,18 @@ class _Server:
     client registers again, replays its vocab mapping and retries the request once.
     """
 
-    def __init__(self, control: ControlPlane, client_name: str, encoding: Encoding = PROBS) -> None:
+    def __init__(
+        self,
+        control: ControlPlane,
+        client_name: str,
+        encoding: Encoding = PROBS,
+        config: DataPlaneConfig | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.control = control
         self.client_name = client_name
+        self.config = config or DataPlaneConfig()
+        self.device = device or torch.device("cpu")
         self.requested_encoding = encoding
         self.encoding = PROBS  # what the server agreed to send (upstream: always probs)
         self.lock = threading.Lock()  # at most one request of ours in flight on this server
@@ -66,6 +77,7 @@ class _Server:
         self.data_plane: DataPlane | None = None
         self.mapping_payload: bytes | None = None
         self.heartbeat: Heartbeat | None = None
+        self.stats = TransferStats()  # survives re-registration
         self._connected = False
 
     def _connect(self) -> None:
@@ -74,10 +86,12 @@ class _Server:
         self.control.set_header(protocol.SESSION_HEADER, None)  # a stale id must not ride along
         wanted = self.requested_encoding
         # We can always decode probs, so offering it as the fallback never costs a round-trip.
+        local = local_tiers(self.device)
         offer = {
             "client": self.client_name,
             "encoding": wanted.name,
             "encodings": list(dict.fromkeys([wanted.name, "probs"])),
+            "data_planes": local,
         }
         try:
             reply = self.control.post_json(protocol.EP_SESSION, offer)
@@ -85,6 +99,7 @@ class _Server:
             if exc.status not in (404, 405):
                 raise
             self.upstream, self.session_id, self.encoding = True, None, PROBS
+            offered = [protocol.TIER_WIRE]
             if wanted != PROBS:
                 logger.warning(
                     "%s is an upstream server: it only sends 'probs', not the requested %r (same results, more bytes)",
@@ -94,12 +109,42 @@ class _Server:
         else:
             self.upstream, self.session_id = False, str(reply["session_id"])
             self.encoding = _negotiated(self.control.url, reply, wanted)
+            offered = list(reply.get("data_planes") or [protocol.TIER_WIRE])
             lease = reply.get("lease_seconds")
             if isinstance(lease, (int, float)) and lease > 0:  # beat three times per lease
                 self.heartbeat = Heartbeat(self.control, self.session_id, lease / 3).start()
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
-        self.data_plane = WireDataPlane(self.control)
+        try:
+            tier = choose_tier(self.config.preference, local, offered, self.control.url)
+        except DataPlaneUnavailable:
+            self._stop_heartbeat()
+            if not self.upstream:  # leave nothing behind on the server
+                self.control.post_json(protocol.EP_DISCONNECT, {}, retries=False)
+            raise
+        self.data_plane = self._make_data_plane(tier)
         self._connected = True
+
+    def _make_data_plane(self, tier: str) -> DataPlane:
+        if tier == protocol.TIER_WIRE:
+            return WireDataPlane(self.control, self.stats)
+        return GroupDataPlane(self.control, tier=tier, config=self.config, device=self.device, stats=self.stats)
+
+    def transport_stats(self) -> dict[str, Any]:
+        """What this server's data plane uses and has moved (see ``RemoteEagle3TargetModel.transport_stats``)."""
+        plane, stats = self.data_plane, self.stats
+        return {
+            "url": self.control.url,
+            "tier": plane.tier if plane is not None else protocol.TIER_WIRE,
+            "negotiated": plane.group_tier if isinstance(plane, GroupDataPlane) else protocol.TIER_WIRE,
+            "connected": self._connected,
+            "upstream": self.upstream,
+            "port": plane.port if isinstance(plane, GroupDataPlane) else None,
+            "requests": stats.requests,
+            "bytes": {tier: stats.bytes.get(tier, 0) for tier in protocol.TIERS},
+            "transfer_seconds": {tier: stats.seconds.get(tier, 0.0) for tier in protocol.TIERS},
+            "fallbacks": stats.fallbacks,
+            "reupgrades": stats.reupgrades,
+        }
 
     def call(self, fn: Callable[[_Server], T]) -> T:
         """Run ``fn`` under the server lock, connected, re-registering once if the session is gone."""
@@ -191,10 +236,18 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
 
     Usage::
 
-        target = RemoteEagle3TargetModel.from_urls(["http://node3:8001"], device="cuda")
+        target = RemoteEagle3TargetModel.from_urls(["http://node3:8001"], device="cuda", data_plane="auto")
         target.set_vocab_mapping(selected_token_ids, selected_token_mask)
         batch = target.generate_batch(input_ids, attention_mask, loss_mask)
         target.close()
+
+    Data-plane options (keyword arguments; the environment supplies the defaults):
+    ``data_plane`` (``EAGLE3_DATA_PLANE``: ``auto`` picks the best of nccl, gloo, wire that
+    both ends support; a named tier is forced and raises ``DataPlaneUnavailable`` if the
+    pair cannot do it), ``data_plane_timeout`` (``EAGLE3_DATA_PLANE_TIMEOUT``, seconds per
+    group transfer), ``data_plane_connect_timeout`` (``EAGLE3_DATA_PLANE_CONNECT_TIMEOUT``,
+    seconds to join a group) and ``data_plane_backoff`` (``EAGLE3_DATA_PLANE_BACKOFF``,
+    seconds on the wire after a broken transfer before the group is tried again).
     """
 
     def __init__(
@@ -208,6 +261,10 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         headers: dict[str, str] | None = None,
         encoding: str | None = None,
         token: str | None = None,
+        data_plane: str | None = None,
+        data_plane_timeout: float | None = None,
+        data_plane_backoff: float | None = None,
+        data_plane_connect_timeout: float | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
@@ -215,6 +272,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
         self._device = torch.device(device)
         self._encoding = requested_encoding(encoding)  # ValueError on a bad name, before any I/O
+        config = DataPlaneConfig.resolve(data_plane, data_plane_timeout, data_plane_backoff, data_plane_connect_timeout)
         # Bearer token: the argument, else $EAGLE3_AUTH_TOKEN / $EAGLE3_AUTH_TOKEN_FILE.
         headers = {**auth_headers(resolve_token(token)), **(headers or {})}
         self._servers: list[_Server] = []
@@ -223,7 +281,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             control = ControlPlane(
                 url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
             )
-            self._servers.append(_Server(control, client_name, self._encoding))
+            self._servers.append(_Server(control, client_name, self._encoding, config, receive_device(self._device)))
         self._next = itertools.cycle(range(len(self._servers)))
         self._next_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -266,6 +324,13 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
     @property
     def urls(self) -> list[str]:
         return [s.control.url for s in self._servers]
+
+    def transport_stats(self) -> list[dict[str, Any]]:
+        """One entry per server: ``url``, the ``tier`` in use now (``"nccl"``, ``"gloo"`` or
+        ``"wire"``), the ``negotiated`` tier, ``bytes`` and ``transfer_seconds`` per tier,
+        ``requests``, ``fallbacks`` (broken transfers answered over the wire) and
+        ``reupgrades`` (returns to the group after a fallback)."""
+        return [server.transport_stats() for server in self._servers]
 
     def model_info(self) -> dict[str, Any]:
         """The first server's ``/model_info`` (layers, hidden size, vocab, aux layer ids)."""

@@ -124,12 +124,15 @@ class ControlPlane:
         headers: Mapping[str, str] | None = None,
         retries: bool = True,
         timeout: float | None = None,
+        retry_lost: bool = True,
     ) -> T:
         """Send one request, let ``handle`` read the 200 response, retry per the module rules.
 
         ``handle`` runs inside the attempt, so a connection that breaks while the body is
         still streaming in is retried like one that broke before the answer: the whole
-        request is sent again (the server's answers are idempotent).
+        request is sent again (the server's answers are idempotent). ``retry_lost=False``
+        keeps the 503 retries but not those of a lost connection, after which the server may
+        have acted (a process-group transfer must not be started twice).
         """
         url = self.url + protocol.path(endpoint)
         attempts = 1 + (self.max_retries if retries else 0)
@@ -152,6 +155,9 @@ class ControlPlane:
                         return handle(resp)
             except _RETRYABLE as exc:
                 last, delay = exc, None
+                if not retry_lost:
+                    attempts = attempt + 1
+                    break
             if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt if delay is None else delay
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, last, delay)

@@ -1,15 +1,18 @@
 """Data planes: how one ``/generate`` answer's tensors get from a server to this process.
 
 The backend calls :meth:`DataPlane.generate` and never looks at which plane it holds; a
-negotiator picks one per server. This module has the HTTP-body plane (the upstream wire
-fallback, always available); process-group planes implement the same interface.
+negotiator (:mod:`client.negotiate`) picks one per server. This module has the HTTP-body
+plane (the upstream wire fallback, always available); :mod:`client.group_plane` has the
+process-group tiers (NCCL, gloo), which fall back to this one when a transfer breaks.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import httpx
 import torch
 
 from client import protocol
@@ -17,15 +20,40 @@ from client.control import ControlPlane
 from client.encodings import detect_encoding, parse_encoding
 from client.errors import ProtocolViolation
 
-__all__ = ["DataPlane", "TransferStats", "WireDataPlane"]
+__all__ = ["DataPlane", "TransferStats", "WireAnswer", "WireDataPlane", "check_supervision"]
+
+
+@dataclass
+class WireAnswer:
+    """A decoded wire body, the seconds its transfer took and the encoding its header named."""
+
+    tensors: dict[str, torch.Tensor | None]
+    seconds: float
+    encoding: str | None = None
 
 
 @dataclass
 class TransferStats:
-    """What one server's data plane has moved, for ``transport_stats()``."""
+    """What one server's data plane has moved, for ``transport_stats()``.
+
+    ``bytes`` and ``seconds`` are per tier; ``seconds`` counts only the transfer (from the
+    answer's first byte to its last tensor), not the forward before it.
+    """
 
     requests: int = 0
-    bytes_received: int = 0
+    bytes: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    fallbacks: int = 0
+    reupgrades: int = 0
+
+    def record(self, tier: str, nbytes: int, seconds: float) -> None:
+        self.requests += 1
+        self.bytes[tier] = self.bytes.get(tier, 0) + nbytes
+        self.seconds[tier] = self.seconds.get(tier, 0.0) + seconds
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.bytes.values())
 
 
 class DataPlane(ABC):
@@ -33,9 +61,14 @@ class DataPlane(ABC):
 
     name: str = "abstract"
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlPlane, stats: TransferStats | None = None) -> None:
         self.control = control
-        self.stats = TransferStats()
+        self.stats = TransferStats() if stats is None else stats
+
+    @property
+    def tier(self) -> str:
+        """The tier moving tensors right now (``"nccl"``, ``"gloo"`` or ``"wire"``)."""
+        return self.name
 
     @abstractmethod
     def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
@@ -79,14 +112,18 @@ class WireDataPlane(DataPlane):
     name = "wire"
 
     def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        encoding, tensors = self.control.request(
-            "POST",
-            protocol.EP_GENERATE,
-            lambda resp: (resp.headers.get(protocol.ENCODING_HEADER), self.control.read_wire(resp)),
-            content=payload,
-        )
+        answer = self.control.request("POST", protocol.EP_GENERATE, self.read_timed, content=payload)
+        return self.accept(answer)
+
+    def read_timed(self, resp: httpx.Response) -> WireAnswer:
+        """Read a wire answer, timing the body only (the headers arrive once the forward is done)."""
+        start = time.perf_counter()
+        tensors = self.control.read_wire(resp)
+        return WireAnswer(tensors, time.perf_counter() - start, resp.headers.get(protocol.ENCODING_HEADER))
+
+    def accept(self, answer: WireAnswer) -> dict[str, torch.Tensor]:
+        """Check a decoded wire answer against the encoding it names, and count it."""
         # No header: upstream's probs (an upstream server never sends one).
-        result = check_supervision(self.control.url, tensors, encoding or protocol.ENCODING_PROBS)
-        self.stats.requests += 1
-        self.stats.bytes_received += sum(t.numel() * t.element_size() for t in result.values())
+        result = check_supervision(self.control.url, answer.tensors, answer.encoding or protocol.ENCODING_PROBS)
+        self.stats.record(self.name, sum(t.numel() * t.element_size() for t in result.values()), answer.seconds)
         return result

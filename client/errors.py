@@ -5,7 +5,11 @@
     │   └── TargetTimeout             no answer within the timeout, after all retries
     ├── TargetHTTPError               the server answered with a non-200 status
     │   └── TargetOverloaded          503 that persisted past every Retry-After
-    └── ProtocolViolation             the server's answer does not follow the protocol
+    ├── ProtocolViolation             the server's answer does not follow the protocol
+    ├── DataPlaneUnavailable          a forced data plane this pair cannot do (client.negotiate)
+    └── TransferError                 a process-group transfer broke (client.transfer; recovered
+        ├── TransferTimeout           over the wire by the client, never raised to the trainer)
+        └── TransferDesync
 
 Every message names the URL; a ``TargetHTTPError`` carries the server's own error text
 (``.status``, ``.server_message``), so a 422 about token ids reads as such in the trainer.

@@ -31,6 +31,21 @@ __all__ = [
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
+    "ENV_DATA_PLANE",
+    "ENV_DATA_PLANE_BACKOFF",
+    "ENV_DATA_PLANE_CONNECT_TIMEOUT",
+    "ENV_DATA_PLANE_TIMEOUT",
+    "EP_DATA_PLANE",
+    "EP_DATA_PLANE_RESEND",
+    "RESEND_CONFLICT_STATUS",
+    "TIER_GLOO",
+    "TIER_NCCL",
+    "TIER_WIRE",
+    "TIERS",
+    "TRANSFER_HEADER",
+    "TRANSFER_MAGIC",
+    "UPSTREAM_NCCL_GROUP_PREFIX",
+    "upstream_nccl_port",
     "GENERATE_INPUT_KEYS",
     "JSON",
     "NCCL_HEADER",
@@ -82,6 +97,35 @@ SESSION_HEADER = "X-Eagle3-Session"
 ENCODING_HEADER = "X-Eagle3-Encoding"
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
+# Data planes (extension). How a /generate answer's tensors travel, best first: a private
+# two-rank torch.distributed group over NCCL (GPU to GPU) or gloo (CPU sockets), else the
+# HTTP body ("wire", upstream's fallback, always available). The client lists the tiers it
+# can do in its POST /session offer ("data_planes"); the reply lists what the server offers.
+TIER_NCCL = "nccl"
+TIER_GLOO = "gloo"
+TIER_WIRE = "wire"
+TIERS = (TIER_NCCL, TIER_GLOO, TIER_WIRE)
+# POST JSON {"tier": "nccl"|"gloo"} -> {"tier", "port", "key", "nonce", "timeout"}: the server
+# (rank 0) hosts a TCP store on "port", keeps the group's keys under the secret prefix "key/"
+# and sends a zero-tensor hello whose sequence number is "nonce".
+# {"tier": "wire"} tears the session's group down. GET -> status of every group (JSON).
+EP_DATA_PLANE = "data_plane"
+# POST JSON {"seq": n} -> the session's stored result of transfer n as a wire blob (no
+# recompute); RESEND_CONFLICT_STATUS when the server holds no result for n.
+EP_DATA_PLANE_RESEND = "data_plane/resend"
+RESEND_CONFLICT_STATUS = 409
+# On /generate: the client names the transfer (its sequence number); the server echoes it
+# when the body is transfer metadata (JSON) and the tensors follow on the group. Without
+# the echo the body is a wire blob, exactly as for upstream's X-NeMo-NCCL.
+TRANSFER_HEADER = "X-Eagle3-Transfer"
+# First int64 of the header tensor of every group transfer: [magic, seq, n_tensors, bytes].
+TRANSFER_MAGIC = 0x45334450  # "E3DP"
+# Client-side knobs (the keyword arguments of RemoteEagle3TargetModel default to these).
+ENV_DATA_PLANE = "EAGLE3_DATA_PLANE"  # auto | nccl | gloo | wire
+ENV_DATA_PLANE_TIMEOUT = "EAGLE3_DATA_PLANE_TIMEOUT"  # seconds per group transfer
+ENV_DATA_PLANE_CONNECT_TIMEOUT = "EAGLE3_DATA_PLANE_CONNECT_TIMEOUT"  # seconds to join a group
+ENV_DATA_PLANE_BACKOFF = "EAGLE3_DATA_PLANE_BACKOFF"  # seconds before the first re-upgrade
+
 # Content types.
 OCTET_STREAM = "application/octet-stream"
 JSON = "application/json"
@@ -93,6 +137,9 @@ NCCL_HEADER = "X-NeMo-NCCL"
 # Upstream's NCCL rendezvous knobs (read by both ends).
 ENV_NCCL_PORT = "NEMO_EAGLE_NCCL_PORT"
 ENV_ENABLE_NCCL = "NEMO_EAGLE_ENABLE_NCCL"
+# Upstream builds its group through torch's group helper under this name (+ the port), so
+# the NCCL unique id sits in the rendezvous store under "<prefix><port>/cuda/".
+UPSTREAM_NCCL_GROUP_PREFIX = "nemo_eagle_target_transfer_"
 
 # Keys of the /generate request and of its response, in wire order.
 GENERATE_INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -124,6 +171,11 @@ ENCODING_KEYS: dict[str, tuple[str, ...]] = {
 def path(endpoint: str) -> str:
     """The URL path of an endpoint name (``"generate"`` -> ``"/generate"``)."""
     return "/" + endpoint.lstrip("/")
+
+
+def upstream_nccl_port(http_port: int, env: str | None = None) -> int:
+    """Upstream's rendezvous port: ``NEMO_EAGLE_NCCL_PORT`` if set, else the HTTP port + 100."""
+    return int(env) if env else http_port + 100
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:

@@ -1,0 +1,3 @@
+from loadtest.bench_transport._main import main
+
+raise SystemExit(main())

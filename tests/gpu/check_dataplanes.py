@@ -1,0 +1,200 @@
+"""GPU check of the data planes, end to end: a real appliance process and the real client.
+
+Run on a GPU machine (not collected by pytest)::
+
+    python tests/gpu/check_dataplanes.py [--batches 4] [--seq-len 512]
+
+* Two or more GPUs visible: the server runs on GPU 0 (``CUDA_VISIBLE_DEVICES=0``) and this
+  process receives on GPU 1 (NCCL cannot pair two ranks on one GPU). Checks our ``nccl``
+  tier (answers land on ``cuda:1`` and equal the wire answers of the same server bit for
+  bit), recovery on NCCL (the server drops the group, the answer comes over the wire, the
+  client re-upgrades) and upstream's ``/init_nccl`` + ``X-NeMo-NCCL`` framing, driven the
+  way an upstream client drives it.
+* One GPU: server and client share it. Checks the CUDA-tensor wire path and the gloo tier
+  with a CUDA trainer, both bit-exact against the same model run in this process.
+* No GPU: says so and exits 0.
+
+Exit code 0 when every check passed. Prints one line per check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from appliance.builtin_model import ensure_builtin_model  # noqa: E402
+from appliance.demo import make_batch, make_vocab_mapping  # noqa: E402
+from appliance.launch import ServerProcess  # noqa: E402
+from appliance.settings import Device, Settings  # noqa: E402
+from appliance.target import load_target  # noqa: E402
+from client import RemoteEagle3TargetModel, protocol, wire  # noqa: E402
+from client.transfer import connect_store, open_group, wait_work  # noqa: E402
+
+KEYS = protocol.SUPERVISION_KEYS
+FAILED: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}{'  ' + detail if detail else ''}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(a[k].dtype == b[k].dtype and torch.equal(a[k].cpu(), b[k].cpu()) for k in KEYS)
+
+
+def as_dict(batch: object) -> dict[str, torch.Tensor]:
+    return {k: getattr(batch, k) for k in KEYS}
+
+
+def run_tier(url: str, tier: str, device: str, mapping, batches, **options) -> tuple[list, dict]:
+    with RemoteEagle3TargetModel.from_urls([url], device=device, data_plane=tier, **options) as remote:
+        remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
+        answers = [as_dict(remote.generate_batch(*b)) for b in batches]
+        return answers, remote.transport_stats()[0]
+
+
+def rate(stats: dict, tier: str) -> str:
+    seconds = stats["transfer_seconds"][tier]
+    return f"{stats['bytes'][tier] / 1e6:.1f} MB in {seconds:.3f} s ({stats['bytes'][tier] / 1e6 / seconds:.0f} MB/s)"
+
+
+def two_gpus(url: str, mapping, batches) -> None:
+    wire_answers, wire_stats = run_tier(url, "wire", "cuda:1", mapping, batches)
+    nccl_answers, stats = run_tier(url, "nccl", "cuda:1", mapping, batches)
+    on_gpu1 = all(t.device == torch.device("cuda:1") for a in nccl_answers for t in a.values())
+    check("nccl tier negotiated and used", stats["tier"] == "nccl" and stats["fallbacks"] == 0, str(stats))
+    check("nccl answers land on cuda:1", on_gpu1)
+    check(
+        "nccl answers == wire answers, bit for bit",
+        all(same(a, b) for a, b in zip(nccl_answers, wire_answers, strict=True)),
+        f"nccl {rate(stats, 'nccl')}; wire {rate(wire_stats, 'wire')}",
+    )
+    # Recovery: the server drops the group; the next answer comes over the wire; then NCCL again.
+    with RemoteEagle3TargetModel.from_urls([url], device="cuda:1", data_plane="nccl", data_plane_backoff=0) as remote:
+        remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
+        first = as_dict(remote.generate_batch(*batches[0]))
+        sid = remote._servers[0].session_id
+        httpx.post(url + "/data_plane", json={"tier": "wire"}, headers={protocol.SESSION_HEADER: sid}, timeout=30)
+        second = as_dict(remote.generate_batch(*batches[1]))
+        third = as_dict(remote.generate_batch(*batches[0]))
+        s = remote.transport_stats()[0]
+    check(
+        "nccl recovery: dropped group -> wire -> re-upgrade, all bit-exact",
+        (s["fallbacks"], s["reupgrades"], s["tier"]) == (1, 1, "nccl")
+        and same(first, wire_answers[0])
+        and same(second, wire_answers[1])
+        and same(third, wire_answers[0]),
+        str(s),
+    )
+    upstream_nccl_client(url, mapping, batches[0], wire_answers[0])
+
+
+def upstream_nccl_client(url: str, mapping, batch, want: dict[str, torch.Tensor]) -> None:
+    """Drive /init_nccl and X-NeMo-NCCL exactly as upstream's client does (no session header)."""
+    port = int(url.rsplit(":", 1)[1]) + 100
+    device = torch.device("cuda:1")
+    http = httpx.Client(base_url=url, trust_env=False, timeout=180)
+    reply: dict = {}
+    init = threading.Thread(target=lambda: reply.update(http.post("/init_nccl", json={"nccl_port": port}).json()))
+    init.start()  # the server waits for us at its store while this request is open
+    prefix = f"{protocol.UPSTREAM_NCCL_GROUP_PREFIX}{port}/cuda/"
+    group = open_group("nccl", connect_store("127.0.0.1", port, 120), 1, 120, device, key_prefix=prefix)
+    init.join()
+    check("upstream /init_nccl answers ok", reply.get("status") == "ok", str(reply))
+    if reply.get("status") != "ok":
+        return
+    http.post(
+        "/set_vocab_mapping",
+        content=wire.encode(
+            {"selected_token_ids": mapping.selected_token_ids, "selected_token_mask": mapping.selected_token_mask}
+        ),
+    )
+    body = wire.encode(dict(zip(protocol.GENERATE_INPUT_KEYS, batch, strict=True)))
+    resp = http.post("/generate", content=body, headers={protocol.NCCL_HEADER: "1"})
+    echoed = resp.headers.get(protocol.NCCL_HEADER) == "1"
+    check("upstream /generate echoes X-NeMo-NCCL and sends metadata", echoed, resp.headers.get("content-type", ""))
+    if not echoed:
+        return
+    meta = orjson.loads(resp.content)
+    got = {}
+    deadline = time.monotonic() + 120
+    for key in meta["keys_order"]:
+        spec = meta["metadata"][key]
+        dtype, shape = wire.CODE_TO_DTYPE[spec["dtype_code"]], spec["shape"]
+        if dtype in (torch.int16, torch.int8, torch.bool):
+            buf = torch.empty(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8)
+            buf = buf.to(device)
+            wait_work(group, group.pg.recv([buf], 0, 0), deadline, key)
+            got[key] = buf.view(dtype).reshape(shape)
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            wait_work(group, group.pg.recv([buf], 0, 0), deadline, key)
+            got[key] = buf
+    check("upstream NCCL framing == wire answer, bit for bit", same(got, want))
+    http.post("/disconnect", json={})
+    group.close()
+    http.close()
+
+
+def one_gpu(url: str, cache: Path, mapping, batches) -> None:
+    reference = load_target(Settings(device=Device.cuda, cache_dir=cache))
+    want = [reference.supervise(*b, mapping) for b in batches]
+    for tier in ("wire", "gloo"):
+        answers, stats = run_tier(url, tier, "cuda", mapping, batches)
+        on_gpu = all(t.is_cuda for a in answers for t in a.values())
+        exact = all(same(a, w) for a, w in zip(answers, want, strict=True))
+        check(
+            f"{tier} tier with a CUDA trainer: answers on cuda, == in-process reference",
+            on_gpu and exact,
+            rate(stats, tier),
+        )
+    print("(nccl needs a second GPU: NCCL cannot pair two ranks on one GPU)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    nccl = torch.distributed.is_nccl_available()
+    print(f"== data-plane GPU check: {count} GPU(s) visible, torch {torch.__version__}, nccl={nccl}")
+    if count == 0:
+        print("no GPU visible: nothing to check here (the CPU tests cover gloo and the wire)")
+        return 0
+    cache = Path(tempfile.mkdtemp(prefix="eagle3-gpu-check-"))
+    ensure_builtin_model(cache)
+    reference_vocab = 1024
+    mapping = make_vocab_mapping(reference_vocab, 1000, seed=1)
+    batches = [make_batch(reference_vocab, args.batch_size, args.seq_len, seed=i) for i in range(args.batches)]
+    env = {"CUDA_VISIBLE_DEVICES": "0"} if count >= 2 else {}
+    server_args = ["--cache-dir", str(cache), "--device", "cuda", "--data-plane-timeout", "60"]
+    with ServerProcess(server_args, env=env, log_path=cache / "server.log", startup_timeout=600) as server:
+        offered = httpx.get(server.url + "/data_plane", trust_env=False).json()["offered"]
+        check("server offers nccl with the model on CUDA", "nccl" in offered, str(offered))
+        if count >= 2:
+            two_gpus(server.url, mapping, batches)
+        else:
+            one_gpu(server.url, cache, mapping, batches)
+        code = server.stop()
+        check("server stops cleanly on SIGTERM", code == 0, f"exit code {code}; log {cache / 'server.log'}")
+    print(f"== {'ALL PASSED' if not FAILED else 'FAILED: ' + ', '.join(FAILED)}")
+    return 0 if not FAILED else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
