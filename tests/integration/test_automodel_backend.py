@@ -1,0 +1,160 @@
+"""Our client is what NeMo AutoModel's EAGLE-3 recipe expects of a target backend.
+
+Checked with the recipe's own code: upstream's ``Eagle3TargetBackend``/``Eagle3TargetBatch``
+types, the recipe's prefetch depth resolution and its prefetch iterator
+(``TrainEagle3Recipe._prefetched_batches``) at depth 1 and 2, and the hook that makes the
+recipe construct our client.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from appliance.launch import ServerProcess
+from client import RemoteEagle3TargetModel
+from client.automodel import ClientOptions, client_kwargs, install, options_from_config
+from tests.conftest import random_batch, random_mapping
+from tests.integration.automodel_support import colocated_supervision, import_or_skip, load_colocated
+from tests.oracle import assert_bit_exact
+
+upstream_backend = import_or_skip("nemo_automodel.components.speculative.eagle.backend")
+upstream_target = import_or_skip("nemo_automodel.components.speculative.eagle.target")
+upstream_core = import_or_skip("nemo_automodel.components.speculative.eagle.core")
+upstream_remote = import_or_skip("nemo_automodel.components.speculative.eagle.remote")
+recipe_module = import_or_skip("nemo_automodel.recipes.llm.train_eagle3")
+
+VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def servers(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    logs = tmp_path_factory.mktemp("backend")
+    procs = [
+        ServerProcess(["--cache-dir", str(cache_dir), "--device", "cpu"], log_path=logs / f"s{i}.log") for i in (0, 1)
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir: Path) -> object:
+    return load_colocated(model_dir)
+
+
+def test_our_client_is_upstreams_backend_and_returns_its_batch(servers: list[ServerProcess], colocated: object) -> None:
+    ids, mask = random_mapping(VOCAB, draft=300, seed=5)
+    inputs = random_batch(VOCAB, 2, 20, seed=5, pad=True)
+    with RemoteEagle3TargetModel.from_urls([servers[0].url], device="cpu") as remote:
+        assert isinstance(remote, upstream_backend.Eagle3TargetBackend)
+        assert remote.supports_async and remote.num_remote_servers == 1
+        remote.set_vocab_mapping(ids, mask)
+        batch = remote.generate_batch(*inputs)
+    assert type(batch) is upstream_target.Eagle3TargetBatch
+    # The precomputed encoding, and exactly the keyword arguments upstream's trainer accepts.
+    assert batch.logits is None
+    trainer_inputs = batch.to_trainer_inputs()
+    assert set(trainer_inputs) == {
+        "input_ids",
+        "attention_mask",
+        "loss_mask",
+        "aux_hidden_states",
+        "target_probs",
+        "position_mask",
+    }
+    assert set(trainer_inputs) <= set(inspect.signature(upstream_core.Eagle3TrainerModule.forward).parameters)
+    assert_bit_exact(batch, colocated_supervision(colocated, inputs, ids, mask))
+
+
+def _bare_recipe(backend: object, depth: int) -> object:
+    """A ``TrainEagle3Recipe`` holding only what its prefetch code reads (the backend, the depth)."""
+    recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
+    recipe.target_wrapper = backend
+    recipe.dist_env = SimpleNamespace(is_main=True)
+    recipe.target_prefetch_depth = recipe._resolve_prefetch_depth({"target_prefetch_depth": depth})
+    return recipe
+
+
+@pytest.mark.parametrize(("depth", "num_servers"), [(1, 1), (2, 2), (2, 1)])
+def test_recipe_prefetch_iterator_pairs_every_batch_with_its_supervision_in_order(
+    servers: list[ServerProcess], colocated: object, depth: int, num_servers: int
+) -> None:
+    ids, mask = random_mapping(VOCAB, draft=250, seed=depth)
+    # Batches of different lengths, so a batch paired with another's supervision cannot pass.
+    loader = []
+    for i in range(5):
+        input_ids, attention_mask, loss_mask = random_batch(VOCAB, 2, 9 + 3 * i, seed=40 + i, pad=True)
+        loader.append({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+    urls = [s.url for s in servers[:num_servers]]
+    with RemoteEagle3TargetModel.from_urls(urls, device="cpu") as remote:
+        remote.set_vocab_mapping(ids, mask)
+        recipe = _bare_recipe(remote, depth)
+        # The recipe keeps at most one request in flight per server.
+        assert recipe.target_prefetch_depth == min(depth, num_servers)
+        pairs = list(recipe._prefetched_batches(loader))
+    assert len(pairs) == len(loader)
+    assert all(batch is sent for (batch, _), sent in zip(pairs, loader, strict=True))  # every batch, once, in order
+    for batch, target_batch in pairs:
+        assert type(target_batch) is upstream_target.Eagle3TargetBatch
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        assert_bit_exact(target_batch, colocated_supervision(colocated, inputs, ids, mask))
+
+
+def test_install_makes_the_recipe_build_our_client(servers: list[ServerProcess]) -> None:
+    upstream_cls = upstream_remote.RemoteEagle3TargetModel
+    recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
+    recipe.device = torch.device("cpu")
+    recipe_args = {"remote_urls": [s.url for s in servers], "remote_timeout": 30, "remote_max_retries": 1}
+    with install(options_from_config(recipe_args, environ={})) as installed:
+        assert recipe_module.RemoteEagle3TargetModel is installed.backend
+        recipe._setup_remote_target(recipe_args)  # the recipe's own code path for backend: remote
+        wrapper = recipe.target_wrapper
+        try:
+            assert isinstance(wrapper, RemoteEagle3TargetModel)
+            assert wrapper.urls == recipe_args["remote_urls"]
+            assert [s.control.max_retries for s in wrapper._servers] == [1, 1]
+            assert wrapper.model_info()["vocab_size"] == VOCAB
+        finally:
+            wrapper.close()
+    # Leaving the block restores upstream's class everywhere.
+    assert recipe_module.RemoteEagle3TargetModel is upstream_cls
+    assert upstream_remote.RemoteEagle3TargetModel is upstream_cls
+
+
+def test_options_come_from_the_yaml_before_the_environment() -> None:
+    environ = {"EAGLE3_ENCODING": "env-enc", "EAGLE3_AUTH_TOKEN": "env-token", "EAGLE3_LEASE_SECONDS": "30"}
+    recipe_args = {"remote_encoding": "yaml-enc", "remote_data_plane": "", "remote_lease_seconds": 90}
+    options = options_from_config(recipe_args, environ)
+    assert options == ClientOptions(data_plane=None, encoding="yaml-enc", auth_token="env-token", lease_seconds=90.0)
+    assert "env-token" not in options.describe()
+    with pytest.raises(ValueError, match="EAGLE3_LEASE_SECONDS must be a number"):
+        options_from_config({}, {"EAGLE3_LEASE_SECONDS": "soon"})
+    with pytest.raises(ValueError, match="recipe_args.remote_lease_seconds must be positive"):
+        options_from_config({"remote_lease_seconds": 0}, {})
+
+
+def test_options_become_client_keywords_only_when_set() -> None:
+    params = inspect.signature(RemoteEagle3TargetModel.__init__).parameters
+    assert client_kwargs(ClientOptions()) == {}
+    kwargs = client_kwargs(ClientOptions(auth_token="s3cret"))
+    if "auth_token" in params:
+        assert kwargs == {"auth_token": "s3cret"}
+    else:  # today's client: the token travels as a header
+        assert kwargs == {"headers": {"Authorization": "Bearer s3cret"}}
+    for name, value in (("data_plane", "wire"), ("encoding", "probs"), ("lease_seconds", 60.0)):
+        options = ClientOptions(**{name: value})
+        if name in params:
+            assert client_kwargs(options) == {name: value}
+        else:  # asked for but not supported: say so instead of dropping it
+            with pytest.raises(ValueError, match=name):
+                client_kwargs(options)
