@@ -9,7 +9,7 @@ recipe construct our client.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +20,13 @@ from appliance.launch import ServerProcess
 from client import RemoteEagle3TargetModel
 from client.automodel import ClientOptions, client_kwargs, install, options_from_config
 from tests.conftest import random_batch, random_mapping
-from tests.integration.automodel_support import colocated_supervision, import_or_skip, load_colocated
+from tests.integration.automodel_support import (
+    PYTHON,
+    colocated_supervision,
+    import_or_skip,
+    load_colocated,
+    python_env,
+)
 from tests.oracle import assert_bit_exact
 
 upstream_backend = import_or_skip("nemo_automodel.components.speculative.eagle.backend")
@@ -33,18 +39,8 @@ VOCAB = 1024
 
 
 @pytest.fixture(scope="module")
-def servers(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
-    logs = tmp_path_factory.mktemp("backend")
-    procs = [
-        ServerProcess(["--cache-dir", str(cache_dir), "--device", "cpu"], log_path=logs / f"s{i}.log") for i in (0, 1)
-    ]
-    try:
-        for proc in procs:
-            proc.start()
-        yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
+def servers(appliances: list[ServerProcess]) -> list[ServerProcess]:
+    return appliances
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +154,33 @@ def test_options_become_client_keywords_only_when_set() -> None:
         else:  # asked for but not supported: say so instead of dropping it
             with pytest.raises(ValueError, match=name):
                 client_kwargs(options)
+
+
+def _run_python(code: str) -> str:
+    out = subprocess.run([PYTHON, "-c", code], env=python_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def test_the_appliance_does_not_import_automodel() -> None:
+    code = (
+        "import sys\n"
+        "import appliance.server, client.protocol, client.wire\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('nemo_automodel', 'client.backend'))}))\n"
+    )
+    assert _run_python(code) == "[]"
+
+
+def test_a_broken_automodel_install_falls_back_to_local_types() -> None:
+    code = (
+        "import sys\n"
+        "class Broken:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nemo_automodel.components.speculative.eagle.backend':\n"
+        "            raise RuntimeError('simulated CUDA extension failure')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import client\n"
+        "from client import RemoteEagle3TargetModel\n"
+        "print(client.USING_NEMO_AUTOMODEL, client.Eagle3TargetBatch.__module__)\n"
+    )
+    assert _run_python(code) == "False client.contract"

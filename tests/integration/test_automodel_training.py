@@ -12,7 +12,6 @@ the server. The losses must be equal step for step and the final weights bit for
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,8 @@ TTT_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def appliance(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("training") / "appliance.log"
-    with ServerProcess(["--cache-dir", str(cache_dir), "--device", "cpu"], log_path=log) as proc:
-        yield proc
+def appliance(appliances: list[ServerProcess]) -> ServerProcess:
+    return appliances[0]
 
 
 def make_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -47,10 +47,8 @@ def colocated(model_dir: Path) -> object:
 
 
 @pytest.fixture(scope="module")
-def appliance(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("compat") / "appliance.log"
-    with ServerProcess(["--cache-dir", str(cache_dir), "--device", "cpu"], log_path=log) as proc:
-        yield proc
+def appliance(appliances: list[ServerProcess]) -> ServerProcess:
+    return appliances[0]
 
 
 def test_upstream_client_against_our_appliance(appliance: ServerProcess, colocated: object) -> None:
