@@ -154,16 +154,29 @@ def configured_backend(options: ClientOptions | None = None) -> type[RemoteEagle
     class AutoModelRemoteTarget(RemoteEagle3TargetModel):
         """``client.RemoteEagle3TargetModel`` as built by NeMo AutoModel's EAGLE-3 recipe."""
 
-        options_applied = dict(extra)
-
         @classmethod
         def from_urls(cls, urls: Any, **kwargs: Any) -> RemoteEagle3TargetModel:
-            # The recipe hands a YAML list; arguments it passes win over ours.
-            urls = [str(u) for u in urls] if not isinstance(urls, str) else urls
-            return super().from_urls(urls, **{**extra, **kwargs})
+            # Arguments the recipe passes win over ours.
+            return super().from_urls(_url_list(urls), **{**extra, **kwargs})
 
     AutoModelRemoteTarget.__qualname__ = AutoModelRemoteTarget.__name__  # readable in logs
     return AutoModelRemoteTarget
+
+
+def _url_list(urls: Any) -> list[str] | str:
+    """The recipe's ``list(recipe_args.remote_urls)`` as URLs.
+
+    A YAML string instead of a list (``remote_urls: http://a:8001,http://b:8001``, or a CLI
+    override the recipe's parser leaves as text) reaches us split into single characters;
+    no list of real URLs looks like that, so it is joined back into the comma-separated
+    string the client accepts.
+    """
+    if isinstance(urls, str):
+        return urls
+    items = [str(u) for u in urls]
+    if len(items) > 1 and all(len(u) == 1 for u in items):
+        return "".join(items)
+    return items
 
 
 @dataclass

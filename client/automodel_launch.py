@@ -7,7 +7,7 @@ AutoModel's own parser, applies :func:`client.automodel.install` with the option
 ``TrainEagle3Recipe``, ``setup()``, ``run_train_validation_loop()``). Under ``torchrun``
 every rank does the same. Usage::
 
-    python -m client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='[http://node3:8001]'
+    python -m client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
     torchrun --nproc-per-node=8 -m client.automodel_launch -c recipe.yaml
 """
 

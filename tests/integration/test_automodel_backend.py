@@ -184,3 +184,15 @@ def test_a_broken_automodel_install_falls_back_to_local_types() -> None:
         "print(client.USING_NEMO_AUTOMODEL, client.Eagle3TargetBatch.__module__)\n"
     )
     assert _run_python(code) == "False client.contract"
+
+
+def test_remote_urls_given_as_a_string_still_reach_every_server(servers: list[ServerProcess]) -> None:
+    """``remote_urls: http://a,http://b`` (a string): the recipe's ``list(urls)`` splits it into characters."""
+    recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
+    recipe.device = torch.device("cpu")
+    with install(ClientOptions()):
+        recipe._setup_remote_target({"remote_urls": ",".join(s.url for s in servers)})
+    try:
+        assert recipe.target_wrapper.urls == [s.url for s in servers]
+    finally:
+        recipe.target_wrapper.close()
