@@ -64,6 +64,15 @@ TrustOpt = Annotated[
 CacheOpt = Annotated[Path, typer.Option(envvar=_env("CACHE_DIR"), help="Where the built-in model is written.")]
 
 
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar=_env("ENCODING"),
+        help="Supervision encoding the client asks for: probs, logits, hidden or topk:K (default probs).",
+    ),
+]
+
+
 @app.command()
 def serve(
     model: ModelOpt = BUILTIN_MODEL,
@@ -126,6 +135,7 @@ def demo(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
     cache_dir: CacheOpt = default_cache_dir(),
+    encoding: EncodingOpt = None,
 ) -> None:
     """The main job on one machine: start a server, drive it with the client, check the bits."""
     configure_logging("WARNING")
@@ -142,6 +152,7 @@ def demo(
             seq_len=seq_len,
             draft_vocab=draft_vocab,
             cache_dir=cache_dir,
+            encoding=encoding,
         )
     )
 
@@ -159,6 +170,7 @@ def validate(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
     cache_dir: CacheOpt = default_cache_dir(),
+    encoding: EncodingOpt = None,
 ) -> None:
     """Drive running servers with the client and check every answer against a local copy of the model."""
     configure_logging("WARNING")
@@ -176,8 +188,57 @@ def validate(
             seq_len=seq_len,
             draft_vocab=draft_vocab,
             cache_dir=cache_dir,
+            encoding=encoding,
         )
     )
+
+
+@app.command()
+def sizes(
+    model: Annotated[
+        list[str],
+        typer.Option(help="A preset (llama-3.1-8b, qwen3-8b, llama-3.1-70b) or a folder with config.json; repeatable."),
+    ],
+    draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size D.")] = 32768,
+    dtype: Annotated[Dtype, typer.Option(help="Model dtype on the wire (auto = bfloat16, as on a GPU).")] = Dtype.auto,
+    encoding: Annotated[
+        list[str] | None, typer.Option(help="Encodings to list (repeatable); default probs, logits, hidden, topk:64.")
+    ] = None,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch for the per-batch column.")] = 2048,
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table.")] = False,
+) -> None:
+    """Bytes per token and per batch of a /generate answer for each supervision encoding (no download)."""
+    import torch
+
+    from appliance.sizes import load_shape, render_table, size_rows
+
+    dtype_bytes = (torch.bfloat16 if dtype is Dtype.auto else getattr(torch, dtype.value)).itemsize
+    names = encoding or ["probs", "logits", "hidden", "topk:64"]
+    try:
+        rows = [
+            row
+            for name in model
+            for row in size_rows(
+                load_shape(name),
+                draft_vocab=draft_vocab,
+                dtype_bytes=dtype_bytes,
+                encodings=names,
+                batch_tokens=batch_tokens,
+            )
+        ]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(render_table(rows, markdown=markdown))
+    typer.echo(
+        f"\nper token: aux_hidden_states 3H x {dtype_bytes} B + payload + position_mask 1 B + input_ids 8 B + "
+        "loss_mask 8 B (int64, as clients send them); each answer adds a few hundred bytes of headers."
+    )
+    for name in model:
+        shape = load_shape(name)
+        rows_bytes = draft_vocab * shape.hidden_size * dtype_bytes
+        typer.echo(
+            f"hidden on {shape.name}: the client fetches the LM-head rows once per vocab mapping: {rows_bytes:,} B"
+        )
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from appliance.launch import ServerProcess
 from appliance.settings import Device, Dtype, Settings
 from appliance.target import Target, VocabMapping, load_target
 from client import RemoteEagle3TargetModel
+from client.encodings import parse_encoding
 
 __all__ = ["drive", "make_batch", "make_vocab_mapping", "run_demo", "run_validate", "supervision_equal"]
 
@@ -59,10 +60,25 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 
 
-def drive(urls: list[str], reference: Target, *, batches: int, batch_size: int, seq_len: int, draft_vocab: int) -> bool:
-    """Drive servers with the real client as the recipe does; print each step; True if all bit-exact."""
+def drive(
+    urls: list[str],
+    reference: Target,
+    *,
+    batches: int,
+    batch_size: int,
+    seq_len: int,
+    draft_vocab: int,
+    encoding: str | None = None,
+) -> bool:
+    """Drive servers with the real client as the recipe does; print each step; True if every check passed.
+
+    ``encoding`` (default ``$EAGLE3_ENCODING``, else probs) is checked as it promises:
+    bit-exact for probs and logits, within tolerance for hidden, top-K for topk:K.
+    """
+    from appliance.encodings import compare_to_reference
+
     all_exact = True
-    with RemoteEagle3TargetModel.from_urls(urls, device="cpu", timeout=120, max_retries=3) as remote:
+    with RemoteEagle3TargetModel.from_urls(urls, device="cpu", timeout=120, max_retries=3, encoding=encoding) as remote:
         info = remote.model_info()
         print(f"model   {info}")
         emb = remote.get_input_embeddings().weight
@@ -78,18 +94,21 @@ def drive(urls: list[str], reference: Target, *, batches: int, batch_size: int, 
         print(f"vocab   draft vocabulary of {mapping.draft_vocab_size} of {vocab} tokens sent to {len(urls)} server(s)")
         for i in range(batches):
             batch_inputs = make_batch(reference.vocab_size, batch_size, seq_len, seed=i)
+            before = remote.encoding_stats()["batches"]
             start = time.perf_counter()
             result = remote.generate_batch(*batch_inputs)
             elapsed = time.perf_counter() - start
             expected = reference.supervise(*batch_inputs, mapping)
-            exact = supervision_equal(result, expected)
+            after = remote.encoding_stats()["batches"]
+            used = next(name for name, count in after.items() if count != before.get(name, 0))
+            exact, verdict = compare_to_reference(result, expected, parse_encoding(used))
             all_exact &= exact
             nbytes = sum(t.numel() * t.element_size() for t in expected.values())
             print(
                 f"batch {i}  input {list(batch_inputs[0].shape)}  aux {list(result.aux_hidden_states.shape)} "
                 f"{result.aux_hidden_states.dtype}  probs {list(result.target_probs.shape)}  "
                 f"{_mb(nbytes)}  {elapsed * 1e3:.0f} ms  {batch_inputs[0].numel() / elapsed:.0f} tok/s  "
-                f"supervised {int(result.position_mask.sum())}  bit-exact={'yes' if exact else 'NO'}"
+                f"supervised {int(result.position_mask.sum())}  " + (f"{used}: " if used != "probs" else "") + verdict
             )
     return all_exact
 
@@ -111,6 +130,7 @@ def run_demo(
     seq_len: int,
     draft_vocab: int,
     cache_dir: Path,
+    encoding: str | None = None,
 ) -> int:
     """Start a server, drive it, stop it. Returns the exit code: 0 when every answer was bit-exact."""
     _quiet_transformers()
@@ -122,7 +142,13 @@ def run_demo(
         print(f"server  {server.url} healthy after {time.perf_counter() - t0:.1f} s (log: {log})")
         reference = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
         ok = drive(
-            [server.url], reference, batches=batches, batch_size=batch_size, seq_len=seq_len, draft_vocab=draft_vocab
+            [server.url],
+            reference,
+            batches=batches,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            draft_vocab=draft_vocab,
+            encoding=encoding,
         )
         code = server.stop()
         print(f"server  stopped with SIGTERM, exit code {code}")
@@ -141,11 +167,20 @@ def run_validate(
     seq_len: int,
     draft_vocab: int,
     cache_dir: Path,
+    encoding: str | None = None,
 ) -> int:
     """Check running servers against this process's own copy of the model. Exit code 0 = bit-exact."""
     _quiet_transformers()
     print(f"== eagle3-appliance validate: {len(urls)} server(s), reference model={model}")
     reference = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
-    ok = drive(urls, reference, batches=batches, batch_size=batch_size, seq_len=seq_len, draft_vocab=draft_vocab)
+    ok = drive(
+        urls,
+        reference,
+        batches=batches,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        draft_vocab=draft_vocab,
+        encoding=encoding,
+    )
     print(f"result  {'PASS' if ok else 'FAIL'}: {batches} batches, {len(urls)} server(s), bit-exact={ok}")
     return 0 if ok else 1

@@ -21,12 +21,14 @@ import torch
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
+from appliance import encodings
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
 from appliance.target import Target, VocabMapping
 from appliance.validation import decode_body, validate_generate, validate_vocab_mapping
 from client import protocol, wire
+from client.encodings import Encoding, parse_encoding
 
 __all__ = ["ModelRunner", "ServingState", "create_app", "run_server", "send_wire"]
 
@@ -70,10 +72,14 @@ def _session(request: Request) -> Session:
     return _state(request).sessions.get(request.headers.get(protocol.SESSION_HEADER))
 
 
-async def send_wire(request: Request, tensors: Mapping[str, torch.Tensor | None]) -> None:
+async def send_wire(
+    request: Request, tensors: Mapping[str, torch.Tensor | None], headers: Mapping[str, str] | None = None
+) -> None:
     """Stream a wire blob: each entry header, then the tensor's own memory, no concatenation."""
     parts, total = wire.encode_parts(tensors)
-    response = await request.respond(content_type=protocol.OCTET_STREAM, headers={"content-length": str(total)})
+    response = await request.respond(
+        content_type=protocol.OCTET_STREAM, headers={**(headers or {}), "content-length": str(total)}
+    )
     for part in parts:
         view = memoryview(part)
         for start in range(0, view.nbytes, SEND_SLICE_BYTES):
@@ -107,9 +113,22 @@ async def input_embeddings(request: Request) -> None:
 @control.post(protocol.path(protocol.EP_SESSION))
 async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
+    state = _state(request)
     offer = _json_object(request)
-    session = _state(request).sessions.register(client=str(offer.get("client", "")))
-    return json({"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"})
+    encoding, refused = await _negotiate_encoding(state, offer)
+    session = state.sessions.register(client=str(offer.get("client", "")))
+    session.encoding = encoding.name
+    reply = {"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"}
+    if refused:
+        reply["encoding_refused"] = refused
+    return json(reply)
+
+
+async def _negotiate_encoding(state: ServingState, offer: dict[str, Any]) -> tuple[Encoding, str | None]:
+    offered = encodings.offered_encodings(offer)
+    wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)
+    refusal = await state.runner.run(encodings.hidden_refusal, state.target) if wants_hidden else None
+    return encodings.choose_encoding(offered, refusal)
 
 
 def _json_object(request: Request) -> dict[str, Any]:
@@ -129,6 +148,7 @@ async def set_vocab_mapping(request: Request) -> HTTPResponse:
     state = _state(request)
     session = _session(request)
     mapping = validate_vocab_mapping(decode_body(request.body), logits_size=state.target.logits_size)
+    encodings.check_mapping(parse_encoding(session.encoding), mapping)
 
     def install() -> None:
         # On the model thread, so a forward in flight finishes with the mapping it started with.
@@ -160,11 +180,31 @@ async def generate(request: Request) -> None:
     if mapping is None:
         raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
 
+    encoding = parse_encoding(session.encoding)
+
     def supervise() -> dict[str, torch.Tensor]:
-        return _to_host(state.target.supervise(input_ids, attention_mask, loss_mask, mapping))
+        return _to_host(encodings.supervise(state.target, encoding, input_ids, attention_mask, loss_mask, mapping))
 
     supervision = await state.runner.run(supervise)
-    await send_wire(request, supervision)
+    # Only a negotiated (non-default) encoding is named: upstream's answer stays header-free.
+    headers = None if encoding.kind == protocol.ENCODING_PROBS else {protocol.ENCODING_HEADER: encoding.name}
+    await send_wire(request, supervision, headers)
+
+
+@control.post(protocol.path(protocol.EP_LM_HEAD_ROWS))
+async def lm_head_rows(request: Request) -> None:
+    """Extension: the LM head's rows for a draft vocabulary, for clients on the "hidden" encoding."""
+    state = _state(request)
+    _session(request)
+    ids = encodings.validate_row_request(decode_body(request.body), logits_size=state.target.logits_size)
+
+    def rows() -> dict[str, torch.Tensor]:
+        refusal = encodings.hidden_refusal(state.target)
+        if refusal is not None:
+            raise encodings.EncodingError(f"'hidden' is not available for this model: {refusal}")
+        return {"weight": encodings.lm_head_rows(state.target, ids)}
+
+    await send_wire(request, await state.runner.run(rows))
 
 
 @control.post(protocol.path(protocol.EP_HEARTBEAT))

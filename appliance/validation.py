@@ -17,7 +17,8 @@ from client.protocol import GENERATE_INPUT_KEYS, VOCAB_MAPPING_KEYS
 __all__ = ["GenerateInputs", "decode_body", "validate_generate", "validate_vocab_mapping"]
 
 _INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_MASK = (*_INTEGER, torch.bool)
+# Masks hold 0/1; recipes build them as integers or bool, some as floats: all are accepted.
+_MASK = (*_INTEGER, torch.bool, torch.float32, torch.float16, torch.bfloat16)
 
 GenerateInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -48,8 +49,9 @@ def _check_dtype(key: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...
 
 
 def _check_binary(key: str, tensor: torch.Tensor) -> None:
-    if tensor.numel() and tensor.dtype != torch.bool and (int(tensor.min()) < 0 or int(tensor.max()) > 1):
-        raise InvalidTensors(f"{key} must hold only 0 and 1, got values in [{int(tensor.min())}, {int(tensor.max())}]")
+    if tensor.numel() and tensor.dtype != torch.bool and not bool(((tensor == 0) | (tensor == 1)).all()):
+        low, high = tensor.min().item(), tensor.max().item()
+        raise InvalidTensors(f"{key} must hold only 0 and 1, got values in [{low:g}, {high:g}]")
 
 
 def validate_generate(
@@ -84,7 +86,7 @@ def validate_vocab_mapping(tensors: dict[str, torch.Tensor | None], *, logits_si
     """A :class:`VocabMapping` with int64 ids in ``[0, V)`` and a bool mask of length ``V``."""
     ids, mask = _require(tensors, VOCAB_MAPPING_KEYS)
     _check_dtype("selected_token_ids", ids, _INTEGER)
-    _check_dtype("selected_token_mask", mask, _MASK)
+    _check_dtype("selected_token_mask", mask, (*_INTEGER, torch.bool))
     if ids.ndim != 1 or ids.numel() == 0:
         raise InvalidTensors(f"selected_token_ids must be a non-empty 1-D tensor, got shape {list(ids.shape)}")
     if mask.ndim != 1 or mask.numel() != logits_size:

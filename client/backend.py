@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -24,9 +25,20 @@ from client import protocol, wire
 from client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from client.control import ControlPlane
 from client.dataplane import DataPlane, WireDataPlane
-from client.errors import TargetHTTPError
+from client.encodings import (
+    PROBS,
+    Encoding,
+    EncodingStats,
+    decode_supervision,
+    detect_encoding,
+    parse_encoding,
+    requested_encoding,
+)
+from client.errors import ProtocolViolation, TargetHTTPError
 
 __all__ = ["RemoteEagle3TargetModel", "RemoteResult"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -41,9 +53,11 @@ class _Server:
     client registers again, replays its vocab mapping and retries the request once.
     """
 
-    def __init__(self, control: ControlPlane, client_name: str) -> None:
+    def __init__(self, control: ControlPlane, client_name: str, encoding: Encoding = PROBS) -> None:
         self.control = control
         self.client_name = client_name
+        self.requested_encoding = encoding
+        self.encoding = PROBS  # what the server agreed to send (upstream: always probs)
         self.lock = threading.Lock()  # at most one request of ours in flight on this server
         self.session_id: str | None = None
         self.upstream = False
@@ -55,14 +69,28 @@ class _Server:
         if self._connected:
             return
         self.control.set_header(protocol.SESSION_HEADER, None)  # a stale id must not ride along
+        wanted = self.requested_encoding
+        # We can always decode probs, so offering it as the fallback never costs a round-trip.
+        offer = {
+            "client": self.client_name,
+            "encoding": wanted.name,
+            "encodings": list(dict.fromkeys([wanted.name, "probs"])),
+        }
         try:
-            reply = self.control.post_json(protocol.EP_SESSION, {"client": self.client_name})
+            reply = self.control.post_json(protocol.EP_SESSION, offer)
         except TargetHTTPError as exc:
             if exc.status not in (404, 405):
                 raise
-            self.upstream, self.session_id = True, None
+            self.upstream, self.session_id, self.encoding = True, None, PROBS
+            if wanted != PROBS:
+                logger.warning(
+                    "%s is an upstream server: it only sends 'probs', not the requested %r (same results, more bytes)",
+                    self.control.url,
+                    wanted.name,
+                )
         else:
             self.upstream, self.session_id = False, str(reply["session_id"])
+            self.encoding = _negotiated(self.control.url, reply, wanted)
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
         self.data_plane = WireDataPlane(self.control)
         self._connected = True
@@ -115,6 +143,18 @@ class _Server:
             self.control.close()
 
 
+def _negotiated(url: str, reply: dict[str, Any], wanted: Encoding) -> Encoding:
+    """The encoding in a /session reply; a warning when it is not the one we asked for."""
+    try:
+        got = parse_encoding(str(reply.get("encoding", protocol.ENCODING_PROBS)))
+    except ValueError as exc:
+        raise ProtocolViolation(f"{url}/{protocol.EP_SESSION}: {exc}") from None
+    if got != wanted:
+        reason = reply.get("encoding_refused") or "no reason given"
+        logger.warning("%s uses encoding %r instead of the requested %r: %s", url, got.name, wanted.name, reason)
+    return got
+
+
 class RemoteResult:
     """Handle of an in-flight ``generate_batch_async``: ``result(timeout)`` and ``cancel()``."""
 
@@ -153,23 +193,31 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         max_retries: int = 3,
         backoff: float = 1.0,
         headers: dict[str, str] | None = None,
+        encoding: str | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
         self._device = torch.device(device)
+        self._encoding = requested_encoding(encoding)  # ValueError on a bad name, before any I/O
         self._servers: list[_Server] = []
         client_name = f"{socket.gethostname()}:{os.getpid()}"
         for url in urls:
             control = ControlPlane(
                 url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
             )
-            self._servers.append(_Server(control, client_name))
+            self._servers.append(_Server(control, client_name, self._encoding))
         self._next = itertools.cycle(range(len(self._servers)))
         self._next_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._embeddings: torch.nn.Embedding | None = None
+        # The draft vocabulary as last sent, and (for "hidden") its LM-head rows on our device.
+        self._draft_ids: torch.Tensor | None = None
+        self._lm_head_rows: torch.Tensor | None = None
+        self._rows_lock = threading.Lock()
+        self._stats = EncodingStats()
+        self._stats_lock = threading.Lock()
 
     @classmethod
     def from_urls(
@@ -181,7 +229,12 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         max_retries: int = 3,
         **kwargs: Any,
     ) -> RemoteEagle3TargetModel:
-        """Upstream's constructor signature; extra keyword options are ours."""
+        """Upstream's constructor signature; extra keyword options are ours.
+
+        ``encoding`` (default ``$EAGLE3_ENCODING``, else ``"probs"``) picks how supervision
+        travels: ``probs``, ``logits``, ``hidden`` or the lossy ``topk:K``. The batches the
+        recipe gets have the same fields, dtypes and devices whatever is chosen.
+        """
         return cls(urls, device=device, timeout=timeout, max_retries=max_retries, **kwargs)
 
     # -- the Eagle3TargetBackend contract ----------------------------------------------
@@ -214,15 +267,32 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
 
     def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
         """Send the draft-vocabulary mapping to every server (each computes the projection)."""
+        draft_vocab = int(selected_token_ids.numel())
+        if self._encoding.k is not None and self._encoding.k > draft_vocab:
+            raise ValueError(f"encoding {self._encoding.name} needs K <= the draft vocabulary size {draft_vocab}")
         payload = wire.encode({"selected_token_ids": selected_token_ids, "selected_token_mask": selected_token_mask})
+        with self._rows_lock:
+            self._draft_ids = selected_token_ids.detach().to("cpu", torch.int64).contiguous()
+            self._lm_head_rows = None  # rows of the old mapping are wrong now
         for server in self._servers:
             server.set_vocab_mapping(payload)
+        for server in self._servers:  # fetch the rows now rather than in the first batch
+            if server.encoding.kind == protocol.ENCODING_HIDDEN:
+                self._rows_for(server)
+                break
+
+    def encoding_stats(self) -> dict[str, Any]:
+        """The requested encoding, what each server agreed to, batches per encoding, topk's kept mass."""
+        with self._stats_lock:
+            stats = self._stats.as_dict()
+        negotiated = {s.control.url: s.encoding.name if s._connected else None for s in self._servers}
+        return {"requested": self._encoding.name, "negotiated": negotiated, **stats}
 
     @torch.no_grad()
     def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Any:
         payload = _encode_inputs(input_ids, attention_mask, loss_mask)
-        result = self._pick().generate(payload)
-        return self._to_batch(result, attention_mask)
+        server = self._pick()
+        return self._to_batch(server.generate(payload), attention_mask, server)
 
     def generate_batch_async(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
@@ -232,8 +302,9 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
                 max_workers=max(2, len(self._servers)), thread_name_prefix="eagle3-remote"
             )
         payload = _encode_inputs(input_ids, attention_mask, loss_mask)
-        future = self._executor.submit(self._pick().generate, payload)
-        return RemoteResult(future, lambda result: self._to_batch(result, attention_mask))
+        server = self._pick()
+        future = self._executor.submit(server.generate, payload)
+        return RemoteResult(future, lambda result: self._to_batch(result, attention_mask, server))
 
     def close(self) -> None:
         """Cancel queued work, tell every server goodbye, close connections."""
@@ -255,15 +326,44 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         with self._next_lock:
             return self._servers[next(self._next)]
 
-    def _to_batch(self, result: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> Any:
+    def _rows_for(self, server: _Server) -> torch.Tensor:
+        """``lm_head.weight[selected_token_ids]`` on our device, fetched once per vocab mapping.
+
+        All servers of one client serve the same model (the recipe needs identical
+        supervision from each), so one copy serves answers from any of them.
+        """
+        with self._rows_lock:
+            if self._lm_head_rows is None:
+                if self._draft_ids is None:
+                    raise RuntimeError("call set_vocab_mapping before generate_batch")
+                payload = wire.encode({"selected_token_ids": self._draft_ids})
+                tensors = server.call(lambda s: s.control.post_wire(protocol.EP_LM_HEAD_ROWS, payload))
+                weight = tensors.get("weight")
+                if weight is None or weight.ndim != 2 or weight.shape[0] != self._draft_ids.numel():
+                    got = None if weight is None else list(weight.shape)
+                    raise ProtocolViolation(
+                        f"{server.control.url}/{protocol.EP_LM_HEAD_ROWS} returned weight {got}, "
+                        f"expected [{self._draft_ids.numel()}, hidden_size]"
+                    )
+                self._lm_head_rows = weight.to(self._device)
+            return self._lm_head_rows
+
+    def _to_batch(self, result: dict[str, torch.Tensor], attention_mask: torch.Tensor, server: _Server) -> Any:
         dev = self._device
+        encoding = detect_encoding(result)  # what the server actually sent (checked against its header)
+        draft_vocab = None if self._draft_ids is None else int(self._draft_ids.numel())
+        decoded = decode_supervision(
+            result, encoding, device=dev, draft_vocab=draft_vocab, lm_head_rows=lambda: self._rows_for(server)
+        )
+        with self._stats_lock:
+            self._stats.record(encoding, decoded)
         return Eagle3TargetBatch(
             aux_hidden_states=result["aux_hidden_states"].to(dev),
             input_ids=result["input_ids"].to(dev),
             attention_mask=attention_mask.to(dev),
             loss_mask=result["loss_mask"].to(dev),
-            target_probs=result["target_probs"].to(dev),
-            position_mask=result["position_mask"].to(dev).bool(),
+            target_probs=decoded.target_probs,
+            position_mask=decoded.position_mask,
         )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from client import protocol
 from client.control import ControlPlane
+from client.encodings import detect_encoding, parse_encoding
 from client.errors import ProtocolViolation
 
 __all__ = ["DataPlane", "TransferStats", "WireDataPlane"]
@@ -50,12 +51,26 @@ class DataPlane(ABC):
         self.close()
 
 
-def check_supervision(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    """Every supervision key present and no None: anything else is a protocol violation."""
-    missing = [k for k in protocol.SUPERVISION_KEYS if tensors.get(k) is None]
+def check_supervision(
+    url: str, tensors: dict[str, torch.Tensor | None], encoding: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Every key of the answer's encoding present and no None: anything else is a protocol violation.
+
+    The encoding is recognised by the answer's keys, so any plane can move any encoding;
+    ``encoding`` is what the server said it used (the wire plane's header), checked against them.
+    """
+    found = detect_encoding(tensors)
+    if encoding is not None:
+        try:
+            said = parse_encoding(encoding)
+        except ValueError as exc:
+            raise ProtocolViolation(f"{url}/generate: {exc}") from None
+        if said != found:
+            raise ProtocolViolation(f"{url}/generate said it used encoding {encoding!r} but sent {sorted(tensors)}")
+    missing = [k for k in found.keys if tensors.get(k) is None]
     if missing:
         raise ProtocolViolation(f"{url}/generate answer lacks {missing}; got {sorted(tensors)}")
-    return {k: tensors[k] for k in protocol.SUPERVISION_KEYS}  # type: ignore[misc]
+    return {k: tensors[k] for k in found.keys}  # type: ignore[misc]
 
 
 class WireDataPlane(DataPlane):
@@ -64,8 +79,14 @@ class WireDataPlane(DataPlane):
     name = "wire"
 
     def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        tensors = self.control.post_wire(protocol.EP_GENERATE, payload)
-        result = check_supervision(self.control.url, tensors)
+        encoding, tensors = self.control.request(
+            "POST",
+            protocol.EP_GENERATE,
+            lambda resp: (resp.headers.get(protocol.ENCODING_HEADER), self.control.read_wire(resp)),
+            content=payload,
+        )
+        # No header: upstream's probs (an upstream server never sends one).
+        result = check_supervision(self.control.url, tensors, encoding or protocol.ENCODING_PROBS)
         self.stats.requests += 1
         self.stats.bytes_received += sum(t.numel() * t.element_size() for t in result.values())
         return result

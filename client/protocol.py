@@ -25,6 +25,7 @@ __all__ = [
     "EP_V2_HEALTH_READY",
     "EP_METRICS",
     "EP_GPUS",
+    "EP_LM_HEAD_ROWS",
     "SESSION_HEADER",
     "ENCODING_HEADER",
     "AUTH_HEADER",
@@ -35,6 +36,15 @@ __all__ = [
     "NCCL_HEADER",
     "OCTET_STREAM",
     "SUPERVISION_KEYS",
+    "ENCODING_PROBS",
+    "ENCODING_LOGITS",
+    "ENCODING_HIDDEN",
+    "ENCODING_TOPK",
+    "ENCODING_KEYS",
+    "KEY_DRAFT_LOGITS",
+    "KEY_FINAL_HIDDEN",
+    "KEY_TOPK_VALUES",
+    "KEY_TOPK_INDICES",
     "VOCAB_MAPPING_KEYS",
     "default_aux_layer_ids",
     "path",
@@ -62,6 +72,9 @@ EP_V2_HEALTH_LIVE = "v2/health/live"  # KServe / Triton v2 spellings of the same
 EP_V2_HEALTH_READY = "v2/health/ready"
 EP_METRICS = "metrics"  # Prometheus text format
 EP_GPUS = "gpus"  # NVML readings as JSON
+# Wire blob {"selected_token_ids": int64[D]} in, {"weight": [D,H]} (rows of the LM head, model
+# dtype) out: what a client on the "hidden" encoding needs to finish the projection itself.
+EP_LM_HEAD_ROWS = "lm_head_rows"
 # Sent by our client on every request once it has a session; requests without it belong
 # to the anonymous session that upstream clients share.
 SESSION_HEADER = "X-Eagle3-Session"
@@ -85,6 +98,27 @@ ENV_ENABLE_NCCL = "NEMO_EAGLE_ENABLE_NCCL"
 GENERATE_INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
 SUPERVISION_KEYS = ("aux_hidden_states", "target_probs", "position_mask", "input_ids", "loss_mask")
 VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
+
+# Supervision encodings (extension): how the draft-vocab distribution travels. The client
+# names one in its POST /session offer ("encoding", plus "encodings": what it can decode);
+# the reply's "encoding" is what the server will send, and each /generate answer in a
+# non-default encoding carries ENCODING_HEADER. Without a session it is always "probs".
+ENCODING_PROBS = "probs"  # upstream: float32 probabilities [B,T,D]
+ENCODING_LOGITS = "logits"  # draft-vocab logits [B,T,D] in the model dtype
+ENCODING_HIDDEN = "hidden"  # final hidden state [B,T,H]; the client projects with LM-head rows
+ENCODING_TOPK = "topk"  # spelled "topk:K": the K largest probabilities and their indices (lossy)
+KEY_DRAFT_LOGITS = "draft_logits"
+KEY_FINAL_HIDDEN = "final_hidden"
+KEY_TOPK_VALUES = "topk_values"  # float32 [B,T,K], not renormalised: their sum is the kept mass
+KEY_TOPK_INDICES = "topk_indices"  # int16 [B,T,K] when D <= 32768, else int32
+# The /generate response keys of each encoding, in wire order: upstream's, with
+# "target_probs" replaced by the encoding's own tensors.
+ENCODING_KEYS: dict[str, tuple[str, ...]] = {
+    ENCODING_PROBS: SUPERVISION_KEYS,
+    ENCODING_LOGITS: ("aux_hidden_states", KEY_DRAFT_LOGITS, "position_mask", "input_ids", "loss_mask"),
+    ENCODING_HIDDEN: ("aux_hidden_states", KEY_FINAL_HIDDEN, "position_mask", "input_ids", "loss_mask"),
+    ENCODING_TOPK: ("aux_hidden_states", KEY_TOPK_VALUES, KEY_TOPK_INDICES, "position_mask", "input_ids", "loss_mask"),
+}
 
 
 def path(endpoint: str) -> str:

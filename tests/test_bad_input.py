@@ -49,6 +49,7 @@ BAD_GENERATE: list[tuple[str, Callable[[], bytes], int, str]] = [
     ("id too large", lambda: generate_body(input_ids=torch.full((2, 8), VOCAB)), 422, "input_ids must lie in [0, 1024)"),
     ("negative id", lambda: generate_body(input_ids=torch.full((2, 8), -1)), 422, "got values in [-1, -1]"),
     ("mask not 0/1", lambda: generate_body(attention_mask=torch.full((2, 8), 2)), 422, "attention_mask must hold only 0 and 1"),
+    ("mask 0.5", lambda: generate_body(loss_mask=torch.full((2, 8), 0.5)), 422, "loss_mask must hold only 0 and 1, got values in [0.5, 0.5]"),
     ("empty batch", lambda: generate_body(**{k: torch.zeros(0, 8, dtype=torch.int64) for k in protocol.GENERATE_INPUT_KEYS}), 422, "empty batch"),
     ("too long", lambda: generate_body(**{k: torch.zeros(1, 513, dtype=torch.int64) for k in protocol.GENERATE_INPUT_KEYS}), 422, "exceeds this server's maximum of 512"),
 ]  # fmt: skip

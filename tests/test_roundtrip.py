@@ -59,6 +59,14 @@ def test_int32_inputs_and_bool_masks_are_served_like_in_process(
     assert_bit_exact(result, expected)
 
 
+def test_float_masks_are_accepted(remote: RemoteEagle3TargetModel, oracle: Oracle) -> None:
+    ids, mask = random_mapping(oracle.vocab_size, 77, seed=6)
+    remote.set_vocab_mapping(ids, mask)
+    input_ids, attention_mask, loss_mask = random_batch(oracle.vocab_size, 2, 24, seed=6)
+    inputs = (input_ids, attention_mask.float(), loss_mask.float())
+    assert_bit_exact(remote.generate_batch(*inputs), oracle.supervision(*inputs, ids, mask))
+
+
 def test_async_handles_return_results_in_submission_order(remote: RemoteEagle3TargetModel, oracle: Oracle) -> None:
     ids, mask = random_mapping(oracle.vocab_size, 300, seed=7)
     remote.set_vocab_mapping(ids, mask)
