@@ -16,7 +16,7 @@ default)::
     recipe_args key        environment            client keyword
     remote_data_plane      EAGLE3_DATA_PLANE      data_plane
     remote_encoding        EAGLE3_ENCODING        encoding
-    remote_auth_token      EAGLE3_AUTH_TOKEN      auth_token (else an Authorization header)
+    remote_auth_token      EAGLE3_AUTH_TOKEN      auth_token or token (else an Authorization header)
     remote_lease_seconds   EAGLE3_LEASE_SECONDS   lease_seconds
 
 Usage (what :mod:`client.automodel_launch` does)::
@@ -34,7 +34,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from client import protocol
@@ -69,6 +69,10 @@ OPTION_SOURCES: dict[str, tuple[str, str]] = {
 }
 
 
+# Client parameter names an option may have, in order of preference.
+_PARAMETER_NAMES: dict[str, tuple[str, ...]] = {"auth_token": ("auth_token", "token")}
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     """Our client's options beyond upstream's ``from_urls`` arguments; None = client default."""
@@ -77,10 +81,16 @@ class ClientOptions:
     encoding: str | None = None
     auth_token: str | None = None
     lease_seconds: float | None = None
+    # Options that came from the environment rather than the YAML (or the caller).
+    from_env: frozenset[str] = field(default=frozenset(), compare=False)
 
     def set_options(self) -> dict[str, Any]:
         """The options that were given, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "from_env" and getattr(self, f.name) is not None
+        }
 
     def describe(self) -> str:
         """For logs: every set option, the token masked."""
@@ -96,14 +106,17 @@ def options_from_config(recipe_args: Any = None, environ: Mapping[str, str] | No
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    from_env = set()
     for name, (key, env) in OPTION_SOURCES.items():
         value, source = _lookup(recipe_args, key), f"recipe_args.{key}"
         if value is None or str(value).strip() == "":
             value, source = environ.get(env), env
+            from_env.add(name)
         if value is None or str(value).strip() == "":
+            from_env.discard(name)
             continue
         values[name] = _parse_lease(value, source) if name == "lease_seconds" else str(value).strip()
-    return ClientOptions(**values)
+    return ClientOptions(**values, from_env=frozenset(from_env))
 
 
 def _lookup(recipe_args: Any, key: str) -> Any:
@@ -126,23 +139,30 @@ def _parse_lease(value: Any, source: str) -> float:
 def client_kwargs(options: ClientOptions, cls: type = RemoteEagle3TargetModel) -> dict[str, Any]:
     """Keyword arguments for ``cls.from_urls`` that carry ``options``.
 
-    Only options that are set are passed, so a client without them keeps working. A set
-    option the client does not accept is an error rather than silently dropped (the user
-    asked for it); a token falls back to an ``Authorization`` header for clients that take
-    ``headers`` but no ``auth_token``.
+    Only options that are set are passed, so a client without them keeps working. A token
+    goes to the client's ``auth_token`` or ``token`` parameter, else into an
+    ``Authorization`` header. An option the client does not accept is an error when the YAML
+    asked for it; from the environment it is only logged, because the ``EAGLE3_*`` variables
+    of a job script are shared with the appliance, whose own settings they may be (the
+    server, for instance, decides a session's lease).
     """
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {}
     for name, value in options.set_options().items():
-        if name in params:
-            kwargs[name] = value
+        target = next((p for p in _PARAMETER_NAMES.get(name, (name,)) if p in params), None)
+        if target is not None:
+            kwargs[target] = value
         elif name == "auth_token" and "headers" in params:
             kwargs["headers"] = {protocol.AUTH_HEADER: f"Bearer {value}"}
         else:
             key, env = OPTION_SOURCES[name]
+            where = f"{cls.__module__}.{cls.__name__}"
+            if name in options.from_env:
+                logger.warning("%s is set, but %s has no %r option; ignoring it for the client", env, where, name)
+                continue
             raise ValueError(
-                f"recipe_args.{key} / {env} is set, but this version of {cls.__module__}.{cls.__name__} "
-                f"has no {name!r} option; unset it or upgrade eagle3-appliance"
+                f"recipe_args.{key} is set, but this version of {where} has no {name!r} option; "
+                "remove it from the YAML or upgrade eagle3-appliance"
             )
     return kwargs
 

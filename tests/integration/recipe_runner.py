@@ -12,7 +12,8 @@ training step computes:
   its draft before it seeds the RNG, so its initial weights depend on how much randomness
   loading the target used (only the co-located backend loads one). The target-derived parts
   (the embedding copied from the target, the d2t/t2d vocab maps) are kept;
-- after the loop, the losses and the draft's initial and final weights are saved to OUT.
+- after the loop, the losses, the draft's initial and final weights and (for our client) its
+  ``encoding_stats()`` are saved to OUT.
 
 ``colocated`` also swaps the recipe's target loader: upstream's ``NeMoAutoModelForCausalLM``
 refuses to run without CUDA, so the same checkpoint is loaded with transformers, which is
@@ -65,6 +66,7 @@ def _instrument(out: str) -> None:
                 "initial": initial,
                 "final": {k: v.detach().clone() for k, v in draft.state_dict().items()},
                 "backend": f"{type(self.target_wrapper).__module__}.{type(self.target_wrapper).__qualname__}",
+                "encoding": getattr(self.target_wrapper, "encoding_stats", lambda: None)(),
             },
             out,
         )

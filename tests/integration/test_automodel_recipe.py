@@ -2,7 +2,8 @@
 
 Two real runs of NeMo AutoModel's ``TrainEagle3Recipe`` on the CPU, each in its own process,
 from one YAML: ``python -m client.automodel_launch``'s code with ``target_model_backend:
-remote`` against a real appliance, and upstream's own recipe ``main`` with ``colocated``.
+remote`` against a real appliance (with our ``remote_encoding`` option set by a YAML override
+and a token from the environment), and upstream's own recipe ``main`` with ``colocated``.
 Everything between the YAML and the optimizer is the recipe's: config parsing, tokenizer, chat
 dataset, draft-vocabulary selection, draft construction, prefetch, TTT loss, clipping, LR
 schedule. See ``recipe_runner.py`` for the two instruments (loss recording, a seeded draft
@@ -28,6 +29,7 @@ config_loader = import_or_skip("nemo_automodel.components.config.loader")
 RUNNER = Path(__file__).with_name("recipe_runner.py")
 SAMPLES, MICRO_BATCH = 12, 2
 TOKEN = "ci-token-7f3a"
+ENCODING = "logits"  # bit-exact where client and server run the same softmax kernel (CPU and CPU here)
 
 RECIPE_YAML = """\
 recipe: TrainEagle3Recipe
@@ -101,7 +103,14 @@ def test_recipe_trains_identically_through_our_launcher_and_colocated(
     )
     remote_log, colocated_log = tmp_path / "remote.log", tmp_path / "colocated.log"
     # The same YAML; the co-located run only overrides the backend (prefetch needs a remote one).
-    remote = _start("remote", tmp_path / "remote.pt", ["-c", str(yaml_path)], remote_log, EAGLE3_AUTH_TOKEN=TOKEN)
+    # Our client's options reach it from the YAML (an override here) and from the environment.
+    remote = _start(
+        "remote",
+        tmp_path / "remote.pt",
+        ["-c", str(yaml_path), f"--recipe_args.remote_encoding={ENCODING}"],
+        remote_log,
+        EAGLE3_AUTH_TOKEN=TOKEN,
+    )
     colocated = _start(
         "colocated",
         tmp_path / "colocated.pt",
@@ -117,6 +126,9 @@ def test_recipe_trains_identically_through_our_launcher_and_colocated(
     c = torch.load(tmp_path / "colocated.pt")
     assert r["backend"].startswith("client.automodel.")
     assert c["backend"].endswith("HFEagle3TargetModel")
+    assert c["encoding"] is None
+    assert r["encoding"]["requested"] == ENCODING  # the YAML's choice reached the client...
+    assert set(r["encoding"]["negotiated"].values()) == {ENCODING}  # ...and the appliance agreed
 
     steps = SAMPLES // MICRO_BATCH
     assert r["losses"].shape == c["losses"].shape == (steps,)
