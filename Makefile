@@ -32,11 +32,14 @@ test-automodel: $(AUTOMODEL_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/eagle3-appliance demo
 
+# Two invocations: the load tests start Locust processes against an appliance subprocess,
+# and are kept apart from the session that runs in-process servers.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest tests/loadtest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check appliance client tests
+	$(VENV)/bin/ruff check appliance client loadtest tests
 
 ci:
 	bash .ci/run

@@ -7,6 +7,7 @@ is configured, so ``--help`` is fast and an import failure is logged.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,23 @@ def parse_aux_layer_ids(value: str | None) -> tuple[int, int, int] | None:
     if len(ids) != 3 or len(set(ids)) != 3:
         raise typer.BadParameter(f"expected 3 distinct layer ids, got {value!r}")
     return ids  # type: ignore[return-value]
+
+
+def exit_on_sigterm_while_loading() -> None:
+    """Make SIGTERM end the process (exit 0) until Sanic installs its own handler.
+
+    Loading a large checkpoint takes minutes, and as a container's PID 1 the process would
+    otherwise ignore SIGTERM for all that time (the kernel drops signals PID 1 has no handler
+    for), so ``docker stop`` would wait out its timeout and SIGKILL it. Nothing has been
+    served yet, so there is nothing to drain. Sanic replaces this handler just before it
+    logs "Worker ready" (it may answer a first request slightly earlier).
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        logging.getLogger("appliance").info("SIGTERM while loading: exiting")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def configure_logging(level: str) -> None:
@@ -93,9 +111,57 @@ def serve(
     ] = 64 * 1024 * 1024,
     cache_dir: CacheOpt = default_cache_dir(),
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"), help="Python logging level.")] = "INFO",
+    auth_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar=_env("AUTH_TOKEN"),
+            help="Bearer token every endpoint but /health/live requires. Prefer the env var or a file.",
+            show_default=False,
+        ),
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None, typer.Option(envvar=_env("AUTH_TOKEN_FILE"), help="Read the bearer token from this file.")
+    ] = None,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(envvar=_env("LEASE_SECONDS"), min=0.1, help="Drop a client session silent for this long."),
+    ] = 60.0,
+    exit_when_idle: Annotated[
+        bool,
+        typer.Option(envvar=_env("EXIT_WHEN_IDLE"), help="Exit 0 once the last client session has left (batch jobs)."),
+    ] = False,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("MAX_QUEUE"), min=0, help="/generate requests that may wait (503 + Retry-After beyond)."
+        ),
+    ] = 64,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar=_env("REQUEST_TIMEOUT"),
+            min=0.001,
+            help="Most seconds a /generate may wait and compute (503 beyond).",
+        ),
+    ] = 600.0,
+    grace_period: Annotated[
+        float,
+        typer.Option(envvar=_env("GRACE_PERIOD"), min=0, help="SIGTERM: seconds to finish in-flight requests."),
+    ] = 30.0,
+    gpu_poll_interval: Annotated[
+        float,
+        typer.Option(envvar=_env("GPU_POLL_INTERVAL"), min=0.05, help="Seconds between NVML readings."),
+    ] = 5.0,
 ) -> None:
     """Load the target and serve it until SIGINT/SIGTERM. Every option also reads EAGLE3_<NAME>."""
+    exit_on_sigterm_while_loading()
     configure_logging(log_level)
+    from appliance.auth import load_token
+
+    try:
+        token = load_token(auth_token, auth_token_file)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     settings = Settings(
         model=model,
         dtype=dtype,
@@ -109,6 +175,13 @@ def serve(
         max_body_bytes=max_body_bytes,
         cache_dir=cache_dir,
         log_level=log_level,
+        auth_token=token,
+        lease_seconds=lease_seconds,
+        exit_when_idle=exit_when_idle,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        grace_period=grace_period,
+        gpu_poll_interval=gpu_poll_interval,
     )
     from transformers.utils import logging as hf_logging
 
@@ -121,7 +194,43 @@ def serve(
     except ValueError as exc:  # bad aux layer ids, unsupported layout: a user error, not a crash
         raise typer.BadParameter(str(exc)) from None
     logging.getLogger("appliance").info("serving %s on %s:%d", target.model_info(), host, port)
-    run_server(create_app(settings, target), settings)
+    raise typer.Exit(run_server(create_app(settings, target), settings))
+
+
+@app.command()
+def gpus(
+    url: Annotated[
+        str | None, typer.Option(help="Ask a running server's GET /gpus instead of this machine's NVML.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON of GET /gpus instead of a table.")] = False,
+) -> None:
+    """GPU health from NVML: memory, utilisation, temperature, power, throttling, ECC, row remap, XIDs."""
+    import json
+
+    from appliance.gpu import GpuReport, format_table, read_report, report_from_json
+
+    report: GpuReport
+    if url is None:
+        report = read_report()
+    else:
+        report = report_from_json(_get_gpus(url))
+    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else format_table(report))
+    raise typer.Exit(1 if report.fatal_reasons() else 0)
+
+
+def _get_gpus(url: str) -> dict:
+    import httpx
+
+    from client.auth import auth_headers, resolve_token
+    from client.protocol import EP_GPUS, path
+
+    try:
+        resp = httpx.get(url.rstrip("/") + path(EP_GPUS), headers=auth_headers(resolve_token(None)), trust_env=False)
+    except httpx.HTTPError as exc:
+        raise typer.BadParameter(f"cannot reach {url}: {exc}") from None
+    if resp.status_code != 200:
+        raise typer.BadParameter(f"{url}{path(EP_GPUS)} answered HTTP {resp.status_code}: {resp.text[:200]}")
+    return resp.json()
 
 
 @app.command()

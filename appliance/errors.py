@@ -81,6 +81,7 @@ def install_error_handler(app: Sanic) -> None:
 
     @app.exception(Exception)
     async def _handle(request: Request, exc: Exception) -> HTTPResponse:
-        if not isinstance(exc, SanicException) or int(exc.status_code) >= 500:
+        # 5xx are bugs or failed forwards, except our own deliberate refusals (503 busy/draining).
+        if not isinstance(exc, SanicException) or (int(exc.status_code) >= 500 and not isinstance(exc, Unavailable)):
             logger.exception("%s %s failed", request.method, request.path, exc_info=exc)
         return error_response(exc)

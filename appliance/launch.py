@@ -70,7 +70,11 @@ class ServerProcess:
                     f"appliance exited with {self.proc.returncode} before answering; see {self._log_path}"
                 )
             try:
-                if httpx.get(self.url + "/health", timeout=1.0, trust_env=False).status_code == 200:
+                # The liveness probe needs no token; a server listens only once its model is loaded.
+                status = httpx.get(self.url + "/health/live", timeout=1.0, trust_env=False).status_code
+                if status == 404:  # a server without the probe
+                    status = httpx.get(self.url + "/health", timeout=1.0, trust_env=False).status_code
+                if status == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -22,7 +22,9 @@ from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
 from appliance import encodings
+from appliance.admission import Ticket
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
+from appliance.operations import install_operations, operations
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
 from appliance.target import Target, VocabMapping
@@ -50,8 +52,8 @@ class ModelRunner:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+    def shutdown(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
 
 @dataclass
@@ -73,10 +75,15 @@ def _session(request: Request) -> Session:
 
 
 async def send_wire(
-    request: Request, tensors: Mapping[str, torch.Tensor | None], headers: Mapping[str, str] | None = None
+    request: Request,
+    tensors: Mapping[str, torch.Tensor | None],
+    ticket: Ticket | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     """Stream a wire blob: each entry header, then the tensor's own memory, no concatenation."""
     parts, total = wire.encode_parts(tensors)
+    if ticket is not None:
+        ticket.encoded()
     response = await request.respond(
         content_type=protocol.OCTET_STREAM, headers={**(headers or {}), "content-length": str(total)}
     )
@@ -84,6 +91,8 @@ async def send_wire(
         view = memoryview(part)
         for start in range(0, view.nbytes, SEND_SLICE_BYTES):
             await response.send(view[start : start + SEND_SLICE_BYTES])
+    if ticket is not None:
+        ticket.sent(total)
 
 
 def _to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,7 +127,13 @@ async def register_session(request: Request) -> HTTPResponse:
     encoding, refused = await _negotiate_encoding(state, offer)
     session = state.sessions.register(client=str(offer.get("client", "")))
     session.encoding = encoding.name
-    reply = {"session_id": session.id, "protocol": 1, "encoding": session.encoding, "data_plane": "wire"}
+    reply = {
+        "session_id": session.id,
+        "protocol": 1,
+        "encoding": session.encoding,
+        "data_plane": "wire",
+        "lease_seconds": state.settings.lease_seconds,
+    }
     if refused:
         reply["encoding_refused"] = refused
     return json(reply)
@@ -183,12 +198,15 @@ async def generate(request: Request) -> None:
     encoding = parse_encoding(session.encoding)
 
     def supervise() -> dict[str, torch.Tensor]:
-        return _to_host(encodings.supervise(state.target, encoding, input_ids, attention_mask, loss_mask, mapping))
+        return encodings.supervise(state.target, encoding, input_ids, attention_mask, loss_mask, mapping)
 
-    supervision = await state.runner.run(supervise)
     # Only a negotiated (non-default) encoding is named: upstream's answer stays header-free.
     headers = None if encoding.kind == protocol.ENCODING_PROBS else {protocol.ENCODING_HEADER: encoding.name}
-    await send_wire(request, supervision, headers)
+    ops = operations(request)
+    async with ops.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
+        supervision = await ops.compute(state.runner.run, ticket, supervise, _to_host, state.target.device)
+        await send_wire(request, supervision, ticket, headers)
+        ops.generated(ticket, input_ids, data_plane="wire", encoding=session.encoding)
 
 
 @control.post(protocol.path(protocol.EP_LM_HEAD_ROWS))
@@ -234,15 +252,24 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.ctx.state = ServingState(settings=settings, target=target)
     app.blueprint(control)
     install_error_handler(app)
+    ops = install_operations(app, settings, app.ctx.state.sessions)
 
     @app.after_server_stop
     async def _release(app: Sanic) -> None:
-        app.ctx.state.runner.shutdown()
+        app.ctx.state.runner.shutdown(wait=not ops.lifecycle.forced)
 
     return app
 
 
-def run_server(app: Sanic, settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, in this process (Sanic's single-process mode)."""
+def run_server(app: Sanic, settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM (or idle, with --exit-when-idle), in this process; the exit code.
+
+    Sanic's single-process mode turns SIGTERM/SIGINT into a stop; the drain (appliance.lifecycle)
+    runs before the listener closes.
+    """
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.grace_period
     app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
     Sanic.serve_single(app)
+    lifecycle = app.ctx.ops.lifecycle
+    lifecycle.exit_now_if_forced()
+    return lifecycle.exit_code()

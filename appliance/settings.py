@@ -59,6 +59,14 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     cache_dir: Path = field(default_factory=default_cache_dir)
     log_level: str = "INFO"
+    # Operations (appliance/operations.py and the modules it wires up).
+    auth_token: str | None = field(default=None, repr=False)  # bearer token; None = no auth
+    lease_seconds: float = 60.0  # a session that sends nothing for this long is dropped
+    exit_when_idle: bool = False  # exit 0 once the last registered session has left
+    max_queue: int = 64  # /generate requests that may wait for the model (503 beyond)
+    request_timeout: float = 600.0  # most seconds a /generate may wait plus compute (503 beyond)
+    grace_period: float = 30.0  # SIGTERM: seconds to finish in-flight requests before exiting
+    gpu_poll_interval: float = 5.0  # seconds between NVML readings (XID events arrive at once)
 
     def __post_init__(self) -> None:
         # Accept plain strings too (Settings(device="cpu")), so library users need no enums.

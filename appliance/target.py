@@ -228,6 +228,9 @@ def load_target(settings: Settings) -> Target:
     source: str | Path = settings.model
     if settings.is_builtin:
         source = ensure_builtin_model(settings.cache_dir)
+    elif settings.model.startswith(("/", "./", "../", "~")) and not Path(settings.model).expanduser().is_dir():
+        # Otherwise transformers would take it for a hub id and complain about its form.
+        raise ValueError(f"model folder {settings.model} does not exist (is the volume mounted?)")
     logger.info("loading %s as %s on %s", source, dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
         source,

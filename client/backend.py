@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from client import protocol, wire
+from client.auth import auth_headers, resolve_token
 from client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from client.control import ControlPlane
 from client.dataplane import DataPlane, WireDataPlane
@@ -35,6 +36,7 @@ from client.encodings import (
     requested_encoding,
 )
 from client.errors import ProtocolViolation, TargetHTTPError
+from client.heartbeat import Heartbeat
 
 __all__ = ["RemoteEagle3TargetModel", "RemoteResult"]
 
@@ -63,6 +65,7 @@ class _Server:
         self.upstream = False
         self.data_plane: DataPlane | None = None
         self.mapping_payload: bytes | None = None
+        self.heartbeat: Heartbeat | None = None
         self._connected = False
 
     def _connect(self) -> None:
@@ -91,6 +94,9 @@ class _Server:
         else:
             self.upstream, self.session_id = False, str(reply["session_id"])
             self.encoding = _negotiated(self.control.url, reply, wanted)
+            lease = reply.get("lease_seconds")
+            if isinstance(lease, (int, float)) and lease > 0:  # beat three times per lease
+                self.heartbeat = Heartbeat(self.control, self.session_id, lease / 3).start()
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
         self.data_plane = WireDataPlane(self.control)
         self._connected = True
@@ -107,7 +113,13 @@ class _Server:
             self._reconnect()
             return fn(self)
 
+    def _stop_heartbeat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+
     def _reconnect(self) -> None:
+        self._stop_heartbeat()
         if self.data_plane is not None:
             self.data_plane.close()
         self._connected = False
@@ -133,6 +145,7 @@ class _Server:
 
     def close(self) -> None:
         with self.lock:
+            self._stop_heartbeat()
             if self._connected:
                 try:  # best effort and quick: the server may already be gone
                     self.control.post_json(protocol.EP_DISCONNECT, {}, retries=False)
@@ -194,6 +207,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         backoff: float = 1.0,
         headers: dict[str, str] | None = None,
         encoding: str | None = None,
+        token: str | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
@@ -201,6 +215,8 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
         self._device = torch.device(device)
         self._encoding = requested_encoding(encoding)  # ValueError on a bad name, before any I/O
+        # Bearer token: the argument, else $EAGLE3_AUTH_TOKEN / $EAGLE3_AUTH_TOKEN_FILE.
+        headers = {**auth_headers(resolve_token(token)), **(headers or {})}
         self._servers: list[_Server] = []
         client_name = f"{socket.gethostname()}:{os.getpid()}"
         for url in urls:

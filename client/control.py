@@ -123,6 +123,7 @@ class ControlPlane:
         content_type: str = protocol.OCTET_STREAM,
         headers: Mapping[str, str] | None = None,
         retries: bool = True,
+        timeout: float | None = None,
     ) -> T:
         """Send one request, let ``handle`` read the 200 response, retry per the module rules.
 
@@ -133,12 +134,13 @@ class ControlPlane:
         url = self.url + protocol.path(endpoint)
         attempts = 1 + (self.max_retries if retries else 0)
         req_headers = dict(headers or {})
+        extra = {} if timeout is None else {"timeout": timeout}
         if method == "POST":
             req_headers.setdefault("Content-Type", content_type)
         last: Exception | None = None
         for attempt in range(attempts):
             try:
-                with self._http.stream(method, url, content=content, headers=req_headers) as resp:
+                with self._http.stream(method, url, content=content, headers=req_headers, **extra) as resp:
                     if resp.status_code == 503:
                         resp.read()
                         last = TargetOverloaded(url, 503, _server_message(resp))

@@ -59,6 +59,18 @@ def test_out_of_range_aux_layer_ids_fail_with_a_clear_error(cache_dir: Path) -> 
     assert "aux layer id 8 is out of range for a model with 8 layers" in proc.stderr
 
 
+def test_a_missing_model_folder_is_a_clear_user_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--model", str(tmp_path / "typo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 2
+    assert f"model folder {tmp_path / 'typo'} does not exist" in proc.stderr
+
+
 def test_configuration_from_environment_and_custom_aux_layers(cache_dir: Path, oracle: Oracle, tmp_path: Path) -> None:
     env = {"EAGLE3_AUX_LAYER_IDS": "0,2,5", "EAGLE3_MAX_SEQ_LEN": "16", "EAGLE3_CACHE_DIR": str(cache_dir)}
     with ServerProcess(env=env, log_path=tmp_path / "server.log") as server:

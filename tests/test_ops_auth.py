@@ -1,0 +1,143 @@
+"""Bearer-token auth on a real server: every endpoint but the liveness probes refuses a missing or
+wrong token, and our client (token argument or environment) works bit-exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from appliance.demo import make_batch, make_vocab_mapping, supervision_equal
+from appliance.settings import Settings
+from appliance.target import load_target
+from client import RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
+from tests.ops_support import REPO, server
+
+TOKEN = "s3cret-token-for-tests"
+
+# Every endpoint that needs the token, with a request that is valid apart from auth.
+PROTECTED = [
+    ("GET", protocol.EP_HEALTH, b""),
+    ("GET", protocol.EP_HEALTH_READY, b""),
+    ("GET", protocol.EP_V2_HEALTH_READY, b""),
+    ("GET", protocol.EP_METRICS, b""),
+    ("GET", protocol.EP_GPUS, b""),
+    ("POST", protocol.EP_MODEL_INFO, b""),
+    ("POST", protocol.EP_INPUT_EMBEDDINGS, b""),
+    ("POST", protocol.EP_SESSION, b"{}"),
+    ("POST", protocol.EP_INIT_NCCL, b'{"nccl_port": 1}'),
+    ("POST", protocol.EP_HEARTBEAT, b"{}"),
+    ("POST", protocol.EP_SET_VOCAB_MAPPING, b"mapping"),
+    ("POST", protocol.EP_GENERATE, b"inputs"),
+    ("POST", protocol.EP_DISCONNECT, b"{}"),
+]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("auth")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {"EAGLE3_AUTH_TOKEN": ""}  # the server reads the file only
+    with server(["--auth-token-file", str(token_file)], env, tmp / "server.log") as proc:
+        yield proc.url
+
+
+def _bodies() -> dict[str, bytes]:
+    mapping = make_vocab_mapping(1024, 64)
+    ids, mask, loss = make_batch(1024, 1, 8, seed=0)
+    return {
+        protocol.EP_SET_VOCAB_MAPPING: wire.encode(
+            {"selected_token_ids": mapping.selected_token_ids, "selected_token_mask": mapping.selected_token_mask}
+        ),
+        protocol.EP_GENERATE: wire.encode({"input_ids": ids, "attention_mask": mask, "loss_mask": loss}),
+    }
+
+
+def _call(url: str, method: str, endpoint: str, body: bytes, auth: str | None) -> httpx.Response:
+    headers = {"Content-Type": "application/octet-stream"}
+    if auth is not None:
+        headers["Authorization"] = auth
+    content = _bodies().get(endpoint, body) if method == "POST" else None
+    return httpx.request(method, url + protocol.path(endpoint), content=content, headers=headers, trust_env=False)
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"])
+def test_every_protected_endpoint_refuses_a_missing_or_wrong_token(url: str, auth: str | None) -> None:
+    for method, endpoint, body in PROTECTED:
+        resp = _call(url, method, endpoint, body, auth)
+        assert resp.status_code == 401, (endpoint, resp.status_code, resp.text)
+        assert resp.json()["status"] == 401
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_the_right_token_opens_every_endpoint_and_liveness_needs_none(url: str) -> None:
+    expected = {protocol.EP_DISCONNECT: 200, protocol.EP_GENERATE: 200, protocol.EP_HEALTH: 200}
+    for method, endpoint, body in PROTECTED:
+        resp = _call(url, method, endpoint, body, f"Bearer {TOKEN}")
+        assert resp.status_code == expected.get(endpoint, 200), (endpoint, resp.status_code, resp.text)
+    for endpoint in (protocol.EP_HEALTH_LIVE, protocol.EP_V2_HEALTH_LIVE):
+        resp = httpx.get(url + protocol.path(endpoint), trust_env=False)
+        assert resp.status_code == 200 and resp.json() == {"status": "live"}
+
+
+def test_without_nvml_the_server_is_ready_and_says_why_there_are_no_gpus(url: str) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    report = httpx.get(url + "/gpus", headers=headers, trust_env=False).json()
+    assert report["nvml"] is False and report["gpus"] == [] and report["fatal"] == []
+    assert report["error"].startswith("NVML unavailable")
+    assert httpx.get(url + "/health/ready", headers=headers, trust_env=False).status_code == 200
+
+
+def test_our_client_sends_the_token_from_its_argument_or_the_environment(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = load_target(Settings())
+    mapping = make_vocab_mapping(reference.logits_size, 128)
+    inputs = make_batch(reference.vocab_size, 2, 16, seed=5)
+    expected = reference.supervise(*inputs, mapping)
+    monkeypatch.delenv("EAGLE3_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("EAGLE3_AUTH_TOKEN_FILE", raising=False)
+    with RemoteEagle3TargetModel.from_urls([url], token=TOKEN) as remote:
+        remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
+        assert supervision_equal(remote.generate_batch(*inputs), expected)
+    monkeypatch.setenv("EAGLE3_AUTH_TOKEN", TOKEN)
+    with RemoteEagle3TargetModel.from_urls([url]) as remote:
+        assert torch.equal(remote.get_input_embeddings().weight, reference.input_embeddings)
+    monkeypatch.setenv("EAGLE3_AUTH_TOKEN", "not-it")
+    with RemoteEagle3TargetModel.from_urls([url]) as remote, pytest.raises(TargetHTTPError) as err:
+        remote.model_info()
+    assert err.value.status == 401 and "invalid bearer token" in str(err.value)
+
+
+def test_gpus_command_reads_a_server_with_the_token_from_the_environment(url: str) -> None:
+    env = {**os.environ, "EAGLE3_AUTH_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "gpus", "--url", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("no GPU readings: NVML unavailable")
+
+
+def test_token_file_and_token_together_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--auth-token", "a", "--auth-token-file", str(tmp_path / "t")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "either --auth-token or --auth-token-file" in done.stderr
