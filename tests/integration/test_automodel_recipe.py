@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -97,6 +98,8 @@ def _finish(proc: subprocess.Popen[bytes], log: Path) -> str:
 def test_recipe_trains_identically_through_our_launcher_and_colocated(
     appliance: ServerProcess, target_dir: Path, tmp_path: Path
 ) -> None:
+    # The appliance enforces the token, so the remote run below can only pass if it sent it.
+    assert httpx.post(appliance.url + "/model_info", trust_env=False).status_code == 401
     yaml_path = tmp_path / "recipe.yaml"
     yaml_path.write_text(
         RECIPE_YAML.format(target=target_dir, url=appliance.url, out=tmp_path / "out", micro_batch=MICRO_BATCH)
