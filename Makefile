@@ -6,13 +6,28 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint ci
+.PHONY: demo test lint ci automodel test-automodel
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test,loadtest]'
 	touch $@
+
+# NeMo AutoModel 0.7.0 for the integration tests (tests/integration): the package itself
+# without its GPU-training dependencies, plus the few its EAGLE-3 code imports (the
+# `automodel` extra). Never touches torch or transformers.
+AUTOMODEL_STAMP := $(VENV)/.automodel-installed
+$(AUTOMODEL_STAMP): $(STAMP) requirements/automodel.txt
+	$(PIP) install -q -e '.[test,loadtest,automodel]'
+	$(PIP) install -q --no-deps -r requirements/automodel.txt
+	touch $@
+
+automodel: $(AUTOMODEL_STAMP)
+
+# The integration tests, where a skip (AutoModel not importable) counts as a failure.
+test-automodel: $(AUTOMODEL_STAMP)
+	EAGLE3_REQUIRE_AUTOMODEL=1 $(VENV)/bin/python -m pytest tests/integration
 
 demo: $(STAMP)
 	$(VENV)/bin/eagle3-appliance demo

@@ -8,6 +8,8 @@ same fields, the same "exactly one supervision source" validation and the same d
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -67,18 +69,34 @@ class _LocalEagle3TargetBackend(ABC):
         """Release connections."""
 
 
-try:  # the real classes, so that the recipe sees its own types
-    from nemo_automodel.components.speculative.eagle.backend import (
-        Eagle3TargetBackend as _UpstreamBackend,
-    )
-    from nemo_automodel.components.speculative.eagle.target import (
-        Eagle3TargetBatch as _UpstreamBatch,
-    )
-except ImportError:
+def _upstream_types() -> tuple[type, type] | None:
+    """Upstream's classes, or None when NeMo AutoModel is absent or fails to import.
+
+    Any exception counts, not only ImportError: a half-installed AutoModel can fail on a
+    missing optional dependency's side effects (a CUDA-only extension, a version check),
+    and a broken optional integration must not stop the client from working.
+    """
+    if importlib.util.find_spec("nemo_automodel") is None:
+        return None
+    try:
+        from nemo_automodel.components.speculative.eagle.backend import Eagle3TargetBackend as backend
+        from nemo_automodel.components.speculative.eagle.target import Eagle3TargetBatch as batch
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning(
+            "nemo_automodel is installed but its EAGLE-3 types do not import (%s: %s); "
+            "using the client's own equivalent types",
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    return backend, batch
+
+
+_UPSTREAM = _upstream_types()
+if _UPSTREAM is None:
     Eagle3TargetBackend: type = _LocalEagle3TargetBackend
     Eagle3TargetBatch: type = _LocalEagle3TargetBatch
     USING_NEMO_AUTOMODEL = False
 else:
-    Eagle3TargetBackend = _UpstreamBackend
-    Eagle3TargetBatch = _UpstreamBatch
+    Eagle3TargetBackend, Eagle3TargetBatch = _UPSTREAM
     USING_NEMO_AUTOMODEL = True

@@ -17,6 +17,8 @@ MODULES = [
     "client.dataplane",
     "client.backend",
     "client.contract",
+    "client.automodel",
+    "client.automodel_launch",
 ]
 
 

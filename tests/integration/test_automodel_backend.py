@@ -1,0 +1,202 @@
+"""Our client is what NeMo AutoModel's EAGLE-3 recipe expects of a target backend.
+
+Checked with the recipe's own code: upstream's ``Eagle3TargetBackend``/``Eagle3TargetBatch``
+types, the recipe's prefetch depth resolution and its prefetch iterator
+(``TrainEagle3Recipe._prefetched_batches``) at depth 1 and 2, and the hook that makes the
+recipe construct our client.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from appliance.launch import ServerProcess
+from client import RemoteEagle3TargetModel
+from client.automodel import ClientOptions, client_kwargs, install, options_from_config
+from tests.conftest import random_batch, random_mapping
+from tests.integration.automodel_support import (
+    PYTHON,
+    colocated_supervision,
+    import_or_skip,
+    load_colocated,
+    python_env,
+)
+from tests.oracle import assert_bit_exact
+
+upstream_backend = import_or_skip("nemo_automodel.components.speculative.eagle.backend")
+upstream_target = import_or_skip("nemo_automodel.components.speculative.eagle.target")
+upstream_core = import_or_skip("nemo_automodel.components.speculative.eagle.core")
+upstream_remote = import_or_skip("nemo_automodel.components.speculative.eagle.remote")
+recipe_module = import_or_skip("nemo_automodel.recipes.llm.train_eagle3")
+
+VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def servers(appliances: list[ServerProcess]) -> list[ServerProcess]:
+    return appliances
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir: Path) -> object:
+    return load_colocated(model_dir)
+
+
+def test_our_client_is_upstreams_backend_and_returns_its_batch(servers: list[ServerProcess], colocated: object) -> None:
+    ids, mask = random_mapping(VOCAB, draft=300, seed=5)
+    inputs = random_batch(VOCAB, 2, 20, seed=5, pad=True)
+    with RemoteEagle3TargetModel.from_urls([servers[0].url], device="cpu") as remote:
+        assert isinstance(remote, upstream_backend.Eagle3TargetBackend)
+        assert remote.supports_async and remote.num_remote_servers == 1
+        remote.set_vocab_mapping(ids, mask)
+        batch = remote.generate_batch(*inputs)
+    assert type(batch) is upstream_target.Eagle3TargetBatch
+    # The precomputed encoding, and exactly the keyword arguments upstream's trainer accepts.
+    assert batch.logits is None
+    trainer_inputs = batch.to_trainer_inputs()
+    assert set(trainer_inputs) == {
+        "input_ids",
+        "attention_mask",
+        "loss_mask",
+        "aux_hidden_states",
+        "target_probs",
+        "position_mask",
+    }
+    assert set(trainer_inputs) <= set(inspect.signature(upstream_core.Eagle3TrainerModule.forward).parameters)
+    assert_bit_exact(batch, colocated_supervision(colocated, inputs, ids, mask))
+
+
+def _bare_recipe(backend: object, depth: int) -> object:
+    """A ``TrainEagle3Recipe`` holding only what its prefetch code reads (the backend, the depth)."""
+    recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
+    recipe.target_wrapper = backend
+    recipe.dist_env = SimpleNamespace(is_main=True)
+    recipe.target_prefetch_depth = recipe._resolve_prefetch_depth({"target_prefetch_depth": depth})
+    return recipe
+
+
+@pytest.mark.parametrize(("depth", "num_servers"), [(1, 1), (2, 2), (2, 1)])
+def test_recipe_prefetch_iterator_pairs_every_batch_with_its_supervision_in_order(
+    servers: list[ServerProcess], colocated: object, depth: int, num_servers: int
+) -> None:
+    ids, mask = random_mapping(VOCAB, draft=250, seed=depth)
+    # Batches of different lengths, so a batch paired with another's supervision cannot pass.
+    loader = []
+    for i in range(5):
+        input_ids, attention_mask, loss_mask = random_batch(VOCAB, 2, 9 + 3 * i, seed=40 + i, pad=True)
+        loader.append({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+    urls = [s.url for s in servers[:num_servers]]
+    with RemoteEagle3TargetModel.from_urls(urls, device="cpu") as remote:
+        remote.set_vocab_mapping(ids, mask)
+        recipe = _bare_recipe(remote, depth)
+        # The recipe keeps at most one request in flight per server.
+        assert recipe.target_prefetch_depth == min(depth, num_servers)
+        pairs = list(recipe._prefetched_batches(loader))
+    assert len(pairs) == len(loader)
+    assert all(batch is sent for (batch, _), sent in zip(pairs, loader, strict=True))  # every batch, once, in order
+    for batch, target_batch in pairs:
+        assert type(target_batch) is upstream_target.Eagle3TargetBatch
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        assert_bit_exact(target_batch, colocated_supervision(colocated, inputs, ids, mask))
+
+
+def test_install_makes_the_recipe_build_our_client(servers: list[ServerProcess]) -> None:
+    upstream_cls = upstream_remote.RemoteEagle3TargetModel
+    recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
+    recipe.device = torch.device("cpu")
+    recipe_args = {"remote_urls": [s.url for s in servers], "remote_timeout": 30, "remote_max_retries": 1}
+    with install(options_from_config(recipe_args, environ={})) as installed:
+        assert recipe_module.RemoteEagle3TargetModel is installed.backend
+        recipe._setup_remote_target(recipe_args)  # the recipe's own code path for backend: remote
+        wrapper = recipe.target_wrapper
+        try:
+            assert isinstance(wrapper, RemoteEagle3TargetModel)
+            assert wrapper.urls == recipe_args["remote_urls"]
+            assert [s.control.max_retries for s in wrapper._servers] == [1, 1]
+            assert wrapper.model_info()["vocab_size"] == VOCAB
+        finally:
+            wrapper.close()
+    # Leaving the block restores upstream's class everywhere.
+    assert recipe_module.RemoteEagle3TargetModel is upstream_cls
+    assert upstream_remote.RemoteEagle3TargetModel is upstream_cls
+
+
+def test_options_come_from_the_yaml_before_the_environment() -> None:
+    environ = {"EAGLE3_ENCODING": "env-enc", "EAGLE3_AUTH_TOKEN": "env-token", "EAGLE3_LEASE_SECONDS": "30"}
+    recipe_args = {"remote_encoding": "yaml-enc", "remote_data_plane": "", "remote_lease_seconds": 90}
+    options = options_from_config(recipe_args, environ)
+    assert options == ClientOptions(data_plane=None, encoding="yaml-enc", auth_token="env-token", lease_seconds=90.0)
+    assert options.from_env == {"auth_token"}
+    assert "env-token" not in options.describe()
+    with pytest.raises(ValueError, match="EAGLE3_LEASE_SECONDS must be a number"):
+        options_from_config({}, {"EAGLE3_LEASE_SECONDS": "soon"})
+    with pytest.raises(ValueError, match="recipe_args.remote_lease_seconds must be positive"):
+        options_from_config({"remote_lease_seconds": 0}, {})
+
+
+def test_options_become_client_keywords_only_when_set() -> None:
+    params = inspect.signature(RemoteEagle3TargetModel.__init__).parameters
+    assert client_kwargs(ClientOptions()) == {}
+    kwargs = client_kwargs(ClientOptions(auth_token="s3cret"))
+    token_param = next((p for p in ("auth_token", "token") if p in params), None)
+    if token_param is not None:
+        assert kwargs == {token_param: "s3cret"}
+    else:  # a client without a token parameter: the token travels as a header
+        assert kwargs == {"headers": {"Authorization": "Bearer s3cret"}}
+    for name, value in (("data_plane", "wire"), ("encoding", "probs"), ("lease_seconds", 60.0)):
+        from_yaml = ClientOptions(**{name: value})
+        from_env = ClientOptions(**{name: value}, from_env=frozenset({name}))
+        if name in params:
+            assert client_kwargs(from_yaml) == client_kwargs(from_env) == {name: value}
+        else:  # asked for in the YAML but not supported: say so; from the shared environment: skip
+            with pytest.raises(ValueError, match=f"recipe_args.remote_{name}"):
+                client_kwargs(from_yaml)
+            assert client_kwargs(from_env) == {}
+
+
+def _run_python(code: str) -> str:
+    out = subprocess.run([PYTHON, "-c", code], env=python_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def test_the_appliance_does_not_import_automodel() -> None:
+    code = (
+        "import sys\n"
+        "import appliance.server, client.protocol, client.wire\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('nemo_automodel', 'client.backend'))}))\n"
+    )
+    assert _run_python(code) == "[]"
+
+
+def test_a_broken_automodel_install_falls_back_to_local_types() -> None:
+    code = (
+        "import sys\n"
+        "class Broken:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nemo_automodel.components.speculative.eagle.backend':\n"
+        "            raise RuntimeError('simulated CUDA extension failure')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import client\n"
+        "from client import RemoteEagle3TargetModel\n"
+        "print(client.USING_NEMO_AUTOMODEL, client.Eagle3TargetBatch.__module__)\n"
+    )
+    assert _run_python(code) == "False client.contract"
+
+
+def test_remote_urls_given_as_a_string_still_reach_every_server(servers: list[ServerProcess]) -> None:
+    """``remote_urls: http://a,http://b`` (a string): the recipe's ``list(urls)`` splits it into characters."""
+    recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
+    recipe.device = torch.device("cpu")
+    with install(ClientOptions()):
+        recipe._setup_remote_target({"remote_urls": ",".join(s.url for s in servers)})
+    try:
+        assert recipe.target_wrapper.urls == [s.url for s in servers]
+    finally:
+        recipe.target_wrapper.close()

@@ -1,0 +1,135 @@
+"""Compatibility with UNMODIFIED upstream code, both ways, bit for bit.
+
+- Upstream's client (``nemo_automodel...remote.client.RemoteEagle3TargetModel``) against our
+  appliance, a real server process.
+- Our client against upstream's server (``remote.server.TargetModelServer`` + ``serve``, run
+  by ``upstream_server.py`` in its own process), which knows nothing of ``POST /session``.
+
+The reference is upstream's own in-process computation: its co-located backend
+(``HFEagle3TargetModel``) and the projection its trainer applies to those logits.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.launch import ServerProcess, free_port
+from client import RemoteEagle3TargetModel
+from tests.conftest import random_batch, random_mapping
+from tests.integration.automodel_support import (
+    PYTHON,
+    colocated_supervision,
+    env,
+    import_or_skip,
+    load_colocated,
+    python_env,
+)
+from tests.oracle import assert_bit_exact
+
+upstream_client = import_or_skip("nemo_automodel.components.speculative.eagle.remote.client")
+upstream_target = import_or_skip("nemo_automodel.components.speculative.eagle.target")
+
+VOCAB = 1024
+# (batch, seq, pad): padded rows have attention_mask zeros at the end.
+CASES = [(1, 1, False), (1, 9, False), (2, 24, True), (3, 40, True), (4, 17, True)]
+UPSTREAM_SERVER = Path(__file__).with_name("upstream_server.py")
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir: Path) -> object:
+    return load_colocated(model_dir)
+
+
+@pytest.fixture(scope="module")
+def appliance(appliances: list[ServerProcess]) -> ServerProcess:
+    return appliances[0]
+
+
+def test_upstream_client_against_our_appliance(appliance: ServerProcess, colocated: object) -> None:
+    with env(NEMO_EAGLE_ENABLE_NCCL="0"):
+        remote = upstream_client.RemoteEagle3TargetModel.from_urls([appliance.url], device="cpu", timeout=60)
+    try:
+        assert remote.model_info()["aux_layer_ids"] == colocated.aux_layer_ids
+        assert_bit_exact(
+            {"weight": remote.get_input_embeddings().weight},
+            {"weight": colocated.get_input_embeddings().weight.detach()},
+        )
+        for seed, (batch, seq, pad) in enumerate(CASES):
+            ids, mask = random_mapping(VOCAB, draft=97 + 61 * seed, seed=seed)  # unsorted, new each case
+            assert not bool((ids[1:] >= ids[:-1]).all()), "the mapping should be unsorted"
+            remote.set_vocab_mapping(ids, mask)
+            inputs = random_batch(VOCAB, batch, seq, seed=100 + seed, pad=pad)
+            if pad:
+                assert bool((inputs[1] == 0).any()), "a padded case must have attention_mask zeros"
+            got = remote.generate_batch(*inputs)
+            assert type(got) is upstream_target.Eagle3TargetBatch
+            assert_bit_exact(got, colocated_supervision(colocated, inputs, ids, mask))
+    finally:
+        remote.close()
+
+
+@pytest.fixture
+def upstream_server(model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Upstream's server on the built-in model, in its own process, NCCL off."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "upstream_server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [PYTHON, str(UPSTREAM_SERVER), "--model", str(model_dir), "--port", str(port)],
+        env=python_env(NEMO_EAGLE_ENABLE_NCCL="0"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"upstream server exited with {proc.returncode}; see {log.name}"
+            try:
+                if httpx.get(url + "/health", timeout=1.0, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "upstream server did not answer /health"
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def test_our_client_against_the_upstream_server(
+    upstream_server: tuple[subprocess.Popen[bytes], str], colocated: object
+) -> None:
+    proc, url = upstream_server
+    remote = RemoteEagle3TargetModel.from_urls([url], device="cpu", timeout=60, max_retries=0)
+    try:
+        assert remote.model_info()["aux_layer_ids"] == colocated.aux_layer_ids
+        # POST /session got upstream's 404; from then on the client speaks plain upstream protocol.
+        assert all(server.upstream and server.session_id is None for server in remote._servers)
+        assert_bit_exact(
+            {"weight": remote.get_input_embeddings().weight},
+            {"weight": colocated.get_input_embeddings().weight.detach()},
+        )
+        for seed, (batch, seq, pad) in enumerate(CASES):
+            ids, mask = random_mapping(VOCAB, draft=101 + 53 * seed, seed=10 + seed)
+            remote.set_vocab_mapping(ids, mask)
+            inputs = random_batch(VOCAB, batch, seq, seed=200 + seed, pad=pad)
+            got = remote.generate_batch(*inputs)
+            assert type(got) is upstream_target.Eagle3TargetBatch
+            assert_bit_exact(got, colocated_supervision(colocated, inputs, ids, mask))
+    finally:
+        remote.close()
+    # Upstream's server stops itself on /disconnect: our close() must have sent it.
+    assert proc.wait(timeout=30) == 0
