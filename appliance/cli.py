@@ -161,6 +161,12 @@ def serve(
         float,
         typer.Option(envvar=_env("LEASE_SECONDS"), min=0.1, help="Drop a client session silent for this long."),
     ] = 60.0,
+    max_lease_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar=_env("MAX_LEASE_SECONDS"), min=0.1, help="Longest lease a client may ask for in its session offer."
+        ),
+    ] = 3600.0,
     exit_when_idle: Annotated[
         bool,
         typer.Option(envvar=_env("EXIT_WHEN_IDLE"), help="Exit 0 once the last client session has left (batch jobs)."),
@@ -216,6 +222,7 @@ def serve(
         data_plane_timeout=data_plane_timeout,
         auth_token=token,
         lease_seconds=lease_seconds,
+        max_lease_seconds=max_lease_seconds,
         exit_when_idle=exit_when_idle,
         max_queue=max_queue,
         request_timeout=request_timeout,

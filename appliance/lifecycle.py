@@ -99,9 +99,10 @@ class Lifecycle:
         self._reaper = asyncio.get_running_loop().create_task(self.reap_forever(), name="eagle3-lease-reaper")
 
     async def reap_forever(self) -> None:
-        interval = max(0.05, min(self.settings.lease_seconds / 4, 5.0))
         while True:
-            await asyncio.sleep(interval)
+            shortest = min([s.lease_seconds or self.settings.lease_seconds for s in self.sessions.registered()]
+                           + [self.settings.lease_seconds])  # fmt: skip
+            await asyncio.sleep(max(0.05, min(shortest / 4, 5.0)))
             try:
                 self.reap()
             except Exception:  # noqa: BLE001 - the reaper must outlive one bad close

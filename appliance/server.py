@@ -23,7 +23,7 @@ from sanic.response import HTTPResponse, json
 
 from appliance import dataplanes, encodings, upstream_nccl
 from appliance.admission import Ticket
-from appliance.errors import MalformedBody, NotConfigured, install_error_handler
+from appliance.errors import InvalidTensors, MalformedBody, NotConfigured, install_error_handler
 from appliance.operations import install_operations, operations
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
@@ -124,20 +124,32 @@ async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
     state = _state(request)
     offer = _json_object(request)
+    lease = _requested_lease(offer, state.settings)
     encoding, refused = await _negotiate_encoding(state, offer)
     session = state.sessions.register(client=str(offer.get("client", "")))
     session.encoding = encoding.name
+    session.lease_seconds = lease
     reply = {
         "session_id": session.id,
         "protocol": 1,
         "encoding": session.encoding,
         "data_plane": "wire",
         "data_planes": dataplanes.offered(request.app),
-        "lease_seconds": state.settings.lease_seconds,
+        "lease_seconds": lease or state.settings.lease_seconds,
     }
     if refused:
         reply["encoding_refused"] = refused
     return json(reply)
+
+
+def _requested_lease(offer: dict[str, Any], settings: Settings) -> float | None:
+    """The lease a client asks for (``"lease_seconds"`` in its offer), within ``--max-lease-seconds``."""
+    value = offer.get("lease_seconds")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= settings.max_lease_seconds:
+        raise InvalidTensors(f"lease_seconds must be a number in (0, {settings.max_lease_seconds:g}], got {value!r}")
+    return float(value)
 
 
 async def _negotiate_encoding(state: ServingState, offer: dict[str, Any]) -> tuple[Encoding, str | None]:

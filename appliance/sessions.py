@@ -47,6 +47,7 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     mapping: VocabMapping | None = None
     encoding: str = "probs"
+    lease_seconds: float | None = None  # the client's own lease; None = the server's default
     # Free-form per-session resources owned by optional features (a data plane, ...).
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -107,7 +108,11 @@ class SessionRegistry:
     def expire(self, lease_seconds: float, *, busy: Collection[str] = (), now: float | None = None) -> list[Session]:
         """Drop every session silent for longer than the lease, except those with a request open."""
         now = time.monotonic() if now is None else now
-        stale = [s.id for s in self.registered() if now - s.last_seen > lease_seconds and s.id not in busy]
+        stale = [
+            s.id
+            for s in self.registered()
+            if now - s.last_seen > (s.lease_seconds or lease_seconds) and s.id not in busy
+        ]
         return [s for s in (self.drop(sid, reason="expired") for sid in stale) if s is not None]
 
     def registered(self) -> list[Session]:

@@ -68,6 +68,7 @@ class Settings:
     # Operations (appliance/operations.py and the modules it wires up).
     auth_token: str | None = field(default=None, repr=False)  # bearer token; None = no auth
     lease_seconds: float = 60.0  # a session that sends nothing for this long is dropped
+    max_lease_seconds: float = 3600.0  # the longest lease a client may ask for
     exit_when_idle: bool = False  # exit 0 once the last registered session has left
     max_queue: int = 64  # /generate requests that may wait for the model (503 beyond)
     request_timeout: float = 600.0  # most seconds a /generate may wait plus compute (503 beyond)

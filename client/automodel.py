@@ -29,15 +29,13 @@ Usage (what :mod:`client.automodel_launch` does)::
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from client import protocol
 from client.backend import RemoteEagle3TargetModel
 
 __all__ = [
@@ -69,10 +67,6 @@ OPTION_SOURCES: dict[str, tuple[str, str]] = {
 }
 
 
-# Client parameter names an option may have, in order of preference.
-_PARAMETER_NAMES: dict[str, tuple[str, ...]] = {"auth_token": ("auth_token", "token")}
-
-
 @dataclass(frozen=True)
 class ClientOptions:
     """Our client's options beyond upstream's ``from_urls`` arguments; None = client default."""
@@ -81,15 +75,13 @@ class ClientOptions:
     encoding: str | None = None
     auth_token: str | None = None
     lease_seconds: float | None = None
-    # Options that came from the environment rather than the YAML (or the caller).
-    from_env: frozenset[str] = field(default=frozenset(), compare=False)
 
     def set_options(self) -> dict[str, Any]:
         """The options that were given, by name."""
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name != "from_env" and getattr(self, f.name) is not None
+            if getattr(self, f.name) is not None
         }
 
     def describe(self) -> str:
@@ -106,17 +98,14 @@ def options_from_config(recipe_args: Any = None, environ: Mapping[str, str] | No
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    from_env = set()
     for name, (key, env) in OPTION_SOURCES.items():
         value, source = _lookup(recipe_args, key), f"recipe_args.{key}"
         if value is None or str(value).strip() == "":
             value, source = environ.get(env), env
-            from_env.add(name)
         if value is None or str(value).strip() == "":
-            from_env.discard(name)
             continue
         values[name] = _parse_lease(value, source) if name == "lease_seconds" else str(value).strip()
-    return ClientOptions(**values, from_env=frozenset(from_env))
+    return ClientOptions(**values)
 
 
 def _lookup(recipe_args: Any, key: str) -> Any:
@@ -136,35 +125,13 @@ def _parse_lease(value: Any, source: str) -> float:
     return seconds
 
 
-def client_kwargs(options: ClientOptions, cls: type = RemoteEagle3TargetModel) -> dict[str, Any]:
-    """Keyword arguments for ``cls.from_urls`` that carry ``options``.
+def client_kwargs(options: ClientOptions) -> dict[str, Any]:
+    """Keyword arguments for ``RemoteEagle3TargetModel.from_urls`` that carry ``options``.
 
-    Only options that are set are passed, so a client without them keeps working. A token
-    goes to the client's ``auth_token`` or ``token`` parameter, else into an
-    ``Authorization`` header. An option the client does not accept is an error when the YAML
-    asked for it; from the environment it is only logged, because the ``EAGLE3_*`` variables
-    of a job script are shared with the appliance, whose own settings they may be (the
-    server, for instance, decides a session's lease).
+    Only options that are set are passed, so the client's own defaults (which read the same
+    ``EAGLE3_*`` variables) apply otherwise. The token is the client's ``token`` parameter.
     """
-    params = inspect.signature(cls.__init__).parameters
-    kwargs: dict[str, Any] = {}
-    for name, value in options.set_options().items():
-        target = next((p for p in _PARAMETER_NAMES.get(name, (name,)) if p in params), None)
-        if target is not None:
-            kwargs[target] = value
-        elif name == "auth_token" and "headers" in params:
-            kwargs["headers"] = {protocol.AUTH_HEADER: f"Bearer {value}"}
-        else:
-            key, env = OPTION_SOURCES[name]
-            where = f"{cls.__module__}.{cls.__name__}"
-            if name in options.from_env:
-                logger.warning("%s is set, but %s has no %r option; ignoring it for the client", env, where, name)
-                continue
-            raise ValueError(
-                f"recipe_args.{key} is set, but this version of {where} has no {name!r} option; "
-                "remove it from the YAML or upgrade eagle3-appliance"
-            )
-    return kwargs
+    return {("token" if name == "auth_token" else name): value for name, value in options.set_options().items()}
 
 
 def configured_backend(options: ClientOptions | None = None) -> type[RemoteEagle3TargetModel]:

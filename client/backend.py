@@ -64,8 +64,10 @@ class _Server:
         encoding: Encoding = PROBS,
         config: DataPlaneConfig | None = None,
         device: torch.device | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         self.control = control
+        self.lease_seconds = lease_seconds
         self.client_name = client_name
         self.config = config or DataPlaneConfig()
         self.device = device or torch.device("cpu")
@@ -93,6 +95,8 @@ class _Server:
             "encodings": list(dict.fromkeys([wanted.name, "probs"])),
             "data_planes": local,
         }
+        if self.lease_seconds is not None:
+            offer["lease_seconds"] = self.lease_seconds
         try:
             reply = self.control.post_json(protocol.EP_SESSION, offer)
         except TargetHTTPError as exc:
@@ -201,6 +205,21 @@ class _Server:
             self.control.close()
 
 
+def _lease_seconds(value: float | None) -> float | None:
+    """The lease to ask for: the argument, else ``$EAGLE3_LEASE_SECONDS``, else the server's default."""
+    if value is None:
+        raw = os.environ.get("EAGLE3_LEASE_SECONDS", "").strip()
+        if not raw:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"EAGLE3_LEASE_SECONDS must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"lease_seconds must be positive, got {value}")
+    return float(value)
+
+
 def _negotiated(url: str, reply: dict[str, Any], wanted: Encoding) -> Encoding:
     """The encoding in a /session reply; a warning when it is not the one we asked for."""
     try:
@@ -248,6 +267,10 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
     group transfer), ``data_plane_connect_timeout`` (``EAGLE3_DATA_PLANE_CONNECT_TIMEOUT``,
     seconds to join a group) and ``data_plane_backoff`` (``EAGLE3_DATA_PLANE_BACKOFF``,
     seconds on the wire after a broken transfer before the group is tried again).
+
+    ``lease_seconds`` (``EAGLE3_LEASE_SECONDS``) asks our servers for this session lease
+    instead of their default: the client heartbeats three times per lease, and a server
+    frees a session (and its data plane) that went silent for longer, e.g. a killed trainer.
     """
 
     def __init__(
@@ -265,6 +288,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         data_plane_timeout: float | None = None,
         data_plane_backoff: float | None = None,
         data_plane_connect_timeout: float | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
@@ -273,6 +297,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         self._device = torch.device(device)
         self._encoding = requested_encoding(encoding)  # ValueError on a bad name, before any I/O
         config = DataPlaneConfig.resolve(data_plane, data_plane_timeout, data_plane_backoff, data_plane_connect_timeout)
+        lease = _lease_seconds(lease_seconds)
         # Bearer token: the argument, else $EAGLE3_AUTH_TOKEN / $EAGLE3_AUTH_TOKEN_FILE.
         headers = {**auth_headers(resolve_token(token)), **(headers or {})}
         self._servers: list[_Server] = []
@@ -281,7 +306,9 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             control = ControlPlane(
                 url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
             )
-            self._servers.append(_Server(control, client_name, self._encoding, config, receive_device(self._device)))
+            self._servers.append(
+                _Server(control, client_name, self._encoding, config, receive_device(self._device), lease)
+            )
         self._next = itertools.cycle(range(len(self._servers)))
         self._next_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
