@@ -10,8 +10,8 @@
 #   4. hetjob, a server cannot start (bad model): the job exits 3 before component 1 starts
 #   5. hetjob, a server is killed while component 1 runs: component 1 gets SIGTERM, job exits 4
 #   6. serve.sh: servers become ready, validate from outside the job, scancel stops them
-#   7. hetjob, MODE=locust: one master and two workers on component 1 (a minimal locustfile
-#      that polls /health, so this checks the launch lines, not loadtest/'s scenarios)
+#   7. hetjob, MODE=locust: one master and two workers on component 1 run loadtest/'s steady
+#      scenario against the servers (every answer validated; zero failures required)
 # Every daemon started here is stopped by its pid on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -297,27 +297,18 @@ servers_stopped "$job" || fail "serve.sh servers not stopped cleanly" "$job"
 ok "scancel stopped serve.sh's servers cleanly"
 
 # ---- 7. hetjob, MODE=locust: distributed Locust on component 1 ----------------------------
-cat >"$WORK/health_locustfile.py" <<'EOF'
-from locust import FastHttpUser, constant, task
-
-
-class Health(FastHttpUser):
-    wait_time = constant(0.2)
-
-    @task
-    def health(self) -> None:
-        self.client.get("/health")
-EOF
-MODE=locust LOCUST_FILE=$WORK/health_locustfile.py LOCUST_USERS=4 LOCUST_SPAWN_RATE=4 LOCUST_RUN_TIME=5s \
+# The real steady scenario from loadtest/: every answer is validated by the Locust users.
+MODE=locust LOCUST_FILE=$REPO/loadtest LOCUST_USERS=2 LOCUST_SPAWN_RATE=2 LOCUST_RUN_TIME=8s \
+    LOCUST_ARGS="--tags steady --batch-size 1 --seq-len uniform:16:64 --draft-vocab 128" \
     submit_wait job "${CPU[@]}" --ntasks-per-node=1 : "${CPU[@]}" --ntasks-per-node=2 "$REPO/slurm/hetjob.sh"
 ((JOB_RC == 0)) || fail "locust job exit code $JOB_RC (expected 0)" "$job"
 workers=$(grep -l 'Got quit message from master' "$LOGS/$job"/locust-worker-*.log | wc -l)
 say "locust: master on $(nodes_in "$LOGS/$job/locust-master.log"), $workers worker(s) on $(nodes_in "$LOGS/$job"/locust-worker-*.log)"
-read -r requests failures < <(awk -F, '$2 == "Aggregated" { print $3, $4 }' "$LOGS/$job/locust_stats.csv")
-say "locust: ${requests:-0} requests to /health, ${failures:-?} failures"
+read -r requests failures < <(awk -F, '$2 == "generate" { print $3, $4 }' "$LOGS/$job/locust_stats.csv")
+say "locust: ${requests:-0} validated /generate requests, ${failures:-?} failures"
 ((workers == 2)) || fail "expected 2 locust workers" "$job"
-((${requests:-0} > 0 && ${failures:-1} == 0)) || fail "locust sent no requests or had failures" "$job"
+((${requests:-0} > 0 && ${failures:-1} == 0)) || fail "locust sent no /generate or had failures" "$job"
 servers_stopped "$job" || fail "servers not stopped after locust" "$job"
-ok "locust mode: master + 2 workers ran, exit code 0, servers stopped"
+ok "locust mode: steady scenario, master + 2 workers, exit code 0, servers stopped"
 
 say "all checks passed"
