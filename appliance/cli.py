@@ -82,6 +82,12 @@ def serve(
     max_body_bytes: Annotated[
         int, typer.Option(envvar=_env("MAX_BODY_BYTES"), help="Largest request body (413 beyond).")
     ] = 64 * 1024 * 1024,
+    buffer_pool_mb: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("BUFFER_POOL_MB"), help="Host memory (MiB) kept for reuse by /generate answers; 0 = none."
+        ),
+    ] = 4096,
     cache_dir: CacheOpt = default_cache_dir(),
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"), help="Python logging level.")] = "INFO",
 ) -> None:
@@ -98,6 +104,7 @@ def serve(
         max_seq_len=max_seq_len,
         max_batch_tokens=max_batch_tokens,
         max_body_bytes=max_body_bytes,
+        buffer_pool_mb=buffer_pool_mb,
         cache_dir=cache_dir,
         log_level=log_level,
     )

@@ -21,6 +21,7 @@ import torch
 from sanic import Blueprint, Request, Sanic
 from sanic.response import HTTPResponse, json
 
+from appliance.buffers import ServerBuffers, supervise_into
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
@@ -60,6 +61,11 @@ class ServingState:
     target: Target
     runner: ModelRunner = field(default_factory=ModelRunner)
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    buffers: ServerBuffers = None  # type: ignore[assignment]  # reused answer memory; made from settings
+
+    def __post_init__(self) -> None:
+        if self.buffers is None:
+            self.buffers = ServerBuffers(self.target.device, self.settings.buffer_pool_mb << 20)
 
 
 def _state(request: Request) -> ServingState:
@@ -161,7 +167,7 @@ async def generate(request: Request) -> None:
         raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
 
     def supervise() -> dict[str, torch.Tensor]:
-        return _to_host(state.target.supervise(input_ids, attention_mask, loss_mask, mapping))
+        return supervise_into(state.target, state.buffers, input_ids, attention_mask, loss_mask, mapping)
 
     supervision = await state.runner.run(supervise)
     await send_wire(request, supervision)

@@ -57,6 +57,8 @@ class Settings:
     # Largest request body accepted (413 beyond). Requests are small (token ids), so this
     # only has to hold the vocab mapping of a very large vocabulary.
     max_body_bytes: int = 64 * 1024 * 1024
+    # Host memory kept for reuse by /generate answers (pinned on CUDA); 0 disables reuse.
+    buffer_pool_mb: int = 4096
     cache_dir: Path = field(default_factory=default_cache_dir)
     log_level: str = "INFO"
 

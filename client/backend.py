@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from client import protocol, wire
+from client.buffers import BufferPool, pool_bytes_from_env
 from client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from client.control import ControlPlane
 from client.dataplane import DataPlane, WireDataPlane
@@ -141,6 +142,12 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         target.set_vocab_mapping(selected_token_ids, selected_token_mask)
         batch = target.generate_batch(input_ids, attention_mask, loss_mask)
         target.close()
+
+    Memory: answers are received into a :class:`client.buffers.BufferPool` (at most
+    ``buffer_pool_bytes``, default ``$EAGLE3_CLIENT_POOL_MB`` or 2 GiB). On a CUDA device
+    those are pinned staging buffers, copied to the device before ``generate_batch``
+    returns. On the CPU the batch's tensors *are* pool memory: it is reused only after
+    every reference to the batch is gone, so keeping a batch is always safe.
     """
 
     def __init__(
@@ -152,6 +159,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         max_retries: int = 3,
         backoff: float = 1.0,
         headers: dict[str, str] | None = None,
+        buffer_pool_bytes: int | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
@@ -159,10 +167,19 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
         self._device = torch.device(device)
         self._servers: list[_Server] = []
+        self._pool = BufferPool(
+            pool_bytes_from_env() if buffer_pool_bytes is None else buffer_pool_bytes,
+            pin_memory=self._device.type == "cuda",
+        )
         client_name = f"{socket.gethostname()}:{os.getpid()}"
         for url in urls:
             control = ControlPlane(
-                url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
+                url.strip(),
+                timeout=timeout,
+                max_retries=max_retries,
+                backoff=backoff,
+                headers=headers,
+                buffer_pool=self._pool,
             )
             self._servers.append(_Server(control, client_name))
         self._next = itertools.cycle(range(len(self._servers)))
@@ -192,6 +209,11 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
     @property
     def supports_async(self) -> bool:
         return True
+
+    @property
+    def buffer_pool(self) -> BufferPool:
+        """Where answers are received (its ``stats`` show how often memory was reused)."""
+        return self._pool
 
     @property
     def urls(self) -> list[str]:
@@ -255,6 +277,8 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             return self._servers[next(self._next)]
 
     def _to_batch(self, result: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> Any:
+        # The one copy to the trainer's device; blocking, so the pinned staging buffers are
+        # free for the next answer as soon as this returns (a no-op on a CPU device).
         dev = self._device
         return Eagle3TargetBatch(
             aux_hidden_states=result["aux_hidden_states"].to(dev),

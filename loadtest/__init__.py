@@ -1,0 +1,1 @@
+"""Load tests and benchmarks that use a target server the way EAGLE-3 training ranks do."""
