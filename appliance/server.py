@@ -23,6 +23,7 @@ from sanic.response import HTTPResponse, json
 
 from appliance.buffers import ServerBuffers, supervise_into
 from appliance.errors import MalformedBody, NotConfigured, install_error_handler
+from appliance.microbatch import MicroBatcher
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
 from appliance.target import Target, VocabMapping
@@ -62,10 +63,19 @@ class ServingState:
     runner: ModelRunner = field(default_factory=ModelRunner)
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
     buffers: ServerBuffers = None  # type: ignore[assignment]  # reused answer memory; made from settings
+    batcher: MicroBatcher | None = None  # opt-in micro-batching of /generate
 
     def __post_init__(self) -> None:
         if self.buffers is None:
             self.buffers = ServerBuffers(self.target.device, self.settings.buffer_pool_mb << 20)
+        if self.batcher is None and self.settings.microbatch_wait_ms > 0:
+            self.batcher = MicroBatcher(
+                self.target,
+                self.buffers,
+                self.runner.run,
+                wait_s=self.settings.microbatch_wait_ms / 1000,
+                max_tokens=self.settings.microbatch_max_tokens,
+            )
 
 
 def _state(request: Request) -> ServingState:
@@ -169,7 +179,10 @@ async def generate(request: Request) -> None:
     def supervise() -> dict[str, torch.Tensor]:
         return supervise_into(state.target, state.buffers, input_ids, attention_mask, loss_mask, mapping)
 
-    supervision = await state.runner.run(supervise)
+    if state.batcher is not None:
+        supervision = await state.batcher.supervise(input_ids, attention_mask, loss_mask, mapping)
+    else:
+        supervision = await state.runner.run(supervise)
     await send_wire(request, supervision)
 
 

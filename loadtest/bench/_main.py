@@ -3,7 +3,9 @@
 For each case: the appliance end to end with the real client (transfer and total latency,
 server peak RSS per request), a raw loopback socket moving the same byte count (half its
 repetitions before the wire run and half after, so drift in a shared machine's load hits
-both), and the projection alone. Prints a table, then one JSON line.
+both), and the projection alone. With ``--microbatch CASE``, also several concurrent
+clients against a server with micro-batching off and then on. Prints tables, then one
+JSON line.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where models are generated")
     parser.add_argument("--server-arg", action="append", default=[], help="extra 'serve' argument (repeatable)")
     parser.add_argument("--no-exact", action="store_true", help="skip the bit-exactness check of the first answer")
+    parser.add_argument("--microbatch", default="", help="also measure micro-batching on this case (e.g. tiny)")
+    parser.add_argument("--microbatch-clients", type=int, default=4, help="concurrent clients for --microbatch")
+    parser.add_argument("--microbatch-rounds", type=int, default=4, help="requests per client per turn")
+    parser.add_argument("--microbatch-repeats", type=int, default=3, help="turns of each mode (off/on alternate)")
+    parser.add_argument("--microbatch-wait-ms", type=float, default=20.0, help="server's batching window")
     return parser.parse_args(argv)
 
 
@@ -98,6 +105,37 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_microbatch_case(args: argparse.Namespace) -> dict[str, Any]:
+    from loadtest.bench._cases import CASES, model_source
+    from loadtest.bench._microbatch import run_microbatch
+
+    case = CASES[args.microbatch]
+    print(f"== micro-batching on {case.name}: {args.microbatch_clients} clients ...", file=sys.stderr, flush=True)
+    return run_microbatch(
+        case,
+        model_source(case, args.cache_dir),
+        cache_dir=args.cache_dir,
+        clients=args.microbatch_clients,
+        rounds=args.microbatch_rounds,
+        repeats=args.microbatch_repeats,
+        wait_ms=args.microbatch_wait_ms,
+    )
+
+
+def _microbatch_table(mb: dict[str, Any]) -> str:
+    lines = [
+        f"micro-batching, {mb['case']}: {mb['clients']} clients x {mb['rounds']} requests, wait {mb['wait_ms']} ms"
+    ]
+    lines.append(f"{'mode':>5}  {'answers/s':>9}  {'max |dprobs|':>12}  {'max |daux|':>10}  {'mask flips':>10}")
+    for mode in ("off", "on"):
+        lines.append(
+            f"{mode:>5}  {mb[f'{mode}_answers_per_s']:9.2f}  {mb[f'{mode}_max_abs_dev_probs']:12.3g}  "
+            f"{mb[f'{mode}_max_abs_dev_aux']:10.3g}  {mb[f'{mode}_position_mask_flips']:10d}"
+        )
+    lines.append(f"gain {mb['gain']:.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     import torch
@@ -106,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in [n.strip() for n in args.cases.split(",") if n.strip()]:
         print(f"== {name}: {args.requests} requests ...", file=sys.stderr, flush=True)
         rows.append(run_case(name, args))
-    print(_table(rows))
+    microbatch = run_microbatch_case(args) if args.microbatch else None
+    if rows:
+        print(_table(rows))
+    if microbatch is not None:
+        print(_microbatch_table(microbatch))
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "requests": args.requests, "warmup": args.warmup}
-    print(json.dumps({"bench": "eagle3-wire", **meta, "cases": rows}, sort_keys=True))
+    print(json.dumps({"bench": "eagle3-wire", **meta, "cases": rows, "microbatch": microbatch}, sort_keys=True))
