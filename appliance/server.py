@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Response bodies are written in slices so that the socket's flow control paces us and
-# the transport never buffers (copies) more than one slice of a large tensor.
-SEND_SLICE_BYTES = 4 * 1024 * 1024
+# the transport never queues more than about one slice of a large tensor (uvloop queues
+# views, not copies). 1 MiB measured fastest on loopback (4.1 GB/s against 3.0 at 4 MiB).
+SEND_SLICE_BYTES = 1024 * 1024
 
 
 class ModelRunner:
