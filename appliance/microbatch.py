@@ -19,7 +19,9 @@ most ``wait_ms`` for companions; a group is flushed early once it holds ``max_to
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,7 +59,7 @@ class MicroBatcher:
         self,
         target: Target,
         buffers: ServerBuffers,
-        run,
+        run: Callable[..., Awaitable[Any]],
         *,
         wait_s: float,
         max_tokens: int,  # noqa: ANN001
