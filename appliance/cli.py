@@ -126,6 +126,25 @@ def serve(
     max_body_bytes: Annotated[
         int, typer.Option(envvar=_env("MAX_BODY_BYTES"), help="Largest request body (413 beyond).")
     ] = 64 * 1024 * 1024,
+    buffer_pool_mb: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("BUFFER_POOL_MB"), help="Host memory (MiB) kept for reuse by /generate answers; 0 = none."
+        ),
+    ] = 4096,
+    microbatch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            envvar=_env("MICROBATCH_WAIT_MS"),
+            min=0.0,
+            help="Stack concurrent /generate requests of equal length into one forward, waiting at most this "
+            "long for companions. Not bit-exact (see README, Performance). 0 = off.",
+        ),
+    ] = 0.0,
+    microbatch_max_tokens: Annotated[
+        int,
+        typer.Option(envvar=_env("MICROBATCH_MAX_TOKENS"), min=1, help="Most tokens in one micro-batched forward."),
+    ] = 16384,
     cache_dir: CacheOpt = default_cache_dir(),
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"), help="Python logging level.")] = "INFO",
     data_planes: Annotated[
@@ -215,6 +234,9 @@ def serve(
         max_seq_len=max_seq_len,
         max_batch_tokens=max_batch_tokens,
         max_body_bytes=max_body_bytes,
+        buffer_pool_mb=buffer_pool_mb,
+        microbatch_wait_ms=microbatch_wait_ms,
+        microbatch_max_tokens=microbatch_max_tokens,
         cache_dir=cache_dir,
         log_level=log_level,
         data_planes=data_planes,

@@ -23,7 +23,9 @@ from sanic.response import HTTPResponse, json
 
 from appliance import dataplanes, encodings, upstream_nccl
 from appliance.admission import Ticket
+from appliance.buffers import ServerBuffers, supervise_on_device
 from appliance.errors import InvalidTensors, MalformedBody, NotConfigured, install_error_handler
+from appliance.microbatch import MicroBatcher
 from appliance.operations import install_operations, operations
 from appliance.sessions import Session, SessionRegistry
 from appliance.settings import Settings
@@ -39,8 +41,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Response bodies are written in slices so that the socket's flow control paces us and
-# the transport never buffers (copies) more than one slice of a large tensor.
-SEND_SLICE_BYTES = 4 * 1024 * 1024
+# the transport never queues more than about one slice of a large tensor (uvloop queues
+# views, not copies). 1 MiB measured fastest on loopback (4.1 GB/s against 3.0 at 4 MiB).
+SEND_SLICE_BYTES = 1024 * 1024
 
 
 class ModelRunner:
@@ -64,6 +67,20 @@ class ServingState:
     target: Target
     runner: ModelRunner = field(default_factory=ModelRunner)
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    buffers: ServerBuffers = None  # type: ignore[assignment]  # reused answer memory; made from settings
+    batcher: MicroBatcher | None = None  # opt-in micro-batching of /generate
+
+    def __post_init__(self) -> None:
+        if self.buffers is None:
+            self.buffers = ServerBuffers(self.target.device, self.settings.buffer_pool_mb << 20)
+        if self.batcher is None and self.settings.microbatch_wait_ms > 0:
+            self.batcher = MicroBatcher(
+                self.target,
+                self.buffers,
+                self.runner.run,
+                wait_s=self.settings.microbatch_wait_ms / 1000,
+                max_tokens=self.settings.microbatch_max_tokens,
+            )
 
 
 def _state(request: Request) -> ServingState:
@@ -211,16 +228,24 @@ async def generate(request: Request) -> None:
 
     encoding = parse_encoding(session.encoding)
     transfer = dataplanes.plan_transfer(request, session)  # None: a plain wire answer
+    probs = encoding.kind == protocol.ENCODING_PROBS
 
     def supervise() -> dict[str, torch.Tensor]:
+        if probs:  # upstream's encoding: projected straight into reused memory, bit-identical
+            return supervise_on_device(state.target, state.buffers, input_ids, attention_mask, loss_mask, mapping)
         return encodings.supervise(state.target, encoding, input_ids, attention_mask, loss_mask, mapping)
 
     # Only a negotiated (non-default) encoding is named: upstream's answer stays header-free.
-    headers = None if encoding.kind == protocol.ENCODING_PROBS else {protocol.ENCODING_HEADER: encoding.name}
+    headers = None if probs else {protocol.ENCODING_HEADER: encoding.name}
     ops = operations(request)
     async with ops.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
-        place = _to_host if transfer is None else transfer.prepare  # a group may send from the device
-        supervision = await ops.compute(state.runner.run, ticket, supervise, place, state.target.device)
+        if state.batcher is not None and probs and transfer is None:
+            # Opt-in micro-batching: the batcher runs the stacked forward on the model thread
+            # itself, so these requests are counted as queued until answered (no phase split).
+            supervision = await state.batcher.supervise(input_ids, attention_mask, loss_mask, mapping)
+        else:
+            place = state.buffers.to_host if transfer is None else transfer.prepare  # a group may send from the device
+            supervision = await ops.compute(state.runner.run, ticket, supervise, place, state.target.device)
         if transfer is None:
             await send_wire(request, supervision, ticket, headers)
             tier = protocol.TIER_WIRE

@@ -57,6 +57,12 @@ class Settings:
     # Largest request body accepted (413 beyond). Requests are small (token ids), so this
     # only has to hold the vocab mapping of a very large vocabulary.
     max_body_bytes: int = 64 * 1024 * 1024
+    # Host memory kept for reuse by /generate answers (pinned on CUDA); 0 disables reuse.
+    buffer_pool_mb: int = 4096
+    # Opt-in micro-batching of concurrent /generate requests (appliance.microbatch); not
+    # bit-exact. 0 ms = off. A group is flushed after this wait or once it holds max tokens.
+    microbatch_wait_ms: float = 0.0
+    microbatch_max_tokens: int = 16384
     cache_dir: Path = field(default_factory=default_cache_dir)
     log_level: str = "INFO"
     # Process-group data planes offered besides the wire (each only where it can work: nccl

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,14 +184,28 @@ class Target:
         }
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One target forward: ``(aux_hidden_states [B,T,3H], logits [B,T,V])``, unshifted."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        alloc: Callable[[Sequence[int], torch.dtype], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target forward: ``(aux_hidden_states [B,T,3H], logits [B,T,V])``, unshifted.
+
+        ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to.
+        """
         self._captured.clear()
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_flags)
             if len(self._captured) != 3:
                 raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
-            aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)
+            parts = [self._captured[i] for i in self.aux_layer_ids]
+            if alloc is None:
+                aux = torch.cat(parts, dim=-1)
+            else:
+                shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
+                aux = torch.cat(parts, dim=-1, out=alloc(shape, parts[0].dtype))
         finally:
             self._captured.clear()
         logits = out.logits if hasattr(out, "logits") else out

@@ -78,11 +78,7 @@ class ClientOptions:
 
     def set_options(self) -> dict[str, Any]:
         """The options that were given, by name."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if getattr(self, f.name) is not None
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def describe(self) -> str:
         """For logs: every set option, the token masked."""

@@ -23,6 +23,7 @@ import torch
 
 from client import protocol, wire
 from client.auth import auth_headers, resolve_token
+from client.buffers import BufferPool, pool_bytes_from_env
 from client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from client.control import ControlPlane
 from client.dataplane import DataPlane, TransferStats, WireDataPlane
@@ -271,6 +272,12 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
     ``lease_seconds`` (``EAGLE3_LEASE_SECONDS``) asks our servers for this session lease
     instead of their default: the client heartbeats three times per lease, and a server
     frees a session (and its data plane) that went silent for longer, e.g. a killed trainer.
+
+    Memory: answers are received into a :class:`client.buffers.BufferPool` (at most
+    ``buffer_pool_bytes``, default ``$EAGLE3_CLIENT_POOL_MB`` or 2 GiB). On a CUDA device
+    those are pinned staging buffers, copied to the device before ``generate_batch``
+    returns. On the CPU the batch's tensors *are* pool memory: it is reused only after
+    every reference to the batch is gone, so keeping a batch is always safe.
     """
 
     def __init__(
@@ -289,6 +296,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         data_plane_backoff: float | None = None,
         data_plane_connect_timeout: float | None = None,
         lease_seconds: float | None = None,
+        buffer_pool_bytes: int | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
@@ -301,10 +309,19 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         # Bearer token: the argument, else $EAGLE3_AUTH_TOKEN / $EAGLE3_AUTH_TOKEN_FILE.
         headers = {**auth_headers(resolve_token(token)), **(headers or {})}
         self._servers: list[_Server] = []
+        self._pool = BufferPool(
+            pool_bytes_from_env() if buffer_pool_bytes is None else buffer_pool_bytes,
+            pin_memory=self._device.type == "cuda",
+        )
         client_name = f"{socket.gethostname()}:{os.getpid()}"
         for url in urls:
             control = ControlPlane(
-                url.strip(), timeout=timeout, max_retries=max_retries, backoff=backoff, headers=headers
+                url.strip(),
+                timeout=timeout,
+                max_retries=max_retries,
+                backoff=backoff,
+                headers=headers,
+                buffer_pool=self._pool,
             )
             self._servers.append(
                 _Server(control, client_name, self._encoding, config, receive_device(self._device), lease)
@@ -347,6 +364,11 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
     @property
     def supports_async(self) -> bool:
         return True
+
+    @property
+    def buffer_pool(self) -> BufferPool:
+        """Where answers are received (its ``stats`` show how often memory was reused)."""
+        return self._pool
 
     @property
     def urls(self) -> list[str]:
@@ -457,6 +479,8 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             return self._lm_head_rows
 
     def _to_batch(self, result: dict[str, torch.Tensor], attention_mask: torch.Tensor, server: _Server) -> Any:
+        # The one copy to the trainer's device (in decode_supervision); blocking, so the pinned
+        # staging buffers are free for the next answer as soon as this returns.
         dev = self._device
         encoding = detect_encoding(result)  # what the server actually sent (checked against its header)
         draft_vocab = None if self._draft_ids is None else int(self._draft_ids.numel())

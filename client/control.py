@@ -18,6 +18,7 @@ import orjson
 import torch
 
 from client import protocol, wire
+from client.buffers import BufferPool
 from client.errors import (
     ProtocolViolation,
     TargetHTTPError,
@@ -25,6 +26,7 @@ from client.errors import (
     TargetTimeout,
     TargetUnreachable,
 )
+from client.socketbody import BODY, RECV_INTO, SocketTransport
 
 __all__ = ["ControlPlane"]
 
@@ -50,6 +52,11 @@ class ControlPlane:
     * ``backoff`` - first back-off in seconds, doubled after each attempt.
     * ``headers`` - sent with every request (e.g. ``Authorization``).
     * ``transport`` - an ``httpx.BaseTransport`` to use instead of the network (tests).
+    * ``buffer_pool`` - where wire answers' tensors are allocated (reused memory, see
+      :mod:`client.buffers`); None allocates fresh tensors.
+
+    Wire answers are received by a :class:`client.socketbody.SocketTransport` straight
+    into the tensors (``recv_into``); other requests use httpx's own transport.
     """
 
     def __init__(
@@ -61,8 +68,13 @@ class ControlPlane:
         backoff: float = 1.0,
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        buffer_pool: BufferPool | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.buffer_pool = buffer_pool
+        limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
+        if transport is None:
+            transport = SocketTransport(httpx.HTTPTransport(limits=limits, trust_env=False))
         self.max_retries = max_retries
         self.backoff = backoff
         # trust_env=False: a target server is a direct in-cluster peer; an ambient
@@ -72,7 +84,7 @@ class ControlPlane:
             timeout=timeout,
             trust_env=False,
             headers=dict(headers or {}),
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+            limits=limits,
             transport=transport,
         )
 
@@ -100,13 +112,19 @@ class ControlPlane:
         self, endpoint: str, content: bytes = b"", *, headers: Mapping[str, str] | None = None
     ) -> dict[str, torch.Tensor | None]:
         """POST a wire blob (or nothing) and decode a wire-blob answer as it streams in."""
-        return self.request("POST", endpoint, self.read_wire, content=content, headers=headers)
+        return self.request(
+            "POST", endpoint, self.read_wire, content=content, headers=headers, extensions={RECV_INTO: True}
+        )
 
     def read_wire(self, resp: httpx.Response) -> dict[str, torch.Tensor | None]:
         """Decode a streaming wire body straight into per-tensor storage (no whole-body buffer)."""
         length = resp.headers.get("content-length")
-        reader = wire.WireReader(expected_size=int(length) if length is not None else None)
+        alloc = self.buffer_pool.empty if self.buffer_pool is not None else None
+        reader = wire.WireReader(expected_size=int(length) if length is not None else None, alloc=alloc)
         try:
+            body = resp.extensions.get(BODY)
+            if body is not None:  # SocketTransport: the socket receives into the tensors
+                return reader.read_from(body.readinto)
             for chunk in resp.iter_bytes():
                 reader.feed(chunk)
             return reader.finish()
@@ -125,6 +143,7 @@ class ControlPlane:
         retries: bool = True,
         timeout: float | None = None,
         retry_lost: bool = True,
+        extensions: dict[str, Any] | None = None,
     ) -> T:
         """Send one request, let ``handle`` read the 200 response, retry per the module rules.
 
@@ -143,7 +162,9 @@ class ControlPlane:
         last: Exception | None = None
         for attempt in range(attempts):
             try:
-                with self._http.stream(method, url, content=content, headers=req_headers, **extra) as resp:
+                with self._http.stream(
+                    method, url, content=content, headers=req_headers, extensions=extensions, **extra
+                ) as resp:
                     if resp.status_code == 503:
                         resp.read()
                         last = TargetOverloaded(url, 503, _server_message(resp))

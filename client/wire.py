@@ -12,9 +12,13 @@ Why it is shaped like this:
   zero-copy memoryviews of each tensor's own memory, in order, so a server can write them
   to the socket one after another (header, then the tensor's bytes).
 * **Receiving** goes through :class:`WireReader`, an incremental parser that allocates each
-  tensor once (properly aligned, from ``torch.empty``) as soon as its header is known and
-  copies every incoming chunk straight into it. There is no whole-body buffer, no per-chunk
-  join and no per-tensor copy afterwards; :func:`decode` is the same parser fed one buffer.
+  tensor once (properly aligned: its own block from ``torch.empty`` or a
+  :class:`client.buffers.BufferPool`) as soon as its header is known. Pushed chunks
+  (:meth:`WireReader.feed`) are copied straight into it; a socket can also *pull*
+  (:meth:`WireReader.read_from`): the parser names the tensor memory the next bytes belong
+  in and the socket's ``recv_into`` writes them there, so the kernel's copy is the only one.
+  There is no whole-body buffer, no per-chunk join and no per-tensor copy afterwards;
+  :func:`decode` is the same parser fed one buffer.
 * Malformed input raises :class:`WireFormatError` with a message that says what is wrong,
   and a declared size is checked against the bytes that can still arrive *before* anything
   is allocated, so a hostile header cannot make the receiver allocate gigabytes.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -67,7 +71,12 @@ _MAX_KEY_LEN = 4096
 # The longest valid entry header: key_len, key, flags/dtype/ndim, 255 dims, nbytes.
 _MAX_HEADER = _KEY_LEN.size + _MAX_KEY_LEN + _FLAGS_DTYPE_NDIM.size + 255 * _DIM.size + _NBYTES.size
 
+# Bytes a pulling reader asks for while it parses entry headers; tensor data that arrives
+# in the same read is copied once into its tensor, which is cheap for this bounded amount.
+_HEADER_READ = 64 * 1024
+
 TensorDict = Mapping[str, "torch.Tensor | None"]
+Allocator = Callable[[Sequence[int], torch.dtype], torch.Tensor]
 
 
 class WireFormatError(ValueError):
@@ -77,7 +86,10 @@ class WireFormatError(ValueError):
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory, without copying.
 
-    The view does not keep the tensor alive: callers hold the tensor while they use it.
+    The view (and every slice of it) keeps the tensor alive. That matters for sending:
+    an event-loop transport (uvloop) queues the views it could not write yet instead of
+    copying them, so the memory must outlive the handler that passed them in; and it is
+    what tells a :class:`client.buffers.BufferPool` that the memory is still in use.
     """
     if tensor.device.type != "cpu":
         raise ValueError(f"wire data must be on the CPU, got a tensor on {tensor.device}")
@@ -86,7 +98,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
         return memoryview(bytearray(0))
-    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+    array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    array._owner = tensor  # type: ignore[attr-defined]  # the view's buffer holds the tensor
+    return memoryview(array).cast("B")
 
 
 def _entry_header(key: str, tensor: torch.Tensor | None) -> bytes:
@@ -151,20 +165,30 @@ class WireReader:
     """Incremental wire-format parser that writes each tensor's bytes into its final storage.
 
     Feed it chunks in order with :meth:`feed`; :meth:`finish` returns the tensors once the
-    body has ended exactly at an entry boundary. ``expected_size`` (the Content-Length, when
-    known) bounds every allocation; ``pin_memory`` allocates page-locked storage so that the
-    caller's one copy to a CUDA device is asynchronous-capable.
+    body has ended exactly at an entry boundary. Or let it pull from a socket with
+    :meth:`read_from`, which receives tensor data straight into the tensors.
+    ``expected_size`` (the Content-Length, when known) bounds every allocation;
+    ``pin_memory`` allocates page-locked storage so that the caller's one copy to a CUDA
+    device is fast; ``alloc`` (e.g. ``BufferPool.empty``) supplies each tensor's memory
+    instead of ``torch.empty``.
 
     Usage::
 
         reader = WireReader(expected_size=len(body))
         reader.feed(body)
         tensors = reader.finish()
+
+        tensors = WireReader(expected_size=n, alloc=pool.empty).read_from(sock.recv_into)
     """
 
-    def __init__(self, expected_size: int | None = None, *, pin_memory: bool = False) -> None:
+    def __init__(
+        self, expected_size: int | None = None, *, pin_memory: bool = False, alloc: Allocator | None = None
+    ) -> None:
         self._expected = expected_size
         self._pin = pin_memory
+        self._alloc = alloc
+        self._scratch: memoryview | None = None  # header bytes read by read_from
+        self._lent_dest = False  # whether next_buffer's last answer was tensor memory
         self._seen = 0  # bytes fed so far
         self._offset = 0  # stream position of _pending[0]: everything before it is consumed
         self._pending = bytearray()  # unparsed header bytes (bounded by _MAX_HEADER)
@@ -192,6 +216,47 @@ class WireReader:
             self._pending += view[:step]
             view = view[step:]
             self._parse_headers()
+
+    def next_buffer(self) -> memoryview:
+        """Where the next received bytes go: the current tensor's unfilled memory, else scratch.
+
+        Never longer than what is left of a body of known size, so a keep-alive reader
+        cannot run into the next response. Report how much was written with :meth:`commit`.
+        """
+        if self._dest is not None:
+            view, self._lent_dest = self._dest[self._dest_pos :], True
+        else:
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(_HEADER_READ))
+            view, self._lent_dest = self._scratch, False
+        if self._expected is not None:
+            view = view[: max(0, self._expected - self._seen)]
+        return view
+
+    def commit(self, nbytes: int) -> None:
+        """Account for ``nbytes`` written at the start of the last :meth:`next_buffer`."""
+        if nbytes <= 0:
+            return
+        if not self._lent_dest:
+            assert self._scratch is not None
+            self.feed(self._scratch[:nbytes])
+            return
+        assert self._dest is not None
+        self._seen += nbytes
+        self._dest_pos += nbytes
+        self._offset += nbytes
+        if self._dest_pos == self._dest.nbytes:
+            self._dest = None
+
+    def read_from(self, readinto: Callable[[memoryview], int]) -> dict[str, torch.Tensor | None]:
+        """Pull the whole body with ``readinto`` (e.g. ``socket.recv_into``; 0 = end) and finish."""
+        while self._expected is None or self._seen < self._expected:
+            view = self.next_buffer()
+            nbytes = readinto(view)
+            if not nbytes:
+                break
+            self.commit(nbytes)
+        return self.finish()
 
     def _fill(self, view: memoryview) -> memoryview:
         assert self._dest is not None
@@ -280,7 +345,10 @@ class WireReader:
         remaining = None if self._expected is None else self._expected - self._offset - pos
         if remaining is not None and nbytes > remaining:
             raise WireFormatError(f"{key!r} declares {nbytes} bytes but the body ends {remaining} bytes later")
-        tensor = torch.empty(shape, dtype=dtype, pin_memory=self._pin)
+        if self._alloc is not None:
+            tensor = self._alloc(shape, dtype)
+        else:
+            tensor = torch.empty(shape, dtype=dtype, pin_memory=self._pin)
         return pos, key, tensor
 
     def finish(self) -> dict[str, torch.Tensor | None]:

@@ -1,0 +1,100 @@
+"""The pooled projection and supervise path are bit-identical to the reference, and reuse is safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.buffers import ServerBuffers, supervise_into
+from appliance.demo import make_batch, make_vocab_mapping
+from appliance.projection import project_into
+from appliance.settings import Settings
+from appliance.target import Target, compute_supervision, load_target
+from client.buffers import BufferPool
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
+    return torch.equal(a, b)
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for key in want:
+        assert _bits_equal(got[key], want[key]), key
+
+
+def _inputs(batch: int, seq: int, vocab: int, dtype: torch.dtype, seed: int, ties: bool):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: many tied maxima, so argmax's first-index rule is exercised
+        logits = torch.randint(-3, 4, (batch, seq, vocab), generator=g).to(dtype)
+    else:
+        logits = (torch.randn(batch, seq, vocab, generator=g) * 5).to(dtype)
+    aux = torch.randn(batch, seq, 12, generator=g).to(dtype)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    loss_mask = torch.randint(0, 2, (batch, seq), generator=g)
+    return aux, logits, input_ids, loss_mask
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq", "vocab", "draft", "dtype", "chunk_rows", "ties"),
+    [
+        (1, 37, 64, 16, torch.float32, None, False),
+        (3, 37, 64, 16, torch.float32, 5, True),
+        (2, 1, 64, 64, torch.float32, 1, False),  # one token: only the zero tail row
+        (2, 2, 50, 1, torch.float32, 3, False),  # a one-token draft vocabulary
+        (2, 33, 128, 40, torch.bfloat16, 7, False),  # the GPU dtype: gather, then widen, then softmax
+        (2, 33, 128, 40, torch.bfloat16, None, True),
+        (1, 300, 256, 256, torch.float16, 64, False),
+    ],
+)
+def test_project_into_matches_compute_supervision_bit_for_bit(batch, seq, vocab, draft, dtype, chunk_rows, ties):
+    aux, logits, input_ids, loss_mask = _inputs(batch, seq, vocab, dtype, seed=batch * seq + draft, ties=ties)
+    mapping = make_vocab_mapping(vocab, draft, seed=seq)
+    want = compute_supervision(aux, logits, input_ids, loss_mask, mapping)
+    pool = BufferPool()
+    for _ in range(2):  # the second run writes into reused blocks
+        got = project_into(aux, logits, input_ids, loss_mask, mapping, alloc=pool.empty, chunk_rows=chunk_rows)
+        _assert_same(got, want)
+        del got
+    assert pool.stats.hits > 0
+
+
+def test_project_into_without_pool_allocates_fresh_and_matches():
+    aux, logits, input_ids, loss_mask = _inputs(2, 20, 32, torch.float32, seed=3, ties=False)
+    mapping = make_vocab_mapping(32, 10)
+    _assert_same(
+        project_into(aux, logits, input_ids, loss_mask, mapping),
+        compute_supervision(aux, logits, input_ids, loss_mask, mapping),
+    )
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
+    return load_target(Settings(cache_dir=tmp_path_factory.mktemp("model-cache")))
+
+
+def test_supervise_into_matches_target_supervise_and_never_overwrites_a_held_answer(target: Target):
+    mapping = make_vocab_mapping(target.logits_size, 300)
+    buffers = ServerBuffers(target.device, 1 << 30)
+    first_inputs = make_batch(target.vocab_size, 2, 64, seed=1)
+    second_inputs = make_batch(target.vocab_size, 2, 64, seed=2)
+    want_first = target.supervise(*first_inputs, mapping)
+    want_second = target.supervise(*second_inputs, mapping)
+
+    first = supervise_into(target, buffers, *first_inputs, mapping)
+    _assert_same(first, want_first)
+    second = supervise_into(target, buffers, *second_inputs, mapping)  # `first` is still held
+    _assert_same(second, want_second)
+    _assert_same(first, want_first)  # untouched by the second request
+    assert first["target_probs"].data_ptr() != second["target_probs"].data_ptr()
+
+    del first, second
+    hits = buffers.host.stats.hits
+    third = supervise_into(target, buffers, *first_inputs, mapping)
+    _assert_same(third, want_first)
+    assert buffers.host.stats.hits > hits  # blocks of dropped answers are reused
