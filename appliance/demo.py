@@ -110,6 +110,9 @@ def drive(
                 f"{_mb(nbytes)}  {elapsed * 1e3:.0f} ms  {batch_inputs[0].numel() / elapsed:.0f} tok/s  "
                 f"supervised {int(result.position_mask.sum())}  " + (f"{used}: " if used != "probs" else "") + verdict
             )
+        for entry in remote.transport_stats():
+            moved = ", ".join(f"{tier} {_mb(n)}" for tier, n in entry["bytes"].items() if n)
+            print(f"transport {entry['url']}: data plane {entry['tier']} ({moved}), fallbacks {entry['fallbacks']}")
     return all_exact
 
 

@@ -38,7 +38,7 @@ def test_held_batches_are_never_overwritten_and_dropped_ones_are_reused(server: 
     mapping = make_vocab_mapping(target.logits_size, 200)
     inputs = [make_batch(target.vocab_size, 2, 96, seed=s) for s in range(3)]
     want = [target.supervise(*x, mapping) for x in inputs]
-    with RemoteEagle3TargetModel.from_urls([server.url], device="cpu") as remote:
+    with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", data_plane="wire") as remote:
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
         first = remote.generate_batch(*inputs[0])
         second = remote.generate_batch(*inputs[1])
@@ -97,7 +97,7 @@ def test_an_answer_still_being_sent_is_not_overwritten_by_later_forwards(server:
         head, start = _read_head(sock)  # the forward is done; the body is only partly sent
         assert head.startswith(b"HTTP/1.1 200")
 
-        with RemoteEagle3TargetModel.from_urls([server.url], device="cpu") as remote:
+        with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", data_plane="wire") as remote:
             remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
             for _ in range(3):
                 assert supervision_equal(remote.generate_batch(*other_inputs), want_other)

@@ -45,7 +45,7 @@ def _drive(url: str, case_inputs: list, mappings: list, refs: list, rounds: int)
     lock = threading.Lock()
 
     def client(i: int) -> None:
-        with RemoteEagle3TargetModel.from_urls([url], device="cpu") as remote:
+        with RemoteEagle3TargetModel.from_urls([url], device="cpu", data_plane="wire") as remote:
             remote.set_vocab_mapping(mappings[i].selected_token_ids, mappings[i].selected_token_mask)
             remote.generate_batch(*case_inputs[i])  # warm-up, outside the timing
             start_gate.wait()

@@ -116,7 +116,7 @@ def run_wire(
     with tempfile.TemporaryDirectory(prefix="eagle3-bench-") as tmp:
         with ServerProcess(args, log_path=Path(tmp) / "server.log") as server, _mark_heads(marks, sizes):
             assert server.proc is not None
-            with RemoteEagle3TargetModel.from_urls([server.url], device="cpu") as remote:
+            with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", data_plane="wire") as remote:
                 remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
                 for i in range(requests):
                     start = time.perf_counter()
