@@ -96,6 +96,10 @@ AuxOpt = Annotated[
 TrustOpt = Annotated[
     bool, typer.Option(envvar=_env("TRUST_REMOTE_CODE"), help="Allow the model folder's own Python code.")
 ]
+BatchesOpt = Annotated[int, typer.Option(help="How many /generate round-trips.")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Sequences per batch.")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
+DraftVocabOpt = Annotated[int, typer.Option(help="Draft vocabulary size.")]
 CacheOpt = Annotated[Path, typer.Option(envvar=_env("CACHE_DIR"), help="Where the built-in model is written.")]
 
 
@@ -307,31 +311,19 @@ def demo(
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = Device.auto,
     port: Annotated[int, typer.Option(help="Port for the demo server (0 = a free one).")] = 0,
-    batches: Annotated[int, typer.Option(help="How many /generate round-trips.")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 2,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
+    batches: BatchesOpt = 4,
+    batch_size: BatchSizeOpt = 2,
+    seq_len: SeqLenOpt = 256,
+    draft_vocab: DraftVocabOpt = 512,
     cache_dir: CacheOpt = default_cache_dir(),
     encoding: EncodingOpt = None,
 ) -> None:
     """The main job on one machine: start a server, drive it with the client, check the bits."""
     configure_logging("WARNING")
-    from appliance.demo import run_demo
+    from appliance.demo import DriveSpec, run_demo
 
-    raise typer.Exit(
-        run_demo(
-            model=model,
-            dtype=dtype,
-            device=device,
-            port=port,
-            batches=batches,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            draft_vocab=draft_vocab,
-            cache_dir=cache_dir,
-            encoding=encoding,
-        )
-    )
+    spec = DriveSpec(model, dtype, device, batches, batch_size, seq_len, draft_vocab, cache_dir, encoding)
+    raise typer.Exit(run_demo(spec, port=port))
 
 
 @app.command()
@@ -342,32 +334,20 @@ def validate(
     model: ModelOpt = BUILTIN_MODEL,
     dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = Device.auto,
-    batches: Annotated[int, typer.Option(help="How many /generate round-trips.")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 2,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
-    draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size.")] = 512,
+    batches: BatchesOpt = 4,
+    batch_size: BatchSizeOpt = 2,
+    seq_len: SeqLenOpt = 128,
+    draft_vocab: DraftVocabOpt = 512,
     cache_dir: CacheOpt = default_cache_dir(),
     encoding: EncodingOpt = None,
 ) -> None:
     """Drive running servers with the client and check every answer against a local copy of the model."""
     configure_logging("WARNING")
-    from appliance.demo import run_validate
+    from appliance.demo import DriveSpec, run_validate
 
     urls = [u for item in url for u in item.split(",") if u.strip()]
-    raise typer.Exit(
-        run_validate(
-            urls=urls,
-            model=model,
-            dtype=dtype,
-            device=device,
-            batches=batches,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            draft_vocab=draft_vocab,
-            cache_dir=cache_dir,
-            encoding=encoding,
-        )
-    )
+    spec = DriveSpec(model, dtype, device, batches, batch_size, seq_len, draft_vocab, cache_dir, encoding)
+    raise typer.Exit(run_validate(spec, urls))
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from appliance.target import Target, VocabMapping, load_target
 from client import RemoteEagle3TargetModel
 from client.encodings import parse_encoding
 
-__all__ = ["drive", "make_batch", "make_vocab_mapping", "run_demo", "run_validate", "supervision_equal"]
+__all__ = ["DriveSpec", "drive", "make_batch", "make_vocab_mapping", "run_demo", "run_validate", "supervision_equal"]
 
 
 def make_vocab_mapping(vocab_size: int, draft_vocab: int, seed: int = 0) -> VocabMapping:
@@ -122,68 +123,56 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def run_demo(
-    *,
-    model: str,
-    dtype: Dtype,
-    device: Device,
-    port: int,
-    batches: int,
-    batch_size: int,
-    seq_len: int,
-    draft_vocab: int,
-    cache_dir: Path,
-    encoding: str | None = None,
-) -> int:
+@dataclass(frozen=True)
+class DriveSpec:
+    """What the demo and ``validate`` drive: the reference model and the batches to send."""
+
+    model: str
+    dtype: Dtype
+    device: Device
+    batches: int
+    batch_size: int
+    seq_len: int
+    draft_vocab: int
+    cache_dir: Path
+    encoding: str | None = None
+
+    def reference(self) -> Target:
+        return load_target(Settings(model=self.model, dtype=self.dtype, device=self.device, cache_dir=self.cache_dir))
+
+    def drive(self, urls: list[str], reference: Target) -> bool:
+        return drive(
+            urls,
+            reference,
+            batches=self.batches,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            draft_vocab=self.draft_vocab,
+            encoding=self.encoding,
+        )
+
+
+def run_demo(spec: DriveSpec, port: int = 0) -> int:
     """Start a server, drive it, stop it. Returns the exit code: 0 when every answer was bit-exact."""
     _quiet_transformers()
-    print(f"== eagle3-appliance demo: model={model} dtype={dtype.value} device={device.value}")
+    print(f"== eagle3-appliance demo: model={spec.model} dtype={spec.dtype.value} device={spec.device.value}")
     t0 = time.perf_counter()
-    args = ["--model", model, "--dtype", dtype.value, "--device", device.value, "--cache-dir", str(cache_dir)]
+    args = ["--model", spec.model, "--dtype", spec.dtype.value, "--device", spec.device.value]
+    args += ["--cache-dir", str(spec.cache_dir)]
     log = Path(tempfile.gettempdir()) / "eagle3-appliance-demo-server.log"
     with ServerProcess(args, port=port, log_path=log) as server:
         print(f"server  {server.url} healthy after {time.perf_counter() - t0:.1f} s (log: {log})")
-        reference = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
-        ok = drive(
-            [server.url],
-            reference,
-            batches=batches,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            draft_vocab=draft_vocab,
-            encoding=encoding,
-        )
+        ok = spec.drive([server.url], spec.reference())
         code = server.stop()
         print(f"server  stopped with SIGTERM, exit code {code}")
-    print(f"done    {batches} batches, bit-exact={'yes' if ok else 'NO'}, total {time.perf_counter() - t0:.1f} s")
+    print(f"done    {spec.batches} batches, bit-exact={'yes' if ok else 'NO'}, total {time.perf_counter() - t0:.1f} s")
     return 0 if ok and code == 0 else 1
 
 
-def run_validate(
-    *,
-    urls: list[str],
-    model: str,
-    dtype: Dtype,
-    device: Device,
-    batches: int,
-    batch_size: int,
-    seq_len: int,
-    draft_vocab: int,
-    cache_dir: Path,
-    encoding: str | None = None,
-) -> int:
+def run_validate(spec: DriveSpec, urls: list[str]) -> int:
     """Check running servers against this process's own copy of the model. Exit code 0 = bit-exact."""
     _quiet_transformers()
-    print(f"== eagle3-appliance validate: {len(urls)} server(s), reference model={model}")
-    reference = load_target(Settings(model=model, dtype=dtype, device=device, cache_dir=cache_dir))
-    ok = drive(
-        urls,
-        reference,
-        batches=batches,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        draft_vocab=draft_vocab,
-        encoding=encoding,
-    )
-    print(f"result  {'PASS' if ok else 'FAIL'}: {batches} batches, {len(urls)} server(s), bit-exact={ok}")
+    print(f"== eagle3-appliance validate: {len(urls)} server(s), reference model={spec.model}")
+    ok = spec.drive(urls, spec.reference())
+    print(f"result  {'PASS' if ok else 'FAIL'}: {spec.batches} batches, {len(urls)} server(s), bit-exact={ok}")
     return 0 if ok else 1

@@ -61,7 +61,7 @@ class ModelRunner:
 
 @dataclass
 class ServingState:
-    """What the handlers share: the model, its runner and the current vocab mapping."""
+    """What the handlers share: the model, its runner, the sessions and the answer buffers."""
 
     settings: Settings
     target: Target
