@@ -19,6 +19,7 @@ from client import protocol
 from client.control import ControlPlane
 from client.encodings import detect_encoding, parse_encoding
 from client.errors import ProtocolViolation
+from client.socketbody import RECV_INTO
 
 __all__ = ["DataPlane", "TransferStats", "WireAnswer", "WireDataPlane", "check_supervision"]
 
@@ -112,7 +113,10 @@ class WireDataPlane(DataPlane):
     name = "wire"
 
     def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        answer = self.control.request("POST", protocol.EP_GENERATE, self.read_timed, content=payload)
+        # RECV_INTO: the socket transport receives the body straight into the tensors.
+        answer = self.control.request(
+            "POST", protocol.EP_GENERATE, self.read_timed, content=payload, extensions={RECV_INTO: True}
+        )
         return self.accept(answer)
 
     def read_timed(self, resp: httpx.Response) -> WireAnswer:

@@ -32,6 +32,7 @@ from client.control import ControlPlane
 from client.dataplane import DataPlane, TransferStats, WireDataPlane, check_supervision
 from client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable
 from client.negotiate import DataPlaneConfig
+from client.socketbody import RECV_INTO
 from client.transfer import (
     Group,
     TransferError,
@@ -232,6 +233,7 @@ class GroupDataPlane(DataPlane):
                 self.wire.read_timed,
                 content=orjson.dumps({"seq": seq}),
                 content_type=protocol.JSON,
+                extensions={RECV_INTO: True},
             )
         except TargetHTTPError as exc:
             if exc.status != protocol.RESEND_CONFLICT_STATUS:
