@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== bench: python -m loadtest.bench (tiny + wide, 8 requests each)"
+echo "== bench: python -m benchmarks.wire (tiny + wide, 8 requests each)"
 make -s .venv/.installed
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-.venv/bin/python -m loadtest.bench --cases tiny,wide --requests 8 --raw-reps 4 --cache-dir "${EAGLE3_CACHE_DIR:-.cache/eagle3-appliance}" | tee "$out"
+.venv/bin/python -m benchmarks.wire --cases tiny,wide --requests 8 --raw-reps 4 --cache-dir "${EAGLE3_CACHE_DIR:-.cache/eagle3-appliance}" | tee "$out"
 tail -n 1 "$out" | .venv/bin/python -c '
 import json, sys
 failed = False

@@ -10,7 +10,7 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 
 echo "== data planes: transport benchmark (MB/s per tier beside a raw loopback socket)"
-"$PY" -m loadtest.bench_transport --draft-vocab 8192 --repeats 2
+"$PY" -m benchmarks.transport --draft-vocab 8192 --repeats 2
 
 echo "== data planes: GPU check"
 "$PY" tests/gpu/check_dataplanes.py

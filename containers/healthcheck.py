@@ -24,7 +24,7 @@ import urllib.request
 
 __all__ = ["DEFAULT_PATHS", "main", "probe", "server_url"]
 
-# client.protocol.path(EP_HEALTH_READY) and path(EP_HEALTH), spelled out because importing the
+# eagle3_client.protocol.path(EP_HEALTH_READY) and path(EP_HEALTH), spelled out because importing the
 # client package imports torch; tests/test_container.py keeps the two in step.
 DEFAULT_PATHS = ("/health/ready", "/health")
 # Addresses a server binds to that are not addresses one can connect to.

@@ -13,18 +13,10 @@ with ``--tags capacity`` (or the class name ``CapacityRank``); otherwise the sha
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from locust import tag, task
 
-# Locust imports this file by path; make the repository (loadtest, client) importable.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from locust import tag, task  # noqa: E402
-
-from loadtest.common._capacity import StepCapacityShape  # noqa: E402
-from loadtest.common._rank import TrainingRank  # noqa: E402
+from eagle3_loadtest._capacity import StepCapacityShape
+from eagle3_loadtest._rank import TrainingRank
 
 
 class CapacityRank(TrainingRank):

@@ -14,23 +14,17 @@ the run fails if any fault gets the wrong reaction or if the ranks' ``/generate`
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:  # Locust imports this file by path; make the repository importable.
-    sys.path.insert(0, _ROOT)
+from locust import tag, task
+from locust.exception import CatchResponseError
 
-from locust import tag, task  # noqa: E402
-from locust.exception import CatchResponseError  # noqa: E402
-
-from client import protocol, wire  # noqa: E402
-from loadtest.common._batches import make_batch  # noqa: E402
-from loadtest.common._rank import TrainingRank  # noqa: E402
-from loadtest.common._rawhttp import address_of, request_bytes, send_and_hang_up, slow_read  # noqa: E402
+from eagle3_client import protocol, wire
+from eagle3_loadtest._batches import make_batch
+from eagle3_loadtest._rank import TrainingRank
+from eagle3_loadtest._rawhttp import address_of, request_bytes, send_and_hang_up, slow_read
 
 FAULT = "FAULT"  # request type of the raw-socket rows
 GENERATE_PATH = protocol.path(protocol.EP_GENERATE)

@@ -10,17 +10,9 @@ Every answer is checked; the run exits 1 on any failed or wrong answer (or, with
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from locust import tag, task
 
-# Locust imports this file by path; make the repository (loadtest, client) importable.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from locust import tag, task  # noqa: E402
-
-from loadtest.common._rank import TrainingRank  # noqa: E402
+from eagle3_loadtest._rank import TrainingRank
 
 
 class SteadyRank(TrainingRank):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from appliance.builtin_model import ensure_builtin_model
-from appliance.launch import ServerProcess
+from eagle3_appliance.builtin_model import ensure_builtin_model
+from eagle3_appliance.launch import ServerProcess
 from tests.oracle import Oracle
 
 

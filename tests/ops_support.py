@@ -18,8 +18,8 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.launch import ServerProcess
-from client import wire
+from eagle3_appliance.launch import ServerProcess
+from eagle3_client import wire
 
 T = TypeVar("T")
 

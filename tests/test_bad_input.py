@@ -9,8 +9,8 @@ import httpx
 import pytest
 import torch
 
-from appliance.launch import ServerProcess
-from client import RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
+from eagle3_appliance.launch import ServerProcess
+from eagle3_client import RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
 from tests.conftest import random_batch, random_mapping
 from tests.oracle import Oracle, assert_bit_exact
 

@@ -7,8 +7,8 @@ import gc
 import pytest
 import torch
 
-from client.buffers import BufferPool, pool_bytes_from_env, reuse_supported
-from client.wire import tensor_bytes
+from eagle3_client.buffers import BufferPool, pool_bytes_from_env, reuse_supported
+from eagle3_client.wire import tensor_bytes
 
 pytestmark = pytest.mark.skipif(not reuse_supported(), reason="this torch cannot report storage use counts")
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from appliance.cli import app
-from appliance.launch import ServerProcess
-from client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_appliance.cli import app
+from eagle3_appliance.launch import ServerProcess
+from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from tests.conftest import random_batch, random_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
@@ -49,7 +49,7 @@ def test_bad_aux_layer_ids_are_rejected_before_loading(value: str, message: str)
 
 def test_out_of_range_aux_layer_ids_fail_with_a_clear_error(cache_dir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--cache-dir", str(cache_dir), "--aux-layer-ids", "0,2,8"],
+        [sys.executable, "-m", "eagle3_appliance", "serve", "--cache-dir", str(cache_dir), "--aux-layer-ids", "0,2,8"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -61,7 +61,7 @@ def test_out_of_range_aux_layer_ids_fail_with_a_clear_error(cache_dir: Path) -> 
 
 def test_a_missing_model_folder_is_a_clear_user_error(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--model", str(tmp_path / "typo")],
+        [sys.executable, "-m", "eagle3_appliance", "serve", "--model", str(tmp_path / "typo")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -98,7 +98,18 @@ def test_configuration_from_environment_and_custom_aux_layers(cache_dir: Path, o
 
 def test_demo_command_runs_the_main_job_bit_exact(cache_dir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "appliance", "demo", "--cache-dir", str(cache_dir), "--batches", "2", "--seq-len", "32"],
+        [
+            sys.executable,
+            "-m",
+            "eagle3_appliance",
+            "demo",
+            "--cache-dir",
+            str(cache_dir),
+            "--batches",
+            "2",
+            "--seq-len",
+            "32",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -7,7 +7,7 @@ import orjson
 import pytest
 import torch
 
-from client import (
+from eagle3_client import (
     ProtocolViolation,
     RemoteEagle3TargetModel,
     TargetHTTPError,
@@ -17,7 +17,7 @@ from client import (
     protocol,
     wire,
 )
-from client.control import ControlPlane
+from eagle3_client.control import ControlPlane
 
 SUPERVISION = {
     "aux_hidden_states": torch.randn(1, 3, 12),

@@ -20,8 +20,8 @@ from types import ModuleType
 
 import pytest
 
-from appliance.launch import ServerProcess, free_port
-from client import protocol
+from eagle3_appliance.launch import ServerProcess, free_port
+from eagle3_client import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "containers" / "healthcheck.py"
@@ -187,7 +187,7 @@ def test_dockerfile_keeps_its_promises() -> None:
 def test_sigterm_while_loading_exits_0_at_once(tmp_path: Path) -> None:
     """``docker stop`` during a long model load must not wait out its timeout (PID 1 ignores
     signals it has no handler for); here the load is interrupted as soon as it is logged."""
-    cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(free_port()), "--cache-dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "eagle3_appliance", "serve", "--port", str(free_port()), "--cache-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []

@@ -14,12 +14,14 @@ import httpx
 import pytest
 import torch
 
-from appliance.encodings import HIDDEN_TOLERANCE
-from appliance.launch import ServerProcess
-from appliance.settings import Device, Dtype, Settings
-from appliance.target import Target, VocabMapping, load_target
-from client import RemoteEagle3TargetModel, protocol, wire
-from client.encodings import response_bytes, wire_bytes_per_token
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Device, Dtype, Settings
+from eagle3_appliance.supervision import HIDDEN_TOLERANCE, in_process
+from eagle3_appliance.target import Target
+from eagle3_client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_client.encodings import response_bytes, wire_bytes_per_token
 from tests.conftest import random_batch, random_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
@@ -245,7 +247,7 @@ def test_bf16_logits_are_bit_exact_and_half_the_bytes(
 ) -> None:
     reference = load_target(Settings(model=str(model_dir), dtype=Dtype.bfloat16, device=Device.cpu))
     inputs = random_batch(reference.vocab_size, 2, 40, seed=90)
-    expected = reference.supervise(*inputs, VocabMapping(*mapping))
+    expected = in_process(reference, GenerateInputs(*inputs), VocabMapping(*mapping))
     with connect(bf16_server.url, "logits", mapping) as remote:
         assert_bit_exact(remote.generate_batch(*inputs), expected)
     with connect(bf16_server.url, "hidden", mapping) as remote:
@@ -298,8 +300,8 @@ def test_hidden_is_refused_for_a_soft_capped_model(
         rows = http.post("/lm_head_rows", content=wire.encode({"selected_token_ids": mapping[0]}))
         assert rows.status_code == 422 and "not available for this model" in rows.json()["error"]
     inputs = random_batch(reference.vocab_size, 2, 12, seed=96)
-    expected = reference.supervise(*inputs, VocabMapping(*mapping))
-    with caplog.at_level(logging.WARNING, logger="client.backend"):
+    expected = in_process(reference, GenerateInputs(*inputs), VocabMapping(*mapping))
+    with caplog.at_level(logging.WARNING, logger="eagle3_client.backend"):
         with connect(server.url, "hidden", mapping) as remote:
             assert remote.encoding_stats()["negotiated"] == {server.url: "probs"}
             assert_bit_exact(remote.generate_batch(*inputs), expected)
@@ -314,7 +316,7 @@ def test_validate_checks_an_encoding_as_it_promises(
 ) -> None:
     from typer.testing import CliRunner
 
-    from appliance.cli import app
+    from eagle3_appliance.cli import app
 
     args = ["validate", "--url", server.url, "--cache-dir", str(cache_dir), "--device", "cpu"]
     args += ["--encoding", encoding, "--batches", "1", "--seq-len", "32"]

@@ -11,13 +11,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from appliance import encodings as server_encodings
-from appliance.cli import app
-from appliance.settings import Device, Settings
-from appliance.target import VocabMapping, load_target
-from client import ProtocolViolation, protocol, wire
-from client.dataplane import check_supervision
-from client.encodings import (
+from eagle3_appliance import negotiation, supervision
+from eagle3_appliance.cli import app
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Device, Settings
+from eagle3_appliance.target import ForwardOutputs
+from eagle3_client import ProtocolViolation, protocol, wire
+from eagle3_client.dataplane import check_supervision
+from eagle3_client.encodings import (
     Encoding,
     decode_supervision,
     parse_encoding,
@@ -158,7 +160,7 @@ def test_the_answer_must_carry_the_keys_of_the_encoding_its_header_names() -> No
 
 def test_against_an_upstream_server_a_requested_encoding_falls_back_to_probs(caplog: pytest.LogCaptureFixture) -> None:
     remote, recorder = make_remote(upstream_server, encoding="hidden")
-    with caplog.at_level(logging.WARNING, logger="client.backend"):
+    with caplog.at_level(logging.WARNING, logger="eagle3_client.backend"):
         remote.set_vocab_mapping(torch.arange(5), torch.ones(9, dtype=torch.bool))
         batch = remote.generate_batch(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), torch.ones(1, 3))
     for key, value in SUPERVISION.items():
@@ -185,14 +187,14 @@ def test_a_header_that_contradicts_the_body_is_a_protocol_violation() -> None:
 
 
 def test_negotiation_picks_the_first_usable_offer() -> None:
-    offered = server_encodings.offered_encodings({"encoding": "hidden", "encodings": ["hidden", "topk:4", "probs"]})
+    offered = negotiation.offered_encodings({"encoding": "hidden", "encodings": ["hidden", "topk:4", "probs"]})
     assert [e.name for e in offered] == ["hidden", "topk:4", "probs"]
-    assert server_encodings.choose_encoding(offered, None) == (parse_encoding("hidden"), None)
-    chosen, why = server_encodings.choose_encoding(offered, "the LM head has a bias")
+    assert negotiation.choose_encoding(offered, None) == (parse_encoding("hidden"), None)
+    chosen, why = negotiation.choose_encoding(offered, "the LM head has a bias")
     assert chosen.name == "topk:4" and "bias" in why
-    assert server_encodings.offered_encodings({})[0].name == "probs"
-    with pytest.raises(server_encodings.EncodingError, match="bias"):
-        server_encodings.choose_encoding([parse_encoding("hidden")], "the LM head has a bias")
+    assert negotiation.offered_encodings({})[0].name == "probs"
+    with pytest.raises(negotiation.EncodingError, match="bias"):
+        negotiation.choose_encoding([parse_encoding("hidden")], "the LM head has a bias")
 
 
 def _fresh_target(model_dir: Path):  # noqa: ANN202 - a Target
@@ -200,7 +202,7 @@ def _fresh_target(model_dir: Path):  # noqa: ANN202 - a Target
 
 
 def test_hidden_is_accepted_for_the_builtin_model(model_dir: Path) -> None:
-    assert server_encodings.hidden_refusal(_fresh_target(model_dir)) is None
+    assert _fresh_target(model_dir).hidden_refusal() is None
 
 
 def test_hidden_is_refused_when_the_head_has_a_bias(model_dir: Path) -> None:
@@ -209,38 +211,47 @@ def test_hidden_is_refused_when_the_head_has_a_bias(model_dir: Path) -> None:
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     biased.weight = head.weight
     target.model.lm_head = biased
-    assert server_encodings.hidden_refusal(target) == "the LM head has a bias"
+    assert target.hidden_refusal() == "the LM head has a bias"
 
 
 def test_hidden_is_refused_when_a_config_announces_a_logit_transform(model_dir: Path) -> None:
     target = _fresh_target(model_dir)
     target.model.config.logit_scale = 0.0625
-    assert "logit_scale=0.0625" in server_encodings.hidden_refusal(target)
+    assert "logit_scale=0.0625" in target.hidden_refusal()
 
 
 def test_hidden_is_refused_when_the_probe_sees_an_unannounced_transform(model_dir: Path) -> None:
     target = _fresh_target(model_dir)
     target.model.lm_head.register_forward_hook(lambda _m, _i, out: out * 0.5)
-    assert "not exactly linear" in server_encodings.hidden_refusal(target)
+    assert "not exactly linear" in target.hidden_refusal()
 
 
 def test_topk_encoder_uses_int32_indices_beyond_32768_entries() -> None:
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 40000)
-    out = server_encodings.ForwardOutputs(torch.zeros(1, 3, 6), logits)
+    out = ForwardOutputs(torch.zeros(1, 3, 6), logits)
     ids = torch.randperm(40000)[:33000]
     mask = torch.zeros(40000, dtype=torch.bool)
     mask[ids] = True
-    inputs, loss_mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
-    encoded = server_encodings.encode_topk(out, inputs, loss_mask, VocabMapping(ids, mask), 5)
+    ids_in = torch.zeros(1, 3, dtype=torch.long)
+    inputs = GenerateInputs(ids_in, torch.ones_like(ids_in), torch.ones_like(ids_in))
+    encoded = supervision.encode(parse_encoding("topk:5"), out, inputs, VocabMapping(ids, mask))
     assert encoded[protocol.KEY_TOPK_INDICES].dtype == torch.int32
-    reference = server_encodings.encode_probs(out, inputs, loss_mask, VocabMapping(ids, mask))["target_probs"]
+    reference = supervision.encode(parse_encoding("probs"), out, inputs, VocabMapping(ids, mask))["target_probs"]
     assert torch.equal(encoded[protocol.KEY_TOPK_VALUES], reference.topk(5, -1).values)
-    small = server_encodings.encode_topk(out, inputs, loss_mask, VocabMapping(ids[:32768], mask), 5)
+    small = supervision.encode(parse_encoding("topk:5"), out, inputs, VocabMapping(ids[:32768], mask))
     assert small[protocol.KEY_TOPK_INDICES].dtype == torch.int16
 
 
-@pytest.mark.parametrize("name", ["client.encodings", "appliance.encodings", "appliance.sizes"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "eagle3_client.encodings",
+        "eagle3_appliance.negotiation",
+        "eagle3_appliance.supervision",
+        "eagle3_appliance.sizes",
+    ],
+)
 def test_every_name_in_all_exists(name: str) -> None:
     import importlib
 

@@ -6,19 +6,19 @@ import importlib
 
 import pytest
 
-import client
+import eagle3_client
 
 MODULES = [
-    "client",
-    "client.protocol",
-    "client.wire",
-    "client.errors",
-    "client.control",
-    "client.dataplane",
-    "client.backend",
-    "client.contract",
-    "client.automodel",
-    "client.automodel_launch",
+    "eagle3_client",
+    "eagle3_client.protocol",
+    "eagle3_client.wire",
+    "eagle3_client.errors",
+    "eagle3_client.control",
+    "eagle3_client.dataplane",
+    "eagle3_client.backend",
+    "eagle3_client.contract",
+    "eagle3_client.automodel",
+    "eagle3_client.automodel_launch",
 ]
 
 
@@ -31,8 +31,8 @@ def test_every_name_in_all_exists(name: str) -> None:
 
 
 def test_client_exports() -> None:
-    assert "RemoteEagle3TargetModel" in client.__all__
-    assert client.RemoteEagle3TargetModel.from_urls is not None
+    assert "RemoteEagle3TargetModel" in eagle3_client.__all__
+    assert eagle3_client.RemoteEagle3TargetModel.from_urls is not None
 
 
 def test_client_does_not_need_server_packages() -> None:
@@ -43,11 +43,11 @@ def test_client_does_not_need_server_packages() -> None:
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('sanic', 'pynvml', 'transformers', 'appliance'):\n"
+        "        if name.split('.')[0] in ('sanic', 'pynvml', 'transformers', 'eagle3_appliance'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import client\n"
-        "from client import RemoteEagle3TargetModel\n"
+        "import eagle3_client\n"
+        "from eagle3_client import RemoteEagle3TargetModel\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

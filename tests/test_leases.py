@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.launch import ServerProcess
-from client import RemoteEagle3TargetModel, protocol
+from eagle3_appliance.launch import ServerProcess
+from eagle3_client import RemoteEagle3TargetModel, protocol
 
 
 @pytest.fixture(scope="module")

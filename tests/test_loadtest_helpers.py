@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
-from appliance.target import VocabMapping, compute_supervision
-from loadtest.common._batches import BatchSpec, LengthDistribution, make_batch, make_vocab_mapping
-from loadtest.common._counters import SupervisionCounters
-from loadtest.common._steps import StepPlan, StepSearch, Window, evaluate_step, percentile
-from loadtest.common._validate import Expected, SupervisionError, check_supervision, payload_bytes
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.supervision import reference_projection
+from eagle3_loadtest._batches import BatchSpec, LengthDistribution, make_batch, make_vocab_mapping
+from eagle3_loadtest._counters import SupervisionCounters
+from eagle3_loadtest._steps import StepPlan, StepSearch, Window, evaluate_step, percentile
+from eagle3_loadtest._validate import Expected, SupervisionError, check_supervision, payload_bytes
 
 HIDDEN, VOCAB, DRAFT = 4, 50, 10
 
@@ -88,7 +89,7 @@ def _answer(request: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     batch, seq_len = request["input_ids"].shape
     mapping = make_vocab_mapping(VOCAB, DRAFT, seed=0)
     gen = torch.Generator().manual_seed(0)
-    return compute_supervision(
+    return reference_projection(
         torch.randn(batch, seq_len, 3 * HIDDEN, generator=gen),
         torch.randn(batch, seq_len, VOCAB, generator=gen),
         request["input_ids"],

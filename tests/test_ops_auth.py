@@ -13,10 +13,12 @@ import httpx
 import pytest
 import torch
 
-from appliance.demo import make_batch, make_vocab_mapping, supervision_equal
-from appliance.settings import Settings
-from appliance.target import load_target
-from client import RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Settings
+from eagle3_appliance.supervision import in_process, supervision_equal
+from eagle3_client import RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.ops_support import REPO, server
 
 TOKEN = "s3cret-token-for-tests"
@@ -50,8 +52,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _bodies() -> dict[str, bytes]:
-    mapping = make_vocab_mapping(1024, 64)
-    ids, mask, loss = make_batch(1024, 1, 8, seed=0)
+    mapping = VocabMapping(*vocab_mapping(1024, 64))
+    ids, mask, loss = random_batch(1024, 1, 8, seed=0)
     return {
         protocol.EP_SET_VOCAB_MAPPING: wire.encode(
             {"selected_token_ids": mapping.selected_token_ids, "selected_token_mask": mapping.selected_token_mask}
@@ -99,9 +101,9 @@ def test_our_client_sends_the_token_from_its_argument_or_the_environment(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = load_target(Settings())
-    mapping = make_vocab_mapping(reference.logits_size, 128)
-    inputs = make_batch(reference.vocab_size, 2, 16, seed=5)
-    expected = reference.supervise(*inputs, mapping)
+    mapping = VocabMapping(*vocab_mapping(reference.logits_size, 128))
+    inputs = random_batch(reference.vocab_size, 2, 16, seed=5)
+    expected = in_process(reference, GenerateInputs(*inputs), mapping)
     monkeypatch.delenv("EAGLE3_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("EAGLE3_AUTH_TOKEN_FILE", raising=False)
     with RemoteEagle3TargetModel.from_urls([url], token=TOKEN) as remote:
@@ -119,7 +121,7 @@ def test_our_client_sends_the_token_from_its_argument_or_the_environment(
 def test_gpus_command_reads_a_server_with_the_token_from_the_environment(url: str) -> None:
     env = {**os.environ, "EAGLE3_AUTH_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "appliance", "gpus", "--url", url],
+        [sys.executable, "-m", "eagle3_appliance", "gpus", "--url", url],
         env=env,
         capture_output=True,
         text=True,
@@ -133,7 +135,16 @@ def test_token_file_and_token_together_are_refused(tmp_path: Path) -> None:
     (tmp_path / "t").write_text("x")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--auth-token", "a", "--auth-token-file", str(tmp_path / "t")],
+        [
+            sys.executable,
+            "-m",
+            "eagle3_appliance",
+            "serve",
+            "--auth-token",
+            "a",
+            "--auth-token-file",
+            str(tmp_path / "t"),
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from client import wire
+from eagle3_client import wire
 from tests.ops_support import (
     Samples,
     batch,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from client import RemoteEagle3TargetModel, wire
+from eagle3_client import RemoteEagle3TargetModel, wire
 from tests.ops_support import (
     batch,
     fake_nvml_env,

@@ -13,15 +13,16 @@ import httpx
 import pytest
 import torch
 
-from appliance.demo import make_batch, make_vocab_mapping
-from client import RemoteEagle3TargetModel, protocol
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_client import RemoteEagle3TargetModel, protocol
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.ops_support import REPO, metric, scrape, server, wait_until
 
 LEASE = 1.5
 
 _CLIENT = """
 import sys, time, torch
-from client import RemoteEagle3TargetModel
+from eagle3_client import RemoteEagle3TargetModel
 remote = RemoteEagle3TargetModel.from_urls([sys.argv[1]])
 ids = torch.arange(0, 1024, 8)
 mask = torch.zeros(1024, dtype=torch.bool)
@@ -81,8 +82,8 @@ def test_heartbeats_keep_a_live_client_and_a_killed_clients_session_expires(url:
 
 def test_one_clients_disconnect_leaves_the_other_and_the_server_alone(url: str) -> None:
     before = scrape(url)
-    mapping = make_vocab_mapping(1024, 100)
-    inputs = make_batch(1024, 2, 12, seed=9)
+    mapping = VocabMapping(*vocab_mapping(1024, 100))
+    inputs = random_batch(1024, 2, 12, seed=9)
     a = RemoteEagle3TargetModel.from_urls([url])
     b = RemoteEagle3TargetModel.from_urls([url])
     try:

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client import wire
-from client.protocol import SUPERVISION_KEYS
+from eagle3_client import wire
+from eagle3_client.protocol import SUPERVISION_KEYS
 from tests.ops_support import batch, in_background, make_slow_model, metric, model_env, post, scrape, server, wait_until
 
 GRACE = 20.0

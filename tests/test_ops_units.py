@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -16,15 +17,16 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from appliance import gpu
-from appliance.admission import Admission
-from appliance.auth import BearerAuth, load_token
-from appliance.errors import Unauthorized, Unavailable
-from appliance.sessions import ANONYMOUS, SessionRegistry
-from client import TargetOverloaded, protocol
-from client.auth import auth_headers, resolve_token
-from client.control import ControlPlane
-from client.heartbeat import Heartbeat
+from eagle3_appliance import gpu
+from eagle3_appliance.admission import Admission, Ticket
+from eagle3_appliance.auth import BearerAuth
+from eagle3_appliance.errors import Unauthorized, Unavailable
+from eagle3_appliance.sessions import ANONYMOUS, SessionRegistry
+from eagle3_appliance.settings import load_token
+from eagle3_client import TargetOverloaded, protocol
+from eagle3_client.auth import auth_headers, resolve_token
+from eagle3_client.control import ControlPlane
+from eagle3_client.heartbeat import Heartbeat
 from tests.ops_support import FAKE_NVML_DIR, healthy_gpus, wait_until
 
 # -- NVML through the fake pynvml --------------------------------------------------------
@@ -169,7 +171,7 @@ def test_report_json_round_trips_for_the_table(nvml: ModuleType) -> None:
 
 
 def test_gpus_command_prints_the_table_and_fails_on_a_fatal_gpu(nvml: ModuleType) -> None:
-    from appliance.cli import app
+    from eagle3_appliance.cli import app
 
     runner = CliRunner()
     done = runner.invoke(app, ["gpus"])
@@ -195,6 +197,16 @@ def _run(coro):  # noqa: ANN001, ANN202 - tiny helper
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
+def _compute(ticket: Ticket, work: Callable[[], object]) -> None:
+    """What the pipeline does with a ticket on the model thread."""
+    ticket.begin_compute()
+    try:
+        work()
+        ticket.forward_done()
+    finally:
+        ticket.end_compute()
+
+
 def test_admission_lets_max_queue_wait_behind_the_computing_request() -> None:
     async def scenario() -> list[str]:
         admission = Admission(max_queue=1)
@@ -206,7 +218,7 @@ def test_admission_lets_max_queue_wait_behind_the_computing_request() -> None:
             try:
                 async with admission.admit() as ticket:
                     events.append(f"{name} admitted")
-                    await loop.run_in_executor(None, ticket.compute, lambda: gate.wait(5))
+                    await loop.run_in_executor(None, _compute, ticket, lambda: gate.wait(5))
             except Unavailable as exc:
                 events.append(f"{name} refused retry-after={exc.headers['Retry-After']}")
 
@@ -243,7 +255,10 @@ def test_ticket_phases_split_queue_forward_encode_send() -> None:
     async def scenario() -> dict[str, float]:
         async with admission.admit() as ticket:
             await asyncio.sleep(0.02)
-            ticket.compute(lambda: time.sleep(0.03), lambda x: x)
+            ticket.begin_compute()
+            time.sleep(0.03)
+            ticket.forward_done()
+            ticket.end_compute()
             ticket.encoded()
             ticket.sent(123)
         return ticket.phases()
@@ -344,7 +359,7 @@ def test_client_token_from_argument_env_or_file(monkeypatch: pytest.MonkeyPatch,
 
 
 def _control(handler, sleeps: list[float], monkeypatch: pytest.MonkeyPatch, **kw) -> ControlPlane:  # noqa: ANN001
-    monkeypatch.setattr("client.control.time.sleep", sleeps.append)
+    monkeypatch.setattr("eagle3_client.control.time.sleep", sleeps.append)
     return ControlPlane("http://server:8001", transport=httpx.MockTransport(handler), **kw)
 
 
@@ -413,9 +428,9 @@ class _StopRecorder:
 
 
 def _lifecycle(exit_when_idle: bool):  # noqa: ANN202
-    from appliance.inflight import InFlight
-    from appliance.lifecycle import Lifecycle
-    from appliance.settings import Settings
+    from eagle3_appliance.inflight import InFlight
+    from eagle3_appliance.lifecycle import Lifecycle
+    from eagle3_appliance.settings import Settings
 
     app = _StopRecorder()
     registry = SessionRegistry()

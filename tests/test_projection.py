@@ -5,12 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appliance.buffers import ServerBuffers, supervise_into
-from appliance.demo import make_batch, make_vocab_mapping
-from appliance.projection import project_into
-from appliance.settings import Settings
-from appliance.target import Target, compute_supervision, load_target
-from client.buffers import BufferPool
+from eagle3_appliance import supervision
+from eagle3_appliance.buffers import ServerBuffers
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.projection import project_into
+from eagle3_appliance.settings import Settings
+from eagle3_appliance.supervision import in_process, reference_projection
+from eagle3_appliance.target import Target
+from eagle3_client.buffers import BufferPool
+from eagle3_client.encodings import PROBS
+from eagle3_client.synthetic import random_batch, vocab_mapping
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -54,8 +59,8 @@ def _inputs(batch: int, seq: int, vocab: int, dtype: torch.dtype, seed: int, tie
 )
 def test_project_into_matches_compute_supervision_bit_for_bit(batch, seq, vocab, draft, dtype, chunk_rows, ties):
     aux, logits, input_ids, loss_mask = _inputs(batch, seq, vocab, dtype, seed=batch * seq + draft, ties=ties)
-    mapping = make_vocab_mapping(vocab, draft, seed=seq)
-    want = compute_supervision(aux, logits, input_ids, loss_mask, mapping)
+    mapping = VocabMapping(*vocab_mapping(vocab, draft, seed=seq))
+    want = reference_projection(aux, logits, input_ids, loss_mask, mapping)
     pool = BufferPool()
     for _ in range(2):  # the second run writes into reused blocks
         got = project_into(aux, logits, input_ids, loss_mask, mapping, alloc=pool.empty, chunk_rows=chunk_rows)
@@ -66,10 +71,10 @@ def test_project_into_matches_compute_supervision_bit_for_bit(batch, seq, vocab,
 
 def test_project_into_without_pool_allocates_fresh_and_matches():
     aux, logits, input_ids, loss_mask = _inputs(2, 20, 32, torch.float32, seed=3, ties=False)
-    mapping = make_vocab_mapping(32, 10)
+    mapping = VocabMapping(*vocab_mapping(32, 10))
     _assert_same(
         project_into(aux, logits, input_ids, loss_mask, mapping),
-        compute_supervision(aux, logits, input_ids, loss_mask, mapping),
+        reference_projection(aux, logits, input_ids, loss_mask, mapping),
     )
 
 
@@ -78,23 +83,31 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
     return load_target(Settings(cache_dir=tmp_path_factory.mktemp("model-cache")))
 
 
-def test_supervise_into_matches_target_supervise_and_never_overwrites_a_held_answer(target: Target):
-    mapping = make_vocab_mapping(target.logits_size, 300)
-    buffers = ServerBuffers(target.device, 1 << 30)
-    first_inputs = make_batch(target.vocab_size, 2, 64, seed=1)
-    second_inputs = make_batch(target.vocab_size, 2, 64, seed=2)
-    want_first = target.supervise(*first_inputs, mapping)
-    want_second = target.supervise(*second_inputs, mapping)
+def _served(target: Target, buffers: ServerBuffers, inputs: tuple, mapping: VocabMapping) -> dict[str, torch.Tensor]:
+    """What the server's pipeline computes for a wire answer: forward and projection into pooled memory."""
+    alloc = buffers.device_alloc()
+    batch = GenerateInputs(*inputs)
+    out = target.forward(batch.input_ids, batch.attention_mask, alloc=alloc)
+    return buffers.to_host(supervision.encode(PROBS, out, batch, mapping, alloc=alloc))
 
-    first = supervise_into(target, buffers, *first_inputs, mapping)
+
+def test_served_path_matches_the_reference_and_never_overwrites_a_held_answer(target: Target):
+    mapping = VocabMapping(*vocab_mapping(target.logits_size, 300))
+    buffers = ServerBuffers(target.device, 1 << 30)
+    first_inputs = random_batch(target.vocab_size, 2, 64, seed=1)
+    second_inputs = random_batch(target.vocab_size, 2, 64, seed=2)
+    want_first = in_process(target, GenerateInputs(*first_inputs), mapping)
+    want_second = in_process(target, GenerateInputs(*second_inputs), mapping)
+
+    first = _served(target, buffers, first_inputs, mapping)
     _assert_same(first, want_first)
-    second = supervise_into(target, buffers, *second_inputs, mapping)  # `first` is still held
+    second = _served(target, buffers, second_inputs, mapping)  # `first` is still held
     _assert_same(second, want_second)
     _assert_same(first, want_first)  # untouched by the second request
     assert first["target_probs"].data_ptr() != second["target_probs"].data_ptr()
 
     del first, second
     hits = buffers.host.stats.hits
-    third = supervise_into(target, buffers, *first_inputs, mapping)
+    third = _served(target, buffers, first_inputs, mapping)
     _assert_same(third, want_first)
     assert buffers.host.stats.hits > hits  # blocks of dropped answers are reused

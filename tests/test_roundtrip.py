@@ -8,11 +8,13 @@ import httpx
 import pytest
 import torch
 
-from appliance.launch import ServerProcess
-from appliance.settings import Settings
-from appliance.target import VocabMapping, load_target
-from client import RemoteEagle3TargetModel, protocol, wire
-from client.contract import Eagle3TargetBatch
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Settings
+from eagle3_appliance.supervision import in_process
+from eagle3_client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_client.contract import Eagle3TargetBatch
 from tests.conftest import random_batch, random_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
@@ -149,5 +151,5 @@ def test_in_process_target_matches_the_oracle(model_dir: Path, oracle: Oracle) -
     ids, mask = random_mapping(oracle.vocab_size, 200, seed=40)
     for batch, seq in SHAPES:
         inputs = random_batch(oracle.vocab_size, batch, seq, seed=batch * seq)
-        got = target.supervise(*inputs, VocabMapping(ids, mask))
+        got = in_process(target, GenerateInputs(*inputs), VocabMapping(ids, mask))
         assert_bit_exact(got, oracle.supervision(*inputs, ids, mask))

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from client import wire
+from eagle3_client import wire
 
 ALL_DTYPES = list(wire.DTYPE_TO_CODE)
 

@@ -9,11 +9,14 @@ import httpx
 import pytest
 import torch
 
-from appliance.demo import make_batch, make_vocab_mapping, supervision_equal
-from appliance.launch import ServerProcess
-from appliance.settings import Settings
-from appliance.target import Target, load_target
-from client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Settings
+from eagle3_appliance.supervision import in_process, supervision_equal
+from eagle3_appliance.target import Target
+from eagle3_client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_client.synthetic import random_batch, vocab_mapping
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +38,9 @@ def server(cache_dir: Path, target: Target):  # target first: the model folder e
 
 
 def test_held_batches_are_never_overwritten_and_dropped_ones_are_reused(server: ServerProcess, target: Target):
-    mapping = make_vocab_mapping(target.logits_size, 200)
-    inputs = [make_batch(target.vocab_size, 2, 96, seed=s) for s in range(3)]
-    want = [target.supervise(*x, mapping) for x in inputs]
+    mapping = VocabMapping(*vocab_mapping(target.logits_size, 200))
+    inputs = [random_batch(target.vocab_size, 2, 96, seed=s) for s in range(3)]
+    want = [in_process(target, GenerateInputs(*x), mapping) for x in inputs]
     with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", data_plane="wire") as remote:
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
         first = remote.generate_batch(*inputs[0])
@@ -74,11 +77,11 @@ def test_an_answer_still_being_sent_is_not_overwritten_by_later_forwards(server:
     supervision of its own inputs. (That the transport's queued byte views also keep a
     block busy after the handler returns is checked in test_buffers.py.)
     """
-    mapping = make_vocab_mapping(target.logits_size, 1024)
-    stalled_inputs = make_batch(target.vocab_size, 4, 1024, seed=10)
-    other_inputs = make_batch(target.vocab_size, 4, 1024, seed=11)
-    want_stalled = target.supervise(*stalled_inputs, mapping)
-    want_other = target.supervise(*other_inputs, mapping)
+    mapping = VocabMapping(*vocab_mapping(target.logits_size, 1024))
+    stalled_inputs = random_batch(target.vocab_size, 4, 1024, seed=10)
+    other_inputs = random_batch(target.vocab_size, 4, 1024, seed=11)
+    want_stalled = in_process(target, GenerateInputs(*stalled_inputs), mapping)
+    want_other = in_process(target, GenerateInputs(*other_inputs), mapping)
 
     # The anonymous (upstream) session gets the mapping, as an upstream client would send it.
     payload = wire.encode(
@@ -119,7 +122,7 @@ def test_generate_answers_are_received_by_the_socket_transport(
     server: ServerProcess, target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The wire plane's /generate must take the recv_into path (a merge once lost it: 3x slower)."""
-    from client import socketbody
+    from eagle3_client import socketbody
 
     received: list[int] = []
     real_readinto = socketbody.SocketBody.readinto
@@ -130,11 +133,11 @@ def test_generate_answers_are_received_by_the_socket_transport(
         return n
 
     monkeypatch.setattr(socketbody.SocketBody, "readinto", counting_readinto)
-    mapping = make_vocab_mapping(target.logits_size, 200)
-    inputs = make_batch(target.vocab_size, 2, 64, seed=7)
+    mapping = VocabMapping(*vocab_mapping(target.logits_size, 200))
+    inputs = random_batch(target.vocab_size, 2, 64, seed=7)
     with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", data_plane="wire") as remote:
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
         batch = remote.generate_batch(*inputs)
-    assert supervision_equal(batch, target.supervise(*inputs, mapping))
-    payload = sum(t.numel() * t.element_size() for t in target.supervise(*inputs, mapping).values())
+    assert supervision_equal(batch, in_process(target, GenerateInputs(*inputs), mapping))
+    payload = sum(t.numel() * t.element_size() for t in in_process(target, GenerateInputs(*inputs), mapping).values())
     assert sum(received) >= payload  # every tensor byte came through recv_into

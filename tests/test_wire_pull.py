@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from client import wire
-from client.buffers import BufferPool
+from eagle3_client import wire
+from eagle3_client.buffers import BufferPool
 
 
 def _blob_tensors() -> dict[str, torch.Tensor | None]:

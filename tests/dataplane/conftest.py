@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.builtin_model import ensure_builtin_model
-from appliance.launch import ServerProcess
-from appliance.settings import Settings
-from appliance.target import Target, VocabMapping, load_target
+from eagle3_appliance.builtin_model import ensure_builtin_model
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Settings
+from eagle3_appliance.target import Target
 
 from .helpers import DRAFT_VOCAB, make_mapping
 

@@ -9,24 +9,26 @@ from typing import Any
 import httpx
 import torch
 
-from appliance.demo import make_batch, make_vocab_mapping
-from appliance.target import Target, VocabMapping
-from client import RemoteEagle3TargetModel, protocol
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.supervision import in_process
+from eagle3_appliance.target import Target
+from eagle3_client import RemoteEagle3TargetModel, protocol
+from eagle3_client.synthetic import random_batch, vocab_mapping
 
 DRAFT_VOCAB = 1000  # nearly the whole built-in vocabulary: the largest answers the small model gives
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def make_mapping(vocab: int, draft: int) -> VocabMapping:
-    return make_vocab_mapping(vocab, min(draft, vocab), seed=7)
+    return VocabMapping(*vocab_mapping(vocab, min(draft, vocab), seed=7))
 
 
 def inputs(reference: Target, batch: int, seq_len: int, seed: int) -> Inputs:
-    return make_batch(reference.vocab_size, batch, seq_len, seed=seed)
+    return random_batch(reference.vocab_size, batch, seq_len, seed=seed)
 
 
 def expected(reference: Target, mapping: VocabMapping, batch_inputs: Inputs) -> dict[str, torch.Tensor]:
-    return {k: v.cpu() for k, v in reference.supervise(*batch_inputs, mapping).items()}
+    return {k: v.cpu() for k, v in in_process(reference, GenerateInputs(*batch_inputs), mapping).items()}
 
 
 def assert_bit_exact(batch: Any, reference: dict[str, torch.Tensor]) -> None:

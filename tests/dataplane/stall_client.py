@@ -16,24 +16,25 @@ import sys
 
 import torch
 
-from appliance.demo import make_batch, make_vocab_mapping
-from client import RemoteEagle3TargetModel, wire
-from client.group_plane import GroupDataPlane
-from client.transfer import tag_for
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_client import RemoteEagle3TargetModel, wire
+from eagle3_client.group_plane import GroupDataPlane
+from eagle3_client.synthetic import random_batch, vocab_mapping
+from eagle3_client.transfer import tag_for
 
 VOCAB, DRAFT = 1024, 1000
 
 
 def main(url: str, mode: str, seq_len: int, out: str) -> int:
-    mapping = make_vocab_mapping(VOCAB, DRAFT, seed=7)
+    mapping = VocabMapping(*vocab_mapping(VOCAB, DRAFT, seed=7))
     remote = RemoteEagle3TargetModel.from_urls([url], data_plane="gloo", data_plane_backoff=0, max_retries=1)
     remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-    remote.generate_batch(*make_batch(VOCAB, 1, 8, seed=0))
+    remote.generate_batch(*random_batch(VOCAB, 1, 8, seed=0))
     server = remote._servers[0]
     plane = server.data_plane
     assert isinstance(plane, GroupDataPlane) and plane.tier == "gloo", plane
     keys = ("input_ids", "attention_mask", "loss_mask")
-    payload = wire.encode(dict(zip(keys, make_batch(VOCAB, 2, seq_len, 1), strict=True)))
+    payload = wire.encode(dict(zip(keys, random_batch(VOCAB, 2, seq_len, 1), strict=True)))
     seq, kind, answer = plane.request_transfer(payload)
     header = ""
     if mode == "die":  # take the transfer's first message, then vanish while the tensors are being sent

@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from appliance.launch import ServerProcess
-from appliance.target import Target, VocabMapping
-from client import protocol
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.target import Target
+from eagle3_client import protocol
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status, wait_for
 
@@ -152,9 +153,9 @@ def test_a_frozen_client_times_out_on_the_server_and_recovers_when_it_wakes(
     from .stall_client import DRAFT, VOCAB  # the child's inputs, rebuilt here
 
     assert (reference.vocab_size, mapping.draft_vocab_size) == (VOCAB, DRAFT)
-    from appliance.demo import make_batch
+    from eagle3_client.synthetic import random_batch
 
-    want = expected(reference, mapping, make_batch(VOCAB, 2, BIG_SEQ_LEN, 1))
+    want = expected(reference, mapping, random_batch(VOCAB, 2, BIG_SEQ_LEN, 1))
     got = torch.load(out)
     for key, value in want.items():
         assert torch.equal(got[key], value), key

@@ -1,4 +1,4 @@
-"""The group framing (client.transfer) between two real gloo ranks: exact bytes, checked headers."""
+"""The group framing (eagle3_client.transfer) between two real gloo ranks: exact bytes, checked headers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from client import protocol
-from client.transfer import (
+from eagle3_client import protocol
+from eagle3_client.transfer import (
     Group,
     TransferDesync,
     TransferMetadata,
@@ -119,7 +119,7 @@ def test_metadata_json_is_validated() -> None:
 
 def test_upstream_framing_sends_each_tensor_in_key_order_with_small_types_as_bytes(pair: tuple[Group, Group]) -> None:
     """The server half of upstream's NCCL path, run over gloo: what an upstream client receives."""
-    from appliance.upstream_nccl import upstream_frame
+    from eagle3_appliance.upstream_nccl import upstream_frame
 
     server, client = pair
     g = torch.Generator().manual_seed(11)

@@ -9,9 +9,10 @@ import httpx
 import pytest
 import torch
 
-from appliance.launch import ServerProcess
-from appliance.target import Target, VocabMapping
-from client import DataPlaneUnavailable, protocol, wire
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.target import Target
+from eagle3_client import DataPlaneUnavailable, protocol, wire
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status
 
@@ -61,7 +62,7 @@ def test_auto_negotiates_gloo_on_cpu_and_the_environment_can_force_the_wire(
 
 
 def test_forcing_nccl_on_a_cpu_pair_is_a_clear_error_at_connect(dp_server: ServerProcess) -> None:
-    from client import RemoteEagle3TargetModel
+    from eagle3_client import RemoteEagle3TargetModel
 
     remote = RemoteEagle3TargetModel.from_urls([dp_server.url], data_plane="nccl")
     with pytest.raises(DataPlaneUnavailable, match="nccl"):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appliance.dataplanes import PortPool, parse_port_range
-from appliance.errors import Unavailable
-from client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers
-from client.transfer import host_store
+from eagle3_appliance.errors import Unavailable
+from eagle3_appliance.group_plane import PortPool
+from eagle3_appliance.settings import parse_port_range
+from eagle3_client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers
+from eagle3_client.transfer import host_store
 
 BOTH = ["nccl", "gloo", "wire"]
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.launch import free_port
-from appliance.target import Target, VocabMapping
-from client import DataPlaneUnavailable, RemoteEagle3TargetModel
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.launch import free_port
+from eagle3_appliance.target import Target
+from eagle3_client import DataPlaneUnavailable, RemoteEagle3TargetModel
 
 from .helpers import assert_bit_exact, connect, expected, inputs, wait_for
 

@@ -18,9 +18,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from appliance.settings import Settings
-from appliance.target import VocabMapping, load_target
-from client import wire
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Settings
+from eagle3_appliance.supervision import in_process
+from eagle3_client import wire
 
 INIT_NCCL_BLOCK_S = 30.0
 
@@ -70,7 +72,9 @@ def main(port: int, cache_dir: str, path_log: str) -> None:
             elif endpoint == "generate":
                 t = wire.decode(body)
                 with lock:
-                    out = target.supervise(t["input_ids"], t["attention_mask"], t["loss_mask"], state["mapping"])
+                    out = in_process(
+                        target, GenerateInputs(t["input_ids"], t["attention_mask"], t["loss_mask"]), state["mapping"]
+                    )
                 self._reply(200, wire.encode(out), "application/octet-stream")
             elif endpoint == "init_nccl":
                 time.sleep(INIT_NCCL_BLOCK_S)  # a rendezvous that never completes

@@ -20,7 +20,6 @@ Exit code 0 when every check passed. Prints one line per check.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
@@ -30,16 +29,15 @@ import httpx
 import orjson
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from appliance.builtin_model import ensure_builtin_model  # noqa: E402
-from appliance.demo import make_batch, make_vocab_mapping  # noqa: E402
-from appliance.launch import ServerProcess  # noqa: E402
-from appliance.settings import Device, Settings  # noqa: E402
-from appliance.target import load_target  # noqa: E402
-from client import RemoteEagle3TargetModel, protocol, wire  # noqa: E402
-from client.transfer import connect_store, open_group, wait_work  # noqa: E402
+from eagle3_appliance.builtin_model import ensure_builtin_model
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.loading import load_target
+from eagle3_appliance.settings import Device, Settings
+from eagle3_appliance.supervision import in_process
+from eagle3_client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_client.synthetic import random_batch, vocab_mapping
+from eagle3_client.transfer import connect_store, open_group, wait_work
 
 KEYS = protocol.SUPERVISION_KEYS
 FAILED: list[str] = []
@@ -151,7 +149,7 @@ def upstream_nccl_client(url: str, mapping, batch, want: dict[str, torch.Tensor]
 
 def one_gpu(url: str, cache: Path, mapping, batches) -> None:
     reference = load_target(Settings(device=Device.cuda, cache_dir=cache))
-    want = [reference.supervise(*b, mapping) for b in batches]
+    want = [in_process(reference, GenerateInputs(*b), mapping) for b in batches]
     for tier in ("wire", "gloo"):
         answers, stats = run_tier(url, tier, "cuda", mapping, batches)
         on_gpu = all(t.is_cuda for a in answers for t in a.values())
@@ -179,8 +177,8 @@ def main() -> int:
     cache = Path(tempfile.mkdtemp(prefix="eagle3-gpu-check-"))
     ensure_builtin_model(cache)
     reference_vocab = 1024
-    mapping = make_vocab_mapping(reference_vocab, 1000, seed=1)
-    batches = [make_batch(reference_vocab, args.batch_size, args.seq_len, seed=i) for i in range(args.batches)]
+    mapping = VocabMapping(*vocab_mapping(reference_vocab, 1000, seed=1))
+    batches = [random_batch(reference_vocab, args.batch_size, args.seq_len, seed=i) for i in range(args.batches)]
     env = {"CUDA_VISIBLE_DEVICES": "0"} if count >= 2 else {}
     server_args = ["--cache-dir", str(cache), "--device", "cuda", "--data-plane-timeout", "60"]
     with ServerProcess(server_args, env=env, log_path=cache / "server.log", startup_timeout=600) as server:

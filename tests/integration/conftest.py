@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.launch import ServerProcess
+from eagle3_appliance.launch import ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
     python tests/integration/recipe_runner.py remote OUT.pt -c recipe.yaml [--key=value ...]
     python tests/integration/recipe_runner.py colocated OUT.pt -c recipe.yaml [--key=value ...]
 
-``remote`` runs our launcher (``client.automodel_launch.main``), ``colocated`` runs upstream's
+``remote`` runs our launcher (``eagle3_client.automodel_launch.main``), ``colocated`` runs upstream's
 own ``train_eagle3.main``. Both get the same three instruments, none of which changes what a
 training step computes:
 
@@ -80,7 +80,7 @@ def main() -> None:
     mode, out, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
     _instrument(out)
     if mode == "remote":
-        from client.automodel_launch import main as launch
+        from eagle3_client.automodel_launch import main as launch
 
         launch(recipe_args)
     elif mode == "colocated":

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from appliance.launch import ServerProcess
-from client import RemoteEagle3TargetModel
-from client.automodel import ClientOptions, client_kwargs, install, options_from_config
+from eagle3_appliance.launch import ServerProcess
+from eagle3_client import RemoteEagle3TargetModel
+from eagle3_client.automodel import ClientOptions, client_kwargs, install, options_from_config
 from tests.conftest import random_batch, random_mapping
 from tests.integration.automodel_support import (
     PYTHON,
@@ -156,8 +156,8 @@ def _run_python(code: str) -> str:
 def test_the_appliance_does_not_import_automodel() -> None:
     code = (
         "import sys\n"
-        "import appliance.server, client.protocol, client.wire\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('nemo_automodel', 'client.backend'))}))\n"
+        "import eagle3_appliance.server, client.protocol, client.wire\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('nemo_automodel', 'eagle3_client.backend'))}))\n"
     )
     assert _run_python(code) == "[]"
 
@@ -170,11 +170,11 @@ def test_a_broken_automodel_install_falls_back_to_local_types() -> None:
         "        if name == 'nemo_automodel.components.speculative.eagle.backend':\n"
         "            raise RuntimeError('simulated CUDA extension failure')\n"
         "sys.meta_path.insert(0, Broken())\n"
-        "import client\n"
-        "from client import RemoteEagle3TargetModel\n"
-        "print(client.USING_NEMO_AUTOMODEL, client.Eagle3TargetBatch.__module__)\n"
+        "import eagle3_client\n"
+        "from eagle3_client import RemoteEagle3TargetModel\n"
+        "print(eagle3_client.USING_NEMO_AUTOMODEL, eagle3_client.Eagle3TargetBatch.__module__)\n"
     )
-    assert _run_python(code) == "False client.contract"
+    assert _run_python(code) == "False eagle3_client.contract"
 
 
 def test_remote_urls_given_as_a_string_still_reach_every_server(servers: list[ServerProcess]) -> None:

@@ -1,7 +1,7 @@
 """The whole EAGLE-3 recipe, launched with our launcher against an appliance, trains like co-located.
 
 Two real runs of NeMo AutoModel's ``TrainEagle3Recipe`` on the CPU, each in its own process,
-from one YAML: ``python -m client.automodel_launch``'s code with ``target_model_backend:
+from one YAML: ``python -m eagle3_client.automodel_launch``'s code with ``target_model_backend:
 remote`` against a real appliance (with our ``remote_encoding`` option set by a YAML override
 and a token from the environment), and upstream's own recipe ``main`` with ``colocated``.
 Everything between the YAML and the optimizer is the recipe's: config parsing, tokenizer, chat
@@ -20,8 +20,8 @@ import httpx
 import pytest
 import torch
 
-from appliance.launch import ServerProcess
-from client.automodel_launch import check_config
+from eagle3_appliance.launch import ServerProcess
+from eagle3_client.automodel_launch import check_config
 from tests.integration.automodel_support import PYTHON, import_or_skip, make_recipe_target, python_env
 
 import_or_skip("nemo_automodel.recipes.llm.train_eagle3")
@@ -67,7 +67,7 @@ def target_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def appliance(target_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The appliance serving the recipe's target folder, as in the README."""
-    log = tmp_path_factory.mktemp("recipe-server") / "appliance.log"
+    log = tmp_path_factory.mktemp("recipe-server") / "eagle3_appliance.log"
     with ServerProcess(
         ["--model", str(target_dir), "--device", "cpu"], log_path=log, env={"EAGLE3_AUTH_TOKEN": TOKEN}
     ) as proc:
@@ -123,11 +123,11 @@ def test_recipe_trains_identically_through_our_launcher_and_colocated(
     remote_out, colocated_out = _finish(remote, remote_log), _finish(colocated, colocated_log)
 
     # The recipe built our client (the launcher logs the class of the recipe's target_wrapper).
-    assert "target backend: client.automodel." in remote_out
+    assert "target backend: eagle3_client.automodel." in remote_out
     assert "POST /session" not in colocated_out and "/generate" not in colocated_out
     r = torch.load(tmp_path / "remote.pt")
     c = torch.load(tmp_path / "colocated.pt")
-    assert r["backend"].startswith("client.automodel.")
+    assert r["backend"].startswith("eagle3_client.automodel.")
     assert c["backend"].endswith("HFEagle3TargetModel")
     assert c["encoding"] is None
     assert r["encoding"]["requested"] == ENCODING  # the YAML's choice reached the client...
@@ -155,12 +155,12 @@ def test_launcher_refuses_a_yaml_for_another_recipe(tmp_path: Path) -> None:
 
 def test_launcher_help_runs_without_a_config() -> None:
     out = subprocess.run(
-        [PYTHON, "-m", "client.automodel_launch", "--help"],
+        [PYTHON, "-m", "eagle3_client.automodel_launch", "--help"],
         env=python_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "python -m client.automodel_launch -c recipe.yaml" in out.stdout
+    assert "python -m eagle3_client.automodel_launch -c recipe.yaml" in out.stdout
     assert "torchrun" in out.stdout

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from appliance.launch import ServerProcess
-from client import RemoteEagle3TargetModel
+from eagle3_appliance.launch import ServerProcess
+from eagle3_client import RemoteEagle3TargetModel
 from tests.conftest import random_batch, random_mapping
 from tests.integration.automodel_support import build_draft, import_or_skip, load_colocated
 

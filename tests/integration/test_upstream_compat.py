@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.launch import ServerProcess, free_port
-from client import RemoteEagle3TargetModel
+from eagle3_appliance.launch import ServerProcess, free_port
+from eagle3_client import RemoteEagle3TargetModel
 from tests.conftest import random_batch, random_mapping
 from tests.integration.automodel_support import (
     PYTHON,

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from client import protocol, wire  # noqa: E402
+from eagle3_client import protocol, wire  # noqa: E402
 
 HIDDEN_SIZE, VOCAB_SIZE, NUM_LAYERS = 8, 512, 4
 MODES = ("ok", "probs", "shapes")

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from appliance.launch import ServerProcess, free_port
+from eagle3_appliance.launch import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BROKEN_SERVER = Path(__file__).with_name("broken_server.py")
@@ -109,7 +109,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
     """The CPU appliance on the built-in model, shared by the tests of this session."""
     logs = tmp_path_factory.mktemp("appliance")
     cache = tmp_path_factory.mktemp("cache")
-    server = ServerProcess(["--model", "builtin", "--cache-dir", str(cache)], log_path=logs / "appliance.log")
+    server = ServerProcess(["--model", "builtin", "--cache-dir", str(cache)], log_path=logs / "eagle3_appliance.log")
     with server:
         yield server
 

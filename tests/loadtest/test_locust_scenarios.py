@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from appliance.launch import ServerProcess, free_port
-from client import wire
-from client.protocol import SUPERVISION_KEYS
+from eagle3_appliance.launch import ServerProcess, free_port
+from eagle3_client import wire
+from eagle3_client.protocol import SUPERVISION_KEYS
 
 DRAFT_VOCAB = 128
 SHAPES = ["--batch-size", "2", "--seq-len", "uniform:16:96", "--max-seq-len", "96", "--draft-vocab", str(DRAFT_VOCAB)]

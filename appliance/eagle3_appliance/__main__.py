@@ -1,0 +1,3 @@
+from eagle3_appliance.cli import main
+
+main()

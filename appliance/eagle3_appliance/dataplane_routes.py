@@ -1,0 +1,91 @@
+"""The data-plane endpoints: ``/data_plane`` (ours, per session) and ``/init_nccl`` (upstream's).
+
+Protocol and state are in :mod:`eagle3_appliance.group_plane` and
+:mod:`eagle3_appliance.upstream_nccl`; these handlers only decode the request and call them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json
+
+from eagle3_appliance import upstream_nccl
+from eagle3_appliance.errors import InvalidRequest, MalformedBody, NotConfigured
+from eagle3_appliance.group_plane import LINK_KEY, RESULT_KEY, NoStoredResult, TierNotOffered, close_link
+from eagle3_appliance.state import request_session, serving_state
+from eagle3_appliance.transfer import host_copy, send_wire
+from eagle3_appliance.validation import json_object
+from eagle3_client import protocol
+
+__all__ = ["blueprint"]
+
+logger = logging.getLogger(__name__)
+
+blueprint = Blueprint("data_planes")
+
+
+@blueprint.post(protocol.path(protocol.EP_DATA_PLANE))
+async def set_data_plane(request: Request) -> HTTPResponse:
+    """Bring up (or, with ``"wire"``, tear down) the calling session's group."""
+    session = request_session(request)
+    if session.anonymous:
+        raise NotConfigured(
+            "register with POST /session before asking for a data plane (upstream clients use /init_nccl)"
+        )
+    tier = json_object(request.body).get("tier")
+    if tier not in protocol.TIERS:
+        raise InvalidRequest(f"tier must be one of {list(protocol.TIERS)}, got {tier!r}")
+    close_link(session, "replaced" if tier != protocol.TIER_WIRE else "closed")
+    if tier == protocol.TIER_WIRE:
+        return json({"tier": protocol.TIER_WIRE})
+    plane = serving_state(request).planes
+    if tier not in plane.offered:
+        raise TierNotOffered(f"this server offers {plane.offered}, not {tier!r}")
+    link, nonce, key = await plane.open_link(session, tier)
+    session.extras[LINK_KEY] = link
+    logger.info("data plane %s for %s: rendezvous on port %d", tier, session.client or session.id, link.port)
+    return json({"tier": tier, "port": link.port, "key": key, "nonce": nonce, "timeout": link.timeout})
+
+
+@blueprint.get(protocol.path(protocol.EP_DATA_PLANE))
+async def data_plane_status(request: Request) -> HTTPResponse:
+    """Offered tiers, ports, live groups and the last closed ones (plus the caller's own, if it names its session)."""
+    plane = serving_state(request).planes
+    body: dict[str, Any] = {
+        "offered": plane.offered,
+        "ports": "-".join(map(str, plane.ports.range)) if plane.ports.range else "ephemeral",
+        "timeout": plane.settings.data_plane_timeout,
+        "links": [lk.describe() for lk in plane.links if not lk.closed],
+        "recently_closed": [lk.describe() for lk in plane.links if lk.closed],
+    }
+    if request.headers.get(protocol.SESSION_HEADER):
+        link = request_session(request).extras.get(LINK_KEY)
+        body["session"] = link.describe() if link is not None else {"tier": protocol.TIER_WIRE, "state": "none"}
+    return json(body)
+
+
+@blueprint.post(protocol.path(protocol.EP_DATA_PLANE_RESEND))
+async def resend(request: Request) -> None:
+    """The session's stored result of transfer ``seq`` as a wire blob; never a second forward."""
+    session = request_session(request)
+    try:
+        seq = int(json_object(request.body)["seq"])
+    except (KeyError, TypeError, ValueError):
+        raise MalformedBody('expected {"seq": <integer>}') from None
+    stored = session.extras.get(RESULT_KEY)
+    if stored is None or stored.seq != seq or not stored.tensors:
+        held = None if stored is None else stored.seq
+        raise NoStoredResult(f"no stored result for transfer {seq} (holding {held}); send /generate again")
+    await send_wire(request, await asyncio.to_thread(host_copy, stored.tensors), None, stored.headers)
+
+
+@blueprint.post(protocol.path(protocol.EP_INIT_NCCL))
+async def init_nccl(request: Request) -> HTTPResponse:
+    """Upstream's NCCL group (CUDA only); "disabled" sends upstream clients to the wire body."""
+    state = serving_state(request)
+    body = json_object(request.body)
+    return json(await upstream_nccl.init_nccl(state.planes, request_session(request), body, state.settings.port))

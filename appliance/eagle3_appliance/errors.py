@@ -1,0 +1,93 @@
+"""The appliance's error family and the one handler that turns any error into JSON.
+
+Status codes (an upstream client only checks for non-200, so every 4xx is compatible):
+
+* 400 ``MalformedBody``     the body is not a valid wire blob / JSON
+* 401 ``Unauthorized``      missing or wrong bearer token
+* 404 / 405                 unknown path / method (Sanic's own errors, reshaped here)
+* 409 ``NotConfigured``     ``/generate`` before ``/set_vocab_mapping``
+* 413 ``BodyTooLarge``      body above ``--max-body-bytes`` (also Sanic's own 413)
+* 422 ``InvalidRequest``    well-formed body with wrong keys, dtypes, shapes or values
+  (``InvalidTensors`` for tensor bodies)
+* 500                       a bug or a failed forward (logged with its traceback)
+* 503 ``Unavailable``       not ready, draining or over capacity (with ``Retry-After``)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, json
+
+__all__ = [
+    "ApplianceError",
+    "BodyTooLarge",
+    "InvalidRequest",
+    "InvalidTensors",
+    "MalformedBody",
+    "NotConfigured",
+    "Unauthorized",
+    "Unavailable",
+    "install_error_handler",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ApplianceError(SanicException):
+    """Base class: ``status_code`` and ``quiet`` are class attributes, the message is the detail."""
+
+    status_code = 500
+    quiet = True
+
+
+class MalformedBody(ApplianceError):
+    status_code = 400
+
+
+class Unauthorized(ApplianceError):
+    status_code = 401
+
+
+class NotConfigured(ApplianceError):
+    status_code = 409
+
+
+class BodyTooLarge(ApplianceError):
+    status_code = 413
+
+
+class InvalidRequest(ApplianceError):
+    status_code = 422
+
+
+class InvalidTensors(InvalidRequest):
+    """A wire body whose keys, dtypes, shapes or values are wrong."""
+
+
+class Unavailable(ApplianceError):
+    status_code = 503
+
+
+def error_response(exc: Exception) -> HTTPResponse:
+    """``{"error": message, "type": name, "status": code}`` with the exception's status."""
+    if isinstance(exc, SanicException):
+        status = int(exc.status_code)
+        message = str(exc) or exc.message or type(exc).__name__
+        headers = dict(getattr(exc, "headers", None) or {})
+    else:
+        status, message, headers = 500, f"{type(exc).__name__}: {exc}", {}
+    return json({"error": message, "type": type(exc).__name__, "status": status}, status=status, headers=headers)
+
+
+def install_error_handler(app: Sanic) -> None:
+    """Route every exception, Sanic's own (404, 405, 413, ...) included, to JSON."""
+
+    @app.exception(Exception)
+    async def _handle(request: Request, exc: Exception) -> HTTPResponse:
+        # 5xx are bugs or failed forwards, except our own deliberate refusals (503 busy/draining).
+        if not isinstance(exc, SanicException) or (int(exc.status_code) >= 500 and not isinstance(exc, Unavailable)):
+            logger.exception("%s %s failed", request.method, request.path, exc_info=exc)
+        return error_response(exc)

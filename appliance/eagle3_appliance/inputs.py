@@ -1,0 +1,56 @@
+"""What a validated request hands to the rest of the pipeline: the batch and the draft vocabulary.
+
+These types sit at the bottom of the server's module graph: validation builds them, and the
+forward, supervision and transfer steps only read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Allocator", "GenerateInputs", "VocabMapping"]
+
+# ``alloc(shape, dtype)``: memory for a result (a pooled block, or a fresh tensor).
+Allocator = Callable[[Sequence[int], torch.dtype], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GenerateInputs:
+    """One ``/generate`` batch: ``input_ids``, ``attention_mask``, ``loss_mask``, each ``[B,T]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device) -> GenerateInputs:
+        return GenerateInputs(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask)))
+
+
+@dataclass(frozen=True)
+class VocabMapping:
+    """The draft vocabulary: ``selected_token_ids`` int64 ``[D]``, ``selected_token_mask`` bool ``[V]``."""
+
+    selected_token_ids: torch.Tensor
+    selected_token_mask: torch.Tensor
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return int(self.selected_token_ids.numel())
+
+    def to(self, device: torch.device) -> VocabMapping:
+        return VocabMapping(self.selected_token_ids.to(device), self.selected_token_mask.to(device))

@@ -1,0 +1,195 @@
+"""The Sanic application: upstream's endpoints, our extensions, and the server's lifecycle.
+
+Handlers here only decode what the HTTP layer gives them and call one step below:
+``/generate`` is :meth:`eagle3_appliance.pipeline.Pipeline.generate`; the data-plane endpoints
+are in :mod:`eagle3_appliance.dataplane_routes`; probes, metrics, auth and the drain are wired
+by :mod:`eagle3_appliance.operations`. One process, one event loop; model work runs on the
+pipeline's one model thread, so ``GET /health`` is answered while a long forward runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from sanic import Blueprint, Request, Sanic
+from sanic.response import HTTPResponse, json
+
+from eagle3_appliance import dataplane_routes, upstream_nccl
+from eagle3_appliance.buffers import ServerBuffers
+from eagle3_appliance.errors import InvalidRequest, install_error_handler
+from eagle3_appliance.group_plane import DataPlaneServer
+from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.negotiation import EncodingError, check_mapping, choose_encoding, offered_encodings
+from eagle3_appliance.operations import install_operations
+from eagle3_appliance.pipeline import Pipeline
+from eagle3_appliance.sessions import SessionRegistry
+from eagle3_appliance.settings import Settings
+from eagle3_appliance.state import ServingState, request_session, serving_state
+from eagle3_appliance.target import Target
+from eagle3_appliance.transfer import host_copy, send_wire
+from eagle3_appliance.validation import decode_body, json_object, validate_row_request, validate_vocab_mapping
+from eagle3_client import protocol
+from eagle3_client.encodings import parse_encoding
+
+__all__ = ["create_app", "run_server"]
+
+logger = logging.getLogger(__name__)
+
+control = Blueprint("control")
+
+
+@control.get(protocol.path(protocol.EP_HEALTH))
+async def health(request: Request) -> HTTPResponse:
+    return json({"status": "ok"})
+
+
+@control.route(protocol.path(protocol.EP_MODEL_INFO), methods=["GET", "POST"])
+async def model_info(request: Request) -> HTTPResponse:
+    return json(serving_state(request).target.model_info())
+
+
+@control.post(protocol.path(protocol.EP_INPUT_EMBEDDINGS))
+async def input_embeddings(request: Request) -> None:
+    state = serving_state(request)
+    weight = await state.pipeline.runner.run(lambda: host_copy({"weight": state.target.input_embeddings}))
+    await send_wire(request, weight)
+
+
+@control.post(protocol.path(protocol.EP_SESSION))
+async def register_session(request: Request) -> HTTPResponse:
+    """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
+    state = serving_state(request)
+    offer = json_object(request.body)
+    lease = _requested_lease(offer, state.settings)
+    offered = offered_encodings(offer)
+    wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)
+    refusal = await state.pipeline.runner.run(state.target.hidden_refusal) if wants_hidden else None
+    encoding, refused = choose_encoding(offered, refusal)
+    session = state.sessions.register(client=str(offer.get("client", "")))
+    session.encoding = encoding.name
+    session.lease_seconds = lease
+    reply: dict[str, Any] = {
+        "session_id": session.id,
+        "protocol": 1,
+        "encoding": session.encoding,
+        "data_plane": "wire",
+        "data_planes": list(state.planes.offered),
+        "lease_seconds": lease or state.settings.lease_seconds,
+    }
+    if refused:
+        reply["encoding_refused"] = refused
+    return json(reply)
+
+
+def _requested_lease(offer: dict[str, Any], settings: Settings) -> float | None:
+    """The lease a client asks for (``"lease_seconds"`` in its offer), within ``--max-lease-seconds``."""
+    value = offer.get("lease_seconds")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= settings.max_lease_seconds:
+        raise InvalidRequest(f"lease_seconds must be a number in (0, {settings.max_lease_seconds:g}], got {value!r}")
+    return float(value)
+
+
+@control.post(protocol.path(protocol.EP_SET_VOCAB_MAPPING))
+async def set_vocab_mapping(request: Request) -> HTTPResponse:
+    state = serving_state(request)
+    session = request_session(request)
+    mapping = validate_vocab_mapping(decode_body(request.body), logits_size=state.target.logits_size)
+    check_mapping(parse_encoding(session.encoding), mapping)
+
+    def install() -> None:
+        # On the model thread, so a forward in flight finishes with the mapping it started with.
+        session.mapping = VocabMapping(
+            mapping.selected_token_ids.to(state.target.device), mapping.selected_token_mask.to(state.target.device)
+        )
+
+    await state.pipeline.runner.run(install)
+    return json({"status": "ok"})
+
+
+@control.post(protocol.path(protocol.EP_GENERATE))
+async def generate(request: Request) -> None:
+    await serving_state(request).pipeline.generate(request, request_session(request))
+
+
+@control.post(protocol.path(protocol.EP_LM_HEAD_ROWS))
+async def lm_head_rows(request: Request) -> None:
+    """Extension: the LM head's rows for a draft vocabulary, for clients on the "hidden" encoding."""
+    state = serving_state(request)
+    request_session(request)
+    ids = validate_row_request(decode_body(request.body), logits_size=state.target.logits_size)
+
+    def rows() -> dict[str, torch.Tensor]:
+        refusal = state.target.hidden_refusal()
+        if refusal is not None:
+            raise EncodingError(f"'hidden' is not available for this model: {refusal}")
+        return {"weight": state.target.lm_head_rows(ids)}
+
+    await send_wire(request, await state.pipeline.runner.run(rows))
+
+
+@control.post(protocol.path(protocol.EP_HEARTBEAT))
+async def heartbeat(request: Request) -> HTTPResponse:
+    request_session(request)  # renews the session's lease; 410 if it is gone
+    return json({"status": "ok"})
+
+
+@control.post(protocol.path(protocol.EP_DISCONNECT))
+async def disconnect(request: Request) -> HTTPResponse:
+    # Ends only the caller's session: unlike upstream's server, one client leaving does not
+    # stop a server that others share. The anonymous session is never dropped.
+    session_id = request.headers.get(protocol.SESSION_HEADER)
+    if session_id:
+        serving_state(request).sessions.drop(session_id)
+    else:
+        upstream_nccl.close(request_session(request))  # an upstream client leaves: its NCCL group goes too
+    return json({"status": "ok"})
+
+
+def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance") -> Sanic:
+    """Build the application around an already-loaded target."""
+    app = Sanic(name, configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
+    # A forward of a long batch on a big model can take minutes; the client has its own timeout.
+    app.config.RESPONSE_TIMEOUT = 24 * 3600
+    app.config.KEEP_ALIVE_TIMEOUT = 600
+    app.config.NOISY_EXCEPTIONS = False
+    sessions = SessionRegistry()
+    planes = DataPlaneServer.create(settings, target.device)
+
+    # Shutdown listeners run in reverse order of registration: the groups close only after
+    # the drain (registered by install_operations below) has let in-flight answers finish.
+    @app.before_server_stop
+    async def _close_links(app: Sanic) -> None:
+        planes.close_all()
+
+    ops = install_operations(app, settings, sessions)
+    buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
+    pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
+    app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)
+    app.blueprint(control)
+    app.blueprint(dataplane_routes.blueprint)
+    install_error_handler(app)
+
+    @app.after_server_stop
+    async def _release(app: Sanic) -> None:
+        pipeline.runner.shutdown(wait=not ops.lifecycle.forced)
+
+    return app
+
+
+def run_server(app: Sanic, settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM (or idle, with --exit-when-idle), in this process; the exit code.
+
+    Sanic's single-process mode turns SIGTERM/SIGINT into a stop; the drain
+    (:mod:`eagle3_appliance.lifecycle`) runs before the listener closes.
+    """
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.grace_period
+    app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
+    Sanic.serve_single(app)
+    lifecycle = app.ctx.ops.lifecycle
+    lifecycle.exit_now_if_forced()
+    return int(lifecycle.exit_code())

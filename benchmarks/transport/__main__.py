@@ -1,0 +1,3 @@
+from benchmarks.transport.run import main
+
+raise SystemExit(main())

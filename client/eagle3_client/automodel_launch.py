@@ -1,0 +1,82 @@
+"""Run NeMo AutoModel's EAGLE-3 recipe with this package's client as its remote backend.
+
+Takes exactly the arguments of ``python -m nemo_automodel.recipes.llm.train_eagle3``: a
+YAML (``-c``/``--config``) and ``--dotted.key=value`` overrides. It parses them with
+AutoModel's own parser, applies :func:`eagle3_client.automodel.install` with the options found in
+``recipe_args`` or the environment, then does what the recipe's ``main`` does (build
+``TrainEagle3Recipe``, ``setup()``, ``run_train_validation_loop()``). Under ``torchrun``
+every rank does the same. Usage::
+
+    python -m eagle3_client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
+    torchrun --nproc-per-node=8 -m eagle3_client.automodel_launch -c recipe.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_recipe", "check_config", "main"]
+
+logger = logging.getLogger("eagle3_client.automodel_launch")
+
+_RECIPE = "TrainEagle3Recipe"
+_USAGE = __doc__.split("Usage::", 1)[1]
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse a YAML written for another recipe; warn when it does not use the remote backend."""
+    recipe = cfg.get("recipe", None)
+    if recipe is not None and str(getattr(recipe, "__name__", recipe)).rsplit(".", 1)[-1] != _RECIPE:
+        raise SystemExit(f"this launcher runs the EAGLE-3 recipe ({_RECIPE}); the YAML asks for {recipe!r}")
+    recipe_args = cfg.get("recipe_args", None)
+    if recipe_args is None:
+        raise SystemExit("the YAML has no recipe_args section")
+    backend = recipe_args.get("target_model_backend", "colocated")
+    if backend != "remote":
+        logger.warning(
+            "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote'",
+            backend,
+        )
+
+
+def build_recipe(argv: Sequence[str]) -> Any:
+    """Parse like the recipe, install our client, build ``TrainEagle3Recipe`` and ``setup()`` it."""
+    # Imported here so that ``--help`` does not wait for AutoModel's imports.
+    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+
+    from eagle3_client.automodel import install, options_from_config
+
+    cfg = parse_args_and_load_config(argv=list(argv))
+    check_config(cfg)
+    install(options_from_config(cfg.get("recipe_args", None)))
+
+    from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
+
+    recipe = TrainEagle3Recipe(cfg)
+    recipe.setup()
+    wrapper = getattr(recipe, "target_wrapper", None)
+    logger.info(
+        "target backend: %s.%s %s",
+        type(wrapper).__module__,
+        type(wrapper).__qualname__,
+        getattr(wrapper, "urls", ""),
+    )
+    return recipe
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``build_recipe`` from the command line, then train (the recipe's ``main``, with our client)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage:{_USAGE}", end="")
+        raise SystemExit(0 if args else 2)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    build_recipe(args).run_train_validation_loop()
+
+
+if __name__ == "__main__":
+    main()

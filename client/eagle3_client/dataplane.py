@@ -1,0 +1,133 @@
+"""Data planes: how one ``/generate`` answer's tensors get from a server to this process.
+
+The backend calls :meth:`DataPlane.generate` and never looks at which plane it holds; a
+negotiator (:mod:`eagle3_client.negotiate`) picks one per server. This module has the HTTP-body
+plane (the upstream wire fallback, always available); :mod:`eagle3_client.group_plane` has the
+process-group tiers (NCCL, gloo), which fall back to this one when a transfer breaks.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import httpx
+import torch
+
+from eagle3_client import protocol
+from eagle3_client.control import ControlPlane
+from eagle3_client.encodings import detect_encoding, parse_encoding
+from eagle3_client.errors import ProtocolViolation
+from eagle3_client.socketbody import RECV_INTO
+
+__all__ = ["DataPlane", "TransferStats", "WireAnswer", "WireDataPlane", "check_supervision"]
+
+
+@dataclass
+class WireAnswer:
+    """A decoded wire body, the seconds its transfer took and the encoding its header named."""
+
+    tensors: dict[str, torch.Tensor | None]
+    seconds: float
+    encoding: str | None = None
+
+
+@dataclass
+class TransferStats:
+    """What one server's data plane has moved, for ``transport_stats()``.
+
+    ``bytes`` and ``seconds`` are per tier; ``seconds`` counts only the transfer (from the
+    answer's first byte to its last tensor), not the forward before it.
+    """
+
+    requests: int = 0
+    bytes: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    fallbacks: int = 0
+    reupgrades: int = 0
+
+    def record(self, tier: str, nbytes: int, seconds: float) -> None:
+        self.requests += 1
+        self.bytes[tier] = self.bytes.get(tier, 0) + nbytes
+        self.seconds[tier] = self.seconds.get(tier, 0.0) + seconds
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.bytes.values())
+
+
+class DataPlane(ABC):
+    """One server's transport for ``/generate`` answers."""
+
+    name: str = "abstract"
+
+    def __init__(self, control: ControlPlane, stats: TransferStats | None = None) -> None:
+        self.control = control
+        self.stats = TransferStats() if stats is None else stats
+
+    @property
+    def tier(self) -> str:
+        """The tier moving tensors right now (``"nccl"``, ``"gloo"`` or ``"wire"``)."""
+        return self.name
+
+    @abstractmethod
+    def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
+        """POST the wire-encoded inputs and return the supervision tensors (on the CPU)."""
+
+    def close(self) -> None:
+        """Release the plane's resources (the control plane is closed by its owner)."""
+
+    def __enter__(self) -> DataPlane:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_supervision(
+    url: str, tensors: dict[str, torch.Tensor | None], encoding: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Every key of the answer's encoding present and no None: anything else is a protocol violation.
+
+    The encoding is recognised by the answer's keys, so any plane can move any encoding;
+    ``encoding`` is what the server said it used (the wire plane's header), checked against them.
+    """
+    found = detect_encoding(tensors)
+    if encoding is not None:
+        try:
+            said = parse_encoding(encoding)
+        except ValueError as exc:
+            raise ProtocolViolation(f"{url}/generate: {exc}") from None
+        if said != found:
+            raise ProtocolViolation(f"{url}/generate said it used encoding {encoding!r} but sent {sorted(tensors)}")
+    missing = [k for k in found.keys if tensors.get(k) is None]
+    if missing:
+        raise ProtocolViolation(f"{url}/generate answer lacks {missing}; got {sorted(tensors)}")
+    return {k: tensors[k] for k in found.keys}  # type: ignore[misc]
+
+
+class WireDataPlane(DataPlane):
+    """Tensors in the HTTP response body (upstream's fallback). Retried like any request."""
+
+    name = "wire"
+
+    def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
+        # RECV_INTO: the socket transport receives the body straight into the tensors.
+        answer = self.control.request(
+            "POST", protocol.EP_GENERATE, self.read_timed, content=payload, extensions={RECV_INTO: True}
+        )
+        return self.accept(answer)
+
+    def read_timed(self, resp: httpx.Response) -> WireAnswer:
+        """Read a wire answer, timing the body only (the headers arrive once the forward is done)."""
+        start = time.perf_counter()
+        tensors = self.control.read_wire(resp)
+        return WireAnswer(tensors, time.perf_counter() - start, resp.headers.get(protocol.ENCODING_HEADER))
+
+    def accept(self, answer: WireAnswer) -> dict[str, torch.Tensor]:
+        """Check a decoded wire answer against the encoding it names, and count it."""
+        # No header: upstream's probs (an upstream server never sends one).
+        result = check_supervision(self.control.url, answer.tensors, answer.encoding or protocol.ENCODING_PROBS)
+        self.stats.record(self.name, sum(t.numel() * t.element_size() for t in result.values()), answer.seconds)
+        return result

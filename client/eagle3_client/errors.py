@@ -1,0 +1,57 @@
+"""Exceptions raised by the client. Catch at the level you need::
+
+    RemoteTargetError                 anything that went wrong talking to a target server
+    ├── TargetUnreachable             connection refused/reset, after all retries
+    │   └── TargetTimeout             no answer within the timeout, after all retries
+    ├── TargetHTTPError               the server answered with a non-200 status
+    │   └── TargetOverloaded          503 that persisted past every Retry-After
+    ├── ProtocolViolation             the server's answer does not follow the protocol
+    ├── DataPlaneUnavailable          a forced data plane this pair cannot do (eagle3_client.negotiate)
+    └── TransferError                 a process-group transfer broke (eagle3_client.transfer; recovered
+        ├── TransferTimeout           over the wire by the client, never raised to the trainer)
+        └── TransferDesync
+
+Every message names the URL; a ``TargetHTTPError`` carries the server's own error text
+(``.status``, ``.server_message``), so a 422 about token ids reads as such in the trainer.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ProtocolViolation",
+    "RemoteTargetError",
+    "TargetHTTPError",
+    "TargetOverloaded",
+    "TargetTimeout",
+    "TargetUnreachable",
+]
+
+
+class RemoteTargetError(RuntimeError):
+    """Base class of every client-side error."""
+
+
+class TargetUnreachable(RemoteTargetError):
+    """The server could not be reached (connection errors) even after the retries."""
+
+
+class TargetTimeout(TargetUnreachable):
+    """The server did not answer within the timeout, even after the retries."""
+
+
+class TargetHTTPError(RemoteTargetError):
+    """The server answered with an error status; never retried (it would answer the same)."""
+
+    def __init__(self, url: str, status: int, server_message: str) -> None:
+        self.url = url
+        self.status = status
+        self.server_message = server_message
+        super().__init__(f"{url} answered HTTP {status}: {server_message}")
+
+
+class TargetOverloaded(TargetHTTPError):
+    """The server kept answering 503 (busy or draining) past the client's patience."""
+
+
+class ProtocolViolation(RemoteTargetError):
+    """The server's answer is not what the protocol allows (bad body, wrong keys)."""

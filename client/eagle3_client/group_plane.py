@@ -1,0 +1,267 @@
+"""The process-group data plane (NCCL or gloo) of one server, with the wire as its safety net.
+
+Life of the plane::
+
+    wire --(POST /data_plane, rendezvous, hello)--> group --(broken transfer)--> wire
+      ^                                                                           |
+      +------------------------- after the back-off ------------------------------+
+
+A ``/generate`` on the group names its transfer with a sequence number (``X-Eagle3-Transfer``).
+The server answers with the transfer's metadata and sends the tensors on the group; this
+end checks the header on the group against the metadata before it trusts a byte. If anything
+goes wrong (timeout, peer gone, mismatch, dropped HTTP connection) both ends drop the group,
+the same answer is fetched over the wire from the server's stored copy (no recompute, nothing
+lost) and the group is tried again after a back-off that doubles per consecutive failure. A
+blind retry of a group ``/generate`` is never made: it could pair the wrong sends and receives.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from typing import Any
+
+import httpx
+import orjson
+import torch
+
+from eagle3_client import protocol
+from eagle3_client.control import ControlPlane
+from eagle3_client.dataplane import DataPlane, TransferStats, WireDataPlane, check_supervision
+from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable
+from eagle3_client.negotiate import DataPlaneConfig
+from eagle3_client.socketbody import RECV_INTO
+from eagle3_client.transfer import (
+    Group,
+    TransferError,
+    TransferMetadata,
+    connect_store,
+    open_group,
+    recv_transfer,
+)
+
+__all__ = ["GroupDataPlane"]
+
+logger = logging.getLogger(__name__)
+
+
+class GroupDataPlane(DataPlane):
+    """``/generate`` answers over a private NCCL or gloo group, falling back to the wire.
+
+    ``tier`` is the negotiated group tier; ``device`` is where NCCL receives (the trainer's
+    CUDA device). Not thread-safe: the owning server object serialises calls.
+    """
+
+    name = "group"
+
+    def __init__(
+        self,
+        control: ControlPlane,
+        *,
+        tier: str,
+        config: DataPlaneConfig,
+        device: torch.device,
+        stats: TransferStats | None = None,
+    ) -> None:
+        super().__init__(control, stats)
+        if tier not in (protocol.TIER_NCCL, protocol.TIER_GLOO):
+            raise ValueError(f"GroupDataPlane needs tier nccl or gloo, got {tier!r}")
+        self.wire = WireDataPlane(control, self.stats)
+        self.group_tier = tier
+        self.config = config
+        self.device = device
+        self.host = httpx.URL(control.url).host
+        self.group: Group | None = None
+        self.port: int | None = None
+        self.failed_upgrades = 0
+        # Sequence numbers start at a random point so that a transfer of an earlier
+        # incarnation of this client can never be mistaken for one of ours.
+        self._seq = secrets.randbelow(2**40)
+        self._retry_at = 0.0  # monotonic time of the next upgrade attempt
+        self._failures = 0  # consecutive; sets the back-off
+        self._fell_back = False  # a later successful upgrade is a re-upgrade
+
+    @property
+    def tier(self) -> str:
+        return self.group_tier if self.group is not None else protocol.TIER_WIRE
+
+    def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
+        if self.group is None and time.monotonic() >= self._retry_at:
+            self._upgrade()
+        if self.group is None:
+            return self.wire.generate(payload)
+        return self._generate_on_group(payload)
+
+    def close(self) -> None:
+        """Drop this end; the server drops its end when the session ends (``/disconnect``)."""
+        self._drop_group(tell_server=False)
+
+    # -- upgrade --------------------------------------------------------------------------
+
+    def _upgrade(self) -> None:
+        """Ask for a group, join it, check the hello. On failure stay on the wire until the back-off ends."""
+        timeout = self.config.connect_timeout
+        group: Group | None = None
+        try:
+            # Not retried: a failed upgrade costs nothing, the back-off brings the next try.
+            reply = self.control.post_json(protocol.EP_DATA_PLANE, {"tier": self.group_tier}, retries=False)
+            port, nonce, key = int(reply["port"]), int(reply["nonce"]), str(reply["key"])
+            store = connect_store(self.host, port, timeout)
+            group = open_group(self.group_tier, store, 1, timeout, self.device, key_prefix=f"{key}/")
+            recv_transfer(group, TransferMetadata(nonce, self.group_tier, ()), timeout)
+        except TargetHTTPError as exc:
+            if exc.status == 410:
+                raise  # the session is gone: the caller registers again
+            self._upgrade_failed(group, exc)
+            return
+        except (RemoteTargetError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+            self._upgrade_failed(group, exc)
+            return
+        self.group, self.port = group, port
+        if self._fell_back:
+            self.stats.reupgrades += 1
+            self._fell_back = False
+        logger.info("%s: data plane %s up (rendezvous port %d)", self.control.url, self.group_tier, port)
+
+    def _upgrade_failed(self, group: Group | None, exc: BaseException) -> None:
+        self.failed_upgrades += 1
+        if group is not None:
+            group.close()
+        self._tell_server_wire()
+        delay = self._schedule_retry()
+        logger.warning(
+            "%s: could not bring up the %s data plane (%s); using the wire, next try in %.0f s",
+            self.control.url,
+            self.group_tier,
+            _short(exc),
+            delay,
+        )
+
+    # -- one request on the group -----------------------------------------------------------
+
+    def _generate_on_group(self, payload: bytes) -> dict[str, torch.Tensor]:
+        seq, kind, answer = self.request_transfer(payload)
+        return self.receive(seq, kind, answer, payload)
+
+    def request_transfer(self, payload: bytes) -> tuple[int, str, Any]:
+        """POST ``/generate`` for a new transfer: ``(seq, kind, answer)``, where ``kind`` is
+        ``"wire"`` (the answer is a :class:`WireAnswer`), the group tier (the answer is the
+        :class:`TransferMetadata`) or ``"broken"`` (the answer is the error)."""
+        self._seq += 1
+        seq = self._seq
+        try:
+            kind, answer = self.control.request(
+                "POST",
+                protocol.EP_GENERATE,
+                functools.partial(self._read_answer, seq),
+                content=payload,
+                headers={protocol.TRANSFER_HEADER: str(seq)},
+                retry_lost=False,  # 503s are retried; a lost connection is recovered, never resent
+            )
+        except TargetHTTPError:
+            raise  # an error answer: no transfer was started, the group is intact
+        except (TargetUnreachable, ProtocolViolation) as exc:
+            # The server may or may not have started transfer ``seq``.
+            return seq, "broken", exc
+        return seq, kind, answer
+
+    def receive(self, seq: int, kind: str, answer: Any, payload: bytes) -> dict[str, torch.Tensor]:
+        """Finish a transfer started by :meth:`request_transfer`, recovering over the wire if it broke."""
+        if kind == "broken":
+            self._fall_back(answer)
+            return self._resend(seq, payload)
+        if kind == protocol.TIER_WIRE:
+            # No echo: the server no longer has our group and answered in the body.
+            self._fall_back("the server answered without the group (it dropped its end)")
+            return self.wire.accept(answer)
+        if self.group is None:
+            self._fall_back("the group was closed before the transfer")
+            return self._resend(seq, payload)
+        start = time.perf_counter()
+        try:
+            tensors = recv_transfer(self.group, answer, self.config.timeout)
+            result = check_supervision(self.control.url, tensors)  # type: ignore[arg-type]
+        except (TransferError, ProtocolViolation, RuntimeError) as exc:
+            self._fall_back(exc)
+            return self._resend(seq, payload)
+        nbytes = sum(t.numel() * t.element_size() for t in result.values())
+        self.stats.record(self.group_tier, nbytes, time.perf_counter() - start)
+        self._failures = 0
+        return result
+
+    def _read_answer(self, seq: int, resp: httpx.Response) -> tuple[str, Any]:
+        echo = resp.headers.get(protocol.TRANSFER_HEADER)
+        if echo is None:
+            return protocol.TIER_WIRE, self.wire.read_timed(resp)
+        if echo.strip() != str(seq):
+            raise ProtocolViolation(f"{resp.request.url}: asked for transfer {seq}, the answer is for {echo!r}")
+        body = resp.read()
+        try:
+            metadata = TransferMetadata.from_json(orjson.loads(body))
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            raise ProtocolViolation(f"{resp.request.url}: bad transfer metadata: {exc}") from None
+        if metadata.seq != seq or metadata.tier != self.group_tier:
+            raise ProtocolViolation(
+                f"{resp.request.url}: metadata is for transfer {metadata.seq} on {metadata.tier}, "
+                f"expected {seq} on {self.group_tier}"
+            )
+        return self.group_tier, metadata
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def _fall_back(self, reason: object) -> None:
+        self.stats.fallbacks += 1
+        self._fell_back = True
+        self._drop_group(tell_server=True)
+        delay = self._schedule_retry()
+        logger.warning(
+            "%s: %s transfer broke (%s); answering over the wire, retrying the group in %.0f s",
+            self.control.url,
+            self.group_tier,
+            _short(reason),
+            delay,
+        )
+
+    def _resend(self, seq: int, payload: bytes) -> dict[str, torch.Tensor]:
+        """The server's stored answer to transfer ``seq`` over the wire; recompute only if it has none."""
+        try:
+            answer = self.control.request(
+                "POST",
+                protocol.EP_DATA_PLANE_RESEND,
+                self.wire.read_timed,
+                content=orjson.dumps({"seq": seq}),
+                content_type=protocol.JSON,
+                extensions={RECV_INTO: True},
+            )
+        except TargetHTTPError as exc:
+            if exc.status != protocol.RESEND_CONFLICT_STATUS:
+                raise
+            return self.wire.generate(payload)  # the request never got as far as a stored answer
+        return self.wire.accept(answer)
+
+    def _schedule_retry(self) -> float:
+        self._failures += 1
+        delay = min(self.config.backoff * 2 ** (self._failures - 1), self.config.max_backoff)
+        self._retry_at = time.monotonic() + delay
+        return delay
+
+    def _drop_group(self, *, tell_server: bool) -> None:
+        group, self.group, self.port = self.group, None, None
+        if group is not None:
+            group.close()
+        if tell_server:
+            self._tell_server_wire()
+
+    def _tell_server_wire(self) -> None:
+        """Best effort: the server drops its end too (its pending send then fails at once)."""
+        try:
+            self.control.post_json(protocol.EP_DATA_PLANE, {"tier": protocol.TIER_WIRE}, retries=False)
+        except RemoteTargetError as exc:
+            logger.debug("%s: could not tell the server to drop the group: %s", self.control.url, exc)
+
+
+def _short(reason: object) -> str:
+    text = str(reason).strip()
+    return text.splitlines()[0][:300] if text else type(reason).__name__

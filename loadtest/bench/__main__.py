@@ -1,5 +1,0 @@
-"""Entry point of ``python -m loadtest.bench``."""
-
-from loadtest.bench._main import main
-
-main()

@@ -1,3 +1,0 @@
-from loadtest.bench_transport._main import main
-
-raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""The load tests' command-line options (Locust custom arguments) and the settings built from them.
+
+Every option also reads ``LOCUST_<NAME>`` from the environment and can go in a
+``locust.conf``. In distributed mode the master sends its values to the workers, so they
+only need to be given to the master.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Any
+
+from locust import events
+
+from eagle3_loadtest._batches import PADDING_CHOICES, LengthDistribution
+from eagle3_loadtest._steps import StepPlan
+
+__all__ = ["RunSettings", "add_options"]
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser: Any) -> None:
+    parser.add_argument("--batch-size", type=int, default=2, env_var="LOCUST_BATCH_SIZE", help="Samples per batch.")
+    parser.add_argument(
+        "--seq-len",
+        default="uniform:32:256",
+        env_var="LOCUST_SEQ_LEN",
+        help="Sample length distribution: fixed:N, uniform:LO:HI, normal:MEAN:STD or lognormal:MEDIAN:SIGMA.",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=int, default=256, env_var="LOCUST_MAX_SEQ_LEN", help="Longest sample (lengths clamp)."
+    )
+    parser.add_argument(
+        "--padding",
+        choices=PADDING_CHOICES,
+        default="longest",
+        env_var="LOCUST_PADDING",
+        help="Pad each batch to its longest sample, or always to --max-seq-len.",
+    )
+    parser.add_argument(
+        "--prompt-fraction",
+        type=float,
+        default=0.25,
+        env_var="LOCUST_PROMPT_FRACTION",
+        help="Leading part of each sample with loss mask 0 (the prompt).",
+    )
+    parser.add_argument(
+        "--draft-vocab", type=int, default=256, env_var="LOCUST_DRAFT_VOCAB", help="Draft vocabulary size D."
+    )
+    parser.add_argument(
+        "--encoding",
+        default="probs",
+        env_var="LOCUST_ENCODING",
+        help="Supervision encoding to ask for (probs, logits, hidden, topk:K); anything but probs needs a "
+        "server that offers it through POST /session.",
+    )
+    parser.add_argument(
+        "--think-time",
+        type=float,
+        default=0.0,
+        env_var="LOCUST_THINK_TIME",
+        help="Seconds a rank trains between two /generate calls.",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=120.0, env_var="LOCUST_REQUEST_TIMEOUT", help="Seconds per request."
+    )
+    parser.add_argument("--seed", type=int, default=0, env_var="LOCUST_SEED", help="Seed for batches and mapping.")
+    parser.add_argument(
+        "--auth-token",
+        default="",
+        env_var="LOCUST_AUTH_TOKEN",
+        is_secret=True,
+        help="Bearer token for servers started with --auth-token.",
+    )
+
+    parser.add_argument(
+        "--max-p95-ms",
+        type=float,
+        default=0.0,
+        env_var="LOCUST_MAX_P95_MS",
+        help="Highest acceptable p95 latency of /generate in ms (0: no limit).",
+    )
+    parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.0,
+        env_var="LOCUST_MAX_ERROR_RATE",
+        help="Highest acceptable fraction of failed /generate calls.",
+    )
+
+    parser.add_argument("--capacity-start-users", type=int, default=1, env_var="LOCUST_CAPACITY_START_USERS")
+    parser.add_argument("--capacity-step-users", type=int, default=1, env_var="LOCUST_CAPACITY_STEP_USERS")
+    parser.add_argument("--capacity-max-users", type=int, default=16, env_var="LOCUST_CAPACITY_MAX_USERS")
+    parser.add_argument(
+        "--capacity-step-time", type=float, default=20.0, env_var="LOCUST_CAPACITY_STEP_TIME", help="Seconds per step."
+    )
+    parser.add_argument(
+        "--capacity-settle-time",
+        type=float,
+        default=5.0,
+        env_var="LOCUST_CAPACITY_SETTLE_TIME",
+        help="Seconds at the start of each step that are not judged (users registering).",
+    )
+
+    parser.add_argument(
+        "--slow-read-rate",
+        type=int,
+        default=1 << 20,
+        env_var="LOCUST_SLOW_READ_RATE",
+        help="Bytes per second a slow reader reads.",
+    )
+    parser.add_argument(
+        "--slow-read-max-time",
+        type=float,
+        default=5.0,
+        env_var="LOCUST_SLOW_READ_MAX_TIME",
+        help="Seconds after which a slow reader hangs up.",
+    )
+    parser.add_argument(
+        "--slow-read-batch",
+        type=int,
+        default=8,
+        env_var="LOCUST_SLOW_READ_BATCH",
+        help="Batch size of a slow reader's request (padded to --max-seq-len).",
+    )
+
+    parser.add_argument(
+        "--report-file",
+        default="",
+        env_var="LOCUST_REPORT_FILE",
+        help="JSON with the custom metrics, the verdict and the capacity (default: <--csv>_eagle3.json).",
+    )
+    parser.add_argument(
+        "--server-metrics-file",
+        default="",
+        env_var="LOCUST_SERVER_METRICS_FILE",
+        help="Where to save the server's /metrics at the end (default: <--csv>_server_metrics.prom).",
+    )
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The parsed, checked options; built where they are needed (a worker's change after spawn)."""
+
+    batch_size: int
+    lengths: LengthDistribution
+    padding: str
+    prompt_fraction: float
+    draft_vocab: int
+    encoding: str
+    think_time: float
+    request_timeout: float
+    seed: int
+    auth_token: str
+    max_p95_ms: float
+    max_error_rate: float
+    slow_read_rate: int
+    slow_read_max_time: float
+    slow_read_batch: int
+    report_file: str
+    server_metrics_file: str
+    capacity: StepPlan
+
+    @classmethod
+    def from_options(cls, opts: Namespace) -> RunSettings:
+        """Raise ValueError with a readable message on an impossible combination."""
+        if opts.think_time < 0 or opts.request_timeout <= 0:
+            raise ValueError("--think-time must be >= 0 and --request-timeout > 0")
+        if opts.slow_read_rate < 1 or opts.slow_read_max_time <= 0 or opts.slow_read_batch < 1:
+            raise ValueError("--slow-read-rate, --slow-read-max-time and --slow-read-batch must be positive")
+        csv_prefix = getattr(opts, "csv_prefix", None)
+        return cls(
+            batch_size=opts.batch_size,
+            lengths=LengthDistribution.parse(opts.seq_len, opts.max_seq_len),
+            padding=opts.padding,
+            prompt_fraction=opts.prompt_fraction,
+            draft_vocab=opts.draft_vocab,
+            encoding=opts.encoding.strip(),
+            think_time=opts.think_time,
+            request_timeout=opts.request_timeout,
+            seed=opts.seed,
+            auth_token=opts.auth_token,
+            max_p95_ms=opts.max_p95_ms,
+            max_error_rate=opts.max_error_rate,
+            slow_read_rate=opts.slow_read_rate,
+            slow_read_max_time=opts.slow_read_max_time,
+            slow_read_batch=opts.slow_read_batch,
+            report_file=opts.report_file or (f"{csv_prefix}_eagle3.json" if csv_prefix else ""),
+            server_metrics_file=opts.server_metrics_file or (f"{csv_prefix}_server_metrics.prom" if csv_prefix else ""),
+            capacity=StepPlan(
+                start_users=opts.capacity_start_users,
+                step_users=opts.capacity_step_users,
+                max_users=opts.capacity_max_users,
+                step_duration_s=opts.capacity_step_time,
+                settle_s=opts.capacity_settle_time,
+                p95_limit_ms=opts.max_p95_ms,
+                max_error_rate=opts.max_error_rate,
+            ),
+        )

@@ -1,0 +1,229 @@
+"""``TrainingRank``: a Locust user that behaves like one trainer rank of an EAGLE-3 run.
+
+It registers the way our client does (``/model_info``, then ``POST /session`` when the
+server offers sessions, then ``/set_vocab_mapping``), then sends one ``/generate`` at a
+time in the real wire format and checks every answer; a wrong answer is reported as a
+failed request with the reason. Registration failures are counted on their own rows and
+retried after a second, so a server that is still starting does not end the user.
+Bodies are built and read with the project's own codec (:mod:`eagle3_client.wire`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+from typing import Any, NoReturn
+
+import gevent
+import torch
+from locust import FastHttpUser
+from locust.env import Environment
+from locust.exception import StopUser
+
+from eagle3_client import protocol, wire
+
+# Importing these registers the options and the listeners every scenario relies on.
+from eagle3_loadtest import _metrics, _report, _scenario  # noqa: F401
+from eagle3_loadtest._batches import BatchSpec, make_batch, make_vocab_mapping
+from eagle3_loadtest._metrics import COUNTERS, GENERATE
+from eagle3_loadtest._options import RunSettings
+from eagle3_loadtest._validate import DEFAULT_ENCODING, Expected, SupervisionError, check_supervision, payload_bytes
+
+__all__ = ["GENERATE", "RegistrationFailed", "TrainingRank"]
+
+logger = logging.getLogger(__name__)
+
+# Decoding and checking run in the load generator's one gevent thread; extra torch threads
+# would only compete with the server when both run on one machine.
+torch.set_num_threads(1)
+
+_USER_IDS = itertools.count()
+_RETRY_REGISTRATION_S = 1.0
+
+
+class RegistrationFailed(RuntimeError):
+    """A registration request failed; it is already counted as a failure on its row."""
+
+
+class TrainingRank(FastHttpUser):
+    """Abstract: a concrete scenario subclasses it, sets ``scenario`` and adds a tagged task."""
+
+    abstract = True
+    scenario = ""  # the scenario a concrete class belongs to (also its task tag)
+    # Timeouts come from --request-timeout; FastHttpUser's own retries stay off (max_retries = 0)
+    # because upstream's client does not retry HTTP errors and a retry would hide them.
+
+    def __init__(self, environment: Environment) -> None:
+        self.settings = RunSettings.from_options(environment.parsed_options)
+        self.network_timeout = self.connection_timeout = self.settings.request_timeout
+        super().__init__(environment)
+        # Reproducible batches: the same seed, worker and spawn order give the same requests.
+        worker = getattr(environment.runner, "worker_index", 0)
+        self.rng = random.Random(f"{self.settings.seed}:{worker}:{next(_USER_IDS)}")
+        self.headers: dict[str, str] = {}
+        if self.settings.auth_token:
+            self.headers[protocol.AUTH_HEADER] = f"Bearer {self.settings.auth_token}"
+        self.session_id: str | None = None
+        self.vocab_size = 0
+        self.expected: Expected | None = None
+        self.spec: BatchSpec | None = None
+
+    def wait_time(self) -> float:
+        return self.settings.think_time
+
+    # -- registration ------------------------------------------------------------------
+
+    def ensure_registered(self) -> bool:
+        """Register once; on failure wait a second and report False (the task returns)."""
+        if self.expected is not None:
+            return True
+        try:
+            self._register()
+        except RegistrationFailed:
+            gevent.sleep(_RETRY_REGISTRATION_S)
+            return False
+        return True
+
+    def _register(self) -> None:
+        settings = self.settings
+        with self.client.post(
+            protocol.path(protocol.EP_MODEL_INFO), headers=self.headers, name="model_info", catch_response=True
+        ) as resp:
+            info = _json_or_fail(resp)
+            try:
+                hidden_size, vocab_size = int(info["hidden_size"]), int(info["vocab_size"])
+            except (KeyError, TypeError, ValueError):
+                resp.failure(f"model_info lacks hidden_size/vocab_size: {info}")
+                raise RegistrationFailed from None
+            if not 1 <= settings.draft_vocab <= vocab_size:
+                resp.failure(f"--draft-vocab {settings.draft_vocab} does not fit this model's vocab of {vocab_size}")
+                raise StopUser
+
+        self._open_session()
+        mapping = wire.encode(make_vocab_mapping(vocab_size, settings.draft_vocab, settings.seed))
+        with self.client.post(
+            protocol.path(protocol.EP_SET_VOCAB_MAPPING),
+            data=mapping,
+            headers=self.wire_headers,
+            name="set_vocab_mapping",
+            catch_response=True,
+        ) as resp:
+            _json_or_fail(resp)
+        self.vocab_size = vocab_size
+        self.spec = BatchSpec(
+            batch_size=settings.batch_size,
+            lengths=settings.lengths,
+            vocab_size=vocab_size,
+            padding=settings.padding,
+            prompt_fraction=settings.prompt_fraction,
+        )
+        self.expected = Expected(hidden_size=hidden_size, draft_vocab=settings.draft_vocab, encoding=settings.encoding)
+
+    def _open_session(self) -> None:
+        """``POST /session``; a 404 means an upstream-style server, which is fine for ``probs``.
+
+        Any other encoding must be confirmed in the session reply. When it is not, the user
+        stops with the reason logged (and counted as a failure): every later answer would
+        be in an encoding this test was not asked to check.
+        """
+        encoding = self.settings.encoding
+        offer = {"client": f"locust-{os.getpid()}-{id(self):x}", "encodings": [encoding]}
+        with self.client.post(
+            protocol.path(protocol.EP_SESSION), json=offer, headers=self.headers, name="session", catch_response=True
+        ) as resp:
+            if resp.status_code == 404:
+                self.session_id = None
+                if encoding == DEFAULT_ENCODING:
+                    resp.success()
+                    return
+                self._refuse(resp, f"--encoding {encoding} needs a server with sessions; this one answers 404")
+            if encoding != DEFAULT_ENCODING and 400 <= resp.status_code < 500:
+                self._refuse(resp, f"the server refused a session with --encoding {encoding}: HTTP {resp.status_code}")
+            reply = _json_or_fail(resp)
+            if not isinstance(reply.get("session_id"), str):
+                resp.failure(f"session reply has no session_id: {reply}")
+                raise RegistrationFailed
+            chosen = reply.get("encoding", DEFAULT_ENCODING)
+            if chosen != encoding:
+                self._refuse(resp, f"the server does not offer --encoding {encoding} (it chose {chosen!r})")
+            self.session_id = reply["session_id"]
+        self.headers[protocol.SESSION_HEADER] = self.session_id
+
+    @staticmethod
+    def _refuse(resp: Any, reason: str) -> NoReturn:
+        resp.failure(reason)
+        logger.error("%s; this user stops", reason)
+        raise StopUser
+
+    @property
+    def wire_headers(self) -> dict[str, str]:
+        return {**self.headers, "Content-Type": protocol.OCTET_STREAM}
+
+    def on_stop(self) -> None:
+        # Only a session is ended: /disconnect without one would stop an upstream server.
+        if self.session_id is not None:
+            self.client.post(protocol.path(protocol.EP_DISCONNECT), json={}, headers=self.headers, name="disconnect")
+            self.session_id = None
+
+    # -- the training step -------------------------------------------------------------
+
+    def generate_once(self) -> None:
+        """One ``/generate`` of a fresh batch, checked in full."""
+        if not self.ensure_registered():
+            return
+        assert self.spec is not None and self.expected is not None
+        request = make_batch(self.spec, self.rng)
+        with self.client.post(
+            protocol.path(protocol.EP_GENERATE),
+            data=wire.encode(request),
+            headers=self.wire_headers,
+            name=GENERATE,
+            catch_response=True,
+        ) as resp:
+            if resp.status_code == 0:
+                return  # a connection error, already recorded as this request's failure
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                if resp.status_code == 410:  # the server forgot our session: register again
+                    self.expected = None
+                return
+            problem = self._check(resp.content or b"", resp.headers, request)
+            if problem:
+                COUNTERS.invalid += 1
+                resp.failure(f"invalid supervision: {problem}")
+
+    def _check(self, body: bytes, headers: Any, request: dict[str, torch.Tensor]) -> str | None:
+        assert self.expected is not None
+        encoding = headers.get(protocol.ENCODING_HEADER) if headers else None
+        if encoding is not None and encoding != self.expected.encoding:
+            return f"answer uses encoding {encoding!r}, this user asked for {self.expected.encoding!r}"
+        try:
+            tensors = wire.decode(body)
+            check_supervision(tensors, request, self.expected)
+        except (wire.WireFormatError, SupervisionError) as exc:
+            return str(exc)
+        COUNTERS.record(
+            response_bytes=len(body),
+            payload_bytes=payload_bytes(tensors),
+            tokens=request["input_ids"].numel(),
+            real_tokens=int(request["attention_mask"].sum()),
+        )
+        return None
+
+
+def _json_or_fail(resp: Any) -> dict[str, Any]:
+    """The JSON object of a 200 answer; otherwise mark the request failed and raise."""
+    if resp.status_code != 200:
+        error = getattr(resp, "error", None)  # set on connection errors (status 0)
+        resp.failure(error if isinstance(error, Exception) else f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+        raise RegistrationFailed
+    try:
+        body = resp.json()
+    except (TypeError, ValueError):
+        body = None
+    if not isinstance(body, dict):
+        resp.failure(f"expected a JSON object, got {(resp.text or '')[:200]!r}")
+        raise RegistrationFailed
+    return body
