@@ -6,7 +6,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint ci automodel test-automodel
+.PHONY: demo test lint docs ci automodel test-automodel
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,16 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 	$(VENV)/bin/python -m pytest tests/loadtest
 
+# Static checks: ruff (lint + format) over everything, mypy over the three packages
+# (configured in pyproject.toml), and the option tables the docs generate from the code.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check appliance client loadtest tests
+	$(VENV)/bin/ruff check appliance client loadtest benchmarks tests
+	$(VENV)/bin/ruff format --check appliance client loadtest benchmarks tests
+	$(VENV)/bin/mypy
+
+# The documentation site (mkdocs.yml): --strict turns a broken link or a missing page into an error.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 ci:
 	bash .ci/run

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data planes, beyond the tests that `make test` runs (tests/dataplane): the transport
-# benchmark (smaller answers than the README's 300 MB so CI stays quick; it also checks
+# benchmark (smaller answers than the 300 MB of docs/performance.md so CI stays quick; it also checks
 # that gloo and wire answers are identical) and the GPU check script (it says so and exits
 # 0 when no GPU is visible; on a GPU runner it checks the NCCL and CUDA paths).
 set -euo pipefail

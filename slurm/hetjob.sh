@@ -13,7 +13,7 @@
 #   sbatch --partition=a100 --account=proj slurm/hetjob.sh
 #   sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 : --nodes=1 slurm/hetjob.sh
 # Settings (model, image, mode, ports...): slurm/eagle3.env (copy eagle3.env.example), or
-# the environment at submission, which wins over the file. README.md, section "Slurm".
+# the environment at submission, which wins over the file. docs/slurm.md.
 #
 # ---- component 0: target servers, one appliance per GPU ----------------------------------
 #SBATCH --job-name=eagle3

@@ -8,7 +8,7 @@
 #   cat slurm-logs/<job id>/urls.txt      # once the driver log says "ready"
 #
 # Same settings as slurm/hetjob.sh (env file slurm/eagle3.env, or the environment); the
-# ones that concern component 1 are ignored. README.md, section "Slurm".
+# ones that concern component 1 are ignored. docs/slurm.md.
 #
 #SBATCH --job-name=eagle3-serve
 #SBATCH --output=eagle3-serve-%j.out    # the driver log (this script), in the submit dir

@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from eagle3_client.buffers import BufferPool, pool_bytes_from_env, reuse_supported
+from eagle3_client.buffers import BufferPool, reuse_supported
 from eagle3_client.wire import tensor_bytes
 
 pytestmark = pytest.mark.skipif(not reuse_supported(), reason="this torch cannot report storage use counts")
@@ -63,13 +63,3 @@ def test_zero_cap_never_reuses():
     for _ in range(3):
         pool.empty((64,), torch.float32).fill_(1)
     assert pool.stats.hits == 0 and pool.stats.cached_bytes == 0 and pool.stats.uncached_allocations == 3
-
-
-def test_pool_size_from_environment(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("EAGLE3_CLIENT_POOL_MB", "3")
-    assert pool_bytes_from_env() == 3 << 20
-    monkeypatch.setenv("EAGLE3_CLIENT_POOL_MB", "lots")
-    with pytest.raises(ValueError, match="EAGLE3_CLIENT_POOL_MB"):
-        pool_bytes_from_env()
-    monkeypatch.delenv("EAGLE3_CLIENT_POOL_MB")
-    assert pool_bytes_from_env(default=7) == 7

@@ -24,11 +24,11 @@ from eagle3_client.encodings import (
     decode_supervision,
     parse_encoding,
     payload_bytes_per_token,
-    requested_encoding,
     response_bytes,
     topk_index_dtype,
     wire_bytes_per_token,
 )
+from eagle3_client.protocol import SessionOffer
 from tests.test_client import SUPERVISION, make_remote, upstream_server
 
 runner = CliRunner()
@@ -49,17 +49,6 @@ def test_encoding_names_parse(name: str, kind: str, k: int | None) -> None:
 def test_bad_encoding_names_are_value_errors(name: str) -> None:
     with pytest.raises(ValueError):
         parse_encoding(name)
-
-
-def test_the_environment_sets_the_default_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EAGLE3_ENCODING", raising=False)
-    assert requested_encoding(None).name == "probs"
-    monkeypatch.setenv("EAGLE3_ENCODING", "topk:8")
-    assert requested_encoding(None).name == "topk:8"
-    assert requested_encoding("logits").name == "logits"  # the keyword wins
-    monkeypatch.setenv("EAGLE3_ENCODING", "bogus")
-    with pytest.raises(ValueError, match="unknown supervision encoding"):
-        requested_encoding(None)
 
 
 # -- sizes ---------------------------------------------------------------------------------
@@ -187,12 +176,13 @@ def test_a_header_that_contradicts_the_body_is_a_protocol_violation() -> None:
 
 
 def test_negotiation_picks_the_first_usable_offer() -> None:
-    offered = negotiation.offered_encodings({"encoding": "hidden", "encodings": ["hidden", "topk:4", "probs"]})
+    offer = SessionOffer.from_json({"encoding": "hidden", "encodings": ["hidden", "topk:4", "probs"]})
+    offered = negotiation.offered_encodings(offer)
     assert [e.name for e in offered] == ["hidden", "topk:4", "probs"]
     assert negotiation.choose_encoding(offered, None) == (parse_encoding("hidden"), None)
     chosen, why = negotiation.choose_encoding(offered, "the LM head has a bias")
     assert chosen.name == "topk:4" and "bias" in why
-    assert negotiation.offered_encodings({})[0].name == "probs"
+    assert negotiation.offered_encodings(SessionOffer.from_json({}))[0].name == "probs"
     with pytest.raises(negotiation.EncodingError, match="bias"):
         negotiation.choose_encoding([parse_encoding("hidden")], "the LM head has a bias")
 

@@ -24,7 +24,7 @@ from eagle3_appliance.errors import Unauthorized, Unavailable
 from eagle3_appliance.sessions import ANONYMOUS, SessionRegistry
 from eagle3_appliance.settings import load_token
 from eagle3_client import TargetOverloaded, protocol
-from eagle3_client.auth import auth_headers, resolve_token
+from eagle3_client.auth import auth_headers
 from eagle3_client.control import ControlPlane
 from eagle3_client.heartbeat import Heartbeat
 from tests.ops_support import FAKE_NVML_DIR, healthy_gpus, wait_until
@@ -340,19 +340,6 @@ def test_bearer_check_refuses(header: str | None) -> None:
 @pytest.mark.parametrize("header", ["Bearer abc123", "bearer abc123", "BEARER  abc123 "])
 def test_bearer_check_accepts(header: str) -> None:
     BearerAuth("abc123").check(header)  # raises on refusal
-
-
-def test_client_token_from_argument_env_or_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("EAGLE3_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("EAGLE3_AUTH_TOKEN_FILE", raising=False)
-    assert resolve_token(None) is None and auth_headers(None) == {}
-    (tmp_path / "t").write_text("from-file\n")
-    monkeypatch.setenv("EAGLE3_AUTH_TOKEN_FILE", str(tmp_path / "t"))
-    assert resolve_token(None) == "from-file"
-    monkeypatch.setenv("EAGLE3_AUTH_TOKEN", "from-env")
-    assert resolve_token(None) == "from-env"
-    assert resolve_token("arg") == "arg"
-    assert auth_headers("arg") == {"Authorization": "Bearer arg"}
 
 
 # -- the client: Retry-After and heartbeats ----------------------------------------------

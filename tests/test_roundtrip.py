@@ -87,6 +87,11 @@ def test_model_info_and_embeddings(remote: RemoteEagle3TargetModel, oracle: Orac
         "vocab_size": config.vocab_size,
         "aux_layer_ids": oracle.aux_layer_ids,
     }
+    served = remote.served_model()  # our extension, for registered sessions only
+    assert served is not None and (served.model, served.dtype, served.device) == ("builtin", "float32", "cpu")
+    assert served.logits_size == config.vocab_size and served.max_seq_len == 512
+    plain = httpx.post(remote.urls[0] + "/model_info", trust_env=False).json()
+    assert plain == info  # an upstream client sees exactly upstream's keys
     embedding = remote.get_input_embeddings()
     assert torch.equal(embedding.weight, oracle.model.get_input_embeddings().weight)
     assert remote.get_input_embeddings() is embedding  # fetched once, cached

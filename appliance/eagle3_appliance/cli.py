@@ -163,19 +163,23 @@ def gpus(
     raise typer.Exit(1 if report.fatal_reasons() else 0)
 
 
-def _get_gpus(url: str) -> dict:
+def _get_gpus(url: str) -> dict[str, Any]:
     import httpx
 
-    from eagle3_client.auth import auth_headers, resolve_token
+    from eagle3_client.auth import auth_headers
+    from eagle3_client.options import ClientOptions
     from eagle3_client.protocol import EP_GPUS, path
 
     try:
-        resp = httpx.get(url.rstrip("/") + path(EP_GPUS), headers=auth_headers(resolve_token(None)), trust_env=False)
+        resp = httpx.get(
+            url.rstrip("/") + path(EP_GPUS), headers=auth_headers(ClientOptions.resolve().auth_token()), trust_env=False
+        )
     except httpx.HTTPError as exc:
         raise typer.BadParameter(f"cannot reach {url}: {exc}") from None
     if resp.status_code != 200:
         raise typer.BadParameter(f"{url}{path(EP_GPUS)} answered HTTP {resp.status_code}: {resp.text[:200]}")
-    return resp.json()
+    report: dict[str, Any] = resp.json()
+    return report
 
 
 BatchesOpt = Annotated[int, typer.Option(help="How many /generate round-trips.")]

@@ -14,12 +14,13 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from eagle3_appliance import upstream_nccl
-from eagle3_appliance.errors import InvalidRequest, MalformedBody, NotConfigured
+from eagle3_appliance.errors import MalformedBody, NotConfigured
 from eagle3_appliance.group_plane import LINK_KEY, RESULT_KEY, NoStoredResult, TierNotOffered, close_link
 from eagle3_appliance.state import request_session, serving_state
 from eagle3_appliance.transfer import host_copy, send_wire
-from eagle3_appliance.validation import json_object
+from eagle3_appliance.validation import json_body, json_object
 from eagle3_client import protocol
+from eagle3_client.protocol import DataPlaneReply, DataPlaneRequest, ResendRequest
 
 __all__ = ["blueprint"]
 
@@ -36,19 +37,17 @@ async def set_data_plane(request: Request) -> HTTPResponse:
         raise NotConfigured(
             "register with POST /session before asking for a data plane (upstream clients use /init_nccl)"
         )
-    tier = json_object(request.body).get("tier")
-    if tier not in protocol.TIERS:
-        raise InvalidRequest(f"tier must be one of {list(protocol.TIERS)}, got {tier!r}")
+    tier = json_body(request.body, DataPlaneRequest.from_json).tier
     close_link(session, "replaced" if tier != protocol.TIER_WIRE else "closed")
     if tier == protocol.TIER_WIRE:
-        return json({"tier": protocol.TIER_WIRE})
+        return json(DataPlaneReply(protocol.TIER_WIRE).to_json())
     plane = serving_state(request).planes
     if tier not in plane.offered:
         raise TierNotOffered(f"this server offers {plane.offered}, not {tier!r}")
     link, nonce, key = await plane.open_link(session, tier)
     session.extras[LINK_KEY] = link
     logger.info("data plane %s for %s: rendezvous on port %d", tier, session.client or session.id, link.port)
-    return json({"tier": tier, "port": link.port, "key": key, "nonce": nonce, "timeout": link.timeout})
+    return json(DataPlaneReply(tier, port=link.port, key=key, nonce=nonce, timeout=link.timeout).to_json())
 
 
 @blueprint.get(protocol.path(protocol.EP_DATA_PLANE))
@@ -72,10 +71,7 @@ async def data_plane_status(request: Request) -> HTTPResponse:
 async def resend(request: Request) -> None:
     """The session's stored result of transfer ``seq`` as a wire blob; never a second forward."""
     session = request_session(request)
-    try:
-        seq = int(json_object(request.body)["seq"])
-    except (KeyError, TypeError, ValueError):
-        raise MalformedBody('expected {"seq": <integer>}') from None
+    seq = json_body(request.body, ResendRequest.from_json, error=MalformedBody).seq
     stored = session.extras.get(RESULT_KEY)
     if stored is None or stored.seq != seq or not stored.tensors:
         held = None if stored is None else stored.seq

@@ -14,31 +14,25 @@ the model thread, so they answer in milliseconds while a forward runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from eagle3_client import protocol
 
-if TYPE_CHECKING:
-    from eagle3_appliance.operations import Operations
-
-__all__ = ["LIVENESS_ENDPOINTS", "PROBE_ENDPOINTS", "probes", "readiness_reasons"]
+__all__ = ["LIVENESS_ENDPOINTS", "PROBE_ENDPOINTS", "Readiness", "probes"]
 
 LIVENESS_ENDPOINTS = frozenset({protocol.EP_HEALTH_LIVE, protocol.EP_V2_HEALTH_LIVE})
 PROBE_ENDPOINTS = LIVENESS_ENDPOINTS | {protocol.EP_HEALTH, protocol.EP_HEALTH_READY, protocol.EP_V2_HEALTH_READY}
 
 
-def readiness_reasons(ops: Operations) -> list[str]:
-    """Why the server should not get traffic now; empty when it is ready."""
-    reasons = []
-    if ops.target_loaded() is False:
-        reasons.append("model not loaded")
-    if ops.lifecycle.draining:
-        reasons.append("draining: the server is shutting down")
-    reasons += [f"fatal GPU condition: {r}" for r in ops.gpu.snapshot.fatal_reasons()]
-    return reasons
+class Readiness(Protocol):
+    """What the readiness probe asks (``app.ctx.ops``, :class:`eagle3_appliance.operations.Operations`)."""
+
+    def readiness_reasons(self) -> list[str]:
+        """Why the server should not get traffic now; empty when it is ready."""
+        ...
 
 
 async def live(request: Request) -> HTTPResponse:
@@ -46,7 +40,8 @@ async def live(request: Request) -> HTTPResponse:
 
 
 async def ready(request: Request) -> HTTPResponse:
-    reasons = readiness_reasons(request.app.ctx.ops)
+    readiness: Readiness = request.app.ctx.ops
+    reasons = readiness.readiness_reasons()
     if reasons:
         return json({"status": "not_ready", "reasons": reasons, "error": "not ready: " + "; ".join(reasons)}, 503)
     return json({"status": "ready"})

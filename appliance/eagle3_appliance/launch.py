@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -26,6 +27,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """``python -m eagle3_appliance serve ...`` on 127.0.0.1, as a context manager.
 
+    ``launcher`` is the command before ``serve`` (the CLI's module by default).
+
     Usage::
 
         with ServerProcess(["--model", "builtin"]) as server:
@@ -40,13 +43,12 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         startup_timeout: float = 120.0,
+        launcher: Sequence[str] = (sys.executable, "-m", "eagle3_appliance"),
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._args = [
-            sys.executable,
-            "-m",
-            "eagle3_appliance",
+            *launcher,
             "serve",
             "--host",
             "127.0.0.1",
@@ -58,7 +60,7 @@ class ServerProcess:
         self._log_path = log_path
         self._timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | int | None = None
 
     def start(self) -> ServerProcess:
         self._log = open(self._log_path, "wb") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -93,8 +95,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._log not in (None, subprocess.DEVNULL):
-            self._log.close()  # type: ignore[union-attr]
+        if not isinstance(self._log, (int, type(None))):
+            self._log.close()
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:

@@ -50,5 +50,5 @@ def load_target(settings: Settings) -> Target:
         trust_remote_code=settings.trust_remote_code,
     )
     if device.type != "cuda":
-        model = model.to(device)
+        torch.nn.Module.to(model, device)  # in place
     return Target(model, settings.aux_layer_ids, name=settings.model)

@@ -6,7 +6,7 @@ Triton's ``nv_inference_*`` metrics where one has the same meaning, with our ``e
 prefix and Prometheus base units (seconds, bytes); the GPU gauges carry DCGM's field names
 and dcgm-exporter's labels (``gpu``, ``UUID``, ``modelName``) so existing GPU dashboards and
 alerts work unchanged. A reading the GPU does not support is left out (absent = unknown).
-The full table is in the README's "Operations" section.
+The full table is in docs/operations.md.
 """
 
 from __future__ import annotations

@@ -8,13 +8,11 @@ needs ``K <= D``, checked once the draft vocabulary is known (:func:`check_mappi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from eagle3_appliance.errors import ApplianceError
 from eagle3_appliance.inputs import VocabMapping
 from eagle3_client import protocol
 from eagle3_client.encodings import Encoding, parse_encoding
+from eagle3_client.protocol import SessionOffer
 
 __all__ = ["EncodingError", "check_mapping", "choose_encoding", "offered_encodings"]
 
@@ -25,18 +23,13 @@ class EncodingError(ApplianceError):
     status_code = 422
 
 
-def offered_encodings(offer: Mapping[str, Any]) -> list[Encoding]:
-    """The encodings a ``POST /session`` offer accepts, best first: ``"encoding"`` then ``"encodings"``.
+def offered_encodings(offer: SessionOffer) -> list[Encoding]:
+    """The encodings a ``POST /session`` offer accepts, best first: ``encoding`` then ``encodings``.
 
     No ``"encoding"`` key means upstream's probs. Every name must parse (422 otherwise).
     """
-    names: list[Any] = [offer.get("encoding", protocol.ENCODING_PROBS)]
-    extra = offer.get("encodings", [])
-    if not isinstance(extra, list):
-        raise EncodingError(f"'encodings' must be a list of encoding names, got {type(extra).__name__}")
-    names += extra
     out: list[Encoding] = []
-    for name in names:
+    for name in (offer.encoding, *offer.encodings):
         try:
             encoding = parse_encoding(name)
         except ValueError as exc:

@@ -29,7 +29,7 @@ from eagle3_appliance.admission import Admission
 from eagle3_appliance.auth import BearerAuth
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.gpu import GpuMonitor
-from eagle3_appliance.health import LIVENESS_ENDPOINTS, PROBE_ENDPOINTS, probes, readiness_reasons
+from eagle3_appliance.health import LIVENESS_ENDPOINTS, PROBE_ENDPOINTS, probes
 from eagle3_appliance.inflight import InFlight, Tracked
 from eagle3_appliance.lifecycle import Lifecycle
 from eagle3_appliance.metrics import CONTENT_TYPE, Metrics
@@ -59,8 +59,18 @@ class Operations:
     auth: BearerAuth | None
     target_loaded: Callable[[], bool]
 
+    def readiness_reasons(self) -> list[str]:
+        """Why the server should not get traffic now; empty when it is ready (``/health/ready``)."""
+        reasons = []
+        if self.target_loaded() is False:
+            reasons.append("model not loaded")
+        if self.lifecycle.draining:
+            reasons.append("draining: the server is shutting down")
+        reasons += [f"fatal GPU condition: {r}" for r in self.gpu.snapshot.fatal_reasons()]
+        return reasons
+
     def ready(self) -> bool:
-        return not readiness_reasons(self)
+        return not self.readiness_reasons()
 
     # -- request lifecycle hooks ----------------------------------------------------
 
@@ -103,7 +113,8 @@ class Operations:
 
 
 def operations(request: Request) -> Operations:
-    return request.app.ctx.ops
+    ops: Operations = request.app.ctx.ops
+    return ops
 
 
 # -- routes: /metrics and /gpus (the probes are in eagle3_appliance.health) ------------------------

@@ -112,6 +112,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.target = target
+        self.vocab_size = target.vocab_size  # token ids are checked against it before the forward
         self.buffers = buffers
         self.admission = admission
         self.metrics = metrics
@@ -128,7 +129,7 @@ class Pipeline:
         """Answer one ``/generate`` request of ``session``."""
         inputs = validate_generate(
             decode_body(request.body),
-            vocab_size=self.target.vocab_size,
+            vocab_size=self.vocab_size,
             max_seq_len=self.settings.max_seq_len,
             max_batch_tokens=self.settings.max_batch_tokens,
         )

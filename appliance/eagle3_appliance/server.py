@@ -29,9 +29,10 @@ from eagle3_appliance.settings import Settings
 from eagle3_appliance.state import ServingState, request_session, serving_state
 from eagle3_appliance.target import Target
 from eagle3_appliance.transfer import host_copy, send_wire
-from eagle3_appliance.validation import decode_body, json_object, validate_row_request, validate_vocab_mapping
+from eagle3_appliance.validation import decode_body, json_body, validate_row_request, validate_vocab_mapping
 from eagle3_client import protocol
 from eagle3_client.encodings import parse_encoding
+from eagle3_client.protocol import ModelInfoExtension, SessionOffer, SessionReply
 
 __all__ = ["create_app", "run_server"]
 
@@ -47,7 +48,25 @@ async def health(request: Request) -> HTTPResponse:
 
 @control.route(protocol.path(protocol.EP_MODEL_INFO), methods=["GET", "POST"])
 async def model_info(request: Request) -> HTTPResponse:
-    return json(serving_state(request).target.model_info())
+    """Upstream's four keys; a registered session also gets our extension object."""
+    state = serving_state(request)
+    body: dict[str, Any] = state.target.model_info()
+    if request.headers.get(protocol.SESSION_HEADER):
+        request_session(request)  # 410 for a session that is gone
+        body[protocol.MODEL_INFO_EXTENSION_KEY] = _model_info_extension(state).to_json()
+    return json(body)
+
+
+def _model_info_extension(state: ServingState) -> ModelInfoExtension:
+    target, settings = state.target, state.settings
+    return ModelInfoExtension(
+        model=settings.model,
+        dtype=str(target.dtype).removeprefix("torch."),
+        device=str(target.device),
+        logits_size=target.logits_size,
+        max_seq_len=settings.max_seq_len,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
 
 
 @control.post(protocol.path(protocol.EP_INPUT_EMBEDDINGS))
@@ -61,36 +80,30 @@ async def input_embeddings(request: Request) -> None:
 async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
     state = serving_state(request)
-    offer = json_object(request.body)
-    lease = _requested_lease(offer, state.settings)
+    offer = json_body(request.body, SessionOffer.from_json)
+    lease = _requested_lease(offer.lease_seconds, state.settings)
     offered = offered_encodings(offer)
     wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)
     refusal = await state.pipeline.runner.run(state.target.hidden_refusal) if wants_hidden else None
     encoding, refused = choose_encoding(offered, refusal)
-    session = state.sessions.register(client=str(offer.get("client", "")))
+    session = state.sessions.register(client=offer.client)
     session.encoding = encoding.name
     session.lease_seconds = lease
-    reply: dict[str, Any] = {
-        "session_id": session.id,
-        "protocol": 1,
-        "encoding": session.encoding,
-        "data_plane": "wire",
-        "data_planes": list(state.planes.offered),
-        "lease_seconds": lease or state.settings.lease_seconds,
-    }
-    if refused:
-        reply["encoding_refused"] = refused
-    return json(reply)
+    reply = SessionReply(
+        session_id=session.id,
+        encoding=session.encoding,
+        data_planes=tuple(state.planes.offered),
+        lease_seconds=lease or state.settings.lease_seconds,
+        encoding_refused=refused,
+    )
+    return json(reply.to_json())
 
 
-def _requested_lease(offer: dict[str, Any], settings: Settings) -> float | None:
+def _requested_lease(value: float | None, settings: Settings) -> float | None:
     """The lease a client asks for (``"lease_seconds"`` in its offer), within ``--max-lease-seconds``."""
-    value = offer.get("lease_seconds")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= settings.max_lease_seconds:
-        raise InvalidRequest(f"lease_seconds must be a number in (0, {settings.max_lease_seconds:g}], got {value!r}")
-    return float(value)
+    if value is not None and not 0 < value <= settings.max_lease_seconds:
+        raise InvalidRequest(f"lease_seconds must be a number in (0, {settings.max_lease_seconds:g}], got {value:g}")
+    return value
 
 
 @control.post(protocol.path(protocol.EP_SET_VOCAB_MAPPING))

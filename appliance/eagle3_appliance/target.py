@@ -77,7 +77,8 @@ class Target:
     """
 
     def __init__(self, model: nn.Module, aux_layer_ids: Sequence[int] | None = None, name: str = "") -> None:
-        self.model = model.eval().requires_grad_(False)
+        # A transformers model: its methods (get_input_embeddings, ...) are not on nn.Module's type.
+        self.model: Any = model.eval().requires_grad_(False)
         self.name = name
         self.layers = find_decoder_layers(model)
         num_layers = self.num_hidden_layers

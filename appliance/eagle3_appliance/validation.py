@@ -7,19 +7,20 @@ on a GPU is a device-side assert that kills the CUDA context for every later req
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 import torch
 
-from eagle3_appliance.errors import InvalidTensors, MalformedBody
+from eagle3_appliance.errors import ApplianceError, InvalidRequest, InvalidTensors, MalformedBody
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_client import wire
 from eagle3_client.protocol import GENERATE_INPUT_KEYS, VOCAB_MAPPING_KEYS
 
 __all__ = [
     "decode_body",
+    "json_body",
     "json_object",
     "validate_generate",
     "validate_row_request",
@@ -42,6 +43,17 @@ def json_object(body: bytes | None) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise MalformedBody(f"expected a JSON object, got {type(parsed).__name__}")
     return parsed
+
+
+T = TypeVar("T")
+
+
+def json_body(body: bytes | None, parse: Callable[[Any], T], *, error: type[ApplianceError] = InvalidRequest) -> T:
+    """A JSON body read by one of the protocol's schemas (``Schema.from_json``); ``error`` names what is wrong."""
+    try:
+        return parse(json_object(body))
+    except ValueError as exc:
+        raise error(str(exc)) from None
 
 
 def decode_body(body: bytes) -> dict[str, torch.Tensor | None]:

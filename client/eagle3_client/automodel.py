@@ -9,15 +9,12 @@ picks it up) and in the recipe module if it is already imported, to a subclass o
 :class:`~eagle3_client.backend.RemoteEagle3TargetModel` that adds the options below. Nothing else
 in AutoModel changes, and :meth:`Installation.uninstall` puts upstream's class back.
 
-Our options, each read from the recipe YAML's ``recipe_args`` or else from the environment
-(the YAML, including ``--recipe_args.KEY=VALUE`` overrides, wins; unset means the client's
-default)::
-
-    recipe_args key        environment            client keyword
-    remote_data_plane      EAGLE3_DATA_PLANE      data_plane
-    remote_encoding        EAGLE3_ENCODING        encoding
-    remote_auth_token      EAGLE3_AUTH_TOKEN      auth_token or token (else an Authorization header)
-    remote_lease_seconds   EAGLE3_LEASE_SECONDS   lease_seconds
+Our options: every client option that has an environment variable can also be set in the
+recipe YAML as ``recipe_args.remote_<name>`` (``remote_data_plane``, ``remote_encoding``,
+``remote_auth_token``, ``remote_lease_seconds``, ...; the table is in the docs'
+client-options page, generated from :mod:`eagle3_client.options`). The YAML, including
+``--recipe_args.KEY=VALUE`` overrides, wins over the environment; unset means the client's
+default.
 
 Usage (what :mod:`eagle3_client.automodel_launch` does)::
 
@@ -30,21 +27,18 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from eagle3_client.backend import RemoteEagle3TargetModel
+from eagle3_client.options import ClientOptions, option_fields, recipe_key
 
 __all__ = [
-    "OPTION_SOURCES",
     "REMOTE_PACKAGE",
     "RECIPE_MODULE",
-    "ClientOptions",
     "Installation",
-    "client_kwargs",
     "configured_backend",
     "install",
     "options_from_config",
@@ -57,51 +51,25 @@ REMOTE_PACKAGE = "nemo_automodel.components.speculative.eagle.remote"
 RECIPE_MODULE = "nemo_automodel.recipes.llm.train_eagle3"
 _CLASS_NAME = "RemoteEagle3TargetModel"
 
-# option -> (recipe_args key, environment variable). The ``remote_`` prefix follows the
-# recipe's own ``remote_urls`` / ``remote_timeout`` / ``remote_max_retries`` keys.
-OPTION_SOURCES: dict[str, tuple[str, str]] = {
-    "data_plane": ("remote_data_plane", "EAGLE3_DATA_PLANE"),
-    "encoding": ("remote_encoding", "EAGLE3_ENCODING"),
-    "auth_token": ("remote_auth_token", "EAGLE3_AUTH_TOKEN"),
-    "lease_seconds": ("remote_lease_seconds", "EAGLE3_LEASE_SECONDS"),
-}
 
+def options_from_config(recipe_args: Any = None) -> dict[str, Any]:
+    """Client keyword arguments from ``recipe_args.remote_<name>`` (a ConfigNode or a mapping).
 
-@dataclass(frozen=True)
-class ClientOptions:
-    """Our client's options beyond upstream's ``from_urls`` arguments; None = client default."""
-
-    data_plane: str | None = None
-    encoding: str | None = None
-    auth_token: str | None = None
-    lease_seconds: float | None = None
-
-    def set_options(self) -> dict[str, Any]:
-        """The options that were given, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    def describe(self) -> str:
-        """For logs: every set option, the token masked."""
-        shown = {k: ("***" if k == "auth_token" else v) for k, v in self.set_options().items()}
-        return ", ".join(f"{k}={v}" for k, v in shown.items()) or "client defaults"
-
-
-def options_from_config(recipe_args: Any = None, environ: Mapping[str, str] | None = None) -> ClientOptions:
-    """Our options from ``recipe_args`` (a ConfigNode or a mapping), else from the environment.
-
-    Empty values count as unset. A lease that is not a positive number is a ``ValueError``
-    naming where it came from.
+    Empty values count as unset (the client then reads the option's environment variable). A
+    value the client would refuse is a ``ValueError`` naming its key, before anything runs.
     """
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for name, (key, env) in OPTION_SOURCES.items():
-        value, source = _lookup(recipe_args, key), f"recipe_args.{key}"
-        if value is None or str(value).strip() == "":
-            value, source = environ.get(env), env
+    kwargs: dict[str, Any] = {}
+    for f in option_fields():
+        key = recipe_key(f)
+        value = _lookup(recipe_args, key) if key is not None else None
         if value is None or str(value).strip() == "":
             continue
-        values[name] = _parse_lease(value, source) if name == "lease_seconds" else str(value).strip()
-    return ClientOptions(**values)
+        try:
+            ClientOptions.resolve({}, **{f.name: value})
+        except ValueError as exc:
+            raise ValueError(f"recipe_args.{key}: {exc}") from None
+        kwargs[f.name] = value
+    return kwargs
 
 
 def _lookup(recipe_args: Any, key: str) -> Any:
@@ -111,28 +79,9 @@ def _lookup(recipe_args: Any, key: str) -> Any:
     return getter(key, None) if getter is not None else None
 
 
-def _parse_lease(value: Any, source: str) -> float:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a number of seconds, got {value!r}") from None
-    if not seconds > 0:
-        raise ValueError(f"{source} must be positive, got {value!r}")
-    return seconds
-
-
-def client_kwargs(options: ClientOptions) -> dict[str, Any]:
-    """Keyword arguments for ``RemoteEagle3TargetModel.from_urls`` that carry ``options``.
-
-    Only options that are set are passed, so the client's own defaults (which read the same
-    ``EAGLE3_*`` variables) apply otherwise. The token is the client's ``token`` parameter.
-    """
-    return {("token" if name == "auth_token" else name): value for name, value in options.set_options().items()}
-
-
-def configured_backend(options: ClientOptions | None = None) -> type[RemoteEagle3TargetModel]:
-    """Our client class with ``options`` applied by ``from_urls`` (the recipe's constructor)."""
-    extra = client_kwargs(options or ClientOptions())
+def configured_backend(options: Mapping[str, Any] | None = None) -> type[RemoteEagle3TargetModel]:
+    """Our client class with ``options`` (client keywords) applied by ``from_urls`` (the recipe's constructor)."""
+    extra = dict(options or {})
 
     class AutoModelRemoteTarget(RemoteEagle3TargetModel):
         """``eagle3_client.RemoteEagle3TargetModel`` as built by NeMo AutoModel's EAGLE-3 recipe."""
@@ -167,7 +116,7 @@ class Installation:
     """An applied :func:`install`; ``uninstall()`` (or leaving the ``with`` block) reverts it."""
 
     backend: type[RemoteEagle3TargetModel]
-    options: ClientOptions
+    options: dict[str, Any]
     upstream: type
 
     def uninstall(self) -> None:
@@ -184,7 +133,7 @@ class Installation:
         self.uninstall()
 
 
-def install(options: ClientOptions | None = None) -> Installation:
+def install(options: Mapping[str, Any] | None = None) -> Installation:
     """Make the EAGLE-3 recipe construct our client for ``target_model_backend: remote``.
 
     Imports the ``remote`` package (not the recipe module, whose imports are heavier) and
@@ -192,12 +141,13 @@ def install(options: ClientOptions | None = None) -> Installation:
     ``ImportError`` when NeMo AutoModel is not installed, and ``ValueError`` when an option
     is set that this client does not support, before anything is changed.
     """
-    options = options or ClientOptions()
+    options = dict(options or {})
+    resolved = ClientOptions.resolve(**options)  # a bad option (or environment value) fails here
     backend = configured_backend(options)
     package = importlib.import_module(REMOTE_PACKAGE)
     current = getattr(package, _CLASS_NAME)
     upstream = getattr(current, "_eagle3_replaces", current)  # re-installing still restores upstream's
-    backend._eagle3_replaces = upstream  # type: ignore[attr-defined]
+    backend._eagle3_replaces = upstream
     for module_name in (REMOTE_PACKAGE, RECIPE_MODULE):
         module = sys.modules.get(module_name)
         if module is not None:
@@ -206,6 +156,6 @@ def install(options: ClientOptions | None = None) -> Installation:
         "eagle3-appliance: the EAGLE-3 recipe's remote backend is now %s.%s (%s)",
         RemoteEagle3TargetModel.__module__,
         RemoteEagle3TargetModel.__name__,
-        options.describe(),
+        resolved.describe(),
     )
     return Installation(backend=backend, options=options, upstream=upstream)

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import torch
 
 from eagle3_client import protocol, wire
-from eagle3_client.auth import auth_headers, resolve_token
-from eagle3_client.buffers import BufferPool, pool_bytes_from_env
+from eagle3_client.auth import auth_headers
+from eagle3_client.buffers import BufferPool
 from eagle3_client.contract import Eagle3TargetBackend, Eagle3TargetBatch
 from eagle3_client.control import ControlPlane
 from eagle3_client.dataplane import DataPlane, TransferStats, WireDataPlane
@@ -34,12 +34,12 @@ from eagle3_client.encodings import (
     decode_supervision,
     detect_encoding,
     parse_encoding,
-    requested_encoding,
 )
 from eagle3_client.errors import ProtocolViolation, TargetHTTPError
 from eagle3_client.group_plane import GroupDataPlane
 from eagle3_client.heartbeat import Heartbeat
 from eagle3_client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers, receive_device
+from eagle3_client.options import ClientOptions
 
 __all__ = ["RemoteEagle3TargetModel", "RemoteResult"]
 
@@ -90,16 +90,15 @@ class _Server:
         wanted = self.requested_encoding
         # We can always decode probs, so offering it as the fallback never costs a round-trip.
         local = local_tiers(self.device)
-        offer = {
-            "client": self.client_name,
-            "encoding": wanted.name,
-            "encodings": list(dict.fromkeys([wanted.name, "probs"])),
-            "data_planes": local,
-        }
-        if self.lease_seconds is not None:
-            offer["lease_seconds"] = self.lease_seconds
+        offer = protocol.SessionOffer(
+            client=self.client_name,
+            encoding=wanted.name,
+            encodings=tuple(dict.fromkeys([wanted.name, protocol.ENCODING_PROBS])),
+            data_planes=tuple(local),
+            lease_seconds=self.lease_seconds,
+        )
         try:
-            reply = self.control.post_json(protocol.EP_SESSION, offer)
+            reply = self._session_reply(self.control.post_json(protocol.EP_SESSION, offer.to_json()))
         except TargetHTTPError as exc:
             if exc.status not in (404, 405):
                 raise
@@ -112,12 +111,11 @@ class _Server:
                     wanted.name,
                 )
         else:
-            self.upstream, self.session_id = False, str(reply["session_id"])
+            self.upstream, self.session_id = False, reply.session_id
             self.encoding = _negotiated(self.control.url, reply, wanted)
-            offered = list(reply.get("data_planes") or [protocol.TIER_WIRE])
-            lease = reply.get("lease_seconds")
-            if isinstance(lease, (int, float)) and lease > 0:  # beat three times per lease
-                self.heartbeat = Heartbeat(self.control, self.session_id, lease / 3).start()
+            offered = list(reply.data_planes)
+            if reply.lease_seconds is not None and reply.lease_seconds > 0:  # beat three times per lease
+                self.heartbeat = Heartbeat(self.control, self.session_id, reply.lease_seconds / 3).start()
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
         try:
             tier = choose_tier(self.config.preference, local, offered, self.control.url)
@@ -128,6 +126,12 @@ class _Server:
             raise
         self.data_plane = self._make_data_plane(tier)
         self._connected = True
+
+    def _session_reply(self, body: Any) -> protocol.SessionReply:
+        try:
+            return protocol.SessionReply.from_json(body)
+        except ValueError as exc:
+            raise ProtocolViolation(f"{self.control.url}/{protocol.EP_SESSION}: {exc}") from None
 
     def _make_data_plane(self, tier: str) -> DataPlane:
         if tier == protocol.TIER_WIRE:
@@ -206,29 +210,14 @@ class _Server:
             self.control.close()
 
 
-def _lease_seconds(value: float | None) -> float | None:
-    """The lease to ask for: the argument, else ``$EAGLE3_LEASE_SECONDS``, else the server's default."""
-    if value is None:
-        raw = os.environ.get("EAGLE3_LEASE_SECONDS", "").strip()
-        if not raw:
-            return None
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"EAGLE3_LEASE_SECONDS must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"lease_seconds must be positive, got {value}")
-    return float(value)
-
-
-def _negotiated(url: str, reply: dict[str, Any], wanted: Encoding) -> Encoding:
+def _negotiated(url: str, reply: protocol.SessionReply, wanted: Encoding) -> Encoding:
     """The encoding in a /session reply; a warning when it is not the one we asked for."""
     try:
-        got = parse_encoding(str(reply.get("encoding", protocol.ENCODING_PROBS)))
+        got = parse_encoding(reply.encoding)
     except ValueError as exc:
         raise ProtocolViolation(f"{url}/{protocol.EP_SESSION}: {exc}") from None
     if got != wanted:
-        reason = reply.get("encoding_refused") or "no reason given"
+        reason = reply.encoding_refused or "no reason given"
         logger.warning("%s uses encoding %r instead of the requested %r: %s", url, got.name, wanted.name, reason)
     return got
 
@@ -261,20 +250,16 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         batch = target.generate_batch(input_ids, attention_mask, loss_mask)
         target.close()
 
-    Data-plane options (keyword arguments; the environment supplies the defaults):
-    ``data_plane`` (``EAGLE3_DATA_PLANE``: ``auto`` picks the best of nccl, gloo, wire that
-    both ends support; a named tier is forced and raises ``DataPlaneUnavailable`` if the
-    pair cannot do it), ``data_plane_timeout`` (``EAGLE3_DATA_PLANE_TIMEOUT``, seconds per
-    group transfer), ``data_plane_connect_timeout`` (``EAGLE3_DATA_PLANE_CONNECT_TIMEOUT``,
-    seconds to join a group) and ``data_plane_backoff`` (``EAGLE3_DATA_PLANE_BACKOFF``,
-    seconds on the wire after a broken transfer before the group is tried again).
-
-    ``lease_seconds`` (``EAGLE3_LEASE_SECONDS``) asks our servers for this session lease
-    instead of their default: the client heartbeats three times per lease, and a server
-    frees a session (and its data plane) that went silent for longer, e.g. a killed trainer.
+    Options are keyword arguments, each with an environment variable that supplies its
+    default (:class:`eagle3_client.options.ClientOptions`, and the docs' client option table):
+    ``data_plane`` (``auto`` picks the best of nccl, gloo, wire that both ends support; a
+    named tier is forced and raises ``DataPlaneUnavailable`` if the pair cannot do it),
+    ``encoding``, ``token``, ``lease_seconds`` (asks our servers for this session lease; the
+    client heartbeats three times per lease, and a server frees a session that went silent
+    for longer, e.g. a killed trainer), timeouts and retries.
 
     Memory: answers are received into a :class:`eagle3_client.buffers.BufferPool` (at most
-    ``buffer_pool_bytes``, default ``$EAGLE3_CLIENT_POOL_MB`` or 2 GiB). On a CUDA device
+    ``buffer_pool_mb``, default ``$EAGLE3_CLIENT_POOL_MB`` or 2 GiB). On a CUDA device
     those are pinned staging buffers, copied to the device before ``generate_batch``
     returns. On the CPU the batch's tensors *are* pool memory: it is reused only after
     every reference to the batch is gone, so keeping a batch is always safe.
@@ -282,49 +267,41 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
 
     def __init__(
         self,
-        urls: Sequence[str],
+        urls: Sequence[str] | str,
         *,
         device: torch.device | str = "cpu",
-        timeout: float = 120.0,
-        max_retries: int = 3,
-        backoff: float = 1.0,
         headers: dict[str, str] | None = None,
-        encoding: str | None = None,
-        token: str | None = None,
-        data_plane: str | None = None,
-        data_plane_timeout: float | None = None,
-        data_plane_backoff: float | None = None,
-        data_plane_connect_timeout: float | None = None,
-        lease_seconds: float | None = None,
-        buffer_pool_bytes: int | None = None,
+        **options: Any,
     ) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
+        # Every option is checked here, before any I/O (ValueError/TypeError naming it).
+        self.options = opts = ClientOptions.resolve(**options)
         self._device = torch.device(device)
-        self._encoding = requested_encoding(encoding)  # ValueError on a bad name, before any I/O
-        config = DataPlaneConfig.resolve(data_plane, data_plane_timeout, data_plane_backoff, data_plane_connect_timeout)
-        lease = _lease_seconds(lease_seconds)
-        # Bearer token: the argument, else $EAGLE3_AUTH_TOKEN / $EAGLE3_AUTH_TOKEN_FILE.
-        headers = {**auth_headers(resolve_token(token)), **(headers or {})}
-        self._servers: list[_Server] = []
-        self._pool = BufferPool(
-            pool_bytes_from_env() if buffer_pool_bytes is None else buffer_pool_bytes,
-            pin_memory=self._device.type == "cuda",
+        self._encoding = parse_encoding(opts.encoding) if opts.encoding else PROBS
+        config = DataPlaneConfig(
+            preference=opts.data_plane,
+            timeout=opts.data_plane_timeout,
+            connect_timeout=opts.data_plane_connect_timeout,
+            backoff=opts.data_plane_backoff,
         )
+        headers = {**auth_headers(opts.auth_token()), **(headers or {})}
+        self._servers: list[_Server] = []
+        self._pool = BufferPool(opts.buffer_pool_bytes, pin_memory=self._device.type == "cuda")
         client_name = f"{socket.gethostname()}:{os.getpid()}"
         for url in urls:
             control = ControlPlane(
                 url.strip(),
-                timeout=timeout,
-                max_retries=max_retries,
-                backoff=backoff,
+                timeout=opts.timeout,
+                max_retries=opts.max_retries,
+                backoff=opts.backoff,
                 headers=headers,
                 buffer_pool=self._pool,
             )
             self._servers.append(
-                _Server(control, client_name, self._encoding, config, receive_device(self._device), lease)
+                _Server(control, client_name, self._encoding, config, receive_device(self._device), opts.lease_seconds)
             )
         self._next = itertools.cycle(range(len(self._servers)))
         self._next_lock = threading.Lock()
@@ -339,21 +316,15 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
 
     @classmethod
     def from_urls(
-        cls,
-        urls: Sequence[str] | str,
-        *,
-        device: torch.device | str = "cpu",
-        timeout: float = 120.0,
-        max_retries: int = 3,
-        **kwargs: Any,
+        cls, urls: Sequence[str] | str, *, device: torch.device | str = "cpu", **options: Any
     ) -> RemoteEagle3TargetModel:
-        """Upstream's constructor signature; extra keyword options are ours.
+        """Upstream's constructor (``timeout=120``, ``max_retries=3``); every other option is ours.
 
         ``encoding`` (default ``$EAGLE3_ENCODING``, else ``"probs"``) picks how supervision
         travels: ``probs``, ``logits``, ``hidden`` or the lossy ``topk:K``. The batches the
         recipe gets have the same fields, dtypes and devices whatever is chosen.
         """
-        return cls(urls, device=device, timeout=timeout, max_retries=max_retries, **kwargs)
+        return cls(urls, device=device, **options)
 
     # -- the Eagle3TargetBackend contract ----------------------------------------------
 
@@ -382,8 +353,21 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         return [server.transport_stats() for server in self._servers]
 
     def model_info(self) -> dict[str, Any]:
-        """The first server's ``/model_info`` (layers, hidden size, vocab, aux layer ids)."""
-        return self._servers[0].call(lambda server: server.control.post_json(protocol.EP_MODEL_INFO))
+        """The first server's ``/model_info``: upstream's keys (layers, hidden size, vocab, aux layer ids)."""
+        info = dict(self._servers[0].call(lambda server: server.control.post_json(protocol.EP_MODEL_INFO)))
+        info.pop(protocol.MODEL_INFO_EXTENSION_KEY, None)
+        return info
+
+    def served_model(self) -> protocol.ModelInfoExtension | None:
+        """What the first server says about its model beyond upstream's keys (None: an upstream server)."""
+        info = self._servers[0].call(lambda server: server.control.post_json(protocol.EP_MODEL_INFO))
+        extension = info.get(protocol.MODEL_INFO_EXTENSION_KEY)
+        if extension is None:
+            return None
+        try:
+            return protocol.ModelInfoExtension.from_json(extension)
+        except ValueError as exc:
+            raise ProtocolViolation(f"{self._servers[0].control.url}/{protocol.EP_MODEL_INFO}: {exc}") from None
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         """The target's input embedding (frozen), fetched once from the first server and cached."""

@@ -28,31 +28,17 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ENV_CLIENT_POOL_MB", "BufferPool", "PoolStats", "pool_bytes_from_env", "reuse_supported"]
+__all__ = ["BufferPool", "PoolStats", "reuse_supported"]
 
-# How much received-answer memory a training client keeps for reuse, in MiB.
-ENV_CLIENT_POOL_MB = "EAGLE3_CLIENT_POOL_MB"
 DEFAULT_POOL_BYTES = 2 << 30
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def pool_bytes_from_env(default: int = DEFAULT_POOL_BYTES) -> int:
-    """``$EAGLE3_CLIENT_POOL_MB`` in bytes (0 disables reuse), else ``default``."""
-    value = os.environ.get(ENV_CLIENT_POOL_MB, "").strip()
-    if not value:
-        return default
-    try:
-        return max(0, int(float(value) * (1 << 20)))
-    except ValueError:
-        raise ValueError(f"{ENV_CLIENT_POOL_MB} must be a number of MiB, got {value!r}") from None
 
 
 def reuse_supported() -> bool:
@@ -106,7 +92,9 @@ class BufferPool:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
         storage = self._take(nbytes)
-        return torch.empty(0, dtype=dtype, device=self.device).set_(storage, 0, shape)
+        out = torch.empty(0, dtype=dtype, device=self.device)
+        out.set_(storage, 0, shape)  # type: ignore[call-overload]  # torch's stub lacks (UntypedStorage, offset, size)
+        return out
 
     def _take(self, nbytes: int) -> torch.UntypedStorage:
         with self._lock:

@@ -156,14 +156,14 @@ class ControlPlane:
         url = self.url + protocol.path(endpoint)
         attempts = 1 + (self.max_retries if retries else 0)
         req_headers = dict(headers or {})
-        extra = {} if timeout is None else {"timeout": timeout}
+        request_timeout = self._http.timeout if timeout is None else httpx.Timeout(timeout)
         if method == "POST":
             req_headers.setdefault("Content-Type", content_type)
         last: Exception | None = None
         for attempt in range(attempts):
             try:
                 with self._http.stream(
-                    method, url, content=content, headers=req_headers, extensions=extensions, **extra
+                    method, url, content=content, headers=req_headers, extensions=extensions, timeout=request_timeout
                 ) as resp:
                     if resp.status_code == 503:
                         resp.read()

@@ -21,7 +21,6 @@ This module imports nothing from the appliance: a trainer needs only torch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,7 +30,6 @@ from eagle3_client import protocol
 from eagle3_client.errors import ProtocolViolation
 
 __all__ = [
-    "ENV_ENCODING",
     "INT16_MAX_VOCAB",
     "PROBS",
     "Decoded",
@@ -41,14 +39,11 @@ __all__ = [
     "detect_encoding",
     "parse_encoding",
     "payload_bytes_per_token",
-    "requested_encoding",
     "response_bytes",
     "topk_index_dtype",
     "wire_bytes_per_token",
 ]
 
-# The client's default encoding when ``from_urls`` is given none (else "probs").
-ENV_ENCODING = "EAGLE3_ENCODING"
 # int16 indices address draft vocabularies of up to 32768 entries (indices 0..32767).
 INT16_MAX_VOCAB = 2**15
 
@@ -105,12 +100,6 @@ def parse_encoding(name: str) -> Encoding:
     if kind in _KINDS and not sep:
         return Encoding(kind)
     raise ValueError(f"unknown supervision encoding {name!r}; expected one of probs, logits, hidden, topk:K")
-
-
-def requested_encoding(explicit: str | None) -> Encoding:
-    """The encoding a client asks for: the keyword, else ``$EAGLE3_ENCODING``, else probs."""
-    name = explicit if explicit is not None else os.environ.get(ENV_ENCODING, "").strip()
-    return parse_encoding(name) if name else PROBS
 
 
 def topk_index_dtype(draft_vocab: int) -> torch.dtype:

@@ -106,8 +106,13 @@ class GroupDataPlane(DataPlane):
         group: Group | None = None
         try:
             # Not retried: a failed upgrade costs nothing, the back-off brings the next try.
-            reply = self.control.post_json(protocol.EP_DATA_PLANE, {"tier": self.group_tier}, retries=False)
-            port, nonce, key = int(reply["port"]), int(reply["nonce"]), str(reply["key"])
+            body = self.control.post_json(
+                protocol.EP_DATA_PLANE, protocol.DataPlaneRequest(self.group_tier).to_json(), retries=False
+            )
+            reply = protocol.DataPlaneReply.from_json(body)
+            if reply.tier != self.group_tier or reply.port is None or reply.key is None or reply.nonce is None:
+                raise ProtocolViolation(f"{self.control.url}: asked for {self.group_tier}, got {body}")
+            port, nonce, key = reply.port, reply.nonce, reply.key
             store = connect_store(self.host, port, timeout)
             group = open_group(self.group_tier, store, 1, timeout, self.device, key_prefix=f"{key}/")
             recv_transfer(group, TransferMetadata(nonce, self.group_tier, ()), timeout)
@@ -231,7 +236,7 @@ class GroupDataPlane(DataPlane):
                 "POST",
                 protocol.EP_DATA_PLANE_RESEND,
                 self.wire.read_timed,
-                content=orjson.dumps({"seq": seq}),
+                content=orjson.dumps(protocol.ResendRequest(seq).to_json()),
                 content_type=protocol.JSON,
                 extensions={RECV_INTO: True},
             )
@@ -243,7 +248,7 @@ class GroupDataPlane(DataPlane):
 
     def _schedule_retry(self) -> float:
         self._failures += 1
-        delay = min(self.config.backoff * 2 ** (self._failures - 1), self.config.max_backoff)
+        delay = min(self.config.backoff * 2.0 ** (self._failures - 1), self.config.max_backoff)
         self._retry_at = time.monotonic() + delay
         return delay
 
@@ -257,7 +262,9 @@ class GroupDataPlane(DataPlane):
     def _tell_server_wire(self) -> None:
         """Best effort: the server drops its end too (its pending send then fails at once)."""
         try:
-            self.control.post_json(protocol.EP_DATA_PLANE, {"tier": protocol.TIER_WIRE}, retries=False)
+            self.control.post_json(
+                protocol.EP_DATA_PLANE, protocol.DataPlaneRequest(protocol.TIER_WIRE).to_json(), retries=False
+            )
         except RemoteTargetError as exc:
             logger.debug("%s: could not tell the server to drop the group: %s", self.control.url, exc)
 

@@ -4,7 +4,8 @@ Tiers, best first: ``nccl`` (GPU to GPU), ``gloo`` (CPU sockets, no HTTP framing
 (the HTTP body, upstream's fallback, always possible). ``auto`` takes the best tier both
 ends support; naming a tier forces it, and a forced tier the pair cannot do is an error at
 connect time (a silent wire fallback would hide a misconfigured cluster). Every knob has a
-keyword argument on ``RemoteEagle3TargetModel`` and an environment default, read here only.
+keyword argument on ``RemoteEagle3TargetModel`` and an environment default
+(:mod:`eagle3_client.options`).
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ class DataPlaneUnavailable(RemoteTargetError):
 
 @dataclass(frozen=True)
 class DataPlaneConfig:
-    """The client's data-plane options.
+    """The client's data-plane options (from :class:`eagle3_client.options.ClientOptions`).
 
-    * ``preference`` - ``auto``, ``nccl``, ``gloo`` or ``wire`` (env ``EAGLE3_DATA_PLANE``).
-    * ``timeout`` - seconds one group transfer may take once its answer has arrived
-      (env ``EAGLE3_DATA_PLANE_TIMEOUT``); past it the answer is fetched over the wire.
-    * ``connect_timeout`` - seconds to join a group, hello included
-      (env ``EAGLE3_DATA_PLANE_CONNECT_TIMEOUT``); a rendezvous across nodes can need longer.
+    * ``preference`` - ``auto``, ``nccl``, ``gloo`` or ``wire``.
+    * ``timeout`` - seconds one group transfer may take once its answer has arrived; past it
+      the answer is fetched over the wire.
+    * ``connect_timeout`` - seconds to join a group, hello included; a rendezvous across nodes
+      can need longer.
     * ``backoff`` - seconds on the wire after a broken transfer before trying the group again;
-      doubled after each consecutive failure up to ``max_backoff`` (env ``EAGLE3_DATA_PLANE_BACKOFF``).
+      doubled after each consecutive failure up to ``max_backoff``.
     """
 
     preference: str = AUTO
@@ -56,30 +57,6 @@ class DataPlaneConfig:
                 "data-plane timeouts must be > 0 and the back-off >= 0, got "
                 f"timeout={self.timeout}, connect_timeout={self.connect_timeout}, backoff={self.backoff}"
             )
-
-    @classmethod
-    def resolve(
-        cls,
-        data_plane: str | None = None,
-        timeout: float | None = None,
-        backoff: float | None = None,
-        connect_timeout: float | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> DataPlaneConfig:
-        """Keyword arguments win; otherwise the environment; otherwise the defaults."""
-        env = os.environ if env is None else env
-        default = cls()
-
-        def pick(value: float | None, name: str, fallback: float) -> float:
-            return float(value if value is not None else env.get(name, fallback))
-
-        pref = data_plane if data_plane is not None else env.get(protocol.ENV_DATA_PLANE, default.preference)
-        return cls(
-            preference=pref.strip().lower() or AUTO,
-            timeout=pick(timeout, protocol.ENV_DATA_PLANE_TIMEOUT, default.timeout),
-            connect_timeout=pick(connect_timeout, protocol.ENV_DATA_PLANE_CONNECT_TIMEOUT, default.connect_timeout),
-            backoff=pick(backoff, protocol.ENV_DATA_PLANE_BACKOFF, default.backoff),
-        )
 
 
 def receive_device(device: torch.device) -> torch.device:
@@ -115,11 +92,11 @@ def choose_tier(preference: str, local: Sequence[str], offered: Sequence[str], u
     if preference not in local:
         raise DataPlaneUnavailable(
             f"data_plane={preference!r} was requested for {url}, but this process can only do {list(local)} "
-            f"(nccl needs a CUDA device and NCCL; set {protocol.ENV_DATA_PLANE}=auto to fall back)"
+            f"(nccl needs a CUDA device and NCCL; use data_plane='auto' (EAGLE3_DATA_PLANE=auto) to fall back)"
         )
     if preference not in offered:
         raise DataPlaneUnavailable(
             f"data_plane={preference!r} was requested, but {url} offers only {list(offered)} "
-            f"(an upstream server offers only wire; set {protocol.ENV_DATA_PLANE}=auto to fall back)"
+            f"(an upstream server offers only wire; use data_plane='auto' (EAGLE3_DATA_PLANE=auto) to fall back)"
         )
     return preference

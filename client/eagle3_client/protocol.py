@@ -8,7 +8,19 @@ upstream column of ``shared/design/upstream-protocol.md`` is reproduced exactly;
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 __all__ = [
+    "DataPlaneReply",
+    "DataPlaneRequest",
+    "MODEL_INFO_EXTENSION_KEY",
+    "ModelInfoExtension",
+    "PROTOCOL_VERSION",
+    "ResendRequest",
+    "SessionOffer",
+    "SessionReply",
     "DEFAULT_PORT",
     "EP_DISCONNECT",
     "EP_GENERATE",
@@ -31,10 +43,6 @@ __all__ = [
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
-    "ENV_DATA_PLANE",
-    "ENV_DATA_PLANE_BACKOFF",
-    "ENV_DATA_PLANE_CONNECT_TIMEOUT",
-    "ENV_DATA_PLANE_TIMEOUT",
     "EP_DATA_PLANE",
     "EP_DATA_PLANE_RESEND",
     "RESEND_CONFLICT_STATUS",
@@ -67,6 +75,11 @@ __all__ = [
 ]
 
 DEFAULT_PORT = 8001
+# Version of our extensions, in the session reply.
+PROTOCOL_VERSION = 1
+# The key of our object in /model_info's answer (only for registered sessions).
+MODEL_INFO_EXTENSION_KEY = "eagle3"
+_REQUIRED: Any = object()
 
 # Endpoints. Upstream compares paths without the leading slash; ``path()`` adds it back.
 EP_HEALTH = "health"
@@ -120,11 +133,6 @@ RESEND_CONFLICT_STATUS = 409
 TRANSFER_HEADER = "X-Eagle3-Transfer"
 # First int64 of the header tensor of every group transfer: [magic, seq, n_tensors, bytes].
 TRANSFER_MAGIC = 0x45334450  # "E3DP"
-# Client-side knobs (the keyword arguments of RemoteEagle3TargetModel default to these).
-ENV_DATA_PLANE = "EAGLE3_DATA_PLANE"  # auto | nccl | gloo | wire
-ENV_DATA_PLANE_TIMEOUT = "EAGLE3_DATA_PLANE_TIMEOUT"  # seconds per group transfer
-ENV_DATA_PLANE_CONNECT_TIMEOUT = "EAGLE3_DATA_PLANE_CONNECT_TIMEOUT"  # seconds to join a group
-ENV_DATA_PLANE_BACKOFF = "EAGLE3_DATA_PLANE_BACKOFF"  # seconds before the first re-upgrade
 
 # Content types.
 OCTET_STREAM = "application/octet-stream"
@@ -204,3 +212,218 @@ def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[in
         if not 0 <= i < num_layers:
             raise ValueError(f"aux layer id {i} is out of range for a model with {num_layers} layers")
     return ids
+
+
+# -- JSON bodies of our extension endpoints ------------------------------------------------
+#
+# Both ends build and read these bodies only through the schemas below: ``to_json()`` writes
+# one, ``from_json()`` reads one and raises ``ValueError`` naming the field that is wrong (the
+# server answers 400/422 with that text; the client raises ``ProtocolViolation``). Unknown
+# keys are ignored, so either end can add an optional field without breaking the other.
+
+
+def _field(body: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+    if key not in body or body[key] is None:
+        if default is _REQUIRED:
+            raise ValueError(f"missing {key!r}")
+        return default
+    value = body[key]
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ValueError(f"{key!r} must be {_kind_names(kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise ValueError(f"{key!r} must be {_kind_names(kinds)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _names(body: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = _field(body, key, list, [])
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key!r} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _kind_names(kinds: type | tuple[type, ...]) -> str:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join(
+        {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(k, k.__name__)
+        for k in kinds
+    )
+
+
+def _object(body: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+@dataclass(frozen=True)
+class SessionOffer:
+    """``POST /session`` body: who the client is and what it can do, best first (all optional)."""
+
+    client: str = ""
+    encoding: str = ENCODING_PROBS  # the encoding it prefers
+    encodings: tuple[str, ...] = ()  # the others it can decode, best first
+    data_planes: tuple[str, ...] = ()  # the tiers this process can join
+    lease_seconds: float | None = None  # None: the server's default lease
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "client": self.client,
+            "encoding": self.encoding,
+            "encodings": list(self.encodings),
+            "data_planes": list(self.data_planes),
+        }
+        if self.lease_seconds is not None:
+            body["lease_seconds"] = self.lease_seconds
+        return body
+
+    @classmethod
+    def from_json(cls, body: Any) -> SessionOffer:
+        body = _object(body, "the session offer")
+        return cls(
+            client=str(_field(body, "client", (str, int, float), "")),
+            encoding=_field(body, "encoding", str, ENCODING_PROBS),
+            encodings=_names(body, "encodings"),
+            data_planes=_names(body, "data_planes"),
+            lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
+        )
+
+
+@dataclass(frozen=True)
+class SessionReply:
+    """``POST /session`` answer: the session's id and what the server agreed to."""
+
+    session_id: str
+    encoding: str = ENCODING_PROBS
+    data_planes: tuple[str, ...] = (TIER_WIRE,)
+    lease_seconds: float | None = None
+    encoding_refused: str | None = None  # why the preferred encoding was not chosen
+    protocol: int = PROTOCOL_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "session_id": self.session_id,
+            "protocol": self.protocol,
+            "encoding": self.encoding,
+            "data_plane": TIER_WIRE,  # every session starts on the wire
+            "data_planes": list(self.data_planes),
+            "lease_seconds": self.lease_seconds,
+        }
+        if self.encoding_refused:
+            body["encoding_refused"] = self.encoding_refused
+        return body
+
+    @classmethod
+    def from_json(cls, body: Any) -> SessionReply:
+        body = _object(body, "the session reply")
+        return cls(
+            session_id=_field(body, "session_id", str),
+            encoding=_field(body, "encoding", str, ENCODING_PROBS),
+            data_planes=_names(body, "data_planes") or (TIER_WIRE,),
+            lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
+            encoding_refused=_field(body, "encoding_refused", str, None),
+            protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
+        )
+
+
+@dataclass(frozen=True)
+class DataPlaneRequest:
+    """``POST /data_plane`` body: the tier to bring up (``"wire"`` tears the session's group down)."""
+
+    tier: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tier": self.tier}
+
+    @classmethod
+    def from_json(cls, body: Any) -> DataPlaneRequest:
+        tier = _field(_object(body, "the data-plane request"), "tier", str)
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {list(TIERS)}, got {tier!r}")
+        return cls(tier)
+
+
+@dataclass(frozen=True)
+class DataPlaneReply:
+    """``POST /data_plane`` answer: where to join the group, and how to recognise it."""
+
+    tier: str
+    port: int | None = None  # the server's rendezvous store (None for "wire")
+    key: str | None = None  # the store-key prefix of the group
+    nonce: int | None = None  # the sequence number of the hello transfer
+    timeout: float | None = None  # seconds the server waits for the rendezvous
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"tier": self.tier}
+        if self.tier != TIER_WIRE:
+            body.update(port=self.port, key=self.key, nonce=self.nonce, timeout=self.timeout)
+        return body
+
+    @classmethod
+    def from_json(cls, body: Any) -> DataPlaneReply:
+        body = _object(body, "the data-plane reply")
+        tier = _field(body, "tier", str)
+        if tier == TIER_WIRE:
+            return cls(tier)
+        return cls(
+            tier=tier,
+            port=_field(body, "port", int),
+            key=_field(body, "key", str),
+            nonce=_field(body, "nonce", int),
+            timeout=_number(_field(body, "timeout", (int, float), None)),
+        )
+
+
+@dataclass(frozen=True)
+class ResendRequest:
+    """``POST /data_plane/resend`` body: the transfer whose stored answer to send over the wire."""
+
+    seq: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq}
+
+    @classmethod
+    def from_json(cls, body: Any) -> ResendRequest:
+        return cls(_field(_object(body, "the resend request"), "seq", int))
+
+
+@dataclass(frozen=True)
+class ModelInfoExtension:
+    """``/model_info``'s ``"eagle3"`` object, sent to registered sessions only (upstream's keys stay as they are).
+
+    What a client needs to know about the served model beyond upstream's four keys.
+    """
+
+    model: str
+    dtype: str
+    device: str
+    logits_size: int
+    max_seq_len: int
+    max_batch_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "device": self.device,
+            "logits_size": self.logits_size,
+            "max_seq_len": self.max_seq_len,
+            "max_batch_tokens": self.max_batch_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> ModelInfoExtension:
+        body = _object(body, "the model_info extension")
+        return cls(
+            model=_field(body, "model", str),
+            dtype=_field(body, "dtype", str),
+            device=_field(body, "device", str),
+            logits_size=_field(body, "logits_size", int),
+            max_seq_len=_field(body, "max_seq_len", int),
+            max_batch_tokens=_field(body, "max_batch_tokens", int),
+        )
+
+
+def _number(value: int | float | None) -> float | None:
+    return None if value is None else float(value)

@@ -328,8 +328,8 @@ def _read_head(sock: socket.socket, request: httpx.Request) -> tuple[int, bytes,
                     _not_started(exc)
                 raise
             if not more:
-                exc = httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-                raise exc if started else _not_started(exc)
+                closed = httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+                raise closed if started else _not_started(closed)
             started = True
             buf += more
             continue

@@ -166,6 +166,7 @@ def open_group(
     from torch.distributed import PrefixStore
 
     backend_store = PrefixStore(key_prefix, store) if key_prefix else store
+    pg: Any
     if tier == protocol.TIER_GLOO:
         from torch.distributed import ProcessGroupGloo
 

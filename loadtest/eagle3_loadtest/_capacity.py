@@ -38,6 +38,7 @@ class StepCapacityShape(LoadTestShape):
     def tick(self) -> tuple[int, float, list[type[User]]] | None:
         assert self.runner is not None
         options = self.runner.environment.parsed_options
+        assert options is not None  # set once Locust has parsed its command line
         if self.search is None:
             self.search = StepSearch(RunSettings.from_options(options).capacity)
             logger.info("capacity search: %s", self.search.plan)

@@ -23,6 +23,7 @@ from locust.env import Environment
 from locust.exception import StopUser
 
 from eagle3_client import protocol, wire
+from eagle3_client.protocol import SessionOffer, SessionReply
 
 # Importing these registers the options and the listeners every scenario relies on.
 from eagle3_loadtest import _metrics, _report, _scenario  # noqa: F401
@@ -56,6 +57,7 @@ class TrainingRank(FastHttpUser):
     # because upstream's client does not retry HTTP errors and a retry would hide them.
 
     def __init__(self, environment: Environment) -> None:
+        assert environment.parsed_options is not None  # users start after the command line is parsed
         self.settings = RunSettings.from_options(environment.parsed_options)
         self.network_timeout = self.connection_timeout = self.settings.request_timeout
         super().__init__(environment)
@@ -105,7 +107,7 @@ class TrainingRank(FastHttpUser):
         mapping = wire.encode(make_vocab_mapping(vocab_size, settings.draft_vocab, settings.seed))
         with self.client.post(
             protocol.path(protocol.EP_SET_VOCAB_MAPPING),
-            data=mapping,
+            data=mapping,  # type: ignore[arg-type]  # locust's hint says str|dict; geventhttpclient sends bytes as is
             headers=self.wire_headers,
             name="set_vocab_mapping",
             catch_response=True,
@@ -129,7 +131,7 @@ class TrainingRank(FastHttpUser):
         be in an encoding this test was not asked to check.
         """
         encoding = self.settings.encoding
-        offer = {"client": f"locust-{os.getpid()}-{id(self):x}", "encodings": [encoding]}
+        offer = SessionOffer(client=f"locust-{os.getpid()}-{id(self):x}", encoding=encoding).to_json()
         with self.client.post(
             protocol.path(protocol.EP_SESSION), json=offer, headers=self.headers, name="session", catch_response=True
         ) as resp:
@@ -141,14 +143,14 @@ class TrainingRank(FastHttpUser):
                 self._refuse(resp, f"--encoding {encoding} needs a server with sessions; this one answers 404")
             if encoding != DEFAULT_ENCODING and 400 <= resp.status_code < 500:
                 self._refuse(resp, f"the server refused a session with --encoding {encoding}: HTTP {resp.status_code}")
-            reply = _json_or_fail(resp)
-            if not isinstance(reply.get("session_id"), str):
-                resp.failure(f"session reply has no session_id: {reply}")
-                raise RegistrationFailed
-            chosen = reply.get("encoding", DEFAULT_ENCODING)
-            if chosen != encoding:
-                self._refuse(resp, f"the server does not offer --encoding {encoding} (it chose {chosen!r})")
-            self.session_id = reply["session_id"]
+            try:
+                reply = SessionReply.from_json(_json_or_fail(resp))
+            except ValueError as exc:
+                resp.failure(f"bad session reply: {exc}")
+                raise RegistrationFailed from None
+            if reply.encoding != encoding:
+                self._refuse(resp, f"the server does not offer --encoding {encoding} (it chose {reply.encoding!r})")
+            self.session_id = reply.session_id
         self.headers[protocol.SESSION_HEADER] = self.session_id
 
     @staticmethod
@@ -177,7 +179,7 @@ class TrainingRank(FastHttpUser):
         request = make_batch(self.spec, self.rng)
         with self.client.post(
             protocol.path(protocol.EP_GENERATE),
-            data=wire.encode(request),
+            data=wire.encode(request),  # type: ignore[arg-type]  # as above: bytes are sent as is
             headers=self.wire_headers,
             name=GENERATE,
             catch_response=True,

@@ -179,6 +179,7 @@ def _on_quitting(environment: Environment, **_kw: Any) -> None:
         return
     report = build_report(environment)
     _log(report)
+    assert environment.parsed_options is not None
     path = RunSettings.from_options(environment.parsed_options).report_file
     if path:
         _write(path, json.dumps(report, indent=2, default=str).encode())

@@ -138,9 +138,11 @@ class StepSearch:
             result = evaluate_step(self.plan, self.plan.users(self.index), self._settled or end, end)
             self.results.append(result)
             if not result.passed:
-                return self.stop(f"step at {result.users} users failed: {result.reason}")
+                self.stop(f"step at {result.users} users failed: {result.reason}")
+                return None
             if self.index >= self.plan.last_index:
-                return self.stop(f"reached max users ({self.plan.max_users})")
+                self.stop(f"reached max users ({self.plan.max_users})")
+                return None
             self.index += 1
             self._step_started, self._settled = now_s, None
         return self.plan.users(self.index)
@@ -148,7 +150,6 @@ class StepSearch:
     def stop(self, reason: str) -> None:
         if not self.done:
             self.done, self.stop_reason = True, reason
-        return None
 
     @property
     def capacity_users(self) -> int:

@@ -54,7 +54,7 @@ def test_auto_negotiates_gloo_on_cpu_and_the_environment_can_force_the_wire(
     with connect(dp_server.url, mapping) as remote:
         assert_bit_exact(remote.generate_batch(*batch_inputs), want)
         assert remote.transport_stats()[0]["tier"] == "gloo"
-    monkeypatch.setenv(protocol.ENV_DATA_PLANE, "wire")
+    monkeypatch.setenv("EAGLE3_DATA_PLANE", "wire")
     with connect(dp_server.url, mapping) as remote:
         assert_bit_exact(remote.generate_batch(*batch_inputs), want)
         stats = remote.transport_stats()[0]

@@ -8,7 +8,7 @@ import torch
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.group_plane import PortPool
 from eagle3_appliance.settings import parse_port_range
-from eagle3_client.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers
+from eagle3_client.negotiate import DataPlaneUnavailable, choose_tier, local_tiers
 from eagle3_client.transfer import host_store
 
 BOTH = ["nccl", "gloo", "wire"]
@@ -27,19 +27,6 @@ def test_a_forced_tier_the_pair_cannot_do_is_a_clear_error() -> None:
         choose_tier("nccl", ["gloo", "wire"], BOTH, "http://s:1")
     with pytest.raises(DataPlaneUnavailable, match=r"http://s:1 offers only \['wire'\]"):
         choose_tier("gloo", ["gloo", "wire"], ["wire"], "http://s:1")
-
-
-def test_keywords_beat_the_environment_which_beats_the_defaults() -> None:
-    env = {"EAGLE3_DATA_PLANE": "GLOO", "EAGLE3_DATA_PLANE_TIMEOUT": "7", "EAGLE3_DATA_PLANE_BACKOFF": "2"}
-    assert DataPlaneConfig.resolve(env=env) == DataPlaneConfig("gloo", timeout=7.0, backoff=2.0)
-    assert DataPlaneConfig.resolve("wire", 3, None, 9, env=env) == DataPlaneConfig(
-        "wire", timeout=3.0, connect_timeout=9.0, backoff=2.0
-    )
-    assert DataPlaneConfig.resolve(env={}) == DataPlaneConfig()
-    with pytest.raises(ValueError, match="data_plane must be one of"):
-        DataPlaneConfig.resolve("infiniband", env={})
-    with pytest.raises(ValueError, match="timeouts must be > 0"):
-        DataPlaneConfig.resolve(timeout=0, env={})
 
 
 def test_a_cpu_process_can_do_gloo_and_wire_but_not_nccl() -> None:

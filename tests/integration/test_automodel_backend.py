@@ -18,7 +18,8 @@ import torch
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel
-from eagle3_client.automodel import ClientOptions, client_kwargs, install, options_from_config
+from eagle3_client.automodel import install, options_from_config
+from eagle3_client.options import ClientOptions, option_fields, recipe_key
 from tests.conftest import random_batch, random_mapping
 from tests.integration.automodel_support import (
     PYTHON,
@@ -111,7 +112,7 @@ def test_install_makes_the_recipe_build_our_client(servers: list[ServerProcess])
     recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
     recipe.device = torch.device("cpu")
     recipe_args = {"remote_urls": [s.url for s in servers], "remote_timeout": 30, "remote_max_retries": 1}
-    with install(options_from_config(recipe_args, environ={})) as installed:
+    with install(options_from_config(recipe_args)) as installed:
         assert recipe_module.RemoteEagle3TargetModel is installed.backend
         recipe._setup_remote_target(recipe_args)  # the recipe's own code path for backend: remote
         wrapper = recipe.target_wrapper
@@ -127,24 +128,30 @@ def test_install_makes_the_recipe_build_our_client(servers: list[ServerProcess])
     assert upstream_remote.RemoteEagle3TargetModel is upstream_cls
 
 
-def test_options_come_from_the_yaml_before_the_environment() -> None:
-    environ = {"EAGLE3_ENCODING": "env-enc", "EAGLE3_AUTH_TOKEN": "env-token", "EAGLE3_LEASE_SECONDS": "30"}
-    recipe_args = {"remote_encoding": "yaml-enc", "remote_data_plane": "", "remote_lease_seconds": 90}
-    options = options_from_config(recipe_args, environ)
-    assert options == ClientOptions(data_plane=None, encoding="yaml-enc", auth_token="env-token", lease_seconds=90.0)
-    assert "env-token" not in options.describe()
+def test_options_come_from_the_yaml_before_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EAGLE3_ENCODING", "logits")
+    monkeypatch.setenv("EAGLE3_AUTH_TOKEN", "env-token")
+    recipe_args = {"remote_encoding": "topk:4", "remote_data_plane": "", "remote_lease_seconds": 90}
+    options = options_from_config(recipe_args)
+    assert options == {"encoding": "topk:4", "lease_seconds": 90}  # the environment is the client's own fallback
+    with install(options) as installed:
+        resolved = ClientOptions.resolve(**installed.options)
+        assert (resolved.encoding, resolved.lease_seconds, resolved.auth_token()) == ("topk:4", 90.0, "env-token")
+        assert "env-token" not in resolved.describe()
+    with pytest.raises(ValueError, match="recipe_args.remote_lease_seconds: lease_seconds must be positive"):
+        options_from_config({"remote_lease_seconds": 0})
+    monkeypatch.setenv("EAGLE3_LEASE_SECONDS", "soon")
     with pytest.raises(ValueError, match="EAGLE3_LEASE_SECONDS must be a number"):
-        options_from_config({}, {"EAGLE3_LEASE_SECONDS": "soon"})
-    with pytest.raises(ValueError, match="recipe_args.remote_lease_seconds must be positive"):
-        options_from_config({"remote_lease_seconds": 0}, {})
+        install({})
 
 
-def test_options_become_client_keywords_only_when_set() -> None:
-    assert client_kwargs(ClientOptions()) == {}
-    options = ClientOptions(data_plane="wire", encoding="logits", auth_token="s3cret", lease_seconds=60.0)
-    kwargs = client_kwargs(options)
-    assert kwargs == {"data_plane": "wire", "encoding": "logits", "token": "s3cret", "lease_seconds": 60.0}
-    assert set(kwargs) <= set(inspect.signature(RemoteEagle3TargetModel.__init__).parameters)
+def test_every_recipe_option_is_a_client_keyword() -> None:
+    recipe_args = {recipe_key(f): "1" for f in option_fields() if recipe_key(f)}
+    assert {"remote_data_plane", "remote_encoding", "remote_auth_token", "remote_lease_seconds"} <= set(recipe_args)
+    recipe_args.update(remote_data_plane="wire", remote_encoding="logits")
+    kwargs = options_from_config(recipe_args)
+    assert kwargs["token"] == "1" and kwargs["data_plane"] == "wire"
+    ClientOptions.resolve({}, **kwargs)  # every key maps to a keyword the client takes
 
 
 def _run_python(code: str) -> str:
@@ -156,7 +163,7 @@ def _run_python(code: str) -> str:
 def test_the_appliance_does_not_import_automodel() -> None:
     code = (
         "import sys\n"
-        "import eagle3_appliance.server, client.protocol, client.wire\n"
+        "import eagle3_appliance.server, eagle3_client.protocol, eagle3_client.wire\n"
         "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('nemo_automodel', 'eagle3_client.backend'))}))\n"
     )
     assert _run_python(code) == "[]"
@@ -181,7 +188,7 @@ def test_remote_urls_given_as_a_string_still_reach_every_server(servers: list[Se
     """``remote_urls: http://a,http://b`` (a string): the recipe's ``list(urls)`` splits it into characters."""
     recipe = recipe_module.TrainEagle3Recipe.__new__(recipe_module.TrainEagle3Recipe)
     recipe.device = torch.device("cpu")
-    with install(ClientOptions()):
+    with install({}):
         recipe._setup_remote_target({"remote_urls": ",".join(s.url for s in servers)})
     try:
         assert recipe.target_wrapper.urls == [s.url for s in servers]

@@ -66,7 +66,7 @@ def target_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def appliance(target_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The appliance serving the recipe's target folder, as in the README."""
+    """The appliance serving the recipe's target folder, as docs/automodel.md shows."""
     log = tmp_path_factory.mktemp("recipe-server") / "eagle3_appliance.log"
     with ServerProcess(
         ["--model", str(target_dir), "--device", "cpu"], log_path=log, env={"EAGLE3_AUTH_TOKEN": TOKEN}
