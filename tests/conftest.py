@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from eagle3_appliance.builtin_model import ensure_builtin_model
 from eagle3_appliance.launch import ServerProcess
@@ -36,28 +35,3 @@ def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     log = tmp_path_factory.mktemp("logs") / "server.log"
     with ServerProcess(["--cache-dir", str(cache_dir), "--max-seq-len", "512"], log_path=log) as proc:
         yield proc
-
-
-def random_mapping(vocab: int, draft: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An unsorted draft vocabulary and its mask, as the recipe builds them."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randperm(vocab, generator=g)[:draft]
-    mask = torch.zeros(vocab, dtype=torch.bool)
-    mask[ids] = True
-    return ids, mask
-
-
-def random_batch(
-    vocab: int, batch: int, seq: int, seed: int, pad: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random tokens; with ``pad`` every odd row is right-padded (attention_mask zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    loss_mask = torch.randint(0, 2, (batch, seq), generator=g)
-    if pad:
-        for row in range(1, batch, 2):
-            keep = max(1, seq - 1 - row % max(1, seq - 1))
-            attention_mask[row, keep:] = 0
-            loss_mask[row, keep:] = 0
-    return input_ids, attention_mask, loss_mask

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import wire
+from eagle3_client.synthetic import padded_batch, vocab_mapping
 
 T = TypeVar("T")
 
@@ -165,22 +166,17 @@ def metric(samples: Samples, name: str, **labels: str) -> float:
 
 
 def vocab_mapping_body(vocab: int = 1024, draft: int = 256) -> bytes:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randperm(vocab, generator=g)[:draft]
-    mask = torch.zeros(vocab, dtype=torch.bool)
-    mask[ids] = True
+    ids, mask = vocab_mapping(vocab, draft, seed=1)
     return wire.encode({"selected_token_ids": ids, "selected_token_mask": mask})
 
 
 def batch(batch_size: int, seq_len: int, *, slow: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, 1024, (batch_size, seq_len), generator=g)
+    """Unpadded rows, every position supervised; the first token marks the slow model's slow forward."""
+    input_ids, attention_mask, loss_mask = padded_batch(
+        1024, [seq_len] * batch_size, seq_len, seed, prompt_fraction=0.0
+    )
     input_ids[0, 0] = SLOW_TOKEN if slow else 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "loss_mask": torch.ones_like(input_ids),
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
 def post(url: str, endpoint: str, content: bytes = b"", headers: dict[str, str] | None = None) -> httpx.Response:

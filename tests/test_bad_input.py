@@ -11,7 +11,7 @@ import torch
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
 VOCAB = 1024
@@ -29,7 +29,7 @@ def generate_body(**overrides: torch.Tensor | None) -> bytes:
 
 
 def mapping_body(**overrides: torch.Tensor) -> bytes:
-    ids, mask = random_mapping(VOCAB, 64, seed=0)
+    ids, mask = vocab_mapping(VOCAB, 64, seed=0)
     tensors = {"selected_token_ids": ids, "selected_token_mask": mask, **overrides}
     return wire.encode(tensors)
 
@@ -111,7 +111,7 @@ def test_transport_level_errors(fresh_server: ServerProcess) -> None:
 
 def test_client_surfaces_the_server_message(fresh_server: ServerProcess) -> None:
     with RemoteEagle3TargetModel.from_urls([fresh_server.url], max_retries=0) as remote:
-        ids, mask = random_mapping(VOCAB, 32, seed=1)
+        ids, mask = vocab_mapping(VOCAB, 32, seed=1)
         remote.set_vocab_mapping(ids, mask)
         with pytest.raises(TargetHTTPError) as info:
             remote.generate_batch(*[torch.full((1, 4), VOCAB + 5)] * 3)
@@ -124,7 +124,7 @@ def test_after_every_bad_input_the_server_is_healthy_and_still_exact(
     fresh_server: ServerProcess, oracle: Oracle
 ) -> None:
     """Fuzz: every bad body in turn, interleaved with valid requests that must stay bit-exact."""
-    ids, mask = random_mapping(VOCAB, 500, seed=2)
+    ids, mask = vocab_mapping(VOCAB, 500, seed=2)
     cases = [(p, b) for _, b, _, _ in BAD_GENERATE for p in ["/generate"]]
     cases += [("/set_vocab_mapping", b) for _, b, _, _ in BAD_MAPPING]
     with httpx.Client(base_url=fresh_server.url, trust_env=False, timeout=60) as http:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from eagle3_appliance.cli import app
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
 runner = CliRunner()
@@ -76,7 +76,7 @@ def test_configuration_from_environment_and_custom_aux_layers(cache_dir: Path, o
     with ServerProcess(env=env, log_path=tmp_path / "server.log") as server:
         with RemoteEagle3TargetModel.from_urls([server.url], max_retries=0) as remote:
             assert remote.model_info()["aux_layer_ids"] == [0, 2, 5]
-            ids, mask = random_mapping(oracle.vocab_size, 99, seed=3)
+            ids, mask = vocab_mapping(oracle.vocab_size, 99, seed=3)
             remote.set_vocab_mapping(ids, mask)
             inputs = random_batch(oracle.vocab_size, 2, 16, seed=4)
             got = remote.generate_batch(*inputs)

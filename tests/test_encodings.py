@@ -22,7 +22,7 @@ from eagle3_appliance.supervision import HIDDEN_TOLERANCE, in_process
 from eagle3_appliance.target import Target
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.encodings import response_bytes, wire_bytes_per_token
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
 DRAFT = 512
@@ -32,7 +32,7 @@ SHAPES = [(1, 1), (2, 33), (3, 64)]
 
 @pytest.fixture(scope="module")
 def mapping(oracle: Oracle) -> tuple[torch.Tensor, torch.Tensor]:
-    return random_mapping(oracle.vocab_size, DRAFT, seed=7)
+    return vocab_mapping(oracle.vocab_size, DRAFT, seed=7)
 
 
 def connect(url: str, encoding: str | None, mapping: tuple[torch.Tensor, torch.Tensor]) -> RemoteEagle3TargetModel:
@@ -101,8 +101,8 @@ def test_hidden_is_within_tolerance_and_its_position_mask_is_identical(
 
 def test_hidden_follows_a_new_vocab_mapping(server: ServerProcess, oracle: Oracle) -> None:
     """The client's LM-head rows belong to one mapping: a new mapping must refetch them."""
-    first = random_mapping(oracle.vocab_size, 300, seed=40)
-    second = random_mapping(oracle.vocab_size, 200, seed=41)
+    first = vocab_mapping(oracle.vocab_size, 300, seed=40)
+    second = vocab_mapping(oracle.vocab_size, 200, seed=41)
     inputs = random_batch(oracle.vocab_size, 2, 24, seed=42)
     with connect(server.url, "hidden", first) as remote:
         for mapping in (first, second, first):
@@ -155,7 +155,7 @@ def test_topk_rows_sum_to_one_and_keep_exactly_the_top_k(
 
 
 def test_topk_larger_than_the_draft_vocabulary_is_refused(server: ServerProcess, oracle: Oracle) -> None:
-    mapping = random_mapping(oracle.vocab_size, 100, seed=60)
+    mapping = vocab_mapping(oracle.vocab_size, 100, seed=60)
     with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as http:
         session = http.post("/session", json={"encoding": "topk:101"}).json()["session_id"]
         body = wire.encode(dict(zip(protocol.VOCAB_MAPPING_KEYS, mapping, strict=True)))
@@ -291,7 +291,7 @@ def test_hidden_is_refused_for_a_soft_capped_model(
     gemma: tuple[ServerProcess, Target], caplog: pytest.LogCaptureFixture
 ) -> None:
     server, reference = gemma
-    mapping = random_mapping(reference.logits_size, 100, seed=95)
+    mapping = vocab_mapping(reference.logits_size, 100, seed=95)
     with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as http:
         only_hidden = http.post("/session", json={"encoding": "hidden"})
         assert only_hidden.status_code == 422 and "final_logit_softcapping=30.0" in only_hidden.json()["error"]

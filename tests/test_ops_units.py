@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import httpx
@@ -22,7 +21,6 @@ from eagle3_appliance.admission import Admission, Ticket
 from eagle3_appliance.auth import BearerAuth
 from eagle3_appliance.errors import Unauthorized, Unavailable
 from eagle3_appliance.sessions import ANONYMOUS, SessionRegistry
-from eagle3_appliance.settings import load_token
 from eagle3_client import TargetOverloaded, protocol
 from eagle3_client.auth import auth_headers
 from eagle3_client.control import ControlPlane
@@ -314,20 +312,6 @@ def test_closing_a_session_survives_a_failing_extra() -> None:
 
 
 # -- auth --------------------------------------------------------------------------------
-
-
-def test_load_token_from_value_or_file(tmp_path: Path) -> None:
-    (tmp_path / "tok").write_text("  abc123\n")
-    assert load_token("xyz", None) == "xyz"
-    assert load_token(None, tmp_path / "tok") == "abc123"
-    assert load_token(None, None) is None and load_token("  ", None) is None
-    with pytest.raises(ValueError, match="not both"):
-        load_token("xyz", tmp_path / "tok")
-    (tmp_path / "empty").write_text("\n")
-    with pytest.raises(ValueError, match="is empty"):
-        load_token(None, tmp_path / "empty")
-    with pytest.raises(ValueError, match="cannot read"):
-        load_token(None, tmp_path / "missing")
 
 
 @pytest.mark.parametrize("header", [None, "", "Bearer nope", "bearer abc12", "Basic abc123", "abc123"])

@@ -15,7 +15,7 @@ from eagle3_appliance.settings import Settings
 from eagle3_appliance.supervision import in_process
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.contract import Eagle3TargetBatch
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
 SHAPES = [(1, 1), (1, 7), (2, 33), (3, 64), (4, 128)]
@@ -33,7 +33,7 @@ def remote(server: ServerProcess) -> RemoteEagle3TargetModel:
 def test_generate_is_bit_exact_against_the_oracle(
     remote: RemoteEagle3TargetModel, oracle: Oracle, batch: int, seq: int, seed: int
 ) -> None:
-    ids, mask = random_mapping(oracle.vocab_size, draft=100 + 37 * seed, seed=seed)
+    ids, mask = vocab_mapping(oracle.vocab_size, 100 + 37 * seed, seed=seed)
     remote.set_vocab_mapping(ids, mask)
     inputs = random_batch(oracle.vocab_size, batch, seq, seed=seed, pad=True)
     result = remote.generate_batch(*inputs)
@@ -51,7 +51,7 @@ def test_padded_rows_really_are_padded(oracle: Oracle) -> None:
 def test_int32_inputs_and_bool_masks_are_served_like_in_process(
     remote: RemoteEagle3TargetModel, oracle: Oracle
 ) -> None:
-    ids, mask = random_mapping(oracle.vocab_size, 256, seed=5)
+    ids, mask = vocab_mapping(oracle.vocab_size, 256, seed=5)
     remote.set_vocab_mapping(ids, mask)
     input_ids, attention_mask, loss_mask = random_batch(oracle.vocab_size, 2, 40, seed=5)
     inputs = (input_ids.int(), attention_mask.bool(), loss_mask.bool())
@@ -62,7 +62,7 @@ def test_int32_inputs_and_bool_masks_are_served_like_in_process(
 
 
 def test_float_masks_are_accepted(remote: RemoteEagle3TargetModel, oracle: Oracle) -> None:
-    ids, mask = random_mapping(oracle.vocab_size, 77, seed=6)
+    ids, mask = vocab_mapping(oracle.vocab_size, 77, seed=6)
     remote.set_vocab_mapping(ids, mask)
     input_ids, attention_mask, loss_mask = random_batch(oracle.vocab_size, 2, 24, seed=6)
     inputs = (input_ids, attention_mask.float(), loss_mask.float())
@@ -70,7 +70,7 @@ def test_float_masks_are_accepted(remote: RemoteEagle3TargetModel, oracle: Oracl
 
 
 def test_async_handles_return_results_in_submission_order(remote: RemoteEagle3TargetModel, oracle: Oracle) -> None:
-    ids, mask = random_mapping(oracle.vocab_size, 300, seed=7)
+    ids, mask = vocab_mapping(oracle.vocab_size, 300, seed=7)
     remote.set_vocab_mapping(ids, mask)
     batches = [random_batch(oracle.vocab_size, 2, 16 + 8 * i, seed=10 + i) for i in range(4)]
     handles = [remote.generate_batch_async(*b) for b in batches]
@@ -103,7 +103,7 @@ def test_two_servers_round_robin_and_both_get_the_mapping(
 ) -> None:
     with ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / "second.log") as second:
         with RemoteEagle3TargetModel.from_urls([server.url, second.url], device="cpu", max_retries=0) as remote:
-            ids, mask = random_mapping(oracle.vocab_size, 128, seed=11)
+            ids, mask = vocab_mapping(oracle.vocab_size, 128, seed=11)
             remote.set_vocab_mapping(ids, mask)
             for i in range(4):  # alternates between the servers; each must have the mapping
                 inputs = random_batch(oracle.vocab_size, 1, 20, seed=20 + i)
@@ -113,7 +113,7 @@ def test_two_servers_round_robin_and_both_get_the_mapping(
 
 def test_raw_upstream_style_requests_without_a_session(server: ServerProcess, oracle: Oracle) -> None:
     """What an upstream client sends: no session header, plain wire bodies, its own order of calls."""
-    ids, mask = random_mapping(oracle.vocab_size, 64, seed=13)
+    ids, mask = vocab_mapping(oracle.vocab_size, 64, seed=13)
     with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as http:
         assert http.get("/health").json() == {"status": "ok"}
         reply = http.post("/init_nccl", json={"nccl_port": 9999})
@@ -141,8 +141,8 @@ def test_sessions_keep_their_own_vocab_mapping(server: ServerProcess, oracle: Or
         RemoteEagle3TargetModel.from_urls([server.url], max_retries=0) as a,
         RemoteEagle3TargetModel.from_urls([server.url], max_retries=0) as b,
     ):
-        ids_a, mask_a = random_mapping(oracle.vocab_size, 50, seed=30)
-        ids_b, mask_b = random_mapping(oracle.vocab_size, 70, seed=31)
+        ids_a, mask_a = vocab_mapping(oracle.vocab_size, 50, seed=30)
+        ids_b, mask_b = vocab_mapping(oracle.vocab_size, 70, seed=31)
         a.set_vocab_mapping(ids_a, mask_a)
         b.set_vocab_mapping(ids_b, mask_b)
         inputs = random_batch(oracle.vocab_size, 1, 16, seed=32)
@@ -153,7 +153,7 @@ def test_sessions_keep_their_own_vocab_mapping(server: ServerProcess, oracle: Or
 def test_in_process_target_matches_the_oracle(model_dir: Path, oracle: Oracle) -> None:
     """The appliance's own math, without HTTP, also equals the oracle (incl. T=1 and the zero tail)."""
     target = load_target(Settings(model=str(model_dir), device="cpu"))
-    ids, mask = random_mapping(oracle.vocab_size, 200, seed=40)
+    ids, mask = vocab_mapping(oracle.vocab_size, 200, seed=40)
     for batch, seq in SHAPES:
         inputs = random_batch(oracle.vocab_size, batch, seq, seed=batch * seq)
         got = in_process(target, GenerateInputs(*inputs), VocabMapping(ids, mask))

@@ -20,7 +20,7 @@ from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.automodel import install, options_from_config
 from eagle3_client.options import ClientOptions, option_fields, recipe_key
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.integration.automodel_support import (
     PYTHON,
     colocated_supervision,
@@ -50,7 +50,7 @@ def colocated(model_dir: Path) -> object:
 
 
 def test_our_client_is_upstreams_backend_and_returns_its_batch(servers: list[ServerProcess], colocated: object) -> None:
-    ids, mask = random_mapping(VOCAB, draft=300, seed=5)
+    ids, mask = vocab_mapping(VOCAB, 300, seed=5)
     inputs = random_batch(VOCAB, 2, 20, seed=5, pad=True)
     with RemoteEagle3TargetModel.from_urls([servers[0].url], device="cpu") as remote:
         assert isinstance(remote, upstream_backend.Eagle3TargetBackend)
@@ -86,7 +86,7 @@ def _bare_recipe(backend: object, depth: int) -> object:
 def test_recipe_prefetch_iterator_pairs_every_batch_with_its_supervision_in_order(
     servers: list[ServerProcess], colocated: object, depth: int, num_servers: int
 ) -> None:
-    ids, mask = random_mapping(VOCAB, draft=250, seed=depth)
+    ids, mask = vocab_mapping(VOCAB, 250, seed=depth)
     # Batches of different lengths, so a batch paired with another's supervision cannot pass.
     loader = []
     for i in range(5):

@@ -19,7 +19,7 @@ import torch
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.integration.automodel_support import build_draft, import_or_skip, load_colocated
 
 core = import_or_skip("nemo_automodel.components.speculative.eagle.core")
@@ -72,7 +72,7 @@ def train(
 
 def test_losses_and_weights_match_the_colocated_target_step_for_step(appliance: ServerProcess, model_dir: Path) -> None:
     colocated = load_colocated(model_dir)
-    ids, mask = random_mapping(VOCAB, draft=DRAFT_VOCAB, seed=11)  # unsorted, compressed vocab
+    ids, mask = vocab_mapping(VOCAB, DRAFT_VOCAB, seed=11)  # unsorted, compressed vocab
     initial = build_draft(colocated.model.config, DRAFT_VOCAB, seed=0)
 
     local_losses, local_weights, local_enc = train(colocated, copy.deepcopy(initial), ids, mask)

@@ -21,7 +21,7 @@ import pytest
 
 from eagle3_appliance.launch import ServerProcess, free_port
 from eagle3_client import RemoteEagle3TargetModel
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.integration.automodel_support import (
     PYTHON,
     colocated_supervision,
@@ -61,7 +61,7 @@ def test_upstream_client_against_our_appliance(appliance: ServerProcess, colocat
             {"weight": colocated.get_input_embeddings().weight.detach()},
         )
         for seed, (batch, seq, pad) in enumerate(CASES):
-            ids, mask = random_mapping(VOCAB, draft=97 + 61 * seed, seed=seed)  # unsorted, new each case
+            ids, mask = vocab_mapping(VOCAB, 97 + 61 * seed, seed=seed)  # unsorted, new each case
             assert not bool((ids[1:] >= ids[:-1]).all()), "the mapping should be unsorted"
             remote.set_vocab_mapping(ids, mask)
             inputs = random_batch(VOCAB, batch, seq, seed=100 + seed, pad=pad)
@@ -123,7 +123,7 @@ def test_our_client_against_the_upstream_server(
             {"weight": colocated.get_input_embeddings().weight.detach()},
         )
         for seed, (batch, seq, pad) in enumerate(CASES):
-            ids, mask = random_mapping(VOCAB, draft=101 + 53 * seed, seed=10 + seed)
+            ids, mask = vocab_mapping(VOCAB, 101 + 53 * seed, seed=10 + seed)
             remote.set_vocab_mapping(ids, mask)
             inputs = random_batch(VOCAB, batch, seq, seed=200 + seed, pad=pad)
             got = remote.generate_batch(*inputs)
