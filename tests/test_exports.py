@@ -52,3 +52,50 @@ def test_client_does_not_need_server_packages() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_wheel_installs_only_our_package_names(tmp_path) -> None:  # noqa: ANN001
+    """A wheel built from the repository adds no generic top-level module (client, appliance, loadtest)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("eagle3_appliance-*.whl")
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"eagle3_appliance", "eagle3_client", "eagle3_loadtest"}
+
+
+def test_a_trainer_folder_with_its_own_client_module_imports_ours(tmp_path) -> None:  # noqa: ANN001
+    """The documented import line works next to a trainer's own ``client.py`` and ``appliance/``."""
+    import subprocess
+    import sys
+
+    (tmp_path / "client.py").write_text("raise ImportError('the trainer client.py was imported')\n")
+    (tmp_path / "appliance").mkdir()
+    (tmp_path / "appliance" / "__init__.py").write_text("raise ImportError('the trainer appliance was imported')\n")
+    (tmp_path / "train.py").write_text(
+        "from eagle3_client import RemoteEagle3TargetModel\nprint(RemoteEagle3TargetModel.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "eagle3_client.backend"
