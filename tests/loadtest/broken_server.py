@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from eagle3_client import protocol, wire  # noqa: E402
+from eagle3_client import protocol, wire
 
 HIDDEN_SIZE, VOCAB_SIZE, NUM_LAYERS = 8, 512, 4
 MODES = ("ok", "probs", "shapes")
