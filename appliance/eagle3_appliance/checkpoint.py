@@ -41,6 +41,7 @@ __all__ = [
     "build_with_recipe",
     "from_pretrained_kwargs",
     "placement_lines",
+    "recipe_colocated_target",
     "resolve_source",
 ]
 
@@ -68,6 +69,8 @@ def from_pretrained_kwargs(settings: Settings, device: torch.device, dtype: torc
     device_map = parse_device_map(settings.device_map)
     if device_map is not None:
         kwargs["device_map"] = device_map
+        # Where layers a map puts on "disk" are kept (read back for every forward).
+        kwargs["offload_folder"] = str(Path(settings.cache_dir) / "offload")
         max_memory = parse_max_memory(settings.max_memory)
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
@@ -149,11 +152,18 @@ def recipe_config(settings: Settings, source: str | Path) -> dict[str, Any]:
 
 
 def build_with_recipe(settings: Settings, source: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The recipe's co-located target, built by the recipe's own ``_setup_colocated_target``.
+    """The recipe's co-located target model (see :func:`recipe_colocated_target`)."""
+    model: nn.Module = recipe_colocated_target(settings, source, device, dtype).target_model
+    return model
 
-    A real ``TrainEagle3Recipe`` is given the state its ``setup()`` has reached when it loads
-    the target (device, compute dtype, no distributed section, no context parallelism), then
-    loads it exactly as in training. The caller has checked :func:`automodel_refusal`.
+
+def recipe_colocated_target(settings: Settings, source: str | Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """A ``TrainEagle3Recipe`` that has loaded its co-located target with its own ``_setup_colocated_target``.
+
+    The recipe is given the state its ``setup()`` has reached when it loads the target
+    (device, compute dtype, no distributed section, no context parallelism), then loads it
+    exactly as in training: ``recipe.target_model`` is the model, ``recipe.target_wrapper``
+    the recipe's own co-located backend. The caller has checked :func:`automodel_refusal`.
     """
     import importlib
 
@@ -173,11 +183,16 @@ def build_with_recipe(settings: Settings, source: str | Path, device: torch.devi
     text_config = getattr(config, "text_config", None)
     logger.info("loading %s through %s (recipe_args %s)", source, AUTOMODEL_RECIPE, cfg.recipe_args)
     recipe._setup_colocated_target(cfg.recipe_args, str(source), text_config if text_config is not None else config)
-    model: nn.Module = recipe.target_model
-    return model
+    return recipe
 
 
 # -- where the weights went ----------------------------------------------------------------------
+
+
+def _device_name(tensor: torch.Tensor) -> str:
+    """Where a parameter lives; a device map's offloaded weights (read back per forward) are on "meta"."""
+    device = str(_local(tensor).device)
+    return "offload (disk or host, read back per forward)" if device == "meta" else device
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -195,11 +210,11 @@ def placement_lines(model: nn.Module, layers: list[nn.Module], mode: str, rank: 
     weight_bytes: dict[str, int] = defaultdict(int)
     for tensor in [*model.parameters(), *model.buffers()]:
         local = _local(tensor)
-        weight_bytes[str(local.device)] += local.numel() * local.element_size()
+        weight_bytes[_device_name(tensor)] += local.numel() * local.element_size()
     layer_devices: dict[str, list[int]] = defaultdict(list)
     for index, layer in enumerate(layers):
         first = next(iter(layer.parameters()), None)
-        layer_devices[str(_local(first).device) if first is not None else "none"].append(index)
+        layer_devices[_device_name(first) if first is not None else "none"].append(index)
     sharded = sum(1 for p in model.parameters() if _local(p) is not p)
     lines = []
     for device in sorted(set(weight_bytes) | set(layer_devices)):

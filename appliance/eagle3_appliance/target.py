@@ -127,8 +127,9 @@ class Target:
             flag: False for flag in ("output_hidden_states", "output_attentions", "use_cache") if flag in params
         }
         self._hidden_refusal: tuple[str | None] | None = None  # cached (reason,) once probed
+        offloaded = hasattr(model, "_hf_hook")  # a device map's offloaded weights are read back per forward
         for p in self.model.parameters():
-            if p.device.type == "meta":
+            if p.device.type == "meta" and not offloaded:
                 raise RuntimeError("model has parameters on the meta device after loading")
 
     def _capture_hook(self, layer_id: int) -> Callable[[nn.Module, Any, Any], None]:
