@@ -337,3 +337,38 @@ def test_the_automodel_loader_is_refused_where_it_cannot_run(cache_dir: Path) ->
         assert "--loader automodel needs NeMo AutoModel" in output, output[-2000:]
     else:
         assert "--loader automodel needs CUDA" in output, output[-2000:]
+
+
+# -- Slurm: servers per node = GPUs per node / TENSOR_PARALLEL_SIZE ------------------------------
+
+COMMON_SH = Path(__file__).resolve().parents[1] / "slurm" / "common.sh"
+
+
+def _bash(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", f"source {COMMON_SH}; {script}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+
+
+@pytest.mark.parametrize(("local_id", "per", "want"), [(0, 1, "2"), (1, 1, "3"), (0, 2, "2,3"), (1, 2, "4,5")])
+def test_slurm_server_task_gives_each_server_its_own_gpus(local_id: int, per: int, want: str) -> None:
+    env = {
+        "SLURM_LOCALID": str(local_id),
+        "SLURM_PROCID": str(local_id),
+        "SLURMD_NODENAME": "n0",
+        "CUDA_VISIBLE_DEVICES": "2,3,4,5",
+    }
+    out = _bash(f"server_task 8001 {per} bash -c 'echo \"$CUDA_VISIBLE_DEVICES $*\"' task", **env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == f"{want} --port {8001 + local_id}"
+
+
+def test_slurm_servers_per_node_divides_the_gpus() -> None:
+    assert _bash("servers_per_node 8 2").stdout.strip() == "4"
+    assert _bash("servers_per_node 8 1").stdout.strip() == "8"
+    bad = _bash("servers_per_node 8 3")
+    assert bad.returncode == 2 and "TENSOR_PARALLEL_SIZE=3" in bad.stderr
