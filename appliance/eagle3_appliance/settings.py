@@ -75,10 +75,6 @@ class Loader(str, Enum):
     automodel = "automodel"
 
 
-# Values of --device-map that transformers/accelerate plan themselves.
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
 def parse_device_map(spec: str) -> str | dict[str, int | str] | None:
     """``--device-map``: ``""`` -> None (one device), a strategy or a device name as is, a JSON object -> dict.
 

@@ -69,6 +69,8 @@ EXIT_DELAY = 2.0
 HEARTBEAT_INTERVAL = 0.5
 # Seconds for the ranks to meet in the process group and to load their shards.
 STARTUP_TIMEOUT = 3600.0
+# Seconds for a rank's interpreter to start and import torch (before its first heartbeat).
+PROCESS_START_TIMEOUT = 300.0
 
 
 class RankFailed(Unavailable):
@@ -94,6 +96,7 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     conn: Connection
     last_beat: float = field(default_factory=time.monotonic)
+    heard: bool = False  # its first message came: the interpreter is up, heartbeats count from now
     done_step: int = 0
     loaded: list[str] | None = None
 
@@ -261,6 +264,7 @@ class TensorParallelGroup:
     def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
         worker.last_beat = time.monotonic()
+        worker.heard = True
         if kind == "done":
             with self._lock:
                 worker.done_step = int(message[1])
@@ -275,7 +279,12 @@ class TensorParallelGroup:
     def _check_deadlines(self, now: float) -> None:
         timeout = self.settings.tensor_parallel_timeout
         for worker in self.workers:
-            if now - worker.last_beat > timeout:
+            if not worker.heard and now - worker.last_beat > PROCESS_START_TIMEOUT:
+                self.fail(
+                    f"rank {worker.rank} (pid {worker.proc.pid}) did not start within {PROCESS_START_TIMEOUT:g} s"
+                )
+                return
+            if worker.heard and now - worker.last_beat > timeout:
                 self.fail(f"rank {worker.rank} (pid {worker.proc.pid}) sent no heartbeat for {timeout:g} s (hung)")
                 return
         with self._lock:
