@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+# The same PASS/FAIL lines and bitwise comparison as the data-plane check (run from this folder).
+from check_dataplanes import FAILED, check, same
+
 from eagle3_appliance import checkpoint
 from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
@@ -44,8 +47,6 @@ from eagle3_appliance.supervision import in_process
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
 
-KEYS = protocol.SUPERVISION_KEYS
-FAILED: list[str] = []
 CONFIG: dict[str, object] = {
     **BUILTIN_CONFIG,
     "hidden_size": 1024,
@@ -57,16 +58,6 @@ CONFIG: dict[str, object] = {
 }
 
 
-def check(name: str, ok: bool, detail: str = "") -> None:
-    print(f"[{'PASS' if ok else 'FAIL'}] {name}{'  ' + detail if detail else ''}", flush=True)
-    if not ok:
-        FAILED.append(name)
-
-
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return all(a[k].dtype == b[k].dtype and torch.equal(a[k].cpu(), b[k].cpu()) for k in KEYS)
-
-
 def serve_and_fetch(args: list[str], log: Path, mapping: VocabMapping, batches: list) -> tuple[str, list]:
     """Start a server with ``args``, fetch every batch with our client (wire, CUDA trainer); (mode, answers)."""
     start = time.monotonic()
@@ -74,7 +65,7 @@ def serve_and_fetch(args: list[str], log: Path, mapping: VocabMapping, batches: 
         with RemoteEagle3TargetModel.from_urls([server.url], device="cuda", data_plane="wire", timeout=600) as remote:
             served = remote.served_model()
             remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-            answers = [{k: getattr(remote.generate_batch(*b), k) for k in KEYS} for b in batches]
+            answers = [{k: getattr(remote.generate_batch(*b), k) for k in protocol.SUPERVISION_KEYS} for b in batches]
         code = server.stop()
     print(f"       ({' '.join(args[-4:])}: {time.monotonic() - start:.0f} s, exit {code}, log {log})", flush=True)
     return (served.mode if served is not None else "?"), answers
