@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Functions shared by slurm/hetjob.sh and slurm/serve.sh (sourced, never run).
 #
-# The two job scripts start appliance servers as one Slurm step (one task per GPU), wait
+# The two job scripts start appliance servers as one Slurm step (one task per server), wait
 # until every server answers, and stop them again with SIGTERM. Everything that decides
 # *what* runs lives in the job scripts; this file only knows *how* to run it under Slurm.
 
@@ -42,21 +42,34 @@ container_opts() {
 
 # --- what runs inside a step (serialized into `bash -c`, so no shared file is needed) ------
 
-# server_task BASE_PORT CMD...: one task of the server step = one appliance on one GPU.
-# Task i on a node listens on BASE_PORT+i and sees only GPU i of that node.
+# server_task BASE_PORT GPUS_PER_SERVER CMD...: one task of the server step = one appliance on
+# GPUS_PER_SERVER GPUs (more than one: a tensor-parallel appliance, `serve --tensor-parallel-size`).
+# Task i on a node listens on BASE_PORT+i and sees only GPUs i*G .. i*G+G-1 of that node.
 server_task() {
-    local port=$(($1 + SLURM_LOCALID))
-    shift
-    local gpus
+    local port=$(($1 + SLURM_LOCALID)) per=$2
+    shift 2
+    local gpus mine=() k
     if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
         IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"
-        export CUDA_VISIBLE_DEVICES=${gpus[SLURM_LOCALID % ${#gpus[@]}]}
+        for ((k = 0; k < per; k++)); do mine+=("${gpus[(SLURM_LOCALID * per + k) % ${#gpus[@]}]}"); done
+        CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${mine[*]}")
+        export CUDA_VISIBLE_DEVICES
     elif command -v nvidia-smi >/dev/null 2>&1; then
-        export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID
+        for ((k = 0; k < per; k++)); do mine+=($((SLURM_LOCALID * per + k))); done
+        CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${mine[*]}")
+        export CUDA_VISIBLE_DEVICES
     fi
     echo "server task $SLURM_PROCID on node $SLURMD_NODENAME ($(hostname)): port $port," \
         "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}, pid $$"
     exec "$@" --port "$port"
+}
+
+# servers_per_node TASKS_PER_NODE TENSOR_PARALLEL_SIZE: appliances per node when each takes
+# TENSOR_PARALLEL_SIZE GPUs and the node has one task slot per GPU.
+servers_per_node() {
+    [[ $2 =~ ^[1-9][0-9]*$ ]] || die 2 "TENSOR_PARALLEL_SIZE=$2: expected a positive integer"
+    (($1 % $2 == 0)) || die 2 "$1 GPU(s) per node do not split into servers of TENSOR_PARALLEL_SIZE=$2 GPUs"
+    echo $(($1 / $2))
 }
 
 # client_task COMPONENT CMD...: print where this task runs, then become CMD.

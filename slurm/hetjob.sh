@@ -15,7 +15,7 @@
 # Settings (model, image, mode, ports...): slurm/eagle3.env (copy eagle3.env.example), or
 # the environment at submission, which wins over the file. docs/slurm.md.
 #
-# ---- component 0: target servers, one appliance per GPU ----------------------------------
+# ---- component 0: target servers, one appliance per TENSOR_PARALLEL_SIZE GPUs (default 1) ---
 #SBATCH --job-name=eagle3
 #SBATCH --output=eagle3-%j.out          # the driver log (this script), in the submit dir
 #SBATCH --time=04:00:00
@@ -23,7 +23,7 @@
 #SBATCH --partition=gpu                 # <- your GPU partition
 ##SBATCH --account=my-account           # <- remove one '#' to charge an account
 #SBATCH --nodes=1                       # <- server nodes
-#SBATCH --ntasks-per-node=8             # <- servers per node = GPUs per node
+#SBATCH --ntasks-per-node=8             # <- GPUs per node (servers = this / TENSOR_PARALLEL_SIZE)
 #SBATCH --gpus-per-node=8               # <- GPUs per node
 #SBATCH --cpus-per-task=8
 #SBATCH hetjob
@@ -55,7 +55,8 @@ PYTHON_ENV=${PYTHON_ENV:-}              # venv holding eagle3-appliance (else: f
 CONTAINER_IMAGE=${CONTAINER_IMAGE:-}    # pyxis image for the servers, e.g. /images/eagle3.sqsh
 CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}  # pyxis mounts, e.g. /models:/models:ro
 CLIENT_IMAGE=${CLIENT_IMAGE:-auto}      # component 1's image; auto: CONTAINER_IMAGE, none if train
-SERVERS_PER_NODE=${SERVERS_PER_NODE:-${SLURM_NTASKS_PER_NODE_HET_GROUP_0:-1}}
+TENSOR_PARALLEL_SIZE=${TENSOR_PARALLEL_SIZE:-1} # GPUs per server (serve --tensor-parallel-size)
+SERVERS_PER_NODE=${SERVERS_PER_NODE:-$(servers_per_node "${SLURM_NTASKS_PER_NODE_HET_GROUP_0:-1}" "$TENSOR_PARALLEL_SIZE")}
 BASE_PORT=${BASE_PORT:-8001}            # server i on a node listens on BASE_PORT+i
 SERVE_ARGS=${SERVE_ARGS:-}              # more `serve` flags, e.g. "--dtype bfloat16"
 EXIT_WHEN_IDLE=${EXIT_WHEN_IDLE:-0}     # 1: serve --exit-when-idle (needs an appliance that has it)
@@ -136,11 +137,12 @@ trap 'log "SIGTERM: job cancelled or out of time"; exit 143' TERM INT
 
 # ---- component 0: the servers -----------------------------------------------------------
 serve=("$APPLIANCE_CMD" serve --model "$MODEL" "${serve_args[@]}")
+if [[ $TENSOR_PARALLEL_SIZE != 1 ]]; then serve+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE"); fi
 if [[ $EXIT_WHEN_IDLE == 1 ]]; then serve+=(--exit-when-idle); fi
 srun --het-group=0 --job-name=eagle3-servers --kill-on-bad-exit=1 \
     --nodes="$SLURM_JOB_NUM_NODES_HET_GROUP_0" --ntasks-per-node="$SERVERS_PER_NODE" \
     --output="$LOG_DIR/server-%N-%t.log" "${server_container[@]}" \
-    bash -c "$(task_script server_task)" server_task "$BASE_PORT" "${serve[@]}" &
+    bash -c "$(task_script server_task)" server_task "$BASE_PORT" "$TENSOR_PARALLEL_SIZE" "${serve[@]}" &
 server_pid=$!
 log "starting ${#urls[@]} server(s); waiting up to ${READY_TIMEOUT}s for them to be ready"
 wait_until_ready "$server_pid" "$READY_TIMEOUT" "${urls[@]}"

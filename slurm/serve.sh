@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A standalone target-server job: one appliance per GPU on every node of the job, running
+# A standalone target-server job: one appliance per GPU (or per TENSOR_PARALLEL_SIZE GPUs) on every node, running
 # until the time limit or `scancel` (or, with EXIT_WHEN_IDLE=1, until the servers go idle).
 # Trainers elsewhere read the server URLs from $LOG_ROOT/<job id>/urls.txt.
 #
@@ -17,7 +17,7 @@
 #SBATCH --partition=gpu                 # <- your GPU partition
 ##SBATCH --account=my-account           # <- remove one '#' to charge an account
 #SBATCH --nodes=1                       # <- server nodes
-#SBATCH --ntasks-per-node=8             # <- servers per node = GPUs per node
+#SBATCH --ntasks-per-node=8             # <- GPUs per node (servers = this / TENSOR_PARALLEL_SIZE)
 #SBATCH --gpus-per-node=8               # <- GPUs per node
 #SBATCH --cpus-per-task=8
 
@@ -38,7 +38,8 @@ MODEL=${MODEL:-builtin}                 # the target: a folder visible on the no
 PYTHON_ENV=${PYTHON_ENV:-}              # venv holding eagle3-appliance (else: found on PATH)
 CONTAINER_IMAGE=${CONTAINER_IMAGE:-}    # pyxis image, e.g. /images/eagle3.sqsh
 CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}  # pyxis mounts, e.g. /models:/models:ro
-SERVERS_PER_NODE=${SERVERS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
+TENSOR_PARALLEL_SIZE=${TENSOR_PARALLEL_SIZE:-1} # GPUs per server (serve --tensor-parallel-size)
+SERVERS_PER_NODE=${SERVERS_PER_NODE:-$(servers_per_node "${SLURM_NTASKS_PER_NODE:-1}" "$TENSOR_PARALLEL_SIZE")}
 BASE_PORT=${BASE_PORT:-8001}            # server i on a node listens on BASE_PORT+i
 SERVE_ARGS=${SERVE_ARGS:-}              # more `serve` flags, e.g. "--dtype bfloat16"
 EXIT_WHEN_IDLE=${EXIT_WHEN_IDLE:-0}     # 1: serve --exit-when-idle (the job ends when idle)
@@ -78,11 +79,12 @@ trap cleanup EXIT
 trap 'log "SIGTERM: job cancelled or out of time"; exit 0' TERM INT
 
 serve=("$APPLIANCE_CMD" serve --model "$MODEL" "${serve_args[@]}")
+if [[ $TENSOR_PARALLEL_SIZE != 1 ]]; then serve+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE"); fi
 if [[ $EXIT_WHEN_IDLE == 1 ]]; then serve+=(--exit-when-idle); fi
 srun --job-name=eagle3-servers --kill-on-bad-exit=1 \
     --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$SERVERS_PER_NODE" \
     --output="$LOG_DIR/server-%N-%t.log" "${server_container[@]}" \
-    bash -c "$(task_script server_task)" server_task "$BASE_PORT" "${serve[@]}" &
+    bash -c "$(task_script server_task)" server_task "$BASE_PORT" "$TENSOR_PARALLEL_SIZE" "${serve[@]}" &
 server_pid=$!
 log "starting ${#urls[@]} server(s); waiting up to ${READY_TIMEOUT}s for them to be ready"
 wait_until_ready "$server_pid" "$READY_TIMEOUT" "${urls[@]}"

@@ -121,7 +121,7 @@ def serve(**values: Any) -> None:
     hf_logging.disable_progress_bar()
     try:
         target = load_target(settings)
-    except ValueError as exc:  # bad aux layer ids, unsupported layout: a user error, not a crash
+    except (ValueError, ImportError) as exc:  # bad aux layer ids, a loader or kernels not here: a user error
         raise typer.BadParameter(str(exc)) from None
     logging.getLogger("eagle3_appliance").info("serving %s on %s:%d", target.model_info(), settings.host, settings.port)
     raise typer.Exit(run_server(create_app(settings, target), settings))

@@ -17,6 +17,7 @@ import torch
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.loading import load_target
+from eagle3_appliance.numerics import measure, reference_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
 from eagle3_appliance.supervision import compare_to_reference, in_process
 from eagle3_appliance.target import Target
@@ -44,12 +45,19 @@ def drive(
     """Drive servers with the real client as the recipe does; print each step; True if every check passed.
 
     ``encoding`` (default ``$EAGLE3_ENCODING``, else probs) is checked as it promises:
-    bit-exact for probs and logits, within tolerance for hidden, top-K for topk:K.
+    bit-exact for probs and logits, within tolerance for hidden, top-K for topk:K. A server that
+    says it runs tensor parallel (``/model_info``'s mode ``tp=N``) is checked within the
+    documented tensor-parallel tolerance instead (:mod:`eagle3_appliance.numerics`).
     """
     all_exact = True
     with RemoteEagle3TargetModel.from_urls(urls, device="cpu", timeout=120, max_retries=3, encoding=encoding) as remote:
         info = remote.model_info()
         print(f"model   {info}")
+        served = remote.served_model()
+        tolerance = None
+        if served is not None and served.mode.startswith("tp="):
+            tolerance = tolerance_for(reference.dtype)
+            print(f"mode    {served.mode}: tensor parallel, checked within the documented tolerance {tolerance}")
         emb = remote.get_input_embeddings().weight
         emb_exact = torch.equal(emb, reference.input_embeddings.cpu())
         all_exact &= emb_exact
@@ -70,7 +78,12 @@ def drive(
             expected = in_process(reference, GenerateInputs(*batch_inputs), mapping)
             after = remote.encoding_stats()["batches"]
             used = next(name for name, count in after.items() if count != before.get(name, 0))
-            exact, verdict = compare_to_reference(result, expected, parse_encoding(used))
+            if tolerance is not None:
+                forward = reference.forward(*(t.to(reference.device) for t in batch_inputs[:2]))
+                deviation = measure(result, expected, reference_tie_gaps(forward.logits), tolerance.tie_gap)
+                exact, verdict = deviation.within(tolerance), deviation.verdict(tolerance)
+            else:
+                exact, verdict = compare_to_reference(result, expected, parse_encoding(used))
             all_exact &= exact
             nbytes = sum(t.numel() * t.element_size() for t in expected.values())
             print(

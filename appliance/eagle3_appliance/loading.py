@@ -1,15 +1,19 @@
-"""Loading the target checkpoint (the built-in model, a local folder or a hub id) as a frozen :class:`Target`."""
+"""Loading the target checkpoint (the built-in model, a local folder or a hub id) as a frozen :class:`Target`.
+
+How the weights are placed (one device, a device map, tensor-parallel shards) and which loader
+builds the model are :mod:`eagle3_appliance.checkpoint` and :mod:`eagle3_appliance.tensor_parallel`.
+"""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
-from eagle3_appliance.builtin_model import ensure_builtin_model
-from eagle3_appliance.settings import Device, Dtype, Settings
+from eagle3_appliance import checkpoint
+from eagle3_appliance.settings import Device, Dtype, Loader, Settings
 from eagle3_appliance.target import Target
+from eagle3_appliance.tensor_parallel import load_tensor_parallel
 
 __all__ = ["load_target", "resolve_device", "resolve_dtype"]
 
@@ -31,24 +35,21 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
 
 
 def load_target(settings: Settings) -> Target:
-    """Load ``settings.model`` as a frozen Target on ``settings.device`` in ``settings.dtype``."""
-    from transformers import AutoModelForCausalLM
+    """Load ``settings.model`` as a frozen Target in ``settings.dtype``, placed as the settings say.
 
+    ``ValueError`` for what the user can fix (a missing folder, a loader that cannot run here).
+    Logs the placement: which layers or shards are on which device, and the weight bytes per device.
+    """
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    source: str | Path = settings.model
-    if settings.is_builtin:
-        source = ensure_builtin_model(settings.cache_dir)
-    elif settings.model.startswith(("/", "./", "../", "~")) and not Path(settings.model).expanduser().is_dir():
-        # Otherwise transformers would take it for a hub id and complain about its form.
-        raise ValueError(f"model folder {settings.model} does not exist (is the volume mounted?)")
-    logger.info("loading %s as %s on %s", source, dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=dtype,
-        device_map=str(device) if device.type == "cuda" else None,
-        trust_remote_code=settings.trust_remote_code,
-    )
-    if device.type != "cuda":
-        torch.nn.Module.to(model, device)  # in place
-    return Target(model, settings.aux_layer_ids, name=settings.model)
+    if settings.loader is Loader.automodel:
+        refusal = checkpoint.automodel_refusal(device)
+        if refusal is not None:
+            raise ValueError(refusal)
+    if settings.tensor_parallel_size > 1:
+        return load_tensor_parallel(settings, device, dtype)
+    model = checkpoint.build_model(settings, device, dtype)
+    target = Target(model, settings.aux_layer_ids, name=settings.model, mode=settings.placement_mode)
+    for line in checkpoint.placement_lines(model, target.layers, settings.placement_mode):
+        logger.info("placement %s", line)
+    return target

@@ -207,7 +207,19 @@ class Metrics:
         )
         for name, help_text, fn in gauges:
             Gauge(name, help_text, registry=r).set_function(fn)
+        self.target_info = Gauge(
+            "eagle3_target_info",
+            "1 for how the target runs: mode single, device_map or tp=N (tensor parallel, not bit-exact); "
+            "its loader and attention implementation.",
+            ["mode", "loader", "attn_implementation"],
+            registry=r,
+        )
         r.register(GpuCollector(monitor))
+
+    def describe_target(self, mode: str, loader: str, attn_implementation: str) -> None:
+        """Set ``eagle3_target_info`` (once, when the app is built around its target)."""
+        self.target_info.clear()
+        self.target_info.labels(mode, loader, attn_implementation).set(1)
 
     def observe_request(self, endpoint: str, status: int | str, seconds: float | None) -> None:
         if isinstance(status, int) and status < 400:

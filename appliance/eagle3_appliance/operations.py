@@ -58,6 +58,7 @@ class Operations:
     metrics: Metrics
     auth: BearerAuth | None
     target_loaded: Callable[[], bool]
+    target_faults: Callable[[], list[str]] = list  # why the loaded target cannot compute (a failed rank)
 
     def readiness_reasons(self) -> list[str]:
         """Why the server should not get traffic now; empty when it is ready (``/health/ready``)."""
@@ -67,6 +68,7 @@ class Operations:
         if self.lifecycle.draining:
             reasons.append("draining: the server is shutting down")
         reasons += [f"fatal GPU condition: {r}" for r in self.gpu.snapshot.fatal_reasons()]
+        reasons += self.target_faults()
         return reasons
 
     def ready(self) -> bool:

@@ -66,6 +66,7 @@ def _model_info_extension(state: ServingState) -> ModelInfoExtension:
         logits_size=target.logits_size,
         max_seq_len=settings.max_seq_len,
         max_batch_tokens=settings.max_batch_tokens,
+        mode=target.mode,
     )
 
 
@@ -180,6 +181,8 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
         planes.close_all()
 
     ops = install_operations(app, settings, sessions)
+    ops.target_faults = target.faults  # a failed tensor-parallel rank makes the server not ready
+    ops.metrics.describe_target(target.mode, settings.loader.value, settings.attn_implementation or "default")
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
     pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
     app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)

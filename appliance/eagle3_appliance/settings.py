@@ -27,6 +27,7 @@ __all__ = [
     "ENV_PREFIX",
     "Device",
     "Dtype",
+    "Loader",
     "OptionSpec",
     "Settings",
     "default_cache_dir",
@@ -35,6 +36,8 @@ __all__ = [
     "option_fields",
     "options_markdown",
     "parse_aux_layer_ids",
+    "parse_device_map",
+    "parse_max_memory",
     "parse_port_range",
 ]
 
@@ -63,6 +66,49 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Loader(str, Enum):
+    """How the checkpoint becomes a model: transformers' ``from_pretrained``, or NeMo AutoModel's recipe loader."""
+
+    transformers = "transformers"
+    automodel = "automodel"
+
+
+def parse_device_map(spec: str) -> str | dict[str, int | str] | None:
+    """``--device-map``: ``""`` -> None (one device), a strategy or a device name as is, a JSON object -> dict.
+
+    A JSON object maps module names to devices (``{"model.embed_tokens": 0, "model.layers.0": "cpu"}``);
+    integers are GPU indices, as transformers reads them.
+    """
+    spec = spec.strip()
+    if not spec:
+        return None
+    if not spec.startswith("{"):
+        return spec
+    import json
+
+    try:
+        value = json.loads(spec)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"a device map must be a JSON object, got {spec!r} ({exc.msg})") from None
+    if not value or not all(isinstance(k, str) and isinstance(v, (int, str)) for k, v in value.items()):
+        raise ValueError(f"a device map maps module names to devices (an index or a name), got {spec!r}")
+    return dict(value)
+
+
+def parse_max_memory(spec: str) -> dict[int | str, str] | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``; ``""`` -> None."""
+    spec = spec.strip()
+    if not spec:
+        return None
+    limits: dict[int | str, str] = {}
+    for item in spec.split(","):
+        device, sep, amount = (part.strip() for part in item.partition("="))
+        if not sep or not device or not amount:
+            raise ValueError(f"expected DEVICE=AMOUNT pairs like 0=70GiB,cpu=200GiB, got {spec!r}")
+        limits[int(device) if device.isdigit() else device] = amount
+    return limits
 
 
 def default_cache_dir() -> Path:
@@ -155,6 +201,36 @@ class Settings:
         parse=parse_aux_layer_ids,
     )
     trust_remote_code: bool = option(False, "Allow the model folder's own Python code.")
+    loader: Loader = option(
+        Loader.transformers,
+        "How the model is built: transformers' from_pretrained, or automodel = NeMo AutoModel's EAGLE-3 recipe "
+        "loader for its co-located target (needs nemo-automodel and CUDA).",
+    )
+    attn_implementation: str = option(
+        "",
+        "Attention kernels as transformers names them (sdpa, eager, flash_attention_2, ...); the recipe's "
+        "target_attn_implementation. Empty = transformers' default.",
+    )
+    automodel_force_hf: bool = option(
+        False, "With --loader automodel: the recipe's target_force_hf (the transformers model class)."
+    )
+    device_map: str = option(
+        "",
+        "Spread the layers over this node's devices in one process: auto, balanced, sequential, one device, or a "
+        "JSON object {module: device}. Bit-exact per device type. Empty = all on --device.",
+    )
+    max_memory: str = option("", "With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+    tensor_parallel_size: int = option(
+        1,
+        "Shard the target over this many devices of this node (transformers' tensor-parallel plan, one process "
+        "per device, all started by this command). Not bit-exact: see docs/large-targets.md.",
+        min=1,
+    )
+    tensor_parallel_timeout: float = option(
+        30.0,
+        "Seconds a tensor-parallel rank may send no heartbeat before it counts as hung (the server then exits).",
+        min=0.1,
+    )
     cache_dir: Path = option(None, "Where the built-in model is written.", default_factory=default_cache_dir)
     # -- HTTP ----------------------------------------------------------------------------
     host: str = option("0.0.0.0", "Address to bind.")
@@ -199,6 +275,7 @@ class Settings:
         # Accept plain strings too (Settings(device="cpu")), so library users need no enums.
         object.__setattr__(self, "dtype", Dtype(self.dtype))
         object.__setattr__(self, "device", Device(self.device))
+        object.__setattr__(self, "loader", Loader(self.loader))
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         for f in option_fields():
             spec: OptionSpec = f.metadata["option"]
@@ -218,6 +295,29 @@ class Settings:
         except ValueError as exc:
             raise ValueError(f"--data-plane-ports: {exc}") from None
         object.__setattr__(self, "auth_token", load_token(self.auth_token, self.auth_token_file))
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """The placement options combine one way only: one device, a device map, or tensor parallelism."""
+        try:
+            parse_device_map(self.device_map)
+        except ValueError as exc:
+            raise ValueError(f"--device-map: {exc}") from None
+        try:
+            parse_max_memory(self.max_memory)
+        except ValueError as exc:
+            raise ValueError(f"--max-memory: {exc}") from None
+        if self.max_memory.strip() and not self.device_map.strip():
+            raise ValueError("--max-memory needs --device-map (it limits what the device map puts on each device)")
+        if self.tensor_parallel_size > 1 and self.device_map.strip():
+            raise ValueError("--tensor-parallel-size and --device-map are two ways to spread a model: choose one")
+        if self.loader is Loader.automodel and (self.tensor_parallel_size > 1 or self.device_map.strip()):
+            raise ValueError(
+                "--loader automodel loads the recipe's co-located target on one GPU; "
+                "it combines with neither --tensor-parallel-size nor --device-map"
+            )
+        if self.automodel_force_hf and self.loader is not Loader.automodel:
+            raise ValueError("--automodel-force-hf applies to --loader automodel only")
 
     @property
     def is_builtin(self) -> bool:
@@ -226,6 +326,13 @@ class Settings:
     @property
     def data_plane_port_range(self) -> tuple[int, int] | None:
         return parse_port_range(self.data_plane_ports)
+
+    @property
+    def placement_mode(self) -> str:
+        """How the target is placed: ``single``, ``device_map`` or ``tp=N`` (what ``/model_info`` reports)."""
+        if self.tensor_parallel_size > 1:
+            return f"tp={self.tensor_parallel_size}"
+        return "device_map" if self.device_map.strip() else "single"
 
     @classmethod
     def from_options(cls, values: dict[str, Any]) -> Settings:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from eagle3_appliance.inputs import Allocator
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
 
-__all__ = ["ForwardOutputs", "Target", "find_decoder_layers"]
+__all__ = ["ForwardOutputs", "Lockstep", "Target", "find_decoder_layers"]
 
 # Config attributes that put a transformation between the LM head and the logits (their
 # neutral value, where one exists). With any of them the "hidden" encoding would give the
@@ -55,6 +56,24 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} for aux-layer capture")
 
 
+class Lockstep(Protocol):
+    """The other ranks of a tensor-parallel target (:class:`eagle3_appliance.tensor_parallel.TensorParallelGroup`).
+
+    Every forward of this rank must be mirrored by every other rank, in the same order, or
+    the collectives inside the forward never complete.
+    """
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool
+    ) -> AbstractContextManager[None]:
+        """Start the same forward on every other rank; the block runs this rank's own."""
+        ...
+
+    def faults(self) -> list[str]:
+        """Why the group can no longer compute (a rank died or hangs); empty while it can."""
+        ...
+
+
 @dataclass
 class ForwardOutputs:
     """One forward: aux states ``[B,T,3H]``, logits ``[B,T,V]`` (unshifted), and the LM head's input if captured."""
@@ -76,10 +95,23 @@ class Target:
     :meth:`forward` one at a time (the server does, through a one-thread executor).
     """
 
-    def __init__(self, model: nn.Module, aux_layer_ids: Sequence[int] | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        aux_layer_ids: Sequence[int] | None = None,
+        name: str = "",
+        *,
+        mode: str = "single",
+        lockstep: Lockstep | None = None,
+    ) -> None:
         # A transformers model: its methods (get_input_embeddings, ...) are not on nn.Module's type.
         self.model: Any = model.eval().requires_grad_(False)
         self.name = name
+        # How the weights are placed: "single", "device_map" or "tp=N" (/model_info and /metrics say it).
+        self.mode = mode
+        self.lockstep = lockstep
+        # Tensor parallel: the input embedding is sharded by vocabulary; this is the whole of it.
+        self.gathered_input_embeddings: torch.Tensor | None = None
         self.layers = find_decoder_layers(model)
         num_layers = self.num_hidden_layers
         self.aux_layer_ids = (
@@ -95,8 +127,9 @@ class Target:
             flag: False for flag in ("output_hidden_states", "output_attentions", "use_cache") if flag in params
         }
         self._hidden_refusal: tuple[str | None] | None = None  # cached (reason,) once probed
+        offloaded = hasattr(model, "_hf_hook")  # a device map's offloaded weights are read back per forward
         for p in self.model.parameters():
-            if p.device.type == "meta":
+            if p.device.type == "meta" and not offloaded:
                 raise RuntimeError("model has parameters on the meta device after loading")
 
     def _capture_hook(self, layer_id: int) -> Callable[[nn.Module, Any, Any], None]:
@@ -118,11 +151,21 @@ class Target:
             return int(text_config.num_hidden_layers)
         return len(self.layers)
 
-    @property
-    def input_embeddings(self) -> torch.Tensor:
+    def _embedding_weight(self) -> torch.Tensor:
         embedding: Any = self.model.get_input_embeddings()
         weight: torch.Tensor = embedding.weight
         return weight
+
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        """The whole input embedding (a tensor-parallel target keeps a gathered copy on the host)."""
+        if self.gathered_input_embeddings is not None:
+            return self.gathered_input_embeddings
+        return self._embedding_weight()
+
+    def faults(self) -> list[str]:
+        """Why this target can no longer compute (a tensor-parallel rank failed); empty while it can."""
+        return self.lockstep.faults() if self.lockstep is not None else []
 
     @property
     def lm_head(self) -> nn.Module | None:
@@ -131,16 +174,20 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return self.input_embeddings.device
+        """Where the inputs go and the outputs come back (a tensor-parallel rank: its own device)."""
+        weight = self._embedding_weight()
+        to_local = getattr(weight, "to_local", None)  # a tensor-parallel shard (DTensor)
+        device: torch.device = to_local().device if callable(to_local) else weight.device
+        return device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.input_embeddings.dtype
+        return self._embedding_weight().dtype
 
     @property
     def vocab_size(self) -> int:
         """Rows of the input embedding: token ids must lie in ``[0, vocab_size)``."""
-        return int(self.input_embeddings.shape[0])
+        return int(self._embedding_weight().shape[0])
 
     @property
     def logits_size(self) -> int:
@@ -151,7 +198,7 @@ class Target:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.input_embeddings.shape[1])
+        return int(self._embedding_weight().shape[1])
 
     def model_info(self) -> dict[str, Any]:
         """The body of ``/model_info`` (exactly upstream's keys)."""
@@ -180,11 +227,16 @@ class Target:
         """
         self._captured.clear()
         try:
-            with self._capture_lm_head_input(capture_hidden) as slot:
+            with (
+                self._capture_lm_head_input(capture_hidden) as slot,
+                self._lockstep(input_ids, attention_mask, capture_hidden),
+            ):
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_flags)
             if len(self._captured) != 3:
                 raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
-            parts = [self._captured[i] for i in self.aux_layer_ids]
+            logits_device = (out.logits if hasattr(out, "logits") else out).device
+            # With a device map the aux layers may sit on other devices: gathered where the logits are.
+            parts = [self._captured[i].to(logits_device) for i in self.aux_layer_ids]
             if alloc is None:
                 aux = torch.cat(parts, dim=-1)
             else:
@@ -197,6 +249,13 @@ class Target:
         if capture_hidden and (hidden is None or hidden.shape[:-1] != logits.shape[:-1]):
             raise RuntimeError("the LM head's input was not captured for every position")
         return ForwardOutputs(aux, logits, hidden)
+
+    def _lockstep(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool
+    ) -> AbstractContextManager[None]:
+        if self.lockstep is None:
+            return contextlib.nullcontext()
+        return self.lockstep.step(input_ids, attention_mask, capture_hidden)
 
     @contextlib.contextmanager
     def _capture_lm_head_input(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -237,6 +296,8 @@ class Target:
         return self._hidden_refusal[0]
 
     def _static_hidden_refusal(self) -> str | None:
+        if self.lockstep is not None:
+            return f"the LM head is sharded over the ranks of a tensor-parallel target ({self.mode})"
         head = self.lm_head
         if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
             return "the model has no output embedding (LM head) weight"

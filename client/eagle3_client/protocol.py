@@ -401,6 +401,9 @@ class ModelInfoExtension:
     logits_size: int
     max_seq_len: int
     max_batch_tokens: int
+    # How the target is placed: "single" (one device), "device_map" (layers over devices,
+    # bit-exact) or "tp=N" (tensor parallel over N devices, within a documented tolerance).
+    mode: str = "single"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -410,6 +413,7 @@ class ModelInfoExtension:
             "logits_size": self.logits_size,
             "max_seq_len": self.max_seq_len,
             "max_batch_tokens": self.max_batch_tokens,
+            "mode": self.mode,
         }
 
     @classmethod
@@ -422,6 +426,7 @@ class ModelInfoExtension:
             logits_size=_field(body, "logits_size", int),
             max_seq_len=_field(body, "max_seq_len", int),
             max_batch_tokens=_field(body, "max_batch_tokens", int),
+            mode=_field(body, "mode", str, "single"),  # absent from servers before it
         )
 
 
