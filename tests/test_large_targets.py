@@ -32,7 +32,7 @@ from eagle3_appliance.supervision import in_process
 from eagle3_appliance.target import Target
 from eagle3_appliance.tensor_parallel import EXIT_DELAY, EXIT_RANK_FAILED
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.oracle import assert_bit_exact
 
 # The generated Llama of the tensor-parallel checks (benchmarks.numerics serves the same one).
@@ -88,7 +88,7 @@ def _within(got: object, reference: Target, inputs: tuple[torch.Tensor, ...], ma
 def test_tensor_parallel_serves_our_client_within_the_documented_tolerance(
     tp_server: ServerProcess, reference: Target
 ) -> None:
-    ids, mask = random_mapping(VOCAB, draft=1500, seed=3)
+    ids, mask = vocab_mapping(VOCAB, 1500, seed=3)
     mapping = VocabMapping(ids, mask)
     with RemoteEagle3TargetModel.from_urls([tp_server.url], device="cpu", timeout=120) as remote:
         served = remote.served_model()
@@ -107,7 +107,7 @@ def test_tensor_parallel_serves_our_client_within_the_documented_tolerance(
 
 def test_tensor_parallel_serves_a_raw_upstream_style_client(tp_server: ServerProcess, reference: Target) -> None:
     """Upstream's wire protocol spoken with httpx and the wire codec: no session, no extension."""
-    ids, mask = random_mapping(VOCAB, draft=700, seed=5)
+    ids, mask = vocab_mapping(VOCAB, 700, seed=5)
     headers = {"Content-Type": "application/octet-stream"}
     with httpx.Client(base_url=tp_server.url, trust_env=False, timeout=120) as http:
         info = http.post("/model_info").json()
@@ -172,7 +172,7 @@ def _assert_exits_failed(server: ServerProcess, since: float) -> None:
 def test_killing_rank_1_mid_run_makes_the_server_not_ready_and_exit_nonzero(tp_model: Path, tmp_path: Path) -> None:
     server = ServerProcess(_tp_args(tp_model), log_path=tmp_path / "server.log", startup_timeout=300).start()
     try:
-        ids, mask = random_mapping(VOCAB, draft=512, seed=1)
+        ids, mask = vocab_mapping(VOCAB, 512, seed=1)
         statuses: list[int | str] = []
         stop = threading.Event()
 
@@ -252,7 +252,7 @@ def test_a_device_map_on_the_cpu_is_bit_exact(model_dir: Path, tmp_path: Path, d
     assert (mapped.mode, plain.mode) == ("device_map", "single")
     if device_map == "cpu+disk":
         assert set(mapped.model.hf_device_map.values()) == {"cpu", "disk"}
-    mapping = VocabMapping(*random_mapping(1024, draft=300, seed=2))
+    mapping = VocabMapping(*vocab_mapping(1024, 300, seed=2))
     for seed, (batch, seq) in enumerate([(2, 30), (1, 1), (3, 17)]):
         inputs = GenerateInputs(*random_batch(1024, batch, seq, seed=seed))
         assert_bit_exact(in_process(mapped, inputs, mapping), in_process(plain, inputs, mapping))
@@ -262,7 +262,7 @@ def test_a_served_device_map_is_bit_exact_and_says_so(model_dir: Path, cache_dir
     plain = load_target(Settings(model=str(model_dir), device="cpu"))
     args = ["--model", str(model_dir), "--device", "cpu", "--device-map", _layer_map(8, ("cpu", "disk"))]
     args += ["--cache-dir", str(tmp_path)]
-    ids, mask = random_mapping(1024, draft=400, seed=4)
+    ids, mask = vocab_mapping(1024, 400, seed=4)
     with ServerProcess(args, log_path=tmp_path / "server.log") as server:
         with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", timeout=60) as remote:
             served = remote.served_model()
@@ -284,7 +284,7 @@ def test_attn_implementation_reaches_the_model_and_serves_bit_exact(model_dir: P
     assert eager.model.config._attn_implementation == "eager"
     assert load_target(Settings(model=str(model_dir), device="cpu")).model.config._attn_implementation == "sdpa"
     args = ["--model", str(model_dir), "--device", "cpu", "--attn-implementation", "eager"]
-    ids, mask = random_mapping(1024, draft=256, seed=7)
+    ids, mask = vocab_mapping(1024, 256, seed=7)
     with ServerProcess(args, log_path=tmp_path / "server.log") as server:
         with RemoteEagle3TargetModel.from_urls([server.url], device="cpu", timeout=60) as remote:
             remote.set_vocab_mapping(ids, mask)

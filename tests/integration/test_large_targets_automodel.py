@@ -26,7 +26,7 @@ from eagle3_appliance.numerics import measure, reference_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
 from eagle3_appliance.supervision import in_process
 from eagle3_appliance.target import Target
-from tests.conftest import random_batch, random_mapping
+from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, env, import_or_skip
 from tests.oracle import assert_bit_exact
 
@@ -93,7 +93,7 @@ def test_the_recipe_builds_the_loader_arguments_and_force_hf_loading_is_bit_exac
     plain = load_target(Settings(model=str(model_dir), device="cpu", attn_implementation="eager"))
     assert plain.model.config._attn_implementation == "eager"
     for seed, (batch, seq) in enumerate([(2, 19), (1, 1)]):
-        ids, mask = random_mapping(VOCAB, draft=200, seed=seed)
+        ids, mask = vocab_mapping(VOCAB, 200, seed=seed)
         inputs = random_batch(VOCAB, batch, seq, seed=seed)
         ours = in_process(served, GenerateInputs(*inputs), VocabMapping(ids, mask))
         assert_bit_exact(ours, colocated_supervision(recipe.target_wrapper, inputs, ids, mask))
@@ -117,7 +117,7 @@ def test_upstream_client_against_a_tensor_parallel_appliance(tp_model: Path, tmp
             assert remote.model_info()["aux_layer_ids"] == reference.aux_layer_ids
             assert torch.equal(remote.get_input_embeddings().weight, reference.input_embeddings)
             for seed, (batch, seq) in enumerate([(2, 40), (1, 7)]):
-                ids, mask = random_mapping(8192, draft=900, seed=seed)
+                ids, mask = vocab_mapping(8192, 900, seed=seed)
                 remote.set_vocab_mapping(ids, mask)
                 inputs = random_batch(8192, batch, seq, seed=50 + seed)
                 got = remote.generate_batch(*inputs)
