@@ -100,10 +100,14 @@ async def register_session(request: Request) -> HTTPResponse:
 
 
 def _requested_lease(value: float | None, settings: Settings) -> float | None:
-    """The lease a client asks for (``"lease_seconds"`` in its offer), within ``--max-lease-seconds``."""
-    if value is not None and not 0 < value <= settings.max_lease_seconds:
+    """The lease granted for a client's ``"lease_seconds"``: at most ``--max-lease-seconds`` (422
+    beyond), at least ``--min-lease-seconds`` (a shorter one is raised to it, so a client asking
+    for 1 ms does not send thousands of heartbeats a second). None: the server's default."""
+    if value is None:
+        return None
+    if not 0 < value <= settings.max_lease_seconds:
         raise InvalidRequest(f"lease_seconds must be a number in (0, {settings.max_lease_seconds:g}], got {value:g}")
-    return value
+    return max(value, settings.min_lease_seconds)
 
 
 @control.post(protocol.path(protocol.EP_SET_VOCAB_MAPPING))

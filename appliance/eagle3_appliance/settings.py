@@ -189,6 +189,12 @@ class Settings:
     auth_token_file: Path | None = option(None, "Read the bearer token from this file.")
     lease_seconds: float = option(60.0, "Drop a client session silent for this long.", min=0.1)
     max_lease_seconds: float = option(3600.0, "Longest lease a client may ask for in its session offer.", min=0.1)
+    min_lease_seconds: float = option(
+        1.0,
+        "Shortest lease a client's offer is granted; shorter ones are raised to it (its client heartbeats 3x per "
+        "lease).",
+        min=0.1,
+    )
     exit_when_idle: bool = option(False, "Exit 0 once the last client session has left (batch jobs).")
     max_queue: int = option(64, "/generate requests that may wait (503 + Retry-After beyond).", min=0)
     request_timeout: float = option(600.0, "Most seconds a /generate may wait and compute (503 beyond).", min=0.001)
@@ -210,6 +216,11 @@ class Settings:
             if len(ids) != 3 or len(set(ids)) != 3:
                 raise ValueError(f"--aux-layer-ids needs 3 distinct layer ids, got {list(ids)}")
             object.__setattr__(self, "aux_layer_ids", ids)
+        if self.min_lease_seconds > self.max_lease_seconds:
+            raise ValueError(
+                f"--min-lease-seconds ({self.min_lease_seconds:g}) is above --max-lease-seconds "
+                f"({self.max_lease_seconds:g})"
+            )
         unknown = sorted({t.strip() for t in self.data_planes.split(",") if t.strip()} - set(DATA_PLANE_TIERS))
         if unknown:
             raise ValueError(f"--data-planes takes nccl and/or gloo, got {unknown}")
