@@ -10,6 +10,7 @@ pipeline's one model thread, so ``GET /health`` is answered while a long forward
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from sanic.response import HTTPResponse, json
 
 from eagle3_appliance import dataplane_routes, upstream_nccl
 from eagle3_appliance.buffers import ServerBuffers
-from eagle3_appliance.errors import InvalidRequest, install_error_handler
+from eagle3_appliance.errors import InvalidRequest, Unavailable, install_error_handler
 from eagle3_appliance.group_plane import DataPlaneServer
 from eagle3_appliance.inputs import VocabMapping
 from eagle3_appliance.negotiation import EncodingError, check_mapping, choose_encoding, offered_encodings
@@ -86,6 +87,12 @@ async def register_session(request: Request) -> HTTPResponse:
     wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)
     refusal = await state.pipeline.runner.run(state.target.hidden_refusal) if wants_hidden else None
     encoding, refused = choose_encoding(offered, refusal)
+    if len(state.sessions.registered()) >= state.settings.max_sessions:
+        raise Unavailable(
+            f"this server already holds {state.settings.max_sessions} client sessions (--max-sessions); "
+            "disconnect unused ones or retry once a lease has run out",
+            headers={"Retry-After": str(math.ceil(state.settings.lease_seconds))},
+        )
     session = state.sessions.register(client=offer.client)
     session.encoding = encoding.name
     session.lease_seconds = lease

@@ -195,6 +195,9 @@ class Settings:
         "lease).",
         min=0.1,
     )
+    max_sessions: int = option(
+        1024, "Most client sessions at once (each keeps a draft vocabulary on the device); 503 beyond.", min=1
+    )
     exit_when_idle: bool = option(False, "Exit 0 once the last client session has left (batch jobs).")
     max_queue: int = option(64, "/generate requests that may wait (503 + Retry-After beyond).", min=0)
     request_timeout: float = option(600.0, "Most seconds a /generate may wait and compute (503 beyond).", min=0.001)

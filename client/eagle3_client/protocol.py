@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "DataPlaneReply",
     "DataPlaneRequest",
+    "MAX_CLIENT_NAME",
     "MODEL_INFO_EXTENSION_KEY",
     "ModelInfoExtension",
     "PROTOCOL_VERSION",
@@ -256,6 +257,10 @@ def _object(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
+# Longest ``client`` name a session offer may carry (the server keeps it for the session's life).
+MAX_CLIENT_NAME = 256
+
+
 @dataclass(frozen=True)
 class SessionOffer:
     """``POST /session`` body: who the client is and what it can do, best first (all optional)."""
@@ -280,8 +285,11 @@ class SessionOffer:
     @classmethod
     def from_json(cls, body: Any) -> SessionOffer:
         body = _object(body, "the session offer")
+        client = str(_field(body, "client", (str, int, float), ""))
+        if len(client) > MAX_CLIENT_NAME:
+            raise ValueError(f"'client' must be at most {MAX_CLIENT_NAME} characters, got {len(client)}")
         return cls(
-            client=str(_field(body, "client", (str, int, float), "")),
+            client=client,
             encoding=_field(body, "encoding", str, ENCODING_PROBS),
             encodings=_names(body, "encodings"),
             data_planes=_names(body, "data_planes"),
