@@ -65,8 +65,8 @@ def _model_info_extension(state: ServingState) -> ModelInfoExtension:
         dtype=str(target.dtype).removeprefix("torch."),
         device=str(target.device),
         logits_size=target.logits_size,
-        max_seq_len=settings.max_seq_len,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_seq_len=state.pipeline.limits.max_seq_len,
+        max_batch_tokens=state.pipeline.limits.max_batch_tokens,
     )
 
 
@@ -193,6 +193,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     ops = install_operations(app, settings, sessions)
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
     pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
+    logger.info("limits: %s", pipeline.limits.describe())
     app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)
     app.blueprint(control)
     app.blueprint(dataplane_routes.blueprint)

@@ -111,6 +111,7 @@ class OptionSpec:
     * ``cli_type`` / ``parse`` - the command-line type and the function that turns it into the
       field's value, for fields whose type the command line cannot spell (a tuple).
     * ``secret`` - never show the value (``--help`` defaults, docs, ``repr``).
+    * ``default_text`` - the docs' words for a ``None`` default that means "derived at start-up".
     """
 
     help: str
@@ -118,6 +119,7 @@ class OptionSpec:
     cli_type: Any = None
     parse: Callable[[Any], Any] | None = None
     secret: bool = False
+    default_text: str | None = None
 
 
 def option(
@@ -129,9 +131,10 @@ def option(
     parse: Callable[[Any], Any] | None = None,
     secret: bool = False,
     default_factory: Callable[[], Any] | None = None,
+    default_text: str | None = None,
 ) -> Any:
     """Declare a :class:`Settings` field as an option (see :class:`OptionSpec`)."""
-    spec = OptionSpec(help=help, min=min, cli_type=cli_type, parse=parse, secret=secret)
+    spec = OptionSpec(help=help, min=min, cli_type=cli_type, parse=parse, secret=secret, default_text=default_text)
     metadata = {"option": spec}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
@@ -160,9 +163,23 @@ class Settings:
     host: str = option("0.0.0.0", "Address to bind.")
     port: int = option(8001, "HTTP port.", min=0)
     log_level: str = option("INFO", "Python logging level.")
-    # -- limits (a request beyond them gets 413 or 422 with the limit in the message) -----
-    max_seq_len: int = option(8192, "Longest sequence per /generate (422 beyond).", min=1)
-    max_batch_tokens: int = option(65536, "Most tokens (batch x length) per /generate (422 beyond).", min=1)
+    # -- limits (a request beyond them gets 413 or 422 with the limit in the message; None =
+    #    derived from the model and the device at start-up, eagle3_appliance.limits) --------
+    max_seq_len: int | None = option(
+        None,
+        "Longest sequence per /generate (422 beyond). Default: the model's max_position_embeddings.",
+        min=1,
+        cli_type=typing.Optional[int],  # noqa: UP045 - typer needs the typing spelling at runtime
+        default_text="from the model",
+    )
+    max_batch_tokens: int | None = option(
+        None,
+        "Most tokens (batch x length) per /generate (422 beyond). Default: what fits in the memory free after "
+        "loading (CUDA), or a 16 GiB budget (CPU); see docs/operations.md.",
+        min=1,
+        cli_type=typing.Optional[int],  # noqa: UP045 - typer needs the typing spelling at runtime
+        default_text="from memory",
+    )
     max_body_bytes: int = option(64 * 1024 * 1024, "Largest request body (413 beyond).", min=1)
     # -- memory and throughput -------------------------------------------------------------
     buffer_pool_mb: int = option(4096, "Host memory (MiB) kept for reuse by /generate answers; 0 = none.", min=0)
@@ -283,6 +300,8 @@ def _default_text(f: dataclasses.Field[Any]) -> str:
     spec: OptionSpec = f.metadata["option"]
     if spec.secret:
         return "(none)"
+    if spec.default_text is not None:
+        return spec.default_text
     if f.default_factory is not dataclasses.MISSING:
         return "see description" if f.name != "cache_dir" else "`$XDG_CACHE_HOME/eagle3-appliance`"
     value = f.default
