@@ -41,6 +41,7 @@ __all__ = [
     "EP_LM_HEAD_ROWS",
     "SESSION_HEADER",
     "ENCODING_HEADER",
+    "REQUEST_ID_HEADER",
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
@@ -109,6 +110,8 @@ EP_LM_HEAD_ROWS = "lm_head_rows"
 SESSION_HEADER = "X-Eagle3-Session"
 # The supervision encoding a /generate answer uses (absent = upstream's "probs").
 ENCODING_HEADER = "X-Eagle3-Encoding"
+# On a 500 answer: the id under which the server logged the failure (also in the JSON body).
+REQUEST_ID_HEADER = "X-Request-Id"
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Data planes (extension). How a /generate answer's tensors travel, best first: a private
