@@ -128,7 +128,9 @@ def test_bad_generate_inputs(fresh_server: ServerProcess, name: str, body, statu
 
 @pytest.mark.parametrize(("name", "body", "status", "message"), WIRE_LIMITS, ids=[c[0] for c in WIRE_LIMITS])
 @pytest.mark.parametrize("path", ["/generate", "/set_vocab_mapping", "/lm_head_rows"])
-def test_wire_bodies_beyond_the_decoders_limits(fresh_server: ServerProcess, path: str, name: str, body, status: int, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_wire_bodies_beyond_the_decoders_limits(
+    fresh_server: ServerProcess, path: str, name: str, body, status: int, message: str
+) -> None:  # type: ignore[no-untyped-def]
     _assert_error(_post(fresh_server.url, path, body()), status, message)
 
 
@@ -148,9 +150,10 @@ def test_lm_head_rows_are_bounded_by_the_vocabulary(fresh_server: ServerProcess,
 
 def test_session_offers_and_session_counts_are_bounded(cache_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
     args = ["--cache-dir", str(cache_dir), "--max-sessions", "2"]
-    with ServerProcess(args, log_path=tmp_path / "server.log") as server, httpx.Client(
-        base_url=server.url, trust_env=False, timeout=30
-    ) as http:
+    with (
+        ServerProcess(args, log_path=tmp_path / "server.log") as server,
+        httpx.Client(base_url=server.url, trust_env=False, timeout=30) as http,
+    ):
         _assert_error(http.post("/session", json={"client": "x" * 257}), 422, "'client' must be at most 256 characters")
         first = http.post("/session", json={"client": "x" * 256}).json()["session_id"]
         assert http.post("/session", json={}).status_code == 200

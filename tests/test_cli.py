@@ -119,7 +119,9 @@ def test_demo_command_runs_the_main_job_bit_exact(cache_dir: Path) -> None:
     assert "exit code 0" in proc.stdout
 
 
-def test_validate_says_when_its_reference_differs_from_the_servers_dtype(server: ServerProcess, cache_dir: Path) -> None:
+def test_validate_says_when_its_reference_differs_from_the_servers_dtype(
+    server: ServerProcess, cache_dir: Path
+) -> None:
     """Exactness holds only on the server's own dtype and device: a mismatch is named, not left to a FAIL."""
     base = ["validate", "--url", server.url, "--cache-dir", str(cache_dir), "--batches", "1", "--seq-len", "16"]
     other = runner.invoke(app, [*base, "--dtype", "bfloat16", "--device", "cpu"], env={"COLUMNS": "200"})

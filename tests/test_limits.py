@@ -3,8 +3,6 @@ start-up, and what an upstream client meets (a 16k sequence on a model made for 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
 import torch
@@ -86,4 +84,7 @@ def test_a_server_without_limit_flags_takes_the_models_context(long_context_serv
     assert too_long.status_code == 422
     assert too_long.json()["error"] == "sequence length 16385 exceeds this server's maximum of 16384"
     log = long_context_server.log_text()  # type: ignore[attr-defined]
-    assert f"limits: max_seq_len 16,384 (the model's max_position_embeddings), max_batch_tokens {served.max_batch_tokens:,}" in log
+    assert (
+        f"limits: max_seq_len 16,384 (the model's max_position_embeddings), max_batch_tokens {served.max_batch_tokens:,}"
+        in log
+    )
