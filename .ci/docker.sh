@@ -2,11 +2,12 @@
 # CI step: the appliance image, built offline and run for real.
 #
 # Builds containers/Dockerfile with no network on a debootstrapped Debian base (no registry
-# here), lints it with hadolint, then runs it twice: on the host network, driven by the real
-# client (`eagle3-appliance validate`, bit-exact against the host's in-process reference), and
+# here), lints it with hadolint, then runs it three times: on the host network, driven by the
+# real client (`eagle3-appliance validate`, bit-exact against the host's in-process reference);
 # sealed (--network none --read-only) to show that start-up needs neither downloads nor
-# writes. Each container must become healthy through the image's own HEALTHCHECK and exit 0
-# on `docker stop`.
+# writes; and with a token file mounted as a secret (EAGLE3_AUTH_TOKEN_FILE), where a request
+# without the token is refused and the client with it is bit-exact. Each container must become
+# healthy through the image's own HEALTHCHECK and exit 0 on `docker stop`.
 #
 # Needs root and the .venv that `make test` creates. Caches (reused when present, rebuilt when
 # not): the base rootfs tarball and pinned wheels under $EAGLE3_CI_CACHE, and the base image
@@ -235,4 +236,27 @@ wait_healthy "$name"
 say "container $name (--network none --read-only) healthy in $(elapsed "$t")"
 stop_cleanly "$name"
 
-say "PASS: image $IMAGE, $((size / 1000000)) MB, built offline, hadolint clean, healthy, bit-exact, clean stops; step took $(elapsed "$START")"
+t=$SECONDS
+port=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+name=eagle3-ci-token-$$
+CONTAINERS+=("$name")
+# The token as a file only the image's user can read, mounted read-only like a Docker/Kubernetes
+# secret. The HEALTHCHECK sends no token: the probes need none.
+token_file=$(mktemp)
+head -c 24 /dev/urandom | base64 >"$token_file"
+uid=$(docker image inspect --format '{{.Config.User}}' "$IMAGE" | cut -d: -f1)
+chown "$uid" "$token_file" && chmod 0400 "$token_file"
+docker run -d --name "$name" --network host -e EAGLE3_PORT="$port" --health-interval=1s \
+  -v "$token_file:/run/secrets/eagle3-token:ro" -e EAGLE3_AUTH_TOKEN_FILE=/run/secrets/eagle3-token \
+  "$IMAGE" serve --model builtin --host 127.0.0.1 >/dev/null
+wait_healthy "$name"
+say "container $name (--auth-token-file) healthy in $(elapsed "$t"); its HEALTHCHECK said: $(docker inspect -f '{{range .State.Health.Log}}{{.Output}}{{end}}' "$name" | grep . | tail -1)"
+code=$("$VENV/bin/python" -c 'import sys, httpx; print(httpx.post(sys.argv[1] + "/model_info", trust_env=False).status_code)' "http://127.0.0.1:$port")
+[[ $code == 401 ]] || fail "POST /model_info without the token answered $code, not 401"
+say "POST /model_info without the token: $code"
+EAGLE3_AUTH_TOKEN_FILE=$token_file "$VENV/bin/eagle3-appliance" validate --url "http://127.0.0.1:$port" --model builtin --batches 2 ||
+  fail "the token-protected container's answers are not bit-exact"
+stop_cleanly "$name"
+rm -f "$token_file"
+
+say "PASS: image $IMAGE, $((size / 1000000)) MB, built offline, hadolint clean, healthy (token file too), bit-exact, clean stops; step took $(elapsed "$START")"

@@ -12,6 +12,8 @@
 #   6. serve.sh: servers become ready, validate from outside the job, scancel stops them
 #   7. hetjob, MODE=locust: one master and two workers on component 1 run loadtest/'s steady
 #      scenario against the servers (every answer validated; zero failures required)
+#   8. hetjob with a token file (EAGLE3_AUTH_TOKEN_FILE): the servers turn ready through the
+#      token-less probes, refuse a request without the token (401) and validate bit-exact with it
 # Every daemon started here is stopped by its pid on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -310,5 +312,25 @@ say "locust: ${requests:-0} validated /generate requests, ${failures:-?} failure
 ((${requests:-0} > 0 && ${failures:-1} == 0)) || fail "locust sent no /generate or had failures" "$job"
 servers_stopped "$job" || fail "servers not stopped after locust" "$job"
 ok "locust mode: steady scenario, master + 2 workers, exit code 0, servers stopped"
+
+# ---- 8. hetjob with a token file: probes need none, everything else does ------------------
+token_file=$WORK/eagle3-token
+(umask 077 && head -c 24 /dev/urandom | base64 >"$token_file")
+# The trainer: a request without the token must be refused, then our client (which reads
+# EAGLE3_AUTH_TOKEN_FILE, as the servers do) validates every server bit-exact.
+# shellcheck disable=SC2016  # expanded by the trainer's shell on the compute node
+token_cmd='url=${EAGLE3_TARGET_URLS%%,*}
+code=$(curl --noproxy "*" -s -o /dev/null -w "%{http_code}" -X POST "$url/model_info")
+echo "trainer: POST /model_info without the token: $code"
+[[ $code == 401 ]] || exit 9
+exec "$PYTHON_ENV/bin/eagle3-appliance" validate --url "$EAGLE3_TARGET_URLS" --model builtin --batches 2'
+EAGLE3_AUTH_TOKEN_FILE=$token_file MODE=train TRAIN_CMD=$token_cmd \
+    submit_wait job "${CPU[@]}" --ntasks-per-node=1 "$REPO/slurm/hetjob.sh"
+((JOB_RC == 0)) || fail "token-file job exit code $JOB_RC (expected 0)" "$job"
+grep -h -e '^trainer:' -e '^result' "$LOGS/$job"/train-*.log | sed 's/^/    /'
+grep -q 'without the token: 401' "$LOGS/$job"/train-*.log || fail "a request without the token was not refused" "$job"
+grep -q '^result  PASS' "$LOGS/$job"/train-*.log || fail "validation with the token file failed" "$job"
+servers_stopped "$job" || fail "servers not stopped after the token-file job" "$job"
+ok "token file: servers ready through token-less probes, 401 without the token, bit-exact with it, stopped"
 
 say "all checks passed"

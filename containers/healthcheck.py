@@ -5,8 +5,9 @@ Docker's HEALTHCHECK runs this inside the container every interval, so it must s
 milliseconds and depend on nothing but the standard library (importing the appliance would
 import torch). It asks the readiness probe first and falls back to the plain health
 endpoint when the server is too old to have one (404). It reads the same environment as
-the server (``EAGLE3_PORT``, ``EAGLE3_HOST``, ``EAGLE3_AUTH_TOKEN``), so a container
-configured through the environment is probed where it listens.
+the server (``EAGLE3_PORT``, ``EAGLE3_HOST``), so a container configured through the
+environment is probed where it listens. It sends no credentials: the appliance answers its
+probes without a token even when ``--auth-token``/``--auth-token-file`` protects the rest.
 
 Usage::
 
@@ -40,18 +41,17 @@ def server_url(env: dict[str, str]) -> str:
     return f"http://{host}:{env.get('EAGLE3_PORT', '8001')}"
 
 
-def probe(url: str, paths: list[str], token: str | None = None, timeout: float = 5.0) -> tuple[bool, str]:
+def probe(url: str, paths: list[str], timeout: float = 5.0) -> tuple[bool, str]:
     """Ask each path in turn; a 404 means "not this server's spelling", so try the next.
 
     Returns (ready, reason): ready only on a 2xx answer; any other status, a refused
     connection or a timeout is "not ready", with the reason Docker keeps in its health log.
     """
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     # No proxy: the probe talks to its own container, whatever proxy is set for the model hub.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     reason = "no path to probe"
     for path in paths:
-        request = urllib.request.Request(url.rstrip("/") + path, headers=headers)
+        request = urllib.request.Request(url.rstrip("/") + path)
         try:
             with opener.open(request, timeout=timeout) as response:
                 return True, f"{path}: {response.status}"
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=None, help="Server URL (default: from EAGLE3_HOST / EAGLE3_PORT).")
     parser.add_argument("--timeout", type=float, default=5.0, help="Seconds per request.")
     args = parser.parse_args(argv)
-    env = dict(os.environ)
-    ready, reason = probe(args.url or server_url(env), args.paths, env.get("EAGLE3_AUTH_TOKEN"), args.timeout)
+    ready, reason = probe(args.url or server_url(dict(os.environ)), args.paths, args.timeout)
     print(("ready: " if ready else "not ready: ") + reason)
     return 0 if ready else 1
 

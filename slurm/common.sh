@@ -106,7 +106,9 @@ http_status() {
     curl --noproxy '*' -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" || true
 }
 
-# server_ready URL: 200 on /health/ready, or on /health where that route does not exist.
+# server_ready URL: 200 on /health/ready, or on /health where that route does not exist. No
+# token is sent: the appliance answers its probes without one even when it requires a token
+# (EAGLE3_AUTH_TOKEN_FILE) for everything else.
 server_ready() {
     local code
     code=$(http_status "$1/health/ready")

@@ -76,6 +76,7 @@ LOCUST_WORKERS=${LOCUST_WORKERS:-${SLURM_NTASKS_HET_GROUP_1:-1}}
 LOCUST_MASTER_PORT=${LOCUST_MASTER_PORT:-5557}
 LOCUST_MASTER_HOST=${LOCUST_MASTER_HOST:-}  # master address for workers; default: first node
 LOCUST_ARGS=${LOCUST_ARGS:-}            # more locust options, e.g. "--tags generate"
+EAGLE3_AUTH_TOKEN_FILE=${EAGLE3_AUTH_TOKEN_FILE:-} # token file: servers require it, clients send it
 APPLIANCE_CMD=${APPLIANCE_CMD:-${PYTHON_ENV:+$PYTHON_ENV/bin/}eagle3-appliance}
 LOCUST_CMD=${LOCUST_CMD:-${PYTHON_ENV:+$PYTHON_ENV/bin/}locust}
 # ==========================================================================================
@@ -103,6 +104,16 @@ mapfile -t client_container < <(container_opts "$CLIENT_IMAGE" "$CONTAINER_MOUNT
 
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1 # server and client logs appear as they are written
+if [[ -n $EAGLE3_AUTH_TOKEN_FILE ]]; then
+    # The servers read it as --auth-token-file, our client (validate, a trainer) sends its
+    # token; Locust takes the token itself. Readiness polling needs none.
+    [[ -r $EAGLE3_AUTH_TOKEN_FILE ]] || die 2 "EAGLE3_AUTH_TOKEN_FILE=$EAGLE3_AUTH_TOKEN_FILE is not readable"
+    export EAGLE3_AUTH_TOKEN_FILE
+    if [[ $MODE == locust && -z ${LOCUST_AUTH_TOKEN:-} ]]; then
+        LOCUST_AUTH_TOKEN=$(<"$EAGLE3_AUTH_TOKEN_FILE")
+        export LOCUST_AUTH_TOKEN
+    fi
+fi
 
 mapfile -t urls < <(server_urls "$SLURM_JOB_NODELIST_HET_GROUP_0" "$SERVERS_PER_NODE" "$BASE_PORT" "$SERVER_HOST_OVERRIDE")
 EAGLE3_TARGET_URLS=$(IFS=,; echo "${urls[*]}")

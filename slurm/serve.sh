@@ -48,10 +48,15 @@ READY_TIMEOUT=${READY_TIMEOUT:-1800}    # seconds for every server to load its m
 STOP_TIMEOUT=${STOP_TIMEOUT:-60}        # seconds for a graceful stop before SIGKILL
 LOG_ROOT=${LOG_ROOT:-$SLURM_SUBMIT_DIR/slurm-logs} # logs go to $LOG_ROOT/<job id>/
 APPLIANCE_CMD=${APPLIANCE_CMD:-${PYTHON_ENV:+$PYTHON_ENV/bin/}eagle3-appliance}
+EAGLE3_AUTH_TOKEN_FILE=${EAGLE3_AUTH_TOKEN_FILE:-} # token file the servers require (probes need none)
 # ==========================================================================================
 
 LOG_DIR=$LOG_ROOT/$SLURM_JOB_ID
 [[ $SERVERS_PER_NODE =~ ^[1-9][0-9]*$ ]] || die 2 "SERVERS_PER_NODE=$SERVERS_PER_NODE: expected a positive integer"
+if [[ -n $EAGLE3_AUTH_TOKEN_FILE ]]; then
+    [[ -r $EAGLE3_AUTH_TOKEN_FILE ]] || die 2 "EAGLE3_AUTH_TOKEN_FILE=$EAGLE3_AUTH_TOKEN_FILE is not readable"
+    export EAGLE3_AUTH_TOKEN_FILE
+fi
 command -v curl >/dev/null || die 2 "curl is needed on the first node to poll the servers"
 read -r -a serve_args <<<"$SERVE_ARGS"
 mapfile -t server_container < <(container_opts "$CONTAINER_IMAGE" "$CONTAINER_MOUNTS")

@@ -60,6 +60,33 @@ BAD_MAPPING: list[tuple[str, Callable[[], bytes], int, str]] = [
     ("ids 2-D", lambda: mapping_body(selected_token_ids=torch.zeros(2, 2, dtype=torch.int64)), 422, "1-D"),
     ("float mask", lambda: mapping_body(selected_token_mask=torch.zeros(VOCAB)), 422, "dtype float32"),
     ("garbage", lambda: b"\x54\x45\x4d\x4e" + struct.pack("<I", 2) + b"ab", 400, "malformed wire body"),
+    ("more ids than logits", lambda: mapping_body(selected_token_ids=torch.arange(VOCAB + 1) % VOCAB), 422,
+     "selected_token_ids has 1025 ids; this model has 1024 logits, so at most 1024 (each id once)"),
+    ("duplicate ids", lambda: mapping_body(selected_token_ids=torch.tensor([3, 9, 3, 700, 9])), 422,
+     "selected_token_ids lists 2 id(s) more than once (first: 3); each id may appear once"),
+]  # fmt: skip
+
+
+def _entries_body(count: int) -> bytes:
+    """A valid wire blob of ``count`` None entries: a few bytes each, a Python object each once decoded."""
+    parts = [struct.pack("<I", wire.MAGIC)]
+    for i in range(count):
+        key = f"k{i}".encode()
+        parts.append(struct.pack("<I", len(key)) + key + bytes([1]))
+    return b"".join(parts)
+
+
+def _empty_but_huge_shape() -> bytes:
+    """One entry of 0 bytes whose shape nevertheless overflows any allocator: [2**40, 2**40, 0]."""
+    key = b"input_ids"
+    dims = b"".join(struct.pack("<q", d) for d in (2**40, 2**40, 0))
+    head = struct.pack("<I", len(key)) + key + struct.pack("<BBB", 0, 4, 3) + dims + struct.pack("<Q", 0)
+    return struct.pack("<I", wire.MAGIC) + head
+
+
+WIRE_LIMITS: list[tuple[str, Callable[[], bytes], int, str]] = [
+    ("50k entries", lambda: _entries_body(50_000), 400, "more than 16 entries"),
+    ("overflowing shape", _empty_but_huge_shape, 400, "shape [1099511627776, 1099511627776, 0] of 'input_ids' is too large"),
 ]  # fmt: skip
 
 
@@ -99,6 +126,45 @@ def test_bad_generate_inputs(fresh_server: ServerProcess, name: str, body, statu
     _assert_error(_post(fresh_server.url, "/generate", body()), status, message)
 
 
+@pytest.mark.parametrize(("name", "body", "status", "message"), WIRE_LIMITS, ids=[c[0] for c in WIRE_LIMITS])
+@pytest.mark.parametrize("path", ["/generate", "/set_vocab_mapping", "/lm_head_rows"])
+def test_wire_bodies_beyond_the_decoders_limits(
+    fresh_server: ServerProcess, path: str, name: str, body, status: int, message: str
+) -> None:  # type: ignore[no-untyped-def]
+    _assert_error(_post(fresh_server.url, path, body()), status, message)
+
+
+BAD_ROWS: list[tuple[str, torch.Tensor, str]] = [
+    ("more ids than logits", torch.arange(3 * VOCAB) % VOCAB,
+     "selected_token_ids has 3072 ids; this model has 1024 logits, so at most 1024 (each id once)"),
+    ("duplicate ids", torch.tensor([5, 5]), "selected_token_ids lists 1 id(s) more than once (first: 5)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "ids", "message"), BAD_ROWS, ids=[c[0] for c in BAD_ROWS])
+def test_lm_head_rows_are_bounded_by_the_vocabulary(fresh_server: ServerProcess, name: str, ids: torch.Tensor, message: str) -> None:  # fmt: skip
+    _assert_error(_post(fresh_server.url, "/lm_head_rows", wire.encode({"selected_token_ids": ids})), 422, message)
+    rows = _post(fresh_server.url, "/lm_head_rows", wire.encode({"selected_token_ids": torch.arange(VOCAB)}))
+    assert rows.status_code == 200 and wire.decode(rows.content)["weight"].shape == (VOCAB, 64)  # the whole head
+
+
+def test_session_offers_and_session_counts_are_bounded(cache_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    args = ["--cache-dir", str(cache_dir), "--max-sessions", "2"]
+    with (
+        ServerProcess(args, log_path=tmp_path / "server.log") as server,
+        httpx.Client(base_url=server.url, trust_env=False, timeout=30) as http,
+    ):
+        _assert_error(http.post("/session", json={"client": "x" * 257}), 422, "'client' must be at most 256 characters")
+        first = http.post("/session", json={"client": "x" * 256}).json()["session_id"]
+        assert http.post("/session", json={}).status_code == 200
+        full = http.post("/session", json={})
+        _assert_error(full, 503, "this server already holds 2 client sessions (--max-sessions)")
+        assert full.headers["retry-after"] == "60"
+        assert http.post("/disconnect", json={}, headers={protocol.SESSION_HEADER: first}).status_code == 200
+        assert http.post("/session", json={}).status_code == 200
+        assert http.post("/model_info").status_code == 200  # upstream clients (the anonymous session) are not counted
+
+
 def test_transport_level_errors(fresh_server: ServerProcess) -> None:
     _assert_error(_post(fresh_server.url, "/generate", b"\0" * 1_000_001), 413, "")
     _assert_error(httpx.get(fresh_server.url + "/no_such_endpoint", trust_env=False), 404, "")
@@ -127,6 +193,7 @@ def test_after_every_bad_input_the_server_is_healthy_and_still_exact(
     ids, mask = vocab_mapping(VOCAB, 500, seed=2)
     cases = [(p, b) for _, b, _, _ in BAD_GENERATE for p in ["/generate"]]
     cases += [("/set_vocab_mapping", b) for _, b, _, _ in BAD_MAPPING]
+    cases += [(p, b) for _, b, _, _ in WIRE_LIMITS for p in ["/generate", "/set_vocab_mapping"]]
     with httpx.Client(base_url=fresh_server.url, trust_env=False, timeout=60) as http:
         assert http.post("/set_vocab_mapping", content=wire.encode(
             {"selected_token_ids": ids, "selected_token_mask": mask})).status_code == 200  # fmt: skip

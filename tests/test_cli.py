@@ -117,3 +117,19 @@ def test_demo_command_runs_the_main_job_bit_exact(cache_dir: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("bit-exact=yes") == 4  # embeddings, two batches, summary
     assert "exit code 0" in proc.stdout
+
+
+def test_validate_says_when_its_reference_differs_from_the_servers_dtype(
+    server: ServerProcess, cache_dir: Path
+) -> None:
+    """Exactness holds only on the server's own dtype and device: a mismatch is named, not left to a FAIL."""
+    base = ["validate", "--url", server.url, "--cache-dir", str(cache_dir), "--batches", "1", "--seq-len", "16"]
+    other = runner.invoke(app, [*base, "--dtype", "bfloat16", "--device", "cpu"], env={"COLUMNS": "200"})
+    note = (
+        "note    the server runs float32 on cpu, this reference bfloat16 on cpu: answers are bit-exact only "
+        "against the server's own dtype and device; run validate with --dtype float32 --device cpu"
+    )
+    assert note in other.output.splitlines(), other.output
+    same = runner.invoke(app, [*base, "--dtype", "float32", "--device", "cpu"], env={"COLUMNS": "200"})
+    assert same.exit_code == 0, same.output
+    assert "note " not in same.output and "result  PASS" in same.output

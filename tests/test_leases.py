@@ -10,6 +10,7 @@ import pytest
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel, protocol
+from tests.ops_support import metric, scrape
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,26 @@ def test_the_client_asks_for_its_lease_and_keeps_it_alive(
         assert beat.status_code == 200
     with pytest.raises(ValueError, match="lease_seconds must be positive"):
         RemoteEagle3TargetModel.from_urls([lease_server.url], lease_seconds=0)
+
+
+def test_a_lease_below_the_floor_is_raised_to_it_and_the_client_beats_at_the_floor(
+    lease_server: ServerProcess,
+) -> None:
+    """lease_seconds=0.001 would mean ~3,000 heartbeats a second; the server grants its floor (1 s)."""
+    with httpx.Client(base_url=lease_server.url, trust_env=False) as http:
+        assert http.post("/session", json={"lease_seconds": 0.001}).json()["lease_seconds"] == 1.0
+        assert http.post("/session", json={"lease_seconds": 1.0}).json()["lease_seconds"] == 1.0
+        assert http.post("/session", json={"lease_seconds": 0}).status_code == 422  # not a lease at all
+
+    def heartbeats() -> float:
+        return metric(scrape(lease_server.url), "eagle3_request_success_total", endpoint=protocol.EP_HEARTBEAT)
+
+    with RemoteEagle3TargetModel.from_urls([lease_server.url], lease_seconds=0.001, max_retries=0) as remote:
+        remote.model_info()
+        server = remote._servers[0]
+        assert server.heartbeat is not None and server.heartbeat.interval == pytest.approx(1.0 / 3)
+        before, start = heartbeats(), time.monotonic()
+        time.sleep(3.0)
+        beats, seconds = heartbeats() - before, time.monotonic() - start
+    # Three beats per granted second (about 9 here), where the asked-for lease meant thousands.
+    assert 3 <= beats <= 4 * seconds, beats

@@ -1,5 +1,6 @@
-"""Bearer-token auth on a real server: every endpoint but the liveness probes refuses a missing or
-wrong token, and our client (token argument or environment) works bit-exactly."""
+"""Bearer-token auth on a real server: every endpoint but the health probes refuses a missing or
+wrong token, the probes (and so the container's and Slurm's readiness checks) need none, and
+our client (token argument or environment) works bit-exactly."""
 
 from __future__ import annotations
 
@@ -25,9 +26,6 @@ TOKEN = "s3cret-token-for-tests"
 
 # Every endpoint that needs the token, with a request that is valid apart from auth.
 PROTECTED = [
-    ("GET", protocol.EP_HEALTH, b""),
-    ("GET", protocol.EP_HEALTH_READY, b""),
-    ("GET", protocol.EP_V2_HEALTH_READY, b""),
     ("GET", protocol.EP_METRICS, b""),
     ("GET", protocol.EP_GPUS, b""),
     ("POST", protocol.EP_MODEL_INFO, b""),
@@ -38,7 +36,16 @@ PROTECTED = [
     ("POST", protocol.EP_SET_VOCAB_MAPPING, b"mapping"),
     ("POST", protocol.EP_GENERATE, b"inputs"),
     ("POST", protocol.EP_DISCONNECT, b"{}"),
+    ("POST", protocol.EP_LM_HEAD_ROWS, b"rows"),
 ]
+# The probes: open to anyone, token or not (docs/operations.md, "Authentication").
+PROBES = {
+    protocol.EP_HEALTH: {"status": "ok"},
+    protocol.EP_HEALTH_LIVE: {"status": "live"},
+    protocol.EP_V2_HEALTH_LIVE: {"status": "live"},
+    protocol.EP_HEALTH_READY: {"status": "ready"},
+    protocol.EP_V2_HEALTH_READY: {"status": "ready"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +66,7 @@ def _bodies() -> dict[str, bytes]:
             {"selected_token_ids": mapping.selected_token_ids, "selected_token_mask": mapping.selected_token_mask}
         ),
         protocol.EP_GENERATE: wire.encode({"input_ids": ids, "attention_mask": mask, "loss_mask": loss}),
+        protocol.EP_LM_HEAD_ROWS: wire.encode({"selected_token_ids": mapping.selected_token_ids}),
     }
 
 
@@ -79,14 +87,30 @@ def test_every_protected_endpoint_refuses_a_missing_or_wrong_token(url: str, aut
         assert resp.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_the_right_token_opens_every_endpoint_and_liveness_needs_none(url: str) -> None:
-    expected = {protocol.EP_DISCONNECT: 200, protocol.EP_GENERATE: 200, protocol.EP_HEALTH: 200}
+def test_the_right_token_opens_every_endpoint(url: str) -> None:
     for method, endpoint, body in PROTECTED:
         resp = _call(url, method, endpoint, body, f"Bearer {TOKEN}")
-        assert resp.status_code == expected.get(endpoint, 200), (endpoint, resp.status_code, resp.text)
-    for endpoint in (protocol.EP_HEALTH_LIVE, protocol.EP_V2_HEALTH_LIVE):
-        resp = httpx.get(url + protocol.path(endpoint), trust_env=False)
-        assert resp.status_code == 200 and resp.json() == {"status": "live"}
+        assert resp.status_code == 200, (endpoint, resp.status_code, resp.text)
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", f"Bearer {TOKEN}"])
+def test_every_probe_answers_without_a_token_and_says_only_its_state(url: str, auth: str | None) -> None:
+    for endpoint, body in PROBES.items():
+        resp = _call(url, "GET", endpoint, b"", auth)
+        assert (resp.status_code, resp.json()) == (200, body), (endpoint, resp.text)
+
+
+def test_the_container_probe_passes_on_a_server_started_with_a_token_file(url: str) -> None:
+    """The image's HEALTHCHECK as Docker runs it, in a container configured with a token file."""
+    env = {"PATH": os.environ["PATH"], "EAGLE3_AUTH_TOKEN_FILE": "/run/secrets/eagle3-token"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "containers" / "healthcheck.py"), "--url", url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ready: /health/ready: 200"), done.stdout + done.stderr
 
 
 def test_without_nvml_the_server_is_ready_and_says_why_there_are_no_gpus(url: str) -> None:
@@ -94,7 +118,7 @@ def test_without_nvml_the_server_is_ready_and_says_why_there_are_no_gpus(url: st
     report = httpx.get(url + "/gpus", headers=headers, trust_env=False).json()
     assert report["nvml"] is False and report["gpus"] == [] and report["fatal"] == []
     assert report["error"].startswith("NVML unavailable")
-    assert httpx.get(url + "/health/ready", headers=headers, trust_env=False).status_code == 200
+    assert httpx.get(url + "/health/ready", trust_env=False).status_code == 200
 
 
 def test_our_client_sends_the_token_from_its_argument_or_the_environment(

@@ -14,12 +14,14 @@ from types import ModuleType
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
 from eagle3_appliance import gpu
 from eagle3_appliance.admission import Admission, Ticket
 from eagle3_appliance.auth import BearerAuth
 from eagle3_appliance.errors import Unauthorized, Unavailable
+from eagle3_appliance.metrics import GpuCollector
 from eagle3_appliance.sessions import ANONYMOUS, SessionRegistry
 from eagle3_client import TargetOverloaded, protocol
 from eagle3_client.auth import auth_headers
@@ -116,6 +118,35 @@ def test_xid_events_arrive_through_the_event_set_and_only_fatal_ones_count(nvml:
     assert [(e.gpu, e.xid, e.fatal) for e in monitor.xid_events()] == [(1, 13, False), (0, 79, True)]
     assert snapshot.fatal_reasons() == [f"gpu 0 ({uuid0}): xid 79 (GPU has fallen off the bus)"]
     assert "event_set_create" in nvml.calls
+
+
+def test_xid_events_kept_are_bounded_while_fatal_ones_and_counts_survive(nvml: ModuleType) -> None:
+    """A GPU flooding XIDs (an application error loop) must not grow the server's memory."""
+    flood = 3 * gpu.MAX_XID_EVENTS
+    monitor = gpu.GpuMonitor(poll_interval=60).start()
+    try:
+        nvml._state["xid_events"] = [{"gpu": 0, "xid": 79}] + [{"gpu": 0, "xid": 13}] * flood
+        wait_until(lambda: monitor.read().gpus[0].xid_counts.get(13) == flood, timeout=30, what="the flood")
+        report = monitor.read()
+    finally:
+        monitor.stop()
+    g0 = report.gpus[0]
+    assert g0.xid_counts == {79: 1, 13: flood}
+    assert len(g0.xid_events) == gpu.MAX_XID_EVENTS + 1  # the latest, plus the first fatal one
+    assert (g0.xid_events[0].xid, g0.xid_events[-1].xid) == (79, 13)
+    assert report.fatal_reasons() == [f"gpu 0 ({healthy_gpus()[0]['uuid']}): xid 79 (GPU has fallen off the bus)"]
+    assert len(monitor.xid_events()) == gpu.MAX_XID_EVENTS + 1
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["gpus"][0]["xid_counts"] == {"13": flood, "79": 1}
+    assert gpu.report_from_json(data).to_json() == report.to_json()
+    assert f"79,13x{flood}" in gpu.format_table(report)
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(monitor))  # the /metrics counter counts every event, kept or not
+    assert registry.get_sample_value("eagle3_gpu_xid_errors_total", {**_gpu0_labels(g0), "xid": "13"}) == flood
+
+
+def _gpu0_labels(g: gpu.GpuReading) -> dict[str, str]:
+    return {"gpu": str(g.index), "UUID": g.uuid or "", "modelName": g.name or ""}
 
 
 def test_gpus_without_event_support_are_polled_and_say_so(nvml: ModuleType) -> None:

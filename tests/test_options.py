@@ -40,6 +40,10 @@ def test_settings_check_every_value_once_for_the_cli_and_for_library_users(tmp_p
     assert Settings(max_queue=0).max_queue == 0
     for bad, message in [
         ({"lease_seconds": 0.01}, "--lease-seconds must be at least 0.1"),
+        (
+            {"min_lease_seconds": 10, "max_lease_seconds": 5},
+            "--min-lease-seconds \\(10\\) is above --max-lease-seconds",
+        ),
         ({"data_planes": "nccl,infiniband"}, "nccl and/or gloo"),
         ({"data_plane_ports": "9-3"}, "--data-plane-ports"),
         ({"aux_layer_ids": (1, 1, 2)}, "3 distinct layer ids"),

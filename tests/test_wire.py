@@ -144,3 +144,18 @@ def test_body_longer_than_declared_is_rejected() -> None:
     reader = wire.WireReader(expected_size=len(blob) - 1)
     with pytest.raises(wire.WireFormatError, match="longer than"):
         reader.feed(blob)
+
+
+def test_a_receiver_can_bound_the_number_of_entries() -> None:
+    body = wire.encode({f"k{i}": torch.zeros(1) for i in range(5)})
+    assert len(wire.decode(body)) == 5 and len(wire.decode(body, max_entries=5)) == 5
+    with pytest.raises(wire.WireFormatError, match="body has more than 4 entries, the most this receiver accepts"):
+        wire.decode(body, max_entries=4)
+
+
+def test_a_zero_byte_entry_with_an_overflowing_shape_is_refused_by_name() -> None:
+    dims = b"".join(struct.pack("<q", d) for d in (2**40, 2**40, 0))
+    entry = struct.pack("<I", 1) + b"x" + struct.pack("<BBB", 0, 0, 3) + dims + struct.pack("<Q", 0)
+    with pytest.raises(wire.WireFormatError, match=r"shape \[1099511627776, 1099511627776, 0\] of 'x' is too large"):
+        wire.decode(struct.pack("<I", wire.MAGIC) + entry)
+    assert wire.decode(wire.encode({"x": torch.zeros(0, 2**20)}))["x"].shape == (0, 2**20)  # empty but sane: fine

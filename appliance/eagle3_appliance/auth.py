@@ -2,7 +2,8 @@
 
 The token comes from ``--auth-token`` (or ``EAGLE3_AUTH_TOKEN``) or from a file named by
 ``--auth-token-file`` (or ``EAGLE3_AUTH_TOKEN_FILE``), which keeps it out of ``ps`` and
-job scripts (:func:`eagle3_appliance.settings.load_token`). When set, every endpoint except the liveness probes needs
+job scripts (:func:`eagle3_appliance.settings.load_token`). When set, every endpoint except the health probes
+(:data:`eagle3_appliance.health.PROBE_ENDPOINTS`) needs
 ``Authorization: Bearer <token>``; the check runs right after routing, before the request
 body is read, so an unauthenticated client cannot make the server buffer a large body.
 Tokens are compared through SHA-256 digests with :func:`hmac.compare_digest`, which takes

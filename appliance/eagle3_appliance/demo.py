@@ -23,6 +23,7 @@ from eagle3_appliance.supervision import compare_to_reference, in_process
 from eagle3_appliance.target import Target
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.encodings import parse_encoding
+from eagle3_client.protocol import ModelInfoExtension
 from eagle3_client.synthetic import random_batch, vocab_mapping
 
 __all__ = ["DriveSpec", "drive", "run_demo", "run_validate"]
@@ -54,6 +55,9 @@ def drive(
         info = remote.model_info()
         print(f"model   {info}")
         served = remote.served_model()
+        note = _reference_mismatch(served, reference)
+        if note:
+            print(f"note    {note}")
         tolerance = None
         if served is not None and served.mode.startswith("tp="):
             tolerance = tolerance_for(reference.dtype)
@@ -96,6 +100,28 @@ def drive(
             moved = ", ".join(f"{tier} {_mb(n)}" for tier, n in entry["bytes"].items() if n)
             print(f"transport {entry['url']}: data plane {entry['tier']} ({moved}), fallbacks {entry['fallbacks']}")
     return all_exact
+
+
+def _reference_mismatch(served: ModelInfoExtension | None, reference: Target) -> str | None:
+    """Why the reference cannot be bit-exact with the (first) server, or None when dtype and device match.
+
+    The same weights give other bits in another dtype, and kernels differ between devices, so
+    a FAIL then says nothing about the server; an upstream server does not tell its own.
+    """
+    dtype, device = str(reference.dtype).removeprefix("torch."), reference.device.type
+    if served is None:
+        return (
+            f"an upstream server does not say its dtype and device; this reference runs {dtype} on {device}, "
+            "and answers are bit-exact only against the server's own"
+        )
+    served_device = served.device.split(":")[0]
+    if (served.dtype, served_device) == (dtype, device):
+        return None
+    return (
+        f"the server runs {served.dtype} on {served.device}, this reference {dtype} on {device}: answers are "
+        f"bit-exact only against the server's own dtype and device; run validate with --dtype {served.dtype} "
+        f"--device {served_device}"
+    )
 
 
 def _quiet_transformers() -> None:

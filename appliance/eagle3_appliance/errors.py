@@ -9,17 +9,22 @@ Status codes (an upstream client only checks for non-200, so every 4xx is compat
 * 413 ``BodyTooLarge``      body above ``--max-body-bytes`` (also Sanic's own 413)
 * 422 ``InvalidRequest``    well-formed body with wrong keys, dtypes, shapes or values
   (``InvalidTensors`` for tensor bodies)
-* 500                       a bug or a failed forward (logged with its traceback)
+* 500                       a bug or a failed forward: logged with its traceback under a
+  request id; the answer carries only that id (body and ``X-Request-Id``), never the
+  exception's text, which can name paths, devices or data
 * 503 ``Unavailable``       not ready, draining or over capacity (with ``Retry-After``)
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
+
+from eagle3_client.protocol import REQUEST_ID_HEADER
 
 __all__ = [
     "ApplianceError",
@@ -31,6 +36,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "install_error_handler",
+    "internal_error_response",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,15 +77,19 @@ class Unavailable(ApplianceError):
     status_code = 503
 
 
-def error_response(exc: Exception) -> HTTPResponse:
-    """``{"error": message, "type": name, "status": code}`` with the exception's status."""
-    if isinstance(exc, SanicException):
-        status = int(exc.status_code)
-        message = str(exc) or exc.message or type(exc).__name__
-        headers = dict(getattr(exc, "headers", None) or {})
-    else:
-        status, message, headers = 500, f"{type(exc).__name__}: {exc}", {}
+def error_response(exc: SanicException) -> HTTPResponse:
+    """``{"error": message, "type": name, "status": code}`` with the exception's status (a deliberate refusal)."""
+    status = int(exc.status_code)
+    message = str(exc) or exc.message or type(exc).__name__
+    headers = dict(getattr(exc, "headers", None) or {})
     return json({"error": message, "type": type(exc).__name__, "status": status}, status=status, headers=headers)
+
+
+def internal_error_response(request_id: str) -> HTTPResponse:
+    """A 500 that names only the request id its failure was logged under."""
+    message = f"internal server error (request id {request_id}); the server's log has the details"
+    body = {"error": message, "type": "InternalError", "status": 500, "request_id": request_id}
+    return json(body, status=500, headers={REQUEST_ID_HEADER: request_id})
 
 
 def install_error_handler(app: Sanic) -> None:
@@ -89,5 +99,7 @@ def install_error_handler(app: Sanic) -> None:
     async def _handle(request: Request, exc: Exception) -> HTTPResponse:
         # 5xx are bugs or failed forwards, except our own deliberate refusals (503 busy/draining).
         if not isinstance(exc, SanicException) or (int(exc.status_code) >= 500 and not isinstance(exc, Unavailable)):
-            logger.exception("%s %s failed", request.method, request.path, exc_info=exc)
+            request_id = uuid.uuid4().hex
+            logger.error("%s %s failed (request id %s)", request.method, request.path, request_id, exc_info=exc)
+            return internal_error_response(request_id)
         return error_response(exc)

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
@@ -37,7 +38,9 @@ __all__ = [
     "GpuMonitor",
     "GpuReading",
     "GpuReport",
+    "MAX_XID_EVENTS",
     "XidEvent",
+    "XidLog",
     "decode_clocks_event_reasons",
     "format_table",
     "read_report",
@@ -47,6 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# XID events kept per GPU besides the first of each fatal XID (every event is still counted):
+# a GPU in an application-error loop reports XIDs for as long as the server runs.
+MAX_XID_EVENTS = 64
 
 # XIDs after which this GPU cannot be trusted until it is reset or the node rebooted
 # (NVIDIA's Xid catalog: immediate action "reset GPU" / "reboot", or a hardware fault).
@@ -118,6 +125,27 @@ class XidEvent:
         return f"xid {self.xid}" + (f" ({what})" if what else "")
 
 
+class XidLog:
+    """One GPU's XID events, bounded: the first event of each fatal XID (readiness depends on
+    it), the :data:`MAX_XID_EVENTS` latest events, and a count of every XID ever seen."""
+
+    def __init__(self) -> None:
+        self.first_fatal: dict[int, XidEvent] = {}
+        self.recent: deque[XidEvent] = deque(maxlen=MAX_XID_EVENTS)
+        self.counts: dict[int, int] = {}
+
+    def add(self, event: XidEvent) -> None:
+        if event.fatal:
+            self.first_fatal.setdefault(event.xid, event)
+        self.recent.append(event)
+        self.counts[event.xid] = self.counts.get(event.xid, 0) + 1
+
+    def events(self) -> list[XidEvent]:
+        """The kept events in arrival order."""
+        older = [e for e in self.first_fatal.values() if not any(e is r for r in self.recent)]
+        return older + list(self.recent)
+
+
 @dataclass
 class GpuReading:
     """One GPU's readings; ``None`` where the GPU does not support a reading or it failed."""
@@ -138,7 +166,8 @@ class GpuReading:
     remapped_rows_failure: bool | None = None
     lost: bool = False  # NVML answered "GPU is lost" (typically after XID 79)
     xid_watch: bool = False  # XID events are being watched for this GPU
-    xid_events: list[XidEvent] = field(default_factory=list)
+    xid_events: list[XidEvent] = field(default_factory=list)  # kept ones (see XidLog)
+    xid_counts: dict[int, int] = field(default_factory=dict)  # every XID seen, by number
     unsupported: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -162,6 +191,7 @@ class GpuReading:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["xid_events"] = [{**asdict(e), "fatal": e.fatal} for e in self.xid_events]
+        out["xid_counts"] = {str(xid): n for xid, n in sorted(self.xid_counts.items())}
         out["clocks_event_reasons"] = self.clocks_event_reasons
         out["fatal"] = self.fatal_reasons()
         return out
@@ -205,8 +235,9 @@ def report_from_json(data: dict[str, Any]) -> GpuReport:
 
     gpus = []
     for item in data.get("gpus", []):
-        fields = {k: v for k, v in item.items() if k in names and k != "xid_events"}
-        gpus.append(GpuReading(**fields, xid_events=events(item.get("xid_events", []))))
+        fields = {k: v for k, v in item.items() if k in names and k not in ("xid_events", "xid_counts")}
+        counts = {int(xid): int(n) for xid, n in item.get("xid_counts", {}).items()}
+        gpus.append(GpuReading(**fields, xid_events=events(item.get("xid_events", [])), xid_counts=counts))
     return GpuReport(
         nvml=bool(data.get("nvml")),
         error=data.get("error"),
@@ -367,7 +398,7 @@ class GpuMonitor:
         self._error: str | None = "NVML not started"
         self._driver: str | None = None
         self._lock = threading.Lock()
-        self._xids: dict[int, list[XidEvent]] = {}
+        self._xids: dict[int, XidLog] = {}  # by GPU index; -1: a device that could not be identified
         self._watched: set[int] = set()
         self._uuids: dict[int, str] = {}
         self._keys: dict[int, Any] = {}
@@ -444,17 +475,19 @@ class GpuMonitor:
             if not reading.xid_watch and self.watch_events:
                 reading.unsupported.append("xid_events")
             with self._lock:
-                reading.xid_events = list(self._xids.get(index, ()))
+                log = self._xids.get(index)
+                if log is not None:
+                    reading.xid_events, reading.xid_counts = log.events(), dict(log.counts)
             gpus.append(reading)
         with self._lock:
-            unattributed = list(self._xids.get(-1, ()))
+            unattributed = self._xids[-1].events() if -1 in self._xids else []
         report = GpuReport(nvml=True, driver_version=self._driver, gpus=gpus, unattributed_xid_events=unattributed)
         self.snapshot = report
         return report
 
     def xid_events(self) -> list[XidEvent]:
         with self._lock:
-            return [e for events in self._xids.values() for e in events]
+            return [e for log in self._xids.values() for e in log.events()]
 
     def _record(self, data: Any) -> None:
         nvml = self._nvml
@@ -469,7 +502,7 @@ class GpuMonitor:
         log = logger.error if event.fatal else logger.warning
         log("GPU health: gpu %d (%s) reported %s", index, uuid, event.describe())
         with self._lock:
-            self._xids.setdefault(index, []).append(event)
+            self._xids.setdefault(index, XidLog()).add(event)
 
     def _run(self) -> None:
         next_poll = time.monotonic() + self.poll_interval
@@ -538,6 +571,13 @@ def _fmt(value: Any, unsupported: bool, fmt: Callable[[Any], str]) -> str:
     return fmt(value)
 
 
+def _xid_summary(g: GpuReading) -> str:
+    """``79,13x192``: each XID seen, in order of the kept events, with its count when above one."""
+    order = list(dict.fromkeys(e.xid for e in g.xid_events))
+    order += sorted(set(g.xid_counts) - set(order))
+    return ",".join(f"{x}x{g.xid_counts[x]}" if g.xid_counts.get(x, 1) > 1 else str(x) for x in order) or "none"
+
+
 def format_table(report: GpuReport) -> str:
     """A fixed-width table of a report, one row per GPU, for ``eagle3-appliance gpus``."""
     if not report.nvml:
@@ -565,7 +605,7 @@ def format_table(report: GpuReport) -> str:
         else:
             remap = "FAILED" if g.remapped_rows_failure else ("pending" if g.remapped_rows_pending else "ok")
         if g.xid_watch:
-            xid = ",".join(str(e.xid) for e in g.xid_events) or "none"
+            xid = _xid_summary(g)
         else:
             xid = "n/a"
         fatal = g.fatal_reasons()

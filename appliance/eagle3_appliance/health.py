@@ -1,7 +1,12 @@
 """Liveness and readiness probes, also under the KServe / Triton v2 paths.
 
-* ``/health/live`` (``/v2/health/live``): the process serves HTTP. Never needs a token,
-  so an orchestrator can always tell a hung process from a busy one.
+Every probe (:data:`PROBE_ENDPOINTS`, upstream's ``/health`` included) answers without a token
+even on a server started with one: orchestrators, Docker's ``HEALTHCHECK`` and the Slurm
+scripts probe without credentials, and a probe tells only the server's own state (serving,
+loading, draining, a GPU fault), nothing about its model, clients or data.
+
+* ``/health/live`` (``/v2/health/live``): the process serves HTTP, so an orchestrator can
+  always tell a hung process from a busy one.
 * ``/health/ready`` (``/v2/health/ready``): the model is loaded, the server is not draining
   for shutdown, and no visible GPU has a fatal condition (an XID from
   :data:`eagle3_appliance.gpu.FATAL_XIDS`, volatile uncorrected ECC errors, a row-remap failure,

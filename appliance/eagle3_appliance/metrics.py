@@ -106,10 +106,7 @@ class GpuCollector(Collector):
                 for bit, reason in CLOCKS_EVENT_REASONS:
                     reasons.add_metric([*lab, reason], 1.0 if gpu.clocks_event_reasons_mask & bit else 0.0)
             fatal.add_metric(lab, 1.0 if gpu.fatal_reasons() else 0.0)
-            counts: dict[int, int] = {}
-            for event in gpu.xid_events:
-                counts[event.xid] = counts.get(event.xid, 0) + 1
-            for xid, n in sorted(counts.items()):
+            for xid, n in sorted(gpu.xid_counts.items()):  # every event, also those no longer kept
                 xids.add_metric([*lab, str(xid)], float(n))
         yield reasons
         yield fatal

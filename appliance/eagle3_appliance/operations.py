@@ -4,7 +4,7 @@
 lifecycle signals rather than each handler, so every endpoint (other branches' too) is
 authenticated, counted and drained alike:
 
-* ``http.routing.after`` (before the body is read): auth, refusing new work while
+* ``http.routing.after`` (before the body is read): auth (every endpoint but the probes), refusing new work while
   draining, opening the in-flight record;
 * ``http.lifecycle.response`` (after the handler, streamed bodies included): request
   counters and latency, closing the record, renewing the session's lease;
@@ -29,7 +29,7 @@ from eagle3_appliance.admission import Admission
 from eagle3_appliance.auth import BearerAuth
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.gpu import GpuMonitor
-from eagle3_appliance.health import LIVENESS_ENDPOINTS, PROBE_ENDPOINTS, probes
+from eagle3_appliance.health import PROBE_ENDPOINTS, probes
 from eagle3_appliance.inflight import InFlight, Tracked
 from eagle3_appliance.lifecycle import Lifecycle
 from eagle3_appliance.metrics import CONTENT_TYPE, Metrics
@@ -80,7 +80,7 @@ class Operations:
         endpoint = str(route.path).strip("/")
         request.ctx.ops_endpoint = endpoint
         request.ctx.ops_start = time.perf_counter()
-        if self.auth is not None and endpoint not in LIVENESS_ENDPOINTS:
+        if self.auth is not None and endpoint not in PROBE_ENDPOINTS:  # probes are open: see eagle3_appliance.health
             self.auth.check(request.headers.get(protocol.AUTH_HEADER))
         work = endpoint not in _NOT_WORK
         if work and self.lifecycle.draining:

@@ -35,6 +35,7 @@ from eagle3_appliance.buffers import ServerBuffers
 from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.group_plane import LINK_KEY, GroupTransfer
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.limits import ServingLimits, TargetShape, derive_limits
 from eagle3_appliance.metrics import Metrics
 from eagle3_appliance.microbatch import MicroBatcher
 from eagle3_appliance.sessions import Session
@@ -109,9 +110,11 @@ class Pipeline:
         admission: Admission,
         metrics: Metrics,
         runner: ModelRunner | None = None,
+        limits: ServingLimits | None = None,
     ) -> None:
         self.settings = settings
         self.target = target
+        self.limits = limits or derive_limits(settings, TargetShape.of(target), device=target.device)
         self.vocab_size = target.vocab_size  # token ids are checked against it before the forward
         self.buffers = buffers
         self.admission = admission
@@ -130,8 +133,8 @@ class Pipeline:
         inputs = validate_generate(
             decode_body(request.body),
             vocab_size=self.vocab_size,
-            max_seq_len=self.settings.max_seq_len,
-            max_batch_tokens=self.settings.max_batch_tokens,
+            max_seq_len=self.limits.max_seq_len,
+            max_batch_tokens=self.limits.max_batch_tokens,
         )
         mapping = session.mapping
         if mapping is None:

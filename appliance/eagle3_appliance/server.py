@@ -10,6 +10,7 @@ pipeline's one model thread, so ``GET /health`` is answered while a long forward
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from sanic.response import HTTPResponse, json
 
 from eagle3_appliance import dataplane_routes, upstream_nccl
 from eagle3_appliance.buffers import ServerBuffers
-from eagle3_appliance.errors import InvalidRequest, install_error_handler
+from eagle3_appliance.errors import InvalidRequest, Unavailable, install_error_handler
 from eagle3_appliance.group_plane import DataPlaneServer
 from eagle3_appliance.inputs import VocabMapping
 from eagle3_appliance.negotiation import EncodingError, check_mapping, choose_encoding, offered_encodings
@@ -64,8 +65,8 @@ def _model_info_extension(state: ServingState) -> ModelInfoExtension:
         dtype=str(target.dtype).removeprefix("torch."),
         device=str(target.device),
         logits_size=target.logits_size,
-        max_seq_len=settings.max_seq_len,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_seq_len=state.pipeline.limits.max_seq_len,
+        max_batch_tokens=state.pipeline.limits.max_batch_tokens,
         mode=target.mode,
     )
 
@@ -87,6 +88,12 @@ async def register_session(request: Request) -> HTTPResponse:
     wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)
     refusal = await state.pipeline.runner.run(state.target.hidden_refusal) if wants_hidden else None
     encoding, refused = choose_encoding(offered, refusal)
+    if len(state.sessions.registered()) >= state.settings.max_sessions:
+        raise Unavailable(
+            f"this server already holds {state.settings.max_sessions} client sessions (--max-sessions); "
+            "disconnect unused ones or retry once a lease has run out",
+            headers={"Retry-After": str(math.ceil(state.settings.lease_seconds))},
+        )
     session = state.sessions.register(client=offer.client)
     session.encoding = encoding.name
     session.lease_seconds = lease
@@ -101,10 +108,14 @@ async def register_session(request: Request) -> HTTPResponse:
 
 
 def _requested_lease(value: float | None, settings: Settings) -> float | None:
-    """The lease a client asks for (``"lease_seconds"`` in its offer), within ``--max-lease-seconds``."""
-    if value is not None and not 0 < value <= settings.max_lease_seconds:
+    """The lease granted for a client's ``"lease_seconds"``: at most ``--max-lease-seconds`` (422
+    beyond), at least ``--min-lease-seconds`` (a shorter one is raised to it, so a client asking
+    for 1 ms does not send thousands of heartbeats a second). None: the server's default."""
+    if value is None:
+        return None
+    if not 0 < value <= settings.max_lease_seconds:
         raise InvalidRequest(f"lease_seconds must be a number in (0, {settings.max_lease_seconds:g}], got {value:g}")
-    return value
+    return max(value, settings.min_lease_seconds)
 
 
 @control.post(protocol.path(protocol.EP_SET_VOCAB_MAPPING))
@@ -185,6 +196,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     ops.metrics.describe_target(target.mode, settings.loader.value, settings.attn_implementation or "default")
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
     pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
+    logger.info("limits: %s", pipeline.limits.describe())
     app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)
     app.blueprint(control)
     app.blueprint(dataplane_routes.blueprint)

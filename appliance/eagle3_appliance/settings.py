@@ -157,6 +157,7 @@ class OptionSpec:
     * ``cli_type`` / ``parse`` - the command-line type and the function that turns it into the
       field's value, for fields whose type the command line cannot spell (a tuple).
     * ``secret`` - never show the value (``--help`` defaults, docs, ``repr``).
+    * ``default_text`` - the docs' words for a ``None`` default that means "derived at start-up".
     """
 
     help: str
@@ -164,6 +165,7 @@ class OptionSpec:
     cli_type: Any = None
     parse: Callable[[Any], Any] | None = None
     secret: bool = False
+    default_text: str | None = None
 
 
 def option(
@@ -175,9 +177,10 @@ def option(
     parse: Callable[[Any], Any] | None = None,
     secret: bool = False,
     default_factory: Callable[[], Any] | None = None,
+    default_text: str | None = None,
 ) -> Any:
     """Declare a :class:`Settings` field as an option (see :class:`OptionSpec`)."""
-    spec = OptionSpec(help=help, min=min, cli_type=cli_type, parse=parse, secret=secret)
+    spec = OptionSpec(help=help, min=min, cli_type=cli_type, parse=parse, secret=secret, default_text=default_text)
     metadata = {"option": spec}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
@@ -236,9 +239,23 @@ class Settings:
     host: str = option("0.0.0.0", "Address to bind.")
     port: int = option(8001, "HTTP port.", min=0)
     log_level: str = option("INFO", "Python logging level.")
-    # -- limits (a request beyond them gets 413 or 422 with the limit in the message) -----
-    max_seq_len: int = option(8192, "Longest sequence per /generate (422 beyond).", min=1)
-    max_batch_tokens: int = option(65536, "Most tokens (batch x length) per /generate (422 beyond).", min=1)
+    # -- limits (a request beyond them gets 413 or 422 with the limit in the message; None =
+    #    derived from the model and the device at start-up, eagle3_appliance.limits) --------
+    max_seq_len: int | None = option(
+        None,
+        "Longest sequence per /generate (422 beyond). Default: the model's max_position_embeddings.",
+        min=1,
+        cli_type=typing.Optional[int],  # noqa: UP045 - typer needs the typing spelling at runtime
+        default_text="from the model",
+    )
+    max_batch_tokens: int | None = option(
+        None,
+        "Most tokens (batch x length) per /generate (422 beyond). Default: what fits in the memory free after "
+        "loading (CUDA), or a 16 GiB budget (CPU); see docs/operations.md.",
+        min=1,
+        cli_type=typing.Optional[int],  # noqa: UP045 - typer needs the typing spelling at runtime
+        default_text="from memory",
+    )
     max_body_bytes: int = option(64 * 1024 * 1024, "Largest request body (413 beyond).", min=1)
     # -- memory and throughput -------------------------------------------------------------
     buffer_pool_mb: int = option(4096, "Host memory (MiB) kept for reuse by /generate answers; 0 = none.", min=0)
@@ -265,6 +282,15 @@ class Settings:
     auth_token_file: Path | None = option(None, "Read the bearer token from this file.")
     lease_seconds: float = option(60.0, "Drop a client session silent for this long.", min=0.1)
     max_lease_seconds: float = option(3600.0, "Longest lease a client may ask for in its session offer.", min=0.1)
+    min_lease_seconds: float = option(
+        1.0,
+        "Shortest lease a client's offer is granted; shorter ones are raised to it (its client heartbeats 3x per "
+        "lease).",
+        min=0.1,
+    )
+    max_sessions: int = option(
+        1024, "Most client sessions at once (each keeps a draft vocabulary on the device); 503 beyond.", min=1
+    )
     exit_when_idle: bool = option(False, "Exit 0 once the last client session has left (batch jobs).")
     max_queue: int = option(64, "/generate requests that may wait (503 + Retry-After beyond).", min=0)
     request_timeout: float = option(600.0, "Most seconds a /generate may wait and compute (503 beyond).", min=0.001)
@@ -287,6 +313,11 @@ class Settings:
             if len(ids) != 3 or len(set(ids)) != 3:
                 raise ValueError(f"--aux-layer-ids needs 3 distinct layer ids, got {list(ids)}")
             object.__setattr__(self, "aux_layer_ids", ids)
+        if self.min_lease_seconds > self.max_lease_seconds:
+            raise ValueError(
+                f"--min-lease-seconds ({self.min_lease_seconds:g}) is above --max-lease-seconds "
+                f"({self.max_lease_seconds:g})"
+            )
         unknown = sorted({t.strip() for t in self.data_planes.split(",") if t.strip()} - set(DATA_PLANE_TIERS))
         if unknown:
             raise ValueError(f"--data-planes takes nccl and/or gloo, got {unknown}")
@@ -376,6 +407,8 @@ def _default_text(f: dataclasses.Field[Any]) -> str:
     spec: OptionSpec = f.metadata["option"]
     if spec.secret:
         return "(none)"
+    if spec.default_text is not None:
+        return spec.default_text
     if f.default_factory is not dataclasses.MISSING:
         return "see description" if f.name != "cache_dir" else "`$XDG_CACHE_HOME/eagle3-appliance`"
     value = f.default

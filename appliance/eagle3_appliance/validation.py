@@ -3,6 +3,12 @@
 Every check raises an :mod:`eagle3_appliance.errors` exception with a message that names the
 offending key and value. Token ids are range-checked here because an out-of-range index
 on a GPU is a device-side assert that kills the CUDA context for every later request.
+
+Every size a client controls is bounded here, before anything is allocated from it: a body
+by ``--max-body-bytes`` (Sanic refuses it before it is read) and :data:`MAX_BODY_ENTRIES`
+(the decoder), a batch by the server's token limits, and a draft vocabulary ``D`` by the
+model's logits (each id at most once), so that every answer is at most
+``max_batch_tokens x logits`` probabilities and ``/lm_head_rows`` at most the whole LM head.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from eagle3_client import wire
 from eagle3_client.protocol import GENERATE_INPUT_KEYS, VOCAB_MAPPING_KEYS
 
 __all__ = [
+    "MAX_BODY_ENTRIES",
     "decode_body",
     "json_body",
     "json_object",
@@ -26,6 +33,10 @@ __all__ = [
     "validate_row_request",
     "validate_vocab_mapping",
 ]
+
+# Entries a wire body may have: ours have at most three keys; more is not a request (and
+# each tiny entry would cost a Python object, a hostile body holding millions of them).
+MAX_BODY_ENTRIES = 16
 
 _INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # Masks hold 0/1; recipes build them as integers or bool, some as floats: all are accepted.
@@ -61,7 +72,7 @@ def decode_body(body: bytes) -> dict[str, torch.Tensor | None]:
     if not body:
         raise MalformedBody("empty body; expected a wire-format tensor dictionary")
     try:
-        return wire.decode(body)
+        return wire.decode(body, max_entries=MAX_BODY_ENTRIES)
     except wire.WireFormatError as exc:
         raise MalformedBody(f"malformed wire body: {exc}") from None
 
@@ -116,8 +127,30 @@ def validate_generate(
     return GenerateInputs(input_ids, attention_mask, loss_mask)
 
 
+def _check_draft_ids(ids: torch.Tensor, logits_size: int) -> None:
+    """A draft vocabulary: at most ``logits_size`` ids, each in ``[0, logits_size)`` and listed once.
+
+    This is what bounds every answer's ``D`` (and ``/lm_head_rows``) by the model itself.
+    """
+    if ids.numel() > logits_size:
+        raise InvalidTensors(
+            f"selected_token_ids has {ids.numel()} ids; this model has {logits_size} logits, "
+            f"so at most {logits_size} (each id once)"
+        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= logits_size:
+        raise InvalidTensors(f"selected_token_ids must lie in [0, {logits_size}), got values in [{low}, {high}]")
+    values, counts = torch.unique(ids, return_counts=True)
+    repeated = values[counts > 1]
+    if repeated.numel():
+        raise InvalidTensors(
+            f"selected_token_ids lists {repeated.numel()} id(s) more than once (first: {int(repeated[0])}); "
+            "each id may appear once"
+        )
+
+
 def validate_vocab_mapping(tensors: dict[str, torch.Tensor | None], *, logits_size: int) -> VocabMapping:
-    """A :class:`VocabMapping` with int64 ids in ``[0, V)`` and a bool mask of length ``V``."""
+    """A :class:`VocabMapping`: at most ``V`` distinct int64 ids in ``[0, V)`` and a bool mask of length ``V``."""
     ids, mask = _require(tensors, VOCAB_MAPPING_KEYS)
     _check_dtype("selected_token_ids", ids, _INTEGER)
     _check_dtype("selected_token_mask", mask, (*_INTEGER, torch.bool))
@@ -125,15 +158,13 @@ def validate_vocab_mapping(tensors: dict[str, torch.Tensor | None], *, logits_si
         raise InvalidTensors(f"selected_token_ids must be a non-empty 1-D tensor, got shape {list(ids.shape)}")
     if mask.ndim != 1 or mask.numel() != logits_size:
         raise InvalidTensors(f"selected_token_mask must have shape [{logits_size}], got {list(mask.shape)}")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= logits_size:
-        raise InvalidTensors(f"selected_token_ids must lie in [0, {logits_size}), got values in [{low}, {high}]")
+    _check_draft_ids(ids, logits_size)
     _check_binary("selected_token_mask", mask)
     return VocabMapping(selected_token_ids=ids.long(), selected_token_mask=mask.bool())
 
 
 def validate_row_request(tensors: Mapping[str, torch.Tensor | None], *, logits_size: int) -> torch.Tensor:
-    """The ``selected_token_ids`` of an ``/lm_head_rows`` body: int, 1-D, non-empty, in ``[0, V)``."""
+    """The ``selected_token_ids`` of an ``/lm_head_rows`` body: int, 1-D, at most ``V`` distinct ids in ``[0, V)``."""
     ids = tensors.get("selected_token_ids")
     extra = sorted(set(tensors) - {"selected_token_ids"})
     if ids is None or extra:
@@ -142,7 +173,5 @@ def validate_row_request(tensors: Mapping[str, torch.Tensor | None], *, logits_s
         raise InvalidTensors(
             f"selected_token_ids must be a non-empty 1-D integer tensor, got {ids.dtype} {list(ids.shape)}"
         )
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= logits_size:
-        raise InvalidTensors(f"selected_token_ids must lie in [0, {logits_size}), got values in [{low}, {high}]")
+    _check_draft_ids(ids, logits_size)
     return ids.long()

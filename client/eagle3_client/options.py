@@ -83,7 +83,8 @@ class ClientOptions:
     )
     lease_seconds: float | None = option(
         None,
-        "Session lease to ask our servers for (None = the server's default); the client heartbeats 3x per lease.",
+        "Session lease to ask our servers for (None = the server's default; a server raises it to its "
+        "--min-lease-seconds, 1 s by default); the client heartbeats 3x per granted lease.",
         env="EAGLE3_LEASE_SECONDS",
         positive=True,
     )

@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "DataPlaneReply",
     "DataPlaneRequest",
+    "MAX_CLIENT_NAME",
     "MODEL_INFO_EXTENSION_KEY",
     "ModelInfoExtension",
     "PROTOCOL_VERSION",
@@ -40,6 +41,7 @@ __all__ = [
     "EP_LM_HEAD_ROWS",
     "SESSION_HEADER",
     "ENCODING_HEADER",
+    "REQUEST_ID_HEADER",
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
@@ -108,6 +110,8 @@ EP_LM_HEAD_ROWS = "lm_head_rows"
 SESSION_HEADER = "X-Eagle3-Session"
 # The supervision encoding a /generate answer uses (absent = upstream's "probs").
 ENCODING_HEADER = "X-Eagle3-Encoding"
+# On a 500 answer: the id under which the server logged the failure (also in the JSON body).
+REQUEST_ID_HEADER = "X-Request-Id"
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Data planes (extension). How a /generate answer's tensors travel, best first: a private
@@ -256,6 +260,10 @@ def _object(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
+# Longest ``client`` name a session offer may carry (the server keeps it for the session's life).
+MAX_CLIENT_NAME = 256
+
+
 @dataclass(frozen=True)
 class SessionOffer:
     """``POST /session`` body: who the client is and what it can do, best first (all optional)."""
@@ -280,8 +288,11 @@ class SessionOffer:
     @classmethod
     def from_json(cls, body: Any) -> SessionOffer:
         body = _object(body, "the session offer")
+        client = str(_field(body, "client", (str, int, float), ""))
+        if len(client) > MAX_CLIENT_NAME:
+            raise ValueError(f"'client' must be at most {MAX_CLIENT_NAME} characters, got {len(client)}")
         return cls(
-            client=str(_field(body, "client", (str, int, float), "")),
+            client=client,
             encoding=_field(body, "encoding", str, ENCODING_PROBS),
             encodings=_names(body, "encodings"),
             data_planes=_names(body, "data_planes"),

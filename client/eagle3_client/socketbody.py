@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -247,9 +246,7 @@ class SocketTransport(httpx.BaseTransport):
             idle = self._idle.get(key, [])
             while idle:
                 sock = idle.pop()
-                # Readable while idle means the server closed it (or sent junk): not reusable.
-                readable, _, _ = select.select([sock], [], [], 0)
-                if not readable:
+                if _still_idle(sock):
                     return sock
                 sock.close()
         return None
@@ -270,6 +267,26 @@ class SocketTransport(httpx.BaseTransport):
                     sock.close()
             self._idle.clear()
         self._fallback.close()
+
+
+def _still_idle(sock: socket.socket) -> bool:
+    """True when a kept-alive socket is open with nothing to read, so it can carry a request.
+
+    Anything readable while idle means the server closed it (EOF) or sent junk. A
+    non-blocking peek rather than ``select.select``, which raises ``ValueError`` for
+    descriptor numbers above 1023 (a trainer with data-loader workers and NCCL gets there).
+    """
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # non-blocking: Python would otherwise wait for readability first
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+    return False
 
 
 def _not_started(exc: httpx.TransportError) -> httpx.TransportError:

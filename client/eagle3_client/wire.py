@@ -21,7 +21,9 @@ Why it is shaped like this:
   :func:`decode` is the same parser fed one buffer.
 * Malformed input raises :class:`WireFormatError` with a message that says what is wrong,
   and a declared size is checked against the bytes that can still arrive *before* anything
-  is allocated, so a hostile header cannot make the receiver allocate gigabytes.
+  is allocated, so a hostile header cannot make the receiver allocate gigabytes. A receiver
+  that knows how many entries a body may have passes ``max_entries``: without it, a body of
+  many tiny entries costs a Python object per few bytes (the server passes its bound).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ _FLAG_NONE = 0x01
 _MAX_KEY_LEN = 4096
 # The longest valid entry header: key_len, key, flags/dtype/ndim, 255 dims, nbytes.
 _MAX_HEADER = _KEY_LEN.size + _MAX_KEY_LEN + _FLAGS_DTYPE_NDIM.size + 255 * _DIM.size + _NBYTES.size
+
+# Largest element count x item size any shape may describe (torch's own storage limit), so
+# that even a zero-byte entry with dimensions like [2**40, 2**40, 0] is refused by name.
+_MAX_STORAGE = 2**63 - 1
 
 # Bytes a pulling reader asks for while it parses entry headers; tensor data that arrives
 # in the same read is copied once into its tensor, which is cheap for this bounded amount.
@@ -168,6 +174,7 @@ class WireReader:
     body has ended exactly at an entry boundary. Or let it pull from a socket with
     :meth:`read_from`, which receives tensor data straight into the tensors.
     ``expected_size`` (the Content-Length, when known) bounds every allocation;
+    ``max_entries`` bounds the number of entries (None = any);
     ``pin_memory`` allocates page-locked storage so that the caller's one copy to a CUDA
     device is fast; ``alloc`` (e.g. ``BufferPool.empty``) supplies each tensor's memory
     instead of ``torch.empty``.
@@ -182,9 +189,15 @@ class WireReader:
     """
 
     def __init__(
-        self, expected_size: int | None = None, *, pin_memory: bool = False, alloc: Allocator | None = None
+        self,
+        expected_size: int | None = None,
+        *,
+        pin_memory: bool = False,
+        alloc: Allocator | None = None,
+        max_entries: int | None = None,
     ) -> None:
         self._expected = expected_size
+        self._max_entries = max_entries
         self._pin = pin_memory
         self._alloc = alloc
         self._scratch: memoryview | None = None  # header bytes read by read_from
@@ -315,6 +328,8 @@ class WireReader:
             raise WireFormatError(f"key is not UTF-8: {exc}") from None
         if key in self._result:
             raise WireFormatError(f"duplicate key {key!r}")
+        if self._max_entries is not None and len(self._result) >= self._max_entries:
+            raise WireFormatError(f"body has more than {self._max_entries} entries, the most this receiver accepts")
         pos += key_len
         flags = buf[pos]
         if flags & _FLAG_NONE:
@@ -334,10 +349,13 @@ class WireReader:
         pos += _NBYTES.size
         if any(d < 0 for d in shape):
             raise WireFormatError(f"negative dimension in shape {shape} of {key!r}")
-        numel = 1
+        numel, storage = 1, 1
+        itemsize = torch.empty(0, dtype=dtype).element_size()
         for d in shape:
             numel *= d
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+            storage *= max(d, 1)
+        if storage * itemsize > _MAX_STORAGE:
+            raise WireFormatError(f"shape {shape} of {key!r} is too large to allocate, whatever its byte count")
         if nbytes != numel * itemsize:
             raise WireFormatError(
                 f"{key!r}: {nbytes} data bytes do not match shape {shape} of {dtype} ({numel * itemsize} bytes)"
@@ -366,8 +384,8 @@ class WireReader:
         return self._result
 
 
-def decode(body: bytes | bytearray | memoryview) -> dict[str, torch.Tensor | None]:
-    """Decode a complete blob into tensors that own their (aligned) memory."""
-    reader = WireReader(expected_size=memoryview(body).nbytes)
+def decode(body: bytes | bytearray | memoryview, *, max_entries: int | None = None) -> dict[str, torch.Tensor | None]:
+    """Decode a complete blob into tensors that own their (aligned) memory (at most ``max_entries`` of them)."""
+    reader = WireReader(expected_size=memoryview(body).nbytes, max_entries=max_entries)
     reader.feed(body)
     return reader.finish()

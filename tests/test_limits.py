@@ -1,0 +1,90 @@
+"""The request limits: derived from the model and the device unless a flag sets them, printed at
+start-up, and what an upstream client meets (a 16k sequence on a model made for it is accepted)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.limits import (
+    CPU_BUDGET_BYTES,
+    CUDA_BUDGET_FRACTION,
+    FALLBACK_MAX_SEQ_LEN,
+    TargetShape,
+    derive_limits,
+)
+from eagle3_appliance.settings import Settings
+from eagle3_client import RemoteEagle3TargetModel, wire
+from eagle3_client.synthetic import vocab_mapping
+
+GiB = 1 << 30
+# Llama-3.1-8B's config.json, the numbers that matter here.
+LLAMA_8B = TargetShape(
+    max_position_embeddings=131072, vocab_size=128256, hidden_size=4096, intermediate_size=14336, dtype_bytes=2
+)
+
+
+def test_the_sequence_limit_is_the_models_context_and_flags_win() -> None:
+    limits = derive_limits(Settings(), LLAMA_8B, device=torch.device("cpu"))
+    assert limits.max_seq_len == 131072 and "max_position_embeddings" in limits.sources["max_seq_len"]
+    unknown = TargetShape(None, vocab_size=1024, hidden_size=64, intermediate_size=128, dtype_bytes=4)
+    assert derive_limits(Settings(), unknown, device=torch.device("cpu")).max_seq_len == FALLBACK_MAX_SEQ_LEN
+    pinned = derive_limits(Settings(max_seq_len=300, max_batch_tokens=900), LLAMA_8B, device=torch.device("cpu"))
+    assert (pinned.max_seq_len, pinned.max_batch_tokens) == (300, 900)
+    assert pinned.sources == {"max_seq_len": "--max-seq-len", "max_batch_tokens": "--max-batch-tokens"}
+
+
+def test_the_token_limit_is_what_fits_next_to_the_weights() -> None:
+    # An 80 GB GPU with an 8B bf16 model loaded: about 62 GiB free.
+    gpu = derive_limits(Settings(), LLAMA_8B, device=torch.device("cuda"), free_bytes=62 * GiB)
+    per_token = LLAMA_8B.bytes_per_token()
+    assert 1.4e6 < per_token < 1.7e6  # logits + a whole-vocabulary answer dominate: ~1.5 MB a token
+    assert gpu.max_batch_tokens == int(62 * GiB * CUDA_BUDGET_FRACTION) // per_token
+    assert gpu.max_batch_tokens >= 32768  # a 16k sequence fits twice, where the old default refused it
+    half = derive_limits(Settings(), LLAMA_8B, device=torch.device("cuda"), free_bytes=31 * GiB)
+    assert half.max_batch_tokens == int(31 * GiB * CUDA_BUDGET_FRACTION) // per_token
+    cpu = derive_limits(Settings(), LLAMA_8B, device=torch.device("cpu"))
+    assert cpu.max_batch_tokens == CPU_BUDGET_BYTES // per_token and "CPU budget" in cpu.sources["max_batch_tokens"]
+    text = gpu.describe()
+    assert f"max_batch_tokens {gpu.max_batch_tokens:,}" in text and "max_seq_len 131,072" in text
+
+
+@pytest.fixture(scope="module")
+def long_context_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    """The tiny model with a 16k context, served with no limit flags at all."""
+    tmp = tmp_path_factory.mktemp("limits")
+    model = ensure_builtin_model(tmp, config={**BUILTIN_CONFIG, "max_position_embeddings": 16384})
+    with ServerProcess(["--model", str(model)], log_path=tmp / "server.log") as proc:
+        proc.log_text = lambda: (tmp / "server.log").read_text()  # type: ignore[attr-defined]
+        yield proc
+
+
+def _generate(url: str, seq_len: int) -> httpx.Response:
+    ids = torch.full((1, seq_len), 1024)  # out of range: checked after the limits, so no forward runs
+    body = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    return httpx.post(url + "/generate", content=wire.encode(body), trust_env=False, timeout=60)
+
+
+def test_a_server_without_limit_flags_takes_the_models_context(long_context_server: ServerProcess) -> None:
+    url = long_context_server.url
+    ids, mask = vocab_mapping(1024, 64)
+    assert httpx.post(url + "/set_vocab_mapping", content=wire.encode(
+        {"selected_token_ids": ids, "selected_token_mask": mask}), trust_env=False).status_code == 200  # fmt: skip
+    with RemoteEagle3TargetModel.from_urls([url], max_retries=0) as remote:
+        served = remote.served_model()
+    assert served is not None and served.max_seq_len == 16384
+    tiny = TargetShape(16384, vocab_size=1024, hidden_size=64, intermediate_size=128, dtype_bytes=4)
+    assert served.max_batch_tokens == CPU_BUDGET_BYTES // tiny.bytes_per_token()
+    # 16,000 tokens pass the length check (and fail on the ids instead); 16,385 do not.
+    assert "input_ids must lie in [0, 1024)" in _generate(url, 16000).json()["error"]
+    too_long = _generate(url, 16385)
+    assert too_long.status_code == 422
+    assert too_long.json()["error"] == "sequence length 16385 exceeds this server's maximum of 16384"
+    log = long_context_server.log_text()  # type: ignore[attr-defined]
+    assert (
+        f"limits: max_seq_len 16,384 (the model's max_position_embeddings), max_batch_tokens {served.max_batch_tokens:,}"
+        in log
+    )
