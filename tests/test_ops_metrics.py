@@ -28,7 +28,7 @@ from tests.ops_support import (
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("metrics")
-    model = make_slow_model(tmp / "slow-model", 2.5)
+    model = make_slow_model(tmp / "slow-model", 6.0)
     state_file = tmp / "nvml.json"
     write_state(state_file, {"gpus": healthy_gpus()[:1]})
     args = [
@@ -36,7 +36,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         str(model),
         "--trust-remote-code",
         "--request-timeout",
-        "1",
+        "3",  # generous for the fast requests on a busy machine; the slow one takes 6 s
         "--max-body-bytes",
         "65536",
         "--max-batch-tokens",
@@ -112,9 +112,9 @@ def test_each_limit_refuses_with_a_clear_status_and_is_counted(url: str) -> None
 
 def test_request_time_limit_answers_503_and_the_next_request_still_works(url: str) -> None:
     before = scrape(url)
-    slow = post(url, "generate", wire.encode(batch(1, 8, slow=True)))  # sleeps 2.5 s > --request-timeout 1
+    slow = post(url, "generate", wire.encode(batch(1, 8, slow=True)))  # sleeps 6 s > --request-timeout 3
     assert slow.status_code == 503
-    assert "request time limit of 1 s" in slow.json()["error"]
+    assert "request time limit of 3 s" in slow.json()["error"]
     assert int(slow.headers["retry-after"]) >= 1
     # The abandoned forward still holds the model thread for a moment; then the server works as before.
     wait_until(lambda: metric(scrape(url), "eagle3_inference_computing") == 0, what="the model thread to finish")
