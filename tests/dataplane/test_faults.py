@@ -18,10 +18,13 @@ from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.target import Target
 from eagle3_client import protocol
 
+from tests.ops_support import metric, scrape
+
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STALL_CLIENT = Path(__file__).with_name("stall_client.py")
+CLOSE_BEFORE_SEND = Path(__file__).with_name("close_before_send.py")
 BIG_SEQ_LEN = 2048  # about 20 MB per answer: more than loopback socket buffers hold
 
 
@@ -160,3 +163,30 @@ def test_a_frozen_client_times_out_on_the_server_and_recovers_when_it_wakes(
     for key, value in want.items():
         assert torch.equal(got[key], value), key
     assert health(fault_server.url) == 200
+
+
+def test_a_link_closing_between_the_metadata_and_the_send_is_answered_once_without_a_500(
+    dp_cache: Path, reference: Target, mapping: VocabMapping, tmp_path: Path
+) -> None:
+    """The window between ``wait_ready()`` and ``link.send()``: the metadata has gone out, the link closes."""
+    log = tmp_path / "server.log"
+    launcher = (sys.executable, str(CLOSE_BEFORE_SEND))
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    batches = [inputs(reference, 2, 32, seed=1500 + i) for i in range(2)]
+    args = ["--cache-dir", str(dp_cache), "--data-plane-timeout", "20"]
+    with ServerProcess(args, env=env, log_path=log, launcher=launcher) as server:
+        options = dict(data_plane="gloo", data_plane_backoff=0)
+        with connect(server.url, mapping, **options) as remote:
+            for batch_inputs in batches:
+                assert_bit_exact(remote.generate_batch(*batch_inputs), expected(reference, mapping, batch_inputs))
+            stats = remote.transport_stats()[0]
+            # Each answer: metadata, then the link closed under it; recovered from the stored result.
+            assert (stats["fallbacks"], stats["bytes"]["gloo"]) == (2, 0), stats
+            assert stats["bytes"]["wire"] > 0
+        samples = scrape(server.url)
+        assert metric(samples, "eagle3_request_failure_total", endpoint="generate", status="500") == 0
+        assert metric(samples, "eagle3_request_success_total", endpoint="generate") == 2
+        assert metric(samples, "eagle3_request_success_total", endpoint="data_plane/resend") == 2
+        assert health(server.url) == 200
+    text = log.read_text()
+    assert "Traceback" not in text and " 500" not in text and "POST /generate failed" not in text, text[-3000:]
