@@ -89,6 +89,7 @@ __all__ = [
     "StoredResult",
     "TierNotOffered",
     "close_link",
+    "connection_closed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -685,10 +686,39 @@ class GroupTransfer(Transfer):
         # Only once the metadata is on its way: a send into a dead HTTP exchange would
         # otherwise wait for a receiver that never comes. A link closed in the meantime
         # refuses the send; the client then recovers from the stored result.
-        link.send(self.seq, supervision)
+        sending = link.send(self.seq, supervision)
+        if request.conn_info is not None:  # see connection_closed
+            request.conn_info.ctx.data_plane_send = (link, self.seq, sending)
         if ticket is not None:
             ticket.sent(meta.total_bytes)
         return link.tier
+
+
+def connection_closed(conn_info: Any) -> None:
+    """The HTTP connection of a session closed: if it had a transfer still being sent, drop the group.
+
+    Our client keeps its connection open while it receives on the group, so a connection
+    that closes under a transfer in flight means the client is gone (killed, or its host).
+    NCCL has no way to notice a dead peer before the transfer deadline; closing the link
+    aborts it at once. (A gloo send notices a dead peer's closed sockets by itself, and a
+    frozen but living peer only at the deadline: gloo sends cannot be interrupted.)
+    """
+    pending = getattr(conn_info.ctx, "data_plane_send", None)
+    if pending is None:
+        return
+    link, seq, sending = pending
+    conn_info.ctx.data_plane_send = None
+    if not sending.done() and not link.closed:
+        logger.warning(
+            "data plane %s port %d (%s): the client's connection closed while transfer %d was being sent; "
+            "dropping the group",
+            link.tier,
+            link.port,
+            link.client or "anonymous",
+            seq,
+        )
+        link.stats.last_error = f"transfer {seq}: the client's HTTP connection closed during the send"
+        link.close("peer gone")
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -16,7 +16,7 @@ import torch
 from eagle3_appliance.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.target import Target
-from eagle3_client import protocol
+from eagle3_client import protocol, wire
 
 from tests.ops_support import metric, scrape
 
@@ -190,3 +190,31 @@ def test_a_link_closing_between_the_metadata_and_the_send_is_answered_once_witho
         assert health(server.url) == 200
     text = log.read_text()
     assert "Traceback" not in text and " 500" not in text and "POST /generate failed" not in text, text[-3000:]
+
+
+def test_a_client_whose_connection_closes_under_a_transfer_loses_its_group_at_once(
+    dp_cache: Path, reference: Target, mapping: VocabMapping, tmp_path: Path
+) -> None:
+    """Not after --data-plane-timeout (60 s here): NCCL would otherwise hang on a dead peer that long."""
+    args = ["--cache-dir", str(dp_cache), "--data-plane-timeout", "60"]
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        remote = connect(server.url, mapping, data_plane="gloo")
+        try:
+            remote.generate_batch(*inputs(reference, 1, 8, seed=1800))  # the group is up
+            plane = remote._servers[0].data_plane
+            sid = session_id(remote)
+            payload = wire.encode(dict(zip(protocol.GENERATE_INPUT_KEYS, inputs(reference, 2, BIG_SEQ_LEN, 1), strict=True)))
+            seq, kind, _ = plane.request_transfer(payload)  # metadata in; the 20 MB send now waits for us
+            assert kind == "gloo"
+            remote._servers[0].control._http.close()  # the trainer's connections go away; its group does not
+            link = wait_for(
+                lambda: (lk := status(server.url, sid)["session"])["state"] == "peer gone" and lk,
+                "the server to drop the group",
+                limit=20,
+            )
+            assert "HTTP connection closed" in link["last_error"], link
+            assert health(server.url) == 200
+        finally:
+            plane.group and plane.group.close()
+            remote.close()
+    assert "the client's connection closed while transfer" in (tmp_path / "server.log").read_text()
