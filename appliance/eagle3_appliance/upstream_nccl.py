@@ -87,17 +87,14 @@ def upstream_group(tier: str, store: Any, port: int, device: torch.device, timeo
     else:
         device = torch.device("cpu")
     # The helper's options argument was renamed in torch 2.6 (pg_options -> backend_options).
-    options = "backend_options" if "backend_options" in inspect.signature(_new_process_group_helper).parameters else "pg_options"
-    pg, _ = _new_process_group_helper(
-        2,
-        0,
-        [],
-        Backend(tier),
-        store,
-        group_name=name,
-        timeout=datetime.timedelta(seconds=timeout),
-        **{options: None},
+    options = (
+        "backend_options"
+        if "backend_options" in inspect.signature(_new_process_group_helper).parameters
+        else "pg_options"
     )
+    # (a dict: the helper's parameter types differ between torch versions)
+    named: dict[str, Any] = {"group_name": name, "timeout": datetime.timedelta(seconds=timeout), options: None}
+    pg, _ = _new_process_group_helper(2, 0, [], Backend(tier), store, **named)
     _world.pg_group_ranks[pg] = {0: 0, 1: 1}
     return Group(tier=tier, rank=0, pg=pg, store=store, device=device, timeout=timeout, release=_forget)
 

@@ -142,7 +142,7 @@ def connect_store(host: str, port: int, timeout: float) -> Any:
     return TCPStore(host, port, world_size=2, is_master=False, timeout=_delta(timeout))
 
 
-class RendezvousStore(_StoreBase):  # type: ignore[misc,valid-type]  # torch's Store has no stubs
+class RendezvousStore(_StoreBase):
     """A ``torch.distributed.Store`` that forwards to a ``TCPStore`` until :meth:`detach`.
 
     Why: a process group keeps a reference to the store it was built from, so a rank 0's
@@ -250,8 +250,11 @@ def open_group(
 ) -> Group:
     """Build this end of the group; blocks until the peer has joined (gloo) or returns at once (NCCL).
 
-    ``key_prefix`` namespaces the store keys (upstream's groups live under
-    ``"<group name>/cuda/"``). NCCL creates its communicator lazily on the first transfer.
+    ``key_prefix`` namespaces the store keys (a ``PrefixStore`` adds its own ``/``, so keys
+    are ``"<key_prefix>/<key>"``). Our own tiers only: upstream's groups are built through
+    torch's group helper, which nests two prefixes of its own (``"<group name>//cuda//<key>"``;
+    see the appliance's ``upstream_nccl.upstream_group``). NCCL creates its communicator
+    lazily on the first transfer.
     """
     from torch.distributed import PrefixStore
 

@@ -17,7 +17,6 @@ from eagle3_appliance.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.target import Target
 from eagle3_client import protocol, wire
-
 from tests.ops_support import metric, scrape
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status, wait_for
@@ -203,7 +202,9 @@ def test_a_client_whose_connection_closes_under_a_transfer_loses_its_group_at_on
             remote.generate_batch(*inputs(reference, 1, 8, seed=1800))  # the group is up
             plane = remote._servers[0].data_plane
             sid = session_id(remote)
-            payload = wire.encode(dict(zip(protocol.GENERATE_INPUT_KEYS, inputs(reference, 2, BIG_SEQ_LEN, 1), strict=True)))
+            payload = wire.encode(
+                dict(zip(protocol.GENERATE_INPUT_KEYS, inputs(reference, 2, BIG_SEQ_LEN, 1), strict=True))
+            )
             seq, kind, _ = plane.request_transfer(payload)  # metadata in; the 20 MB send now waits for us
             assert kind == "gloo"
             remote._servers[0].control._http.close()  # the trainer's connections go away; its group does not

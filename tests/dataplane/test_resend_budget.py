@@ -85,4 +85,3 @@ def test_an_answer_larger_than_the_whole_budget_is_not_kept_and_still_arrives(
         stats = remote.transport_stats()[0]
         assert (stats["tier"], stats["fallbacks"], stats["bytes"]["wire"]) == ("gloo", 0, 0)
         assert status(budget_server.url, session_id(remote))["resend"]["held_bytes"] <= BUDGET_MB << 20
-

@@ -61,7 +61,9 @@ class UpstreamStyleGroup:
         """What upstream's client runs on a thread while it posts /init_nccl."""
         timeout = datetime.timedelta(seconds=RENDEZVOUS_S)
         try:
-            store = dist.TCPStore(self.host, self.port, world_size=2, is_master=False, timeout=timeout, multi_tenant=True)
+            store = dist.TCPStore(
+                self.host, self.port, world_size=2, is_master=False, timeout=timeout, multi_tenant=True
+            )
             # sglang: given a store, no PrefixStore of its own; the helper adds the nesting.
             pg, _ = _new_process_group_helper(
                 2, 1, [], Backend(self.backend), store, group_name=self.name, backend_options=None, timeout=timeout
@@ -98,7 +100,13 @@ class UpstreamStyleGroup:
         if pg is None:
             return
         name = _world.pg_names.get(pg)
-        for table in (_world.pg_map, _world.pg_names, _world.pg_group_ranks, _world.pg_backend_config, _world.pg_to_tag):
+        for table in (
+            _world.pg_map,
+            _world.pg_names,
+            _world.pg_group_ranks,
+            _world.pg_backend_config,
+            _world.pg_to_tag,
+        ):
             table.pop(pg, None)
         for groups in _world.tags_to_pg.values():
             while pg in groups:
