@@ -150,6 +150,10 @@ class RendezvousStore(_StoreBase):
     waiting for a peer that never comes could not be ended before its timeout. Through this
     wrapper the store is dropped as soon as the group is up or the link is closed, and waits
     poll the store so that a detach ends them within milliseconds.
+
+    Once detached, reads and waits fail at once, while ``check`` answers "not there" and
+    ``set`` is dropped: a group's background threads (NCCL's monitor polls its store) then see
+    nothing unusual.
     """
 
     def __init__(self, inner: Any = None, timeout: float = 60.0) -> None:
@@ -175,7 +179,9 @@ class RendezvousStore(_StoreBase):
         return inner
 
     def set(self, key: str, value: Any) -> None:
-        self._live().set(key, value)
+        inner = self._inner
+        if inner is not None:
+            inner.set(key, value)
 
     def get(self, key: str) -> bytes:
         self.wait([key])
@@ -188,7 +194,8 @@ class RendezvousStore(_StoreBase):
         return bytes(self._live().compare_set(key, expected, desired))
 
     def check(self, keys: list[str]) -> bool:
-        return bool(self._live().check(keys))
+        inner = self._inner
+        return inner is not None and bool(inner.check(keys))
 
     def delete_key(self, key: str) -> bool:
         return bool(self._live().delete_key(key))
