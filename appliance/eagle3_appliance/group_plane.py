@@ -698,7 +698,7 @@ def connection_closed(conn_info: Any) -> None:
     """The HTTP connection of a session closed: if it had a transfer still being sent, drop the group.
 
     Our client keeps its connection open while it receives on the group, so a connection
-    that closes under a transfer in flight means the client is gone (killed, or its host).
+    the client closes under a transfer in flight means the client is gone (killed, or its host).
     NCCL has no way to notice a dead peer before the transfer deadline; closing the link
     aborts it at once. (A gloo send notices a dead peer's closed sockets by itself, and a
     frozen but living peer only at the deadline: gloo sends cannot be interrupted.)
@@ -708,7 +708,9 @@ def connection_closed(conn_info: Any) -> None:
         return
     link, seq, sending = pending
     conn_info.ctx.data_plane_send = None
-    if not sending.done() and not link.closed:
+    # Only a close the peer made (Sanic marks the connection lost before this signal); the
+    # server's own closes (keep-alive timeout, shutdown) say nothing about the client.
+    if getattr(conn_info, "lost", False) and not sending.done() and not link.closed:
         logger.warning(
             "data plane %s port %d (%s): the client's connection closed while transfer %d was being sent; "
             "dropping the group",
