@@ -245,7 +245,7 @@ class SerialWorker:
 
     A daemon, unlike a thread pool's workers: a gloo send to a frozen peer cannot be
     interrupted (it ends at its deadline), and it must not keep the process alive after the
-    drain has given up on it. Jobs submitted after :meth:`stop` fail at once.
+    drain has given up on it. Nothing is queued once :meth:`stop` was called.
     """
 
     def __init__(self, name: str) -> None:

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 _JOIN_POLL_S = 0.5  # while a join takes longer than this, ask the server how its end is doing
 # States of the server's end in which it will never complete the rendezvous.
-_SERVER_GAVE_UP = frozenset({"failed", "rejected", "closed", "shutdown", "replaced", "none"})
+_SERVER_GAVE_UP = frozenset({"failed", "rejected", "closed", "shutdown", "replaced", "peer gone", "none"})
 
 
 class GroupDataPlane(DataPlane):
