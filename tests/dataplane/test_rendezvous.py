@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +47,26 @@ def free_range(count: int) -> tuple[int, int]:
     raise RuntimeError("no free port range")
 
 
+@contextmanager
+def _two_ports(dp_cache: Path, logs: Path, timeout: float) -> Iterator[tuple[ServerProcess, int]]:
+    first, last = free_range(2)
+    args = ["--cache-dir", str(dp_cache), "--data-plane-ports", f"{first}-{last}", "--data-plane-timeout", str(timeout)]
+    with ServerProcess(args, log_path=logs / "server.log") as proc:
+        yield proc, first
+
+
 @pytest.fixture(scope="module")
 def two_port_server(dp_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, int]]:
     """Two rendezvous ports in all, and a short data-plane timeout."""
-    first, last = free_range(2)
-    args = ["--cache-dir", str(dp_cache), "--data-plane-ports", f"{first}-{last}", "--data-plane-timeout", "2"]
-    with ServerProcess(args, log_path=tmp_path_factory.mktemp("rendezvous") / "server.log") as proc:
-        yield proc, first
+    with _two_ports(dp_cache, tmp_path_factory.mktemp("rendezvous"), 2) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def guarded_server(dp_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, int]]:
     """Two rendezvous ports and a data-plane timeout long enough for a stranger to join in time."""
-    first, last = free_range(2)
-    args = ["--cache-dir", str(dp_cache), "--data-plane-ports", f"{first}-{last}", "--data-plane-timeout", "20"]
-    with ServerProcess(args, log_path=tmp_path_factory.mktemp("guarded") / "server.log") as proc:
-        yield proc, first
+    with _two_ports(dp_cache, tmp_path_factory.mktemp("guarded"), 20) as server:
+        yield server
 
 
 def test_sessions_that_never_join_leave_no_port_behind(

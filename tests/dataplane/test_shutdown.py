@@ -65,17 +65,21 @@ def _server(dp_cache: Path, tmp_path: Path, *extra: str) -> ServerProcess:
     return ServerProcess(args, log_path=tmp_path / "server.log")
 
 
+def _exit_after_sigterm(server: ServerProcess) -> tuple[int, float]:
+    assert server.proc is not None
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(timeout=90)
+    return code, time.monotonic() - start
+
+
 def test_sigterm_with_a_frozen_gloo_client_exits_within_the_grace_period_with_code_1(
     dp_cache: Path, tmp_path: Path
 ) -> None:
     server = _server(dp_cache, tmp_path).start()
     try:
         with frozen_gloo_client(server.url, tmp_path):
-            assert server.proc is not None
-            start = time.monotonic()
-            server.proc.send_signal(signal.SIGTERM)
-            code = server.proc.wait(timeout=90)
-            took = time.monotonic() - start
+            code, took = _exit_after_sigterm(server)
     finally:
         server.stop()
     assert code == 1, code  # an answer was cut off
@@ -94,23 +98,12 @@ def test_a_second_sigterm_ends_the_process_at_once(dp_cache: Path, tmp_path: Pat
             assert server.proc is not None
             server.proc.send_signal(signal.SIGTERM)
             wait_for(lambda: not _ready(server.url), "the drain")
-            start = time.monotonic()
-            server.proc.send_signal(signal.SIGTERM)
-            code = server.proc.wait(timeout=90)
-            took = time.monotonic() - start
+            code, took = _exit_after_sigterm(server)  # the second one
     finally:
         server.stop()
     assert code == 1, code
     assert took < SLACK, took
     assert "second SIGTERM during the shutdown" in (tmp_path / "server.log").read_text()
-
-
-def _exit_after_sigterm(server: ServerProcess) -> tuple[int, float]:
-    assert server.proc is not None
-    start = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    code = server.proc.wait(timeout=90)
-    return code, time.monotonic() - start
 
 
 def test_a_pending_rendezvous_does_not_delay_the_exit(dp_cache: Path, tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ from eagle3_client import wire
 from .helpers import expected, health, inputs
 
 RENDEZVOUS_S = 120  # upstream's fixed rendezvous timeout
-# upstream-protocol.md section 3: the wire's dtype codes.
+# upstream-protocol.md section 3: the wire's dtype codes, written out from that document on purpose
+# (not imported from our codec): this client must not share our code.
 DTYPES = {
     0: torch.float32,
     1: torch.float64,
