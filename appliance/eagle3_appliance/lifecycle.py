@@ -178,7 +178,7 @@ class Lifecycle:
 
 
 def _exit_at_once(signum: int, *_: object) -> None:
-    logger.error("second %s during the shutdown: exiting at once (exit code 1)", signal.Signals(signum).name)
+    logger.error("%s during the shutdown: exiting at once (exit code 1)", signal.Signals(signum).name)
     logging.shutdown()
     os._exit(1)
 

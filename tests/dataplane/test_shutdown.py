@@ -103,7 +103,7 @@ def test_a_second_sigterm_ends_the_process_at_once(dp_cache: Path, tmp_path: Pat
         server.stop()
     assert code == 1, code
     assert took < SLACK, took
-    assert "second SIGTERM during the shutdown" in (tmp_path / "server.log").read_text()
+    assert "SIGTERM during the shutdown: exiting at once" in (tmp_path / "server.log").read_text()
 
 
 def test_a_pending_rendezvous_does_not_delay_the_exit(dp_cache: Path, tmp_path: Path) -> None:
