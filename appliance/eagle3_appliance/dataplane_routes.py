@@ -17,7 +17,7 @@ from eagle3_appliance import upstream_nccl
 from eagle3_appliance.errors import MalformedBody, NotConfigured
 from eagle3_appliance.group_plane import LINK_KEY, RESULT_KEY, NoStoredResult, TierNotOffered, close_link
 from eagle3_appliance.state import request_session, serving_state
-from eagle3_appliance.transfer import host_copy, send_wire
+from eagle3_appliance.transfer import send_wire
 from eagle3_appliance.validation import json_body, json_object
 from eagle3_client import protocol
 from eagle3_client.protocol import DataPlaneReply, DataPlaneRequest, ResendRequest
@@ -37,30 +37,26 @@ async def set_data_plane(request: Request) -> HTTPResponse:
         raise NotConfigured(
             "register with POST /session before asking for a data plane (upstream clients use /init_nccl)"
         )
-    tier = json_body(request.body, DataPlaneRequest.from_json).tier
+    wanted = json_body(request.body, DataPlaneRequest.from_json)
+    tier = wanted.tier
     close_link(session, "replaced" if tier != protocol.TIER_WIRE else "closed")
     if tier == protocol.TIER_WIRE:
         return json(DataPlaneReply(protocol.TIER_WIRE).to_json())
     plane = serving_state(request).planes
     if tier not in plane.offered:
         raise TierNotOffered(f"this server offers {plane.offered}, not {tier!r}")
-    link, nonce, key = await plane.open_link(session, tier)
+    link, nonce, key, secret = await plane.open_link(session, tier, proof=wanted.proof)
     session.extras[LINK_KEY] = link
     logger.info("data plane %s for %s: rendezvous on port %d", tier, session.client or session.id, link.port)
-    return json(DataPlaneReply(tier, port=link.port, key=key, nonce=nonce, timeout=link.timeout).to_json())
+    reply = DataPlaneReply(tier, port=link.port, key=key, nonce=nonce, timeout=link.timeout, secret=secret)
+    return json(reply.to_json())
 
 
 @blueprint.get(protocol.path(protocol.EP_DATA_PLANE))
 async def data_plane_status(request: Request) -> HTTPResponse:
-    """Offered tiers, ports, live groups and the last closed ones (plus the caller's own, if it names its session)."""
-    plane = serving_state(request).planes
-    body: dict[str, Any] = {
-        "offered": plane.offered,
-        "ports": "-".join(map(str, plane.ports.range)) if plane.ports.range else "ephemeral",
-        "timeout": plane.settings.data_plane_timeout,
-        "links": [lk.describe() for lk in plane.links if not lk.closed],
-        "recently_closed": [lk.describe() for lk in plane.links if lk.closed],
-    }
+    """Offered tiers, ports, live groups, the last closed ones and the answers kept for resends
+    (plus the caller's own group, if it names its session)."""
+    body: dict[str, Any] = serving_state(request).planes.describe()
     if request.headers.get(protocol.SESSION_HEADER):
         link = request_session(request).extras.get(LINK_KEY)
         body["session"] = link.describe() if link is not None else {"tier": protocol.TIER_WIRE, "state": "none"}
@@ -73,10 +69,14 @@ async def resend(request: Request) -> None:
     session = request_session(request)
     seq = json_body(request.body, ResendRequest.from_json, error=MalformedBody).seq
     stored = session.extras.get(RESULT_KEY)
+    if stored is not None and stored.seq == seq and stored.dropped:
+        raise NoStoredResult(f"the stored result of transfer {seq} was dropped: {stored.dropped}; send /generate again")
     if stored is None or stored.seq != seq or not stored.tensors:
         held = None if stored is None else stored.seq
         raise NoStoredResult(f"no stored result for transfer {seq} (holding {held}); send /generate again")
-    await send_wire(request, await asyncio.to_thread(host_copy, stored.tensors), None, stored.headers)
+    tensors = stored.tensors  # held here: the budget may drop the stored copy while it is being sent
+    buffers = serving_state(request).buffers
+    await send_wire(request, await asyncio.to_thread(buffers.to_host, tensors), None, stored.headers)
 
 
 @blueprint.post(protocol.path(protocol.EP_INIT_NCCL))

@@ -11,10 +11,12 @@
 * **Drain.** On SIGTERM or SIGINT Sanic stops its loop; before it closes the listener this
   module marks the server not ready and draining (new work gets 503 with ``Retry-After``;
   probes, metrics, heartbeats and disconnects are still served), waits up to
-  ``--grace-period`` seconds for in-flight requests, closes every session's resources, and
-  lets Sanic close the connections. The process exits 0; if the grace period ran out with
-  work still running it exits 1 (a stuck forward cannot be interrupted, so it does not
-  wait for it). A second SIGTERM during the drain ends the process at once.
+  ``--grace-period`` seconds for in-flight requests and for group sends still delivering an
+  answer (:attr:`Lifecycle.transfers`), closes every session's resources, and lets Sanic
+  close the connections. The process exits 0; if the grace period ran out with work still
+  running (a forward, or a send to a frozen peer) it exits 1 without waiting for it: neither
+  can be interrupted. A second SIGTERM or SIGINT once the drain has begun ends the process at
+  once with exit code 1.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from functools import partial
@@ -33,7 +36,7 @@ from eagle3_appliance.inflight import InFlight
 from eagle3_appliance.sessions import Session, SessionRegistry
 from eagle3_appliance.settings import Settings
 
-__all__ = ["Lifecycle"]
+__all__ = ["Lifecycle", "install_second_signal_exit"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class Lifecycle:
         self.inflight = inflight
         self.admission = admission
         self.on_session_end = on_session_end
+        # Work that outlives its request: group sends still delivering an answer (set by create_app).
+        self.transfers: Callable[[], int] = lambda: 0
         self.draining = False
         self.forced = False  # the grace period ran out with work still in flight
         self.ever_registered = False
@@ -127,30 +132,31 @@ class Lifecycle:
     # -- drain ---------------------------------------------------------------------------
 
     def busy(self) -> bool:
-        return self.inflight.work > 0 or not self.admission.idle()
+        return self.inflight.work > 0 or not self.admission.idle() or self.transfers() > 0
+
+    def _work_text(self) -> str:
+        sends = self.transfers()
+        return f"{self.inflight.work} request(s)" + (f" and {sends} group send(s)" if sends else "")
 
     async def drain(self, *_args: object) -> None:
         """``before_server_stop``: refuse new work, finish in-flight work, release sessions."""
         self.draining = True
+        install_second_signal_exit(asyncio.get_running_loop())
         if self._reaper is not None:  # leases stop mattering: every session ends below
             self._reaper.cancel()
             self._reaper = None
         start = time.monotonic()
         deadline = start + self.settings.grace_period
         if self.busy():
-            logger.info(
-                "draining: waiting up to %g s for %d request(s) in flight",
-                self.settings.grace_period,
-                self.inflight.work,
-            )
+            logger.info("draining: waiting up to %g s for %s in flight", self.settings.grace_period, self._work_text())
         while self.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.busy():
             self.forced = True
             logger.error(
-                "grace period of %g s ran out with %d request(s) still in flight; they are cut off",
+                "grace period of %g s ran out with %s still in flight; they are cut off",
                 self.settings.grace_period,
-                self.inflight.work,
+                self._work_text(),
             )
         else:
             logger.info("drained in %.2f s", time.monotonic() - start)
@@ -169,3 +175,28 @@ class Lifecycle:
         if self.forced:
             logging.shutdown()
             os._exit(1)
+
+
+def _exit_at_once(signum: int, *_: object) -> None:
+    logger.error("%s during the shutdown: exiting at once (exit code 1)", signal.Signals(signum).name)
+    logging.shutdown()
+    os._exit(1)
+
+
+def install_second_signal_exit(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """From now on SIGTERM or SIGINT ends the process at once (exit 1): the operator's "now".
+
+    On the loop while it runs (replacing Sanic's stop handler), and as a plain handler for the
+    moments after the loop has closed.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if loop is not None:
+            try:
+                loop.add_signal_handler(signum, _exit_at_once, signum)
+                continue
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread's loop
+                pass
+        try:
+            signal.signal(signum, _exit_at_once)
+        except ValueError:  # not the main thread
+            pass

@@ -20,8 +20,9 @@ from sanic.response import HTTPResponse, json
 from eagle3_appliance import dataplane_routes, upstream_nccl
 from eagle3_appliance.buffers import ServerBuffers
 from eagle3_appliance.errors import InvalidRequest, Unavailable, install_error_handler
-from eagle3_appliance.group_plane import DataPlaneServer
+from eagle3_appliance.group_plane import DataPlaneServer, connection_closed
 from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.lifecycle import install_second_signal_exit
 from eagle3_appliance.negotiation import EncodingError, check_mapping, choose_encoding, offered_encodings
 from eagle3_appliance.operations import install_operations
 from eagle3_appliance.pipeline import Pipeline
@@ -194,6 +195,18 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     ops = install_operations(app, settings, sessions)
     ops.target_faults = target.faults  # a failed tensor-parallel rank makes the server not ready
     ops.metrics.describe_target(target.mode, settings.loader.value, settings.attn_implementation or "default")
+    ops.lifecycle.transfers = lambda: planes.sends.value  # answers still being sent count as work
+
+    # Registered after the drain, so it runs before it: a rendezvous still waiting for its
+    # peer is not work to wait for (its client falls back), and must not hold the exit.
+    @app.before_server_stop
+    async def _close_pending(app: Sanic) -> None:
+        planes.close_pending()
+
+    @app.signal("http.lifecycle.complete")
+    async def _connection_closed(conn_info: Any, **_: Any) -> None:
+        connection_closed(conn_info)  # a client gone under a group transfer: drop its group now
+
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
     pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
     logger.info("limits: %s", pipeline.limits.describe())
@@ -218,6 +231,7 @@ def run_server(app: Sanic, settings: Settings) -> int:
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.grace_period
     app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
     Sanic.serve_single(app)
+    install_second_signal_exit()  # the loop is gone; a second signal still ends the process at once
     lifecycle = app.ctx.ops.lifecycle
     lifecycle.exit_now_if_forced()
     return int(lifecycle.exit_code())

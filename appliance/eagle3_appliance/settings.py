@@ -275,6 +275,17 @@ class Settings:
         "", "Rendezvous ports for per-client groups, e.g. 29600-29699; empty = the kernel picks free ports."
     )
     data_plane_timeout: float = option(60.0, "Seconds a rendezvous or one group transfer may take.", min=0.001)
+    resend_budget_mb: int = option(
+        2048,
+        "Memory (MiB; GPU memory for nccl) for the answers kept for /data_plane/resend, one per session at "
+        "most; the oldest are dropped beyond it (a dropped one costs a recompute if its transfer breaks).",
+        min=0,
+    )
+    upstream_nccl_on_gloo: bool = option(
+        False,
+        "Test/CPU switch: with the model on the CPU, build upstream's /init_nccl group on gloo (the CPU "
+        "stand-in for NCCL) instead of answering 'disabled'. For tests without a GPU, not for production.",
+    )
     # -- operations ------------------------------------------------------------------------
     auth_token: str | None = option(
         None, "Bearer token every endpoint but /health/live requires. Prefer the env var or a file.", secret=True

@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.transport                     # ~300 MB answers: B=1, T=2048, D=36608
     python -m benchmarks.transport --draft-vocab 4096  # smaller answers, quicker
+    python -m benchmarks.transport --sessions 24 --seq-len 512 --draft-vocab 8192   # server memory
 
 It serves a wide variant of the built-in model (made from a seed; the vocabulary sets the
 answer size) from a real appliance process on 127.0.0.1 and fetches the same batch over
@@ -13,6 +14,10 @@ precedes every answer does not dilute them; end-to-end seconds per batch are pri
 The baseline is a raw loopback socket (``sendall`` into a preallocated ``recv_into``) of the
 same size, measured in the same run. ``nccl`` runs only where two GPUs are visible (the
 server on the first, this client on the second). Numbers are medians over ``--repeats``.
+
+With ``--sessions N`` it measures the server's memory over N connected sessions instead
+(:mod:`benchmarks.transport.sessions`): the answers kept for resends, within
+``--budget-mb``, against an unbounded baseline and the wire tier.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from eagle3_appliance.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
+
+from .sessions import run_sessions
 
 __all__ = ["main", "raw_socket_mb_s", "supervision_bytes"]
 
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiers", default="auto", help="comma-separated tiers, or auto (wire, gloo, nccl if 2 GPUs)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "eagle3-bench-transport")
+    parser.add_argument("--sessions", type=int, default=0, help="measure server memory over this many sessions")
+    parser.add_argument("--budget-mb", type=int, default=64, help="--resend-budget-mb of the --sessions run")
     args = parser.parse_args(argv)
 
     two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2
@@ -114,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     config.update(num_attention_heads=heads, num_key_value_heads=heads)
     model_dir = ensure_builtin_model(args.cache_dir, config)
     nbytes = supervision_bytes(args.batch, args.seq_len, args.hidden, args.draft_vocab)
+    server_args = ["--model", str(model_dir), "--max-seq-len", str(args.seq_len), "--data-plane-timeout", "600"]
+    server_args += ["--max-batch-tokens", str(max(65536, args.batch * args.seq_len))]
+    mapping = VocabMapping(*vocab_mapping(vocab, args.draft_vocab, seed=0))
+    batch = random_batch(vocab, args.batch, args.seq_len, seed=0)
+    if args.sessions > 0:
+        return run_sessions(server_args, args.cache_dir, args.sessions, args.budget_mb, mapping, batch, nbytes)
     print(
         f"== transport benchmark: B={args.batch} T={args.seq_len} H={args.hidden} D={args.draft_vocab} -> "
         f"{nbytes / MB:.1f} MB per answer, median of {args.repeats}"
@@ -123,10 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 
     server_env = {"CUDA_VISIBLE_DEVICES": "0"} if two_gpus else {}
     client_device = "cuda:1" if two_gpus else "cpu"
-    server_args = ["--model", str(model_dir), "--max-seq-len", str(args.seq_len), "--data-plane-timeout", "600"]
-    server_args += ["--max-batch-tokens", str(max(65536, args.batch * args.seq_len))]
-    mapping = VocabMapping(*vocab_mapping(vocab, args.draft_vocab, seed=0))
-    batch = random_batch(vocab, args.batch, args.seq_len, seed=0)
     answers: dict[str, dict[str, torch.Tensor]] = {}
     log = args.cache_dir / "server.log"
     with ServerProcess(server_args, env=server_env, log_path=log, startup_timeout=600) as server:

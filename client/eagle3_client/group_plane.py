@@ -17,10 +17,13 @@ blind retry of a group ``/generate`` is never made: it could pair the wrong send
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -34,17 +37,25 @@ from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTT
 from eagle3_client.negotiate import DataPlaneConfig
 from eagle3_client.socketbody import RECV_INTO
 from eagle3_client.transfer import (
+    PROOF_BYTES,
     Group,
+    RendezvousStore,
     TransferError,
     TransferMetadata,
+    TransferTimeout,
     connect_store,
     open_group,
     recv_transfer,
+    send_proof,
 )
 
 __all__ = ["GroupDataPlane"]
 
 logger = logging.getLogger(__name__)
+
+_JOIN_POLL_S = 0.5  # while a join takes longer than this, ask the server how its end is doing
+# States of the server's end in which it will never complete the rendezvous.
+_SERVER_GAVE_UP = frozenset({"failed", "rejected", "closed", "shutdown", "replaced", "peer gone", "none"})
 
 
 class GroupDataPlane(DataPlane):
@@ -101,34 +112,91 @@ class GroupDataPlane(DataPlane):
     # -- upgrade --------------------------------------------------------------------------
 
     def _upgrade(self) -> None:
-        """Ask for a group, join it, check the hello. On failure stay on the wire until the back-off ends."""
+        """Ask for a group, join it, prove we own the session, check the hello. On failure stay on
+        the wire until the back-off ends."""
         timeout = self.config.connect_timeout
-        group: Group | None = None
         try:
             # Not retried: a failed upgrade costs nothing, the back-off brings the next try.
-            body = self.control.post_json(
-                protocol.EP_DATA_PLANE, protocol.DataPlaneRequest(self.group_tier).to_json(), retries=False
-            )
+            request = protocol.DataPlaneRequest(self.group_tier, proof=True)
+            body = self.control.post_json(protocol.EP_DATA_PLANE, request.to_json(), retries=False)
             reply = protocol.DataPlaneReply.from_json(body)
             if reply.tier != self.group_tier or reply.port is None or reply.key is None or reply.nonce is None:
                 raise ProtocolViolation(f"{self.control.url}: asked for {self.group_tier}, got {body}")
+            # An older server sends no secret and needs no proof.
+            secret = bytes.fromhex(reply.secret) if reply.secret is not None else None
+            if secret is not None and len(secret) != PROOF_BYTES:
+                raise ProtocolViolation(f"{self.control.url}: a join secret of {len(secret)} bytes")
             port, nonce, key = reply.port, reply.nonce, reply.key
-            store = connect_store(self.host, port, timeout)
-            group = open_group(self.group_tier, store, 1, timeout, self.device, key_prefix=f"{key}/")
-            recv_transfer(group, TransferMetadata(nonce, self.group_tier, ()), timeout)
+            group = self._join(lambda store: self._join_group(store, port, key, nonce, secret, timeout), timeout)
         except TargetHTTPError as exc:
             if exc.status == 410:
                 raise  # the session is gone: the caller registers again
-            self._upgrade_failed(group, exc)
+            self._upgrade_failed(None, exc)
             return
         except (RemoteTargetError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-            self._upgrade_failed(group, exc)
+            self._upgrade_failed(None, exc)
             return
         self.group, self.port = group, port
         if self._fell_back:
             self.stats.reupgrades += 1
             self._fell_back = False
         logger.info("%s: data plane %s up (rendezvous port %d)", self.control.url, self.group_tier, port)
+
+    def _join_group(
+        self, store: RendezvousStore, port: int, key: str, nonce: int, secret: bytes | None, timeout: float
+    ) -> Group:
+        """Rank 1's side of the rendezvous (on the join thread): store, group, proof, hello."""
+        store.attach(connect_store(self.host, port, timeout))
+        group = open_group(self.group_tier, store, 1, timeout, self.device, key_prefix=f"{key}/")
+        try:
+            if secret is not None:
+                send_proof(group, nonce, secret, timeout)
+            recv_transfer(group, TransferMetadata(nonce, self.group_tier, ()), timeout)
+        except BaseException:
+            group.close()
+            raise
+        store.detach()  # nothing more to read from the server's store
+        return group
+
+    def _join(self, join: Callable[[RendezvousStore], Group], timeout: float) -> Group:
+        """Run ``join`` on its own thread; give it up as soon as the server's end has given up.
+
+        Why a thread: a rendezvous that a stranger got into (or that failed on the server)
+        would otherwise hold this rank for the whole connect timeout. While the join runs,
+        the server's state of this session's group is read every ``_JOIN_POLL_S``; once the
+        server has closed its end the join is abandoned (its store detached, so any store wait
+        ends at once; a group it still forms later is closed) and the client goes on over the wire.
+        """
+        store = RendezvousStore(None, timeout)
+        attempt = _JoinAttempt(lambda: join(store), store)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return attempt.result(min(_JOIN_POLL_S, max(0.0, deadline - time.monotonic())))
+            except concurrent.futures.TimeoutError:
+                pass
+            state = self._server_link_state()
+            if state in _SERVER_GAVE_UP:
+                attempt.abandon()
+                raise TransferError(f"the server closed its end of the rendezvous ({state})")
+            if time.monotonic() >= deadline:
+                attempt.abandon()
+                raise TransferTimeout(f"{self.group_tier} rendezvous: not up within {timeout:g} s")
+
+    def _server_link_state(self) -> str | None:
+        """The server's state of this session's group (``GET /data_plane``), or None if unknown."""
+        try:
+            body = self.control.request(
+                "GET", protocol.EP_DATA_PLANE, self.control.read_json, retries=False, timeout=_JOIN_POLL_S * 4
+            )
+            session = body.get("session")
+        except (RemoteTargetError, AttributeError) as exc:
+            logger.debug("%s: could not read the data-plane state: %s", self.control.url, exc)
+            return None
+        if not isinstance(session, dict):
+            return None
+        state = session.get("state")
+        return state if isinstance(state, str) else None
 
     def _upgrade_failed(self, group: Group | None, exc: BaseException) -> None:
         self.failed_upgrades += 1
@@ -267,6 +335,41 @@ class GroupDataPlane(DataPlane):
             )
         except RemoteTargetError as exc:
             logger.debug("%s: could not tell the server to drop the group: %s", self.control.url, exc)
+
+
+class _JoinAttempt:
+    """One rendezvous on a daemon thread; abandoning it closes whatever it still builds."""
+
+    def __init__(self, join: Callable[[], Group], store: RendezvousStore) -> None:
+        self._future: concurrent.futures.Future[Group] = concurrent.futures.Future()
+        self._store = store
+        self._abandoned = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, args=(join,), name="eagle3-data-plane-join", daemon=True).start()
+
+    def _run(self, join: Callable[[], Group]) -> None:
+        try:
+            group = join()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._future.set_exception(exc)
+            return
+        with self._lock:
+            if self._abandoned:
+                group.close()
+                self._future.set_exception(TransferError("the rendezvous was abandoned"))
+                return
+            self._future.set_result(group)
+
+    def result(self, timeout: float) -> Group:
+        return self._future.result(timeout)
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            done = self._future.done() and self._future.exception() is None
+        self._store.detach()
+        if done:
+            self._future.result().close()
 
 
 def _short(reason: object) -> str:

@@ -122,10 +122,13 @@ TIER_NCCL = "nccl"
 TIER_GLOO = "gloo"
 TIER_WIRE = "wire"
 TIERS = (TIER_NCCL, TIER_GLOO, TIER_WIRE)
-# POST JSON {"tier": "nccl"|"gloo"} -> {"tier", "port", "key", "nonce", "timeout"}: the server
-# (rank 0) hosts a TCP store on "port", keeps the group's keys under the secret prefix "key/"
-# and sends a zero-tensor hello whose sequence number is "nonce".
-# {"tier": "wire"} tears the session's group down. GET -> status of every group (JSON).
+# POST JSON {"tier": "nccl"|"gloo", "proof": true} -> {"tier", "port", "key", "nonce", "timeout",
+# "secret"}: the server (rank 0) hosts a TCP store on "port" with the group's keys under "key/"
+# (readable by anyone who reaches the port: a namespace, not a secret). The client's first
+# message on the group is "secret" (hex of PROOF_BYTES bytes, tagged with "nonce"); the server
+# checks it before it sends anything, closes the store, and sends a zero-tensor hello whose
+# sequence number is "nonce". Without "proof" (older clients) there is no secret and the hello
+# comes at once. {"tier": "wire"} tears the session's group down. GET -> status of every group.
 EP_DATA_PLANE = "data_plane"
 # POST JSON {"seq": n} -> the session's stored result of transfer n as a wire blob (no
 # recompute); RESEND_CONFLICT_STATUS when the server holds no result for n.
@@ -149,8 +152,9 @@ NCCL_HEADER = "X-NeMo-NCCL"
 # Upstream's NCCL rendezvous knobs (read by both ends).
 ENV_NCCL_PORT = "NEMO_EAGLE_NCCL_PORT"
 ENV_ENABLE_NCCL = "NEMO_EAGLE_ENABLE_NCCL"
-# Upstream builds its group through torch's group helper under this name (+ the port), so
-# the NCCL unique id sits in the rendezvous store under "<prefix><port>/cuda/".
+# Upstream builds its group through torch's _new_process_group_helper under this name (+ the
+# port); the helper nests PrefixStore("<name>/") and PrefixStore("<device>/"), and a
+# PrefixStore adds its own "/", so NCCL's keys are "<prefix><port>//cuda//<key>" in the store.
 UPSTREAM_NCCL_GROUP_PREFIX = "nemo_eagle_target_transfer_"
 
 # Keys of the /generate request and of its response, in wire order.
@@ -339,19 +343,29 @@ class SessionReply:
 
 @dataclass(frozen=True)
 class DataPlaneRequest:
-    """``POST /data_plane`` body: the tier to bring up (``"wire"`` tears the session's group down)."""
+    """``POST /data_plane`` body: the tier to bring up (``"wire"`` tears the session's group down).
+
+    ``proof``: the client will prove on the group that it owns the session (it sends the
+    reply's ``secret`` first); a server that knows this answers with a ``secret`` and sends
+    nothing to a peer that does not. Sent only when true, so older servers see the old body.
+    """
 
     tier: str
+    proof: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"tier": self.tier}
+        body: dict[str, Any] = {"tier": self.tier}
+        if self.proof:
+            body["proof"] = True
+        return body
 
     @classmethod
     def from_json(cls, body: Any) -> DataPlaneRequest:
-        tier = _field(_object(body, "the data-plane request"), "tier", str)
+        body = _object(body, "the data-plane request")
+        tier = _field(body, "tier", str)
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {list(TIERS)}, got {tier!r}")
-        return cls(tier)
+        return cls(tier, proof=_field(body, "proof", bool, False))
 
 
 @dataclass(frozen=True)
@@ -363,11 +377,14 @@ class DataPlaneReply:
     key: str | None = None  # the store-key prefix of the group
     nonce: int | None = None  # the sequence number of the hello transfer
     timeout: float | None = None  # seconds the server waits for the rendezvous
+    secret: str | None = None  # hex; the client's first message on the group (only when it asked to prove)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"tier": self.tier}
         if self.tier != TIER_WIRE:
             body.update(port=self.port, key=self.key, nonce=self.nonce, timeout=self.timeout)
+            if self.secret is not None:
+                body["secret"] = self.secret
         return body
 
     @classmethod
@@ -382,6 +399,7 @@ class DataPlaneReply:
             key=_field(body, "key", str),
             nonce=_field(body, "nonce", int),
             timeout=_number(_field(body, "timeout", (int, float), None)),
+            secret=_field(body, "secret", str, None),
         )
 
 

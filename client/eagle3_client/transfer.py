@@ -20,27 +20,41 @@ Framing of transfer ``seq`` (the server is rank 0 and sends, the client is rank 
 Every wait has a deadline. Gloo honours a timeout on ``wait``; NCCL's ``wait`` only orders
 CUDA streams, so NCCL work is polled until it completes or the deadline passes, and the
 communicator is then aborted (a peer that vanished cannot hold a thread forever).
+
+Joining (our own tiers): the rendezvous goes through a :class:`RendezvousStore`, which either
+end can *detach* from its ``TCPStore``. Detaching closes a rank 0's store (its port is free
+again) and ends any rendezvous wait at once. Because anyone who reaches a ``TCPStore`` can list
+its keys, nothing in the store is secret: right after the group forms, the client proves that
+it is the session's owner by sending the per-session secret of the ``POST /data_plane`` reply
+on the group (:func:`send_proof`), and the server checks it (:func:`check_proof`) before it
+sends anything, its hello included.
 """
 
 from __future__ import annotations
 
 import datetime
+import hmac
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from eagle3_client import protocol, wire
 from eagle3_client.errors import RemoteTargetError
 
 __all__ = [
+    "PROOF_BYTES",
     "Group",
+    "JoinRejected",
+    "RendezvousStore",
     "TransferDesync",
     "TransferError",
     "TransferMetadata",
     "TransferTimeout",
+    "check_proof",
     "connect_store",
     "flat_bytes",
     "gloo_available",
@@ -48,6 +62,7 @@ __all__ = [
     "nccl_available",
     "open_group",
     "recv_transfer",
+    "send_proof",
     "send_transfer",
     "tag_for",
     "wait_work",
@@ -58,6 +73,9 @@ _TAG_MODULUS = 2**31 - 1
 # watchdog (which may terminate the process), handles a stuck transfer.
 _NCCL_WATCHDOG_MARGIN_S = 60.0
 _POLL_S = 0.0002
+_STORE_POLL_S = 0.01  # how often a rendezvous wait looks at the store (and notices a detach)
+PROOF_BYTES = 32  # the per-session join secret: 256 random bits
+_StoreBase: Any = dist.Store if dist.is_available() else object
 
 
 class TransferError(RemoteTargetError):
@@ -72,15 +90,15 @@ class TransferDesync(TransferError):
     """The header on the group does not match the transfer the HTTP answer described."""
 
 
-def gloo_available() -> bool:
-    import torch.distributed as dist
+class JoinRejected(TransferError):
+    """The peer that joined the group did not prove to be the session's owner."""
 
+
+def gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
 def nccl_available() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available()
 
 
@@ -124,6 +142,79 @@ def connect_store(host: str, port: int, timeout: float) -> Any:
     return TCPStore(host, port, world_size=2, is_master=False, timeout=_delta(timeout))
 
 
+class RendezvousStore(_StoreBase):
+    """A ``torch.distributed.Store`` that forwards to a ``TCPStore`` until :meth:`detach`.
+
+    Why: a process group keeps a reference to the store it was built from, so a rank 0's
+    ``TCPStore`` (and its listening port) would live as long as the group, and a rendezvous
+    waiting for a peer that never comes could not be ended before its timeout. Through this
+    wrapper the store is dropped as soon as the group is up or the link is closed, and waits
+    poll the store so that a detach ends them within milliseconds.
+
+    Once detached, reads and waits fail at once, while ``check`` answers "not there" and
+    ``set`` is dropped: a group's background threads (NCCL's monitor polls its store) then see
+    nothing unusual.
+    """
+
+    def __init__(self, inner: Any = None, timeout: float = 60.0) -> None:
+        super().__init__()
+        self._inner = inner
+        self._wait_s = timeout
+
+    def attach(self, inner: Any) -> None:
+        self._inner = inner
+
+    def detach(self) -> None:
+        """Drop the ``TCPStore``: a rank 0's closes its port; pending waits fail at once."""
+        self._inner = None
+
+    @property
+    def detached(self) -> bool:
+        return self._inner is None
+
+    def _live(self) -> Any:
+        inner = self._inner
+        if inner is None:
+            raise RuntimeError("the rendezvous store is closed")
+        return inner
+
+    def set(self, key: str, value: Any) -> None:
+        inner = self._inner
+        if inner is not None:
+            inner.set(key, value)
+
+    def get(self, key: str) -> bytes:
+        self.wait([key])
+        return bytes(self._live().get(key))
+
+    def add(self, key: str, value: int) -> int:
+        return int(self._live().add(key, value))
+
+    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
+        return bytes(self._live().compare_set(key, expected, desired))
+
+    def check(self, keys: list[str]) -> bool:
+        inner = self._inner
+        return inner is not None and bool(inner.check(keys))
+
+    def delete_key(self, key: str) -> bool:
+        return bool(self._live().delete_key(key))
+
+    def num_keys(self) -> int:
+        return int(self._live().num_keys())
+
+    def set_timeout(self, timeout: datetime.timedelta) -> None:
+        self._wait_s = timeout.total_seconds()
+
+    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
+        limit = self._wait_s if timeout is None else timeout.total_seconds()
+        deadline = time.monotonic() + limit
+        while not self._live().check(keys):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rendezvous: timed out after {limit:g} s waiting for the peer")
+            time.sleep(_STORE_POLL_S)
+
+
 @dataclass
 class Group:
     """One end of a private two-rank group: the backend, its store and where its tensors live."""
@@ -134,6 +225,7 @@ class Group:
     store: Any
     device: torch.device
     timeout: float
+    release: Any = None  # called once on close (e.g. to drop a group from torch's registry)
 
     @property
     def peer(self) -> int:
@@ -152,7 +244,12 @@ class Group:
                 pg.abort()
             except Exception:  # noqa: BLE001 - already broken; nothing more to release
                 pass
-        self.store = None
+        store, self.store = self.store, None
+        if store is not None and hasattr(store, "detach"):
+            store.detach()
+        release, self.release = self.release, None
+        if pg is not None and release is not None:
+            release(pg)
 
 
 def open_group(
@@ -160,8 +257,11 @@ def open_group(
 ) -> Group:
     """Build this end of the group; blocks until the peer has joined (gloo) or returns at once (NCCL).
 
-    ``key_prefix`` namespaces the store keys (upstream's groups live under
-    ``"<group name>/cuda/"``). NCCL creates its communicator lazily on the first transfer.
+    ``key_prefix`` namespaces the store keys (a ``PrefixStore`` adds its own ``/``, so keys
+    are ``"<key_prefix>/<key>"``). Our own tiers only: upstream's groups are built through
+    torch's group helper, which nests two prefixes of its own (``"<group name>//cuda//<key>"``;
+    see the appliance's ``upstream_nccl.upstream_group``). NCCL creates its communicator
+    lazily on the first transfer.
     """
     from torch.distributed import PrefixStore
 
@@ -220,6 +320,25 @@ def _live(group: Group) -> Any:
     if group.device.type == "cuda":
         torch.cuda.set_device(group.device)
     return group.pg
+
+
+def send_proof(group: Group, nonce: int, secret: bytes, timeout: float) -> None:
+    """The client's first message on a new group: the session's join secret (tagged with the nonce)."""
+    if len(secret) != PROOF_BYTES:
+        raise ValueError(f"a join secret has {PROOF_BYTES} bytes, got {len(secret)}")
+    proof = torch.tensor(list(secret), dtype=torch.uint8, device=group.device)
+    wait_work(group, _live(group).send([proof], group.peer, tag_for(nonce)), time.monotonic() + timeout, "join proof")
+
+
+def check_proof(group: Group, nonce: int, secret: bytes, timeout: float) -> None:
+    """The server's first step on a new group: receive the peer's secret; JoinRejected unless it matches."""
+    got = torch.zeros(PROOF_BYTES, dtype=torch.uint8, device=group.device)
+    try:
+        wait_work(group, _live(group).recv([got], group.peer, tag_for(nonce)), time.monotonic() + timeout, "join proof")
+    except TransferError as exc:
+        raise JoinRejected(f"the peer sent no join proof ({exc})") from None
+    if not hmac.compare_digest(bytes(got.cpu().tolist()), secret):
+        raise JoinRejected("the peer's join proof does not match this session's secret")
 
 
 def send_transfer(group: Group, seq: int, tensors: Sequence[torch.Tensor], timeout: float | None = None) -> int:

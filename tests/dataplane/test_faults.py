@@ -16,12 +16,14 @@ import torch
 from eagle3_appliance.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.target import Target
-from eagle3_client import protocol
+from eagle3_client import protocol, wire
+from tests.ops_support import metric, scrape
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STALL_CLIENT = Path(__file__).with_name("stall_client.py")
+CLOSE_BEFORE_SEND = Path(__file__).with_name("close_before_send.py")
 BIG_SEQ_LEN = 2048  # about 20 MB per answer: more than loopback socket buffers hold
 
 
@@ -111,9 +113,13 @@ def test_a_client_killed_mid_transfer_does_not_hang_the_server(
     assert nbytes > 16_000_000  # the tensors that were still to come when it died
     # The server's send fails (peer gone) and it drops that group; it never stops answering.
     assert health(fault_server.url) == 200
-    link = wait_for(lambda: (lk := _link_on(fault_server.url, port)) and lk["state"] == "failed" and lk, "teardown")
-    # (gloo words it as a closed or reset connection, or a timeout if the kernel was slow to tell)
-    assert link["failures"] == 1 and link["last_error"].startswith(f"transfer {seq}: gloo send"), link
+    link = wait_for(
+        lambda: (lk := _link_on(fault_server.url, port)) and lk["state"] in ("failed", "peer gone") and lk, "teardown"
+    )
+    if link["state"] == "failed":  # the send noticed first (gloo words it as a closed or reset connection)
+        assert link["failures"] == 1 and link["last_error"].startswith(f"transfer {seq}: gloo send"), link
+    else:  # the client's HTTP connection closing was noticed first
+        assert link["last_error"] == f"transfer {seq}: the client's HTTP connection closed during the send", link
     # A new client is served over a new group, correctly.
     batch_inputs = inputs(reference, 2, 40, seed=400)
     with connect(fault_server.url, mapping, data_plane="gloo") as remote:
@@ -160,3 +166,60 @@ def test_a_frozen_client_times_out_on_the_server_and_recovers_when_it_wakes(
     for key, value in want.items():
         assert torch.equal(got[key], value), key
     assert health(fault_server.url) == 200
+
+
+def test_a_link_closing_between_the_metadata_and_the_send_is_answered_once_without_a_500(
+    dp_cache: Path, reference: Target, mapping: VocabMapping, tmp_path: Path
+) -> None:
+    """The window between ``wait_ready()`` and ``link.send()``: the metadata has gone out, the link closes."""
+    log = tmp_path / "server.log"
+    launcher = (sys.executable, str(CLOSE_BEFORE_SEND))
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    batches = [inputs(reference, 2, 32, seed=1500 + i) for i in range(2)]
+    args = ["--cache-dir", str(dp_cache), "--data-plane-timeout", "20"]
+    with ServerProcess(args, env=env, log_path=log, launcher=launcher) as server:
+        options = dict(data_plane="gloo", data_plane_backoff=0)
+        with connect(server.url, mapping, **options) as remote:
+            for batch_inputs in batches:
+                assert_bit_exact(remote.generate_batch(*batch_inputs), expected(reference, mapping, batch_inputs))
+            stats = remote.transport_stats()[0]
+            # Each answer: metadata, then the link closed under it; recovered from the stored result.
+            assert (stats["fallbacks"], stats["bytes"]["gloo"]) == (2, 0), stats
+            assert stats["bytes"]["wire"] > 0
+        samples = scrape(server.url)
+        assert metric(samples, "eagle3_request_failure_total", endpoint="generate", status="500") == 0
+        assert metric(samples, "eagle3_request_success_total", endpoint="generate") == 2
+        assert metric(samples, "eagle3_request_success_total", endpoint="data_plane/resend") == 2
+        assert health(server.url) == 200
+    text = log.read_text()
+    assert "Traceback" not in text and " 500" not in text and "POST /generate failed" not in text, text[-3000:]
+
+
+def test_a_client_whose_connection_closes_under_a_transfer_loses_its_group_at_once(
+    dp_cache: Path, reference: Target, mapping: VocabMapping, tmp_path: Path
+) -> None:
+    """Not after --data-plane-timeout (60 s here): NCCL would otherwise hang on a dead peer that long."""
+    args = ["--cache-dir", str(dp_cache), "--data-plane-timeout", "60"]
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        remote = connect(server.url, mapping, data_plane="gloo")
+        try:
+            remote.generate_batch(*inputs(reference, 1, 8, seed=1800))  # the group is up
+            plane = remote._servers[0].data_plane
+            sid = session_id(remote)
+            payload = wire.encode(
+                dict(zip(protocol.GENERATE_INPUT_KEYS, inputs(reference, 2, BIG_SEQ_LEN, 1), strict=True))
+            )
+            seq, kind, _ = plane.request_transfer(payload)  # metadata in; the 20 MB send now waits for us
+            assert kind == "gloo"
+            remote._servers[0].control._http.close()  # the trainer's connections go away; its group does not
+            link = wait_for(
+                lambda: (lk := status(server.url, sid)["session"])["state"] == "peer gone" and lk,
+                "the server to drop the group",
+                limit=20,
+            )
+            assert "HTTP connection closed" in link["last_error"], link
+            assert health(server.url) == 200
+        finally:
+            plane.group and plane.group.close()
+            remote.close()
+    assert "the client's connection closed while transfer" in (tmp_path / "server.log").read_text()

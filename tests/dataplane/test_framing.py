@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,14 +13,19 @@ import torch
 
 from eagle3_client import protocol
 from eagle3_client.transfer import (
+    PROOF_BYTES,
     Group,
+    JoinRejected,
+    RendezvousStore,
     TransferDesync,
     TransferMetadata,
     TransferTimeout,
+    check_proof,
     connect_store,
     host_store,
     open_group,
     recv_transfer,
+    send_proof,
     send_transfer,
 )
 
@@ -146,3 +153,78 @@ def test_upstream_framing_sends_each_tensor_in_key_order_with_small_types_as_byt
     assert sent["value"] == sum(t.numel() * t.element_size() for t in supervision.values())
     for key, want in supervision.items():
         assert torch.equal(got[key], want), key
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_group_built_through_a_rendezvous_store_frees_the_port_once_it_is_detached() -> None:
+    """A process group holds its store for life; through the wrapper the port goes when we say so."""
+    tcp = host_store("127.0.0.1", 0, TIMEOUT)
+    port = int(tcp.port)
+    store = RendezvousStore(tcp, TIMEOUT)
+    del tcp
+    box: dict[str, Group] = {}
+    server = threading.Thread(target=lambda: box.update(g=open_group("gloo", store, 0, TIMEOUT, torch.device("cpu"))))
+    server.start()
+    client = open_group("gloo", connect_store("127.0.0.1", port, TIMEOUT), 1, TIMEOUT, torch.device("cpu"))
+    server.join()
+    try:
+        assert not _bindable(port)  # the group is up and the store still listens
+        store.detach()
+        assert _bindable(port)
+        sender = threading.Thread(target=send_transfer, args=(box["g"], 7, [torch.arange(5)]))
+        sender.start()  # the group works without its store
+        got = recv_transfer(client, TransferMetadata(7, "gloo", (("x", torch.int64, (5,)),)))
+        sender.join()
+        assert torch.equal(got["x"], torch.arange(5))
+    finally:
+        box["g"].close()
+        client.close()
+
+
+def test_detaching_a_rendezvous_store_ends_a_waiting_rendezvous_at_once() -> None:
+    store = RendezvousStore(host_store("127.0.0.1", 0, TIMEOUT), TIMEOUT)
+    outcome: dict[str, Any] = {}
+
+    def rank0() -> None:
+        start = time.monotonic()
+        try:
+            open_group("gloo", store, 0, TIMEOUT, torch.device("cpu"))
+        except RuntimeError as exc:
+            outcome["error"], outcome["after"] = str(exc), time.monotonic() - start
+
+    waiting = threading.Thread(target=rank0)
+    waiting.start()
+    time.sleep(0.5)  # waiting for a peer that never comes (for up to TIMEOUT = 20 s)
+    store.detach()
+    waiting.join(timeout=TIMEOUT)
+    assert "rendezvous store is closed" in outcome["error"], outcome
+    assert outcome["after"] < TIMEOUT / 2, outcome
+    assert not store.check(["anything"])  # background pollers see "not there", not an error
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_the_join_proof_admits_the_owner_and_rejects_anyone_else(pair: tuple[Group, Group], right: bool) -> None:
+    server, client = pair
+    secret = bytes(range(PROOF_BYTES))
+    sent = secret if right else bytes(PROOF_BYTES)
+    threading.Thread(target=send_proof, args=(client, 99, sent, TIMEOUT)).start()
+    if right:
+        check_proof(server, 99, secret, TIMEOUT)
+    else:
+        with pytest.raises(JoinRejected, match="does not match"):
+            check_proof(server, 99, secret, TIMEOUT)
+
+
+def test_a_peer_that_sends_no_proof_is_rejected_at_the_proof_deadline(pair: tuple[Group, Group]) -> None:
+    server, _ = pair
+    with pytest.raises(JoinRejected, match="sent no join proof"):
+        check_proof(server, 5, bytes(PROOF_BYTES), 0.5)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -37,7 +36,6 @@ from eagle3_appliance.settings import Device, Settings
 from eagle3_appliance.supervision import in_process
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.synthetic import random_batch, vocab_mapping
-from eagle3_client.transfer import connect_store, open_group, wait_work
 
 KEYS = protocol.SUPERVISION_KEYS
 FAILED: list[str] = []
@@ -100,20 +98,40 @@ def two_gpus(url: str, mapping, batches) -> None:
     upstream_nccl_client(url, mapping, batches[0], wire_answers[0])
 
 
+def upstream_style_group(port: int, device: torch.device) -> object:
+    """Rank 1 of upstream's group, built as upstream's client builds it (sglang's way with a given store)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
+    timeout = datetime.timedelta(seconds=120)
+    torch.cuda.set_device(device)
+    store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=False, timeout=timeout, multi_tenant=True)
+    name = f"{protocol.UPSTREAM_NCCL_GROUP_PREFIX}{port}"
+    pg, _ = _new_process_group_helper(
+        2, 1, [], Backend("nccl"), store, group_name=name, backend_options=None, timeout=timeout
+    )
+    _world.pg_group_ranks[pg] = {0: 0, 1: 1}
+    return pg
+
+
 def upstream_nccl_client(url: str, mapping, batch, want: dict[str, torch.Tensor]) -> None:
     """Drive /init_nccl and X-NeMo-NCCL exactly as upstream's client does (no session header)."""
+    import torch.distributed as dist
+
     port = int(url.rsplit(":", 1)[1]) + 100
     device = torch.device("cuda:1")
     http = httpx.Client(base_url=url, trust_env=False, timeout=180)
-    reply: dict = {}
-    init = threading.Thread(target=lambda: reply.update(http.post("/init_nccl", json={"nccl_port": port}).json()))
-    init.start()  # the server waits for us at its store while this request is open
-    prefix = f"{protocol.UPSTREAM_NCCL_GROUP_PREFIX}{port}/cuda/"
-    group = open_group("nccl", connect_store("127.0.0.1", port, 120), 1, 120, device, key_prefix=prefix)
-    init.join()
-    check("upstream /init_nccl answers ok", reply.get("status") == "ok", str(reply))
-    if reply.get("status") != "ok":
+    box: dict = {}
+    join = threading.Thread(target=lambda: box.update(pg=upstream_style_group(port, device)), daemon=True)
+    join.start()  # upstream joins on a thread while it asks the server over HTTP
+    reply = http.post("/init_nccl", json={"nccl_port": port}).json()
+    join.join(timeout=150)
+    check("upstream /init_nccl answers ok", reply.get("status") == "ok" and "pg" in box, str(reply))
+    if reply.get("status") != "ok" or "pg" not in box:
         return
+    pg = box["pg"]
     http.post(
         "/set_vocab_mapping",
         content=wire.encode(
@@ -128,22 +146,27 @@ def upstream_nccl_client(url: str, mapping, batch, want: dict[str, torch.Tensor]
         return
     meta = orjson.loads(resp.content)
     got = {}
-    deadline = time.monotonic() + 120
     for key in meta["keys_order"]:
         spec = meta["metadata"][key]
         dtype, shape = wire.CODE_TO_DTYPE[spec["dtype_code"]], spec["shape"]
         if dtype in (torch.int16, torch.int8, torch.bool):
-            buf = torch.empty(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8)
-            buf = buf.to(device)
-            wait_work(group, group.pg.recv([buf], 0, 0), deadline, key)
+            nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            dist.recv(buf, src=0, group=pg)
             got[key] = buf.view(dtype).reshape(shape)
         else:
             buf = torch.empty(shape, dtype=dtype, device=device)
-            wait_work(group, group.pg.recv([buf], 0, 0), deadline, key)
+            dist.recv(buf, src=0, group=pg)
             got[key] = buf
+    torch.cuda.synchronize(device)
     check("upstream NCCL framing == wire answer, bit for bit", same(got, want))
+    second = http.post("/init_nccl", json={"nccl_port": port + 1}).json()
+    check("a second /init_nccl while the group is live answers failed", second == {"status": "failed"}, str(second))
     http.post("/disconnect", json={})
-    group.close()
+    try:
+        pg.abort()
+    except Exception:  # noqa: BLE001 - best effort, as upstream's own teardown
+        pass
     http.close()
 
 

@@ -1,0 +1,26 @@
+"""An appliance whose group links close between the answer's metadata and its send (a test hook).
+
+Usage: as ``ServerProcess(..., launcher=(python, this file))``. ``GroupLink.send`` first
+closes the link, exactly as a peer drop or a concurrent ``POST /data_plane {"tier": "wire"}``
+would in that window; everything else is the real appliance (``eagle3_appliance.cli``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eagle3_appliance import group_plane
+from eagle3_appliance.cli import main
+
+_send = group_plane.GroupLink.send
+
+
+def send(self: group_plane.GroupLink, seq: int, tensors: Any) -> Any:
+    self.close("failed")
+    return _send(self, seq, tensors)
+
+
+group_plane.GroupLink.send = send  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    main()
