@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eagle3_appliance.fingerprint import model_fingerprint
 from eagle3_appliance.inputs import Allocator
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
 
@@ -74,12 +75,19 @@ class Target:
 
     Not re-entrant: the hooks write into one capture slot, so callers must run
     :meth:`forward` one at a time (the server does, through a one-thread executor).
+
+    ``mode`` names how the loader placed the model (``"single"``: one device); it feeds the
+    :attr:`fingerprint`, because the same weights placed another way may compute other bits.
     """
 
-    def __init__(self, model: nn.Module, aux_layer_ids: Sequence[int] | None = None, name: str = "") -> None:
+    def __init__(
+        self, model: nn.Module, aux_layer_ids: Sequence[int] | None = None, name: str = "", mode: str = "single"
+    ) -> None:
         # A transformers model: its methods (get_input_embeddings, ...) are not on nn.Module's type.
         self.model: Any = model.eval().requires_grad_(False)
         self.name = name
+        self.mode = mode
+        self._fingerprint: str | None = None
         self.layers = find_decoder_layers(model)
         num_layers = self.num_hidden_layers
         self.aux_layer_ids = (
@@ -152,6 +160,15 @@ class Target:
     @property
     def hidden_size(self) -> int:
         return int(self.input_embeddings.shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """What this target computes, as one string (:mod:`eagle3_appliance.fingerprint`); computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(
+                self.model, dtype=self.dtype, aux_layer_ids=list(self.aux_layer_ids), mode=self.mode
+            )
+        return self._fingerprint
 
     def model_info(self) -> dict[str, Any]:
         """The body of ``/model_info`` (exactly upstream's keys)."""

@@ -40,6 +40,8 @@ __all__ = [
     "EP_LM_HEAD_ROWS",
     "SESSION_HEADER",
     "ENCODING_HEADER",
+    "FAILOVER_HEADER",
+    "MAPPING_VERSION_HEADER",
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
@@ -108,6 +110,13 @@ EP_LM_HEAD_ROWS = "lm_head_rows"
 SESSION_HEADER = "X-Eagle3-Session"
 # The supervision encoding a /generate answer uses (absent = upstream's "probs").
 ENCODING_HEADER = "X-Eagle3-Encoding"
+# The version of a session's vocab mapping: our client numbers each /set_vocab_mapping with
+# it, and the server names, on every /generate answer, the mapping the answer was computed
+# under, so that the client decodes it with that mapping's LM-head rows (never a mix).
+MAPPING_VERSION_HEADER = "X-Eagle3-Mapping"
+# On /generate: the request is a failover, re-sent here after another server failed it
+# (the value is the attempt number, 2 for the first failover); the server only counts it.
+FAILOVER_HEADER = "X-Eagle3-Failover"
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Data planes (extension). How a /generate answer's tensors travel, best first: a private
@@ -265,6 +274,7 @@ class SessionOffer:
     encodings: tuple[str, ...] = ()  # the others it can decode, best first
     data_planes: tuple[str, ...] = ()  # the tiers this process can join
     lease_seconds: float | None = None  # None: the server's default lease
+    rejoin: bool = False  # the client takes this server back after it had left its rotation
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -275,6 +285,8 @@ class SessionOffer:
         }
         if self.lease_seconds is not None:
             body["lease_seconds"] = self.lease_seconds
+        if self.rejoin:
+            body["rejoin"] = True
         return body
 
     @classmethod
@@ -286,6 +298,7 @@ class SessionOffer:
             encodings=_names(body, "encodings"),
             data_planes=_names(body, "data_planes"),
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
+            rejoin=_field(body, "rejoin", bool, False),
         )
 
 
@@ -299,6 +312,7 @@ class SessionReply:
     lease_seconds: float | None = None
     encoding_refused: str | None = None  # why the preferred encoding was not chosen
     protocol: int = PROTOCOL_VERSION
+    model_fingerprint: str | None = None  # what the server serves (see ModelInfoExtension)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -311,6 +325,8 @@ class SessionReply:
         }
         if self.encoding_refused:
             body["encoding_refused"] = self.encoding_refused
+        if self.model_fingerprint:
+            body["model_fingerprint"] = self.model_fingerprint
         return body
 
     @classmethod
@@ -323,6 +339,7 @@ class SessionReply:
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
             encoding_refused=_field(body, "encoding_refused", str, None),
             protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
+            model_fingerprint=_field(body, "model_fingerprint", str, None),
         )
 
 
@@ -393,6 +410,8 @@ class ModelInfoExtension:
     """``/model_info``'s ``"eagle3"`` object, sent to registered sessions only (upstream's keys stay as they are).
 
     What a client needs to know about the served model beyond upstream's four keys.
+    ``fingerprint`` identifies the served model (config, weights, dtype, aux layers, loader
+    mode): servers that report the same one compute the same supervision.
     """
 
     model: str
@@ -401,9 +420,10 @@ class ModelInfoExtension:
     logits_size: int
     max_seq_len: int
     max_batch_tokens: int
+    fingerprint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "model": self.model,
             "dtype": self.dtype,
             "device": self.device,
@@ -411,6 +431,9 @@ class ModelInfoExtension:
             "max_seq_len": self.max_seq_len,
             "max_batch_tokens": self.max_batch_tokens,
         }
+        if self.fingerprint:
+            body["fingerprint"] = self.fingerprint
+        return body
 
     @classmethod
     def from_json(cls, body: Any) -> ModelInfoExtension:
@@ -422,6 +445,7 @@ class ModelInfoExtension:
             logits_size=_field(body, "logits_size", int),
             max_seq_len=_field(body, "max_seq_len", int),
             max_batch_tokens=_field(body, "max_batch_tokens", int),
+            fingerprint=_field(body, "fingerprint", str, None),
         )
 
 
