@@ -609,7 +609,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         """The requested encoding, what each server agreed to, batches per encoding, topk's kept mass."""
         with self._stats_lock:
             stats = self._stats.as_dict()
-        negotiated = {s.control.url: s.encoding.name if s._connected else None for s in self._servers}
+        negotiated = {s.control.url: s.encoding.name if s._generation else None for s in self._servers}
         return {"requested": self._encoding.name, "negotiated": negotiated, **stats}
 
     @torch.no_grad()
