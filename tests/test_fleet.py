@@ -127,7 +127,9 @@ def test_a_killed_server_fails_over_exactly_and_is_used_again_after_its_restart(
 def test_with_every_server_down_the_client_names_each_after_the_failover_timeout(
     cache_dir: Path, tmp_path: Path, mapping: VocabMapping
 ) -> None:
-    procs = start_all([ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"s{i}.log") for i in range(2)])
+    procs = start_all(
+        [ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"s{i}.log") for i in range(2)]
+    )
     try:
         with RemoteEagle3TargetModel.from_urls([p.url for p in procs], failover_timeout=2, **PROBE) as remote:
             remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
@@ -169,7 +171,9 @@ def test_servers_that_load_different_weights_are_refused_naming_both(cache_dir: 
 
 
 def test_servers_of_one_model_report_one_fingerprint(cache_dir: Path, tmp_path: Path) -> None:
-    procs = start_all([ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"s{i}.log") for i in range(2)])
+    procs = start_all(
+        [ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"s{i}.log") for i in range(2)]
+    )
     try:
         with RemoteEagle3TargetModel.from_urls([p.url for p in procs]) as remote:
             served = remote.served_model()

@@ -319,7 +319,10 @@ def test_an_idle_slow_server_is_tried_again_after_a_while() -> None:
 
 
 def test_server_list_files_are_parsed_and_changes_apply_once_stable(tmp_path: Path) -> None:
-    assert parse_server_list("# fleet\nhttp://a:1/\n\nhttp://b:2  # spare\nhttp://a:1\n") == ["http://a:1", "http://b:2"]
+    assert parse_server_list("# fleet\nhttp://a:1/\n\nhttp://b:2  # spare\nhttp://a:1\n") == [
+        "http://a:1",
+        "http://b:2",
+    ]
     path = tmp_path / "urls.txt"
     with pytest.raises(ValueError, match="cannot read the server list"):
         ServerList(path)

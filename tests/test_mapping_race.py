@@ -70,7 +70,9 @@ def test_a_mapping_change_during_a_batch_never_mixes_two_mappings(slow: tuple[st
         assert ok, f"{encoding}: the batch started under the old mapping is not the old mapping's answer: {verdict}"
         # The next batch is the new mapping's.
         after = remote.generate_batch(*_inputs(4, slow=False))
-        ok, verdict = compare_to_reference(after, in_process(reference, GenerateInputs(*_inputs(4, slow=False)), new), enc)
+        ok, verdict = compare_to_reference(
+            after, in_process(reference, GenerateInputs(*_inputs(4, slow=False)), new), enc
+        )
         assert ok, f"{encoding}: after the change: {verdict}"
 
 
