@@ -4,10 +4,11 @@ One appliance process serves a case of :mod:`benchmarks.wire.cases` (``wide`` by
 ~275 MB answer per batch); the real client fetches ``--requests`` answers with
 ``max_in_flight_per_server`` 1 and then 2 (alternating ``--repeats`` times, so a shared
 machine's drift hits both), and the same model computes the same supervision in this process
-(:func:`eagle3_appliance.supervision.in_process`) before and after, which is the rate a
-co-located target would give. Prints served answers/s per mode, each as a fraction of the
-in-process rate, then one JSON line. The first served answer is checked bit for bit against
-the in-process one.
+before and after, two ways: :func:`eagle3_appliance.supervision.in_process` (the reference: the
+rate a plain co-located target gives) and the server's own compute step (the forward and the
+projection into reused memory, what one server can do per second at best). Prints served
+answers/s per mode, each as a fraction of both in-process rates, then one JSON line. The first
+served answer of each mode is checked bit for bit against the in-process one.
 
 With one request in flight a server idles while its answer travels and the client decodes;
 with two, its next forward runs meanwhile, so answers/s approaches the forward rate. That
@@ -58,6 +59,32 @@ def _in_process_rate(target: Any, inputs: Any, mapping: Any, requests: int) -> f
     return requests / (time.perf_counter() - start)
 
 
+def _server_compute_rate(target: Any, inputs: Any, mapping: Any, requests: int) -> float:
+    """Answers/s of the server's compute step alone: forward and projection into reused memory, host copy."""
+    import torch
+
+    from eagle3_appliance import supervision
+    from eagle3_appliance.buffers import ServerBuffers
+    from eagle3_client.encodings import PROBS
+
+    buffers = ServerBuffers(target.device, 4 << 30)
+    inputs, mapping = inputs.to(target.device), mapping.to(target.device)
+
+    def once() -> None:
+        with torch.no_grad():
+            alloc = buffers.device_alloc()
+            out = target.forward(inputs.input_ids, inputs.attention_mask, alloc=alloc)
+            answer = supervision.encode(PROBS, out, inputs, mapping, alloc=alloc)
+            del out
+            buffers.to_host(answer)
+
+    once()  # warm-up
+    start = time.perf_counter()
+    for _ in range(requests):
+        once()
+    return requests / (time.perf_counter() - start)
+
+
 def _served_rate(remote: Any, batch: Any, requests: int) -> float:
     """Answers/s with ``requests`` batches handed to the client at once (it keeps its in-flight limit)."""
     start = time.perf_counter()
@@ -93,10 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     server_args = ["--model", model, "--cache-dir", str(args.cache_dir), "--device", args.device]
     server_args += ["--max-seq-len", str(case.seq_len), "--max-batch-tokens", str(case.batch_size * case.seq_len)]
     server_args += ["--max-body-bytes", str(64 << 20)]
-    rates: dict[str, list[float]] = {"in_process": [], "1": [], "2": []}
+    rates: dict[str, list[float]] = {"in_process": [], "server_compute": [], "1": [], "2": []}
     tiers: dict[str, str] = {}
     exact = False
     rates["in_process"].append(_in_process_rate(target, inputs, mapping, args.requests))
+    rates["server_compute"].append(_server_compute_rate(target, inputs, mapping, args.requests))
     with ServerProcess(server_args, startup_timeout=600) as server:
         clients = {
             k: RemoteEagle3TargetModel.from_urls(
@@ -120,16 +148,19 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for remote in clients.values():
                 remote.close()
+    rates["server_compute"].append(_server_compute_rate(target, inputs, mapping, args.requests))
     rates["in_process"].append(_in_process_rate(target, inputs, mapping, args.requests))
 
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    base = medians["in_process"]
+    base, ceiling = medians["in_process"], medians["server_compute"]
     shape = f"B={case.batch_size} T={case.seq_len} D={case.draft_vocab}"
     print(f"pipelining, {case.name}: {shape}, {args.requests} answers per measurement")
-    print(f"{'mode':>16}  {'answers/s':>9}  {'of in-process':>13}  tier")
-    print(f"{'in-process':>16}  {base:9.3f}  {1:13.0%}  -")
+    print(f"{'mode':>22}  {'answers/s':>9}  {'of in-process':>13}  {'of server compute':>17}  tier")
+    print(f"{'in-process reference':>22}  {base:9.3f}  {1:13.0%}  {base / ceiling:17.0%}  -")
+    print(f"{'server compute step':>22}  {ceiling:9.3f}  {ceiling / base:13.0%}  {1:17.0%}  -")
     for k in ("1", "2"):
-        print(f"{k + ' in flight':>16}  {medians[k]:9.3f}  {medians[k] / base:13.0%}  {tiers.get(k, '?')}")
+        rate = medians[k]
+        print(f"{k + ' in flight':>22}  {rate:9.3f}  {rate / base:13.0%}  {rate / ceiling:17.0%}  {tiers.get(k, '?')}")
     print(f"bit-exact: {'yes' if exact else 'NO'}")
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": str(target.device)}
     print(

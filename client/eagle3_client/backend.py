@@ -96,7 +96,7 @@ class _Server:
         self.heartbeat: Heartbeat | None = None
         self.stats = TransferStats()  # survives re-registration
         self._connected = False
-        self._left = False  # out of the fleet's rotation: requests are refused until join()
+        self._left = True  # out of the fleet's rotation (not joined yet): requests are refused until join()
         self._generation = 0  # sessions registered so far
         self._gate = threading.Condition()
         self._active = 0  # requests holding a shared claim
@@ -297,6 +297,8 @@ class _Server:
         finally:
             self._exit()
         with self._alone():
+            if self._left:
+                raise TargetUnreachable(f"{self.url} is out of the rotation")
             if self._generation == generation or not self._connected:  # nobody registered since
                 self._drop_session(disconnect=False)
                 self._connect()

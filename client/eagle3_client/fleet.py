@@ -127,6 +127,7 @@ class ServerList:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._seen = self._stat()  # before reading: a change made meanwhile is seen by the next poll
         try:
             text = self.path.read_text()
         except OSError as exc:
@@ -134,7 +135,6 @@ class ServerList:
         self.urls = parse_server_list(text)
         if not self.urls:
             raise ValueError(f"the server list {self.path} names no server (one URL per line)")
-        self._seen = self._stat()
         self._pending: list[str] | None = None
 
     def _stat(self) -> tuple[int, int, int] | None:
