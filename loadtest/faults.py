@@ -43,6 +43,18 @@ FLEET = "FLEET"  # request type of the kill-and-restart rows
 GENERATE_PATH = protocol.path(protocol.EP_GENERATE)
 
 
+def _record(user: Any, kind: str, name: str, started: float, length: int, error: Exception | None) -> None:
+    """A row for something that is not a Locust HTTP request (a raw socket, the real client)."""
+    user.environment.events.request.fire(
+        request_type=kind,
+        name=name,
+        response_time=(time.perf_counter() - started) * 1000,
+        response_length=length,
+        exception=error,
+        context={},
+    )
+
+
 class FaultMixRank(TrainingRank):
     """A well-behaved rank; its /generate row is what the limits apply to."""
 
@@ -74,14 +86,7 @@ class _Misbehaving(TrainingRank):
             resp.failure(f"expected HTTP {status}, got {resp.status_code}: {(resp.text or '')[:200]}")
 
     def record(self, name: str, started: float, length: int, error: Exception | None) -> None:
-        self.environment.events.request.fire(
-            request_type=FAULT,
-            name=name,
-            response_time=(time.perf_counter() - started) * 1000,
-            response_length=length,
-            exception=error,
-            context={},
-        )
+        _record(self, FAULT, name, started, length, error)
 
 
 class MalformedBody(_Misbehaving):
@@ -238,14 +243,7 @@ class ServerKillRestart(TrainingRank):
         return remote
 
     def record(self, name: str, started: float, length: int, error: Exception | None) -> None:
-        self.environment.events.request.fire(
-            request_type=FLEET,
-            name=name,
-            response_time=(time.perf_counter() - started) * 1000,
-            response_length=length,
-            exception=error,
-            context={},
-        )
+        _record(self, FLEET, name, started, length, error)
 
     def generate_through_fleet(self) -> bool:
         """One batch through the client (failover included), checked; recorded as ``fleet: generate``."""

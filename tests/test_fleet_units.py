@@ -18,14 +18,8 @@ from eagle3_client import ModelMismatch, NoServerReady, RemoteEagle3TargetModel,
 from eagle3_client.control import ControlPlane
 from eagle3_client.fleet import IDLE_HALF_LIFE_S, READY, Fleet, Member, ServerList, parse_server_list
 from tests.ops_support import wait_until
+from tests.test_client import SUPERVISION
 
-SUPERVISION = {
-    "aux_hidden_states": torch.randn(1, 3, 12),
-    "target_probs": torch.softmax(torch.randn(1, 3, 5), -1),
-    "position_mask": torch.tensor([[[True], [False], [False]]]),
-    "input_ids": torch.tensor([[7, 9, 0]]),
-    "loss_mask": torch.tensor([[1, 1, 0]]),
-}
 INPUTS = (torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), torch.ones(1, 3))
 FAST = {"probe_interval": 0.05, "probe_max_interval": 0.2}
 
