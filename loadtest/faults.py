@@ -27,8 +27,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import gevent
 from locust import tag, task
-from locust.exception import CatchResponseError
+from locust.exception import CatchResponseError, StopUser
 
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.protocol import SUPERVISION_KEYS
@@ -205,8 +206,13 @@ class ServerKillRestart(TrainingRank):
         self.spare: SpareServer | None = None
         self.remote: RemoteEagle3TargetModel | None = None
         self.kills_left = self.settings.kill_restart
+        self.restart_started: float | None = None  # a restart whose outcome is not recorded yet
 
     def on_stop(self) -> None:
+        if self.restart_started is not None:  # the run ended first: that is a failed restart, not a silent one
+            error = CatchResponseError("the run ended before the restarted spare was used again (raise -t)")
+            self.record("fault: server restarted", self.restart_started, 0, error)
+            self.restart_started = None
         if self.remote is not None:
             self.remote.close()
         if self.spare is not None:
@@ -277,13 +283,17 @@ class ServerKillRestart(TrainingRank):
             return
         self.train_for(self.settings.kill_interval)
         if self.kills_left <= 0:
+            if self.settings.stop_after_kill_restart and self.environment.runner is not None:
+                # From its own greenlet: quitting stops every user, this one included.
+                gevent.spawn(self.environment.runner.quit)
+                raise StopUser
             return
         self.kills_left -= 1
         started = time.perf_counter()
         self.spare.kill()
         answered = all([self.generate_through_fleet() for _ in range(3)])  # every one must fail over
         self.record("fault: server killed", started, 0, None if answered else CatchResponseError("a batch was lost"))
-        started = time.perf_counter()
+        self.restart_started = time.perf_counter()
         error: Exception | None = None
         try:
             self.spare.start()
@@ -296,4 +306,5 @@ class ServerKillRestart(TrainingRank):
         except (OSError, RuntimeError, CatchResponseError) as exc:
             error = exc
             self.kills_left = 0
-        self.record("fault: server restarted", started, 0, error)
+        self.record("fault: server restarted", self.restart_started, 0, error)
+        self.restart_started = None

@@ -528,6 +528,7 @@ class Fleet(Generic[S]):
             away = time.monotonic() - member.out_since
             member.state = READY
             member.reason = member.probe_result = ""
+            member.service_s = None  # a new process, perhaps: measured afresh (counts as fast meanwhile)
             if was_out:
                 member.readmissions += 1
                 self.readmissions += 1

@@ -149,6 +149,13 @@ def add_options(parser: Any) -> None:
         "the same model as --host.",
     )
     parser.add_argument(
+        "--stop-after-kill-restart",
+        action="store_true",
+        default=False,
+        env_var="LOCUST_STOP_AFTER_KILL_RESTART",
+        help="End the run once the --kill-restart sequence is done (-t stays the upper bound).",
+    )
+    parser.add_argument(
         "--spare-start-timeout",
         type=float,
         default=120.0,
@@ -191,6 +198,7 @@ class RunSettings:
     slow_read_batch: int
     kill_restart: int
     kill_interval: float
+    stop_after_kill_restart: bool
     spare_server_cmd: str
     spare_start_timeout: float
     report_file: str
@@ -225,6 +233,7 @@ class RunSettings:
             slow_read_batch=opts.slow_read_batch,
             kill_restart=opts.kill_restart,
             kill_interval=opts.kill_interval,
+            stop_after_kill_restart=opts.stop_after_kill_restart,
             spare_server_cmd=opts.spare_server_cmd,
             spare_start_timeout=opts.spare_start_timeout,
             report_file=opts.report_file or (f"{csv_prefix}_eagle3.json" if csv_prefix else ""),

@@ -158,9 +158,11 @@ def test_a_fleet_rank_trains_through_a_server_killed_and_restarted(
     spare = f"{{python}} -m eagle3_appliance serve --host 127.0.0.1 --port {{port}} --cache-dir {cache}"
     # The fleet rank and one rank on --host, pausing between steps: on two busy cores, ranks
     # hammering --host would triple the spare's start-up (the fault mix itself is the test above).
+    # The run ends once the sequence is done; -t is only the bound.
     classes = ["ServerKillRestart", "FaultMixRank"]
-    args = ["-f", "loadtest/faults.py", *classes, "-u", "2", "-r", "2", "-t", "40s", "--think-time", "0.5", *SHAPES]
+    args = ["-f", "loadtest/faults.py", *classes, "-u", "2", "-r", "2", "-t", "90s", "--think-time", "0.5", *SHAPES]
     args += ["--kill-restart", "1", "--kill-interval", "2", "--spare-server-cmd", spare, "--spare-start-timeout", "30"]
+    args += ["--stop-after-kill-restart"]
     run = locust.run(args, appliance.url, tmp_path / "kill")
     assert_ok(run)
     stats = run.stats()
