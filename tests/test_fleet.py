@@ -91,10 +91,14 @@ def test_a_killed_server_fails_over_exactly_and_is_used_again_after_its_restart(
             loop = trainer_loop(remote, inputs, depth=3 * remote.options.max_in_flight_per_server)
             got += [next(loop) for _ in range(10)]
             assert by_url(remote)[victim.url]["served"] > 0
+            for _ in range(10):  # kill it while it holds a batch, so that the kill cuts a request off
+                if by_url(remote)[victim.url]["in_flight"]:
+                    break
+                got.append(next(loop))
             assert victim.proc is not None
-            victim.proc.send_signal(signal.SIGKILL)  # batches are in flight on it now
+            victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(30)
-            got += [next(loop) for _ in range(15)]
+            got += [next(loop) for _ in range(25 - len(got))]
             stats = by_url(remote)[victim.url]
             assert stats["state"] == "out" and stats["failovers"] >= 1, stats
 
