@@ -9,7 +9,8 @@
 #   3. hetjob, component 1 fails (exit 7): the job fails with 7, servers stopped
 #   4. hetjob, a server cannot start (bad model): the job exits 3 before component 1 starts
 #   5. hetjob, a server is killed while component 1 runs: component 1 gets SIGTERM, job exits 4
-#   6. serve.sh: servers become ready, validate from outside the job, scancel stops them
+#   6. serve.sh: servers become ready (and join a shared server list), validate from outside
+#      the job, scancel removes them from the list and stops them
 #   7. hetjob, MODE=locust: one master and two workers on component 1 run loadtest/'s steady
 #      scenario against the servers (every answer validated; zero failures required)
 #   8. hetjob with a token file (EAGLE3_AUTH_TOKEN_FILE): the servers turn ready through the
@@ -277,7 +278,9 @@ grep -h 'ERROR' "$JOBS/eagle3-$job.out" | sed 's/^/    /'
 ok "server death: component 1 got SIGTERM, the job failed with 4"
 
 # ---- 6. serve.sh: a standalone server job, stopped with scancel ---------------------------
-job=$(cd "$JOBS" && sbatch --parsable "${CPU[@]}" --ntasks-per-node=2 "$REPO/slurm/serve.sh")
+fleet_list=$WORK/fleet/servers.txt
+mkdir -p "$WORK/fleet" && echo 'http://other-job:8001' >"$fleet_list" # another job's server, kept throughout
+job=$(cd "$JOBS" && SERVER_LIST=$fleet_list DRAIN_SECONDS=1 sbatch --parsable "${CPU[@]}" --ntasks-per-node=2 "$REPO/slurm/serve.sh")
 JOB_IDS+=("$job")
 say "job $job: sbatch slurm/serve.sh"
 for ((i = 0; i < 600; i++)); do
@@ -291,12 +294,18 @@ say "serve.sh ready: $urls; validating from outside the job"
     fail "validation against serve.sh servers failed: $(cat "$WORK/serve-validate.log")" "$job"
 grep -E '^result' "$WORK/serve-validate.log" | sed 's/^/    /'
 ok "serve.sh servers bit-exact"
+[[ $(paste -sd, "$fleet_list") == "http://other-job:8001,$urls" ]] ||
+    fail "serve.sh did not add its servers to SERVER_LIST: $(paste -sd, "$fleet_list")" "$job"
+ok "serve.sh added its servers to the shared server list"
 # --batch --signal=TERM: only the job script is told; it stops its servers gracefully.
 scancel --batch --signal=TERM "$job"
 for ((i = 0; i < 120; i++)); do [[ -z $(squeue -h -j "$job" 2>/dev/null) ]] && break; sleep 0.5; done
 [[ -z $(squeue -h -j "$job" 2>/dev/null) ]] || fail "serve.sh job still running after scancel" "$job"
 servers_stopped "$job" || fail "serve.sh servers not stopped cleanly" "$job"
 ok "scancel stopped serve.sh's servers cleanly"
+[[ $(paste -sd, "$fleet_list") == "http://other-job:8001" ]] ||
+    fail "serve.sh left its servers in SERVER_LIST: $(paste -sd, "$fleet_list")" "$job"
+ok "serve.sh removed its servers from the shared list before stopping them"
 
 # ---- 7. hetjob, MODE=locust: distributed Locust on component 1 ----------------------------
 # The real steady scenario from loadtest/: every answer is validated by the Locust users.

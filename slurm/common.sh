@@ -165,3 +165,41 @@ stop_step() {
     wait "$pid" 2>/dev/null || rc=$?
     log "step $name ended, exit code $rc"
 }
+
+# --- the elastic server list (a trainer's EAGLE3_SERVER_LIST) ------------------------------
+
+# server_list_update FILE add|remove URL...: add URLs to (or remove them from) a server-list
+# file that trainers follow (one URL per line; the client re-reads it when it changes). Several
+# jobs can share one file: every update holds FILE.lock (flock) and replaces FILE atomically,
+# so a trainer never reads half of it. Comments and blank lines are dropped.
+server_list_update() {
+    local file=$1 action=$2
+    shift 2
+    [[ $action == add || $action == remove ]] || die 2 "server_list_update: unknown action $action"
+    mkdir -p "$(dirname "$file")"
+    (
+        flock -w 60 9 || die 2 "could not lock $file.lock within 60 s"
+        local -A given=() seen=()
+        local -a kept=()
+        local url line
+        for url in "$@"; do given[$url]=1; done
+        if [[ -r $file ]]; then
+            while IFS= read -r line || [[ -n $line ]]; do
+                line=${line%%#*}
+                line=${line//[[:space:]]/}
+                [[ -z $line || -n ${seen[$line]:-} ]] && continue
+                [[ $action == remove && -n ${given[$line]:-} ]] && continue
+                seen[$line]=1
+                kept+=("$line")
+            done <"$file"
+        fi
+        if [[ $action == add ]]; then
+            for url in "$@"; do
+                [[ -n ${seen[$url]:-} ]] || kept+=("$url")
+                seen[$url]=1
+            done
+        fi
+        if ((${#kept[@]})); then printf '%s\n' "${kept[@]}" >"$file.tmp.$$"; else : >"$file.tmp.$$"; fi
+        mv "$file.tmp.$$" "$file"
+    ) 9>"$file.lock"
+}

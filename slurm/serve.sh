@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # A standalone target-server job: one appliance per GPU (or per TENSOR_PARALLEL_SIZE GPUs) on every node, running
 # until the time limit or `scancel` (or, with EXIT_WHEN_IDLE=1, until the servers go idle).
-# Trainers elsewhere read the server URLs from $LOG_ROOT/<job id>/urls.txt.
+# Trainers elsewhere read the server URLs from $LOG_ROOT/<job id>/urls.txt, or follow a
+# shared server list (SERVER_LIST, the trainers' EAGLE3_SERVER_LIST): this job adds its
+# servers there once they are ready and removes them (then waits DRAIN_SECONDS) before it
+# stops them, so trainers take a job's servers in and drain them during their run.
 #
 #   sbatch slurm/serve.sh
 #   sbatch --nodes=4 --partition=a100 --account=proj slurm/serve.sh
 #   cat slurm-logs/<job id>/urls.txt      # once the driver log says "ready"
+#   SERVER_LIST=/shared/fleet.txt sbatch slurm/serve.sh   # trainers: EAGLE3_SERVER_LIST=/shared/fleet.txt
 #
 # Same settings as slurm/hetjob.sh (env file slurm/eagle3.env, or the environment); the
 # ones that concern component 1 are ignored. docs/slurm.md.
@@ -46,6 +50,8 @@ EXIT_WHEN_IDLE=${EXIT_WHEN_IDLE:-0}     # 1: serve --exit-when-idle (the job end
 SERVER_HOST_OVERRIDE=${SERVER_HOST_OVERRIDE:-} # server address when node names do not resolve
 READY_TIMEOUT=${READY_TIMEOUT:-1800}    # seconds for every server to load its model
 STOP_TIMEOUT=${STOP_TIMEOUT:-60}        # seconds for a graceful stop before SIGKILL
+SERVER_LIST=${SERVER_LIST:-}            # shared file of server URLs that trainers follow (optional)
+DRAIN_SECONDS=${DRAIN_SECONDS:-15}      # after leaving SERVER_LIST, before the servers stop
 LOG_ROOT=${LOG_ROOT:-$SLURM_SUBMIT_DIR/slurm-logs} # logs go to $LOG_ROOT/<job id>/
 APPLIANCE_CMD=${APPLIANCE_CMD:-${PYTHON_ENV:+$PYTHON_ENV/bin/}eagle3-appliance}
 EAGLE3_AUTH_TOKEN_FILE=${EAGLE3_AUTH_TOKEN_FILE:-} # token file the servers require (probes need none)
@@ -57,6 +63,8 @@ if [[ -n $EAGLE3_AUTH_TOKEN_FILE ]]; then
     [[ -r $EAGLE3_AUTH_TOKEN_FILE ]] || die 2 "EAGLE3_AUTH_TOKEN_FILE=$EAGLE3_AUTH_TOKEN_FILE is not readable"
     export EAGLE3_AUTH_TOKEN_FILE
 fi
+[[ $DRAIN_SECONDS =~ ^[0-9]+$ ]] || die 2 "DRAIN_SECONDS=$DRAIN_SECONDS: expected a whole number of seconds"
+[[ -z $SERVER_LIST ]] || command -v flock >/dev/null || die 2 "SERVER_LIST needs flock (util-linux) on the first node"
 command -v curl >/dev/null || die 2 "curl is needed on the first node to poll the servers"
 read -r -a serve_args <<<"$SERVE_ARGS"
 mapfile -t server_container < <(container_opts "$CONTAINER_IMAGE" "$CONTAINER_MOUNTS")
@@ -68,10 +76,19 @@ log "job $SLURM_JOB_ID on $(hostname): MODEL=$MODEL on nodes $SLURM_JOB_NODELIST
 log "logs in $LOG_DIR"
 
 server_pid=''
+listed=0
 # shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
     local rc=$?
     trap - TERM INT
+    if ((listed)); then # a failure here must not keep the servers from stopping
+        if server_list_update "$SERVER_LIST" remove "${urls[@]}"; then
+            log "removed the servers from $SERVER_LIST; ${DRAIN_SECONDS}s for trainers to drain them"
+            sleep "$DRAIN_SECONDS"
+        else
+            log "could not remove the servers from $SERVER_LIST; trainers will fail over when they stop"
+        fi
+    fi
     if [[ -n $server_pid ]]; then
         log "stopping the servers (SIGTERM)"
         stop_step "$server_pid" eagle3-servers "$STOP_TIMEOUT"
@@ -98,6 +115,11 @@ wait_until_ready "$server_pid" "$READY_TIMEOUT" "${urls[@]}"
 printf '%s\n' "${urls[@]}" >"$LOG_DIR/urls.txt.tmp"
 mv "$LOG_DIR/urls.txt.tmp" "$LOG_DIR/urls.txt"
 log "ready: EAGLE3_TARGET_URLS=$(paste -sd, "$LOG_DIR/urls.txt") (also in $LOG_DIR/urls.txt)"
+if [[ -n $SERVER_LIST ]]; then
+    server_list_update "$SERVER_LIST" add "${urls[@]}"
+    listed=1
+    log "added ${#urls[@]} server(s) to $SERVER_LIST (trainers: EAGLE3_SERVER_LIST=$SERVER_LIST)"
+fi
 
 while kill -0 "$server_pid" 2>/dev/null; do sleep 5; done
 rc=0

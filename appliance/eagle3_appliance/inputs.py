@@ -43,14 +43,19 @@ class GenerateInputs:
 
 @dataclass(frozen=True)
 class VocabMapping:
-    """The draft vocabulary: ``selected_token_ids`` int64 ``[D]``, ``selected_token_mask`` bool ``[V]``."""
+    """The draft vocabulary: ``selected_token_ids`` int64 ``[D]``, ``selected_token_mask`` bool ``[V]``.
+
+    ``version`` is the number our client gave this mapping (``X-Eagle3-Mapping``), named on
+    every answer computed under it; None for upstream clients, which never send one.
+    """
 
     selected_token_ids: torch.Tensor
     selected_token_mask: torch.Tensor
+    version: int | None = None
 
     @property
     def draft_vocab_size(self) -> int:
         return int(self.selected_token_ids.numel())
 
     def to(self, device: torch.device) -> VocabMapping:
-        return VocabMapping(self.selected_token_ids.to(device), self.selected_token_mask.to(device))
+        return VocabMapping(self.selected_token_ids.to(device), self.selected_token_mask.to(device), self.version)

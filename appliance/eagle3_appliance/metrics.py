@@ -184,6 +184,16 @@ class Metrics:
             registry=r,
         )
         self.sessions_registered = Counter("eagle3_sessions_registered", "Client sessions registered.", registry=r)
+        self.readmissions = Counter(
+            "eagle3_fleet_readmissions",
+            "Sessions registered by a client taking this server back into its rotation after it had left it.",
+            registry=r,
+        )
+        self.failovers = Counter(
+            "eagle3_fleet_failover_requests",
+            "/generate requests a client re-sent here after another server failed them.",
+            registry=r,
+        )
         self.session_ends = Counter(
             "eagle3_session_ends",
             "Client sessions ended: disconnect, expired (missed its lease) or shutdown.",

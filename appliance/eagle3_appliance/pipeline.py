@@ -141,8 +141,12 @@ class Pipeline:
             raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
         encoding = parse_encoding(session.encoding)
         transfer = choose_transfer(request, session, self.buffers)
-        # Only a negotiated (non-default) encoding is named: upstream's answer stays header-free.
-        headers = None if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
+        # Only what our client negotiated is named: upstream's answer stays header-free.
+        headers = {} if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
+        if mapping.version is not None:  # the mapping this answer is computed under, for the client's decode
+            headers[protocol.MAPPING_VERSION_HEADER] = str(mapping.version)
+        if request.headers.get(protocol.FAILOVER_HEADER):
+            self.metrics.failovers.inc()
         async with self.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
             job = Job(inputs, mapping, encoding, transfer, ticket)
             answer = await self.compute(job)

@@ -19,7 +19,7 @@ from sanic.response import HTTPResponse, json
 
 from eagle3_appliance import dataplane_routes, upstream_nccl
 from eagle3_appliance.buffers import ServerBuffers
-from eagle3_appliance.errors import InvalidRequest, Unavailable, install_error_handler
+from eagle3_appliance.errors import InvalidRequest, MalformedBody, Unavailable, install_error_handler
 from eagle3_appliance.group_plane import DataPlaneServer, connection_closed
 from eagle3_appliance.inputs import VocabMapping
 from eagle3_appliance.lifecycle import install_second_signal_exit
@@ -69,6 +69,7 @@ def _model_info_extension(state: ServingState) -> ModelInfoExtension:
         max_seq_len=state.pipeline.limits.max_seq_len,
         max_batch_tokens=state.pipeline.limits.max_batch_tokens,
         mode=target.mode,
+        fingerprint=target.fingerprint,
     )
 
 
@@ -98,12 +99,15 @@ async def register_session(request: Request) -> HTTPResponse:
     session = state.sessions.register(client=offer.client)
     session.encoding = encoding.name
     session.lease_seconds = lease
+    if offer.rejoin:
+        state.pipeline.metrics.readmissions.inc()
     reply = SessionReply(
         session_id=session.id,
         encoding=session.encoding,
         data_planes=tuple(state.planes.offered),
         lease_seconds=lease or state.settings.lease_seconds,
         encoding_refused=refused,
+        model_fingerprint=state.target.fingerprint,
     )
     return json(reply.to_json())
 
@@ -125,15 +129,32 @@ async def set_vocab_mapping(request: Request) -> HTTPResponse:
     session = request_session(request)
     mapping = validate_vocab_mapping(decode_body(request.body), logits_size=state.target.logits_size)
     check_mapping(parse_encoding(session.encoding), mapping)
+    version = _mapping_version(request, session.anonymous)
 
     def install() -> None:
         # On the model thread, so a forward in flight finishes with the mapping it started with.
         session.mapping = VocabMapping(
-            mapping.selected_token_ids.to(state.target.device), mapping.selected_token_mask.to(state.target.device)
+            mapping.selected_token_ids.to(state.target.device),
+            mapping.selected_token_mask.to(state.target.device),
+            version,
         )
 
     await state.pipeline.runner.run(install)
     return json({"status": "ok"})
+
+
+def _mapping_version(request: Request, anonymous: bool) -> int | None:
+    """The client's number for this mapping (``X-Eagle3-Mapping``), echoed on every answer computed under it."""
+    header = request.headers.get(protocol.MAPPING_VERSION_HEADER)
+    if header is None or anonymous:
+        return None
+    try:
+        version = int(header)
+    except ValueError:
+        raise MalformedBody(f"{protocol.MAPPING_VERSION_HEADER} must be an integer, got {header!r}") from None
+    if not 0 <= version < 2**62:
+        raise MalformedBody(f"{protocol.MAPPING_VERSION_HEADER} must be in [0, 2**62), got {version}")
+    return version
 
 
 @control.post(protocol.path(protocol.EP_GENERATE))
@@ -185,6 +206,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.config.NOISY_EXCEPTIONS = False
     sessions = SessionRegistry()
     planes = DataPlaneServer.create(settings, target.device)
+    logger.info("model fingerprint %s (mode %s)", target.fingerprint, target.mode)  # computed once, here
 
     # Shutdown listeners run in reverse order of registration: the groups close only after
     # the drain (registered by install_operations below) has let in-flight answers finish.

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from eagle3_appliance.fingerprint import model_fingerprint
 from eagle3_appliance.inputs import Allocator
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
 
@@ -93,6 +94,9 @@ class Target:
 
     Not re-entrant: the hooks write into one capture slot, so callers must run
     :meth:`forward` one at a time (the server does, through a one-thread executor).
+
+    ``mode`` names how the loader placed the model (``"single"``: one device); it feeds the
+    :attr:`fingerprint`, because the same weights placed another way may compute other bits.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Target:
         self.lockstep = lockstep
         # Tensor parallel: the input embedding is sharded by vocabulary; this is the whole of it.
         self.gathered_input_embeddings: torch.Tensor | None = None
+        self._fingerprint: str | None = None
         self.layers = find_decoder_layers(model)
         num_layers = self.num_hidden_layers
         self.aux_layer_ids = (
@@ -199,6 +204,15 @@ class Target:
     @property
     def hidden_size(self) -> int:
         return int(self._embedding_weight().shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """What this target computes, as one string (:mod:`eagle3_appliance.fingerprint`); computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(
+                self.model, dtype=self.dtype, aux_layer_ids=list(self.aux_layer_ids), mode=self.mode
+            )
+        return self._fingerprint
 
     def model_info(self) -> dict[str, Any]:
         """The body of ``/model_info`` (exactly upstream's keys)."""

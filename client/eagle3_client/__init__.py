@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from eagle3_client.backend import RemoteEagle3TargetModel, RemoteResult
     from eagle3_client.contract import USING_NEMO_AUTOMODEL, Eagle3TargetBackend, Eagle3TargetBatch
     from eagle3_client.errors import (
+        ModelMismatch,
+        NoServerReady,
         ProtocolViolation,
         RemoteTargetError,
         TargetHTTPError,
@@ -33,6 +35,8 @@ _EXPORTS = {
     "USING_NEMO_AUTOMODEL": "eagle3_client.contract",
     "Eagle3TargetBackend": "eagle3_client.contract",
     "Eagle3TargetBatch": "eagle3_client.contract",
+    "ModelMismatch": "eagle3_client.errors",
+    "NoServerReady": "eagle3_client.errors",
     "ProtocolViolation": "eagle3_client.errors",
     "RemoteEagle3TargetModel": "eagle3_client.backend",
     "RemoteResult": "eagle3_client.backend",
@@ -48,6 +52,8 @@ __all__ = [
     "DataPlaneUnavailable",
     "Eagle3TargetBackend",
     "Eagle3TargetBatch",
+    "ModelMismatch",
+    "NoServerReady",
     "ProtocolViolation",
     "RemoteEagle3TargetModel",
     "RemoteResult",

@@ -16,6 +16,10 @@ client-options page, generated from :mod:`eagle3_client.options`). The YAML, inc
 ``--recipe_args.KEY=VALUE`` overrides, wins over the environment; unset means the client's
 default.
 
+Prefetch depth: the recipe caps ``target_prefetch_depth`` at ``num_remote_servers`` (one
+request in flight per server). Our subclass reports servers x ``max_in_flight_per_server``
+there, so the recipe can keep every request slot of the fleet busy.
+
 Usage (what :mod:`eagle3_client.automodel_launch` does)::
 
     from eagle3_client.automodel import install, options_from_config
@@ -90,6 +94,17 @@ def configured_backend(options: Mapping[str, Any] | None = None) -> type[RemoteE
         def from_urls(cls, urls: Any, **kwargs: Any) -> RemoteEagle3TargetModel:
             # Arguments the recipe passes win over ours.
             return super().from_urls(_url_list(urls), **{**extra, **kwargs})
+
+        @property
+        def num_remote_servers(self) -> int:
+            """Request slots (servers x ``max_in_flight_per_server``), which is what the recipe uses it for.
+
+            The recipe reads this only to cap ``target_prefetch_depth`` at "one in-flight
+            request per server", a rule that keeps upstream's NCCL receives in order. This
+            client orders every data plane itself, so the cap becomes the requests it can
+            keep in flight.
+            """
+            return int(super().num_remote_servers) * self.options.max_in_flight_per_server
 
     AutoModelRemoteTarget.__qualname__ = AutoModelRemoteTarget.__name__  # readable in logs
     return AutoModelRemoteTarget

@@ -1,15 +1,21 @@
 """Data planes: how one ``/generate`` answer's tensors get from a server to this process.
 
-The backend calls :meth:`DataPlane.generate` and never looks at which plane it holds; a
+The backend calls :meth:`DataPlane.fetch` and never looks at which plane it holds; a
 negotiator (:mod:`eagle3_client.negotiate`) picks one per server. This module has the HTTP-body
 plane (the upstream wire fallback, always available); :mod:`eagle3_client.group_plane` has the
 process-group tiers (NCCL, gloo), which fall back to this one when a transfer breaks.
+
+Planes are thread-safe: with pipelining (``max_in_flight_per_server``) several requests of one
+process use a server's plane at once. The wire plane needs nothing for that (each answer has
+its own HTTP exchange); the group plane orders its transfers (see its module).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -21,16 +27,48 @@ from eagle3_client.encodings import detect_encoding, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.socketbody import RECV_INTO
 
-__all__ = ["DataPlane", "TransferStats", "WireAnswer", "WireDataPlane", "check_supervision"]
+__all__ = [
+    "Answer",
+    "DataPlane",
+    "TransferStats",
+    "WireAnswer",
+    "WireDataPlane",
+    "check_supervision",
+    "mapping_version",
+]
+
+
+@dataclass
+class Answer:
+    """One checked ``/generate`` answer and the vocab-mapping version the server computed it under.
+
+    ``mapping_version`` is None when the server did not name one (an upstream server).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    mapping_version: int | None = None
 
 
 @dataclass
 class WireAnswer:
-    """A decoded wire body, the seconds its transfer took and the encoding its header named."""
+    """A decoded wire body, the seconds its transfer took, and what its headers named."""
 
     tensors: dict[str, torch.Tensor | None]
     seconds: float
     encoding: str | None = None
+    mapping_version: int | None = None
+
+
+def mapping_version(url: str, headers: Mapping[str, str]) -> int | None:
+    """The ``X-Eagle3-Mapping`` of an answer (None when absent); anything but an integer is a violation."""
+    value = headers.get(protocol.MAPPING_VERSION_HEADER)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        header = protocol.MAPPING_VERSION_HEADER
+        raise ProtocolViolation(f"{url}/generate: {header} {value!r} is not an integer") from None
 
 
 @dataclass
@@ -46,11 +84,13 @@ class TransferStats:
     seconds: dict[str, float] = field(default_factory=dict)
     fallbacks: int = 0
     reupgrades: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, tier: str, nbytes: int, seconds: float) -> None:
-        self.requests += 1
-        self.bytes[tier] = self.bytes.get(tier, 0) + nbytes
-        self.seconds[tier] = self.seconds.get(tier, 0.0) + seconds
+        with self._lock:  # pipelined requests of one server record from several threads
+            self.requests += 1
+            self.bytes[tier] = self.bytes.get(tier, 0) + nbytes
+            self.seconds[tier] = self.seconds.get(tier, 0.0) + seconds
 
     @property
     def bytes_received(self) -> int:
@@ -72,8 +112,16 @@ class DataPlane(ABC):
         return self.name
 
     @abstractmethod
+    def fetch(self, payload: bytes, *, retries: bool = True, headers: Mapping[str, str] | None = None) -> Answer:
+        """POST the wire-encoded inputs; the checked answer (tensors on the CPU, or on the group's device).
+
+        ``retries=False`` leaves retrying to the caller (a fleet fails over to another server
+        instead); ``headers`` ride along on the ``/generate`` request.
+        """
+
     def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        """POST the wire-encoded inputs and return the supervision tensors (on the CPU)."""
+        """POST the wire-encoded inputs and return the supervision tensors."""
+        return self.fetch(payload).tensors
 
     def close(self) -> None:
         """Release the plane's resources (the control plane is closed by its owner)."""
@@ -112,22 +160,29 @@ class WireDataPlane(DataPlane):
 
     name = "wire"
 
-    def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
+    def fetch(self, payload: bytes, *, retries: bool = True, headers: Mapping[str, str] | None = None) -> Answer:
         # RECV_INTO: the socket transport receives the body straight into the tensors.
         answer = self.control.request(
-            "POST", protocol.EP_GENERATE, self.read_timed, content=payload, extensions={RECV_INTO: True}
+            "POST",
+            protocol.EP_GENERATE,
+            self.read_timed,
+            content=payload,
+            headers=headers,
+            retries=retries,
+            extensions={RECV_INTO: True},
         )
         return self.accept(answer)
 
     def read_timed(self, resp: httpx.Response) -> WireAnswer:
         """Read a wire answer, timing the body only (the headers arrive once the forward is done)."""
+        version = mapping_version(self.control.url, resp.headers)
         start = time.perf_counter()
         tensors = self.control.read_wire(resp)
-        return WireAnswer(tensors, time.perf_counter() - start, resp.headers.get(protocol.ENCODING_HEADER))
+        return WireAnswer(tensors, time.perf_counter() - start, resp.headers.get(protocol.ENCODING_HEADER), version)
 
-    def accept(self, answer: WireAnswer) -> dict[str, torch.Tensor]:
+    def accept(self, answer: WireAnswer) -> Answer:
         """Check a decoded wire answer against the encoding it names, and count it."""
         # No header: upstream's probs (an upstream server never sends one).
         result = check_supervision(self.control.url, answer.tensors, answer.encoding or protocol.ENCODING_PROBS)
         self.stats.record(self.name, sum(t.numel() * t.element_size() for t in result.values()), answer.seconds)
-        return result
+        return Answer(result, answer.mapping_version)

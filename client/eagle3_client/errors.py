@@ -2,10 +2,12 @@
 
     RemoteTargetError                 anything that went wrong talking to a target server
     ├── TargetUnreachable             connection refused/reset, after all retries
-    │   └── TargetTimeout             no answer within the timeout, after all retries
+    │   ├── TargetTimeout             no answer within the timeout, after all retries
+    │   └── NoServerReady             no server of the fleet was ready within failover_timeout
     ├── TargetHTTPError               the server answered with a non-200 status
     │   └── TargetOverloaded          503 that persisted past every Retry-After
     ├── ProtocolViolation             the server's answer does not follow the protocol
+    ├── ModelMismatch                 the servers of one client serve different models
     ├── DataPlaneUnavailable          a forced data plane this pair cannot do (eagle3_client.negotiate)
     └── TransferError                 a process-group transfer broke (eagle3_client.transfer; recovered
         ├── TransferTimeout           over the wire by the client, never raised to the trainer)
@@ -13,11 +15,17 @@
 
 Every message names the URL; a ``TargetHTTPError`` carries the server's own error text
 (``.status``, ``.server_message``), so a 422 about token ids reads as such in the trainer.
+``NoServerReady`` and ``ModelMismatch`` name every server concerned (``.reasons``,
+``.fingerprints``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
+    "ModelMismatch",
+    "NoServerReady",
     "ProtocolViolation",
     "RemoteTargetError",
     "TargetHTTPError",
@@ -55,3 +63,28 @@ class TargetOverloaded(TargetHTTPError):
 
 class ProtocolViolation(RemoteTargetError):
     """The server's answer is not what the protocol allows (bad body, wrong keys)."""
+
+
+class NoServerReady(TargetUnreachable):
+    """No server could take a request for ``failover_timeout`` seconds; ``reasons`` says why each is out.
+
+    ``reasons`` maps every server's URL to why it is out of the rotation (its last failure
+    and the last readiness probe).
+    """
+
+    def __init__(self, message: str, reasons: Mapping[str, str]) -> None:
+        self.reasons = dict(reasons)
+        lines = [f"  {url}: {why}" for url, why in self.reasons.items()] or ["  (the server list is empty)"]
+        super().__init__("\n".join([message, *lines]))
+
+
+class ModelMismatch(RemoteTargetError):
+    """The servers of one client serve different models (their fingerprints differ).
+
+    Training on a mix would give the draft inconsistent supervision without any error, so the
+    client refuses the fleet. ``fingerprints`` maps each server's URL to its fingerprint.
+    """
+
+    def __init__(self, message: str, fingerprints: Mapping[str, str]) -> None:
+        self.fingerprints = dict(fingerprints)
+        super().__init__(message)

@@ -13,17 +13,33 @@ goes wrong (timeout, peer gone, mismatch, dropped HTTP connection) both ends dro
 the same answer is fetched over the wire from the server's stored copy (no recompute, nothing
 lost) and the group is tried again after a back-off that doubles per consecutive failure. A
 blind retry of a group ``/generate`` is never made: it could pair the wrong sends and receives.
+
+Pipelining (several requests of one process in flight on the server): the server sends on the
+group in the order it answers the ``/generate`` requests, and NCCL pairs a send with whatever
+receive comes next (gloo's tags would catch a mismatch, but only as a broken transfer). So a
+request goes through two stages, each one request at a time and in the same order:
+
+1. POST ``/generate`` and read the metadata (the server's forward runs here);
+2. receive the tensors on the group, in the order the metadata arrived.
+
+Request *k+1* is sent only once *k*'s metadata is in, so the server has queued *k*'s send
+before it even sees *k+1*: the order of the sends is the order of the receives, and *k+1*'s
+forward runs while *k*'s tensors travel. Requests on the wire skip both stages (each answer
+has its own HTTP exchange). Every change of the group (upgrade, fallback) happens in stage 1's
+lock, and a fallback drops only the group it saw fail, never a newer one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -32,7 +48,7 @@ import torch
 
 from eagle3_client import protocol
 from eagle3_client.control import ControlPlane
-from eagle3_client.dataplane import DataPlane, TransferStats, WireDataPlane, check_supervision
+from eagle3_client.dataplane import Answer, DataPlane, TransferStats, WireDataPlane, check_supervision, mapping_version
 from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable
 from eagle3_client.negotiate import DataPlaneConfig
 from eagle3_client.socketbody import RECV_INTO
@@ -58,11 +74,23 @@ _JOIN_POLL_S = 0.5  # while a join takes longer than this, ask the server how it
 _SERVER_GAVE_UP = frozenset({"failed", "rejected", "closed", "shutdown", "replaced", "peer gone", "none"})
 
 
+@dataclass(frozen=True)
+class _Requested:
+    """What a transfer's ``/generate`` gave: a :class:`WireAnswer` (kind ``"wire"``), the
+    :class:`TransferMetadata` (kind: the group tier) or the error (kind ``"broken"``), with the
+    group it was asked for on and the vocab-mapping version the answer was computed under."""
+
+    group: Group | None
+    value: Any
+    mapping_version: int | None = None
+
+
 class GroupDataPlane(DataPlane):
     """``/generate`` answers over a private NCCL or gloo group, falling back to the wire.
 
     ``tier`` is the negotiated group tier; ``device`` is where NCCL receives (the trainer's
-    CUDA device). Not thread-safe: the owning server object serialises calls.
+    CUDA device). Thread-safe: concurrent requests are pipelined in two ordered stages (see
+    the module docstring).
     """
 
     name = "group"
@@ -93,17 +121,40 @@ class GroupDataPlane(DataPlane):
         self._retry_at = 0.0  # monotonic time of the next upgrade attempt
         self._failures = 0  # consecutive; sets the back-off
         self._fell_back = False  # a later successful upgrade is a re-upgrade
+        self._post_lock = threading.RLock()  # stage 1, and every change of the group
+        self._turns = threading.Condition()  # stage 2: receives in the order of stage 1
+        self._next_turn = 0
+        self._serving = 0
 
     @property
     def tier(self) -> str:
         return self.group_tier if self.group is not None else protocol.TIER_WIRE
 
-    def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        if self.group is None and time.monotonic() >= self._retry_at:
-            self._upgrade()
-        if self.group is None:
-            return self.wire.generate(payload)
-        return self._generate_on_group(payload)
+    def fetch(self, payload: bytes, *, retries: bool = True, headers: Mapping[str, str] | None = None) -> Answer:
+        with self._post_lock:
+            if self.group is None and time.monotonic() >= self._retry_at:
+                self._upgrade()
+            on_group = self.group is not None
+            if on_group:
+                seq, kind, answer = self.request_transfer(payload, retries=retries, headers=headers)
+                turn = self._next_turn
+                self._next_turn += 1
+        if not on_group:
+            return self.wire.fetch(payload, retries=retries, headers=headers)
+        with self._turn(turn):
+            return self._receive(seq, kind, answer, payload, retries)
+
+    @contextlib.contextmanager
+    def _turn(self, turn: int) -> Iterator[None]:
+        with self._turns:
+            while self._serving != turn:
+                self._turns.wait()
+        try:
+            yield
+        finally:
+            with self._turns:
+                self._serving += 1
+                self._turns.notify_all()
 
     def close(self) -> None:
         """Drop this end; the server drops its end when the session ends (``/disconnect``)."""
@@ -214,62 +265,70 @@ class GroupDataPlane(DataPlane):
 
     # -- one request on the group -----------------------------------------------------------
 
-    def _generate_on_group(self, payload: bytes) -> dict[str, torch.Tensor]:
-        seq, kind, answer = self.request_transfer(payload)
-        return self.receive(seq, kind, answer, payload)
-
-    def request_transfer(self, payload: bytes) -> tuple[int, str, Any]:
+    def request_transfer(
+        self, payload: bytes, *, retries: bool = True, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, str, Any]:
         """POST ``/generate`` for a new transfer: ``(seq, kind, answer)``, where ``kind`` is
-        ``"wire"`` (the answer is a :class:`WireAnswer`), the group tier (the answer is the
+        ``"wire"`` (the answer is a :class:`WireAnswer`), the group tier (the answer holds the
         :class:`TransferMetadata`) or ``"broken"`` (the answer is the error)."""
+        group = self.group
         self._seq += 1
         seq = self._seq
         try:
-            kind, answer = self.control.request(
+            kind, value, version = self.control.request(
                 "POST",
                 protocol.EP_GENERATE,
                 functools.partial(self._read_answer, seq),
                 content=payload,
-                headers={protocol.TRANSFER_HEADER: str(seq)},
+                headers={**(headers or {}), protocol.TRANSFER_HEADER: str(seq)},
+                retries=retries,
                 retry_lost=False,  # 503s are retried; a lost connection is recovered, never resent
             )
         except TargetHTTPError:
             raise  # an error answer: no transfer was started, the group is intact
         except (TargetUnreachable, ProtocolViolation) as exc:
             # The server may or may not have started transfer ``seq``.
-            return seq, "broken", exc
-        return seq, kind, answer
+            return seq, "broken", _Requested(group, exc)
+        return seq, kind, _Requested(group, value, version)
 
     def receive(self, seq: int, kind: str, answer: Any, payload: bytes) -> dict[str, torch.Tensor]:
         """Finish a transfer started by :meth:`request_transfer`, recovering over the wire if it broke."""
+        return self._receive(seq, kind, answer, payload, True).tensors
+
+    def _receive(self, seq: int, kind: str, answer: _Requested, payload: bytes, retries: bool) -> Answer:
+        group = answer.group
         if kind == "broken":
-            self._fall_back(answer)
-            return self._resend(seq, payload)
+            self._fall_back(answer.value, group)
+            return self._resend(seq, payload, retries)
         if kind == protocol.TIER_WIRE:
             # No echo: the server no longer has our group and answered in the body.
-            self._fall_back("the server answered without the group (it dropped its end)")
-            return self.wire.accept(answer)
-        if self.group is None:
-            self._fall_back("the group was closed before the transfer")
-            return self._resend(seq, payload)
+            self._fall_back("the server answered without the group (it dropped its end)", group)
+            return self.wire.accept(answer.value)
+        if group is None or group.closed or group is not self.group:
+            # Dropped after this transfer was asked for (by a broken transfer before it, which
+            # counted the fallback, or with the plane); the server still holds the answer.
+            self._fall_back("the group was closed before the transfer", group)
+            return self._resend(seq, payload, retries)
         start = time.perf_counter()
         try:
-            tensors = recv_transfer(self.group, answer, self.config.timeout)
+            tensors = recv_transfer(group, answer.value, self.config.timeout)
             result = check_supervision(self.control.url, tensors)  # type: ignore[arg-type]
         except (TransferError, ProtocolViolation, RuntimeError) as exc:
-            self._fall_back(exc)
-            return self._resend(seq, payload)
+            self._fall_back(exc, group)
+            return self._resend(seq, payload, retries)
         nbytes = sum(t.numel() * t.element_size() for t in result.values())
         self.stats.record(self.group_tier, nbytes, time.perf_counter() - start)
         self._failures = 0
-        return result
+        return Answer(result, answer.mapping_version)
 
-    def _read_answer(self, seq: int, resp: httpx.Response) -> tuple[str, Any]:
+    def _read_answer(self, seq: int, resp: httpx.Response) -> tuple[str, Any, int | None]:
         echo = resp.headers.get(protocol.TRANSFER_HEADER)
         if echo is None:
-            return protocol.TIER_WIRE, self.wire.read_timed(resp)
+            wire_answer = self.wire.read_timed(resp)
+            return protocol.TIER_WIRE, wire_answer, wire_answer.mapping_version
         if echo.strip() != str(seq):
             raise ProtocolViolation(f"{resp.request.url}: asked for transfer {seq}, the answer is for {echo!r}")
+        version = mapping_version(self.control.url, resp.headers)
         body = resp.read()
         try:
             metadata = TransferMetadata.from_json(orjson.loads(body))
@@ -280,15 +339,19 @@ class GroupDataPlane(DataPlane):
                 f"{resp.request.url}: metadata is for transfer {metadata.seq} on {metadata.tier}, "
                 f"expected {seq} on {self.group_tier}"
             )
-        return self.group_tier, metadata
+        return self.group_tier, metadata, version
 
     # -- recovery -------------------------------------------------------------------------
 
-    def _fall_back(self, reason: object) -> None:
-        self.stats.fallbacks += 1
-        self._fell_back = True
-        self._drop_group(tell_server=True)
-        delay = self._schedule_retry()
+    def _fall_back(self, reason: object, group: Group | None) -> None:
+        """Drop ``group`` (both ends) and wait out the back-off; nothing if a newer group replaced it."""
+        with self._post_lock:
+            if group is not self.group:
+                return  # dropped already (by the transfer that broke it, or with the plane)
+            self.stats.fallbacks += 1
+            self._fell_back = True
+            self._drop_group(tell_server=True)
+            delay = self._schedule_retry()
         logger.warning(
             "%s: %s transfer broke (%s); answering over the wire, retrying the group in %.0f s",
             self.control.url,
@@ -297,7 +360,7 @@ class GroupDataPlane(DataPlane):
             delay,
         )
 
-    def _resend(self, seq: int, payload: bytes) -> dict[str, torch.Tensor]:
+    def _resend(self, seq: int, payload: bytes, retries: bool = True) -> Answer:
         """The server's stored answer to transfer ``seq`` over the wire; recompute only if it has none."""
         try:
             answer = self.control.request(
@@ -306,12 +369,13 @@ class GroupDataPlane(DataPlane):
                 self.wire.read_timed,
                 content=orjson.dumps(protocol.ResendRequest(seq).to_json()),
                 content_type=protocol.JSON,
+                retries=retries,
                 extensions={RECV_INTO: True},
             )
         except TargetHTTPError as exc:
             if exc.status != protocol.RESEND_CONFLICT_STATUS:
                 raise
-            return self.wire.generate(payload)  # the request never got as far as a stored answer
+            return self.wire.fetch(payload, retries=retries)  # the server no longer holds it (or never did)
         return self.wire.accept(answer)
 
     def _schedule_retry(self) -> float:

@@ -94,6 +94,38 @@ class ClientOptions:
         env="EAGLE3_CLIENT_POOL_MB",
         min=0,
     )
+    max_in_flight_per_server: int = option(
+        2,
+        "Requests of this process in flight on one server: 2 lets its next forward run while the previous answer "
+        "travels.",
+        env="EAGLE3_MAX_IN_FLIGHT_PER_SERVER",
+        min=1,
+    )
+    failover_timeout: float = option(
+        600.0,
+        "Seconds a request waits for a ready server when every server is out (long enough for a restart), then "
+        "NoServerReady.",
+        env="EAGLE3_FAILOVER_TIMEOUT",
+        min=0,
+    )
+    probe_interval: float = option(
+        1.0,
+        "Seconds before the first readiness probe of a server that failed; doubled after each failed probe.",
+        env="EAGLE3_PROBE_INTERVAL",
+        positive=True,
+    )
+    probe_max_interval: float = option(
+        10.0,
+        "Longest wait between readiness probes: a restarted server is used again within this of answering ready.",
+        env="EAGLE3_PROBE_MAX_INTERVAL",
+        positive=True,
+    )
+    server_list: str | None = option(
+        None,
+        "File of server URLs, one per line, re-read when it changes (servers join and drain during a run); used when "
+        "no URLs are given.",
+        env="EAGLE3_SERVER_LIST",
+    )
 
     def __post_init__(self) -> None:
         for f in option_fields():
@@ -105,6 +137,11 @@ class ClientOptions:
                 raise ValueError(f"{f.name} must be positive, got {value!r}")
         if self.data_plane not in DATA_PLANE_CHOICES:
             raise ValueError(f"data_plane must be one of {list(DATA_PLANE_CHOICES)}, got {self.data_plane!r}")
+        if self.probe_max_interval < self.probe_interval:
+            raise ValueError(
+                f"probe_max_interval ({self.probe_max_interval:g}) must be at least "
+                f"probe_interval ({self.probe_interval:g})"
+            )
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None, **given: Any) -> ClientOptions:

@@ -42,6 +42,8 @@ __all__ = [
     "SESSION_HEADER",
     "ENCODING_HEADER",
     "REQUEST_ID_HEADER",
+    "FAILOVER_HEADER",
+    "MAPPING_VERSION_HEADER",
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
@@ -112,6 +114,13 @@ SESSION_HEADER = "X-Eagle3-Session"
 ENCODING_HEADER = "X-Eagle3-Encoding"
 # On a 500 answer: the id under which the server logged the failure (also in the JSON body).
 REQUEST_ID_HEADER = "X-Request-Id"
+# The version of a session's vocab mapping: our client numbers each /set_vocab_mapping with
+# it, and the server names, on every /generate answer, the mapping the answer was computed
+# under, so that the client decodes it with that mapping's LM-head rows (never a mix).
+MAPPING_VERSION_HEADER = "X-Eagle3-Mapping"
+# On /generate: the request is a failover, re-sent here after another server failed it
+# (the value is the attempt number, 2 for the first failover); the server only counts it.
+FAILOVER_HEADER = "X-Eagle3-Failover"
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Data planes (extension). How a /generate answer's tensors travel, best first: a private
@@ -277,6 +286,7 @@ class SessionOffer:
     encodings: tuple[str, ...] = ()  # the others it can decode, best first
     data_planes: tuple[str, ...] = ()  # the tiers this process can join
     lease_seconds: float | None = None  # None: the server's default lease
+    rejoin: bool = False  # the client takes this server back after it had left its rotation
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -287,6 +297,8 @@ class SessionOffer:
         }
         if self.lease_seconds is not None:
             body["lease_seconds"] = self.lease_seconds
+        if self.rejoin:
+            body["rejoin"] = True
         return body
 
     @classmethod
@@ -301,6 +313,7 @@ class SessionOffer:
             encodings=_names(body, "encodings"),
             data_planes=_names(body, "data_planes"),
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
+            rejoin=_field(body, "rejoin", bool, False),
         )
 
 
@@ -314,6 +327,7 @@ class SessionReply:
     lease_seconds: float | None = None
     encoding_refused: str | None = None  # why the preferred encoding was not chosen
     protocol: int = PROTOCOL_VERSION
+    model_fingerprint: str | None = None  # what the server serves (see ModelInfoExtension)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -326,6 +340,8 @@ class SessionReply:
         }
         if self.encoding_refused:
             body["encoding_refused"] = self.encoding_refused
+        if self.model_fingerprint:
+            body["model_fingerprint"] = self.model_fingerprint
         return body
 
     @classmethod
@@ -338,6 +354,7 @@ class SessionReply:
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
             encoding_refused=_field(body, "encoding_refused", str, None),
             protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
+            model_fingerprint=_field(body, "model_fingerprint", str, None),
         )
 
 
@@ -422,6 +439,8 @@ class ModelInfoExtension:
     """``/model_info``'s ``"eagle3"`` object, sent to registered sessions only (upstream's keys stay as they are).
 
     What a client needs to know about the served model beyond upstream's four keys.
+    ``fingerprint`` identifies the served model (config, weights, dtype, aux layers, loader
+    mode): servers that report the same one compute the same supervision.
     """
 
     model: str
@@ -433,9 +452,10 @@ class ModelInfoExtension:
     # How the target is placed: "single" (one device), "device_map" (layers over devices,
     # bit-exact) or "tp=N" (tensor parallel over N devices, within a documented tolerance).
     mode: str = "single"
+    fingerprint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "model": self.model,
             "dtype": self.dtype,
             "device": self.device,
@@ -444,6 +464,9 @@ class ModelInfoExtension:
             "max_batch_tokens": self.max_batch_tokens,
             "mode": self.mode,
         }
+        if self.fingerprint:
+            body["fingerprint"] = self.fingerprint
+        return body
 
     @classmethod
     def from_json(cls, body: Any) -> ModelInfoExtension:
@@ -456,6 +479,7 @@ class ModelInfoExtension:
             max_seq_len=_field(body, "max_seq_len", int),
             max_batch_tokens=_field(body, "max_batch_tokens", int),
             mode=_field(body, "mode", str, "single"),  # absent from servers before it
+            fingerprint=_field(body, "fingerprint", str, None),
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from locust import events
 
 from eagle3_loadtest._batches import PADDING_CHOICES, LengthDistribution
+from eagle3_loadtest._fleet import DEFAULT_SPARE_COMMAND
 from eagle3_loadtest._steps import StepPlan
 
 __all__ = ["RunSettings", "add_options"]
@@ -126,6 +127,43 @@ def add_options(parser: Any) -> None:
     )
 
     parser.add_argument(
+        "--kill-restart",
+        type=int,
+        default=0,
+        env_var="LOCUST_KILL_RESTART",
+        help="Faults scenario: times to kill a spare server with SIGKILL and restart it while a fleet rank "
+        "fails over to --host (0: off).",
+    )
+    parser.add_argument(
+        "--kill-interval",
+        type=float,
+        default=3.0,
+        env_var="LOCUST_KILL_INTERVAL",
+        help="Seconds of fleet traffic before each kill and after each restart.",
+    )
+    parser.add_argument(
+        "--spare-server-cmd",
+        default=DEFAULT_SPARE_COMMAND,
+        env_var="LOCUST_SPARE_SERVER_CMD",
+        help="Command that starts the spare server ({port} and {python} are filled in); it must serve "
+        "the same model as --host.",
+    )
+    parser.add_argument(
+        "--stop-after-kill-restart",
+        action="store_true",
+        default=False,
+        env_var="LOCUST_STOP_AFTER_KILL_RESTART",
+        help="End the run once the --kill-restart sequence is done (-t stays the upper bound).",
+    )
+    parser.add_argument(
+        "--spare-start-timeout",
+        type=float,
+        default=120.0,
+        env_var="LOCUST_SPARE_START_TIMEOUT",
+        help="Seconds the spare server may take to be ready.",
+    )
+
+    parser.add_argument(
         "--report-file",
         default="",
         env_var="LOCUST_REPORT_FILE",
@@ -158,6 +196,11 @@ class RunSettings:
     slow_read_rate: int
     slow_read_max_time: float
     slow_read_batch: int
+    kill_restart: int
+    kill_interval: float
+    stop_after_kill_restart: bool
+    spare_server_cmd: str
+    spare_start_timeout: float
     report_file: str
     server_metrics_file: str
     capacity: StepPlan
@@ -169,6 +212,8 @@ class RunSettings:
             raise ValueError("--think-time must be >= 0 and --request-timeout > 0")
         if opts.slow_read_rate < 1 or opts.slow_read_max_time <= 0 or opts.slow_read_batch < 1:
             raise ValueError("--slow-read-rate, --slow-read-max-time and --slow-read-batch must be positive")
+        if opts.kill_restart < 0 or opts.kill_interval <= 0 or opts.spare_start_timeout <= 0:
+            raise ValueError("--kill-restart must be >= 0, --kill-interval and --spare-start-timeout > 0")
         csv_prefix = getattr(opts, "csv_prefix", None)
         return cls(
             batch_size=opts.batch_size,
@@ -186,6 +231,11 @@ class RunSettings:
             slow_read_rate=opts.slow_read_rate,
             slow_read_max_time=opts.slow_read_max_time,
             slow_read_batch=opts.slow_read_batch,
+            kill_restart=opts.kill_restart,
+            kill_interval=opts.kill_interval,
+            stop_after_kill_restart=opts.stop_after_kill_restart,
+            spare_server_cmd=opts.spare_server_cmd,
+            spare_start_timeout=opts.spare_start_timeout,
             report_file=opts.report_file or (f"{csv_prefix}_eagle3.json" if csv_prefix else ""),
             server_metrics_file=opts.server_metrics_file or (f"{csv_prefix}_server_metrics.prom" if csv_prefix else ""),
             capacity=StepPlan(

@@ -72,6 +72,8 @@ def _select(environment: Environment, **_kw: Any) -> None:
         )
     else:
         kept = classes
+    if opts.kill_restart == 0:  # the kill-and-restart fault runs only when asked for
+        kept = [c for c in kept if not getattr(c, "needs_kill_restart", False)]
     if not kept:
         raise ValueError(f"no user class is left for --tags {sorted(tags)} / --exclude-tags {sorted(exclude)}")
     environment.user_classes[:] = kept

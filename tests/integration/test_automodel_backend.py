@@ -2,8 +2,8 @@
 
 Checked with the recipe's own code: upstream's ``Eagle3TargetBackend``/``Eagle3TargetBatch``
 types, the recipe's prefetch depth resolution and its prefetch iterator
-(``TrainEagle3Recipe._prefetched_batches``) at depth 1 and 2, and the hook that makes the
-recipe construct our client.
+(``TrainEagle3Recipe._prefetched_batches``) at depth 1 and 2 (and, through our hook, at
+servers x requests in flight), and the hook that makes the recipe construct our client.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel
-from eagle3_client.automodel import install, options_from_config
+from eagle3_client.automodel import configured_backend, install, options_from_config
 from eagle3_client.options import ClientOptions, option_fields, recipe_key
 from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.integration.automodel_support import (
@@ -103,6 +103,28 @@ def test_recipe_prefetch_iterator_pairs_every_batch_with_its_supervision_in_orde
     assert all(batch is sent for (batch, _), sent in zip(pairs, loader, strict=True))  # every batch, once, in order
     for batch, target_batch in pairs:
         assert type(target_batch) is upstream_target.Eagle3TargetBatch
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        assert_bit_exact(target_batch, colocated_supervision(colocated, inputs, ids, mask))
+
+
+def test_through_our_hook_the_recipe_prefetches_servers_times_requests_in_flight(
+    servers: list[ServerProcess], colocated: object
+) -> None:
+    ids, mask = vocab_mapping(VOCAB, 220, seed=11)
+    loader = []
+    for i in range(9):
+        input_ids, attention_mask, loss_mask = random_batch(VOCAB, 2, 7 + 2 * i, seed=70 + i, pad=True)
+        loader.append({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+    backend = configured_backend({"max_in_flight_per_server": 2})
+    with backend.from_urls([s.url for s in servers], device="cpu") as remote:
+        remote.set_vocab_mapping(ids, mask)
+        recipe = _bare_recipe(remote, depth=8)
+        assert recipe.target_prefetch_depth == len(servers) * 2  # the recipe's cap, lifted to every slot
+        pairs = list(recipe._prefetched_batches(loader))
+        peaks = [entry["peak_in_flight"] for entry in remote.transport_stats()]
+    assert max(peaks) == 2  # a second request really was in flight on a server
+    assert all(batch is sent for (batch, _), sent in zip(pairs, loader, strict=True))
+    for batch, target_batch in pairs:
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         assert_bit_exact(target_batch, colocated_supervision(colocated, inputs, ids, mask))
 

@@ -147,6 +147,34 @@ def test_fault_mix_leaves_the_ranks_unharmed(locust: Any, appliance: ServerProce
     assert report["scenario"] == "faults" and report["verdict"]["passed"]
 
 
+def test_a_fleet_rank_trains_through_a_server_killed_and_restarted(
+    locust: Any, appliance: ServerProcess, tmp_path: Path
+) -> None:
+    """The faults scenario's kill and restart: a rank on ``[--host, spare]`` keeps training; the spare is used again."""
+    from eagle3_appliance.builtin_model import ensure_builtin_model
+
+    cache = tmp_path / "cache"
+    ensure_builtin_model(cache)  # the same seeded model as --host's, made before the clock starts
+    spare = f"{{python}} -m eagle3_appliance serve --host 127.0.0.1 --port {{port}} --cache-dir {cache}"
+    # The fleet rank and one rank on --host, pausing between steps: on two busy cores, ranks
+    # hammering --host would triple the spare's start-up (the fault mix itself is the test above).
+    # The run ends once the sequence is done; -t is only the bound.
+    classes = ["ServerKillRestart", "FaultMixRank"]
+    args = ["-f", "loadtest/faults.py", *classes, "-u", "2", "-r", "2", "-t", "90s", "--think-time", "0.5", *SHAPES]
+    args += ["--kill-restart", "1", "--kill-interval", "2", "--spare-server-cmd", spare, "--spare-start-timeout", "30"]
+    args += ["--stop-after-kill-restart"]
+    run = locust.run(args, appliance.url, tmp_path / "kill")
+    assert_ok(run)
+    stats = run.stats()
+    for key in [("POST", "generate"), ("FLEET", "fleet: generate")]:
+        assert count(stats[key], "num_requests") > 3, key
+        assert count(stats[key], "num_failures") == 0, (key, run.report()["errors"])
+    for name in ("fault: spare server start", "fault: server killed", "fault: server restarted"):
+        row = stats[("FLEET", name)]
+        assert (count(row, "num_requests"), count(row, "num_failures")) == (1, 0), row
+    assert run.report()["verdict"]["passed"]
+
+
 @pytest.mark.parametrize(
     ("mode", "message"), [("probs", "target_probs rows do not sum to 1"), ("shapes", "target_probs has shape")]
 )

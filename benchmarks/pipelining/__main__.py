@@ -1,0 +1,5 @@
+"""Entry point of ``python -m benchmarks.pipelining``."""
+
+from benchmarks.pipelining.run import main
+
+main()
