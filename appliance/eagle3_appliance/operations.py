@@ -27,6 +27,7 @@ from sanic.response import HTTPResponse, json, raw
 
 from eagle3_appliance.admission import Admission
 from eagle3_appliance.auth import BearerAuth
+from eagle3_appliance.connections import ConnectionGuard
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.gpu import GpuMonitor
 from eagle3_appliance.health import LIVENESS_ENDPOINTS, PROBE_ENDPOINTS, probes
@@ -58,6 +59,7 @@ class Operations:
     metrics: Metrics
     auth: BearerAuth | None
     target_loaded: Callable[[], bool]
+    connections: ConnectionGuard
 
     def readiness_reasons(self) -> list[str]:
         """Why the server should not get traffic now; empty when it is ready (``/health/ready``)."""
@@ -79,7 +81,14 @@ class Operations:
         request.ctx.ops_endpoint = endpoint
         request.ctx.ops_start = time.perf_counter()
         if self.auth is not None and endpoint not in LIVENESS_ENDPOINTS:
-            self.auth.check(request.headers.get(protocol.AUTH_HEADER))
+            try:
+                self.auth.check(request.headers.get(protocol.AUTH_HEADER))
+            except Exception:
+                if request.stream is not None:
+                    request.stream.keep_alive = False  # no second try on this connection
+                raise
+        # After auth: an unauthenticated body is never stored (Sanic reads and drops it).
+        self.connections.admit_request(request, endpoint)
         work = endpoint not in _NOT_WORK
         if work and self.lifecycle.draining:
             raise Unavailable(
@@ -99,6 +108,7 @@ class Operations:
         tracked: Tracked | None = getattr(request.ctx, "ops_tracked", None)
         if tracked is not None and self.inflight.end(tracked):
             self.sessions.touch(tracked.session_id)
+        self.connections.request_ended(request.ctx)
         if status == 200 and endpoint == protocol.EP_SESSION:
             self.metrics.sessions_registered.inc()
             self.lifecycle.session_registered()
@@ -107,6 +117,7 @@ class Operations:
                 self.lifecycle.upstream_disconnected()
 
     def connection_closed(self, conn_info: Any) -> None:
+        self.connections.request_ended(conn_info.ctx)
         tracked: Tracked | None = getattr(conn_info.ctx, "ops_tracked", None)
         if tracked is not None and self.inflight.end(tracked):
             self.metrics.observe_request(tracked.endpoint, "aborted", None)
@@ -166,6 +177,15 @@ def install_operations(app: Sanic, settings: Settings, sessions: SessionRegistry
         metrics=metrics_,
         auth=BearerAuth(settings.auth_token) if settings.auth_token else None,
         target_loaded=lambda: getattr(app.ctx, "state", None) is not None,
+        connections=ConnectionGuard(
+            max_connections=settings.max_connections,
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+            max_pending_body_bytes=settings.max_pending_body_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            registry=metrics_.registry,
+        ),
     )
     app.ctx.ops = ops
     app.blueprint(probes)

@@ -16,14 +16,23 @@ single worker thread gives that ordering without a lock the event loop would blo
 micro-batching on, jobs of one sequence length go through :class:`MicroBatcher`, which runs
 them as one stacked forward on the same thread and through the same steps; either way the
 request time limit, the queue accounting and the metrics are the same.
+
+Nobody waits, nothing is computed: a job whose clients have all gone (their handler was
+cancelled, or their socket shows a hang-up right before the forward) is dropped and counted
+in ``eagle3_generate_abandoned_total``. A retry of a wire ``/generate`` that names the same
+request id (``X-Eagle3-Request-Id``, same session, same body) while the first is still queued
+or computing becomes one more waiter of that job instead of a second forward.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import re
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -32,6 +41,7 @@ from sanic import Request
 from eagle3_appliance import supervision
 from eagle3_appliance.admission import Admission, Ticket
 from eagle3_appliance.buffers import ServerBuffers
+from eagle3_appliance.connections import client_connected
 from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.group_plane import LINK_KEY, GroupTransfer
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
@@ -46,9 +56,19 @@ from eagle3_appliance.validation import decode_body, validate_generate
 from eagle3_client import protocol
 from eagle3_client.encodings import PROBS, Encoding, parse_encoding
 
-__all__ = ["Job", "ModelRunner", "Pipeline", "choose_transfer"]
+__all__ = ["Job", "ModelRunner", "Pipeline", "Waiter", "choose_transfer", "request_key"]
 
 T = TypeVar("T")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,%d}" % protocol.REQUEST_ID_MAX_LEN)
+
+# Job states (changed under Pipeline._lock): a queued job is either claimed by the model
+# thread (running) or dropped because nobody waits for it any more (abandoned), never both.
+QUEUED, RUNNING, ABANDONED = "queued", "running", "abandoned"
+
+
+def _always() -> bool:
+    return True
 
 
 class ModelRunner:
@@ -87,15 +107,71 @@ def choose_transfer(request: Request, session: Session, buffers: ServerBuffers) 
     return WireTransfer(buffers)
 
 
+def request_key(request: Request, session: Session, transfer: Transfer) -> tuple[str, str, bytes] | None:
+    """What a retry must match to share a computation: session, request id and body digest.
+
+    Only wire answers are shared (a group transfer is bound to its own sequence number and is
+    never blindly retried by our client); no header, no sharing, as for every upstream client.
+    """
+    request_id = request.headers.get(protocol.REQUEST_ID_HEADER)
+    if request_id is None:
+        return None
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise MalformedBody(
+            f"{protocol.REQUEST_ID_HEADER} must be 1 to {protocol.REQUEST_ID_MAX_LEN} letters, digits, "
+            f"'.', '_' or '-', got {request_id[:40]!r}"
+        )
+    if not isinstance(transfer, WireTransfer):
+        return None
+    return session.id, request_id, hashlib.blake2b(request.body, digest_size=16).digest()
+
+
+@dataclass
+class Waiter:
+    """A request that attached to another request's job: its ticket and its client's presence."""
+
+    ticket: Ticket
+    connected: Callable[[], bool]
+
+
 @dataclass
 class Job:
-    """One admitted ``/generate``: what to compute and how it will leave."""
+    """One admitted ``/generate``: what to compute and how it will leave.
+
+    ``connected`` tells (from any thread) whether the client still waits; ``key`` is set for a
+    job that retries of the same request may attach to (:func:`request_key`), and ``attached``
+    holds those retries.
+    """
 
     inputs: GenerateInputs
     mapping: VocabMapping
     encoding: Encoding
     transfer: Transfer
     ticket: Ticket
+    connected: Callable[[], bool] = _always
+    key: tuple[str, str, bytes] | None = None
+    attached: list[Waiter] = field(default_factory=list)
+    state: str = QUEUED
+
+    def wanted(self) -> bool:
+        """Someone still waits for the answer: the first client, or one that attached."""
+        return self.connected() or any(w.connected() for w in self.attached)
+
+    def tickets(self) -> list[Ticket]:
+        return [self.ticket, *(w.ticket for w in self.attached)]
+
+    def accepts(self, other: Job) -> bool:
+        """``other`` may wait for this job's answer instead of computing its own."""
+        return self.state != ABANDONED and self.mapping is other.mapping and self.encoding == other.encoding
+
+
+@dataclass
+class _Computation:
+    """A job's computation on the event loop: its task and how many requests await it."""
+
+    job: Job
+    task: asyncio.Future[dict[str, torch.Tensor] | None]
+    waiting: int = 0
 
 
 class Pipeline:
@@ -117,7 +193,9 @@ class Pipeline:
         self.admission = admission
         self.metrics = metrics
         self.runner = runner or ModelRunner()
-        self.batcher: MicroBatcher[Job, dict[str, torch.Tensor]] | None = None
+        self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
+        self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
+        self._shared: dict[tuple[str, str, bytes], _Computation] = {}
         if settings.microbatch_wait_ms > 0:
             self.batcher = MicroBatcher(
                 self._run_group,
@@ -140,40 +218,110 @@ class Pipeline:
         transfer = choose_transfer(request, session, self.buffers)
         # Only a negotiated (non-default) encoding is named: upstream's answer stays header-free.
         headers = None if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
+        key = request_key(request, session, transfer)
         async with self.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
-            job = Job(inputs, mapping, encoding, transfer, ticket)
+            job = Job(inputs, mapping, encoding, transfer, ticket, client_connected(request), key)
             answer = await self.compute(job)
             tier = await transfer.send(request, answer, ticket, headers)
             self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
             self.metrics.record_sent(tier, encoding.name, ticket.nbytes)
 
     async def compute(self, job: Job) -> dict[str, torch.Tensor]:
-        """Forward, supervise and prepare ``job`` on the model thread, within ``--request-timeout``."""
-        if self.batcher is not None:
-            work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
-        else:
-            work = self._run_alone(job)
+        """Forward, supervise and prepare ``job`` on the model thread, within ``--request-timeout``.
+
+        The computation runs as its own task, so that a retry attached to it (same request
+        key) keeps it alive when the first client leaves. Once no request awaits it, a job
+        still queued is dropped (counted as abandoned); one already on the model thread runs
+        to its end, and a retry arriving meanwhile still attaches to it.
+        """
+        computation = self._attach(job)
+        computation.waiting += 1
         timeout = self.settings.request_timeout
+        reason = "client_gone"
         try:
-            return await asyncio.wait_for(work, timeout=timeout)
+            answer = await asyncio.wait_for(asyncio.shield(computation.task), timeout=timeout)
         except asyncio.TimeoutError:
+            reason = "timeout"
             raise Unavailable(
                 f"/generate exceeded this server's request time limit of {timeout:g} s "
                 "(waiting for the model plus computing); retry later or send smaller batches",
                 headers=self.admission.retry_after(),
             ) from None
+        finally:
+            computation.waiting -= 1
+            # Nobody waits: a queued job is dropped; a running one finishes (a retry may still attach).
+            if computation.waiting == 0 and not computation.task.done() and self._abandon(computation.job, reason):
+                computation.task.cancel()
+        if answer is None:  # dropped on the model thread: every client had gone (this one attached late)
+            raise Unavailable(
+                "the computation this request was waiting for was dropped; send it again",
+                headers=self.admission.retry_after(),
+            )
+        return answer
 
-    async def _run_alone(self, job: Job) -> dict[str, torch.Tensor]:
+    def _attach(self, job: Job) -> _Computation:
+        """The computation ``job`` waits for: a matching one in flight (a retry), else its own."""
+        if job.key is not None:
+            with self._lock:
+                running = self._shared.get(job.key)
+                if running is not None and running.job.accepts(job):
+                    running.job.attached.append(Waiter(job.ticket, job.connected))
+                    return running
+        if self.batcher is not None:
+            work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
+        else:
+            work = self._run_alone(job)
+        computation = _Computation(job, asyncio.ensure_future(work))
+        computation.task.add_done_callback(_consume)
+        if job.key is not None:
+            key = job.key
+            self._shared[key] = computation
+
+            def forget(_: object) -> None:
+                if self._shared.get(key) is computation:
+                    del self._shared[key]
+
+            computation.task.add_done_callback(forget)
+        return computation
+
+    def _abandon(self, job: Job, reason: str) -> bool:
+        """Drop a job nobody waits for, unless the model thread has already claimed it."""
+        with self._lock:
+            if job.state != QUEUED:
+                return False
+            job.state = ABANDONED
+        self.metrics.abandoned.labels(reason).inc()
+        return True
+
+    def _claim(self, job: Job) -> bool:
+        """On the model thread, right before the forward: run the job if a client still waits."""
+        with self._lock:
+            if job.state == QUEUED and not job.wanted():
+                job.state = ABANDONED
+                self.metrics.abandoned.labels("client_gone").inc()
+                return False
+            if job.state != QUEUED:
+                return False
+            job.state = RUNNING
+            return True
+
+    async def _run_alone(self, job: Job) -> dict[str, torch.Tensor] | None:
         return (await self._run_group([job]))[0]
 
-    async def _run_group(self, jobs: list[Job]) -> list[dict[str, torch.Tensor]]:
+    async def _run_group(self, jobs: list[Job]) -> list[dict[str, torch.Tensor] | None]:
         return await self.runner.run(self._compute_on_model_thread, jobs)
 
     @torch.no_grad()
-    def _compute_on_model_thread(self, jobs: list[Job]) -> list[dict[str, torch.Tensor]]:
-        """One forward for all ``jobs`` (stacked when there are several), then each job's answer."""
-        for job in jobs:
-            job.ticket.begin_compute()
+    def _compute_on_model_thread(self, all_jobs: list[Job]) -> list[dict[str, torch.Tensor] | None]:
+        """One forward for the jobs someone still waits for (stacked when there are several), then
+        each job's answer; None for a job that was dropped instead."""
+        jobs = [job for job in all_jobs if self._claim(job)]
+        if not jobs:
+            return [None] * len(all_jobs)
+        with self._lock:
+            tickets = [ticket for job in jobs for ticket in job.tickets()]
+        for ticket in tickets:
+            ticket.begin_compute()
         try:
             target = self.target
             device = target.device
@@ -201,9 +349,16 @@ class Pipeline:
             del out
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # so that the forward phase is the GPU's time
-            for job in jobs:
-                job.ticket.forward_done()
-            return [job.transfer.prepare(answer) for job, answer in zip(jobs, answers, strict=True)]
+            for ticket in tickets:
+                ticket.forward_done()
+            prepared = {id(job): job.transfer.prepare(answer) for job, answer in zip(jobs, answers, strict=True)}
+            return [prepared.get(id(job)) for job in all_jobs]
         finally:
-            for job in jobs:
-                job.ticket.end_compute()
+            for ticket in tickets:
+                ticket.end_compute()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a computation nobody awaited any more (no "never retrieved" warning)."""
+    if not task.cancelled():
+        task.exception()

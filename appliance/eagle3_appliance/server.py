@@ -18,6 +18,7 @@ from sanic.response import HTTPResponse, json
 
 from eagle3_appliance import dataplane_routes, upstream_nccl
 from eagle3_appliance.buffers import ServerBuffers
+from eagle3_appliance.connections import GuardedHttpProtocol, raise_fd_limit
 from eagle3_appliance.errors import InvalidRequest, install_error_handler
 from eagle3_appliance.group_plane import DataPlaneServer
 from eagle3_appliance.inputs import VocabMapping
@@ -95,6 +96,7 @@ async def register_session(request: Request) -> HTTPResponse:
         data_planes=tuple(state.planes.offered),
         lease_seconds=lease or state.settings.lease_seconds,
         encoding_refused=refused,
+        request_timeout=state.settings.request_timeout,
     )
     return json(reply.to_json())
 
@@ -168,7 +170,8 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
     # A forward of a long batch on a big model can take minutes; the client has its own timeout.
     app.config.RESPONSE_TIMEOUT = 24 * 3600
-    app.config.KEEP_ALIVE_TIMEOUT = 600
+    # Header and body deadlines, the connection cap and keep-alive: eagle3_appliance.connections.
+    app.config.KEEP_ALIVE_TIMEOUT = settings.keep_alive_timeout
     app.config.NOISY_EXCEPTIONS = False
     sessions = SessionRegistry()
     planes = DataPlaneServer.create(settings, target.device)
@@ -201,7 +204,15 @@ def run_server(app: Sanic, settings: Settings) -> int:
     (:mod:`eagle3_appliance.lifecycle`) runs before the listener closes.
     """
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.grace_period
-    app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
+    app.ctx.ops.connections.limit_to_descriptors(raise_fd_limit())
+    app.prepare(
+        host=settings.host,
+        port=settings.port,
+        single_process=True,
+        access_log=False,
+        motd=False,
+        protocol=GuardedHttpProtocol,
+    )
     Sanic.serve_single(app)
     lifecycle = app.ctx.ops.lifecycle
     lifecycle.exit_now_if_forced()

@@ -103,6 +103,7 @@ class _Server:
             if exc.status not in (404, 405):
                 raise
             self.upstream, self.session_id, self.encoding = True, None, PROBS
+            self.control.server_request_timeout = None
             offered = [protocol.TIER_WIRE]
             if wanted != PROBS:
                 logger.warning(
@@ -112,6 +113,7 @@ class _Server:
                 )
         else:
             self.upstream, self.session_id = False, reply.session_id
+            self.control.server_request_timeout = reply.request_timeout
             self.encoding = _negotiated(self.control.url, reply, wanted)
             offered = list(reply.data_planes)
             if reply.lease_seconds is not None and reply.lease_seconds > 0:  # beat three times per lease
@@ -295,6 +297,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             control = ControlPlane(
                 url.strip(),
                 timeout=opts.timeout,
+                generate_timeout=opts.generate_timeout,
                 max_retries=opts.max_retries,
                 backoff=opts.backoff,
                 headers=headers,

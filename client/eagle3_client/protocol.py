@@ -40,6 +40,8 @@ __all__ = [
     "EP_LM_HEAD_ROWS",
     "SESSION_HEADER",
     "ENCODING_HEADER",
+    "REQUEST_ID_HEADER",
+    "REQUEST_ID_MAX_LEN",
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
@@ -108,6 +110,12 @@ EP_LM_HEAD_ROWS = "lm_head_rows"
 SESSION_HEADER = "X-Eagle3-Session"
 # The supervision encoding a /generate answer uses (absent = upstream's "probs").
 ENCODING_HEADER = "X-Eagle3-Encoding"
+# On /generate (our client, registered sessions only): an id of the batch, the same on every
+# retry of it. A retry whose id, session and body match a /generate the server still has queued
+# or computing waits for that computation instead of queueing a second forward. Letters,
+# digits, "-", "_" and "." only, at most REQUEST_ID_MAX_LEN characters (400 otherwise).
+REQUEST_ID_HEADER = "X-Eagle3-Request-Id"
+REQUEST_ID_MAX_LEN = 128
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Data planes (extension). How a /generate answer's tensors travel, best first: a private
@@ -299,6 +307,9 @@ class SessionReply:
     lease_seconds: float | None = None
     encoding_refused: str | None = None  # why the preferred encoding was not chosen
     protocol: int = PROTOCOL_VERSION
+    # The server's --request-timeout: it answers every /generate (200, or 503 + Retry-After)
+    # within this many seconds of admitting it, so a client may wait that long for the answer.
+    request_timeout: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -311,6 +322,8 @@ class SessionReply:
         }
         if self.encoding_refused:
             body["encoding_refused"] = self.encoding_refused
+        if self.request_timeout is not None:
+            body["request_timeout"] = self.request_timeout
         return body
 
     @classmethod
@@ -323,6 +336,7 @@ class SessionReply:
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
             encoding_refused=_field(body, "encoding_refused", str, None),
             protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
+            request_timeout=_number(_field(body, "request_timeout", (int, float), None)),
         )
 
 
