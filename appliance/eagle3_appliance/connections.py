@@ -13,11 +13,13 @@ per-byte timeouts with totals and bounds the rest:
   byte, in total. Beyond it: ``408`` and close.
 * **keep-alive** (``--keep-alive-timeout``): an idle connection between two requests.
 * **connection cap** (``--max-connections``, lowered to fit the open-file limit, whose
-  soft value is raised to the hard one at start-up): at the cap, :data:`PROBE_SLOTS` more
-  connections are accepted for health probes only (``/health``, ``/health/live``,
-  ``/health/ready`` and their ``/v2`` spellings), answered and closed; beyond those, a new
-  connection gets an immediate ``503`` with ``Retry-After`` and is closed. Refusals are
-  logged at most once per :data:`LOG_EVERY_S` seconds and counted.
+  soft value is raised to the hard one at start-up): at the cap, a new connection first
+  replaces the one idle the longest (between requests, or connected without a byte sent);
+  when none is idle, :data:`PROBE_SLOTS` more connections are accepted for health probes
+  only (``/health``, ``/health/live``, ``/health/ready`` and their ``/v2`` spellings; headers
+  within :data:`PROBE_HEADER_TIMEOUT_S`), answered and closed; beyond those, a new connection
+  gets an immediate ``503`` with ``Retry-After`` and is closed. Hitting the cap is logged at
+  most once per :data:`LOG_EVERY_S` seconds and counted.
 * **body budget** (``--max-pending-body-bytes``): the declared sizes of the bodies being
   received or held by requests in progress, all together. A request that would exceed it
   gets ``503`` with ``Retry-After`` before its body is read. The check runs after the
@@ -55,6 +57,7 @@ from eagle3_appliance.health import PROBE_ENDPOINTS
 __all__ = [
     "FD_RESERVE",
     "LOG_EVERY_S",
+    "PROBE_HEADER_TIMEOUT_S",
     "PROBE_SLOTS",
     "ConnectionGuard",
     "GuardedHttpProtocol",
@@ -67,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 # Connections beyond --max-connections that may still ask a health probe.
 PROBE_SLOTS = 2
+# A connection on a probe slot must send its request's headers within this many seconds.
+PROBE_HEADER_TIMEOUT_S = 2.0
 # Descriptors kept for everything but client connections: the listener, model and log files,
 # the event loop, rendezvous stores and process groups.
 FD_RESERVE = 64
@@ -131,12 +136,13 @@ class ConnectionGuard:
         self.open = 0  # connections that may make any request
         self.probe_only = 0  # connections beyond the cap, for probes only
         self.pending_body_bytes = 0
+        self._members: set[GuardedHttpProtocol] = set()
         self._unlogged = 0
         self._last_log = -math.inf
         r = registry or CollectorRegistry()
-        Gauge("eagle3_open_connections", "Open client connections (probe-only ones included).", registry=r).set_function(
-            lambda: self.open + self.probe_only
-        )
+        Gauge(
+            "eagle3_open_connections", "Open client connections (probe-only ones included).", registry=r
+        ).set_function(lambda: self.open + self.probe_only)
         Gauge(
             "eagle3_pending_body_bytes", "Declared bytes of request bodies being received or held.", registry=r
         ).set_function(lambda: self.pending_body_bytes)
@@ -145,6 +151,11 @@ class ConnectionGuard:
             "Connections and requests refused by a limit: reason is connections (the cap), probe_only "
             "(a non-probe request on a probe slot) or body_budget (--max-pending-body-bytes).",
             ["reason"],
+            registry=r,
+        )
+        self.evicted = Counter(
+            "eagle3_connections_evicted",
+            "Idle connections closed to make room for a new one at --max-connections.",
             registry=r,
         )
         self.timed_out = Counter(
@@ -168,35 +179,53 @@ class ConnectionGuard:
 
     # -- connections ------------------------------------------------------------------
 
-    def opening(self) -> str:
-        """A new connection: ``"ok"``, ``"probe"`` (a probe slot) or ``"refuse"``."""
-        if self.open < self.max_connections:
+    def opening(self, conn: GuardedHttpProtocol) -> str:
+        """A new connection: ``"ok"``, ``"probe"`` (a probe slot) or ``"refuse"``.
+
+        At the cap the connection idle the longest (between requests, or connected without
+        sending a byte) is closed to make room; only when none is idle do probe slots and
+        refusals come in.
+        """
+        if self.open < self.max_connections or self._evict_idle():
             self.open += 1
+            self._members.add(conn)
             return "ok"
         if self.probe_only < PROBE_SLOTS:
             self.probe_only += 1
-            self._note_cap()
+            self._note_cap("kept a probe slot")
             return "probe"
         self.refused.labels("connections").inc()
-        self._note_cap()
+        self._note_cap("refused")
         return "refuse"
 
-    def closed(self, kind: str) -> None:
+    def closed(self, conn: GuardedHttpProtocol, kind: str) -> None:
         if kind == "ok":
             self.open -= 1
+            self._members.discard(conn)
         elif kind == "probe":
             self.probe_only -= 1
 
-    def _note_cap(self) -> None:
+    def _evict_idle(self) -> bool:
+        idle = [(since, id(c), c) for c in self._members if (since := c.idle_since()) is not None]
+        if not idle:
+            return False
+        _, _, victim = min(idle)
+        victim.close()
+        self.evicted.inc()
+        self._note_cap("closed the longest-idle connection")
+        return True
+
+    def _note_cap(self, action: str) -> None:
         self._unlogged += 1
         now = time.monotonic()
         if now - self._last_log >= LOG_EVERY_S:
             logger.warning(
-                "connection cap reached: %d open (--max-connections %d, plus %d for probes); "
+                "connection cap reached: %d open (--max-connections %d, plus %d for probes); %s; "
                 "%d connection(s) limited since the last message",
                 self.open + self.probe_only,
                 self.max_connections,
                 PROBE_SLOTS,
+                action,
                 self._unlogged,
             )
             self._last_log = now
@@ -294,7 +323,7 @@ class GuardedHttpProtocol(HttpProtocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
-        self._kind = self.guard.opening()
+        self._kind = self.guard.opening(self)
         if self._kind == "refuse":
             body = b'{"error": "too many connections; retry shortly", "type": "Unavailable", "status": 503}'
             transport.write(_BUSY % (len(body), body))
@@ -308,10 +337,19 @@ class GuardedHttpProtocol(HttpProtocol):
         kind, self._kind = self._kind, "closed"
         if kind == "refuse":
             return  # never set up
-        self.guard.closed(kind)
+        self.guard.closed(self, kind)
         if self.conn_info is not None:
             self.guard.request_ended(self.conn_info.ctx)
         super().connection_lost(exc)
+
+    def idle_since(self) -> float | None:
+        """When this connection became idle (no request in progress), or None if it is busy or closing."""
+        http = self._http if hasattr(self, "_http") else None
+        if http is None or self.transport is None or self.transport.is_closing() or self._kind != "ok":
+            return None
+        if http.stage is not Stage.IDLE or getattr(http, "request_body", None) or self.recv_buffer:
+            return None
+        return self._opened if self._requests == 0 else float(self._time)
 
     # -- deadlines ------------------------------------------------------------------------
 
@@ -340,19 +378,23 @@ class GuardedHttpProtocol(HttpProtocol):
                 http.request_body = None  # nothing more is read: the connection closes after the 408
                 http.keep_alive = False
             elif http.stage is Stage.REQUEST and self._head_since is not None:
-                if now - self._head_since > guard.header_timeout:
+                if now - self._head_since > self._header_timeout():
                     guard.timed_out.labels("headers").inc()
-                    expired = RequestTimeout(f"the request headers were not received within {guard.header_timeout:g} s")
+                    expired = RequestTimeout(
+                        f"the request headers were not received within {self._header_timeout():g} s"
+                    )
                 else:
                     return self._check_later()
             elif http.stage is Stage.IDLE and not receiving:
                 if self._requests == 0:
-                    if now - self._opened <= guard.header_timeout:
+                    if now - self._opened <= self._header_timeout():
                         return self._check_later()
                     guard.timed_out.labels("headers").inc()  # connected, never sent a byte
                 elif now - self._time <= self.keep_alive_timeout:
                     return self._check_later()
-            elif http.stage in (Stage.HANDLER, Stage.RESPONSE, Stage.FAILED) and now - self._time > self.response_timeout:
+            elif (
+                http.stage in (Stage.HANDLER, Stage.RESPONSE, Stage.FAILED) and now - self._time > self.response_timeout
+            ):
                 expired = ServiceUnavailable("Response Timeout")
             else:
                 return self._check_later()
@@ -362,6 +404,13 @@ class GuardedHttpProtocol(HttpProtocol):
             self.loop.call_later(ABORT_AFTER_S, self._abort_if_open)
         except Exception:
             logger.exception("checking connection deadlines failed")
+
+    def _header_timeout(self) -> float:
+        return (
+            min(self.guard.header_timeout, PROBE_HEADER_TIMEOUT_S)
+            if self._kind == "probe"
+            else self.guard.header_timeout
+        )
 
     def _check_later(self) -> None:
         self._callback_check_timeouts = self.loop.call_later(CHECK_EVERY_S, self.check_timeouts)
