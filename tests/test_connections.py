@@ -203,9 +203,11 @@ def test_withheld_bodies_are_bounded_by_the_body_budget_and_cut_at_the_deadline(
     # One withheld body (24 MB) may be in memory, never four (96 MB).
     assert rss_during - rss_before < 48 * MB, (rss_before, rss_during)
     after = scrape(deadlines.url, headers={"Authorization": f"Bearer {TOKEN}"})
-    assert metric(after, "eagle3_connections_refused_total", reason="body_budget") - metric(
-        before, "eagle3_connections_refused_total", reason="body_budget"
-    ) == 3
+    assert (
+        metric(after, "eagle3_connections_refused_total", reason="body_budget")
+        - metric(before, "eagle3_connections_refused_total", reason="body_budget")
+        == 3
+    )
     assert metric(after, "eagle3_pending_body_bytes") == 0
 
 

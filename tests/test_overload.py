@@ -123,6 +123,19 @@ def test_a_retry_of_a_request_id_that_is_computing_attaches_to_it(url: str) -> N
         assert tensor is not None and torch.equal(got[key], tensor), key
 
 
+def test_a_retry_after_the_forward_finished_unseen_gets_the_kept_answer(url: str) -> None:
+    body = _large_body(slow=True, seed=11)
+    headers = {protocol.REQUEST_ID_HEADER: "retry-finished-1"}
+    before = scrape(url)
+    first = _open_request(url, body, headers)
+    wait_until(lambda: _gauge(url, "eagle3_inference_computing") == 1, what="the first attempt's forward")
+    first.close()
+    wait_until(lambda: _settled(url), what="the forward to finish with nobody waiting")
+    retry = post(url, "generate", body, headers)
+    assert retry.status_code == 200, retry.text
+    assert metric(scrape(url), FORWARDS) - metric(before, FORWARDS) == 1
+
+
 def test_a_retry_of_a_queued_request_id_runs_one_forward(url: str) -> None:
     body = _large_body(seed=6)
     headers = {protocol.REQUEST_ID_HEADER: "retry-queued-1"}

@@ -62,6 +62,7 @@ __all__ = [
     "ConnectionGuard",
     "GuardedHttpProtocol",
     "client_connected",
+    "close_after_response",
     "connection_cap",
     "raise_fd_limit",
 ]
@@ -236,8 +237,7 @@ class ConnectionGuard:
     def admit_request(self, request: Request, endpoint: str) -> None:
         """After routing and auth, before the body is read: probe slots and the body budget."""
         if request.conn_info is not None and getattr(request.conn_info.ctx, "probe_only", False):
-            if request.stream is not None:
-                request.stream.keep_alive = False  # one probe per slot, then the slot is free again
+            close_after_response(request)  # one probe per slot, then the slot is free again
             if endpoint not in PROBE_ENDPOINTS:
                 self.refused.labels("probe_only").inc()
                 raise Unavailable(
@@ -267,6 +267,12 @@ class ConnectionGuard:
         if reservation is not None and not reservation.released:
             reservation.released = True
             self.pending_body_bytes -= reservation.nbytes
+
+
+def close_after_response(request: Request) -> None:
+    """Close ``request``'s connection once it is answered (no keep-alive)."""
+    if isinstance(request.stream, Http):
+        request.stream.keep_alive = False
 
 
 def _declared_body_size(request: Request, max_body_bytes: int) -> int:

@@ -27,7 +27,7 @@ from sanic.response import HTTPResponse, json, raw
 
 from eagle3_appliance.admission import Admission
 from eagle3_appliance.auth import BearerAuth
-from eagle3_appliance.connections import ConnectionGuard
+from eagle3_appliance.connections import ConnectionGuard, close_after_response
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.gpu import GpuMonitor
 from eagle3_appliance.health import LIVENESS_ENDPOINTS, PROBE_ENDPOINTS, probes
@@ -84,8 +84,7 @@ class Operations:
             try:
                 self.auth.check(request.headers.get(protocol.AUTH_HEADER))
             except Exception:
-                if request.stream is not None:
-                    request.stream.keep_alive = False  # no second try on this connection
+                close_after_response(request)  # no second try on this connection
                 raise
         # After auth: an unauthenticated body is never stored (Sanic reads and drops it).
         self.connections.admit_request(request, endpoint)

@@ -21,7 +21,9 @@ Nobody waits, nothing is computed: a job whose clients have all gone (their hand
 cancelled, or their socket shows a hang-up right before the forward) is dropped and counted
 in ``eagle3_generate_abandoned_total``. A retry of a wire ``/generate`` that names the same
 request id (``X-Eagle3-Request-Id``, same session, same body) while the first is still queued
-or computing becomes one more waiter of that job instead of a second forward.
+or computing becomes one more waiter of that job instead of a second forward; an answer that
+finished (or whose send broke) while its client was between attempts is kept for
+:data:`KEEP_ANSWER_S` for that retry.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import concurrent.futures
 import hashlib
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -60,7 +63,12 @@ __all__ = ["Job", "ModelRunner", "Pipeline", "Waiter", "choose_transfer", "reque
 
 T = TypeVar("T")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,%d}" % protocol.REQUEST_ID_MAX_LEN)
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{protocol.REQUEST_ID_MAX_LEN}}}")
+
+# An answer that finished while its client was between attempts (or whose send broke) is kept
+# this long for a retry of the same request id; at most KEEP_ANSWERS of them (memory).
+KEEP_ANSWER_S = 10.0
+KEEP_ANSWERS = 2
 
 # Job states (changed under Pipeline._lock): a queued job is either claimed by the model
 # thread (running) or dropped because nobody waits for it any more (abandoned), never both.
@@ -196,6 +204,8 @@ class Pipeline:
         self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
         self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
         self._shared: dict[tuple[str, str, bytes], _Computation] = {}
+        # Answers their client did not receive, for an immediate retry: key -> (expiry, job, answer).
+        self._kept: dict[tuple[str, str, bytes], tuple[float, Job, dict[str, torch.Tensor]]] = {}
         if settings.microbatch_wait_ms > 0:
             self.batcher = MicroBatcher(
                 self._run_group,
@@ -222,7 +232,11 @@ class Pipeline:
         async with self.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
             job = Job(inputs, mapping, encoding, transfer, ticket, client_connected(request), key)
             answer = await self.compute(job)
-            tier = await transfer.send(request, answer, ticket, headers)
+            try:
+                tier = await transfer.send(request, answer, ticket, headers)
+            except BaseException:
+                self._keep(job, answer)  # the client left during the send: its retry gets this answer
+                raise
             self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
             self.metrics.record_sent(tier, encoding.name, ticket.nbytes)
 
@@ -230,9 +244,8 @@ class Pipeline:
         """Forward, supervise and prepare ``job`` on the model thread, within ``--request-timeout``.
 
         The computation runs as its own task, so that a retry attached to it (same request
-        key) keeps it alive when the first client leaves. Once no request awaits it, a job
-        still queued is dropped (counted as abandoned); one already on the model thread runs
-        to its end, and a retry arriving meanwhile still attaches to it.
+        key) keeps it alive when the first client leaves (see :meth:`_orphaned` for what
+        happens when no request awaits it any more).
         """
         computation = self._attach(job)
         computation.waiting += 1
@@ -249,9 +262,8 @@ class Pipeline:
             ) from None
         finally:
             computation.waiting -= 1
-            # Nobody waits: a queued job is dropped; a running one finishes (a retry may still attach).
-            if computation.waiting == 0 and not computation.task.done() and self._abandon(computation.job, reason):
-                computation.task.cancel()
+            if computation.waiting == 0 and not computation.task.done():
+                self._orphaned(computation, reason)
         if answer is None:  # dropped on the model thread: every client had gone (this one attached late)
             raise Unavailable(
                 "the computation this request was waiting for was dropped; send it again",
@@ -262,6 +274,11 @@ class Pipeline:
     def _attach(self, job: Job) -> _Computation:
         """The computation ``job`` waits for: a matching one in flight (a retry), else its own."""
         if job.key is not None:
+            kept = self._kept_answer(job)
+            if kept is not None:
+                done: asyncio.Future[dict[str, torch.Tensor] | None] = asyncio.get_running_loop().create_future()
+                done.set_result(kept)
+                return _Computation(job, done)
             with self._lock:
                 running = self._shared.get(job.key)
                 if running is not None and running.job.accepts(job):
@@ -277,12 +294,45 @@ class Pipeline:
             key = job.key
             self._shared[key] = computation
 
-            def forget(_: object) -> None:
+            def forget(task: asyncio.Future[dict[str, torch.Tensor] | None]) -> None:
                 if self._shared.get(key) is computation:
                     del self._shared[key]
+                if computation.waiting == 0 and not task.cancelled() and task.exception() is None:
+                    answer = task.result()
+                    if answer is not None:  # finished while its client was between attempts
+                        self._keep(computation.job, answer)
 
             computation.task.add_done_callback(forget)
         return computation
+
+    def _keep(self, job: Job, answer: dict[str, torch.Tensor]) -> None:
+        """Hold an answer its client did not get, for :data:`KEEP_ANSWER_S`, for a retry of its request id."""
+        if job.key is None:
+            return
+        now = time.monotonic()
+        self._kept = {k: v for k, v in self._kept.items() if v[0] > now}
+        self._kept.pop(job.key, None)
+        self._kept[job.key] = (now + KEEP_ANSWER_S, job, answer)
+        while len(self._kept) > KEEP_ANSWERS:
+            del self._kept[next(iter(self._kept))]
+
+    def _kept_answer(self, job: Job) -> dict[str, torch.Tensor] | None:
+        assert job.key is not None
+        entry = self._kept.pop(job.key, None)
+        if entry is None or entry[0] < time.monotonic() or not entry[1].accepts(job):
+            return None
+        return entry[2]
+
+    def _orphaned(self, computation: _Computation, reason: str) -> None:
+        """Nobody awaits ``computation`` any more.
+
+        A job without a request id is dropped now. One with an id keeps its place in the queue,
+        so that a retry (which follows at once) attaches to it without queueing again; the model
+        thread drops it if nobody has attached by its turn. A job already on the model thread
+        runs to its end either way (a retry may still attach to it).
+        """
+        if computation.job.key is None and self._abandon(computation.job, reason):
+            computation.task.cancel()
 
     def _abandon(self, job: Job, reason: str) -> bool:
         """Drop a job nobody waits for, unless the model thread has already claimed it."""

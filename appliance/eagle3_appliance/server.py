@@ -10,6 +10,7 @@ pipeline's one model thread, so ``GET /health`` is answered while a long forward
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -171,7 +172,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     # A forward of a long batch on a big model can take minutes; the client has its own timeout.
     app.config.RESPONSE_TIMEOUT = 24 * 3600
     # Header and body deadlines, the connection cap and keep-alive: eagle3_appliance.connections.
-    app.config.KEEP_ALIVE_TIMEOUT = settings.keep_alive_timeout
+    app.config.KEEP_ALIVE_TIMEOUT = math.ceil(settings.keep_alive_timeout)
     app.config.NOISY_EXCEPTIONS = False
     sessions = SessionRegistry()
     planes = DataPlaneServer.create(settings, target.device)

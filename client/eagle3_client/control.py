@@ -10,7 +10,8 @@ than abandoning it: the wait for the answer is the server's ``--request-timeout`
 :data:`GENERATE_TIMEOUT_MARGIN_S` (the server answers 200, or 503 with ``Retry-After``, by
 then), unless ``generate_timeout`` says otherwise; and every attempt of one call carries the
 same ``X-Eagle3-Request-Id``, so a retry after a timeout or a lost connection attaches to the
-computation the server already has instead of queueing a second forward. Against an
+computation the server already has instead of queueing a second forward (after a read timeout
+the retry is sent at once, without back-off, to keep the request's place). Against an
 upstream server neither applies: ``timeout`` bounds each read and no extra header is sent.
 """
 
@@ -211,6 +212,10 @@ class ControlPlane:
                 if not retry_lost:
                     attempts = attempt + 1
                     break
+                if isinstance(exc, httpx.ReadTimeout) and protocol.REQUEST_ID_HEADER in req_headers:
+                    # The server is alive and still has the request: resend at once to attach to it
+                    # (after a pause it might finish with nobody waiting, and compute it again).
+                    delay = 0.0
             if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt if delay is None else delay
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, last, delay)
