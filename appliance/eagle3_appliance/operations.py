@@ -5,10 +5,12 @@ lifecycle signals rather than each handler, so every endpoint (other branches' t
 authenticated, counted and drained alike:
 
 * ``http.routing.after`` (before the body is read): auth, refusing new work while
-  draining, opening the in-flight record;
+  draining, the connection limits' per-request checks (probe slots, body budget), opening
+  the in-flight record;
 * ``http.lifecycle.response`` (after the handler, streamed bodies included): request
   counters and latency, closing the record, renewing the session's lease;
-* ``http.lifecycle.complete`` (connection closed): closing a record whose client vanished.
+* ``http.lifecycle.complete`` (connection closed): closing a record whose client vanished,
+  releasing its body budget.
 
 ``/generate`` additionally goes through :mod:`eagle3_appliance.pipeline` for the bounded
 queue, the request-time limit and the queue / forward / encode / send timings.
@@ -86,14 +88,14 @@ class Operations:
             except Exception:
                 close_after_response(request)  # no second try on this connection
                 raise
-        # After auth: an unauthenticated body is never stored (Sanic reads and drops it).
-        self.connections.admit_request(request, endpoint)
         work = endpoint not in _NOT_WORK
         if work and self.lifecycle.draining:
             raise Unavailable(
                 "the server is shutting down and takes no new work; use another server",
                 headers=self.admission.retry_after(),
             )
+        # After auth: an unauthenticated body is never stored (Sanic reads and drops it).
+        self.connections.admit_request(request, endpoint)
         tracked = self.inflight.begin(endpoint, request.headers.get(protocol.SESSION_HEADER), work=work)
         request.ctx.ops_tracked = tracked
         if request.conn_info is not None:  # closes the record if the client vanishes mid-request
