@@ -136,19 +136,23 @@ def request_key(request: Request, session: Session, transfer: Transfer) -> tuple
 
 @dataclass
 class Waiter:
-    """A request that attached to another request's job: its ticket and its client's presence."""
+    """A request awaiting a job's answer: its ticket, its client's presence, whether it still awaits."""
 
     ticket: Ticket
     connected: Callable[[], bool]
+    active: bool = True  # False once its handler stopped waiting (gone, timed out)
+
+    def wants(self) -> bool:
+        return self.active and self.connected()
 
 
 @dataclass
 class Job:
     """One admitted ``/generate``: what to compute and how it will leave.
 
-    ``connected`` tells (from any thread) whether the client still waits; ``key`` is set for a
-    job that retries of the same request may attach to (:func:`request_key`), and ``attached``
-    holds those retries.
+    ``connected`` tells (from any thread) whether the client is still connected; ``key`` is set
+    for a job that retries of the same request may attach to (:func:`request_key`); ``waiters``
+    are the requests awaiting the answer (this one, then attached retries).
     """
 
     inputs: GenerateInputs
@@ -158,15 +162,15 @@ class Job:
     ticket: Ticket
     connected: Callable[[], bool] = _always
     key: tuple[str, str, bytes] | None = None
-    attached: list[Waiter] = field(default_factory=list)
+    waiters: list[Waiter] = field(default_factory=list)
     state: str = QUEUED
 
     def wanted(self) -> bool:
-        """Someone still waits for the answer: the first client, or one that attached."""
-        return self.connected() or any(w.connected() for w in self.attached)
+        """Someone still awaits the answer and is connected."""
+        return any(w.wants() for w in self.waiters)
 
-    def tickets(self) -> list[Ticket]:
-        return [self.ticket, *(w.ticket for w in self.attached)]
+    def awaited(self) -> bool:
+        return any(w.active for w in self.waiters)
 
     def accepts(self, other: Job) -> bool:
         """``other`` may wait for this job's answer instead of computing its own."""
@@ -175,11 +179,10 @@ class Job:
 
 @dataclass
 class _Computation:
-    """A job's computation on the event loop: its task and how many requests await it."""
+    """A job's computation on the event loop: the job and the task that computes it."""
 
     job: Job
     task: asyncio.Future[dict[str, torch.Tensor] | None]
-    waiting: int = 0
 
 
 class Pipeline:
@@ -247,8 +250,8 @@ class Pipeline:
         key) keeps it alive when the first client leaves (see :meth:`_orphaned` for what
         happens when no request awaits it any more).
         """
-        computation = self._attach(job)
-        computation.waiting += 1
+        waiter = Waiter(job.ticket, job.connected)
+        computation = self._attach(job, waiter)
         timeout = self.settings.request_timeout
         reason = "client_gone"
         try:
@@ -261,8 +264,10 @@ class Pipeline:
                 headers=self.admission.retry_after(),
             ) from None
         finally:
-            computation.waiting -= 1
-            if computation.waiting == 0 and not computation.task.done():
+            with self._lock:
+                waiter.active = False
+                orphaned = not computation.job.awaited()
+            if orphaned and not computation.task.done():
                 self._orphaned(computation, reason)
         if answer is None:  # dropped on the model thread: every client had gone (this one attached late)
             raise Unavailable(
@@ -271,8 +276,8 @@ class Pipeline:
             )
         return answer
 
-    def _attach(self, job: Job) -> _Computation:
-        """The computation ``job`` waits for: a matching one in flight (a retry), else its own."""
+    def _attach(self, job: Job, waiter: Waiter) -> _Computation:
+        """The computation ``waiter`` awaits: a matching one in flight (a retry), else ``job``'s own."""
         if job.key is not None:
             kept = self._kept_answer(job)
             if kept is not None:
@@ -282,8 +287,9 @@ class Pipeline:
             with self._lock:
                 running = self._shared.get(job.key)
                 if running is not None and running.job.accepts(job):
-                    running.job.attached.append(Waiter(job.ticket, job.connected))
+                    running.job.waiters.append(waiter)
                     return running
+        job.waiters.append(waiter)
         if self.batcher is not None:
             work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
         else:
@@ -297,7 +303,7 @@ class Pipeline:
             def forget(task: asyncio.Future[dict[str, torch.Tensor] | None]) -> None:
                 if self._shared.get(key) is computation:
                     del self._shared[key]
-                if computation.waiting == 0 and not task.cancelled() and task.exception() is None:
+                if not computation.job.awaited() and not task.cancelled() and task.exception() is None:
                     answer = task.result()
                     if answer is not None:  # finished while its client was between attempts
                         self._keep(computation.job, answer)
@@ -369,7 +375,7 @@ class Pipeline:
         if not jobs:
             return [None] * len(all_jobs)
         with self._lock:
-            tickets = [ticket for job in jobs for ticket in job.tickets()]
+            tickets = [w.ticket for job in jobs for w in job.waiters if w.active]
         for ticket in tickets:
             ticket.begin_compute()
         try:
