@@ -10,9 +10,11 @@
     prepare              (transfer)        host copies, or device tensors ready for a group send
     send                 (transfer)        HTTP body, or metadata + group sends
 
-Forward, supervise and prepare run on :class:`ModelRunner`, the one thread that touches the
-model (the aux-layer hooks write into one capture slot, so forwards must not overlap, and a
-single worker thread gives that ordering without a lock the event loop would block on). With
+Which waiting request goes next is :mod:`eagle3_appliance.scheduling`'s choice (the oldest,
+unless its client will have given up by the answer). Forward, supervise and prepare run on
+:class:`ModelRunner`, the one thread that touches the model (the aux-layer hooks write into one
+capture slot, so forwards must not overlap, and a single worker thread gives that ordering
+without a lock the event loop would block on). With
 micro-batching on, jobs of one sequence length go through :class:`MicroBatcher`, which runs
 them as one stacked forward on the same thread and through the same steps; either way the
 request time limit, the queue accounting and the metrics are the same.
@@ -50,6 +52,7 @@ from eagle3_appliance.group_plane import LINK_KEY, GroupTransfer
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.metrics import Metrics
 from eagle3_appliance.microbatch import MicroBatcher
+from eagle3_appliance.scheduling import Scheduler
 from eagle3_appliance.sessions import Session
 from eagle3_appliance.settings import Settings
 from eagle3_appliance.target import ForwardOutputs, Target
@@ -162,6 +165,7 @@ class Job:
     ticket: Ticket
     connected: Callable[[], bool] = _always
     key: tuple[str, str, bytes] | None = None
+    session_id: str | None = None  # whose clients' patience applies (eagle3_appliance.scheduling)
     waiters: list[Waiter] = field(default_factory=list)
     state: str = QUEUED
 
@@ -204,6 +208,7 @@ class Pipeline:
         self.admission = admission
         self.metrics = metrics
         self.runner = runner or ModelRunner()
+        self.scheduler = Scheduler(lambda: admission.compute_seconds)
         self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
         self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
         self._shared: dict[tuple[str, str, bytes], _Computation] = {}
@@ -233,7 +238,7 @@ class Pipeline:
         headers = None if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
         key = request_key(request, session, transfer)
         async with self.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
-            job = Job(inputs, mapping, encoding, transfer, ticket, client_connected(request), key)
+            job = Job(inputs, mapping, encoding, transfer, ticket, client_connected(request), key, session.id)
             answer = await self.compute(job)
             try:
                 tier = await transfer.send(request, answer, ticket, headers)
@@ -347,6 +352,10 @@ class Pipeline:
                 return False
             job.state = ABANDONED
         self.metrics.abandoned.labels(reason).inc()
+        if reason == "client_gone" and job.key is None and job.session_id is not None:
+            # A client without request ids gave up after waiting this long (its retry, if any,
+            # queues anew): what the scheduler expects of that session's clients.
+            self.scheduler.patience.gave_up(job.session_id, time.perf_counter() - job.ticket.admitted)
         return True
 
     def _claim(self, job: Job) -> bool:
@@ -365,7 +374,9 @@ class Pipeline:
         return (await self._run_group([job]))[0]
 
     async def _run_group(self, jobs: list[Job]) -> list[dict[str, torch.Tensor] | None]:
-        return await self.runner.run(self._compute_on_model_thread, jobs)
+        """Wait for this unit's turn (:mod:`eagle3_appliance.scheduling`), then run it on the model thread."""
+        async with self.scheduler.turn([job.session_id for job in jobs], min(job.ticket.admitted for job in jobs)):
+            return await self.runner.run(self._compute_on_model_thread, jobs)
 
     @torch.no_grad()
     def _compute_on_model_thread(self, all_jobs: list[Job]) -> list[dict[str, torch.Tensor] | None]:
