@@ -20,9 +20,9 @@ def test_the_oldest_request_that_can_still_be_answered_in_time_runs_first() -> N
     assert pick(waiting, now=20.0, forward_s=3.0, patience=lambda s: 10.0) == 2
 
 
-def test_when_no_request_can_make_it_the_oldest_runs() -> None:
-    waiting = [(["anonymous"], 0.0), (["anonymous"], 1.0)]
-    assert pick(waiting, now=20.0, forward_s=3.0, patience=lambda s: 10.0) == 0
+def test_when_no_request_can_make_it_the_youngest_runs() -> None:
+    waiting = [(["anonymous"], 0.0), (["anonymous"], 1.0), (["anonymous"], 2.0)]
+    assert pick(waiting, now=20.0, forward_s=3.0, patience=lambda s: 10.0) == 2
 
 
 def test_a_patient_session_keeps_its_place_among_impatient_ones() -> None:

@@ -10,8 +10,8 @@ So the server learns, per session, how long its clients have waited before givin
 disconnected; upstream clients share the anonymous session), and :func:`pick` runs the oldest
 request that can still be answered in time (its age plus the recent forward time within that
 patience). A session whose clients were never seen giving up counts as patient, so its
-requests stay strictly in arrival order; and when no request can make it, the oldest runs.
-Nothing is dropped here: a request passed over keeps its place until its client leaves (then
+requests stay strictly in arrival order; when no request can make it, the youngest runs (the
+oldest would surely be late; the youngest has the best chance). Nothing is dropped here: a request passed over keeps its place until its client leaves (then
 the pipeline drops it) or its turn comes.
 
 :class:`Scheduler` holds the requests waiting for their turn and hands the model thread one
@@ -70,14 +70,14 @@ def pick(
     """Index of the unit to run next among ``(sessions, arrived)`` in arrival order.
 
     The first (oldest) unit in which some request can be answered before its session's
-    patience runs out; the oldest when none can.
+    patience runs out; the youngest when none can.
     """
     for index, (sessions, arrived) in enumerate(waiting):
         for session in sessions:
             limit = patience(session)
             if limit is None or (now - arrived) + forward_s <= limit:
                 return index
-    return 0
+    return len(waiting) - 1
 
 
 class Scheduler:
