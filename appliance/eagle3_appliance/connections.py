@@ -176,6 +176,8 @@ class ConnectionGuard:
                 cap,
                 self.max_connections,
             )
+        else:
+            logger.info("open-file limit %d: up to %d client connections", fd_limit, cap)
         self.max_connections = cap
 
     # -- connections ------------------------------------------------------------------

@@ -8,10 +8,11 @@ computing the oldest request then mostly produces answers that arrive after thei
 So the server learns, per session, how long its clients have waited before giving up
 (:class:`Patience`: the median of the last few ages at which a queued request's client
 disconnected; upstream clients share the anonymous session), and :func:`pick` runs the oldest
-request that can still be answered in time (its age plus the recent forward time within that
-patience). A session whose clients were never seen giving up counts as patient, so its
-requests stay strictly in arrival order; when no request can make it, the youngest runs (the
-oldest would surely be late; the youngest has the best chance). Nothing is dropped here: a request passed over keeps its place until its client leaves (then
+request that can still be answered in time (its age plus the recent forward time, with
+:data:`FORWARD_MARGIN`, within that patience). A session whose clients were never seen giving
+up counts as patient, so its requests stay strictly in arrival order; when no request can make
+it, the youngest runs (the oldest would surely be late; the youngest has the best chance).
+Nothing is dropped here: a request passed over keeps its place until its client leaves (then
 the pipeline drops it) or its turn comes.
 
 :class:`Scheduler` holds the requests waiting for their turn and hands the model thread one
@@ -28,8 +29,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["PATIENCE_SAMPLES", "PATIENCE_TTL_S", "Patience", "Scheduler", "pick"]
+__all__ = ["FORWARD_MARGIN", "PATIENCE_SAMPLES", "PATIENCE_TTL_S", "Patience", "Scheduler", "pick"]
 
+# The recent forward time is stretched by this much when judging whether an answer can still
+# arrive in time (forwards slow down when the machine is busy).
+FORWARD_MARGIN = 1.25
 # Departures remembered per session, and for how long (clients may change their timeout).
 PATIENCE_SAMPLES = 8
 PATIENCE_TTL_S = 600.0
@@ -129,7 +133,7 @@ class Scheduler:
         index = pick(
             [(t.sessions, t.arrived) for t in self._waiting],
             now,
-            self._forward_s(),
+            self._forward_s() * FORWARD_MARGIN,
             lambda session: self.patience.estimate(session, now),
         )
         turn = self._waiting.pop(index)
