@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             rate = served / elapsed
             print(
                 f"{'storm: ' + scenario:<26} {rate:6.2f} answers/s   = {rate / unloaded:4.0%} of unloaded "
-                f"({served} served in {elapsed:.0f} s, {gave_up} given up); server: {forwards:.0f} forwards, "
-                f"{dropped:.0f} dropped (client gone); in flight 1 s after the clients stopped: {inflight:.0f}"
+                f"({served} served in {elapsed:.0f} s, {gave_up} given up); server: {forwards:.0f} forwards "
+                f"({served / forwards if forwards else 0:.0%} of them served), {dropped:.0f} dropped (client gone); "
+                f"in flight 1 s after the clients stopped: {inflight:.0f}"
             )
             # Let the server finish whatever the scenario left before the next one starts.
             deadline = stopped + REQUEST_TIMEOUT_S
