@@ -18,10 +18,11 @@ with 1/2/4 s back-off. Three kinds of client, one scenario each:
 
 Each scenario prints the answers the clients received in full per second (no batch starts after
 ``--duration``; the rate is over the time until the last client stopped) beside the unloaded
-rate, the forwards the server ran for the scenario and the queued requests it dropped because
-their client had left (``eagle3_generate_abandoned_total``), and the requests it still had in
-flight a second after the last client stopped. Everything is bounded: ``--duration`` per
-scenario, the server's ``--request-timeout`` for any one request.
+rate (the mean of the first and the last measurement), the forwards the server ran for the
+scenario and the share of them whose answer reached a client, the queued requests it dropped
+because their client had left (``eagle3_generate_abandoned_total``), and the requests it still
+had in flight a second after the last client stopped. Everything is bounded: ``--duration``
+per scenario, the server's ``--request-timeout`` for any one request.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout if args.timeout is not None else max(1.0, 2 * forward_s)
         print(f"{'unloaded (1 client)':<26} {unloaded:6.2f} answers/s   ({forward_s:.2f} s per batch)")
         print(f"storm timeout {timeout:.1f} s, {RETRIES} retries with {BACKOFF_S:g}/2/4 s back-off")
+        rows: list[str] = []
+        rates: list[float] = []
         for scenario in scenarios:
             if scenario == "upstream":
                 work: Callable[[float, Outcome], None] = lambda d, o: _upstream_client(url, body, timeout, d, o)  # noqa: E731
@@ -178,20 +181,23 @@ def main(argv: list[str] | None = None) -> int:
             dropped = after.get("eagle3_generate_abandoned_total", 0.0) - before.get(
                 "eagle3_generate_abandoned_total", 0.0
             )
-            rate = served / elapsed
-            print(
-                f"{'storm: ' + scenario:<26} {rate:6.2f} answers/s   = {rate / unloaded:4.0%} of unloaded "
+            rows.append(
+                f"{'storm: ' + scenario:<26} {served / elapsed:6.2f} answers/s   = {{share}} of unloaded "
                 f"({served} served in {elapsed:.0f} s, {gave_up} given up); server: {forwards:.0f} forwards "
                 f"({served / forwards if forwards else 0:.0%} of them served), {dropped:.0f} dropped (client gone); "
                 f"in flight 1 s after the clients stopped: {inflight:.0f}"
             )
+            rates.append(served / elapsed)
             # Let the server finish whatever the scenario left before the next one starts.
             deadline = stopped + REQUEST_TIMEOUT_S
             while _metrics(url).get("eagle3_inflight_requests", 0.0) > 0 and time.monotonic() < deadline:
                 time.sleep(0.5)
         # The machine may have been busier or quieter meanwhile: the unloaded rate once more.
         again = 1 / _unloaded_seconds(url, body, args.unloaded)
-        print(f"{'unloaded again, at the end':<26} {again:6.2f} answers/s")
+    baseline = (unloaded + again) / 2
+    for row, rate in zip(rows, rates, strict=True):
+        print(row.replace("{share}", f"{rate / baseline:4.0%}"))
+    print(f"{'unloaded again, at the end':<26} {again:6.2f} answers/s   (shares above: of the mean, {baseline:.2f})")
     return 0
 
 
