@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -164,29 +165,22 @@ def test_a_reused_request_id_with_another_body_is_computed_on_its_own(url: str) 
 
 
 def test_our_client_retrying_after_timeouts_costs_one_forward(url: str) -> None:
-    before = scrape(url)
-    inputs = batch(1, 16, slow=True, seed=9)
     # A deliberately short wait: every attempt times out during the forward and the next attaches.
     # On the wire plane: a process-group /generate is never blindly retried (it recovers by resend).
-    with RemoteEagle3TargetModel.from_urls(
-        [url], data_plane="wire", generate_timeout=1.0, max_retries=8, backoff=0
-    ) as remote:
-        ids = torch.arange(0, 1024, 4)
-        mask = torch.zeros(1024, dtype=torch.bool)
-        mask[ids] = True
-        remote.set_vocab_mapping(ids, mask)
-        result = remote.generate_batch(inputs["input_ids"], inputs["attention_mask"], inputs["loss_mask"])
-    assert result.target_probs.shape == (1, 16, 256)
-    wait_until(lambda: _settled(url), what="the server to settle")
-    assert metric(scrape(url), FORWARDS) - metric(before, FORWARDS) == 1
+    options = {"data_plane": "wire", "generate_timeout": 1.0, "max_retries": 8, "backoff": 0}
+    _client_generates_once(url, batch(1, 16, slow=True, seed=9), options)
 
 
 def test_our_client_waits_in_the_queue_past_its_read_timeout(url: str) -> None:
-    before = scrape(url)
-    inputs = batch(1, 16, slow=True, seed=10)
     # timeout=1 s is shorter than the forward: the client waits for /generate up to the server's
     # own --request-timeout instead, so it neither gives up nor re-queues.
-    with RemoteEagle3TargetModel.from_urls([url], timeout=1.0, max_retries=0) as remote:
+    _client_generates_once(url, batch(1, 16, slow=True, seed=10), {"timeout": 1.0, "max_retries": 0})
+
+
+def _client_generates_once(url: str, inputs: dict[str, torch.Tensor], options: dict[str, Any]) -> None:
+    """Our client with ``options`` gets one slow batch's answer, and the server ran one forward for it."""
+    before = scrape(url)
+    with RemoteEagle3TargetModel.from_urls([url], **options) as remote:
         ids = torch.arange(0, 1024, 4)
         mask = torch.zeros(1024, dtype=torch.bool)
         mask[ids] = True
