@@ -71,7 +71,7 @@ def test_a_failed_forward_answers_500_with_a_request_id_and_logs_the_reason(fail
     for resp in (first, second):
         assert resp.status_code == 500
         body = resp.json()
-        request_id = resp.headers[protocol.REQUEST_ID_HEADER]
+        request_id = resp.headers[protocol.ERROR_ID_HEADER]
         assert re.fullmatch(r"[0-9a-f]{32}", request_id)
         assert body == {
             "error": f"internal server error (request id {request_id}); the server's log has the details",
@@ -80,10 +80,10 @@ def test_a_failed_forward_answers_500_with_a_request_id_and_logs_the_reason(fail
             "request_id": request_id,
         }
         assert "illegal memory" not in resp.text and "RuntimeError" not in resp.text
-    assert first.headers[protocol.REQUEST_ID_HEADER] != second.headers[protocol.REQUEST_ID_HEADER]
+    assert first.headers[protocol.ERROR_ID_HEADER] != second.headers[protocol.ERROR_ID_HEADER]
     text = log.read_text()
     for resp in (first, second):
-        line = next(x for x in text.splitlines() if resp.headers[protocol.REQUEST_ID_HEADER] in x)
+        line = next(x for x in text.splitlines() if resp.headers[protocol.ERROR_ID_HEADER] in x)
         assert "POST /generate failed" in line
     assert text.count(SECRET) >= 2  # the operator still sees why, once per failure
     assert _generate(proc.url, 1).status_code == 200  # and the server goes on serving

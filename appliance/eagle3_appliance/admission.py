@@ -103,6 +103,12 @@ class Admission:
         self.refused = 0
         self._ewma_compute_s = 1.0  # a pessimistic start until the first forward is timed
 
+    @property
+    def compute_seconds(self) -> float:
+        """Recent time of one request on the model thread (an exponential moving average)."""
+        with self._lock:
+            return self._ewma_compute_s
+
     def retry_after(self) -> dict[str, str]:
         """How long until a slot is likely free: the work ahead times the recent compute time."""
         with self._lock:

@@ -24,7 +24,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from eagle3_client.protocol import REQUEST_ID_HEADER
+from eagle3_client.protocol import ERROR_ID_HEADER
 
 __all__ = [
     "ApplianceError",
@@ -89,7 +89,7 @@ def internal_error_response(request_id: str) -> HTTPResponse:
     """A 500 that names only the request id its failure was logged under."""
     message = f"internal server error (request id {request_id}); the server's log has the details"
     body = {"error": message, "type": "InternalError", "status": 500, "request_id": request_id}
-    return json(body, status=500, headers={REQUEST_ID_HEADER: request_id})
+    return json(body, status=500, headers={ERROR_ID_HEADER: request_id})
 
 
 def install_error_handler(app: Sanic) -> None:

@@ -174,6 +174,13 @@ class Metrics:
             "Target forwards run for /generate (a micro-batched forward counts once).",
             registry=r,
         )
+        self.abandoned = Counter(
+            "eagle3_generate_abandoned",
+            "/generate requests dropped before their forward because nobody waited for the answer any more: "
+            "reason is client_gone (the client closed its connection) or timeout (--request-timeout ran out).",
+            ["reason"],
+            registry=r,
+        )
         self.tokens = Counter(
             "eagle3_inference_tokens", "Token positions supervised (batch x sequence length).", registry=r
         )

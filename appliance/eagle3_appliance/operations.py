@@ -4,11 +4,13 @@
 lifecycle signals rather than each handler, so every endpoint (other branches' too) is
 authenticated, counted and drained alike:
 
-* ``http.routing.after`` (before the body is read): auth (every endpoint but the probes), refusing new work while
-  draining, opening the in-flight record;
+* ``http.routing.after`` (before the body is read): auth (every endpoint but the probes),
+  refusing new work while draining, the connection limits' per-request checks (probe slots,
+  body budget), opening the in-flight record;
 * ``http.lifecycle.response`` (after the handler, streamed bodies included): request
   counters and latency, closing the record, renewing the session's lease;
-* ``http.lifecycle.complete`` (connection closed): closing a record whose client vanished.
+* ``http.lifecycle.complete`` (connection closed): closing a record whose client vanished,
+  releasing its body budget.
 
 ``/generate`` additionally goes through :mod:`eagle3_appliance.pipeline` for the bounded
 queue, the request-time limit and the queue / forward / encode / send timings.
@@ -27,6 +29,7 @@ from sanic.response import HTTPResponse, json, raw
 
 from eagle3_appliance.admission import Admission
 from eagle3_appliance.auth import BearerAuth
+from eagle3_appliance.connections import ConnectionGuard, close_after_response
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.gpu import GpuMonitor
 from eagle3_appliance.health import PROBE_ENDPOINTS, probes
@@ -58,6 +61,7 @@ class Operations:
     metrics: Metrics
     auth: BearerAuth | None
     target_loaded: Callable[[], bool]
+    connections: ConnectionGuard
     target_faults: Callable[[], list[str]] = list  # why the loaded target cannot compute (a failed rank)
 
     def readiness_reasons(self) -> list[str]:
@@ -81,13 +85,19 @@ class Operations:
         request.ctx.ops_endpoint = endpoint
         request.ctx.ops_start = time.perf_counter()
         if self.auth is not None and endpoint not in PROBE_ENDPOINTS:  # probes are open: see eagle3_appliance.health
-            self.auth.check(request.headers.get(protocol.AUTH_HEADER))
+            try:
+                self.auth.check(request.headers.get(protocol.AUTH_HEADER))
+            except Exception:
+                close_after_response(request)  # no second try on this connection
+                raise
         work = endpoint not in _NOT_WORK
         if work and self.lifecycle.draining:
             raise Unavailable(
                 "the server is shutting down and takes no new work; use another server",
                 headers=self.admission.retry_after(),
             )
+        # After auth: an unauthenticated body is never stored (Sanic reads and drops it).
+        self.connections.admit_request(request, endpoint)
         tracked = self.inflight.begin(endpoint, request.headers.get(protocol.SESSION_HEADER), work=work)
         request.ctx.ops_tracked = tracked
         if request.conn_info is not None:  # closes the record if the client vanishes mid-request
@@ -101,6 +111,7 @@ class Operations:
         tracked: Tracked | None = getattr(request.ctx, "ops_tracked", None)
         if tracked is not None and self.inflight.end(tracked):
             self.sessions.touch(tracked.session_id)
+        self.connections.request_ended(request.ctx)
         if status == 200 and endpoint == protocol.EP_SESSION:
             self.metrics.sessions_registered.inc()
             self.lifecycle.session_registered()
@@ -109,6 +120,7 @@ class Operations:
                 self.lifecycle.upstream_disconnected()
 
     def connection_closed(self, conn_info: Any) -> None:
+        self.connections.request_ended(conn_info.ctx)
         tracked: Tracked | None = getattr(conn_info.ctx, "ops_tracked", None)
         if tracked is not None and self.inflight.end(tracked):
             self.metrics.observe_request(tracked.endpoint, "aborted", None)
@@ -168,6 +180,15 @@ def install_operations(app: Sanic, settings: Settings, sessions: SessionRegistry
         metrics=metrics_,
         auth=BearerAuth(settings.auth_token) if settings.auth_token else None,
         target_loaded=lambda: getattr(app.ctx, "state", None) is not None,
+        connections=ConnectionGuard(
+            max_connections=settings.max_connections,
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+            max_pending_body_bytes=settings.max_pending_body_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            registry=metrics_.registry,
+        ),
     )
     app.ctx.ops = ops
     app.blueprint(probes)

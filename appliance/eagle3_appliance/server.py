@@ -19,6 +19,7 @@ from sanic.response import HTTPResponse, json
 
 from eagle3_appliance import dataplane_routes, upstream_nccl
 from eagle3_appliance.buffers import ServerBuffers
+from eagle3_appliance.connections import GuardedHttpProtocol, raise_fd_limit
 from eagle3_appliance.errors import InvalidRequest, MalformedBody, Unavailable, install_error_handler
 from eagle3_appliance.group_plane import DataPlaneServer, connection_closed
 from eagle3_appliance.inputs import VocabMapping
@@ -108,6 +109,7 @@ async def register_session(request: Request) -> HTTPResponse:
         lease_seconds=lease or state.settings.lease_seconds,
         encoding_refused=refused,
         model_fingerprint=state.target.fingerprint,
+        request_timeout=state.settings.request_timeout,
     )
     return json(reply.to_json())
 
@@ -202,7 +204,8 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
     # A forward of a long batch on a big model can take minutes; the client has its own timeout.
     app.config.RESPONSE_TIMEOUT = 24 * 3600
-    app.config.KEEP_ALIVE_TIMEOUT = 600
+    # Header and body deadlines, the connection cap and keep-alive: eagle3_appliance.connections.
+    app.config.KEEP_ALIVE_TIMEOUT = math.ceil(settings.keep_alive_timeout)
     app.config.NOISY_EXCEPTIONS = False
     sessions = SessionRegistry()
     planes = DataPlaneServer.create(settings, target.device)
@@ -251,7 +254,15 @@ def run_server(app: Sanic, settings: Settings) -> int:
     (:mod:`eagle3_appliance.lifecycle`) runs before the listener closes.
     """
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.grace_period
-    app.prepare(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
+    app.ctx.ops.connections.limit_to_descriptors(raise_fd_limit())
+    app.prepare(
+        host=settings.host,
+        port=settings.port,
+        single_process=True,
+        access_log=False,
+        motd=False,
+        protocol=GuardedHttpProtocol,
+    )
     Sanic.serve_single(app)
     install_second_signal_exit()  # the loop is gone; a second signal still ends the process at once
     lifecycle = app.ctx.ops.lifecycle

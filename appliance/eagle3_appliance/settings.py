@@ -239,6 +239,19 @@ class Settings:
     host: str = option("0.0.0.0", "Address to bind.")
     port: int = option(8001, "HTTP port.", min=0)
     log_level: str = option("INFO", "Python logging level.")
+    max_connections: int = option(
+        4096,
+        "Most open client connections (lowered to fit the open-file limit); at the cap, 2 more may ask a "
+        "health probe, and further ones get 503 and are closed.",
+        min=1,
+    )
+    header_timeout: float = option(
+        20.0, "Seconds a client may take to send a request's headers, in total (408 and close beyond).", min=0.1
+    )
+    body_timeout: float = option(
+        60.0, "Seconds a client may take to send a request's body, in total (408 and close beyond).", min=0.1
+    )
+    keep_alive_timeout: float = option(75.0, "Seconds an idle connection stays open between requests.", min=0.1)
     # -- limits (a request beyond them gets 413 or 422 with the limit in the message; None =
     #    derived from the model and the device at start-up, eagle3_appliance.limits) --------
     max_seq_len: int | None = option(
@@ -257,6 +270,12 @@ class Settings:
         default_text="from memory",
     )
     max_body_bytes: int = option(64 * 1024 * 1024, "Largest request body (413 beyond).", min=1)
+    max_pending_body_bytes: int = option(
+        256 * 1024 * 1024,
+        "Most bytes of request bodies being received or held at once, all requests together "
+        "(503 + Retry-After beyond, before the body is read). At least --max-body-bytes.",
+        min=1,
+    )
     # -- memory and throughput -------------------------------------------------------------
     buffer_pool_mb: int = option(4096, "Host memory (MiB) kept for reuse by /generate answers; 0 = none.", min=0)
     microbatch_wait_ms: float = option(
@@ -328,6 +347,11 @@ class Settings:
             raise ValueError(
                 f"--min-lease-seconds ({self.min_lease_seconds:g}) is above --max-lease-seconds "
                 f"({self.max_lease_seconds:g})"
+            )
+        if self.max_pending_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"--max-pending-body-bytes ({self.max_pending_body_bytes}) must be at least "
+                f"--max-body-bytes ({self.max_body_bytes}), or the largest body could never be received"
             )
         unknown = sorted({t.strip() for t in self.data_planes.split(",") if t.strip()} - set(DATA_PLANE_TIERS))
         if unknown:

@@ -166,6 +166,7 @@ class _Server:
             if exc.status not in (404, 405):
                 raise
             self.upstream, self.session_id, self.encoding, self.fingerprint = True, None, PROBS, None
+            self.control.server_request_timeout = None
             offered = [protocol.TIER_WIRE]
             if wanted != PROBS:
                 logger.warning(
@@ -176,6 +177,7 @@ class _Server:
         else:
             self.upstream, self.session_id = False, reply.session_id
             self.fingerprint = reply.model_fingerprint
+            self.control.server_request_timeout = reply.request_timeout
             self.encoding = _negotiated(self.control.url, reply, wanted)
             offered = list(reply.data_planes)
             if reply.lease_seconds is not None and reply.lease_seconds > 0:  # beat three times per lease
@@ -459,6 +461,7 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         control = ControlPlane(
             url.strip(),
             timeout=self.options.timeout,
+            generate_timeout=self.options.generate_timeout,
             max_retries=self.options.max_retries,
             backoff=self.options.backoff,
             headers=self._headers,

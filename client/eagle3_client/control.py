@@ -4,11 +4,21 @@ Retries follow upstream's rule: only connection errors and timeouts are retried 
 exponential back-off, 1 s, 2 s, 4 s by default), never an HTTP error status, because the
 server would answer the same again. A 503 is the one exception: it means "busy, come back",
 and its ``Retry-After`` is honoured up to ``max_retries`` times.
+
+``/generate`` on our servers (a session is registered) waits in the server's queue rather
+than abandoning it: the wait for the answer is the server's ``--request-timeout`` plus
+:data:`GENERATE_TIMEOUT_MARGIN_S` (the server answers 200, or 503 with ``Retry-After``, by
+then), unless ``generate_timeout`` says otherwise; and every attempt of one call carries the
+same ``X-Eagle3-Request-Id``, so a retry after a timeout or a lost connection attaches to the
+computation the server already has instead of queueing a second forward (after a read timeout
+the retry is sent at once, without back-off, to keep the request's place). Against an
+upstream server neither applies: ``timeout`` bounds each read and no extra header is sent.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -28,7 +38,7 @@ from eagle3_client.errors import (
 )
 from eagle3_client.socketbody import BODY, RECV_INTO, SocketTransport
 
-__all__ = ["ControlPlane"]
+__all__ = ["GENERATE_TIMEOUT_MARGIN_S", "ControlPlane"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,9 @@ logger = logging.getLogger(__name__)
 # went away before answering. Not retried: LocalProtocolError, UnsupportedProtocol (bugs).
 _RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _MAX_RETRY_AFTER_S = 30.0
+# Added to a server's --request-timeout for the /generate wait: queueing on the event loop,
+# the first byte of a large answer, clocks.
+GENERATE_TIMEOUT_MARGIN_S = 30.0
 
 
 T = TypeVar("T")
@@ -48,6 +61,8 @@ class ControlPlane:
 
     * ``url`` - the server's base URL, e.g. ``http://node3:8001``.
     * ``timeout`` - seconds for connect, each read and each write.
+    * ``generate_timeout`` - seconds to wait for a ``/generate`` answer; None derives it
+      from the server's ``--request-timeout`` (see the module docstring).
     * ``max_retries`` - extra attempts after a connection error, timeout or 503.
     * ``backoff`` - first back-off in seconds, doubled after each attempt.
     * ``headers`` - sent with every request (e.g. ``Authorization``).
@@ -64,6 +79,7 @@ class ControlPlane:
         url: str,
         *,
         timeout: float = 120.0,
+        generate_timeout: float | None = None,
         max_retries: int = 3,
         backoff: float = 1.0,
         headers: Mapping[str, str] | None = None,
@@ -77,6 +93,10 @@ class ControlPlane:
             transport = SocketTransport(httpx.HTTPTransport(limits=limits, trust_env=False))
         self.max_retries = max_retries
         self.backoff = backoff
+        self.timeout = timeout
+        self.generate_timeout = generate_timeout
+        # Our server's --request-timeout, from its session reply (None: upstream, or not told).
+        self.server_request_timeout: float | None = None
         # trust_env=False: a target server is a direct in-cluster peer; an ambient
         # http_proxy would only get in the way (and NO_PROXY would need every node name).
         self._http = httpx.Client(
@@ -87,6 +107,14 @@ class ControlPlane:
             limits=limits,
             transport=transport,
         )
+
+    def generate_wait(self) -> float:
+        """Seconds to wait for a ``/generate`` answer (see the module docstring)."""
+        if self.generate_timeout is not None:
+            return self.generate_timeout
+        if self.server_request_timeout is not None:
+            return max(self.timeout, self.server_request_timeout + GENERATE_TIMEOUT_MARGIN_S)
+        return self.timeout
 
     def set_header(self, name: str, value: str | None) -> None:
         """Send (or, with None, stop sending) a header on every later request."""
@@ -157,6 +185,11 @@ class ControlPlane:
         attempts = 1 + (self.max_retries if retries else 0)
         req_headers = dict(headers or {})
         request_timeout = self._http.timeout if timeout is None else httpx.Timeout(timeout)
+        if endpoint == protocol.EP_GENERATE:
+            if timeout is None:
+                request_timeout = httpx.Timeout(self.timeout, read=self.generate_wait())
+            if protocol.SESSION_HEADER in self._http.headers:  # our server: it understands request ids
+                req_headers.setdefault(protocol.REQUEST_ID_HEADER, secrets.token_hex(12))
         if method == "POST":
             req_headers.setdefault("Content-Type", content_type)
         last: Exception | None = None
@@ -179,6 +212,10 @@ class ControlPlane:
                 if not retry_lost:
                     attempts = attempt + 1
                     break
+                if isinstance(exc, httpx.ReadTimeout) and protocol.REQUEST_ID_HEADER in req_headers:
+                    # The server is alive and still has the request: resend at once to attach to it
+                    # (after a pause it might finish with nobody waiting, and compute it again).
+                    delay = 0.0
             if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt if delay is None else delay
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, last, delay)

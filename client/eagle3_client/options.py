@@ -48,6 +48,13 @@ class ClientOptions:
     timeout: float = option(
         120.0, "Seconds for connecting and for each read and write of a request (upstream's).", positive=True
     )
+    generate_timeout: float | None = option(
+        None,
+        "Seconds to wait for a /generate answer. None = our servers' --request-timeout plus 30 s (the server "
+        "answers 503 itself by then), or timeout for an upstream server.",
+        env="EAGLE3_GENERATE_TIMEOUT",
+        positive=True,
+    )
     max_retries: int = option(3, "Extra attempts after a connection error, a timeout or a 503 (upstream's).", min=0)
     backoff: float = option(1.0, "First retry back-off in seconds, doubled after each attempt.", min=0)
     encoding: str | None = option(

@@ -41,9 +41,11 @@ __all__ = [
     "EP_LM_HEAD_ROWS",
     "SESSION_HEADER",
     "ENCODING_HEADER",
+    "ERROR_ID_HEADER",
     "REQUEST_ID_HEADER",
     "FAILOVER_HEADER",
     "MAPPING_VERSION_HEADER",
+    "REQUEST_ID_MAX_LEN",
     "AUTH_HEADER",
     "ENV_ENABLE_NCCL",
     "ENV_NCCL_PORT",
@@ -113,7 +115,7 @@ SESSION_HEADER = "X-Eagle3-Session"
 # The supervision encoding a /generate answer uses (absent = upstream's "probs").
 ENCODING_HEADER = "X-Eagle3-Encoding"
 # On a 500 answer: the id under which the server logged the failure (also in the JSON body).
-REQUEST_ID_HEADER = "X-Request-Id"
+ERROR_ID_HEADER = "X-Request-Id"
 # The version of a session's vocab mapping: our client numbers each /set_vocab_mapping with
 # it, and the server names, on every /generate answer, the mapping the answer was computed
 # under, so that the client decodes it with that mapping's LM-head rows (never a mix).
@@ -121,6 +123,12 @@ MAPPING_VERSION_HEADER = "X-Eagle3-Mapping"
 # On /generate: the request is a failover, re-sent here after another server failed it
 # (the value is the attempt number, 2 for the first failover); the server only counts it.
 FAILOVER_HEADER = "X-Eagle3-Failover"
+# On /generate (our client, registered sessions only): an id of the batch, the same on every
+# retry of it. A retry whose id, session and body match a /generate the server still has queued
+# or computing waits for that computation instead of queueing a second forward. Letters,
+# digits, "-", "_" and "." only, at most REQUEST_ID_MAX_LEN characters (400 otherwise).
+REQUEST_ID_HEADER = "X-Eagle3-Request-Id"
+REQUEST_ID_MAX_LEN = 128
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Data planes (extension). How a /generate answer's tensors travel, best first: a private
@@ -328,6 +336,9 @@ class SessionReply:
     encoding_refused: str | None = None  # why the preferred encoding was not chosen
     protocol: int = PROTOCOL_VERSION
     model_fingerprint: str | None = None  # what the server serves (see ModelInfoExtension)
+    # The server's --request-timeout: it answers every /generate (200, or 503 + Retry-After)
+    # within this many seconds of admitting it, so a client may wait that long for the answer.
+    request_timeout: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -342,6 +353,8 @@ class SessionReply:
             body["encoding_refused"] = self.encoding_refused
         if self.model_fingerprint:
             body["model_fingerprint"] = self.model_fingerprint
+        if self.request_timeout is not None:
+            body["request_timeout"] = self.request_timeout
         return body
 
     @classmethod
@@ -355,6 +368,7 @@ class SessionReply:
             encoding_refused=_field(body, "encoding_refused", str, None),
             protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
             model_fingerprint=_field(body, "model_fingerprint", str, None),
+            request_timeout=_number(_field(body, "request_timeout", (int, float), None)),
         )
 
 

@@ -1,0 +1,1 @@
+"""``python -m benchmarks.overload``: served answers per second in a timeout storm, beside the unloaded rate."""

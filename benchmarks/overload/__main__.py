@@ -1,0 +1,3 @@
+from benchmarks.overload.run import main
+
+raise SystemExit(main())
