@@ -51,7 +51,17 @@ def _config_summary(config: Any) -> dict[str, Any]:
 
 
 def _sample(tensor: torch.Tensor, count: int) -> bytes:
-    """``count`` elements evenly spaced over the flattened tensor (all of a small one), as bytes."""
+    """``count`` elements evenly spaced over the flattened tensor (all of a small one), as bytes.
+
+    A tensor-parallel weight (a DTensor) is sampled from this rank's shard, the same on every
+    server of the same mode. A weight offloaded to disk by a device map (on the meta device
+    here) has no data to sample: its name, dtype and shape still count.
+    """
+    to_local = getattr(tensor, "to_local", None)
+    if callable(to_local):
+        tensor = to_local()
+    if tensor.device.type == "meta":
+        return b""
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
     if n > count:
