@@ -15,7 +15,8 @@ from sanic.response import HTTPResponse, json
 
 from eagle3_appliance import upstream_nccl
 from eagle3_appliance.errors import MalformedBody, NotConfigured
-from eagle3_appliance.group_plane import LINK_KEY, RESULT_KEY, NoStoredResult, TierNotOffered, close_link
+from eagle3_appliance.group_plane import LINK_KEY, RESULT_KEY, TierNotOffered, close_link
+from eagle3_appliance.resend_store import NoStoredResult
 from eagle3_appliance.state import request_session, serving_state
 from eagle3_appliance.transfer import send_wire
 from eagle3_appliance.validation import json_body, json_object

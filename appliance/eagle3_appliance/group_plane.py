@@ -23,7 +23,7 @@ Protocol (names in :mod:`eagle3_client.protocol`):
   answer is a plain wire blob without the echo, which tells the client to fall back.
 * ``POST /data_plane/resend`` ``{"seq": n}``: the stored result of transfer ``n`` as a wire
   blob, so a broken transfer costs no second forward. Results are kept within
-  ``--resend-budget-mb`` (:class:`ResendStore`); a result dropped for the budget answers
+  ``--resend-budget-mb`` (:class:`eagle3_appliance.resend_store.ResendStore`); a result dropped for the budget answers
   ``RESEND_CONFLICT_STATUS`` and the client sends its ``/generate`` again.
 * ``GET /data_plane``: every group's state and counters (JSON).
 
@@ -33,21 +33,19 @@ a send stuck on a frozen peer holds neither the event loop nor the process at ex
 drain waits for sends in flight like for requests (:mod:`eagle3_appliance.lifecycle`).
 
 The HTTP endpoints are in :mod:`eagle3_appliance.dataplane_routes`; this module holds the
-state they share and :class:`GroupTransfer`, the ``/generate`` answer on a group.
+state they share (:class:`DataPlaneServer`) and :class:`GroupTransfer`, the ``/generate``
+answer on a group. One group's end is :class:`eagle3_appliance.group_link.GroupLink`; the
+rendezvous ports come from :class:`eagle3_appliance.port_pool.PortPool`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import queue
 import secrets
 import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -56,7 +54,10 @@ from sanic import Request
 
 from eagle3_appliance.admission import Ticket
 from eagle3_appliance.buffers import ServerBuffers
-from eagle3_appliance.errors import ApplianceError, Unavailable
+from eagle3_appliance.errors import ApplianceError
+from eagle3_appliance.group_link import PROOF_TIMEOUT_S, GroupLink, SendCounter
+from eagle3_appliance.port_pool import PortPool
+from eagle3_appliance.resend_store import ResendStore, StoredResult
 from eagle3_appliance.sessions import Session
 from eagle3_appliance.settings import Settings, parse_port_range
 from eagle3_appliance.transfer import Transfer, device_ready, send_wire
@@ -64,12 +65,10 @@ from eagle3_client import protocol
 from eagle3_client.transfer import (
     PROOF_BYTES,
     Group,
-    JoinRejected,
     RendezvousStore,
     TransferMetadata,
     check_proof,
     gloo_available,
-    host_store,
     nccl_available,
     open_group,
     send_transfer,
@@ -77,16 +76,9 @@ from eagle3_client.transfer import (
 
 __all__ = [
     "LINK_KEY",
-    "PROOF_TIMEOUT_S",
     "RESULT_KEY",
     "DataPlaneServer",
-    "GroupLink",
     "GroupTransfer",
-    "NoStoredResult",
-    "PortPool",
-    "ResendStore",
-    "SerialWorker",
-    "StoredResult",
     "TierNotOffered",
     "close_link",
     "connection_closed",
@@ -98,410 +90,10 @@ LINK_KEY = "data_plane"  # session.extras: the session's GroupLink
 RESULT_KEY = "last_result"  # session.extras: the StoredResult of its last group transfer
 _NONCE_LIMIT = 2**52  # hello numbers stay exact in any JSON reader
 _KEEP_CLOSED = 32  # closed links listed by GET /data_plane, newest last
-# How long the server waits for the join proof once a peer has joined. Our client sends it
-# the moment its end of the group is up, so this only bounds a stranger's (or a dead peer's) hold.
-PROOF_TIMEOUT_S = 5.0
 
 
 class TierNotOffered(ApplianceError):
     status_code = 409
-
-
-class NoStoredResult(ApplianceError):
-    status_code = protocol.RESEND_CONFLICT_STATUS
-
-
-# -- ports -------------------------------------------------------------------------------
-
-
-class PortPool:
-    """Rendezvous ports: the configured range (firewalls between nodes), else the kernel's choice.
-
-    Ports taken by our own live groups are skipped; a port some other process holds fails to
-    bind and the next one is tried. The search starts after the last port handed out, so a
-    just-released port is the last to be reused.
-    """
-
-    def __init__(self, port_range: tuple[int, int] | None) -> None:
-        self.range = port_range
-        self._in_use: set[int] = set()
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def open_store(self, host: str, timeout: float) -> tuple[Any, int]:
-        """A listening rendezvous store and its port (blocking; run off the event loop)."""
-        if self.range is None:
-            store = host_store(host, 0, timeout)
-            with self._lock:
-                self._in_use.add(int(store.port))
-            return store, int(store.port)
-        first, last = self.range
-        count = last - first + 1
-        for i in range(count):
-            with self._lock:
-                port = first + (self._next + i) % count
-                if port in self._in_use:
-                    continue
-                self._in_use.add(port)
-            try:
-                store = host_store(host, port, timeout)
-            except RuntimeError:  # held by another process
-                self.release(port)
-                continue
-            with self._lock:
-                self._next = (port - first + 1) % count
-            return store, port
-        raise Unavailable(f"every data-plane port in {first}-{last} is in use; widen --data-plane-ports")
-
-    def release(self, port: int) -> None:
-        with self._lock:
-            self._in_use.discard(port)
-
-    def __len__(self) -> int:
-        return len(self._in_use)
-
-
-# -- answers kept for resends ------------------------------------------------------------
-
-
-@dataclass
-class StoredResult:
-    """A session's last group-transfer result, kept so that a broken transfer can be resent over the wire."""
-
-    seq: int
-    tensors: dict[str, torch.Tensor]
-    headers: Mapping[str, str] | None = None  # of a wire answer of it (the encoding's name)
-    nbytes: int = 0
-    dropped: str | None = None  # why the tensors are gone, when they were dropped to stay within the budget
-    kept_in: ResendStore | None = None
-
-    def drop(self, reason: str) -> None:
-        self.tensors = {}
-        self.dropped = reason
-
-    def close(self) -> None:
-        """The session moved on (a newer result) or ended: give the memory back."""
-        if self.kept_in is not None:
-            self.kept_in.release(self)
-        self.tensors = {}
-
-
-class ResendStore:
-    """Every session's last result, within ``--resend-budget-mb``: the oldest are dropped first.
-
-    Why: a result is ~300 MB for a 2048-token batch of an 8B target and, on NCCL, lives in GPU
-    memory; one per data-parallel rank would otherwise grow with the number of trainer ranks.
-    A dropped result costs only a recompute, and only if that transfer breaks: the resend is
-    refused with ``RESEND_CONFLICT_STATUS`` and the client sends its ``/generate`` again.
-    Used from the event loop and, when a session ends, from a worker thread (so: a lock).
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self.held_bytes = 0
-        self.dropped = 0
-        self._kept: OrderedDict[int, StoredResult] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def keep(self, result: StoredResult) -> None:
-        """Hold ``result`` (newest); drop the oldest ones until the held bytes fit the budget."""
-        with self._lock:
-            if result.nbytes > self.budget_bytes:
-                result.drop(f"it alone is larger than --resend-budget-mb ({self._budget_text()})")
-                self.dropped += 1
-                return
-            result.kept_in = self
-            self._kept[id(result)] = result
-            self.held_bytes += result.nbytes
-            while self.held_bytes > self.budget_bytes:
-                _, oldest = self._kept.popitem(last=False)
-                self.held_bytes -= oldest.nbytes
-                oldest.drop(f"newer answers filled --resend-budget-mb ({self._budget_text()})")
-                self.dropped += 1
-
-    def release(self, result: StoredResult) -> None:
-        with self._lock:
-            if self._kept.pop(id(result), None) is not None:
-                self.held_bytes -= result.nbytes
-
-    def _budget_text(self) -> str:
-        return f"{self.budget_bytes / 2**20:g} MiB"
-
-    def describe(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "budget_bytes": self.budget_bytes,
-                "held_bytes": self.held_bytes,
-                "held": len(self._kept),
-                "dropped": self.dropped,
-            }
-
-
-# -- one session's group -----------------------------------------------------------------
-
-
-class SerialWorker:
-    """One daemon thread that runs jobs in submission order (a link's rendezvous, then its sends).
-
-    A daemon, unlike a thread pool's workers: a gloo send to a frozen peer cannot be
-    interrupted (it ends at its deadline), and it must not keep the process alive after the
-    drain has given up on it. Nothing is queued once :meth:`stop` was called.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
-        self._jobs = queue.SimpleQueue()
-        self._stopped = False
-        self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any] | None:
-        """Queue ``fn(*args)``; None once the worker is stopped (nothing will run it)."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._lock:
-            if self._stopped:
-                return None
-            self._jobs.put((future, fn, args))
-        return future
-
-    def stop(self) -> None:
-        """Run what is queued, then end the thread."""
-        with self._lock:
-            if not self._stopped:
-                self._stopped = True
-                self._jobs.put(None)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            del job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                    future.set_exception(exc)
-            del future, fn, args  # the tensors of a finished send are not held until the next job
-
-
-@dataclass
-class LinkStats:
-    transfers: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    failures: int = 0
-    last_error: str | None = None
-
-
-class SendCounter:
-    """Group sends queued or running, server-wide: the drain waits for them like for requests."""
-
-    def __init__(self) -> None:
-        self._n = 0
-        self._lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self._n += n
-
-    @property
-    def value(self) -> int:
-        return self._n
-
-
-class GroupLink:
-    """This server's end (rank 0) of one group: rendezvous, then sends in order on its own thread.
-
-    ``setup(link)`` builds the :class:`Group` (and checks the peer, says hello) on the link's
-    thread; ``frame`` sends one transfer on it. Both the join protocol and the framing differ
-    for upstream's NCCL clients (:mod:`eagle3_appliance.upstream_nccl`), which use this class too.
-    ``store`` is the link's :class:`~eagle3_client.transfer.RendezvousStore`: detaching it
-    (:meth:`rendezvous_done`, :meth:`close`) closes the rendezvous port and ends a rendezvous
-    still waiting; ``on_port_free`` then gives the port back to the pool.
-    """
-
-    def __init__(
-        self,
-        tier: str,
-        port: int,
-        timeout: float,
-        setup: Callable[[GroupLink], Group],
-        frame: Callable[[Group, int, Mapping[str, torch.Tensor], float], int],
-        *,
-        store: RendezvousStore | None = None,
-        on_port_free: Callable[[int], None] = lambda port: None,
-        on_close: Callable[[GroupLink], None] = lambda link: None,
-        sends: SendCounter | None = None,
-        kept: ResendStore | None = None,
-        client: str = "",
-    ) -> None:
-        self.tier, self.port, self.timeout, self.client = tier, port, timeout, client
-        self.state = "connecting"
-        self.stats = LinkStats()
-        self.group: Group | None = None
-        self.created = time.time()
-        self.store = store
-        self.kept = kept  # where this link's results are kept for resends (None: not kept)
-        self.sends = sends or SendCounter()
-        self._frame = frame
-        self._on_port_free = on_port_free
-        self._on_close = on_close
-        self._port_freed = False
-        self._closed = False
-        self._lock = threading.Lock()
-        self.ready: concurrent.futures.Future[bool] = concurrent.futures.Future()
-        self._worker = SerialWorker(f"data-plane-{port}")
-        self._worker.submit(self._setup, setup)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def pending(self) -> bool:
-        """Still in its rendezvous (no group yet)."""
-        return not self._closed and not self.ready.done()
-
-    def _setup(self, setup: Callable[[GroupLink], Group]) -> None:
-        try:
-            group = setup(self)
-        except JoinRejected as exc:
-            self._failed(exc, "join", state="rejected")
-            _resolve(self.ready, False)
-            return
-        except Exception as exc:  # noqa: BLE001 - recorded as text; the exception (and its frames) is not kept
-            self._failed(exc, "rendezvous")
-            _resolve(self.ready, False)
-            return
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self.group = group
-                self.state = "ready"
-        if closed:
-            group.close()
-        _resolve(self.ready, not closed)
-
-    async def wait_ready(self) -> bool:
-        """True once the group is up; False if it failed, was closed, or does not come up in time."""
-        if self._closed:
-            return False
-        try:
-            ok = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.ready)), timeout=self.timeout)
-        except Exception:  # noqa: BLE001 - any failure means: answer over the wire
-            return False
-        return bool(ok) and not self._closed
-
-    def rendezvous_done(self) -> None:
-        """The peer no longer needs the store: close it (and its port) now, not with the group."""
-        if self.store is not None:
-            self.store.detach()
-        self._free_port()
-
-    def _free_port(self) -> None:
-        with self._lock:
-            freed, self._port_freed = self._port_freed, True
-        if not freed:
-            self._on_port_free(self.port)
-
-    def send(self, seq: int, tensors: Mapping[str, torch.Tensor]) -> concurrent.futures.Future[int]:
-        """Queue transfer ``seq`` behind any earlier one of this session; never raises.
-
-        On a link that is closed (even one closed a moment ago, between the metadata and this
-        call) the future fails at once and nothing is sent: the client's receive then fails
-        and it fetches the stored result over the wire.
-        """
-        self.sends.add(1)
-        future = self._worker.submit(self._send, seq, tensors)
-        if future is None:  # the link is closed: nothing was queued
-            self.sends.add(-1)
-            future = concurrent.futures.Future()
-            future.set_exception(RuntimeError(f"the {self.tier} link on port {self.port} is closed"))
-        return future
-
-    def _send(self, seq: int, tensors: Mapping[str, torch.Tensor]) -> int:
-        try:
-            group = self.group
-            if group is None or self._closed:
-                return 0
-            start = time.perf_counter()
-            try:
-                nbytes = self._frame(group, seq, tensors, self.timeout)
-            except Exception as exc:  # noqa: BLE001 - recorded; the client recovers over the wire
-                self._failed(exc, f"transfer {seq}")
-                return 0
-            self.stats.transfers += 1
-            self.stats.bytes += nbytes
-            self.stats.seconds += time.perf_counter() - start
-            return nbytes
-        finally:
-            self.sends.add(-1)
-
-    def _failed(self, exc: BaseException, what: str, state: str = "failed") -> None:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        self.stats.failures += 1
-        self.stats.last_error = f"{what}: {text}"[:500]
-        if state == "rejected":
-            logger.warning(
-                "data plane %s port %d (%s): the peer that joined did not prove to own the session (%s); "
-                "closed the group and its port. Is a stranger reaching the data-plane ports?",
-                *self._who(),
-                text,
-            )
-        elif not self._closed:
-            logger.warning("data plane %s port %d (%s): %s failed, dropping the group: %s", *self._who(), what, text)
-        self.close(state)
-
-    def _who(self) -> tuple[str, int, str]:
-        return self.tier, self.port, self.client or "anonymous"
-
-    def close(self, state: str = "closed") -> None:
-        """Tear down this end; safe from any thread, idempotent.
-
-        The rendezvous store is dropped at once (its port is free; a rendezvous still waiting
-        ends), NCCL is aborted at once (that unblocks a stuck send); a gloo send in flight
-        ends with the peer's sockets or its own deadline, and the group is dropped after it.
-        """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self.state = state
-            group = self.group
-        _resolve(self.ready, False)
-        if self.store is not None:
-            self.store.detach()
-        self._free_port()
-        if group is not None and group.tier == protocol.TIER_NCCL:
-            group.close()
-        self._worker.submit(self._release)
-        self._worker.stop()
-        self._on_close(self)
-
-    def _release(self) -> None:
-        group, self.group = self.group, None
-        if group is not None:
-            group.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "client": self.client,
-            "tier": self.tier,
-            "port": self.port,
-            "state": self.state,
-            "transfers": self.stats.transfers,
-            "bytes": self.stats.bytes,
-            "seconds": round(self.stats.seconds, 6),
-            "failures": self.stats.failures,
-            "last_error": self.stats.last_error,
-        }
-
-
-def _resolve(future: concurrent.futures.Future[bool], value: bool) -> None:
-    try:
-        future.set_result(value)
-    except concurrent.futures.InvalidStateError:  # already resolved (a race with close)
-        pass
 
 
 def _our_frame(group: Group, seq: int, tensors: Mapping[str, torch.Tensor], timeout: float) -> int:

@@ -35,7 +35,8 @@ import torch
 from sanic import Request
 
 from eagle3_appliance.admission import Ticket
-from eagle3_appliance.group_plane import LINK_KEY, DataPlaneServer, GroupLink
+from eagle3_appliance.group_link import GroupLink
+from eagle3_appliance.group_plane import LINK_KEY, DataPlaneServer
 from eagle3_appliance.sessions import Session
 from eagle3_appliance.transfer import Transfer, device_ready, host_copy, send_wire
 from eagle3_client import protocol, wire

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from eagle3_appliance import group_plane
+from eagle3_appliance import group_link
 from eagle3_appliance.cli import main
 
-_send = group_plane.GroupLink.send
+_send = group_link.GroupLink.send
 
 
-def send(self: group_plane.GroupLink, seq: int, tensors: Any) -> Any:
+def send(self: group_link.GroupLink, seq: int, tensors: Any) -> Any:
     self.close("failed")
     return _send(self, seq, tensors)
 
 
-group_plane.GroupLink.send = send  # type: ignore[method-assign]
+group_link.GroupLink.send = send  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     main()

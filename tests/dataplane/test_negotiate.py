@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eagle3_appliance.errors import Unavailable
-from eagle3_appliance.group_plane import PortPool
+from eagle3_appliance.port_pool import PortPool
 from eagle3_appliance.settings import parse_port_range
 from eagle3_client.negotiate import DataPlaneUnavailable, choose_tier, local_tiers
 from eagle3_client.transfer import host_store
