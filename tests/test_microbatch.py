@@ -16,10 +16,11 @@ from eagle3_appliance.admission import Admission
 from eagle3_appliance.buffers import ServerBuffers
 from eagle3_appliance.gpu import GpuMonitor
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.jobs import Job
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.loading import load_target
 from eagle3_appliance.metrics import Metrics
-from eagle3_appliance.pipeline import Job, Pipeline
+from eagle3_appliance.pipeline import Pipeline
 from eagle3_appliance.settings import Settings
 from eagle3_appliance.supervision import in_process, supervision_equal
 from eagle3_appliance.target import Target

@@ -24,32 +24,40 @@ cancelled, or their socket shows a hang-up right before the forward) is dropped 
 in ``eagle3_generate_abandoned_total``. A retry of a wire ``/generate`` that names the same
 request id (``X-Eagle3-Request-Id``, same session, same body) while the first is still queued
 or computing becomes one more waiter of that job instead of a second forward; an answer that
-finished (or whose send broke) while its client was between attempts is kept for
-:data:`KEEP_ANSWER_S` for that retry.
+finished (or whose send broke) while its client was between attempts is kept for that retry
+(:mod:`eagle3_appliance.jobs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
-import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from sanic import Request
 
 from eagle3_appliance import supervision
-from eagle3_appliance.admission import Admission, Ticket
+from eagle3_appliance.admission import Admission
 from eagle3_appliance.buffers import ServerBuffers
 from eagle3_appliance.connections import client_connected
 from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.group_plane import LINK_KEY, GroupTransfer
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.inputs import GenerateInputs
+from eagle3_appliance.jobs import (
+    ABANDONED,
+    QUEUED,
+    RUNNING,
+    Computation,
+    Job,
+    KeptAnswers,
+    RequestKey,
+    Waiter,
+    request_key,
+)
 from eagle3_appliance.limits import ServingLimits, TargetShape, derive_limits
 from eagle3_appliance.metrics import Metrics
 from eagle3_appliance.microbatch import MicroBatcher
@@ -61,26 +69,11 @@ from eagle3_appliance.transfer import Transfer, WireTransfer
 from eagle3_appliance.upstream_nccl import upstream_transfer
 from eagle3_appliance.validation import decode_body, validate_generate
 from eagle3_client import protocol
-from eagle3_client.encodings import PROBS, Encoding, parse_encoding
+from eagle3_client.encodings import PROBS, parse_encoding
 
-__all__ = ["Job", "ModelRunner", "Pipeline", "Waiter", "choose_transfer", "request_key"]
+__all__ = ["ModelRunner", "Pipeline", "choose_transfer"]
 
 T = TypeVar("T")
-
-_REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{protocol.REQUEST_ID_MAX_LEN}}}")
-
-# An answer that finished while its client was between attempts (or whose send broke) is kept
-# this long for a retry of the same request id; at most KEEP_ANSWERS of them (memory).
-KEEP_ANSWER_S = 10.0
-KEEP_ANSWERS = 2
-
-# Job states (changed under Pipeline._lock): a queued job is either claimed by the model
-# thread (running) or dropped because nobody waits for it any more (abandoned), never both.
-QUEUED, RUNNING, ABANDONED = "queued", "running", "abandoned"
-
-
-def _always() -> bool:
-    return True
 
 
 class ModelRunner:
@@ -119,77 +112,6 @@ def choose_transfer(request: Request, session: Session, buffers: ServerBuffers) 
     return WireTransfer(buffers)
 
 
-def request_key(request: Request, session: Session, transfer: Transfer) -> tuple[str, str, bytes] | None:
-    """What a retry must match to share a computation: session, request id and body digest.
-
-    Only wire answers are shared (a group transfer is bound to its own sequence number and is
-    never blindly retried by our client); no header, no sharing, as for every upstream client.
-    """
-    request_id = request.headers.get(protocol.REQUEST_ID_HEADER)
-    if request_id is None:
-        return None
-    if not _REQUEST_ID.fullmatch(request_id):
-        raise MalformedBody(
-            f"{protocol.REQUEST_ID_HEADER} must be 1 to {protocol.REQUEST_ID_MAX_LEN} letters, digits, "
-            f"'.', '_' or '-', got {request_id[:40]!r}"
-        )
-    if not isinstance(transfer, WireTransfer):
-        return None
-    return session.id, request_id, hashlib.blake2b(request.body, digest_size=16).digest()
-
-
-@dataclass
-class Waiter:
-    """A request awaiting a job's answer: its ticket, its client's presence, whether it still awaits."""
-
-    ticket: Ticket
-    connected: Callable[[], bool]
-    active: bool = True  # False once its handler stopped waiting (gone, timed out)
-
-    def wants(self) -> bool:
-        return self.active and self.connected()
-
-
-@dataclass
-class Job:
-    """One admitted ``/generate``: what to compute and how it will leave.
-
-    ``connected`` tells (from any thread) whether the client is still connected; ``key`` is set
-    for a job that retries of the same request may attach to (:func:`request_key`); ``waiters``
-    are the requests awaiting the answer (this one, then attached retries).
-    """
-
-    inputs: GenerateInputs
-    mapping: VocabMapping
-    encoding: Encoding
-    transfer: Transfer
-    ticket: Ticket
-    connected: Callable[[], bool] = _always
-    key: tuple[str, str, bytes] | None = None
-    session_id: str | None = None  # whose clients' patience applies (eagle3_appliance.scheduling)
-    waiters: list[Waiter] = field(default_factory=list)
-    state: str = QUEUED
-
-    def wanted(self) -> bool:
-        """Someone still awaits the answer and is connected."""
-        return any(w.wants() for w in self.waiters)
-
-    def awaited(self) -> bool:
-        return any(w.active for w in self.waiters)
-
-    def accepts(self, other: Job) -> bool:
-        """``other`` may wait for this job's answer instead of computing its own."""
-        return self.state != ABANDONED and self.mapping is other.mapping and self.encoding == other.encoding
-
-
-@dataclass
-class _Computation:
-    """A job's computation on the event loop: the job and the task that computes it."""
-
-    job: Job
-    task: asyncio.Future[dict[str, torch.Tensor] | None]
-
-
 class Pipeline:
     """The ``/generate`` steps, shared by every request of one server (see the module docstring)."""
 
@@ -214,9 +136,8 @@ class Pipeline:
         self.scheduler = Scheduler(lambda: admission.compute_seconds)
         self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
         self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
-        self._shared: dict[tuple[str, str, bytes], _Computation] = {}
-        # Answers their client did not receive, for an immediate retry: key -> (expiry, job, answer).
-        self._kept: dict[tuple[str, str, bytes], tuple[float, Job, dict[str, torch.Tensor]]] = {}
+        self._shared: dict[RequestKey, Computation] = {}
+        self._kept = KeptAnswers()  # answers their client did not receive, for an immediate retry
         if settings.microbatch_wait_ms > 0:
             self.batcher = MicroBatcher(
                 self._run_group,
@@ -250,7 +171,7 @@ class Pipeline:
             try:
                 tier = await transfer.send(request, answer, ticket, headers)
             except BaseException:
-                self._keep(job, answer)  # the client left during the send: its retry gets this answer
+                self._kept.keep(job, answer)  # the client left during the send: its retry gets this answer
                 raise
             self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
             self.metrics.record_sent(tier, encoding.name, ticket.nbytes)
@@ -288,14 +209,14 @@ class Pipeline:
             )
         return answer
 
-    def _attach(self, job: Job, waiter: Waiter) -> _Computation:
+    def _attach(self, job: Job, waiter: Waiter) -> Computation:
         """The computation ``waiter`` awaits: a matching one in flight (a retry), else ``job``'s own."""
         if job.key is not None:
-            kept = self._kept_answer(job)
+            kept = self._kept.take(job)
             if kept is not None:
                 done: asyncio.Future[dict[str, torch.Tensor] | None] = asyncio.get_running_loop().create_future()
                 done.set_result(kept)
-                return _Computation(job, done)
+                return Computation(job, done)
             with self._lock:
                 running = self._shared.get(job.key)
                 if running is not None and running.job.accepts(job):
@@ -306,7 +227,7 @@ class Pipeline:
             work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
         else:
             work = self._run_alone(job)
-        computation = _Computation(job, asyncio.ensure_future(work))
+        computation = Computation(job, asyncio.ensure_future(work))
         computation.task.add_done_callback(_consume)
         if job.key is not None:
             key = job.key
@@ -318,30 +239,12 @@ class Pipeline:
                 if not computation.job.awaited() and not task.cancelled() and task.exception() is None:
                     answer = task.result()
                     if answer is not None:  # finished while its client was between attempts
-                        self._keep(computation.job, answer)
+                        self._kept.keep(computation.job, answer)
 
             computation.task.add_done_callback(forget)
         return computation
 
-    def _keep(self, job: Job, answer: dict[str, torch.Tensor]) -> None:
-        """Hold an answer its client did not get, for :data:`KEEP_ANSWER_S`, for a retry of its request id."""
-        if job.key is None:
-            return
-        now = time.monotonic()
-        self._kept = {k: v for k, v in self._kept.items() if v[0] > now}
-        self._kept.pop(job.key, None)
-        self._kept[job.key] = (now + KEEP_ANSWER_S, job, answer)
-        while len(self._kept) > KEEP_ANSWERS:
-            del self._kept[next(iter(self._kept))]
-
-    def _kept_answer(self, job: Job) -> dict[str, torch.Tensor] | None:
-        assert job.key is not None
-        entry = self._kept.pop(job.key, None)
-        if entry is None or entry[0] < time.monotonic() or not entry[1].accepts(job):
-            return None
-        return entry[2]
-
-    def _orphaned(self, computation: _Computation, reason: str) -> None:
+    def _orphaned(self, computation: Computation, reason: str) -> None:
         """Nobody awaits ``computation`` any more.
 
         A job without a request id is dropped now. One with an id keeps its place in the queue,
