@@ -101,6 +101,14 @@ def _read_until(proc: subprocess.Popen[str], markers: tuple[str, ...], lines: li
     raise AssertionError(f"the stranger ended (code {proc.wait()}) before {markers!r}:\n{''.join(lines)[-3000:]}")
 
 
+def _stranger_holds_the_group(url: str) -> bool:
+    """The server's only rendezvous so far has a peer: it is checking its proof, or has rejected it."""
+    links = status(url)
+    return any(lk["state"] == "verifying" for lk in links["links"]) or any(
+        lk["state"] == "rejected" for lk in links["recently_closed"]
+    )
+
+
 @pytest.mark.parametrize("mode", ["silent", "guess"])
 def test_a_stranger_who_reads_the_store_gets_nothing_and_costs_the_client_seconds(
     guarded_server: tuple[ServerProcess, int],
@@ -136,6 +144,9 @@ def test_a_stranger_who_reads_the_store_gets_nothing_and_costs_the_client_second
             assert stranger.stdin is not None
             stranger.stdin.write(f"{replies[0].nonce}\n")
             stranger.stdin.flush()
+            # The stranger's group is up on its side; wait until the server's end is up with it
+            # too, or our client (rank 1 as well) can still take the server's end first.
+            wait_for(lambda: _stranger_holds_the_group(server.url), "the server's end of the stranger's group")
         return real_connect(host, port, timeout)
 
     monkeypatch.setattr(protocol.DataPlaneReply, "from_json", spy)
@@ -160,8 +171,9 @@ def test_a_stranger_who_reads_the_store_gets_nothing_and_costs_the_client_second
         stranger.wait(timeout=30)
     assert outcome.startswith("NOTHING"), "".join(seen)
     assert not [line for line in seen if line.startswith("RECEIVED")], seen
-    rejected = [lk for lk in status(server.url)["recently_closed"] if lk["state"] == "rejected"]
-    assert rejected and rejected[-1]["transfers"] == 0 and rejected[-1]["bytes"] == 0, rejected
+    closed = status(server.url)["recently_closed"]
+    rejected = [lk for lk in closed if lk["state"] == "rejected"]
+    assert rejected and rejected[-1]["transfers"] == 0 and rejected[-1]["bytes"] == 0, (closed, seen)
     assert health(server.url) == 200
 
 
