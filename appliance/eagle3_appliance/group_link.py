@@ -274,6 +274,15 @@ class GroupLink:
         if group is not None:
             group.close()
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the link's thread to end (after :meth:`close`); True if it did.
+
+        The thread drops the group; the process must not exit while it does, or the group's
+        C++ teardown races the interpreter's and the process aborts.
+        """
+        self._worker.thread.join(max(0.0, timeout))
+        return not self._worker.thread.is_alive()
+
     def describe(self) -> dict[str, Any]:
         return {
             "client": self.client,

@@ -44,6 +44,7 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -116,6 +117,7 @@ class DataPlaneServer:
         self.sends = SendCounter()
         self.live: list[GroupLink] = []
         self.closed: deque[dict[str, Any]] = deque(maxlen=_KEEP_CLOSED)  # descriptions only: nothing stays referenced
+        self._closing: list[GroupLink] = []  # closed, their threads still dropping the group
         self._lock = threading.Lock()
 
     @classmethod
@@ -191,6 +193,14 @@ class DataPlaneServer:
             if link in self.live:
                 self.live.remove(link)
             self.closed.append(link.describe())
+            self._closing = [lk for lk in self._closing if not lk.join(0)] + [link]
+
+    def wait_closed(self, timeout: float) -> bool:
+        """At exit: wait up to ``timeout`` s for closed links to drop their groups; True if all did."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            closing = list(self._closing)
+        return all([link.join(deadline - time.monotonic()) for link in closing])
 
     def close_pending(self) -> None:
         """Close every rendezvous still waiting for its peer (at the start of the drain)."""

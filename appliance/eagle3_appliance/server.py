@@ -9,6 +9,7 @@ pipeline's one model thread, so ``GET /health`` is answered while a long forward
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Any
@@ -40,6 +41,9 @@ from eagle3_client.protocol import ModelInfoExtension, SessionOffer, SessionRepl
 __all__ = ["create_app", "run_server"]
 
 logger = logging.getLogger(__name__)
+
+# At exit, how long to wait for closed data-plane groups to finish their teardown.
+LINK_CLOSE_WAIT_S = 5.0
 
 control = Blueprint("control")
 
@@ -242,6 +246,8 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
 
     @app.after_server_stop
     async def _release(app: Sanic) -> None:
+        if not ops.lifecycle.forced:  # a group still being dropped must not race the exit
+            await asyncio.to_thread(planes.wait_closed, LINK_CLOSE_WAIT_S)
         pipeline.runner.shutdown(wait=not ops.lifecycle.forced)
 
     return app
