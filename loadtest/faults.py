@@ -213,10 +213,14 @@ class ServerKillRestart(TrainingRank):
             error = CatchResponseError("the run ended before the restarted spare was used again (raise -t)")
             self.record("fault: server restarted", self.restart_started, 0, error)
             self.restart_started = None
-        if self.remote is not None:
-            self.remote.close()
-        if self.spare is not None:
-            self.spare.stop()
+        try:
+            if self.remote is not None:
+                self.remote.close()
+        finally:
+            # Quitting the runner kills this greenlet at its next wait, which may be inside
+            # close(): the spare must still be stopped, or it outlives this Locust process.
+            if self.spare is not None:
+                self.spare.stop()
 
     def _fleet(self) -> RemoteEagle3TargetModel | None:
         """The spare started and the client built (once); None when the spare could not start (recorded)."""

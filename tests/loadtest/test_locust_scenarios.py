@@ -173,6 +173,19 @@ def test_a_fleet_rank_trains_through_a_server_killed_and_restarted(
         row = stats[("FLEET", name)]
         assert (count(row, "num_requests"), count(row, "num_failures")) == (1, 0), row
     assert run.report()["verdict"]["passed"]
+    # The spare this Locust process started ends with it (its command line names this test's cache).
+    left = [cmd for cmd in _command_lines() if str(cache) in cmd]
+    assert not left, left
+
+
+def _command_lines() -> list[str]:
+    lines = []
+    for proc in Path("/proc").iterdir():
+        try:
+            lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # not a process, or it ended meanwhile
+            continue
+    return lines
 
 
 @pytest.mark.parametrize(
