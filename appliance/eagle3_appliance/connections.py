@@ -134,7 +134,6 @@ class ConnectionGuard:
         self.keep_alive_timeout = keep_alive_timeout
         self.max_pending_body_bytes = max_pending_body_bytes
         self.max_body_bytes = max_body_bytes
-        self.open = 0  # connections that may make any request
         self.probe_only = 0  # connections beyond the cap, for probes only
         self.pending_body_bytes = 0
         self._members: set[GuardedHttpProtocol] = set()
@@ -166,6 +165,11 @@ class ConnectionGuard:
             registry=r,
         )
 
+    @property
+    def open(self) -> int:
+        """Connections that may make any request (an evicted one counts until it is gone)."""
+        return len(self._members)
+
     def limit_to_descriptors(self, fd_limit: int) -> None:
         cap = connection_cap(self.max_connections, fd_limit)
         if cap < self.max_connections:
@@ -190,7 +194,6 @@ class ConnectionGuard:
         refusals come in.
         """
         if self.open < self.max_connections or self._evict_idle():
-            self.open += 1
             self._members.add(conn)
             return "ok"
         if self.probe_only < PROBE_SLOTS:
@@ -203,7 +206,6 @@ class ConnectionGuard:
 
     def closed(self, conn: GuardedHttpProtocol, kind: str) -> None:
         if kind == "ok":
-            self.open -= 1
             self._members.discard(conn)
         elif kind == "probe":
             self.probe_only -= 1

@@ -51,11 +51,6 @@ _REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{protocol.REQUEST_ID_MAX_LEN}}}")
 KEEP_ANSWER_S = 10.0
 KEEP_ANSWERS = 2
 
-# An answer that finished while its client was between attempts (or whose send broke) is kept
-# this long for a retry of the same request id; at most KEEP_ANSWERS of them (memory).
-KEEP_ANSWER_S = 10.0
-KEEP_ANSWERS = 2
-
 # Job states (changed under Pipeline._lock): a queued job is either claimed by the model
 # thread (running) or dropped because nobody waits for it any more (abandoned), never both.
 QUEUED, RUNNING, ABANDONED = "queued", "running", "abandoned"

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from eagle3_appliance.settings import Settings
+from eagle3_client.encodings import PROBS, wire_bytes_per_token
 
 __all__ = [
     "CPU_BUDGET_BYTES",
@@ -101,10 +102,6 @@ class TargetShape:
             + _ANSWER_FIXED_BYTES
         )
 
-    def answer_bytes_per_token(self) -> int:
-        """Bytes of a ``probs`` answer per token with the largest draft vocabulary (D = V)."""
-        return 3 * self.hidden_size * self.dtype_bytes + 4 * self.vocab_size + _ANSWER_FIXED_BYTES
-
 
 @dataclass(frozen=True)
 class ServingLimits:
@@ -156,10 +153,12 @@ def derive_limits(
     else:
         max_batch_tokens = max(1, CPU_BUDGET_BYTES // per_token)
         sources["max_batch_tokens"] = f"the {_gib(CPU_BUDGET_BYTES)} CPU budget, {per_token:,} B a token"
+    # A probs answer with the largest draft vocabulary (D = V).
+    dims = {"hidden_size": shape.hidden_size, "draft_vocab": shape.vocab_size, "dtype_bytes": shape.dtype_bytes}
     return ServingLimits(
         max_seq_len=max_seq_len,
         max_batch_tokens=max_batch_tokens,
         max_draft_vocab=shape.vocab_size,
-        max_answer_bytes=max_batch_tokens * shape.answer_bytes_per_token(),
+        max_answer_bytes=max_batch_tokens * wire_bytes_per_token(PROBS, **dims),
         sources=sources,
     )
