@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from eagle3_appliance.cli import app
 from eagle3_appliance.settings import Settings, env_name, load_token, option_fields, options_markdown
 from eagle3_client import options as client_options
+from eagle3_client.automodel import options_from_config
 from eagle3_client.options import ClientOptions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +93,18 @@ def test_keywords_beat_the_environment_which_beats_the_defaults() -> None:
         ClientOptions.resolve({"EAGLE3_LEASE_SECONDS": "soon"})
     with pytest.raises(TypeError, match="unknown client option"):
         ClientOptions.resolve({}, data_plan="wire")
+
+
+def test_recipe_args_are_checked_one_by_one_then_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A value is checked on its own (naming its key); a pair only against each other, not the defaults.
+    monkeypatch.delenv("EAGLE3_PROBE_INTERVAL", raising=False)
+    monkeypatch.delenv("EAGLE3_PROBE_MAX_INTERVAL", raising=False)
+    pair = {"remote_probe_interval": 20, "remote_probe_max_interval": 30}
+    assert options_from_config(pair) == {"probe_interval": 20, "probe_max_interval": 30}
+    with pytest.raises(ValueError, match=r"probe_max_interval \(5\) must be at least probe_interval \(20\)"):
+        options_from_config({"remote_probe_interval": 20, "remote_probe_max_interval": 5})
+    with pytest.raises(ValueError, match="recipe_args.remote_probe_interval: probe_interval must be positive"):
+        options_from_config({"remote_probe_interval": 0, "remote_probe_max_interval": 30})
 
 
 def test_the_client_token_comes_from_the_keyword_the_environment_or_a_file(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eagle3_client.backend import RemoteEagle3TargetModel
-from eagle3_client.options import ClientOptions, option_fields, recipe_key
+from eagle3_client.options import ClientOptions, checked_value, option_fields, recipe_key
 
 __all__ = [
     "REMOTE_PACKAGE",
@@ -60,7 +60,9 @@ def options_from_config(recipe_args: Any = None) -> dict[str, Any]:
     """Client keyword arguments from ``recipe_args.remote_<name>`` (a ConfigNode or a mapping).
 
     Empty values count as unset (the client then reads the option's environment variable). A
-    value the client would refuse is a ``ValueError`` naming its key, before anything runs.
+    value the client would refuse is a ``ValueError`` naming its key, before anything runs; so
+    is a combination it would refuse (``probe_max_interval`` below ``probe_interval``, with the
+    environment filling in what the YAML leaves unset), in the client's own words.
     """
     kwargs: dict[str, Any] = {}
     for f in option_fields():
@@ -69,10 +71,11 @@ def options_from_config(recipe_args: Any = None) -> dict[str, Any]:
         if value is None or str(value).strip() == "":
             continue
         try:
-            ClientOptions.resolve({}, **{f.name: value})
+            checked_value(f, value)
         except ValueError as exc:
             raise ValueError(f"recipe_args.{key}: {exc}") from None
         kwargs[f.name] = value
+    ClientOptions.resolve(**kwargs)  # then together, as the client will resolve them
     return kwargs
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATA_PLANE_CHOICES", "ClientOptions", "option_fields", "options_markdown"]
+__all__ = ["DATA_PLANE_CHOICES", "ClientOptions", "checked_value", "option_fields", "options_markdown"]
 
 DATA_PLANE_CHOICES = ("auto", "nccl", "gloo", "wire")
 
@@ -136,14 +136,8 @@ class ClientOptions:
 
     def __post_init__(self) -> None:
         for f in option_fields():
-            value = getattr(self, f.name)
-            low = f.metadata["min"]
-            if low is not None and value is not None and value < low:
-                raise ValueError(f"{f.name} must be at least {low:g}, got {value!r}")
-            if f.metadata["positive"] and value is not None and value <= 0:
-                raise ValueError(f"{f.name} must be positive, got {value!r}")
-        if self.data_plane not in DATA_PLANE_CHOICES:
-            raise ValueError(f"data_plane must be one of {list(DATA_PLANE_CHOICES)}, got {self.data_plane!r}")
+            _check(f, getattr(self, f.name))
+        # Checks across fields belong here only: one field's check must not judge it against defaults.
         if self.probe_max_interval < self.probe_interval:
             raise ValueError(
                 f"probe_max_interval ({self.probe_max_interval:g}) must be at least "
@@ -195,6 +189,29 @@ class ClientOptions:
             except OSError as exc:
                 raise ValueError(f"cannot read the auth token file {self.token_file}: {exc.strerror}") from None
         return None
+
+
+def checked_value(f: dataclasses.Field[Any], value: Any) -> Any:
+    """``value`` as option ``f`` takes it, checked on its own (no other field is consulted).
+
+    For callers that name the value's origin (a recipe key) before the options are resolved.
+    """
+    converted = _convert(value, f, f.name)
+    _check(f, converted)
+    return converted
+
+
+def _check(f: dataclasses.Field[Any], value: Any) -> None:
+    """One field's own rules: its minimum, positivity, and (``data_plane``) its choices."""
+    if value is None:
+        return
+    low = f.metadata["min"]
+    if low is not None and value < low:
+        raise ValueError(f"{f.name} must be at least {low:g}, got {value!r}")
+    if f.metadata["positive"] and value <= 0:
+        raise ValueError(f"{f.name} must be positive, got {value!r}")
+    if f.name == "data_plane" and value not in DATA_PLANE_CHOICES:
+        raise ValueError(f"data_plane must be one of {list(DATA_PLANE_CHOICES)}, got {value!r}")
 
 
 def _convert(value: Any, f: dataclasses.Field[Any], source: str) -> Any:
