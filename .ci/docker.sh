@@ -28,6 +28,7 @@ WAIT_S=120 # longest wait for a container to turn healthy (the built-in model ta
 START=$SECONDS
 DOCKERD_PID=""
 CONTAINERS=()
+TOKEN_FILE=""
 
 say() { echo "== docker: $*"; }
 fail() {
@@ -42,6 +43,7 @@ cleanup() {
     docker rm -f "$c" >/dev/null 2>&1 || true
   done
   rm -f "$ROOT"/containers/wheels/*.whl
+  [[ -z $TOKEN_FILE ]] || rm -f "$TOKEN_FILE"
   if [[ -n $DOCKERD_PID ]]; then
     say "stopping dockerd (pid $DOCKERD_PID)"
     kill "$DOCKERD_PID" 2>/dev/null || true
@@ -211,15 +213,21 @@ stop_cleanly() {
   say "docker stop $1: exit code 0 after $(elapsed "$s") ($(docker logs "$1" 2>&1 | tail -1 | cut -d' ' -f3-))"
 }
 
+# free_port: a port on 127.0.0.1 that was free a moment ago, for a container on the host network.
+free_port() { "$VENV/bin/python" -c 'from eagle3_appliance.launch import free_port; print(free_port())'; }
+
+# health_said NAME: the last line the image's HEALTHCHECK printed, to show what the probe saw.
+health_said() { docker inspect -f '{{range .State.Health.Log}}{{.Output}}{{end}}' "$1" | grep . | tail -1; }
+
 t=$SECONDS
-port=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 name=eagle3-ci-host-$$
 CONTAINERS+=("$name")
 # Flags after the image go to the CLI; EAGLE3_PORT (not --port) so the health probe follows.
 docker run -d --name "$name" --network host -e EAGLE3_PORT="$port" --health-interval=1s \
   "$IMAGE" serve --model builtin --host 127.0.0.1 >/dev/null
 wait_healthy "$name"
-say "container $name healthy in $(elapsed "$t"); its HEALTHCHECK said: $(docker inspect -f '{{range .State.Health.Log}}{{.Output}}{{end}}' "$name" | grep . | tail -1)"
+say "container $name healthy in $(elapsed "$t"); its HEALTHCHECK said: $(health_said "$name")"
 "$VENV/bin/python" containers/healthcheck.py --url "http://127.0.0.1:$port" | sed 's/^/   host probe: /'
 say "driving http://127.0.0.1:$port with the real client, bit-exact against the host's in-process model"
 "$VENV/bin/eagle3-appliance" validate --url "http://127.0.0.1:$port" --model builtin --batches 4 ||
@@ -237,26 +245,27 @@ say "container $name (--network none --read-only) healthy in $(elapsed "$t")"
 stop_cleanly "$name"
 
 t=$SECONDS
-port=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 name=eagle3-ci-token-$$
 CONTAINERS+=("$name")
 # The token as a file only the image's user can read, mounted read-only like a Docker/Kubernetes
 # secret. The HEALTHCHECK sends no token: the probes need none.
-token_file=$(mktemp)
-head -c 24 /dev/urandom | base64 >"$token_file"
+TOKEN_FILE=$(mktemp)
+head -c 24 /dev/urandom | base64 >"$TOKEN_FILE"
 uid=$(docker image inspect --format '{{.Config.User}}' "$IMAGE" | cut -d: -f1)
-chown "$uid" "$token_file" && chmod 0400 "$token_file"
+chown "$uid" "$TOKEN_FILE" && chmod 0400 "$TOKEN_FILE"
 docker run -d --name "$name" --network host -e EAGLE3_PORT="$port" --health-interval=1s \
-  -v "$token_file:/run/secrets/eagle3-token:ro" -e EAGLE3_AUTH_TOKEN_FILE=/run/secrets/eagle3-token \
+  -v "$TOKEN_FILE:/run/secrets/eagle3-token:ro" -e EAGLE3_AUTH_TOKEN_FILE=/run/secrets/eagle3-token \
   "$IMAGE" serve --model builtin --host 127.0.0.1 >/dev/null
 wait_healthy "$name"
-say "container $name (--auth-token-file) healthy in $(elapsed "$t"); its HEALTHCHECK said: $(docker inspect -f '{{range .State.Health.Log}}{{.Output}}{{end}}' "$name" | grep . | tail -1)"
+say "container $name (--auth-token-file) healthy in $(elapsed "$t"); its HEALTHCHECK said: $(health_said "$name")"
 code=$("$VENV/bin/python" -c 'import sys, httpx; print(httpx.post(sys.argv[1] + "/model_info", trust_env=False).status_code)' "http://127.0.0.1:$port")
 [[ $code == 401 ]] || fail "POST /model_info without the token answered $code, not 401"
 say "POST /model_info without the token: $code"
-EAGLE3_AUTH_TOKEN_FILE=$token_file "$VENV/bin/eagle3-appliance" validate --url "http://127.0.0.1:$port" --model builtin --batches 2 ||
+EAGLE3_AUTH_TOKEN_FILE=$TOKEN_FILE "$VENV/bin/eagle3-appliance" validate --url "http://127.0.0.1:$port" --model builtin --batches 2 ||
   fail "the token-protected container's answers are not bit-exact"
 stop_cleanly "$name"
-rm -f "$token_file"
+rm -f "$TOKEN_FILE"
+TOKEN_FILE=""
 
 say "PASS: image $IMAGE, $((size / 1000000)) MB, built offline, hadolint clean, healthy (token file too), bit-exact, clean stops; step took $(elapsed "$START")"

@@ -303,9 +303,10 @@ class ServerKillRestart(TrainingRank):
             self.spare.start()
             served = self.spare_entry()["served"]
             deadline = time.monotonic() + self.probe_max_interval + self.readmission_margin_s
-            while self.spare_entry()["state"] != "ready" or self.spare_entry()["served"] == served:
+            # One snapshot per pass: its state and its count belong together.
+            while (entry := self.spare_entry())["state"] != "ready" or entry["served"] == served:
                 if time.monotonic() > deadline:
-                    raise CatchResponseError(f"the restarted spare was not used again: {self.spare_entry()}")
+                    raise CatchResponseError(f"the restarted spare was not used again: {entry}")
                 self.generate_through_fleet()
         except (OSError, RuntimeError, CatchResponseError) as exc:
             error = exc

@@ -48,14 +48,16 @@ container_opts() {
 server_task() {
     local port=$(($1 + SLURM_LOCALID)) per=$2
     shift 2
-    local gpus mine=() k
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"
-        for ((k = 0; k < per; k++)); do mine+=("${gpus[(SLURM_LOCALID * per + k) % ${#gpus[@]}]}"); done
-        CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${mine[*]}")
-        export CUDA_VISIBLE_DEVICES
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        for ((k = 0; k < per; k++)); do mine+=($((SLURM_LOCALID * per + k))); done
+    # Indices into the GPUs already visible to the task (CUDA_VISIBLE_DEVICES, set by Slurm or
+    # the site) when there is such a list; else the node's own GPU ids, when it has GPUs at all.
+    local gpus=() mine=() k i
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then IFS=, read -r -a gpus <<<"$CUDA_VISIBLE_DEVICES"; fi
+    if ((${#gpus[@]})) || command -v nvidia-smi >/dev/null 2>&1; then
+        for ((k = 0; k < per; k++)); do
+            i=$((SLURM_LOCALID * per + k))
+            if ((${#gpus[@]})); then i=${gpus[i % ${#gpus[@]}]}; fi
+            mine+=("$i")
+        done
         CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${mine[*]}")
         export CUDA_VISIBLE_DEVICES
     fi

@@ -9,6 +9,7 @@ import pytest
 
 from eagle3_appliance.builtin_model import ensure_builtin_model
 from eagle3_appliance.launch import ServerProcess
+from tests.ops_support import make_slow_model
 from tests.oracle import Oracle
 
 
@@ -27,6 +28,12 @@ def model_dir(cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def oracle(model_dir: Path) -> Oracle:
     return Oracle(model_dir)
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The slow model (3 s on its marker token), built once: servers only read its folder."""
+    return make_slow_model(tmp_path_factory.mktemp("slow") / "model", 3.0)
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,10 @@ SLOW_TOKEN = 7
 # so the model fingerprint, stay those of its peers).
 FORWARD_DELAY_ENV = "EAGLE3_TEST_FORWARD_DELAY"
 
-_SLOW_MODELING = '''
+_SLOW_MODELING = f'''
 """A Llama whose forward sleeps first when the batch starts with a marker token (tests only).
 
-With $EAGLE3_TEST_FORWARD_DELAY set, every forward of a batch sleeps that many seconds.
+With ${FORWARD_DELAY_ENV} set, every forward of a batch sleeps that many seconds.
 """
 import os
 import time
@@ -50,8 +50,8 @@ class SlowLlamaForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids=None, **kwargs):
         if input_ids is not None and int(input_ids[0, 0]) == self.config.slow_token_id:
             time.sleep(self.config.slow_forward_seconds)
-        elif input_ids is not None and input_ids.shape[0] > 1 and os.environ.get("EAGLE3_TEST_FORWARD_DELAY"):
-            time.sleep(float(os.environ["EAGLE3_TEST_FORWARD_DELAY"]))
+        elif input_ids is not None and input_ids.shape[0] > 1 and os.environ.get("{FORWARD_DELAY_ENV}"):
+            time.sleep(float(os.environ["{FORWARD_DELAY_ENV}"]))
         return super().forward(input_ids=input_ids, **kwargs)
 '''
 

@@ -7,18 +7,12 @@ import signal
 from pathlib import Path
 
 import httpx
-import pytest
 
 from eagle3_client import wire
 from eagle3_client.protocol import SUPERVISION_KEYS
-from tests.ops_support import batch, in_background, make_slow_model, metric, model_env, post, scrape, server, wait_until
+from tests.ops_support import batch, in_background, metric, model_env, post, scrape, server, wait_until
 
 GRACE = 20.0
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_slow_model(tmp_path_factory.mktemp("slow") / "model", 3.0)
 
 
 def _mapping_body() -> bytes:

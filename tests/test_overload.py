@@ -21,7 +21,6 @@ from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from tests.ops_support import (
     batch,
     in_background,
-    make_slow_model,
     metric,
     model_env,
     post,
@@ -31,15 +30,9 @@ from tests.ops_support import (
     wait_until,
 )
 
-SLOW_SECONDS = 3.0
 ABANDONED = "eagle3_generate_abandoned_total"
 GONE = {"reason": "client_gone"}
 FORWARDS = "eagle3_inference_exec_count_total"
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_slow_model(tmp_path_factory.mktemp("overload") / "model", SLOW_SECONDS)
 
 
 def _start(slow_model: Path, tmp: Path, extra: list[str]) -> Iterator[str]:

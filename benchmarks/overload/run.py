@@ -59,6 +59,30 @@ class Outcome:
     attempts: int = 0
 
 
+@dataclass(frozen=True)
+class _Result:
+    """One scenario's numbers, kept until the final unloaded rate fixes the baseline of its share."""
+
+    scenario: str
+    served: int
+    gave_up: int
+    elapsed: float
+    forwards: float
+    dropped: float
+    inflight: float
+
+    def row(self, baseline: float) -> str:
+        rate = self.served / self.elapsed
+        return (
+            f"{'storm: ' + self.scenario:<26} {rate:6.2f} answers/s   = {rate / baseline:4.0%} of unloaded "
+            f"({self.served} served in {self.elapsed:.0f} s, {self.gave_up} given up); "
+            f"server: {self.forwards:.0f} forwards "
+            f"({self.served / self.forwards if self.forwards else 0:.0%} of them served), "
+            f"{self.dropped:.0f} dropped (client gone); "
+            f"in flight 1 s after the clients stopped: {self.inflight:.0f}"
+        )
+
+
 def _metrics(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", trust_env=False, timeout=30).text
     out: dict[str, float] = {}
@@ -108,9 +132,7 @@ def _our_client(
     return run
 
 
-def _storm(
-    url: str, clients: int, duration: float, work: Callable[[float, Outcome], None]
-) -> tuple[list[Outcome], float]:
+def _storm(clients: int, duration: float, work: Callable[[float, Outcome], None]) -> tuple[list[Outcome], float]:
     """Run ``clients`` threads of ``work`` for ``duration`` s (a batch started before then is finished);
     returns their outcomes and the seconds until the last client stopped."""
     start = time.monotonic()
@@ -162,15 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout if args.timeout is not None else max(1.0, 2 * forward_s)
         print(f"{'unloaded (1 client)':<26} {unloaded:6.2f} answers/s   ({forward_s:.2f} s per batch)")
         print(f"storm timeout {timeout:.1f} s, {RETRIES} retries with {BACKOFF_S:g}/2/4 s back-off")
-        rows: list[str] = []
-        rates: list[float] = []
+        results: list[_Result] = []
         for scenario in scenarios:
             if scenario == "upstream":
                 work: Callable[[float, Outcome], None] = lambda d, o: _upstream_client(url, body, timeout, d, o)  # noqa: E731
             else:
                 work = _our_client(url, batch, mapping, timeout if scenario == "ours-short" else None)
             before = _metrics(url)
-            outcomes, elapsed = _storm(url, args.clients, args.duration, work)
+            outcomes, elapsed = _storm(args.clients, args.duration, work)
             stopped = time.monotonic()
             time.sleep(1.0)
             after = _metrics(url)
@@ -181,13 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             dropped = after.get("eagle3_generate_abandoned_total", 0.0) - before.get(
                 "eagle3_generate_abandoned_total", 0.0
             )
-            rows.append(
-                f"{'storm: ' + scenario:<26} {served / elapsed:6.2f} answers/s   = {{share}} of unloaded "
-                f"({served} served in {elapsed:.0f} s, {gave_up} given up); server: {forwards:.0f} forwards "
-                f"({served / forwards if forwards else 0:.0%} of them served), {dropped:.0f} dropped (client gone); "
-                f"in flight 1 s after the clients stopped: {inflight:.0f}"
-            )
-            rates.append(served / elapsed)
+            results.append(_Result(scenario, served, gave_up, elapsed, forwards, dropped, inflight))
             # Let the server finish whatever the scenario left before the next one starts.
             deadline = stopped + REQUEST_TIMEOUT_S
             while _metrics(url).get("eagle3_inflight_requests", 0.0) > 0 and time.monotonic() < deadline:
@@ -195,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         # The machine may have been busier or quieter meanwhile: the unloaded rate once more.
         again = 1 / _unloaded_seconds(url, body, args.unloaded)
     baseline = (unloaded + again) / 2
-    for row, rate in zip(rows, rates, strict=True):
-        print(row.replace("{share}", f"{rate / baseline:4.0%}"))
+    for result in results:
+        print(result.row(baseline))
     print(f"{'unloaded again, at the end':<26} {again:6.2f} answers/s   (shares above: of the mean, {baseline:.2f})")
     return 0
 
