@@ -37,7 +37,7 @@ from eagle3_client.encodings import (
     detect_encoding,
     parse_encoding,
 )
-from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable
+from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable, first_line
 from eagle3_client.fleet import Fleet, ServerList, is_server_failure
 from eagle3_client.group_plane import GroupDataPlane
 from eagle3_client.heartbeat import Heartbeat
@@ -265,7 +265,7 @@ class _Server:
                     continue  # an upstream server: its /health is its readiness
                 return f"{protocol.path(endpoint)} answered {exc.status}: {exc.server_message[:200]}"
             except RemoteTargetError as exc:
-                return str(exc).splitlines()[0][:300]
+                return first_line(exc, limit=300)
             return None
         return "no health endpoint"  # pragma: no cover - /health answered 404 as well
 
@@ -437,15 +437,6 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         self._headers = {**auth_headers(opts.auth_token()), **(headers or {})}
         self._pool = BufferPool(opts.buffer_pool_bytes, pin_memory=self._device.type == "cuda")
         self._client_name = f"{socket.gethostname()}:{os.getpid()}"
-        self._fleet: Fleet[_Server] = Fleet(
-            [self._new_server(url) for url in url_list],
-            make_server=self._new_server,
-            max_in_flight=opts.max_in_flight_per_server,
-            failover_timeout=opts.failover_timeout,
-            probe_interval=opts.probe_interval,
-            probe_max_interval=opts.probe_max_interval,
-            server_list=server_list,
-        )
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._embeddings: torch.nn.Embedding | None = None
@@ -456,6 +447,16 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
         self._rows_lock = threading.Lock()
         self._stats = EncodingStats()
         self._stats_lock = threading.Lock()
+        # Last: building the fleet builds servers (_new_server), which read the state above.
+        self._fleet: Fleet[_Server] = Fleet(
+            [self._new_server(url) for url in url_list],
+            make_server=self._new_server,
+            max_in_flight=opts.max_in_flight_per_server,
+            failover_timeout=opts.failover_timeout,
+            probe_interval=opts.probe_interval,
+            probe_max_interval=opts.probe_max_interval,
+            server_list=server_list,
+        )
 
     def _new_server(self, url: str) -> _Server:
         control = ControlPlane(
@@ -475,9 +476,8 @@ class RemoteEagle3TargetModel(Eagle3TargetBackend):
             receive_device(self._device),
             self.options.lease_seconds,
         )
-        mappings = getattr(self, "_mappings", None)
-        if mappings:  # a server the list adds later gets the current mapping when it joins
-            current = next(reversed(mappings.values()))
+        if self._mappings:  # a server the list adds later gets the current mapping when it joins
+            current = next(reversed(self._mappings.values()))
             server.mapping = (current.payload, current.version)
         return server
 

@@ -34,9 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
+from eagle3_client.options import ClientOptions
+
 __all__ = ["BufferPool", "PoolStats", "reuse_supported"]
 
-DEFAULT_POOL_BYTES = 2 << 30
+DEFAULT_POOL_BYTES = ClientOptions().buffer_pool_bytes  # the buffer_pool_mb option's default (2 GiB)
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 

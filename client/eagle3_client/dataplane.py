@@ -119,10 +119,6 @@ class DataPlane(ABC):
         instead); ``headers`` ride along on the ``/generate`` request.
         """
 
-    def generate(self, payload: bytes) -> dict[str, torch.Tensor]:
-        """POST the wire-encoded inputs and return the supervision tensors."""
-        return self.fetch(payload).tensors
-
     def close(self) -> None:
         """Release the plane's resources (the control plane is closed by its owner)."""
 

@@ -88,3 +88,11 @@ class ModelMismatch(RemoteTargetError):
     def __init__(self, message: str, fingerprints: Mapping[str, str]) -> None:
         self.fingerprints = dict(fingerprints)
         super().__init__(message)
+
+
+def first_line(exc: object, limit: int | None = None) -> str:
+    """The first line of ``exc``'s message (at most ``limit`` characters), for one-line reasons in
+    logs and stats; its type's name when the message is empty (``str(exc)`` can be)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if limit is None else line[:limit]

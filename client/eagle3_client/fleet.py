@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from eagle3_client.errors import ModelMismatch, NoServerReady, TargetHTTPError, TargetUnreachable
+from eagle3_client.errors import ModelMismatch, NoServerReady, TargetHTTPError, TargetUnreachable, first_line
 from eagle3_client.transfer import TransferError
 
 __all__ = [
@@ -99,17 +99,14 @@ class FleetServer(Protocol):
 S = TypeVar("S", bound=FleetServer)
 
 
+_REASON_CHARS = 300  # a server's reason (stats, NoServerReady) stays one short line
+
+
 def is_server_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the server (not the request) failed, so another server should get it."""
     if isinstance(exc, TargetHTTPError):
         return exc.status >= 500
     return isinstance(exc, (TargetUnreachable, TransferError))
-
-
-def _short(exc: object) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:300]
 
 
 def parse_server_list(text: str) -> list[str]:
@@ -222,8 +219,6 @@ class Fleet(Generic[S]):
         self.probe_interval = probe_interval
         self.probe_max_interval = probe_max_interval
         self.server_list = server_list
-        self.failovers = 0
-        self.readmissions = 0
         self._fingerprint: tuple[str, str] | None = None  # (fingerprint, the URL it was first seen on)
         self._cond = threading.Condition()
         self._start_lock = threading.Lock()
@@ -266,14 +261,15 @@ class Fleet(Generic[S]):
                 if len(members) == 1:
                     raise next(iter(errors.values()))
                 raise NoServerReady(
-                    "no target server could be reached", {m.url: _short(exc) for m, exc in errors.items()}
+                    "no target server could be reached",
+                    {m.url: first_line(exc, _REASON_CHARS) for m, exc in errors.items()},
                 ) from next(iter(errors.values()))
             self._check_one_model([m for m in members if m not in errors])
             now = time.monotonic()
             with self._cond:
                 for m in members:
                     if m in errors:
-                        self._set_out(m, _short(errors[m]), now)
+                        self._set_out(m, first_line(errors[m], _REASON_CHARS), now)
                     else:
                         m.state = READY
             for m in errors:
@@ -432,10 +428,9 @@ class Fleet(Generic[S]):
 
     def fail(self, member: Member[S], exc: BaseException) -> None:
         """Take ``member`` out of the rotation after ``exc`` (once; later failures only count)."""
-        reason = _short(exc)
+        reason = first_line(exc, _REASON_CHARS)
         with self._cond:
             member.failovers += 1
-            self.failovers += 1
             if member.state != READY:
                 return
             self._set_out(member, reason, time.monotonic())
@@ -517,7 +512,7 @@ class Fleet(Generic[S]):
             member.server.join(rejoin=rejoin, timeout=_PROBE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure keeps it out
             member.server.leave()
-            return f"ready, but registering failed: {_short(exc)}"
+            return f"ready, but registering failed: {first_line(exc, _REASON_CHARS)}"
         mismatch = self._mismatch(member)
         if mismatch is not None:
             member.server.leave()
@@ -531,7 +526,6 @@ class Fleet(Generic[S]):
             member.service_s = None  # a new process, perhaps: measured afresh (counts as fast meanwhile)
             if was_out:
                 member.readmissions += 1
-                self.readmissions += 1
             self._cond.notify_all()
         if was_out:
             logger.info("%s is ready again after %.1f s out: back in the rotation (new session)", member.url, away)

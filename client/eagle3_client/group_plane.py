@@ -49,7 +49,7 @@ import torch
 from eagle3_client import protocol
 from eagle3_client.control import ControlPlane
 from eagle3_client.dataplane import Answer, DataPlane, TransferStats, WireDataPlane, check_supervision, mapping_version
-from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable
+from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable, first_line
 from eagle3_client.negotiate import DataPlaneConfig
 from eagle3_client.socketbody import RECV_INTO
 from eagle3_client.transfer import (
@@ -182,10 +182,10 @@ class GroupDataPlane(DataPlane):
         except TargetHTTPError as exc:
             if exc.status == 410:
                 raise  # the session is gone: the caller registers again
-            self._upgrade_failed(None, exc)
+            self._upgrade_failed(exc)
             return
         except (RemoteTargetError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-            self._upgrade_failed(None, exc)
+            self._upgrade_failed(exc)
             return
         self.group, self.port = group, port
         if self._fell_back:
@@ -249,17 +249,15 @@ class GroupDataPlane(DataPlane):
         state = session.get("state")
         return state if isinstance(state, str) else None
 
-    def _upgrade_failed(self, group: Group | None, exc: BaseException) -> None:
+    def _upgrade_failed(self, exc: BaseException) -> None:
         self.failed_upgrades += 1
-        if group is not None:
-            group.close()
         self._tell_server_wire()
         delay = self._schedule_retry()
         logger.warning(
             "%s: could not bring up the %s data plane (%s); using the wire, next try in %.0f s",
             self.control.url,
             self.group_tier,
-            _short(exc),
+            first_line(exc, limit=300),
             delay,
         )
 
@@ -356,7 +354,7 @@ class GroupDataPlane(DataPlane):
             "%s: %s transfer broke (%s); answering over the wire, retrying the group in %.0f s",
             self.control.url,
             self.group_tier,
-            _short(reason),
+            first_line(reason, limit=300),
             delay,
         )
 
@@ -434,8 +432,3 @@ class _JoinAttempt:
         self._store.detach()
         if done:
             self._future.result().close()
-
-
-def _short(reason: object) -> str:
-    text = str(reason).strip()
-    return text.splitlines()[0][:300] if text else type(reason).__name__

@@ -18,12 +18,10 @@ import torch
 
 from eagle3_client import protocol
 from eagle3_client.errors import RemoteTargetError
+from eagle3_client.options import AUTO, DATA_PLANE_CHOICES
 from eagle3_client.transfer import gloo_available, nccl_available
 
 __all__ = ["AUTO", "DataPlaneConfig", "DataPlaneUnavailable", "choose_tier", "local_tiers", "receive_device"]
-
-AUTO = "auto"
-_CHOICES = (AUTO, *protocol.TIERS)
 
 
 class DataPlaneUnavailable(RemoteTargetError):
@@ -50,8 +48,8 @@ class DataPlaneConfig:
     max_backoff: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.preference not in _CHOICES:
-            raise ValueError(f"data_plane must be one of {list(_CHOICES)}, got {self.preference!r}")
+        if self.preference not in DATA_PLANE_CHOICES:
+            raise ValueError(f"data_plane must be one of {list(DATA_PLANE_CHOICES)}, got {self.preference!r}")
         if self.timeout <= 0 or self.connect_timeout <= 0 or self.backoff < 0:
             raise ValueError(
                 "data-plane timeouts must be > 0 and the back-off >= 0, got "

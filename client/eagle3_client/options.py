@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATA_PLANE_CHOICES", "ClientOptions", "checked_value", "option_fields", "options_markdown"]
+from eagle3_client import protocol
 
-DATA_PLANE_CHOICES = ("auto", "nccl", "gloo", "wire")
+__all__ = ["AUTO", "DATA_PLANE_CHOICES", "ClientOptions", "checked_value", "option_fields", "options_markdown"]
+
+AUTO = "auto"
+DATA_PLANE_CHOICES = (AUTO, *protocol.TIERS)  # the data_plane option (and DataPlaneConfig.preference)
 
 
 def option(
@@ -71,7 +74,7 @@ class ClientOptions:
         None, "File holding the bearer token (read when no token is given).", env="EAGLE3_AUTH_TOKEN_FILE"
     )
     data_plane: str = option(
-        "auto",
+        AUTO,
         "How answers travel: auto (best of nccl, gloo, wire both ends support), or force nccl, gloo or wire.",
         env="EAGLE3_DATA_PLANE",
     )

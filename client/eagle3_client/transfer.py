@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from eagle3_client import protocol, wire
-from eagle3_client.errors import RemoteTargetError
+from eagle3_client.errors import RemoteTargetError, first_line
 
 __all__ = [
     "PROOF_BYTES",
@@ -167,10 +167,6 @@ class RendezvousStore(_StoreBase):
     def detach(self) -> None:
         """Drop the ``TCPStore``: a rank 0's closes its port; pending waits fail at once."""
         self._inner = None
-
-    @property
-    def detached(self) -> bool:
-        return self._inner is None
 
     def _live(self) -> Any:
         inner = self._inner
@@ -297,7 +293,7 @@ def wait_work(group: Group, work: Any, deadline: float, what: str) -> None:
             work.wait(_delta(remaining))
         except RuntimeError as exc:
             kind = TransferTimeout if "Timed out" in str(exc) else TransferError
-            raise kind(f"gloo {what} failed: {_first_line(exc)}") from None
+            raise kind(f"gloo {what} failed: {first_line(exc)}") from None
         return
     while not work.is_completed():
         if time.monotonic() > deadline:
@@ -307,11 +303,7 @@ def wait_work(group: Group, work: Any, deadline: float, what: str) -> None:
     try:
         work.wait()  # surfaces a failed op; orders the current CUDA stream after the transfer
     except RuntimeError as exc:
-        raise TransferError(f"nccl {what} failed: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TransferError(f"nccl {what} failed: {first_line(exc)}") from None
 
 
 def _live(group: Group) -> Any:
