@@ -22,11 +22,12 @@ import psutil
 import pytest
 import torch
 
-from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from benchmarks.numerics.run import TP_TEST_CONFIG
+from eagle3_appliance.builtin_model import ensure_builtin_model
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_tie_gaps, tolerance_for
+from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
 from eagle3_appliance.supervision import in_process
 from eagle3_appliance.target import Target
@@ -35,8 +36,6 @@ from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.oracle import assert_bit_exact
 
-# The generated Llama of the tensor-parallel checks (benchmarks.numerics serves the same one).
-TP_CONFIG: dict[str, object] = {**BUILTIN_CONFIG, "hidden_size": 128, "intermediate_size": 256, "vocab_size": 8192}
 VOCAB = 8192
 # Seconds from a rank's failure to the exit, with room for a busy machine (the bound is
 # the failure detection plus EXIT_DELAY, docs/large-targets.md).
@@ -46,7 +45,7 @@ TOLERANCE = tolerance_for(torch.float32)
 
 @pytest.fixture(scope="module")
 def tp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_builtin_model(tmp_path_factory.mktemp("tp-model"), TP_CONFIG)
+    return ensure_builtin_model(tmp_path_factory.mktemp("tp-model"), TP_TEST_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +77,7 @@ def _ranks(server: ServerProcess) -> list[psutil.Process]:
 
 def _within(got: object, reference: Target, inputs: tuple[torch.Tensor, ...], mapping: VocabMapping) -> str:
     """Assert a served answer is within the documented tolerance of the in-process one; the verdict."""
-    expected = in_process(reference, GenerateInputs(*inputs), mapping)
-    gaps = reference_tie_gaps(reference.forward(inputs[0], inputs[1]).logits)
+    expected, gaps = reference_and_tie_gaps(reference, GenerateInputs(*inputs), mapping)
     deviation = measure(got, expected, gaps, TOLERANCE.tie_gap)
     assert deviation.within(TOLERANCE), deviation.verdict(TOLERANCE)
     return deviation.verdict(TOLERANCE)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from eagle3_appliance.builtin_model import ensure_builtin_model
+from eagle3_appliance.fingerprint import local_shard
 from eagle3_appliance.settings import Loader, Settings, parse_device_map, parse_max_memory
 
 __all__ = [
@@ -191,14 +192,8 @@ def recipe_colocated_target(settings: Settings, source: str | Path, device: torc
 
 def _device_name(tensor: torch.Tensor) -> str:
     """Where a parameter lives; a device map's offloaded weights (read back per forward) are on "meta"."""
-    device = str(_local(tensor).device)
+    device = str(local_shard(tensor).device)
     return "offload (disk or host, read back per forward)" if device == "meta" else device
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a (possibly tensor-parallel) parameter."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 def _mib(nbytes: int) -> str:
@@ -209,13 +204,13 @@ def placement_lines(model: nn.Module, layers: list[nn.Module], mode: str, rank: 
     """What startup logs: which layers (or shards) are on which device, and the weight bytes per device."""
     weight_bytes: dict[str, int] = defaultdict(int)
     for tensor in [*model.parameters(), *model.buffers()]:
-        local = _local(tensor)
+        local = local_shard(tensor)
         weight_bytes[_device_name(tensor)] += local.numel() * local.element_size()
     layer_devices: dict[str, list[int]] = defaultdict(list)
     for index, layer in enumerate(layers):
         first = next(iter(layer.parameters()), None)
         layer_devices[_device_name(first) if first is not None else "none"].append(index)
-    sharded = sum(1 for p in model.parameters() if _local(p) is not p)
+    sharded = sum(1 for p in model.parameters() if local_shard(p) is not p)
     lines = []
     for device in sorted(set(weight_bytes) | set(layer_devices)):
         ids = layer_devices.get(device, [])

@@ -17,7 +17,7 @@ import torch
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_tie_gaps, tolerance_for
+from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
 from eagle3_appliance.supervision import compare_to_reference, in_process
 from eagle3_appliance.target import Target
@@ -79,12 +79,14 @@ def drive(
             start = time.perf_counter()
             result = remote.generate_batch(*batch_inputs)
             elapsed = time.perf_counter() - start
-            expected = in_process(reference, GenerateInputs(*batch_inputs), mapping)
+            if tolerance is not None:
+                expected, gaps = reference_and_tie_gaps(reference, GenerateInputs(*batch_inputs), mapping)
+            else:
+                expected = in_process(reference, GenerateInputs(*batch_inputs), mapping)
             after = remote.encoding_stats()["batches"]
             used = next(name for name, count in after.items() if count != before.get(name, 0))
             if tolerance is not None:
-                forward = reference.forward(*(t.to(reference.device) for t in batch_inputs[:2]))
-                deviation = measure(result, expected, reference_tie_gaps(forward.logits), tolerance.tie_gap)
+                deviation = measure(result, expected, gaps, tolerance.tie_gap)
                 exact, verdict = deviation.within(tolerance), deviation.verdict(tolerance)
             else:
                 exact, verdict = compare_to_reference(result, expected, parse_encoding(used))

@@ -32,7 +32,7 @@ import orjson
 import torch
 from torch import nn
 
-__all__ = ["SAMPLES_PER_TENSOR", "model_fingerprint"]
+__all__ = ["SAMPLES_PER_TENSOR", "local_shard", "model_fingerprint"]
 
 SAMPLES_PER_TENSOR = 256
 
@@ -50,6 +50,12 @@ def _config_summary(config: Any) -> dict[str, Any]:
     return summary
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (possibly tensor-parallel) parameter: a DTensor's local shard, else the tensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def _sample(tensor: torch.Tensor, count: int) -> bytes:
     """``count`` elements evenly spaced over the flattened tensor (all of a small one), as bytes.
 
@@ -57,9 +63,7 @@ def _sample(tensor: torch.Tensor, count: int) -> bytes:
     server of the same mode. A weight offloaded to disk by a device map (on the meta device
     here) has no data to sample: its name, dtype and shape still count.
     """
-    to_local = getattr(tensor, "to_local", None)
-    if callable(to_local):
-        tensor = to_local()
+    tensor = local_shard(tensor)
     if tensor.device.type == "meta":
         return b""
     flat = tensor.detach().reshape(-1)
@@ -80,7 +84,6 @@ def model_fingerprint(
     dtype: torch.dtype,
     aux_layer_ids: list[int],
     mode: str = "single",
-    samples_per_tensor: int = SAMPLES_PER_TENSOR,
 ) -> str:
     """``"sha256:<hex>"`` of the config, the loaded dtype, the aux layers, the mode and the sampled weights."""
     digest = hashlib.sha256()
@@ -89,12 +92,12 @@ def model_fingerprint(
         "dtype": str(dtype).removeprefix("torch."),
         "aux_layer_ids": [int(i) for i in aux_layer_ids],
         "mode": mode,
-        "samples_per_tensor": samples_per_tensor,
+        "samples_per_tensor": SAMPLES_PER_TENSOR,
     }
     digest.update(orjson.dumps(head, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
     for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in named:
             shape = ",".join(str(d) for d in tensor.shape)
             digest.update(f"\n{kind} {name} {str(tensor.dtype).removeprefix('torch.')} [{shape}]\n".encode())
-            digest.update(_sample(tensor, samples_per_tensor))
+            digest.update(_sample(tensor, SAMPLES_PER_TENSOR))
     return "sha256:" + digest.hexdigest()

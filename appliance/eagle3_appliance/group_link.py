@@ -122,7 +122,7 @@ class GroupLink:
         store: RendezvousStore | None = None,
         on_port_free: Callable[[int], None] = lambda port: None,
         on_close: Callable[[GroupLink], None] = lambda link: None,
-        sends: SendCounter | None = None,
+        sends: SendCounter,
         kept: ResendStore | None = None,
         client: str = "",
     ) -> None:
@@ -130,10 +130,9 @@ class GroupLink:
         self.state = "connecting"
         self.stats = LinkStats()
         self.group: Group | None = None
-        self.created = time.time()
         self.store = store
         self.kept = kept  # where this link's results are kept for resends (None: not kept)
-        self.sends = sends or SendCounter()
+        self.sends = sends
         self._frame = frame
         self._on_port_free = on_port_free
         self._on_close = on_close
@@ -260,9 +259,7 @@ class GroupLink:
             self.state = state
             group = self.group
         _resolve(self.ready, False)
-        if self.store is not None:
-            self.store.detach()
-        self._free_port()
+        self.rendezvous_done()
         if group is not None and group.tier == protocol.TIER_NCCL:
             group.close()
         self._worker.submit(self._release)

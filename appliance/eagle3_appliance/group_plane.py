@@ -267,16 +267,16 @@ class GroupTransfer(Transfer):
         old = self.session.extras.pop(RESULT_KEY, None)
         if old is not None:
             old.close()
-        if link is None or not await link.wait_ready() or link.closed:
+        if link is None or not await link.wait_ready():
             if self.on_device:
                 supervision = await asyncio.to_thread(self.buffers.to_host, supervision)
             await send_wire(request, supervision, ticket, headers)
             return protocol.TIER_WIRE
-        stored = StoredResult(self.seq, supervision, headers, nbytes=_nbytes(supervision))
+        meta = TransferMetadata.describe(self.seq, link.tier, supervision)
+        stored = StoredResult(self.seq, supervision, headers, nbytes=meta.total_bytes)
         if link.kept is not None:
             link.kept.keep(stored)
         self.session.extras[RESULT_KEY] = stored
-        meta = TransferMetadata.describe(self.seq, link.tier, supervision)
         body = orjson.dumps(meta.to_json())
         if ticket is not None:
             ticket.encoded()
@@ -323,7 +323,3 @@ def connection_closed(conn_info: Any) -> None:
         )
         link.stats.last_error = f"transfer {seq}: the client's HTTP connection closed during the send"
         link.close("peer gone")
-
-
-def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -21,9 +21,20 @@ from typing import Any
 
 import torch
 
+from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.projection import shift_left
+from eagle3_appliance.supervision import reference_projection
+from eagle3_appliance.target import Target
 
-__all__ = ["TP_TOLERANCES", "Deviation", "Tolerance", "measure", "reference_tie_gaps", "tolerance_for"]
+__all__ = [
+    "TP_TOLERANCES",
+    "Deviation",
+    "Tolerance",
+    "measure",
+    "reference_and_tie_gaps",
+    "reference_tie_gaps",
+    "tolerance_for",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,20 @@ def reference_tie_gaps(logits: torch.Tensor) -> torch.Tensor:
     """``[B,T]``: the gap between the two largest reference logits behind each answer position (shifted as §1.4)."""
     top2 = logits.float().topk(2, dim=-1).values
     return shift_left(top2[..., 0] - top2[..., 1])
+
+
+@torch.no_grad()
+def reference_and_tie_gaps(
+    target: Target, inputs: GenerateInputs, mapping: VocabMapping
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The ``probs`` reference (what :func:`supervision.in_process` returns) and its tie gaps, from one forward.
+
+    :func:`measure` needs both; computing them apart would run the target twice.
+    """
+    inputs, mapping = inputs.to(target.device), mapping.to(target.device)
+    out = target.forward(inputs.input_ids, inputs.attention_mask)
+    expected = reference_projection(out.aux_hidden_states, out.logits, inputs.input_ids, inputs.loss_mask, mapping)
+    return expected, reference_tie_gaps(out.logits)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from eagle3_appliance.fingerprint import model_fingerprint
+from eagle3_appliance.fingerprint import local_shard, model_fingerprint
 from eagle3_appliance.inputs import Allocator
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
 
@@ -180,9 +180,7 @@ class Target:
     @property
     def device(self) -> torch.device:
         """Where the inputs go and the outputs come back (a tensor-parallel rank: its own device)."""
-        weight = self._embedding_weight()
-        to_local = getattr(weight, "to_local", None)  # a tensor-parallel shard (DTensor)
-        device: torch.device = to_local().device if callable(to_local) else weight.device
+        device: torch.device = local_shard(self._embedding_weight()).device
         return device
 
     @property
@@ -248,9 +246,9 @@ class Target:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_flags)
             if len(self._captured) != 3:
                 raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
-            logits_device = (out.logits if hasattr(out, "logits") else out).device
+            logits = out.logits if hasattr(out, "logits") else out
             # With a device map the aux layers may sit on other devices: gathered where the logits are.
-            parts = [self._captured[i].to(logits_device) for i in self.aux_layer_ids]
+            parts = [self._captured[i].to(logits.device) for i in self.aux_layer_ids]
             if alloc is None:
                 aux = torch.cat(parts, dim=-1)
             else:
@@ -258,7 +256,6 @@ class Target:
                 aux = torch.cat(parts, dim=-1, out=alloc(shape, parts[0].dtype))
         finally:
             self._captured.clear()
-        logits = out.logits if hasattr(out, "logits") else out
         hidden = slot.get("h")
         if capture_hidden and (hidden is None or hidden.shape[:-1] != logits.shape[:-1]):
             raise RuntimeError("the LM head's input was not captured for every position")

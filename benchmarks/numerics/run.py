@@ -31,9 +31,8 @@ from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import Deviation, measure, reference_tie_gaps, tolerance_for
+from eagle3_appliance.numerics import Deviation, measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.synthetic import random_batch, vocab_mapping
 
@@ -48,15 +47,13 @@ TP_TEST_CONFIG: dict[str, object] = {
 }
 
 
-def _served(url: str, reference, mapping: VocabMapping, batches: list) -> list[tuple[Deviation, float]]:
-    """Per batch: the deviation from the reference, and the largest reference top-2 gap at a mask flip."""
+def _served(url: str, mapping: VocabMapping, batches: list, references: list) -> list[tuple[Deviation, float]]:
+    """Per batch: the deviation from its ``(expected, tie gaps)`` reference, and the largest top-2 gap at a flip."""
     rows = []
     with RemoteEagle3TargetModel.from_urls([url], device="cpu", timeout=600) as remote:
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-        for inputs in batches:
+        for inputs, (expected, gaps) in zip(batches, references, strict=True):
             got = remote.generate_batch(*inputs)
-            expected = in_process(reference, GenerateInputs(*inputs), mapping)
-            gaps = reference_tie_gaps(reference.forward(*(t.to(reference.device) for t in inputs[:2])).logits)
             deviation = measure(got, expected, gaps, float("inf"))
             flips = (got.position_mask.cpu() != expected["position_mask"].cpu()).reshape(gaps.shape)
             rows.append((deviation, float(gaps.cpu()[flips].max()) if bool(flips.any()) else 0.0))
@@ -91,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = [
             random_batch(reference.vocab_size, args.batch_size, args.seq_len, seed=i) for i in range(args.batches)
         ]
+        references = [reference_and_tie_gaps(reference, GenerateInputs(*inputs), mapping) for inputs in batches]
         explicit_map = json.dumps({"": args.device})
         modes = [
             (f"tp={args.tensor_parallel_size}", ["--tensor-parallel-size", str(args.tensor_parallel_size)]),
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode, extra in modes:
             log = work / f"server-{dtype}-{mode}.log"
             with ServerProcess([*common, *extra], log_path=log, startup_timeout=600) as server:
-                rows = _served(server.url, reference, mapping, batches)
+                rows = _served(server.url, mapping, batches, references)
             worst = Deviation(
                 aux_abs=max(r.aux_abs for r, _ in rows),
                 aux_rel=max(r.aux_rel for r, _ in rows),

@@ -41,9 +41,8 @@ from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_tie_gaps, tolerance_for
+from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
 
@@ -96,7 +95,8 @@ def main() -> int:
     mapping = VocabMapping(*vocab_mapping(32000, 8192, seed=1))
     batches = [random_batch(32000, args.batch_size, args.seq_len, seed=i) for i in range(args.batches)]
     reference = load_target(Settings(model=str(model), dtype="bfloat16", device="cuda", cache_dir=work))
-    want = [in_process(reference, GenerateInputs(*b), mapping) for b in batches]
+    references = [reference_and_tie_gaps(reference, GenerateInputs(*b), mapping) for b in batches]
+    want = [expected for expected, _ in references]
 
     _, single = serve_and_fetch(common, work / "single.log", mapping, batches)
     check("single device serves the in-process answers bit for bit", all(map(same, single, want)))
@@ -117,8 +117,7 @@ def main() -> int:
         mode, tp = serve_and_fetch([*common, "--tensor-parallel-size", "2"], work / "tp.log", mapping, batches)
         tolerance = tolerance_for(torch.bfloat16)
         verdicts = []
-        for b, got, expected in zip(batches, tp, want, strict=True):
-            gaps = reference_tie_gaps(reference.forward(b[0].cuda(), b[1].cuda()).logits)
+        for got, (expected, gaps) in zip(tp, references, strict=True):
 
             class Batch:
                 pass

@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 import torch
 
+from benchmarks.numerics.run import TP_TEST_CONFIG
 from eagle3_appliance import checkpoint
-from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from eagle3_appliance.builtin_model import ensure_builtin_model
 from eagle3_appliance.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_tie_gaps, tolerance_for
+from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
 from eagle3_appliance.supervision import in_process
 from eagle3_appliance.target import Target
@@ -102,8 +103,7 @@ def test_the_recipe_builds_the_loader_arguments_and_force_hf_loading_is_bit_exac
 
 @pytest.fixture(scope="module")
 def tp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = {**BUILTIN_CONFIG, "hidden_size": 128, "intermediate_size": 256, "vocab_size": 8192}
-    return ensure_builtin_model(tmp_path_factory.mktemp("tp-model"), config)
+    return ensure_builtin_model(tmp_path_factory.mktemp("tp-model"), TP_TEST_CONFIG)
 
 
 def test_upstream_client_against_a_tensor_parallel_appliance(tp_model: Path, tmp_path: Path) -> None:
@@ -121,8 +121,7 @@ def test_upstream_client_against_a_tensor_parallel_appliance(tp_model: Path, tmp
                 remote.set_vocab_mapping(ids, mask)
                 inputs = random_batch(8192, batch, seq, seed=50 + seed)
                 got = remote.generate_batch(*inputs)
-                expected = in_process(reference, GenerateInputs(*inputs), VocabMapping(ids, mask))
-                gaps = reference_tie_gaps(reference.forward(inputs[0], inputs[1]).logits)
+                expected, gaps = reference_and_tie_gaps(reference, GenerateInputs(*inputs), VocabMapping(ids, mask))
                 deviation = measure(got, expected, gaps, tolerance.tie_gap)
                 assert deviation.within(tolerance), deviation.verdict(tolerance)
         finally:
