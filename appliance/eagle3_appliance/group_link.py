@@ -16,6 +16,7 @@ import torch
 
 from eagle3_appliance.resend_store import ResendStore
 from eagle3_client import protocol
+from eagle3_client.errors import first_line
 from eagle3_client.transfer import (
     Group,
     JoinRejected,
@@ -228,7 +229,7 @@ class GroupLink:
             self.sends.add(-1)
 
     def _failed(self, exc: BaseException, what: str, state: str = "failed") -> None:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         self.stats.failures += 1
         self.stats.last_error = f"{what}: {text}"[:500]
         if state == "rejected":
