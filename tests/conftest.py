@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from eagle3_appliance.builtin_model import ensure_builtin_model
 from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.model.builtin_model import ensure_builtin_model
 from tests.ops_support import make_slow_model
 from tests.oracle import Oracle
 

@@ -38,10 +38,10 @@ def main(url: str, tier: str, cache_dir: str) -> None:
     held = hold_open_files(OPEN_FILES)
     import torch
 
-    from eagle3_appliance.inputs import GenerateInputs, VocabMapping
-    from eagle3_appliance.loading import load_target
+    from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+    from eagle3_appliance.model.loading import load_target
+    from eagle3_appliance.model.supervision import in_process, supervision_equal
     from eagle3_appliance.settings import Settings
-    from eagle3_appliance.supervision import in_process, supervision_equal
     from eagle3_client import RemoteEagle3TargetModel
     from eagle3_client.synthetic import random_batch, vocab_mapping
 

@@ -21,12 +21,15 @@ PACKAGES = {
 }
 
 
+def _module_name(package: str, path: Path) -> str:
+    parts = path.relative_to(PACKAGES[package]).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join((package, *parts))
+
+
 def _modules() -> set[str]:
-    return {
-        package if path.stem == "__init__" else f"{package}.{path.stem}"
-        for package, folder in PACKAGES.items()
-        for path in folder.glob("*.py")
-    }
+    return {_module_name(package, path) for package, folder in PACKAGES.items() for path in folder.rglob("*.py")}
 
 
 def _imports(package: str) -> dict[str, set[str]]:
@@ -37,8 +40,8 @@ def _imports(package: str) -> dict[str, set[str]]:
     """
     modules = _modules()
     graph: dict[str, set[str]] = {}
-    for path in sorted(PACKAGES[package].glob("*.py")):
-        name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+    for path in sorted(PACKAGES[package].rglob("*.py")):
+        name = _module_name(package, path)
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -92,8 +95,87 @@ def test_the_client_never_imports_the_server() -> None:
             assert not [m for m in imported if m.startswith("eagle3_appliance")], module
 
 
+# The rooms of each package, top first: a level holds one room or several sibling rooms, and a
+# room is a subpackage or a group of top-level modules (``__init__`` is the package itself). A
+# module may import its own room and the levels below; sibling rooms never import each other.
+LAYERS: dict[str, list[dict[str, set[str]]]] = {
+    "eagle3_appliance": [
+        {"entry points": {"cli", "__main__", "demo", "sizes", "launch"}},
+        {"serving": {"serving"}},  # the HTTP face and the /generate flow
+        {"dataplanes": {"dataplanes"}, "model": {"model"}, "ops": {"ops"}},
+        {"core": {"core"}},  # the request types every room shares
+        {"ground": {"settings", "errors", "__init__"}},
+    ],
+    "eagle3_client": [
+        {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch"}},
+        {"adapters": {"backend"}},  # the recipes' surfaces
+        {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
+        {"transports": {"transports"}},  # how bytes travel
+        {"ground": {"protocol", "wire", "encodings", "errors", "options", "auth", "contract", "synthetic"}},
+    ],
+}
+
+
+def _place(package: str, module: str) -> tuple[int, str]:
+    """(level, room) of ``module``; KeyError for a module no room names."""
+    parts = module.split(".")
+    member = parts[1] if len(parts) > 1 else "__init__"
+    for level, rooms in enumerate(LAYERS[package]):
+        for room, members in rooms.items():
+            if member in members:
+                return level, room
+    raise KeyError(module)
+
+
+def _violations(package: str, graph: dict[str, set[str]]) -> list[str]:
+    """``a -> b`` for every import of a level above, or of a sibling room."""
+    bad = []
+    for module, imported in graph.items():
+        here = _place(package, module)
+        for other in imported:
+            if other.split(".")[0] != package:
+                continue
+            there = _place(package, other)
+            if there != here and there[0] <= here[0]:
+                bad.append(f"{module} -> {other}")
+    return sorted(bad)
+
+
+def test_every_module_lives_in_a_named_room() -> None:
+    for package in LAYERS:
+        for module in _imports(package):
+            _place(package, module)  # raises for a module outside every room
+
+
+def test_rooms_import_only_downwards() -> None:
+    for package in LAYERS:
+        assert _violations(package, _imports(package)) == [], package
+
+
+def test_the_layering_check_refuses_an_upward_or_sideways_import() -> None:
+    graph = _imports("eagle3_appliance")
+    graph["eagle3_appliance.model.target"] = graph["eagle3_appliance.model.target"] | {
+        "eagle3_appliance.serving.pipeline",  # upwards
+        "eagle3_appliance.ops.metrics",  # a sibling
+    }
+    assert _violations("eagle3_appliance", graph) == [
+        "eagle3_appliance.model.target -> eagle3_appliance.ops.metrics",
+        "eagle3_appliance.model.target -> eagle3_appliance.serving.pipeline",
+    ]
+    client = _imports("eagle3_client")
+    client["eagle3_client.transports.control"] = client["eagle3_client.transports.control"] | {"eagle3_client.backend"}
+    assert _violations("eagle3_client", client) == ["eagle3_client.transports.control -> eagle3_client.backend"]
+
+
+def test_each_subpackage_says_what_it_is_for_and_what_it_may_import() -> None:
+    for package, folder in PACKAGES.items():
+        for init in folder.glob("*/__init__.py"):
+            doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+            assert "May import" in doc and len(doc.splitlines()) >= 3, init
+
+
 # The modules of the /generate steps, in the order a request must reach them (see
-# eagle3_appliance.pipeline). The orchestrator (pipeline) and the shared plumbing (state,
+# eagle3_appliance.serving.pipeline). The orchestrator (pipeline) and the shared plumbing (state,
 # sessions, admission, metrics, buffers, inputs, errors, operations, ...) are not steps.
 STEPS = ["server", "validation", "target", "supervision", "projection", "transfer"]
 
@@ -110,9 +192,9 @@ def profile(frame, event, arg):
         return  # a coroutine resumed after an await: not a new visit
     entered[id(frame)] = frame
     name = frame.f_code.co_name
-    if module == "eagle3_appliance.server" and name == "generate":
+    if module == "eagle3_appliance.serving.server" and name == "generate":
         watching[0] = True  # the /generate handler starts
-    elif module == "eagle3_appliance.operations" and name == "responded" and watching[0]:
+    elif module == "eagle3_appliance.serving.operations" and name == "responded" and watching[0]:
         watching[0] = False  # its response is complete
         calls.append(None)
     if watching[0]:

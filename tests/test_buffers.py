@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from eagle3_client.buffers import BufferPool, reuse_supported
+from eagle3_client.transports.buffers import BufferPool, reuse_supported
 from eagle3_client.wire import tensor_bytes
 
 pytestmark = pytest.mark.skipif(not reuse_supported(), reason="this torch cannot report storage use counts")

@@ -17,7 +17,7 @@ from eagle3_client import (
     protocol,
     wire,
 )
-from eagle3_client.control import ControlPlane
+from eagle3_client.transports.control import ControlPlane
 
 SUPERVISION = {
     "aux_hidden_states": torch.randn(1, 3, 12),

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from eagle3_appliance.connections import FD_RESERVE, PROBE_SLOTS
 from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.serving.connections import FD_RESERVE, PROBE_SLOTS
 from tests.ops_support import metric, scrape, server, wait_until
 
 HEADER_TIMEOUT = 2.0

@@ -14,12 +14,12 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.supervision import HIDDEN_TOLERANCE, in_process
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Device, Dtype, Settings
-from eagle3_appliance.supervision import HIDDEN_TOLERANCE, in_process
-from eagle3_appliance.target import Target
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.encodings import response_bytes, wire_bytes_per_token
 from eagle3_client.synthetic import random_batch, vocab_mapping

@@ -11,14 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from eagle3_appliance import negotiation, supervision
 from eagle3_appliance.cli import app
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.model import supervision
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.target import ForwardOutputs
+from eagle3_appliance.serving import negotiation
 from eagle3_appliance.settings import Device, Settings
-from eagle3_appliance.target import ForwardOutputs
 from eagle3_client import ProtocolViolation, protocol, wire
-from eagle3_client.dataplane import check_supervision
 from eagle3_client.encodings import (
     Encoding,
     decode_supervision,
@@ -29,6 +29,7 @@ from eagle3_client.encodings import (
     wire_bytes_per_token,
 )
 from eagle3_client.protocol import SessionOffer
+from eagle3_client.transports.dataplane import check_supervision
 from tests.test_client import SUPERVISION, make_remote, upstream_server
 
 runner = CliRunner()
@@ -237,8 +238,8 @@ def test_topk_encoder_uses_int32_indices_beyond_32768_entries() -> None:
     "name",
     [
         "eagle3_client.encodings",
-        "eagle3_appliance.negotiation",
-        "eagle3_appliance.supervision",
+        "eagle3_appliance.serving.negotiation",
+        "eagle3_appliance.model.supervision",
         "eagle3_appliance.sizes",
     ],
 )

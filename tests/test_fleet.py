@@ -1,7 +1,7 @@
 """A fleet of real appliance processes: failover, re-admission, load-aware routing, one model per fleet, pipelining.
 
 Every answer is compared, bit for bit, with the same model run in this process
-(:func:`eagle3_appliance.supervision.in_process`).
+(:func:`eagle3_appliance.model.supervision.in_process`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from eagle3_appliance.builtin_model import ensure_builtin_model
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.model.builtin_model import ensure_builtin_model
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.supervision import in_process, supervision_equal
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process, supervision_equal
-from eagle3_appliance.target import Target
 from eagle3_client import ModelMismatch, NoServerReady, RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.ops_support import FORWARD_DELAY_ENV, make_slow_model, metric, model_env, scrape, server, wait_until

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from eagle3_client import ModelMismatch, NoServerReady, RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
-from eagle3_client.control import ControlPlane
-from eagle3_client.fleet import IDLE_HALF_LIFE_S, READY, Fleet, Member, ServerList, parse_server_list
+from eagle3_client.remote.fleet import IDLE_HALF_LIFE_S, READY, Fleet, Member, ServerList, parse_server_list
+from eagle3_client.transports.control import ControlPlane
 from tests.ops_support import wait_until
 from tests.test_client import SUPERVISION
 

@@ -3,7 +3,7 @@
 Every server here is a real appliance process on 127.0.0.1. The tensor-parallel one runs two
 ranks on the CPU (gloo) over a Llama generated from a seed (hidden 128, 8 layers, vocabulary
 8192); its answers are checked against the same model run whole in this process, within the
-documented tolerance (:mod:`eagle3_appliance.numerics`).
+documented tolerance (:mod:`eagle3_appliance.model.numerics`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import pytest
 import torch
 
 from benchmarks.numerics.run import TP_TEST_CONFIG
-from eagle3_appliance.builtin_model import ensure_builtin_model
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model.builtin_model import ensure_builtin_model
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.numerics import measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model.supervision import in_process
+from eagle3_appliance.model.target import Target
+from eagle3_appliance.model.tensor_parallel import EXIT_DELAY, EXIT_RANK_FAILED
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process
-from eagle3_appliance.target import Target
-from eagle3_appliance.tensor_parallel import EXIT_DELAY, EXIT_RANK_FAILED
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.oracle import assert_bit_exact
@@ -71,7 +71,7 @@ def _ranks(server: ServerProcess) -> list[psutil.Process]:
     return [
         p
         for p in psutil.Process(server.proc.pid).children()
-        if "eagle3_appliance.tensor_parallel" in " ".join(p.cmdline())
+        if "eagle3_appliance.model.tensor_parallel" in " ".join(p.cmdline())
     ]
 
 

@@ -7,9 +7,9 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.limits import (
+from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from eagle3_appliance.model.limits import (
     CPU_BUDGET_BYTES,
     CUDA_BUDGET_FRACTION,
     FALLBACK_MAX_SEQ_LEN,

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from eagle3_appliance.inputs import VocabMapping
-from eagle3_appliance.supervision import reference_projection
+from eagle3_appliance.core.inputs import VocabMapping
+from eagle3_appliance.model.supervision import reference_projection
 from eagle3_loadtest._batches import BatchSpec, LengthDistribution, make_batch, make_vocab_mapping
 from eagle3_loadtest._counters import SupervisionCounters
 from eagle3_loadtest._steps import StepPlan, StepSearch, Window, evaluate_step, percentile

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.supervision import compare_to_reference, in_process
-from eagle3_appliance.target import Target
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.model.supervision import compare_to_reference, in_process
+from eagle3_appliance.model.target import Target
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.encodings import parse_encoding
 from tests.ops_support import SLOW_TOKEN, make_slow_model, metric, model_env, scrape, server, wait_until

@@ -12,19 +12,19 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.admission import Admission
-from eagle3_appliance.buffers import ServerBuffers
-from eagle3_appliance.gpu import GpuMonitor
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.jobs import Job
+from eagle3_appliance.core.admission import Admission
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.dataplanes.buffers import ServerBuffers
+from eagle3_appliance.dataplanes.transfer import WireTransfer
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
-from eagle3_appliance.metrics import Metrics
-from eagle3_appliance.pipeline import Pipeline
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.supervision import in_process, supervision_equal
+from eagle3_appliance.model.target import Target
+from eagle3_appliance.ops.gpu import GpuMonitor
+from eagle3_appliance.ops.metrics import Metrics
+from eagle3_appliance.serving.jobs import Job
+from eagle3_appliance.serving.pipeline import Pipeline
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process, supervision_equal
-from eagle3_appliance.target import Target
-from eagle3_appliance.transfer import WireTransfer
 from eagle3_client import RemoteEagle3TargetModel, wire
 from eagle3_client.encodings import PROBS
 from eagle3_client.synthetic import random_batch, vocab_mapping

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.ops_support import REPO, metric, scrape, server, wait_until

@@ -17,16 +17,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
-from eagle3_appliance import gpu
-from eagle3_appliance.admission import Admission, Ticket
-from eagle3_appliance.auth import BearerAuth
+from eagle3_appliance.core.admission import Admission, Ticket
+from eagle3_appliance.core.sessions import ANONYMOUS, SessionRegistry
 from eagle3_appliance.errors import Unauthorized, Unavailable
-from eagle3_appliance.metrics import GpuCollector
-from eagle3_appliance.sessions import ANONYMOUS, SessionRegistry
+from eagle3_appliance.ops import gpu
+from eagle3_appliance.ops.auth import BearerAuth
+from eagle3_appliance.ops.metrics import GpuCollector
 from eagle3_client import TargetOverloaded, protocol
 from eagle3_client.auth import auth_headers
-from eagle3_client.control import ControlPlane
-from eagle3_client.heartbeat import Heartbeat
+from eagle3_client.transports.control import ControlPlane
+from eagle3_client.transports.heartbeat import Heartbeat
 from tests.ops_support import FAKE_NVML_DIR, healthy_gpus, wait_until
 
 # -- NVML through the fake pynvml --------------------------------------------------------
@@ -361,7 +361,7 @@ def test_bearer_check_accepts(header: str) -> None:
 
 
 def _control(handler, sleeps: list[float], monkeypatch: pytest.MonkeyPatch, **kw) -> ControlPlane:  # noqa: ANN001
-    monkeypatch.setattr("eagle3_client.control.time.sleep", sleeps.append)
+    monkeypatch.setattr("eagle3_client.transports.control.time.sleep", sleeps.append)
     return ControlPlane("http://server:8001", transport=httpx.MockTransport(handler), **kw)
 
 
@@ -430,8 +430,8 @@ class _StopRecorder:
 
 
 def _lifecycle(exit_when_idle: bool):  # noqa: ANN202
-    from eagle3_appliance.inflight import InFlight
-    from eagle3_appliance.lifecycle import Lifecycle
+    from eagle3_appliance.ops.inflight import InFlight
+    from eagle3_appliance.ops.lifecycle import Lifecycle
     from eagle3_appliance.settings import Settings
 
     app = _StopRecorder()

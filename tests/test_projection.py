@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eagle3_appliance import supervision
-from eagle3_appliance.buffers import ServerBuffers
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.loading import load_target
-from eagle3_appliance.projection import project_into
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.dataplanes.buffers import ServerBuffers
+from eagle3_appliance.model import supervision
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.projection import project_into
+from eagle3_appliance.model.supervision import in_process, reference_projection
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process, reference_projection
-from eagle3_appliance.target import Target
-from eagle3_client.buffers import BufferPool
 from eagle3_client.encodings import PROBS
 from eagle3_client.synthetic import random_batch, vocab_mapping
+from eagle3_client.transports.buffers import BufferPool
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -8,11 +8,11 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.supervision import in_process
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.contract import Eagle3TargetBatch
 from eagle3_client.synthetic import random_batch, vocab_mapping

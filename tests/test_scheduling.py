@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from eagle3_appliance.scheduling import PATIENCE_TTL_S, Patience, Scheduler, pick
+from eagle3_appliance.serving.scheduling import PATIENCE_TTL_S, Patience, Scheduler, pick
 
 
 def test_without_departures_the_oldest_runs_first() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from eagle3_client.fleet import ServerList, parse_server_list
+from eagle3_client.remote.fleet import ServerList, parse_server_list
 
 COMMON = Path(__file__).resolve().parent.parent / "slurm" / "common.sh"
 

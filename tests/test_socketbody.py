@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from eagle3_client import wire
-from eagle3_client.control import ControlPlane
 from eagle3_client.errors import TargetHTTPError, TargetTimeout
-from eagle3_client.socketbody import BODY, RECV_INTO, SocketTransport
+from eagle3_client.transports.control import ControlPlane
+from eagle3_client.transports.socketbody import BODY, RECV_INTO, SocketTransport
 
 # A reply script: given the connection and the request head, write a response; return
 # whether the connection stays open for the next request.

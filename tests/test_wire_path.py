@@ -9,12 +9,12 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.supervision import in_process, supervision_equal
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process, supervision_equal
-from eagle3_appliance.target import Target
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.synthetic import random_batch, vocab_mapping
 
@@ -122,7 +122,7 @@ def test_generate_answers_are_received_by_the_socket_transport(
     server: ServerProcess, target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The wire plane's /generate must take the recv_into path (a merge once lost it: 3x slower)."""
-    from eagle3_client import socketbody
+    from eagle3_client.transports import socketbody
 
     received: list[int] = []
     real_readinto = socketbody.SocketBody.readinto

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eagle3_client import wire
-from eagle3_client.buffers import BufferPool
+from eagle3_client.transports.buffers import BufferPool
 
 
 def _blob_tensors() -> dict[str, torch.Tensor | None]:

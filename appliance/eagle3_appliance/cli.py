@@ -115,8 +115,8 @@ def serve(**values: Any) -> None:
     configure_logging(settings.log_level)
     from transformers.utils import logging as hf_logging
 
-    from eagle3_appliance.loading import load_target
-    from eagle3_appliance.server import create_app, run_server
+    from eagle3_appliance.model.loading import load_target
+    from eagle3_appliance.serving.server import create_app, run_server
 
     hf_logging.disable_progress_bar()
     try:
@@ -152,7 +152,7 @@ def gpus(
     """GPU health from NVML: memory, utilisation, temperature, power, throttling, ECC, row remap, XIDs."""
     import json
 
-    from eagle3_appliance.gpu import GpuReport, format_table, read_report, report_from_json
+    from eagle3_appliance.ops.gpu import GpuReport, format_table, read_report, report_from_json
 
     report: GpuReport
     if url is None:

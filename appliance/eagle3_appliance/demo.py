@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.numerics import measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model.supervision import compare_to_reference, in_process
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import compare_to_reference, in_process
-from eagle3_appliance.target import Target
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.encodings import parse_encoding
 from eagle3_client.protocol import ModelInfoExtension
@@ -48,7 +48,7 @@ def drive(
     ``encoding`` (default ``$EAGLE3_ENCODING``, else probs) is checked as it promises:
     bit-exact for probs and logits, within tolerance for hidden, top-K for topk:K. A server that
     says it runs tensor parallel (``/model_info``'s mode ``tp=N``) is checked within the
-    documented tensor-parallel tolerance instead (:mod:`eagle3_appliance.numerics`).
+    documented tensor-parallel tolerance instead (:mod:`eagle3_appliance.model.numerics`).
     """
     all_exact = True
     with RemoteEagle3TargetModel.from_urls(urls, device="cpu", timeout=120, max_retries=3, encoding=encoding) as remote:

@@ -253,7 +253,7 @@ class Settings:
     )
     keep_alive_timeout: float = option(75.0, "Seconds an idle connection stays open between requests.", min=0.1)
     # -- limits (a request beyond them gets 413 or 422 with the limit in the message; None =
-    #    derived from the model and the device at start-up, eagle3_appliance.limits) --------
+    #    derived from the model and the device at start-up, eagle3_appliance.model.limits) --------
     max_seq_len: int | None = option(
         None,
         "Longest sequence per /generate (422 beyond). Default: the model's max_position_embeddings.",

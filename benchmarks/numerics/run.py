@@ -13,7 +13,7 @@ run whole on one device in this process (the baseline, ``supervision.in_process`
 largest deviation of the aux states (absolute and as a fraction of their largest magnitude)
 and of the probabilities (absolute, and relative where the reference is >= 1e-4), the
 position-mask flips, and the largest reference top-2 logit gap at a flip (a near-tie). The
-last column checks the documented tolerance (:data:`eagle3_appliance.numerics.TP_TOLERANCES`);
+last column checks the documented tolerance (:data:`eagle3_appliance.model.numerics.TP_TOLERANCES`);
 the device map must be bit-exact. The default model is a Llama made from a seed (hidden 128,
 8 layers, vocabulary 8192). Exit code 1 when a row is out of its bound.
 """
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import Deviation, measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.numerics import Deviation, measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.synthetic import random_batch, vocab_mapping

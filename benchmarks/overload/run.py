@@ -39,8 +39,8 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_client import RemoteEagle3TargetModel, wire
 from eagle3_client.synthetic import random_batch, vocab_mapping
 

@@ -4,7 +4,7 @@ One appliance process serves a case of :mod:`benchmarks.wire.cases` (``wide`` by
 ~275 MB answer per batch); the real client fetches ``--requests`` answers with
 ``max_in_flight_per_server`` 1 and then 2 (alternating ``--repeats`` times, so a shared
 machine's drift hits both), and the same model computes the same supervision in this process
-before and after, two ways: :func:`eagle3_appliance.supervision.in_process` (the reference: the
+before and after, two ways: :func:`eagle3_appliance.model.supervision.in_process` (the reference: the
 rate a plain co-located target gives) and the server's own compute step (the forward and the
 projection into reused memory, what one server can do per second at best). Prints served
 answers/s per mode, each as a fraction of both in-process rates, then one JSON line. The first
@@ -47,7 +47,7 @@ def _in_process_rate(target: Any, inputs: Any, mapping: Any, requests: int) -> f
     """Answers/s of the co-located computation (forward, projection, on the target's device)."""
     import torch
 
-    from eagle3_appliance.supervision import in_process
+    from eagle3_appliance.model.supervision import in_process
 
     in_process(target, inputs, mapping)  # warm-up
     start = time.perf_counter()
@@ -63,8 +63,8 @@ def _server_compute_rate(target: Any, inputs: Any, mapping: Any, requests: int) 
     """Answers/s of the server's compute step alone: forward and projection into reused memory, host copy."""
     import torch
 
-    from eagle3_appliance import supervision
-    from eagle3_appliance.buffers import ServerBuffers
+    from eagle3_appliance.dataplanes.buffers import ServerBuffers
+    from eagle3_appliance.model import supervision
     from eagle3_client.encodings import PROBS
 
     buffers = ServerBuffers(target.device, 4 << 30)
@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from benchmarks.wire.cases import CASES, model_source
-    from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+    from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
     from eagle3_appliance.launch import ServerProcess
-    from eagle3_appliance.loading import load_target
+    from eagle3_appliance.model.loading import load_target
+    from eagle3_appliance.model.supervision import in_process, supervision_equal
     from eagle3_appliance.settings import Device, Settings
-    from eagle3_appliance.supervision import in_process, supervision_equal
     from eagle3_client import RemoteEagle3TargetModel
     from eagle3_client.synthetic import random_batch, vocab_mapping
 

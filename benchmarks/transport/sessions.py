@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.wire.wire_path import proc_status_kb
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteEagle3TargetModel
 

@@ -21,7 +21,7 @@ class Case:
     def config(self) -> dict[str, object] | None:
         if self.config_override is None:
             return None
-        from eagle3_appliance.builtin_model import BUILTIN_CONFIG
+        from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG
 
         return {**BUILTIN_CONFIG, **self.config_override}
 
@@ -53,6 +53,6 @@ def model_source(case: Case, cache_dir: Path) -> str:
     config = case.config()
     if config is None:
         return "builtin"
-    from eagle3_appliance.builtin_model import ensure_builtin_model
+    from eagle3_appliance.model.builtin_model import ensure_builtin_model
 
     return str(ensure_builtin_model(cache_dir, config=config))

@@ -8,11 +8,11 @@ import time
 import torch
 
 from benchmarks.wire.cases import Case
-from eagle3_appliance.inputs import VocabMapping
-from eagle3_appliance.projection import project_into
-from eagle3_appliance.supervision import reference_projection
-from eagle3_client.buffers import BufferPool
+from eagle3_appliance.core.inputs import VocabMapping
+from eagle3_appliance.model.projection import project_into
+from eagle3_appliance.model.supervision import reference_projection
 from eagle3_client.synthetic import vocab_mapping
+from eagle3_client.transports.buffers import BufferPool
 
 __all__ = ["run_projection"]
 

@@ -45,7 +45,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.wire.loopback import loopback_seconds
     from benchmarks.wire.projection import run_projection
     from benchmarks.wire.wire_path import run_wire
-    from eagle3_appliance.builtin_model import BUILTIN_CONFIG
+    from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG
 
     case = CASES[name]
     model = model_source(case, args.cache_dir)

@@ -1,7 +1,7 @@
 """The appliance's wire path end to end: a real server process driven by the real client.
 
 Each request is timed in three places: when ``generate_batch`` is called, when the
-client's :meth:`eagle3_client.control.ControlPlane.read_wire` is entered (the response head has
+client's :meth:`eagle3_client.transports.control.ControlPlane.read_wire` is entered (the response head has
 arrived, so the server's forward and projection are done) and when ``generate_batch``
 returns (tensors decoded and handed over on the trainer's device). The *transfer* is the
 second interval: server send, kernel, client receive and decode, which is what the raw
@@ -23,14 +23,14 @@ import httpx
 import torch
 
 from benchmarks.wire.cases import Case
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.supervision import in_process, supervision_equal
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process, supervision_equal
 from eagle3_client import RemoteEagle3TargetModel
-from eagle3_client.control import ControlPlane
 from eagle3_client.synthetic import random_batch, vocab_mapping
+from eagle3_client.transports.control import ControlPlane
 
 __all__ = ["WireRun", "proc_status_kb", "run_wire"]
 

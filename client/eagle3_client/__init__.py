@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from eagle3_client.backend import RemoteEagle3TargetModel, RemoteResult
+    from eagle3_client.backend import RemoteEagle3TargetModel
     from eagle3_client.contract import USING_NEMO_AUTOMODEL, Eagle3TargetBackend, Eagle3TargetBatch
     from eagle3_client.errors import (
         ModelMismatch,
@@ -26,12 +26,13 @@ if TYPE_CHECKING:
         TargetTimeout,
         TargetUnreachable,
     )
-    from eagle3_client.negotiate import DataPlaneUnavailable
-    from eagle3_client.transfer import TransferError
+    from eagle3_client.remote.core import RemoteResult
+    from eagle3_client.transports.negotiate import DataPlaneUnavailable
+    from eagle3_client.transports.transfer import TransferError
 
 _EXPORTS = {
-    "DataPlaneUnavailable": "eagle3_client.negotiate",
-    "TransferError": "eagle3_client.transfer",
+    "DataPlaneUnavailable": "eagle3_client.transports.negotiate",
+    "TransferError": "eagle3_client.transports.transfer",
     "USING_NEMO_AUTOMODEL": "eagle3_client.contract",
     "Eagle3TargetBackend": "eagle3_client.contract",
     "Eagle3TargetBatch": "eagle3_client.contract",
@@ -39,7 +40,7 @@ _EXPORTS = {
     "NoServerReady": "eagle3_client.errors",
     "ProtocolViolation": "eagle3_client.errors",
     "RemoteEagle3TargetModel": "eagle3_client.backend",
-    "RemoteResult": "eagle3_client.backend",
+    "RemoteResult": "eagle3_client.remote.core",
     "RemoteTargetError": "eagle3_client.errors",
     "TargetHTTPError": "eagle3_client.errors",
     "TargetOverloaded": "eagle3_client.errors",

@@ -8,8 +8,8 @@
     │   └── TargetOverloaded          503 that persisted past every Retry-After
     ├── ProtocolViolation             the server's answer does not follow the protocol
     ├── ModelMismatch                 the servers of one client serve different models
-    ├── DataPlaneUnavailable          a forced data plane this pair cannot do (eagle3_client.negotiate)
-    └── TransferError                 a process-group transfer broke (eagle3_client.transfer; recovered
+    ├── DataPlaneUnavailable          a forced data plane this pair cannot do (eagle3_client.transports.negotiate)
+    └── TransferError                 a process-group transfer broke (eagle3_client.transports.transfer; recovered
         ├── TransferTimeout           over the wire by the client, never raised to the trainer)
         └── TransferDesync
 

@@ -13,7 +13,7 @@ Why it is shaped like this:
   to the socket one after another (header, then the tensor's bytes).
 * **Receiving** goes through :class:`WireReader`, an incremental parser that allocates each
   tensor once (properly aligned: its own block from ``torch.empty`` or a
-  :class:`eagle3_client.buffers.BufferPool`) as soon as its header is known. Pushed chunks
+  :class:`eagle3_client.transports.buffers.BufferPool`) as soon as its header is known. Pushed chunks
   (:meth:`WireReader.feed`) are copied straight into it; a socket can also *pull*
   (:meth:`WireReader.read_from`): the parser names the tensor memory the next bytes belong
   in and the socket's ``recv_into`` writes them there, so the kernel's copy is the only one.
@@ -95,7 +95,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     The view (and every slice of it) keeps the tensor alive. That matters for sending:
     an event-loop transport (uvloop) queues the views it could not write yet instead of
     copying them, so the memory must outlive the handler that passed them in; and it is
-    what tells a :class:`eagle3_client.buffers.BufferPool` that the memory is still in use.
+    what tells a :class:`eagle3_client.transports.buffers.BufferPool` that the memory is still in use.
     """
     if tensor.device.type != "cpu":
         raise ValueError(f"wire data must be on the CPU, got a tensor on {tensor.device}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eagle3_appliance import group_link
 from eagle3_appliance.cli import main
+from eagle3_appliance.dataplanes import group_link
 
 _send = group_link.GroupLink.send
 

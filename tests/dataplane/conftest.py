@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from eagle3_appliance.builtin_model import ensure_builtin_model
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.model.builtin_model import ensure_builtin_model
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.target import Target
 
 from .helpers import DRAFT_VOCAB, make_mapping
 

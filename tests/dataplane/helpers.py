@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import torch
 
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.supervision import in_process
-from eagle3_appliance.target import Target
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.model.supervision import in_process
+from eagle3_appliance.model.target import Target
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
 

@@ -16,11 +16,11 @@ import sys
 
 import torch
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_client import RemoteEagle3TargetModel, wire
-from eagle3_client.group_plane import GroupDataPlane
 from eagle3_client.synthetic import random_batch, vocab_mapping
-from eagle3_client.transfer import tag_for
+from eagle3_client.transports.group_plane import GroupDataPlane
+from eagle3_client.transports.transfer import tag_for
 
 VOCAB, DRAFT = 1024, 1000
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.target import Target
+from eagle3_appliance.model.target import Target
 from eagle3_client import protocol, wire
 from tests.ops_support import metric, scrape
 

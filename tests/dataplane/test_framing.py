@@ -1,4 +1,4 @@
-"""The group framing (eagle3_client.transfer) between two real gloo ranks: exact bytes, checked headers."""
+"""The group framing (eagle3_client.transports.transfer) between two real gloo ranks: exact bytes, checked headers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from eagle3_client import protocol
-from eagle3_client.transfer import (
+from eagle3_client.transports.transfer import (
     PROOF_BYTES,
     Group,
     JoinRejected,
@@ -126,7 +126,7 @@ def test_metadata_json_is_validated() -> None:
 
 def test_upstream_framing_sends_each_tensor_in_key_order_with_small_types_as_bytes(pair: tuple[Group, Group]) -> None:
     """The server half of upstream's NCCL path, run over gloo: what an upstream client receives."""
-    from eagle3_appliance.upstream_nccl import upstream_frame
+    from eagle3_appliance.dataplanes.upstream_nccl import upstream_frame
 
     server, client = pair
     g = torch.Generator().manual_seed(11)

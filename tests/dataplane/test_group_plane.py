@@ -9,9 +9,9 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.target import Target
+from eagle3_appliance.model.target import Target
 from eagle3_client import DataPlaneUnavailable, protocol, wire
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eagle3_appliance.dataplanes.port_pool import PortPool
 from eagle3_appliance.errors import Unavailable
-from eagle3_appliance.port_pool import PortPool
 from eagle3_appliance.settings import parse_port_range
-from eagle3_client.negotiate import DataPlaneUnavailable, choose_tier, local_tiers
-from eagle3_client.transfer import host_store
+from eagle3_client.transports.negotiate import DataPlaneUnavailable, choose_tier, local_tiers
+from eagle3_client.transports.transfer import host_store
 
 BOTH = ["nccl", "gloo", "wire"]
 

@@ -22,10 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.target import Target
-from eagle3_client import group_plane, protocol
+from eagle3_appliance.model.target import Target
+from eagle3_client import protocol
+from eagle3_client.transports import group_plane
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, status, wait_for
 

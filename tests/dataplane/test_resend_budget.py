@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.target import Target
+from eagle3_appliance.model.target import Target
 from eagle3_client import protocol, wire
-from eagle3_client.group_plane import GroupDataPlane
+from eagle3_client.transports.group_plane import GroupDataPlane
 from tests.ops_support import metric, scrape
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess, free_port
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess, free_port
-from eagle3_appliance.target import Target
+from eagle3_appliance.model.target import Target
 from eagle3_client import wire
 
 from .helpers import expected, health, inputs

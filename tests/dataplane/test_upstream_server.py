@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from eagle3_appliance.inputs import VocabMapping
+from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import free_port
-from eagle3_appliance.target import Target
+from eagle3_appliance.model.target import Target
 from eagle3_client import DataPlaneUnavailable, RemoteEagle3TargetModel
 
 from .helpers import assert_bit_exact, connect, expected, inputs, wait_for

@@ -18,10 +18,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.loading import load_target
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.supervision import in_process
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process
 from eagle3_client import wire
 
 INIT_NCCL_BLOCK_S = 30.0

@@ -36,12 +36,12 @@ import torch
 # The same PASS/FAIL lines and bitwise comparison as the data-plane check (run from this folder).
 from check_dataplanes import FAILED, check, same
 
-from eagle3_appliance import checkpoint
-from eagle3_appliance.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model import checkpoint
+from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.numerics import measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping

@@ -185,7 +185,7 @@ def _run_python(code: str) -> str:
 def test_the_appliance_does_not_import_automodel() -> None:
     code = (
         "import sys\n"
-        "import eagle3_appliance.server, eagle3_client.protocol, eagle3_client.wire\n"
+        "import eagle3_appliance.serving.server, eagle3_client.protocol, eagle3_client.wire\n"
         "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('nemo_automodel', 'eagle3_client.backend'))}))\n"
     )
     assert _run_python(code) == "[]"

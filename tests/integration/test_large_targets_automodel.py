@@ -18,15 +18,15 @@ import pytest
 import torch
 
 from benchmarks.numerics.run import TP_TEST_CONFIG
-from eagle3_appliance import checkpoint
-from eagle3_appliance.builtin_model import ensure_builtin_model
-from eagle3_appliance.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.launch import ServerProcess
-from eagle3_appliance.loading import load_target
-from eagle3_appliance.numerics import measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model import checkpoint
+from eagle3_appliance.model.builtin_model import ensure_builtin_model
+from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.numerics import measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.model.supervision import in_process
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Settings
-from eagle3_appliance.supervision import in_process
-from eagle3_appliance.target import Target
 from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, env, import_or_skip
 from tests.oracle import assert_bit_exact

@@ -151,7 +151,7 @@ def test_a_fleet_rank_trains_through_a_server_killed_and_restarted(
     locust: Any, appliance: ServerProcess, tmp_path: Path
 ) -> None:
     """The faults scenario's kill and restart: a rank on ``[--host, spare]`` keeps training; the spare is used again."""
-    from eagle3_appliance.builtin_model import ensure_builtin_model
+    from eagle3_appliance.model.builtin_model import ensure_builtin_model
 
     cache = tmp_path / "cache"
     ensure_builtin_model(cache)  # the same seeded model as --host's, made before the clock starts

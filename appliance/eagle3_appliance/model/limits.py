@@ -1,0 +1,164 @@
+"""The request limits a server enforces, derived from the model and the device unless a flag sets them.
+
+Upstream's server has no limits: it runs whatever arrives until memory runs out. Ours refuses
+what cannot fit with a 422 that names the limit, so its defaults must accept whatever the
+model and the hardware can do (``docs/operations.md``, "Limits"):
+
+* ``max_seq_len``: the model's own context length (``max_position_embeddings``, or the
+  equivalent key of its config); :data:`FALLBACK_MAX_SEQ_LEN` when the config names none.
+* ``max_batch_tokens``: the working memory budget divided by what one token of a
+  ``/generate`` needs at worst (:meth:`TargetShape.bytes_per_token`, with the draft
+  vocabulary as large as it may be: the whole vocabulary). The budget is, on CUDA,
+  :data:`CUDA_BUDGET_FRACTION` of the memory free once the weights are loaded; on the CPU,
+  the fixed :data:`CPU_BUDGET_BYTES`.
+* the draft vocabulary: at most the logits' width, each id once (checked in
+  :mod:`eagle3_appliance.serving.validation`), so an answer is at most ``max_answer_bytes``.
+
+``--max-seq-len`` and ``--max-batch-tokens`` override the first two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eagle3_appliance.settings import Settings
+from eagle3_client.encodings import PROBS, wire_bytes_per_token
+
+__all__ = [
+    "CPU_BUDGET_BYTES",
+    "CUDA_BUDGET_FRACTION",
+    "FALLBACK_MAX_SEQ_LEN",
+    "ServingLimits",
+    "TargetShape",
+    "derive_limits",
+]
+
+# Context length for a config that names none (the old default of --max-seq-len).
+FALLBACK_MAX_SEQ_LEN = 8192
+# Working memory of one /generate on the CPU, where "what is free" says little (swap, other jobs).
+CPU_BUDGET_BYTES = 16 << 30
+# Share of the memory free after loading that one /generate may use on CUDA; the rest is left
+# to the allocator's fragmentation, NCCL's buffers and the caching of earlier answers.
+CUDA_BUDGET_FRACTION = 0.8
+# Config keys that hold a model's context length, in the order they are looked for.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# Activations kept per token and hidden unit at the peak of a decoder layer (residual, norm
+# output, q/k/v/o projections, three aux captures, headroom), in model-dtype elements.
+_HIDDEN_FACTOR = 19
+# Per intermediate unit: the MLP's gate, up and activated product.
+_MLP_FACTOR = 3
+# Per vocabulary entry, beside the logits: the float32 answer (D = V at worst) and the
+# projection's gathered/widened scratch.
+_VOCAB_EXTRA_BYTES = 8
+# input_ids and loss_mask (int64) and position_mask (bool) of the answer.
+_ANSWER_FIXED_BYTES = 17
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    """What the memory of one token of a ``/generate`` depends on."""
+
+    max_position_embeddings: int | None
+    vocab_size: int  # the logits' width (an upper bound on the draft vocabulary)
+    hidden_size: int
+    intermediate_size: int | None
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, target: Any) -> TargetShape:
+        """The shape of a loaded :class:`eagle3_appliance.model.target.Target`."""
+        configs = [getattr(target.config, "text_config", None), target.config]
+        context = None
+        for config in (c for c in configs if c is not None):
+            context = next((int(v) for k in _CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int)), None)
+            if context is not None:
+                break
+        config = configs[0] or configs[1]
+        intermediate = getattr(config, "intermediate_size", None)
+        return cls(
+            max_position_embeddings=context,
+            vocab_size=int(target.logits_size),
+            hidden_size=int(target.hidden_size),
+            intermediate_size=int(intermediate) if isinstance(intermediate, int) else None,
+            dtype_bytes=target.dtype.itemsize,
+        )
+
+    def bytes_per_token(self) -> int:
+        """Server memory one token of a ``/generate`` needs at worst (an estimate with headroom).
+
+        The logits (model dtype) and a whole-vocabulary answer with its scratch dominate for
+        real models; then the decoder's activations. Attention is taken to be memory-efficient
+        (SDPA or flash attention, what transformers picks), i.e. linear in the length.
+        """
+        d = self.dtype_bytes
+        intermediate = self.intermediate_size if self.intermediate_size is not None else 4 * self.hidden_size
+        return (
+            self.vocab_size * (d + _VOCAB_EXTRA_BYTES)
+            + self.hidden_size * d * _HIDDEN_FACTOR
+            + intermediate * d * _MLP_FACTOR
+            + _ANSWER_FIXED_BYTES
+        )
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """The limits one server enforces, and where each came from (for the start-up log)."""
+
+    max_seq_len: int
+    max_batch_tokens: int
+    max_draft_vocab: int
+    max_answer_bytes: int
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (
+            f"max_seq_len {self.max_seq_len:,} ({self.sources['max_seq_len']}), "
+            f"max_batch_tokens {self.max_batch_tokens:,} ({self.sources['max_batch_tokens']}), "
+            f"draft vocabulary at most {self.max_draft_vocab:,} ids (the logits, each id once), "
+            f"answers at most {self.max_answer_bytes / (1 << 20):,.0f} MiB"
+        )
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / (1 << 30):.1f} GiB"
+
+
+def derive_limits(
+    settings: Settings, shape: TargetShape, *, device: torch.device, free_bytes: int | None = None
+) -> ServingLimits:
+    """The limits for ``shape`` on ``device``; ``free_bytes`` is the device memory free after loading
+    (read from CUDA when None). Explicit ``--max-seq-len`` / ``--max-batch-tokens`` win."""
+    sources: dict[str, str] = {}
+    if settings.max_seq_len is not None:
+        max_seq_len, sources["max_seq_len"] = settings.max_seq_len, "--max-seq-len"
+    elif shape.max_position_embeddings is not None:
+        max_seq_len, sources["max_seq_len"] = shape.max_position_embeddings, "the model's max_position_embeddings"
+    else:
+        max_seq_len, sources["max_seq_len"] = FALLBACK_MAX_SEQ_LEN, "the config names no context length"
+    per_token = shape.bytes_per_token()
+    if settings.max_batch_tokens is not None:
+        max_batch_tokens, sources["max_batch_tokens"] = settings.max_batch_tokens, "--max-batch-tokens"
+    elif device.type == "cuda":
+        if free_bytes is None:
+            free_bytes = int(torch.cuda.mem_get_info(device)[0])
+        budget = int(free_bytes * CUDA_BUDGET_FRACTION)
+        max_batch_tokens = max(1, budget // per_token)
+        sources["max_batch_tokens"] = (
+            f"{CUDA_BUDGET_FRACTION:.0%} of the {_gib(free_bytes)} free on {device} after loading, "
+            f"{per_token:,} B a token"
+        )
+    else:
+        max_batch_tokens = max(1, CPU_BUDGET_BYTES // per_token)
+        sources["max_batch_tokens"] = f"the {_gib(CPU_BUDGET_BYTES)} CPU budget, {per_token:,} B a token"
+    # A probs answer with the largest draft vocabulary (D = V).
+    dims = {"hidden_size": shape.hidden_size, "draft_vocab": shape.vocab_size, "dtype_bytes": shape.dtype_bytes}
+    return ServingLimits(
+        max_seq_len=max_seq_len,
+        max_batch_tokens=max_batch_tokens,
+        max_draft_vocab=shape.vocab_size,
+        max_answer_bytes=max_batch_tokens * wire_bytes_per_token(PROBS, **dims),
+        sources=sources,
+    )

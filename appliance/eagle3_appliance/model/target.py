@@ -1,0 +1,343 @@
+"""The forward step: a frozen causal LM with hooks on its three aux layers (protocol §1.1-3).
+
+No web framework and no projection here: :meth:`Target.forward` runs the model once and
+returns what it captured (:class:`ForwardOutputs`); :mod:`eagle3_appliance.model.supervision`
+turns that into the answer. Loading a checkpoint is :mod:`eagle3_appliance.model.loading`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from eagle3_appliance.core.inputs import Allocator
+from eagle3_appliance.model.fingerprint import local_shard, model_fingerprint
+from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
+
+__all__ = ["ForwardOutputs", "Lockstep", "Target", "find_decoder_layers"]
+
+# Config attributes that put a transformation between the LM head and the logits (their
+# neutral value, where one exists). With any of them the "hidden" encoding would give the
+# wrong distribution.
+_LOGIT_TRANSFORMS: dict[str, float | None] = {
+    "final_logit_softcapping": None,  # Gemma 2/3: tanh soft-capping
+    "logit_scale": 1.0,  # Cohere
+    "logits_scaling": 1.0,  # Granite (logits are divided by it)
+    "output_multiplier_scale": 1.0,
+}
+
+
+def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers, searched in the protocol's order (§1.2)."""
+    candidates = (
+        ("model", "layers"),
+        ("model", "language_model", "layers"),
+        ("language_model", "layers"),
+        ("layers",),
+        ("transformer", "h"),
+    )
+    for names in candidates:
+        obj: Any = model
+        for name in names:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if obj is None:
+            continue
+        if isinstance(obj, nn.ModuleDict):
+            return [obj[str(i)] for i in range(len(obj))]
+        return list(obj)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} for aux-layer capture")
+
+
+class Lockstep(Protocol):
+    """The other ranks of a tensor-parallel target (``model.tensor_parallel.TensorParallelGroup``).
+
+    Every forward of this rank must be mirrored by every other rank, in the same order, or
+    the collectives inside the forward never complete.
+    """
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool
+    ) -> AbstractContextManager[None]:
+        """Start the same forward on every other rank; the block runs this rank's own."""
+        ...
+
+    def faults(self) -> list[str]:
+        """Why the group can no longer compute (a rank died or hangs); empty while it can."""
+        ...
+
+
+@dataclass
+class ForwardOutputs:
+    """One forward: aux states ``[B,T,3H]``, logits ``[B,T,V]`` (unshifted), and the LM head's input if captured."""
+
+    aux_hidden_states: torch.Tensor
+    logits: torch.Tensor
+    final_hidden: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> ForwardOutputs:
+        """The outputs of batch rows ``start:stop`` (one request of a stacked forward)."""
+        hidden = None if self.final_hidden is None else self.final_hidden[start:stop]
+        return ForwardOutputs(self.aux_hidden_states[start:stop], self.logits[start:stop], hidden)
+
+
+class Target:
+    """A loaded, frozen causal LM with forward hooks on its three aux layers.
+
+    Not re-entrant: the hooks write into one capture slot, so callers must run
+    :meth:`forward` one at a time (the server does, through a one-thread executor).
+
+    ``mode`` names how the loader placed the model (``"single"``: one device); it feeds the
+    :attr:`fingerprint`, because the same weights placed another way may compute other bits.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        aux_layer_ids: Sequence[int] | None = None,
+        name: str = "",
+        *,
+        mode: str = "single",
+        lockstep: Lockstep | None = None,
+    ) -> None:
+        # A transformers model: its methods (get_input_embeddings, ...) are not on nn.Module's type.
+        self.model: Any = model.eval().requires_grad_(False)
+        self.name = name
+        # How the weights are placed: "single", "device_map" or "tp=N" (/model_info and /metrics say it).
+        self.mode = mode
+        self.lockstep = lockstep
+        # Tensor parallel: the input embedding is sharded by vocabulary; this is the whole of it.
+        self.gathered_input_embeddings: torch.Tensor | None = None
+        self._fingerprint: str | None = None
+        self.layers = find_decoder_layers(model)
+        num_layers = self.num_hidden_layers
+        self.aux_layer_ids = (
+            default_aux_layer_ids(num_layers)
+            if aux_layer_ids is None
+            else validate_aux_layer_ids(list(aux_layer_ids), num_layers)
+        )
+        self._captured: dict[int, torch.Tensor] = {}
+        for layer_id in self.aux_layer_ids:
+            self.layers[layer_id].register_forward_hook(self._capture_hook(layer_id))
+        params = inspect.signature(model.forward).parameters
+        self._forward_flags = {
+            flag: False for flag in ("output_hidden_states", "output_attentions", "use_cache") if flag in params
+        }
+        self._hidden_refusal: tuple[str | None] | None = None  # cached (reason,) once probed
+        offloaded = hasattr(model, "_hf_hook")  # a device map's offloaded weights are read back per forward
+        for p in self.model.parameters():
+            if p.device.type == "meta" and not offloaded:
+                raise RuntimeError("model has parameters on the meta device after loading")
+
+    def _capture_hook(self, layer_id: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._captured[layer_id] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    # -- shape and identity ------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def num_hidden_layers(self) -> int:
+        text_config = getattr(self.config, "text_config", None)
+        if text_config is not None and getattr(text_config, "num_hidden_layers", None) is not None:
+            return int(text_config.num_hidden_layers)
+        return len(self.layers)
+
+    def _embedding_weight(self) -> torch.Tensor:
+        embedding: Any = self.model.get_input_embeddings()
+        weight: torch.Tensor = embedding.weight
+        return weight
+
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        """The whole input embedding (a tensor-parallel target keeps a gathered copy on the host)."""
+        if self.gathered_input_embeddings is not None:
+            return self.gathered_input_embeddings
+        return self._embedding_weight()
+
+    def faults(self) -> list[str]:
+        """Why this target can no longer compute (a tensor-parallel rank failed); empty while it can."""
+        return self.lockstep.faults() if self.lockstep is not None else []
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        head: nn.Module | None = self.model.get_output_embeddings()
+        return head
+
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs go and the outputs come back (a tensor-parallel rank: its own device)."""
+        device: torch.device = local_shard(self._embedding_weight()).device
+        return device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._embedding_weight().dtype
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: token ids must lie in ``[0, vocab_size)``."""
+        return int(self._embedding_weight().shape[0])
+
+    @property
+    def logits_size(self) -> int:
+        """Width of the logits: the length of ``selected_token_mask``."""
+        head = self.lm_head
+        weight = getattr(head, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else self.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._embedding_weight().shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """What this target computes, as one string (:mod:`eagle3_appliance.model.fingerprint`); computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(
+                self.model, dtype=self.dtype, aux_layer_ids=list(self.aux_layer_ids), mode=self.mode
+            )
+        return self._fingerprint
+
+    def model_info(self) -> dict[str, Any]:
+        """The body of ``/model_info`` (exactly upstream's keys)."""
+        text_config = getattr(self.config, "text_config", None) or self.config
+        return {
+            "num_hidden_layers": self.num_hidden_layers,
+            "hidden_size": int(getattr(text_config, "hidden_size", self.hidden_size)),
+            "vocab_size": int(getattr(text_config, "vocab_size", self.vocab_size)),
+            "aux_layer_ids": list(self.aux_layer_ids),
+        }
+
+    # -- the forward -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        capture_hidden: bool = False,
+        alloc: Allocator | None = None,
+    ) -> ForwardOutputs:
+        """One target forward on the model's device; the aux states, logits and (if asked) the LM head's input.
+
+        ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to.
+        """
+        self._captured.clear()
+        try:
+            with (
+                self._capture_lm_head_input(capture_hidden) as slot,
+                self._lockstep(input_ids, attention_mask, capture_hidden),
+            ):
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_flags)
+            if len(self._captured) != 3:
+                raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
+            logits = out.logits if hasattr(out, "logits") else out
+            # With a device map the aux layers may sit on other devices: gathered where the logits are.
+            parts = [self._captured[i].to(logits.device) for i in self.aux_layer_ids]
+            if alloc is None:
+                aux = torch.cat(parts, dim=-1)
+            else:
+                shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
+                aux = torch.cat(parts, dim=-1, out=alloc(shape, parts[0].dtype))
+        finally:
+            self._captured.clear()
+        hidden = slot.get("h")
+        if capture_hidden and (hidden is None or hidden.shape[:-1] != logits.shape[:-1]):
+            raise RuntimeError("the LM head's input was not captured for every position")
+        return ForwardOutputs(aux, logits, hidden)
+
+    def _lockstep(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool
+    ) -> AbstractContextManager[None]:
+        if self.lockstep is None:
+            return contextlib.nullcontext()
+        return self.lockstep.step(input_ids, attention_mask, capture_hidden)
+
+    @contextlib.contextmanager
+    def _capture_lm_head_input(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """A pre-hook on the LM head for one forward: ``slot["h"]`` is its input (what "hidden" sends).
+
+        The LM head's input is taken after the final norm and any scaling the model applies
+        before the head; without ``enabled`` no hook is installed (it costs nothing).
+        """
+        slot: dict[str, torch.Tensor] = {}
+        head = self.lm_head if enabled else None
+        if head is None:
+            yield slot
+            return
+
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            slot["h"] = args[0]
+
+        handle = head.register_forward_pre_hook(hook)
+        try:
+            yield slot
+        finally:
+            handle.remove()
+
+    # -- what the "hidden" encoding needs ---------------------------------------------------
+
+    def hidden_refusal(self) -> str | None:
+        """Why the LM head's input cannot reproduce this model's logits, or None when it can (cached).
+
+        Config checks give a named reason; a probe forward then checks, bit for bit, that the
+        logits are exactly ``linear(lm_head_input, lm_head.weight)``, which also catches
+        transformations no config attribute announces. Runs a forward: call it on the model thread.
+        """
+        if self._hidden_refusal is None:
+            reason = self._static_hidden_refusal()
+            if reason is None:
+                reason = self._probe_hidden_refusal()
+            self._hidden_refusal = (reason,)
+        return self._hidden_refusal[0]
+
+    def _static_hidden_refusal(self) -> str | None:
+        if self.lockstep is not None:
+            return f"the LM head is sharded over the ranks of a tensor-parallel target ({self.mode})"
+        head = self.lm_head
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            return "the model has no output embedding (LM head) weight"
+        if getattr(head, "bias", None) is not None:
+            return "the LM head has a bias"
+        configs = [self.config, getattr(self.config, "text_config", None)]
+        for config in (c for c in configs if c is not None):
+            for attr, neutral in _LOGIT_TRANSFORMS.items():
+                value = getattr(config, attr, None)
+                if value is not None and value != neutral:
+                    return f"the config sets {attr}={value}, a transformation after the LM head"
+        return None
+
+    def _probe_hidden_refusal(self) -> str | None:
+        ids = (torch.arange(8, device=self.device) % self.vocab_size).unsqueeze(0)
+        out = self.forward(ids, torch.ones_like(ids), capture_hidden=True)
+        assert out.final_hidden is not None
+        recomputed = torch.nn.functional.linear(out.final_hidden, self.lm_head_weight()).to(out.logits.dtype)
+        if recomputed.shape != out.logits.shape or not torch.equal(recomputed, out.logits):
+            return "the logits are not exactly linear(LM-head input, LM-head weight) (a transformation after the head)"
+        return None
+
+    def lm_head_weight(self) -> torch.Tensor:
+        weight = getattr(self.lm_head, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise RuntimeError("the model has no output embedding (LM head) weight")
+        return weight
+
+    def lm_head_rows(self, selected_token_ids: torch.Tensor) -> torch.Tensor:
+        """``lm_head.weight[selected_token_ids]`` ``[D,H]`` on the CPU, for a client on the "hidden" encoding."""
+        weight = self.lm_head_weight()
+        return weight.index_select(0, selected_token_ids.to(weight.device)).detach().to("cpu").contiguous()

@@ -1,0 +1,341 @@
+"""``/generate`` from request to answer, one step after the other, each in its own module.
+
+::
+
+    decode and validate  (validation)      body -> GenerateInputs, against the server's limits
+    choose the transfer  (choose_transfer) wire, our group, or upstream's NCCL: decided here only
+    admit                (admission)       bounded queue, 503 + Retry-After beyond it
+    forward              (target)          the model, aux-layer captures, the LM head's input if needed
+    supervise            (supervision)     the answer in the session's encoding, into reused memory
+    prepare              (transfer)        host copies, or device tensors ready for a group send
+    send                 (transfer)        HTTP body, or metadata + group sends
+
+Which waiting request goes next is :mod:`eagle3_appliance.serving.scheduling`'s choice (the oldest,
+unless its client will have given up by the answer). Forward, supervise and prepare run on
+:class:`ModelRunner`, the one thread that touches the model (the aux-layer hooks write into one
+capture slot, so forwards must not overlap, and a single worker thread gives that ordering
+without a lock the event loop would block on). With
+micro-batching on, jobs of one sequence length go through :class:`MicroBatcher`, which runs
+them as one stacked forward on the same thread and through the same steps; either way the
+request time limit, the queue accounting and the metrics are the same.
+
+Nobody waits, nothing is computed: a job whose clients have all gone (their handler was
+cancelled, or their socket shows a hang-up right before the forward) is dropped and counted
+in ``eagle3_generate_abandoned_total``. A retry of a wire ``/generate`` that names the same
+request id (``X-Eagle3-Request-Id``, same session, same body) while the first is still queued
+or computing becomes one more waiter of that job instead of a second forward; an answer that
+finished (or whose send broke) while its client was between attempts is kept for that retry
+(:mod:`eagle3_appliance.serving.jobs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from sanic import Request
+
+from eagle3_appliance.core.admission import Admission
+from eagle3_appliance.core.inputs import GenerateInputs
+from eagle3_appliance.core.sessions import Session
+from eagle3_appliance.dataplanes.buffers import ServerBuffers
+from eagle3_appliance.dataplanes.group_plane import LINK_KEY, GroupTransfer
+from eagle3_appliance.dataplanes.transfer import Transfer, WireTransfer
+from eagle3_appliance.dataplanes.upstream_nccl import upstream_transfer
+from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
+from eagle3_appliance.model import supervision
+from eagle3_appliance.model.limits import ServingLimits, TargetShape, derive_limits
+from eagle3_appliance.model.target import ForwardOutputs, Target
+from eagle3_appliance.ops.metrics import Metrics
+from eagle3_appliance.serving.connections import client_connected
+from eagle3_appliance.serving.jobs import (
+    ABANDONED,
+    QUEUED,
+    RUNNING,
+    Computation,
+    Job,
+    KeptAnswers,
+    RequestKey,
+    Waiter,
+    request_key,
+)
+from eagle3_appliance.serving.microbatch import MicroBatcher
+from eagle3_appliance.serving.scheduling import Scheduler
+from eagle3_appliance.serving.validation import decode_body, validate_generate
+from eagle3_appliance.settings import Settings
+from eagle3_client import protocol
+from eagle3_client.encodings import PROBS, parse_encoding
+
+__all__ = ["ModelRunner", "Pipeline", "choose_transfer"]
+
+T = TypeVar("T")
+
+
+class ModelRunner:
+    """The one thread that runs model work, in submission order."""
+
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+
+
+def choose_transfer(request: Request, session: Session, buffers: ServerBuffers) -> Transfer:
+    """How this ``/generate`` answer leaves: the one place that decides.
+
+    Our clients name a group transfer with ``X-Eagle3-Transfer: <seq>`` (a session without a
+    working group is answered in the body, without the echo, so the client falls back);
+    upstream's clients ask for their NCCL group with ``X-NeMo-NCCL: 1``; anything else is
+    a plain wire answer.
+    """
+    header = request.headers.get(protocol.TRANSFER_HEADER)
+    if header is not None and not session.anonymous:
+        try:
+            seq = int(header)
+        except ValueError:
+            raise MalformedBody(f"{protocol.TRANSFER_HEADER} must be an integer, got {header!r}") from None
+        link = session.extras.get(LINK_KEY)
+        return GroupTransfer(session, seq, link if link is not None and not link.closed else None, buffers)
+    if request.headers.get(protocol.NCCL_HEADER) == "1":
+        upstream = upstream_transfer(session)
+        if upstream is not None:
+            return upstream
+    return WireTransfer(buffers)
+
+
+class Pipeline:
+    """The ``/generate`` steps, shared by every request of one server (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        target: Target,
+        buffers: ServerBuffers,
+        admission: Admission,
+        metrics: Metrics,
+        runner: ModelRunner | None = None,
+        limits: ServingLimits | None = None,
+    ) -> None:
+        self.settings = settings
+        self.target = target
+        self.limits = limits or derive_limits(settings, TargetShape.of(target), device=target.device)
+        self.vocab_size = target.vocab_size  # token ids are checked against it before the forward
+        self.buffers = buffers
+        self.admission = admission
+        self.metrics = metrics
+        self.runner = runner or ModelRunner()
+        self.scheduler = Scheduler(lambda: admission.compute_seconds)
+        self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
+        self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
+        self._shared: dict[RequestKey, Computation] = {}
+        self._kept = KeptAnswers()  # answers their client did not receive, for an immediate retry
+        if settings.microbatch_wait_ms > 0:
+            self.batcher = MicroBatcher(
+                self._run_group,
+                wait_s=settings.microbatch_wait_ms / 1000,
+                max_tokens=settings.microbatch_max_tokens,
+            )
+
+    async def generate(self, request: Request, session: Session) -> None:
+        """Answer one ``/generate`` request of ``session``."""
+        inputs = validate_generate(
+            decode_body(request.body),
+            vocab_size=self.vocab_size,
+            max_seq_len=self.limits.max_seq_len,
+            max_batch_tokens=self.limits.max_batch_tokens,
+        )
+        mapping = session.mapping
+        if mapping is None:
+            raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
+        encoding = parse_encoding(session.encoding)
+        transfer = choose_transfer(request, session, self.buffers)
+        # Only what our client negotiated is named: upstream's answer stays header-free.
+        headers = {} if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
+        if mapping.version is not None:  # the mapping this answer is computed under, for the client's decode
+            headers[protocol.MAPPING_VERSION_HEADER] = str(mapping.version)
+        if request.headers.get(protocol.FAILOVER_HEADER):
+            self.metrics.failovers.inc()
+        key = request_key(request, session, transfer)
+        async with self.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
+            job = Job(inputs, mapping, encoding, transfer, ticket, client_connected(request), key, session.id)
+            answer = await self.compute(job)
+            try:
+                tier = await transfer.send(request, answer, ticket, headers)
+            except BaseException:
+                self._kept.keep(job, answer)  # the client left during the send: its retry gets this answer
+                raise
+            self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
+            self.metrics.record_sent(tier, encoding.name, ticket.nbytes)
+
+    async def compute(self, job: Job) -> dict[str, torch.Tensor]:
+        """Forward, supervise and prepare ``job`` on the model thread, within ``--request-timeout``.
+
+        The computation runs as its own task, so that a retry attached to it (same request
+        key) keeps it alive when the first client leaves (see :meth:`_orphaned` for what
+        happens when no request awaits it any more).
+        """
+        waiter = Waiter(job.ticket, job.connected)
+        computation = self._attach(job, waiter)
+        timeout = self.settings.request_timeout
+        reason = "client_gone"
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(computation.task), timeout=timeout)
+        except asyncio.TimeoutError:
+            reason = "timeout"
+            raise Unavailable(
+                f"/generate exceeded this server's request time limit of {timeout:g} s "
+                "(waiting for the model plus computing); retry later or send smaller batches",
+                headers=self.admission.retry_after(),
+            ) from None
+        finally:
+            with self._lock:
+                waiter.active = False
+                orphaned = not computation.job.awaited()
+            if orphaned and not computation.task.done():
+                self._orphaned(computation, reason)
+        if answer is None:  # dropped on the model thread: every client had gone (this one attached late)
+            raise Unavailable(
+                "the computation this request was waiting for was dropped; send it again",
+                headers=self.admission.retry_after(),
+            )
+        return answer
+
+    def _attach(self, job: Job, waiter: Waiter) -> Computation:
+        """The computation ``waiter`` awaits: a matching one in flight (a retry), else ``job``'s own."""
+        if job.key is not None:
+            kept = self._kept.take(job)
+            if kept is not None:
+                done: asyncio.Future[dict[str, torch.Tensor] | None] = asyncio.get_running_loop().create_future()
+                done.set_result(kept)
+                return Computation(job, done)
+            with self._lock:
+                running = self._shared.get(job.key)
+                if running is not None and running.job.accepts(job):
+                    running.job.waiters.append(waiter)
+                    return running
+        job.waiters.append(waiter)
+        if self.batcher is not None:
+            work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
+        else:
+            work = self._run_alone(job)
+        computation = Computation(job, asyncio.ensure_future(work))
+        computation.task.add_done_callback(_consume)
+        if job.key is not None:
+            key = job.key
+            self._shared[key] = computation
+
+            def forget(task: asyncio.Future[dict[str, torch.Tensor] | None]) -> None:
+                if self._shared.get(key) is computation:
+                    del self._shared[key]
+                if not computation.job.awaited() and not task.cancelled() and task.exception() is None:
+                    answer = task.result()
+                    if answer is not None:  # finished while its client was between attempts
+                        self._kept.keep(computation.job, answer)
+
+            computation.task.add_done_callback(forget)
+        return computation
+
+    def _orphaned(self, computation: Computation, reason: str) -> None:
+        """Nobody awaits ``computation`` any more.
+
+        A job without a request id is dropped now. One with an id keeps its place in the queue,
+        so that a retry (which follows at once) attaches to it without queueing again; the model
+        thread drops it if nobody has attached by its turn. A job already on the model thread
+        runs to its end either way (a retry may still attach to it).
+        """
+        if computation.job.key is None and self._abandon(computation.job, reason):
+            computation.task.cancel()
+
+    def _abandon(self, job: Job, reason: str) -> bool:
+        """Drop a job nobody waits for, unless the model thread has already claimed it."""
+        with self._lock:
+            if job.state != QUEUED:
+                return False
+            job.state = ABANDONED
+        self.metrics.abandoned.labels(reason).inc()
+        if reason == "client_gone" and job.key is None and job.session_id is not None:
+            # A client without request ids gave up after waiting this long (its retry, if any,
+            # queues anew): what the scheduler expects of that session's clients.
+            self.scheduler.patience.gave_up(job.session_id, time.perf_counter() - job.ticket.admitted)
+        return True
+
+    def _claim(self, job: Job) -> bool:
+        """On the model thread, right before the forward: run the job if a client still waits."""
+        with self._lock:
+            if job.state == QUEUED and not job.wanted():
+                job.state = ABANDONED
+                self.metrics.abandoned.labels("client_gone").inc()
+                return False
+            if job.state != QUEUED:
+                return False
+            job.state = RUNNING
+            return True
+
+    async def _run_alone(self, job: Job) -> dict[str, torch.Tensor] | None:
+        return (await self._run_group([job]))[0]
+
+    async def _run_group(self, jobs: list[Job]) -> list[dict[str, torch.Tensor] | None]:
+        """Wait for this unit's turn (:mod:`eagle3_appliance.serving.scheduling`), then run it on the model thread."""
+        async with self.scheduler.turn([job.session_id for job in jobs], min(job.ticket.admitted for job in jobs)):
+            return await self.runner.run(self._compute_on_model_thread, jobs)
+
+    @torch.no_grad()
+    def _compute_on_model_thread(self, all_jobs: list[Job]) -> list[dict[str, torch.Tensor] | None]:
+        """One forward for the jobs someone still waits for (stacked when there are several), then
+        each job's answer; None for a job that was dropped instead."""
+        jobs = [job for job in all_jobs if self._claim(job)]
+        if not jobs:
+            return [None] * len(all_jobs)
+        with self._lock:
+            tickets = [w.ticket for job in jobs for w in job.waiters if w.active]
+        for ticket in tickets:
+            ticket.begin_compute()
+        try:
+            target = self.target
+            device = target.device
+            alloc = self.buffers.device_alloc()
+            inputs = [job.inputs.to(device) for job in jobs]
+            capture = any(job.encoding.kind == protocol.ENCODING_HIDDEN for job in jobs)
+            if len(jobs) == 1:
+                stacked = inputs[0]
+            else:  # micro-batching: one forward over the rows of every job
+                stacked = GenerateInputs(
+                    torch.cat([i.input_ids for i in inputs]),
+                    torch.cat([i.attention_mask for i in inputs]),
+                    torch.cat([i.loss_mask for i in inputs]),
+                )
+            out = target.forward(stacked.input_ids, stacked.attention_mask, capture_hidden=capture, alloc=alloc)
+            self.metrics.exec_count.inc()
+            answers = []
+            start = 0
+            for job, job_inputs in zip(jobs, inputs, strict=True):
+                stop = start + job_inputs.batch_size
+                rows: ForwardOutputs = out if len(jobs) == 1 else out.rows(start, stop)
+                mapping = job.mapping.to(device)
+                answers.append(supervision.encode(job.encoding, rows, job_inputs, mapping, alloc=alloc))
+                start = stop
+            del out
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so that the forward phase is the GPU's time
+            for ticket in tickets:
+                ticket.forward_done()
+            prepared = {id(job): job.transfer.prepare(answer) for job, answer in zip(jobs, answers, strict=True)}
+            return [prepared.get(id(job)) for job in all_jobs]
+        finally:
+            for ticket in tickets:
+                ticket.end_compute()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a computation nobody awaited any more (no "never retrieved" warning)."""
+    if not task.cancelled():
+        task.exception()

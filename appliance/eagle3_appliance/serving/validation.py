@@ -1,0 +1,177 @@
+"""The first step of every request: decode the body and check it, before any of it reaches the model.
+
+Every check raises an :mod:`eagle3_appliance.errors` exception with a message that names the
+offending key and value. Token ids are range-checked here because an out-of-range index
+on a GPU is a device-side assert that kills the CUDA context for every later request.
+
+Every size a client controls is bounded here, before anything is allocated from it: a body
+by ``--max-body-bytes`` (Sanic refuses it before it is read) and :data:`MAX_BODY_ENTRIES`
+(the decoder), a batch by the server's token limits, and a draft vocabulary ``D`` by the
+model's logits (each id at most once), so that every answer is at most
+``max_batch_tokens x logits`` probabilities and ``/lm_head_rows`` at most the whole LM head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import orjson
+import torch
+
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.errors import ApplianceError, InvalidRequest, InvalidTensors, MalformedBody
+from eagle3_client import wire
+from eagle3_client.protocol import GENERATE_INPUT_KEYS, VOCAB_MAPPING_KEYS
+
+__all__ = [
+    "MAX_BODY_ENTRIES",
+    "decode_body",
+    "json_body",
+    "json_object",
+    "validate_generate",
+    "validate_row_request",
+    "validate_vocab_mapping",
+]
+
+# Entries a wire body may have: ours have at most three keys; more is not a request (and
+# each tiny entry would cost a Python object, a hostile body holding millions of them).
+MAX_BODY_ENTRIES = 16
+
+_INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# Masks hold 0/1; recipes build them as integers or bool, some as floats: all are accepted.
+_MASK = (*_INTEGER, torch.bool, torch.float32, torch.float16, torch.bfloat16)
+
+
+def json_object(body: bytes | None) -> dict[str, Any]:
+    """A JSON object body (an empty body is ``{}``); 400 for anything else."""
+    if not body:
+        return {}
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MalformedBody("body is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise MalformedBody(f"expected a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+T = TypeVar("T")
+
+
+def json_body(body: bytes | None, parse: Callable[[Any], T], *, error: type[ApplianceError] = InvalidRequest) -> T:
+    """A JSON body read by one of the protocol's schemas (``Schema.from_json``); ``error`` names what is wrong."""
+    try:
+        return parse(json_object(body))
+    except ValueError as exc:
+        raise error(str(exc)) from None
+
+
+def decode_body(body: bytes) -> dict[str, torch.Tensor | None]:
+    """A wire-format tensor dictionary; 400 when the body is empty or malformed."""
+    if not body:
+        raise MalformedBody("empty body; expected a wire-format tensor dictionary")
+    try:
+        return wire.decode(body, max_entries=MAX_BODY_ENTRIES)
+    except wire.WireFormatError as exc:
+        raise MalformedBody(f"malformed wire body: {exc}") from None
+
+
+def _require(tensors: dict[str, torch.Tensor | None], keys: tuple[str, ...]) -> list[torch.Tensor]:
+    missing = [k for k in keys if tensors.get(k) is None]
+    if missing:
+        raise InvalidTensors(f"missing keys {missing}; expected {list(keys)}, got {sorted(tensors)}")
+    extra = sorted(set(tensors) - set(keys))
+    if extra:
+        raise InvalidTensors(f"unexpected keys {extra}; expected {list(keys)}")
+    return [tensors[k] for k in keys]  # type: ignore[misc]
+
+
+def _check_dtype(key: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise InvalidTensors(f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; expected one of {names}")
+
+
+def _check_binary(key: str, tensor: torch.Tensor) -> None:
+    if tensor.numel() and tensor.dtype != torch.bool and not bool(((tensor == 0) | (tensor == 1)).all()):
+        low, high = tensor.min().item(), tensor.max().item()
+        raise InvalidTensors(f"{key} must hold only 0 and 1, got values in [{low:g}, {high:g}]")
+
+
+def validate_generate(
+    tensors: dict[str, torch.Tensor | None], *, vocab_size: int, max_seq_len: int, max_batch_tokens: int
+) -> GenerateInputs:
+    """``(input_ids, attention_mask, loss_mask)``, each ``[B,T]``, ids in ``[0, vocab_size)``."""
+    input_ids, attention_mask, loss_mask = _require(tensors, GENERATE_INPUT_KEYS)
+    _check_dtype("input_ids", input_ids, _INTEGER)
+    _check_dtype("attention_mask", attention_mask, _MASK)
+    _check_dtype("loss_mask", loss_mask, _MASK)
+    if input_ids.ndim != 2:
+        raise InvalidTensors(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}")
+    for key, t in (("attention_mask", attention_mask), ("loss_mask", loss_mask)):
+        if t.shape != input_ids.shape:
+            raise InvalidTensors(f"{key} has shape {list(t.shape)}; input_ids has {list(input_ids.shape)}")
+    batch, seq_len = input_ids.shape
+    if batch == 0 or seq_len == 0:
+        raise InvalidTensors(f"empty batch: input_ids has shape {[batch, seq_len]}")
+    if seq_len > max_seq_len:
+        raise InvalidTensors(f"sequence length {seq_len} exceeds this server's maximum of {max_seq_len}")
+    if batch * seq_len > max_batch_tokens:
+        raise InvalidTensors(f"{batch * seq_len} tokens exceed this server's maximum of {max_batch_tokens} per request")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise InvalidTensors(f"input_ids must lie in [0, {vocab_size}), got values in [{low}, {high}]")
+    _check_binary("attention_mask", attention_mask)
+    _check_binary("loss_mask", loss_mask)
+    return GenerateInputs(input_ids, attention_mask, loss_mask)
+
+
+def _check_draft_ids(ids: torch.Tensor, logits_size: int) -> None:
+    """A draft vocabulary: at most ``logits_size`` ids, each in ``[0, logits_size)`` and listed once.
+
+    This is what bounds every answer's ``D`` (and ``/lm_head_rows``) by the model itself.
+    """
+    if ids.numel() > logits_size:
+        raise InvalidTensors(
+            f"selected_token_ids has {ids.numel()} ids; this model has {logits_size} logits, "
+            f"so at most {logits_size} (each id once)"
+        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= logits_size:
+        raise InvalidTensors(f"selected_token_ids must lie in [0, {logits_size}), got values in [{low}, {high}]")
+    values, counts = torch.unique(ids, return_counts=True)
+    repeated = values[counts > 1]
+    if repeated.numel():
+        raise InvalidTensors(
+            f"selected_token_ids lists {repeated.numel()} id(s) more than once (first: {int(repeated[0])}); "
+            "each id may appear once"
+        )
+
+
+def validate_vocab_mapping(tensors: dict[str, torch.Tensor | None], *, logits_size: int) -> VocabMapping:
+    """A :class:`VocabMapping`: at most ``V`` distinct int64 ids in ``[0, V)`` and a bool mask of length ``V``."""
+    ids, mask = _require(tensors, VOCAB_MAPPING_KEYS)
+    _check_dtype("selected_token_ids", ids, _INTEGER)
+    _check_dtype("selected_token_mask", mask, (*_INTEGER, torch.bool))
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise InvalidTensors(f"selected_token_ids must be a non-empty 1-D tensor, got shape {list(ids.shape)}")
+    if mask.ndim != 1 or mask.numel() != logits_size:
+        raise InvalidTensors(f"selected_token_mask must have shape [{logits_size}], got {list(mask.shape)}")
+    _check_draft_ids(ids, logits_size)
+    _check_binary("selected_token_mask", mask)
+    return VocabMapping(selected_token_ids=ids.long(), selected_token_mask=mask.bool())
+
+
+def validate_row_request(tensors: Mapping[str, torch.Tensor | None], *, logits_size: int) -> torch.Tensor:
+    """The ``selected_token_ids`` of an ``/lm_head_rows`` body: int, 1-D, at most ``V`` distinct ids in ``[0, V)``."""
+    ids = tensors.get("selected_token_ids")
+    extra = sorted(set(tensors) - {"selected_token_ids"})
+    if ids is None or extra:
+        raise InvalidTensors(f"expected exactly the key 'selected_token_ids', got {sorted(tensors)}")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16) or ids.ndim != 1 or ids.numel() == 0:
+        raise InvalidTensors(
+            f"selected_token_ids must be a non-empty 1-D integer tensor, got {ids.dtype} {list(ids.shape)}"
+        )
+    _check_draft_ids(ids, logits_size)
+    return ids.long()

@@ -1,0 +1,100 @@
+"""Choosing a data plane per server: what this process can do, what the server offers, what the user asked.
+
+Tiers, best first: ``nccl`` (GPU to GPU), ``gloo`` (CPU sockets, no HTTP framing), ``wire``
+(the HTTP body, upstream's fallback, always possible). ``auto`` takes the best tier both
+ends support; naming a tier forces it, and a forced tier the pair cannot do is an error at
+connect time (a silent wire fallback would hide a misconfigured cluster). Every knob has a
+keyword argument on ``RemoteEagle3TargetModel`` and an environment default
+(:mod:`eagle3_client.options`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from eagle3_client import protocol
+from eagle3_client.errors import RemoteTargetError
+from eagle3_client.options import AUTO, DATA_PLANE_CHOICES
+from eagle3_client.transports.transfer import gloo_available, nccl_available
+
+__all__ = ["AUTO", "DataPlaneConfig", "DataPlaneUnavailable", "choose_tier", "local_tiers", "receive_device"]
+
+
+class DataPlaneUnavailable(RemoteTargetError):
+    """The data plane the user forced cannot be used with this server from this process."""
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """The client's data-plane options (from :class:`eagle3_client.options.ClientOptions`).
+
+    * ``preference`` - ``auto``, ``nccl``, ``gloo`` or ``wire``.
+    * ``timeout`` - seconds one group transfer may take once its answer has arrived; past it
+      the answer is fetched over the wire.
+    * ``connect_timeout`` - seconds to join a group, hello included; a rendezvous across nodes
+      can need longer.
+    * ``backoff`` - seconds on the wire after a broken transfer before trying the group again;
+      doubled after each consecutive failure up to ``max_backoff``.
+    """
+
+    preference: str = AUTO
+    timeout: float = 60.0
+    connect_timeout: float = 60.0
+    backoff: float = 5.0
+    max_backoff: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.preference not in DATA_PLANE_CHOICES:
+            raise ValueError(f"data_plane must be one of {list(DATA_PLANE_CHOICES)}, got {self.preference!r}")
+        if self.timeout <= 0 or self.connect_timeout <= 0 or self.backoff < 0:
+            raise ValueError(
+                "data-plane timeouts must be > 0 and the back-off >= 0, got "
+                f"timeout={self.timeout}, connect_timeout={self.connect_timeout}, backoff={self.backoff}"
+            )
+
+
+def receive_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index means the GPU current *now*: pin it, because answers may be
+    received on a prefetch thread, whose current GPU would otherwise be GPU 0."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def local_tiers(device: torch.device, env: Mapping[str, str] | None = None) -> list[str]:
+    """The tiers this process can take part in, best first (``wire`` always).
+
+    NCCL needs a CUDA trainer device and NCCL in torch.distributed; upstream's
+    ``NEMO_EAGLE_ENABLE_NCCL=0`` removes it. Gloo needs only torch.distributed.
+    """
+    env = os.environ if env is None else env
+    tiers = []
+    if device.type == "cuda" and nccl_available() and env.get(protocol.ENV_ENABLE_NCCL, "1") != "0":
+        tiers.append(protocol.TIER_NCCL)
+    if gloo_available():
+        tiers.append(protocol.TIER_GLOO)
+    tiers.append(protocol.TIER_WIRE)
+    return tiers
+
+
+def choose_tier(preference: str, local: Sequence[str], offered: Sequence[str], url: str) -> str:
+    """The tier to use with one server; raises :class:`DataPlaneUnavailable` for an impossible forced tier."""
+    if preference == AUTO:
+        return next((t for t in protocol.TIERS if t in local and t in offered), protocol.TIER_WIRE)
+    if preference == protocol.TIER_WIRE:
+        return preference
+    if preference not in local:
+        raise DataPlaneUnavailable(
+            f"data_plane={preference!r} was requested for {url}, but this process can only do {list(local)} "
+            f"(nccl needs a CUDA device and NCCL; use data_plane='auto' (EAGLE3_DATA_PLANE=auto) to fall back)"
+        )
+    if preference not in offered:
+        raise DataPlaneUnavailable(
+            f"data_plane={preference!r} was requested, but {url} offers only {list(offered)} "
+            f"(an upstream server offers only wire; use data_plane='auto' (EAGLE3_DATA_PLANE=auto) to fall back)"
+        )
+    return preference
