@@ -33,10 +33,14 @@ demo: $(STAMP)
 	$(VENV)/bin/eagle3-appliance demo
 
 # Two invocations: the load tests start Locust processes against an appliance subprocess,
-# and are kept apart from the session that runs in-process servers.
+# and are kept apart from the session that runs in-process servers. Test files run in
+# parallel worker processes (pytest-xdist), a file's tests together on one worker so that
+# its module-scoped servers start once; PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
-	$(VENV)/bin/python -m pytest tests/loadtest
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL)
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) tests/loadtest
 
 # Static checks: ruff (lint + format) over everything, mypy over the three packages
 # (configured in pyproject.toml), and the option tables the docs generate from the code.
