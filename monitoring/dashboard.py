@@ -321,19 +321,19 @@ def _panel(panel: Panel, panel_id: int) -> timeseries.Panel | stat.Panel:
     else:
         built.legend(
             common_b.VizLegendOptions()
-            .display_mode(common.LegendDisplayMode.TABLE)
+            .display_mode(common.LegendDisplayMode.TABLE)  # type: ignore[arg-type]  # StrEnum: mypy reads 3.10
             .placement(common.LegendPlacement.BOTTOM)
             .show_legend(True)
             .calcs(["lastNotNull", "max"])
         ).fill_opacity(20 if panel.stack else 5)
         if panel.stack:
-            built.stacking(common_b.StackingConfig().mode(common.StackingMode.NORMAL))
+            built.stacking(common_b.StackingConfig().mode(common.StackingMode.NORMAL))  # type: ignore[arg-type]
     return built
 
 
 def build() -> dash.Dashboard:
     """The dashboard: variables for the data source, the job and the instances, then one row per concern."""
-    board = (
+    board: dash.Dashboard = (
         dash.Dashboard("EAGLE-3 appliance")
         .uid(UID)
         .description("One EAGLE-3 target server or a fleet of them: throughput, latency, queue, errors, GPUs.")
