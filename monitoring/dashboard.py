@@ -279,11 +279,12 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 ),
             ),
             Panel(
-                "XID events (last hour)",
-                "XID events per GPU and code in the last hour; fatal ones (79, 48, 74, ...) make the server not ready.",
+                "XID events since start",
+                "XID events per GPU and code since the server started (a step is a new event; a code's series "
+                "starts at its first event); fatal ones (79, 48, 74, ...) make the server not ready.",
                 (
                     (
-                        f"sum by (instance, gpu, xid) (increase(eagle3_gpu_xid_errors_total{sel()}[1h]))",
+                        f"sum by (instance, gpu, xid) (eagle3_gpu_xid_errors_total{sel()})",
                         "{{instance}} gpu{{gpu}} xid {{xid}}",
                     ),
                 ),

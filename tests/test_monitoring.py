@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from eagle3_appliance.launch import ServerProcess
-from monitoring import dashboard
 from monitoring.expressions import (
     DASHBOARD,
     alert_expressions,
@@ -32,6 +31,9 @@ def exposition(server: ServerProcess) -> str:
 
 
 def test_the_committed_dashboard_is_what_the_generator_builds() -> None:
+    pytest.importorskip("grafana_foundation_sdk", reason="the generator's SDK needs Python 3.11+")
+    from monitoring import dashboard
+
     assert DASHBOARD.read_text() == dashboard.render(), (
         "regenerate: python -m monitoring.dashboard > monitoring/grafana/eagle3-appliance.json"
     )
