@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,19 @@ def test_the_server_logs_its_load_progress(server: ServerProcess, model_dir: Pat
     n = _tensors(model_dir)
     assert f"loading weights: 0/{n} tensors (0 %)" in log
     assert re.search(rf"loading weights: {n}/{n} tensors \(100 %\), [0-9.]+ s elapsed, done", log), log[-2000:]
+
+
+def test_validate_counts_its_batches_on_stderr(server: ServerProcess, cache_dir: Path) -> None:
+    """Not a terminal: plain progress lines on stderr, the batch lines and the result on stdout."""
+    args = ["validate", "--url", server.url, "--cache-dir", str(cache_dir), "--batches", "2", "--seq-len", "16"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "eagle3_appliance", *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("/generate: ")]
+    assert lines[0] == "/generate: 0/2 batches (0 %), 0.0 s elapsed"
+    assert re.fullmatch(r"/generate: 2/2 batches \(100 %\), [0-9.]+ s elapsed, done", lines[-1]), lines
+    assert [line.split()[:2] for line in proc.stdout.splitlines() if line.startswith("batch")] == [
+        ["batch", "0"],
+        ["batch", "1"],
+    ]

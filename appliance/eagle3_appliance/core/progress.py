@@ -3,9 +3,10 @@
 Loading a large target takes minutes and a long ``validate`` or benchmark run as long; without
 a sign of life an operator cannot tell slow from stuck. :class:`Progress` counts steps of a
 known total. On a terminal (``stream.isatty()``) it draws a tqdm bar; otherwise (a log file,
-a Slurm job, a container) it logs one line when it starts, then one every ``interval_s``
+a Slurm job, a container) it writes one line when it starts, then one every ``interval_s``
 seconds, then one when it ends, each with the count, the share of the total, the time spent
-and, once known, the time left::
+and, once known, the time left. Lines go to ``logger`` at INFO, or without one to ``stream``
+(stderr: a benchmark's stdout stays its table and JSON)::
 
     with Progress("loading weights", total=291, unit="tensors", logger=logger) as progress:
         for item in work:
@@ -37,7 +38,7 @@ class Progress:
         total: int | None,
         *,
         unit: str = "steps",
-        logger: logging.Logger,
+        logger: logging.Logger | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         stream: IO[str] | None = None,
         bar: bool | None = None,
@@ -49,13 +50,13 @@ class Progress:
         self.started = clock()
         self._last_line = self.started
         self._closed = False
-        stream = stream if stream is not None else sys.stderr
-        use_bar = bar if bar is not None else _isatty(stream)
+        self.stream = stream if stream is not None else sys.stderr
+        use_bar = bar if bar is not None else _isatty(self.stream)
         self._bar: Any = None
         if use_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=what, unit=f" {unit}", file=stream, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=total, desc=what, unit=f" {unit}", file=self.stream, dynamic_ncols=True, leave=True)
         else:
             self._log()
 
@@ -91,8 +92,18 @@ class Progress:
             text += f", about {left:.0f} s left"
         return text
 
+    def write(self, text: str) -> None:
+        """Print a line of the program's own output without breaking the bar (stdout)."""
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
     def _log(self, final: bool = False) -> None:
-        self.logger.info("%s", self.line(final))
+        if self.logger is not None:
+            self.logger.info("%s", self.line(final))
+        else:
+            print(self.line(final), file=self.stream, flush=True)
 
     def __enter__(self) -> Progress:
         return self
