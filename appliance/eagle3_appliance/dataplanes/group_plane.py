@@ -255,8 +255,8 @@ class GroupTransfer(Transfer):
         requested: str | None = None,
     ) -> None:
         self.session, self.seq, self.link, self.buffers = session, seq, link, buffers
-        # The tier of the session's group, closed or not; "none" when it never had one.
-        self.requested = requested or (link.tier if link is not None else "none")
+        # The tier of the session's group, closed or not; "group" when the session has none left.
+        self.requested = requested or (link.tier if link is not None else "group")
 
     @property
     def on_device(self) -> bool:

@@ -192,8 +192,8 @@ class Metrics:
             self.abandoned.labels(reason)
         self.fallbacks = Counter(
             "eagle3_dataplane_fallbacks",
-            "/generate answers sent on the wire because the data plane the client asked for "
-            "(requested: nccl or gloo) had no working group.",
+            "/generate answers sent on the wire because the data plane the client asked for had no working "
+            "group: requested is nccl or gloo (the group's tier), or group (the session has no group left).",
             ["requested"],
             registry=r,
         )
