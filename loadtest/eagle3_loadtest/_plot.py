@@ -31,6 +31,7 @@ def capacity_figure(summary: Mapping[str, Any], title: str = "") -> Any:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     steps = summary["steps"]
     users = [s["users"] for s in steps]
@@ -38,14 +39,18 @@ def capacity_figure(summary: Mapping[str, Any], title: str = "") -> Any:
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(users, [s.get("answers_per_second") or 0.0 for s in steps], "o-", color="tab:blue", label="answers/s")
     top.set_ylabel("/generate answers/s")
+    top.set_ylim(bottom=0)
     for name, style in (("p50_ms", "o-"), ("p99_ms", "s-")):
-        points = [(u, s[name]) for u, s in zip(users, steps) if s.get(name) is not None]
+        points = [(u, s[name]) for u, s in zip(users, steps, strict=True) if s.get(name) is not None]
         bottom.plot([u for u, _ in points], [v for _, v in points], style, label=name.removesuffix("_ms"))
     bottom.set_ylabel("latency (ms)")
+    bottom.set_ylim(bottom=0)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_xlabel("trainer ranks (Locust users)")
     limit = summary.get("plan", {}).get("p95_limit_ms") or 0
     if limit:
         bottom.axhline(limit, color="grey", linestyle=":", label=f"p95 limit {limit:g} ms")
+        bottom.set_ylim(0, max(bottom.get_ylim()[1], 1.1 * limit))
     knee = summary.get("capacity_users") or 0
     for ax in (top, bottom):
         if knee:
@@ -55,7 +60,8 @@ def capacity_figure(summary: Mapping[str, Any], title: str = "") -> Any:
                 ax.axvspan(s["users"] - 0.5, s["users"] + 0.5, color="tab:red", alpha=0.1)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper left", fontsize="small")
-    top.set_title(title or f"capacity search: {knee} ranks ({summary.get('stopped_because', '')})", fontsize="medium")
+    stopped = summary.get("stopped_because", "")
+    top.set_title(f"{title}\ncapacity {knee} ranks: {stopped}" if title else f"capacity {knee} ranks: {stopped}")
     return fig
 
 
