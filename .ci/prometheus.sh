@@ -93,6 +93,8 @@ say "load: eagle3-appliance validate (6 batches), a non-fatal XID 13"
 gpus 0.125 13
 timeout 120 .venv/bin/eagle3-appliance validate --url "http://127.0.0.1:$port" --batches 6 \
   --cache-dir "${EAGLE3_CACHE_DIR:-.cache/eagle3-appliance}"
+# One bad request, so that the failures-by-status panel has a series (a status label appears
+# with its first request; a healthy server has none).
 curl -s -o /dev/null -w "prometheus: a bad /generate answers %{http_code}\n" \
   -X POST --data-binary 'not a wire blob' "http://127.0.0.1:$port/generate"
 .venv/bin/python -m monitoring.check data --prometheus "$prom" --window 1m --timeout 45

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from eagle3_appliance.launch import ServerProcess
 from monitoring.expressions import (
+    ALERTS,
     DASHBOARD,
     alert_expressions,
     dashboard_expressions,
@@ -99,3 +101,16 @@ def test_metric_names_of_an_expression(expr: str, names: set[str]) -> None:
 def test_grafana_variables_become_plain_promql() -> None:
     expr = 'rate(a_total{job=~"$job", instance=~"$instance"}[$__rate_interval])'
     assert for_api(expr) == 'rate(a_total{job=~".+", instance=~".+"}[1m])'
+
+
+def test_every_alert_has_a_severity_words_for_the_operator_a_unit_test_and_a_doc_row() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    tests = (ALERTS.parent / "alerts_test.yml").read_text()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "monitoring.md").read_text()
+    assert len(rules) >= 10
+    for rule in rules:
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert f"alertname: {name}\n" in tests, f"{name} has no promtool test"
+        assert f"| `{name}` |" in docs, f"{name} is not in docs/monitoring.md"
