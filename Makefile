@@ -42,11 +42,11 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL)
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) tests/loadtest
 
-# Static checks: ruff (lint + format) over everything, mypy over the three packages
+# Static checks: ruff (lint + format) over everything, mypy over the three packages and monitoring/
 # (configured in pyproject.toml), and the option tables the docs generate from the code.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check appliance client loadtest benchmarks tests
-	$(VENV)/bin/ruff format --check appliance client loadtest benchmarks tests
+	$(VENV)/bin/ruff check appliance client loadtest benchmarks monitoring tests
+	$(VENV)/bin/ruff format --check appliance client loadtest benchmarks monitoring tests
 	$(VENV)/bin/mypy
 
 # The documentation site (mkdocs.yml): --strict turns a broken link or a missing page into an error.

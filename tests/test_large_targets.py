@@ -9,6 +9,7 @@ documented tolerance (:mod:`eagle3_appliance.model.numerics`).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from safetensors import safe_open
 
 from benchmarks.numerics.run import TP_TEST_CONFIG
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
@@ -126,6 +128,19 @@ def test_tensor_parallel_serves_a_raw_upstream_style_client(tp_server: ServerPro
             self.__dict__.update(tensors)
 
     _within(Batch(answer), reference, inputs, VocabMapping(ids, mask))
+
+
+def test_each_rank_logs_its_load_progress(tp_server: ServerProcess, tp_model: Path) -> None:
+    """Under tensor parallelism every rank loads its shards and says how far it got, prefixed with its rank."""
+    assert tp_server.log_path is not None
+    log = tp_server.log_path.read_text()
+    with safe_open(str(tp_model / "model.safetensors"), "pt") as f:
+        n = len(list(f.keys()))
+    for rank in (0, 1):
+        assert f"rank {rank}: loading weights: 0/" in log, log[-3000:]
+        assert re.search(rf"rank {rank}: loading weights: (\d+)/\1 tensors \(100 %\), [0-9.]+ s elapsed, done", log)
+    totals = {int(t) for t in re.findall(r"rank \d: loading weights: \d+/(\d+) tensors", log)}
+    assert totals == {n}, (totals, n)
 
 
 def test_hidden_encoding_is_refused_by_a_tensor_parallel_target(tp_server: ServerProcess) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +272,36 @@ def test_impossible_plans_are_rejected(kwargs: dict[str, float]) -> None:
     )
     with pytest.raises(ValueError):
         StepPlan(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+def test_each_step_reports_answers_per_second_and_its_percentiles() -> None:
+    search = StepSearch(PLAN)
+    _drive(search, FakeLoad({2: 100, 4: 300, 6: 800}))
+    first = search.results[0]
+    assert first.p50_ms == 100 and first.p99_ms == 100 and first.p95_ms == 100
+    assert first.answers_per_second is not None and first.answers_per_second > 0
+    assert first.answers_per_second == first.requests / (PLAN.step_duration_s - PLAN.settle_s)
+
+
+def test_the_capacity_plot_draws_every_step_and_marks_the_knee(tmp_path: Path) -> None:
+    from eagle3_loadtest._plot import capacity_figure, plot_path, save_capacity_plot
+
+    search = StepSearch(PLAN)
+    _drive(search, FakeLoad({2: 100, 4: 300, 6: 800}))
+    summary = search.summary()
+    fig = capacity_figure(summary)
+    top, bottom = fig.axes
+    answers = top.lines[0]
+    assert list(answers.get_xdata()) == [2, 4, 6]
+    assert list(answers.get_ydata()) == [r.answers_per_second for r in search.results]
+    p50, p99 = bottom.lines[0], bottom.lines[1]
+    assert list(p50.get_ydata()) == [100, 300, 800] and list(p99.get_ydata()) == [100, 300, 800]
+    knee = [line for line in top.lines if line.get_label() == "capacity: 4 ranks"]
+    assert len(knee) == 1 and list(knee[0].get_xdata()) == [4, 4]
+    assert [line.get_ydata()[0] for line in bottom.lines if line.get_label() == "p95 limit 500 ms"] == [500]
+
+    path = save_capacity_plot(summary, plot_path(str(tmp_path / "run"), None) or tmp_path / "x.png")
+    assert path == tmp_path / "run_capacity.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_path(None, str(tmp_path / "r.json")) == tmp_path / "r_capacity.png"
+    assert plot_path(None, None) is None

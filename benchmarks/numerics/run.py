@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.progress import Progress, track
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.model.loading import load_target
@@ -52,7 +53,8 @@ def _served(url: str, mapping: VocabMapping, batches: list, references: list) ->
     rows = []
     with RemoteEagle3TargetModel.from_urls([url], device="cpu", timeout=600) as remote:
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-        for inputs, (expected, gaps) in zip(batches, references, strict=True):
+        pairs = zip(batches, references, strict=True)
+        for inputs, (expected, gaps) in track(pairs, Progress(url, len(batches), unit="batches")):
             got = remote.generate_batch(*inputs)
             deviation = measure(got, expected, gaps, float("inf"))
             flips = (got.position_mask.cpu() != expected["position_mask"].cpu()).reshape(gaps.shape)

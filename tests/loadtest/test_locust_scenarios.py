@@ -130,6 +130,9 @@ def test_capacity_search_reports_a_user_count(locust: Any, appliance: ServerProc
     assert all(step["passed"] and step["requests"] > 0 for step in capacity["steps"])
     assert capacity["stopped_because"] == "reached max users (3)"
     assert "capacity: 3 users" in run.output
+    plot = tmp_path / "capacity_capacity.png"  # beside Locust's CSV files
+    assert capacity["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(step["answers_per_second"] > 0 and step["p50_ms"] <= step["p99_ms"] for step in capacity["steps"])
     assert count(run.stats()[("POST", "generate")], "num_failures") == 0
 
 

@@ -104,7 +104,8 @@ def choose_transfer(request: Request, session: Session, buffers: ServerBuffers) 
         except ValueError:
             raise MalformedBody(f"{protocol.TRANSFER_HEADER} must be an integer, got {header!r}") from None
         link = session.extras.get(LINK_KEY)
-        return GroupTransfer(session, seq, link if link is not None and not link.closed else None, buffers)
+        working = link if link is not None and not link.closed else None
+        return GroupTransfer(session, seq, working, buffers, requested=link.tier if link is not None else None)
     if request.headers.get(protocol.NCCL_HEADER) == "1":
         upstream = upstream_transfer(session)
         if upstream is not None:
@@ -175,6 +176,8 @@ class Pipeline:
                 raise
             self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
             self.metrics.record_sent(tier, encoding.name, ticket.nbytes)
+            if transfer.requested is not None and tier != transfer.requested:
+                self.metrics.record_fallback(transfer.requested)
 
     async def compute(self, job: Job) -> dict[str, torch.Tensor]:
         """Forward, supervise and prepare ``job`` on the model thread, within ``--request-timeout``.

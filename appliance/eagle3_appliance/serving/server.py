@@ -240,6 +240,17 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
     pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
     logger.info("limits: %s", pipeline.limits.describe())
+    ops.metrics.describe_limits(
+        {
+            "max_queue": lambda: settings.max_queue,
+            "max_sessions": lambda: settings.max_sessions,
+            "max_connections": lambda: ops.connections.max_connections,
+            "max_body_bytes": lambda: settings.max_body_bytes,
+            "max_pending_body_bytes": lambda: settings.max_pending_body_bytes,
+            "max_seq_len": lambda: pipeline.limits.max_seq_len,
+            "max_batch_tokens": lambda: pipeline.limits.max_batch_tokens,
+        }
+    )
     app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)
     app.blueprint(control)
     app.blueprint(dataplane_routes.blueprint)
