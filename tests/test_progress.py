@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from eagle3_appliance.core.progress import Progress, track
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.load_progress import loading_progress
+from eagle3_appliance.progress import Progress, track
 
 
 class Clock:

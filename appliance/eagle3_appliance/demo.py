@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.core.progress import Progress
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.loading import load_target
 from eagle3_appliance.model.numerics import measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.model.supervision import compare_to_reference, in_process
 from eagle3_appliance.model.target import Target
+from eagle3_appliance.progress import Progress
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.encodings import parse_encoding

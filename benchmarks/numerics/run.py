@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
-from eagle3_appliance.core.progress import Progress, track
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.model.loading import load_target
 from eagle3_appliance.model.numerics import Deviation, measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.progress import Progress, track
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.synthetic import random_batch, vocab_mapping

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from eagle3_appliance.core.inputs import VocabMapping
-from eagle3_appliance.core.progress import Progress, track
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from eagle3_appliance.progress import Progress, track
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
 

@@ -3,7 +3,7 @@
 transformers draws its own "Loading weights" bar only when its progress bars are on, and the
 server switches them off (they would fill a log with carriage returns). This installs a hook
 through transformers' ``set_tqdm_hook`` for the duration of one load, so that its loading loop
-reports through :class:`~eagle3_appliance.core.progress.Progress` instead: a bar on a
+reports through :class:`~eagle3_appliance.progress.Progress` instead: a bar on a
 terminal, a log line every ``interval_s`` seconds otherwise, each prefixed with the tensor-
 parallel rank when there is one. Other bars transformers may open are left as they were.
 A transformers without the hook (older than 5.x) loads as before, with the start and end
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from eagle3_appliance.core.progress import DEFAULT_INTERVAL_S, Progress
+from eagle3_appliance.progress import DEFAULT_INTERVAL_S, Progress
 
 __all__ = ["LOADING_DESC", "checkpoint_files", "loading_progress"]
 
