@@ -129,6 +129,7 @@ class Pipeline:
         self.target = target
         self.limits = limits or derive_limits(settings, TargetShape.of(target), device=target.device)
         self.vocab_size = target.vocab_size  # token ids are checked against it before the forward
+        self.max_packed_rows = target.max_packed_rows  # 1 under FlashAttention (model/packing.py)
         self.buffers = buffers
         self.admission = admission
         self.metrics = metrics
@@ -153,7 +154,7 @@ class Pipeline:
             max_seq_len=self.limits.max_seq_len,
             max_batch_tokens=self.limits.max_batch_tokens,
             granted=session.capabilities,
-            max_packed_rows=self.target.max_packed_rows,
+            max_packed_rows=self.max_packed_rows,
             max_mask_bytes=self.limits.max_packed_mask_bytes,
         )
         mapping = session.mapping
