@@ -187,3 +187,33 @@ def test_an_older_appliance_is_never_asked_to_pack() -> None:
         assert "/generate" not in sent and "/session" in sent
     finally:
         remote.close()
+
+
+def test_packed_requests_fail_over_exactly(cache_dir: Path, tmp_path: Path, target: Target) -> None:
+    """A server killed mid-run: its packed requests are re-sent, packed, to the other one; every answer exact."""
+    import signal
+
+    procs = [ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"server-{i}.log") for i in (0, 1)]
+    ids, mask = vocab_mapping(VOCAB, 64, seed=8)
+    batches = [packed_batch(VOCAB, [[3, 6, 7], [16]][: 1 + i % 2], 16, seed=40 + i) for i in range(12)]
+    try:
+        for proc in procs:
+            proc.start()
+        options = {"timeout": 30, "failover_timeout": 60, "probe_interval": 0.2, "probe_max_interval": 1.0}
+        with RemoteEagle3TargetModel.from_urls([p.url for p in procs], device="cpu", **options) as remote:
+            remote.set_vocab_mapping(ids, mask)
+            got = [remote.generate_batch_async(**b).result(60) for b in batches[:4]]
+            assert procs[0].proc is not None
+            procs[0].proc.send_signal(signal.SIGKILL)
+            procs[0].proc.wait(30)
+            got += [h.result(120) for h in [remote.generate_batch_async(**b) for b in batches[4:]]]
+            stats = {entry["url"]: entry for entry in remote.transport_stats()}
+            assert stats[procs[0].url]["state"] == "out" and stats[procs[0].url]["failovers"] >= 1, stats
+    finally:
+        for proc in procs:
+            proc.stop()
+    for batch, answer in zip(batches, got, strict=True):
+        packing = Packing(batch["position_ids"], batch["seq_lens"], batch["doc_remaining"])
+        inputs = GenerateInputs(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], packing)
+        assert_bit_exact(answer, in_process(target, inputs, VocabMapping(ids, mask)))
+        assert torch.equal(answer.seq_lens, batch["seq_lens"])
