@@ -217,3 +217,39 @@ def test_packed_requests_fail_over_exactly(cache_dir: Path, tmp_path: Path, targ
         inputs = GenerateInputs(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], packing)
         assert_bit_exact(answer, in_process(target, inputs, VocabMapping(ids, mask)))
         assert torch.equal(answer.seq_lens, batch["seq_lens"])
+
+
+def test_micro_batching_never_stacks_packed_requests(cache_dir: Path, tmp_path: Path, target: Target) -> None:
+    """Packed rows run alone (bit-exact); unpacked requests of the same length still share a forward."""
+    import concurrent.futures
+    import threading
+
+    from tests.ops_support import metric, scrape
+
+    args = ["--cache-dir", str(cache_dir), "--microbatch-wait-ms", "500"]
+    ids, mask = vocab_mapping(VOCAB, 64, seed=9)
+    packed = [packed_batch(VOCAB, [[5, 11], [16]], 16, seed=50 + i) for i in range(3)]
+    with ServerProcess(args, log_path=tmp_path / "server.log") as proc:
+        options = {"timeout": 60, "max_in_flight_per_server": 8, "data_plane": "wire"}
+        with RemoteEagle3TargetModel.from_urls([proc.url], device="cpu", **options) as remote:
+            remote.set_vocab_mapping(ids, mask)
+            remote.generate_batch(**packed[0])  # the session and its data plane are up before the barrier
+            before = scrape(proc.url)
+            barrier = threading.Barrier(5)
+
+            def send(i: int) -> object:
+                barrier.wait(timeout=30)
+                if i < 3:
+                    return remote.generate_batch(**packed[i])
+                plain = packed_batch(VOCAB, [[16]], 16, seed=60 + i)
+                return remote.generate_batch(plain["input_ids"], plain["attention_mask"], plain["loss_mask"])
+
+            with concurrent.futures.ThreadPoolExecutor(5) as pool:
+                answers = list(pool.map(send, range(5)))
+            after = scrape(proc.url)
+    forwards = metric(after, "eagle3_inference_exec_count_total") - metric(before, "eagle3_inference_exec_count_total")
+    assert forwards == 4, forwards  # three packed forwards alone, the two unpacked ones stacked
+    for batch, answer in zip(packed, answers[:3], strict=True):
+        packing = Packing(batch["position_ids"], batch["seq_lens"], batch["doc_remaining"])
+        inputs = GenerateInputs(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], packing)
+        assert_bit_exact(answer, in_process(target, inputs, VocabMapping(ids, mask)))
