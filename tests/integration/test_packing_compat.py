@@ -22,7 +22,7 @@ import torch
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.packing import block_causal_mask
 from eagle3_client import CapabilityUnavailable, RemoteEagle3TargetModel, protocol
-from eagle3_client.synthetic import vocab_mapping
+from eagle3_client.synthetic import packed_batch, vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, import_or_skip
 from tests.integration.test_upstream_compat import upstream_server  # noqa: F401 - a fixture used below
 from tests.oracle import assert_bit_exact
@@ -104,6 +104,22 @@ def test_our_mask_is_upstreams_mask() -> None:
         )
     with pytest.raises(ValueError, match="sum to the row length 8"):
         block_causal_mask(short, seq_length=8, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_our_synthetic_packed_rows_are_laid_out_like_upstreams() -> None:
+    """``eagle3_client.synthetic.packed_batch`` (Locust, benchmarks) makes the rows upstream's packer makes."""
+    rows = [[5, 9, 3], [20], [7, 7]]
+    ours = packed_batch(VOCAB, rows, 20, seed=3, prompt_fraction=0.5)
+    docs = []
+    for r, row in enumerate(rows):
+        start = 0
+        for n in row:
+            ids = ours["input_ids"][r, start : start + n].tolist()
+            docs.append({"input_ids": ids, "loss_mask": ours["loss_mask"][r, start : start + n].tolist()})
+            start += n
+    packs = upstream_data.build_packed_eagle3_dataset(docs, packed_sequence_size=20, pad_token_id=PAD_ID)
+    theirs = upstream_data._pack_collate(packs)
+    assert_bit_exact(ours, {k: theirs[k] for k in ours})
 
 
 @pytest.mark.parametrize(("encoding", "data_plane"), [("probs", "wire"), ("probs", "gloo"), ("logits", "wire")])
