@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.launch import ServerProcess, free_port
 from eagle3_appliance.model.packing import block_causal_mask
 from eagle3_client import CapabilityUnavailable, RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import packed_batch, vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, import_or_skip
-from tests.integration.test_upstream_compat import upstream_server  # noqa: F401 - a fixture used below
+from tests.integration.test_upstream_compat import start_upstream, stop_upstream
 from tests.oracle import assert_bit_exact
 
 upstream_data = import_or_skip("nemo_automodel.components.datasets.llm.eagle3")
@@ -182,11 +182,21 @@ def test_a_packed_batch_differs_from_the_same_rows_unpacked(target_pair: tuple[S
     assert_bit_exact(packed, upstream_reference(colocated, batch, ids, mask)[0])
 
 
-def test_an_upstream_server_is_never_asked_to_pack(
-    upstream_server: tuple[subprocess.Popen[bytes], str], model_dir: Path
-) -> None:
+@pytest.fixture
+def upstream_url(model_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """Upstream's unmodified server on the built-in model, in its own process."""
+    port = free_port()
+    with open(tmp_path / "upstream_server.log", "wb") as log:
+        proc: subprocess.Popen[bytes] = start_upstream(model_dir, port, log)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_upstream(proc)
+
+
+def test_an_upstream_server_is_never_asked_to_pack(upstream_url: str) -> None:
     """Upstream's server would run packed rows as single sequences: the client refuses, naming it, sends nothing."""
-    _proc, url = upstream_server
+    url = upstream_url
     ids, mask = vocab_mapping(VOCAB, 100, seed=13)
     batch = packed_batches(32, 2, 9, 12)[0]
     packing = {key: batch[key] for key in protocol.PACKING_KEYS}
@@ -205,4 +215,3 @@ def test_an_upstream_server_is_never_asked_to_pack(
         assert got.seq_lens is None
     finally:
         remote.close()
-
