@@ -151,10 +151,11 @@ class Installation:
         module = sys.modules.get(RECIPE_MODULE)
         if module is None or self._undo_recipe is not None:
             return
-        backend = self.backend
-        self._undo_recipe = patch_recipe(
-            module.TrainEagle3Recipe, module, lambda: getattr(module, _CLASS_NAME, None) is backend
-        )
+        def is_ours() -> bool:  # any installation's class, not only this one's
+            bound = getattr(module, _CLASS_NAME, None)
+            return isinstance(bound, type) and issubclass(bound, RemoteEagle3TargetModel)
+
+        self._undo_recipe = patch_recipe(module.TrainEagle3Recipe, module, is_ours)
 
     def uninstall(self) -> None:
         """Put upstream's class back wherever ours is bound (also in a recipe imported since)."""
