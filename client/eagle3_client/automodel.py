@@ -151,6 +151,7 @@ class Installation:
         module = sys.modules.get(RECIPE_MODULE)
         if module is None or self._undo_recipe is not None:
             return
+
         def is_ours() -> bool:  # any installation's class, not only this one's
             bound = getattr(module, _CLASS_NAME, None)
             return isinstance(bound, type) and issubclass(bound, RemoteEagle3TargetModel)
