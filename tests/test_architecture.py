@@ -107,7 +107,7 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
         {"ground": {"settings", "errors", "progress", "__init__"}},
     ],
     "eagle3_client": [
-        {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch"}},
+        {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch", "automodel_packing"}},
         {"adapters": {"backend"}},  # the recipes' surfaces
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
         {"transports": {"transports"}},  # how bytes travel

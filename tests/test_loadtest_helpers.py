@@ -305,3 +305,19 @@ def test_the_capacity_plot_draws_every_step_and_marks_the_knee(tmp_path: Path) -
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_path(None, str(tmp_path / "r.json")) == tmp_path / "r_capacity.png"
     assert plot_path(None, None) is None
+
+
+def test_packed_batches_fill_rows_like_the_recipe() -> None:
+    lengths = LengthDistribution.parse("uniform:5:40", 64)
+    spec = BatchSpec(batch_size=3, lengths=lengths, vocab_size=1024, packed_sequence_size=64)
+    batch = make_batch(spec, random.Random(0))
+    assert batch["input_ids"].shape == batch["position_ids"].shape == batch["doc_remaining"].shape == (3, 64)
+    assert batch["seq_lens"].sum(1).tolist() == [64, 64, 64]  # the pad counts to the last document
+    assert int((batch["seq_lens"] > 0).sum()) > 3  # several documents per row
+    for row in range(3):
+        docs = [int(n) for n in batch["seq_lens"][row] if n > 0]
+        starts = [sum(docs[:i]) for i in range(len(docs))]
+        assert all(int(batch["position_ids"][row, s]) == 0 for s in starts)  # positions restart per document
+        real = int(batch["attention_mask"][row].sum())
+        first = docs[0] if len(docs) > 1 else real  # a lone document's length in seq_lens includes the pad
+        assert int(batch["doc_remaining"][row, real - 1]) == 0 and int(batch["doc_remaining"][row, 0]) == first - 1

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from eagle3_client.backend import RemoteEagle3TargetModel
     from eagle3_client.contract import USING_NEMO_AUTOMODEL, Eagle3TargetBackend, Eagle3TargetBatch
     from eagle3_client.errors import (
+        CapabilityUnavailable,
         ModelMismatch,
         NoServerReady,
         ProtocolViolation,
@@ -36,6 +37,7 @@ _EXPORTS = {
     "USING_NEMO_AUTOMODEL": "eagle3_client.contract",
     "Eagle3TargetBackend": "eagle3_client.contract",
     "Eagle3TargetBatch": "eagle3_client.contract",
+    "CapabilityUnavailable": "eagle3_client.errors",
     "ModelMismatch": "eagle3_client.errors",
     "NoServerReady": "eagle3_client.errors",
     "ProtocolViolation": "eagle3_client.errors",
@@ -50,6 +52,7 @@ _EXPORTS = {
 
 __all__ = [
     "USING_NEMO_AUTOMODEL",
+    "CapabilityUnavailable",
     "DataPlaneUnavailable",
     "Eagle3TargetBackend",
     "Eagle3TargetBatch",

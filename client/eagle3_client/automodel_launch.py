@@ -51,9 +51,11 @@ def build_recipe(argv: Sequence[str]) -> Any:
 
     cfg = parse_args_and_load_config(argv=list(argv))
     check_config(cfg)
-    install(options_from_config(cfg.get("recipe_args", None)))
+    installation = install(options_from_config(cfg.get("recipe_args", None)))
 
     from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
+
+    installation.patch_recipe()  # packed_sequence_size > 0 with our backend
 
     recipe = TrainEagle3Recipe(cfg)
     recipe.setup()

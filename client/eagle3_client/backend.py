@@ -159,14 +159,45 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
         return {"requested": self._encoding.name, "negotiated": negotiated, **stats}
 
     @torch.no_grad()
-    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Any:
-        return self._to_batch(self._generate(_encode_inputs(input_ids, attention_mask, loss_mask)), attention_mask)
+    def generate_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+        doc_remaining: torch.Tensor | None = None,
+    ) -> Any:
+        """The target's supervision for one batch; upstream's co-located signature.
+
+        Packed rows (the recipe's ``packed_sequence_size``): pass all three of ``position_ids``
+        ``[B,T]``, ``seq_lens`` ``[B,max_docs]`` and ``doc_remaining`` ``[B,T]``. The server then
+        runs its forward with the documents of a row kept apart, and the batch carries the three
+        unchanged, as the co-located wrapper's does. A server that cannot pack (upstream's, an
+        older appliance) gets nothing: :class:`~eagle3_client.errors.CapabilityUnavailable`.
+        """
+        request, payload, packing = _encode_inputs(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
+        )
+        answer = self._generate(payload, request.capabilities)
+        return self._to_batch(answer, attention_mask, packing)
 
     def generate_batch_async(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+        doc_remaining: torch.Tensor | None = None,
     ) -> RemoteResult:
-        payload = _encode_inputs(input_ids, attention_mask, loss_mask)
-        return self._submit(payload, lambda answer: self._to_batch(answer, attention_mask))
+        """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
+        request, payload, packing = _encode_inputs(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
+        )
+        return self._submit(
+            payload, lambda answer: self._to_batch(answer, attention_mask, packing), request.capabilities
+        )
 
     # -- decoding ----------------------------------------------------------------------
 
@@ -202,7 +233,7 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
                 mapping.rows = weight.to(self._device)
             return mapping.rows
 
-    def _to_batch(self, answer: Answer, attention_mask: torch.Tensor) -> Any:
+    def _to_batch(self, answer: Answer, attention_mask: torch.Tensor, packing: _Packing | None = None) -> Any:
         # The one copy to the trainer's device (in decode_supervision); blocking, so the pinned
         # staging buffers are free for the next answer as soon as this returns.
         dev = self._device
@@ -222,6 +253,7 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
             loss_mask=result["loss_mask"].to(dev),
             target_probs=decoded.target_probs,
             position_mask=decoded.position_mask,
+            **({} if packing is None else packing.on(dev)),
         )
 
 
@@ -235,5 +267,37 @@ class _Mapping:
     rows: torch.Tensor | None = None
 
 
-def _encode_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> bytes:
-    return wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+@dataclass(frozen=True)
+class _Packing:
+    """A packed batch's metadata as the caller gave it; the batch carries it unshifted, as co-located does."""
+
+    position_ids: torch.Tensor
+    seq_lens: torch.Tensor
+    doc_remaining: torch.Tensor
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key).to(device) for key in protocol.PACKING_KEYS}
+
+
+def _encode_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    doc_remaining: torch.Tensor | None = None,
+) -> tuple[protocol.GenerateRequest, bytes, _Packing | None]:
+    """The request, its wire body, and the packing to put on the batch (None: unpacked, upstream's body)."""
+    packed = {"position_ids": position_ids, "seq_lens": seq_lens, "doc_remaining": doc_remaining}
+    given = [key for key, value in packed.items() if value is not None]
+    if given and len(given) != len(packed):
+        missing = [key for key in packed if key not in given]
+        raise ValueError(f"packed rows need all of position_ids, seq_lens and doc_remaining; {missing} missing")
+    request = protocol.GenerateRequest(packed=bool(given))
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, **packed}
+    payload = wire.encode({key: tensors[key] for key in request.keys})
+    packing = None
+    if request.packed:
+        assert position_ids is not None and seq_lens is not None and doc_remaining is not None
+        packing = _Packing(position_ids, seq_lens, doc_remaining)
+    return request, payload, packing

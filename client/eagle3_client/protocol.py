@@ -8,12 +8,16 @@ upstream column of ``shared/design/upstream-protocol.md`` is reproduced exactly;
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "CAPABILITIES",
+    "CAPABILITY_PACKING",
     "DataPlaneReply",
+    "GenerateRequest",
+    "PACKING_KEYS",
     "DataPlaneRequest",
     "MAX_CLIENT_NAME",
     "MODEL_INFO_EXTENSION_KEY",
@@ -176,6 +180,17 @@ UPSTREAM_NCCL_GROUP_PREFIX = "nemo_eagle_target_transfer_"
 
 # Keys of the /generate request and of its response, in wire order.
 GENERATE_INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+# Capabilities (extension): what a /generate body may ask beyond upstream's three tensors.
+# The client lists the ones it may use in its POST /session offer ("capabilities"); the reply
+# lists those the server grants. A body that asks for one the session was not granted is
+# refused (400) before anything is computed; without a session (upstream) none is granted.
+CAPABILITY_PACKING = "packing"
+CAPABILITIES = (CAPABILITY_PACKING,)
+# A packed request (several documents per row, the recipe's packed_sequence_size) adds these
+# [B,T] / [B,max_docs] tensors to the body, after GENERATE_INPUT_KEYS: per-document position
+# ids, the 0-padded document lengths (each row sums to T), and the real tokens after each slot
+# within its document (the trainer's supervision gate; checked, not used by the forward).
+PACKING_KEYS = ("position_ids", "seq_lens", "doc_remaining")
 SUPERVISION_KEYS = ("aux_hidden_states", "target_probs", "position_mask", "input_ids", "loss_mask")
 VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
 
@@ -281,6 +296,43 @@ def _object(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What one ``/generate`` body asks for: upstream's batch plus the extension fields it carries.
+
+    The wire body holds only tensors, so the description is read from its keys
+    (:meth:`from_keys`) and written as them (:attr:`keys`). Each extension field names the
+    capability a session must have been granted for it (:attr:`capabilities`). Later request
+    fields (another family's captures) join this class the same way.
+    """
+
+    packed: bool = False  # the body carries PACKING_KEYS (documents packed into rows)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The body's keys, in wire order."""
+        return GENERATE_INPUT_KEYS + (PACKING_KEYS if self.packed else ())
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The capabilities a session needs for this request."""
+        return frozenset({CAPABILITY_PACKING} if self.packed else ())
+
+    @classmethod
+    def from_keys(cls, keys: Collection[str]) -> GenerateRequest:
+        """The request a body's keys describe; ``ValueError`` naming a missing or unexpected key."""
+        present = set(keys)
+        request = cls(packed=bool(present & set(PACKING_KEYS)))
+        missing = [k for k in request.keys if k not in present]
+        if missing:
+            what = f"a packed request carries all of {list(PACKING_KEYS)}; " if request.packed else ""
+            raise ValueError(f"missing keys {missing}; {what}expected {list(request.keys)}, got {sorted(present)}")
+        extra = sorted(present - set(request.keys))
+        if extra:
+            raise ValueError(f"unexpected keys {extra}; expected {list(request.keys)}")
+        return request
+
+
 # Longest ``client`` name a session offer may carry (the server keeps it for the session's life).
 MAX_CLIENT_NAME = 256
 
@@ -295,6 +347,7 @@ class SessionOffer:
     data_planes: tuple[str, ...] = ()  # the tiers this process can join
     lease_seconds: float | None = None  # None: the server's default lease
     rejoin: bool = False  # the client takes this server back after it had left its rotation
+    capabilities: tuple[str, ...] = ()  # request extensions it may use (CAPABILITIES)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -307,6 +360,8 @@ class SessionOffer:
             body["lease_seconds"] = self.lease_seconds
         if self.rejoin:
             body["rejoin"] = True
+        if self.capabilities:  # sent only when asked for, so older servers see the old body
+            body["capabilities"] = list(self.capabilities)
         return body
 
     @classmethod
@@ -322,6 +377,7 @@ class SessionOffer:
             data_planes=_names(body, "data_planes"),
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
             rejoin=_field(body, "rejoin", bool, False),
+            capabilities=_names(body, "capabilities"),
         )
 
 
@@ -339,6 +395,8 @@ class SessionReply:
     # The server's --request-timeout: it answers every /generate (200, or 503 + Retry-After)
     # within this many seconds of admitting it, so a client may wait that long for the answer.
     request_timeout: float | None = None
+    # The offer's capabilities this server grants; absent from older servers (then none).
+    capabilities: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -355,6 +413,8 @@ class SessionReply:
             body["model_fingerprint"] = self.model_fingerprint
         if self.request_timeout is not None:
             body["request_timeout"] = self.request_timeout
+        if self.capabilities:
+            body["capabilities"] = list(self.capabilities)
         return body
 
     @classmethod
@@ -369,6 +429,7 @@ class SessionReply:
             protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
             model_fingerprint=_field(body, "model_fingerprint", str, None),
             request_timeout=_number(_field(body, "request_timeout", (int, float), None)),
+            capabilities=_names(body, "capabilities"),
         )
 
 

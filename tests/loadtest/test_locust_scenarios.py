@@ -242,3 +242,20 @@ def test_an_encoding_the_server_does_not_offer_stops_the_users(
 def test_this_session_never_imports_locust() -> None:
     """Locust runs only as subprocesses: importing it here would monkey-patch this interpreter."""
     assert "locust" not in sys.modules and "gevent" not in sys.modules
+
+
+def test_steady_with_packed_rows(
+    locust: Any, appliance: ServerProcess, model_info: dict[str, Any], tmp_path: Path
+) -> None:
+    """``--packed-sequence-size``: packed rows (a session granted packing), every answer checked, no padding."""
+    args = ["-f", "loadtest/steady.py", "-u", "2", "-r", "2", "-t", "5s", *SHAPES, "--packed-sequence-size", "96"]
+    run = locust.run(args, appliance.url, tmp_path / "packed")
+    assert_ok(run)
+    stats = run.stats()
+    assert count(stats[("POST", "generate")], "num_requests") > 0
+    assert all(count(row, "num_failures") == 0 for row in stats.values())
+    m = run.report()["custom_metrics"]
+    assert m["invalid"] == 0 and m["responses"] > 0
+    # Two rows of 96 per request; only the tail of each row after its last sample is padding.
+    assert m["tokens"] == m["responses"] * 2 * 96
+    assert m["real_tokens"] > 0.5 * m["tokens"]

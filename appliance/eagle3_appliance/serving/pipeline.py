@@ -130,6 +130,7 @@ class Pipeline:
         self.target = target
         self.limits = limits or derive_limits(settings, TargetShape.of(target), device=target.device)
         self.vocab_size = target.vocab_size  # token ids are checked against it before the forward
+        self.max_packed_rows = target.max_packed_rows  # 1 under FlashAttention (model/packing.py)
         self.buffers = buffers
         self.admission = admission
         self.metrics = metrics
@@ -153,6 +154,9 @@ class Pipeline:
             vocab_size=self.vocab_size,
             max_seq_len=self.limits.max_seq_len,
             max_batch_tokens=self.limits.max_batch_tokens,
+            granted=session.capabilities,
+            max_packed_rows=self.max_packed_rows,
+            max_mask_bytes=self.limits.max_packed_mask_bytes,
         )
         mapping = session.mapping
         if mapping is None:
@@ -226,7 +230,7 @@ class Pipeline:
                     running.job.waiters.append(waiter)
                     return running
         job.waiters.append(waiter)
-        if self.batcher is not None:
+        if self.batcher is not None and job.inputs.packing is None:  # packed rows run alone (microbatch.py)
             work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
         else:
             work = self._run_alone(job)
@@ -316,7 +320,13 @@ class Pipeline:
                     torch.cat([i.attention_mask for i in inputs]),
                     torch.cat([i.loss_mask for i in inputs]),
                 )
-            out = target.forward(stacked.input_ids, stacked.attention_mask, capture_hidden=capture, alloc=alloc)
+            out = target.forward(
+                stacked.input_ids,
+                stacked.attention_mask,
+                capture_hidden=capture,
+                alloc=alloc,
+                packing=stacked.packing,  # set only for a job alone: packed jobs are never stacked
+            )
             self.metrics.exec_count.inc()
             answers = []
             start = 0

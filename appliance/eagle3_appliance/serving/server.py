@@ -29,7 +29,13 @@ from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.lifecycle import install_second_signal_exit
 from eagle3_appliance.serving import dataplane_routes
 from eagle3_appliance.serving.connections import GuardedHttpProtocol, raise_fd_limit
-from eagle3_appliance.serving.negotiation import EncodingError, check_mapping, choose_encoding, offered_encodings
+from eagle3_appliance.serving.negotiation import (
+    EncodingError,
+    check_mapping,
+    choose_encoding,
+    granted_capabilities,
+    offered_encodings,
+)
 from eagle3_appliance.serving.operations import install_operations
 from eagle3_appliance.serving.pipeline import Pipeline
 from eagle3_appliance.serving.state import ServingState, request_session, serving_state
@@ -105,6 +111,7 @@ async def register_session(request: Request) -> HTTPResponse:
     session = state.sessions.register(client=offer.client)
     session.encoding = encoding.name
     session.lease_seconds = lease
+    session.capabilities = granted_capabilities(offer, state.target)
     if offer.rejoin:
         state.pipeline.metrics.readmissions.inc()
     reply = SessionReply(
@@ -115,6 +122,7 @@ async def register_session(request: Request) -> HTTPResponse:
         encoding_refused=refused,
         model_fingerprint=state.target.fingerprint,
         request_timeout=state.settings.request_timeout,
+        capabilities=tuple(c for c in protocol.CAPABILITIES if c in session.capabilities),
     )
     return json(reply.to_json())
 
