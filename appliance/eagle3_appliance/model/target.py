@@ -19,6 +19,7 @@ from torch import nn
 
 from eagle3_appliance.core.inputs import Allocator
 from eagle3_appliance.model.fingerprint import local_shard, model_fingerprint
+from eagle3_appliance.model.pooled_head import pooled_logits
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
 
 __all__ = ["ForwardOutputs", "Lockstep", "Target", "find_decoder_layers"]
@@ -235,13 +236,17 @@ class Target:
     ) -> ForwardOutputs:
         """One target forward on the model's device; the aux states, logits and (if asked) the LM head's input.
 
-        ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to.
+        ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to,
+        and on the CPU the logits' too (:mod:`eagle3_appliance.model.pooled_head`).
         """
         self._captured.clear()
+        # A sharded (tensor-parallel) or offloaded (device-map) head keeps its own forward.
+        head = self.lm_head if self.lockstep is None and not hasattr(self.model, "_hf_hook") else None
         try:
             with (
                 self._capture_lm_head_input(capture_hidden) as slot,
                 self._lockstep(input_ids, attention_mask, capture_hidden),
+                pooled_logits(head, alloc),
             ):
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_flags)
             if len(self._captured) != 3:
