@@ -49,7 +49,8 @@ def pooled_logits(head: nn.Module | None, alloc: Allocator | None) -> Iterator[N
     if alloc is None or head is None or not pooled_head_supported(head):
         yield
         return
-    weight: torch.Tensor = head.weight
+    assert isinstance(head, nn.Linear)  # pooled_head_supported checked it
+    weight = head.weight
     own_forward = head.forward
 
     def forward(x: torch.Tensor) -> Any:
@@ -58,7 +59,7 @@ def pooled_logits(head: nn.Module | None, alloc: Allocator | None) -> Iterator[N
         out = alloc((*x.shape[:-1], weight.shape[0]), x.dtype)
         return torch.matmul(x, weight.t(), out=out)
 
-    head.forward = forward  # type: ignore[method-assign]
+    head.forward = forward
     try:
         yield
     finally:
