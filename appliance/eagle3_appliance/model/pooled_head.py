@@ -11,9 +11,10 @@ so a pooled block serves: nothing else holds it once the answer is projected.
 Why the bits are the same: ``nn.Linear`` without a bias is ``matmul(x, weight.t())``
 (``torch.nn.functional.linear``), and ``matmul(..., out=)`` folds the same leading dimensions
 and calls the same ``mm`` kernel on the same operands; only the output's memory differs.
-``tests/test_pooled_head.py`` checks it bit for bit (float32, bfloat16, float16; the served
-model end to end). Anything else (a bias, a subclass or a patched forward, a quantised or offloaded head,
-another dtype at call time) keeps the head's own forward. On an accelerator the caching allocator
+``tests/test_pooled_head.py`` checks it bit for bit on the built-in model (float32, bfloat16,
+float16), and the round-trip tests check served answers against the in-process reference.
+Anything else (a bias, a subclass or a patched forward, a quantised or offloaded head, another
+dtype at call time) keeps the head's own forward. On an accelerator the caching allocator
 already reuses memory, so the head is left alone there.
 """
 

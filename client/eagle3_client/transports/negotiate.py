@@ -25,7 +25,15 @@ from eagle3_client.errors import RemoteTargetError
 from eagle3_client.options import AUTO, DATA_PLANE_CHOICES
 from eagle3_client.transports.transfer import gloo_available, nccl_available
 
-__all__ = ["AUTO", "AUTO_ORDER", "DataPlaneConfig", "DataPlaneUnavailable", "choose_tier", "local_tiers", "receive_device"]
+__all__ = [
+    "AUTO",
+    "AUTO_ORDER",
+    "DataPlaneConfig",
+    "DataPlaneUnavailable",
+    "choose_tier",
+    "local_tiers",
+    "receive_device",
+]
 
 
 # What ``auto`` tries, fastest first (see the module docstring for why gloo is not in it).
