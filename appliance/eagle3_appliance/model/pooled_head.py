@@ -60,7 +60,7 @@ def pooled_logits(head: nn.Module | None, alloc: Allocator | None) -> Iterator[N
         out = alloc((*x.shape[:-1], weight.shape[0]), x.dtype)
         return torch.matmul(x, weight.t(), out=out)
 
-    head.forward = forward
+    head.forward = forward  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
