@@ -15,3 +15,4 @@ echo "== data planes: transport benchmark (MB/s per tier beside a raw loopback s
 echo "== data planes: GPU check"
 "$PY" tests/gpu/check_dataplanes.py
 "$PY" tests/gpu/check_large_targets.py
+"$PY" tests/gpu/check_serving_speed.py

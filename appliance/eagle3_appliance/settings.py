@@ -277,7 +277,9 @@ class Settings:
         min=1,
     )
     # -- memory and throughput -------------------------------------------------------------
-    buffer_pool_mb: int = option(4096, "Host memory (MiB) kept for reuse by /generate answers; 0 = none.", min=0)
+    buffer_pool_mb: int = option(
+        4096, "Host memory (MiB) kept for reuse by /generate answers (on the CPU also their logits); 0 = none.", min=0
+    )
     microbatch_wait_ms: float = option(
         0.0,
         "Stack concurrent /generate requests of equal length into one forward, waiting at most this long for "

@@ -7,8 +7,13 @@ machine's drift hits both), and the same model computes the same supervision in 
 before and after, two ways: :func:`eagle3_appliance.model.supervision.in_process` (the reference: the
 rate a plain co-located target gives) and the server's own compute step (the forward and the
 projection into reused memory, what one server can do per second at best). Prints served
-answers/s per mode, each as a fraction of both in-process rates, then one JSON line. The first
+answers/s per mode, each as a fraction of the in-process rates, then one JSON line. The first
 served answer of each mode is checked bit for bit against the in-process one.
+
+The limit beside every figure: the same model's bare forward + softmax + argmax
+(:mod:`benchmarks.bare`, no hooks, no projection, no transfer) is timed in this process in
+every round, alternating with the served measurements, and each served rate is printed as a
+fraction of it (``of bare``).
 
 With one request in flight a server idles while its answer travels and the client decodes;
 with two, its next forward runs meanwhile, so answers/s approaches the forward rate. That
@@ -37,7 +42,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--case", default="wide", help="a case of benchmarks.wire.cases: tiny or wide")
     parser.add_argument("--requests", type=int, default=8, help="answers per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per mode (modes alternate)")
-    parser.add_argument("--data-plane", default="auto", help="auto, gloo or wire (nccl needs two GPUs)")
+    parser.add_argument("--data-plane", default="auto", help="auto (the default), gloo or wire (nccl needs two GPUs)")
     parser.add_argument("--device", default="auto", help="the server's and the reference's device")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where models are generated")
     return parser.parse_args(argv)
@@ -85,6 +90,14 @@ def _server_compute_rate(target: Any, inputs: Any, mapping: Any, requests: int) 
     return requests / (time.perf_counter() - start)
 
 
+def _bare_rate(step: Any, requests: int) -> float:
+    """Answers/s of the bare forward + softmax + argmax (:func:`benchmarks.bare.bare_step`)."""
+    start = time.perf_counter()
+    for _ in range(requests):
+        step()
+    return requests / (time.perf_counter() - start)
+
+
 def _served_rate(remote: Any, batch: Any, requests: int) -> float:
     """Answers/s with ``requests`` batches handed to the client at once (it keeps its in-flight limit)."""
     start = time.perf_counter()
@@ -98,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     import torch
 
+    from benchmarks.bare import bare_model, bare_step
     from benchmarks.wire.cases import CASES, model_source
     from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
     from eagle3_appliance.launch import ServerProcess
@@ -116,11 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     batch = random_batch(target.vocab_size, case.batch_size, case.seq_len, seed=2)
     inputs = GenerateInputs(*batch)
     reference = {k: v.cpu() for k, v in in_process(target, inputs, mapping).items()}
+    bare = bare_step(bare_model(settings), batch[0], batch[1])
+    bare()  # warm-up
 
     server_args = ["--model", model, "--cache-dir", str(args.cache_dir), "--device", args.device]
     server_args += ["--max-seq-len", str(case.seq_len), "--max-batch-tokens", str(case.batch_size * case.seq_len)]
     server_args += ["--max-body-bytes", str(64 << 20)]
-    rates: dict[str, list[float]] = {"in_process": [], "server_compute": [], "1": [], "2": []}
+    rates: dict[str, list[float]] = {"bare": [], "in_process": [], "server_compute": [], "1": [], "2": []}
+    load_start = os.getloadavg()[0]
     tiers: dict[str, str] = {}
     exact = False
     rates["in_process"].append(_in_process_rate(target, inputs, mapping, args.requests))
@@ -141,8 +158,11 @@ def main(argv: list[str] | None = None) -> None:
                 del first
             exact = all(checks)
             for repeat in range(args.repeats):
-                for k in ("1", "2") if repeat % 2 == 0 else ("2", "1"):
-                    print(f"== {k} in flight, round {repeat + 1} ...", file=sys.stderr, flush=True)
+                for k in ("bare", "1", "2") if repeat % 2 == 0 else ("2", "1", "bare"):
+                    print(f"== {k}, round {repeat + 1} ...", file=sys.stderr, flush=True)
+                    if k == "bare":
+                        rates[k].append(_bare_rate(bare, args.requests))
+                        continue
                     rates[k].append(_served_rate(clients[k], batch, args.requests))
                     tiers[k] = clients[k].transport_stats()[0]["tier"]
         finally:
@@ -151,18 +171,22 @@ def main(argv: list[str] | None = None) -> None:
     rates["server_compute"].append(_server_compute_rate(target, inputs, mapping, args.requests))
     rates["in_process"].append(_in_process_rate(target, inputs, mapping, args.requests))
 
+    load = [load_start, os.getloadavg()[0]]
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    base, ceiling = medians["in_process"], medians["server_compute"]
+    limit, base, ceiling = medians["bare"], medians["in_process"], medians["server_compute"]
     shape = f"B={case.batch_size} T={case.seq_len} D={case.draft_vocab}"
     print(f"pipelining, {case.name}: {shape}, {args.requests} answers per measurement")
-    print(f"{'mode':>22}  {'answers/s':>9}  {'of in-process':>13}  {'of server compute':>17}  tier")
-    print(f"{'in-process reference':>22}  {base:9.3f}  {1:13.0%}  {base / ceiling:17.0%}  -")
-    print(f"{'server compute step':>22}  {ceiling:9.3f}  {ceiling / base:13.0%}  {1:17.0%}  -")
-    for k in ("1", "2"):
-        rate = medians[k]
-        print(f"{k + ' in flight':>22}  {rate:9.3f}  {rate / base:13.0%}  {rate / ceiling:17.0%}  {tiers.get(k, '?')}")
+    print(f"{'mode':>22}  {'answers/s':>9}  {'of bare':>7}  {'of in-process':>13}  {'of server compute':>17}  tier")
+    rows = [("bare forward (limit)", "bare", "-"), ("in-process reference", "in_process", "-")]
+    rows += [("server compute step", "server_compute", "-"), ("1 in flight", "1", tiers.get("1", "?"))]
+    rows.append(("2 in flight", "2", tiers.get("2", "?")))
+    for title, key, tier in rows:
+        rate = medians[key]
+        print(f"{title:>22}  {rate:9.3f}  {rate / limit:7.0%}  {rate / base:13.0%}  {rate / ceiling:17.0%}  {tier}")
+    print(f"2 in flight / 1 in flight: {medians['2'] / medians['1']:.2f}")
     print(f"bit-exact: {'yes' if exact else 'NO'}")
-    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": str(target.device)}
+    print(f"load average (1 min) {load[0]:.2f} at the start, {load[1]:.2f} at the end; {os.cpu_count()} CPUs")
+    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": str(target.device), "load_average": load}
     print(
         json.dumps(
             {

@@ -1,11 +1,13 @@
-"""``python -m benchmarks.wire``: measure the wire path against a raw loopback socket, in one run.
+"""``python -m benchmarks.wire``: the served rate beside its limits (the bare forward, a raw socket), in one run.
 
-For each case: the appliance end to end with the real client (transfer and total latency,
-server peak RSS per request), a raw loopback socket moving the same byte count (half its
-repetitions before the wire run and half after, so drift in a shared machine's load hits
-both), and the projection alone. With ``--microbatch CASE``, also several concurrent
-clients against a server with micro-batching off and then on. Prints tables, then one
-JSON line.
+For each case: the appliance end to end with the real client and its default data plane (the
+wire on a CPU; transfer and total latency, server peak RSS per request), the same model's
+bare forward + softmax + argmax in this process after every served request
+(:mod:`benchmarks.bare`; ``served/bare`` is the served rate as a fraction of that limit), a
+raw loopback socket moving the same byte count (half its repetitions before the wire run and
+half after, so drift in a shared machine's load hits both), and the projection alone. With
+``--microbatch CASE``, also several concurrent clients against a server with micro-batching
+off and then on. Prints tables (with the load average), then one JSON line.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where models are generated")
     parser.add_argument("--server-arg", action="append", default=[], help="extra 'serve' argument (repeatable)")
     parser.add_argument("--no-exact", action="store_true", help="skip the bit-exactness check of the first answer")
+    parser.add_argument("--data-plane", default="auto", help="the client's data_plane (auto = its default)")
     parser.add_argument("--microbatch", default="", help="also measure micro-batching on this case (e.g. tiny)")
     parser.add_argument("--microbatch-clients", type=int, default=4, help="concurrent clients for --microbatch")
     parser.add_argument("--microbatch-rounds", type=int, default=4, help="requests per client per turn")
@@ -57,6 +60,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=args.cache_dir,
         server_args=args.server_arg,
         check_exact=not args.no_exact,
+        data_plane=args.data_plane,
     )
     summary = wire.summary(args.warmup)
     nbytes = int(summary["payload_bytes"])  # type: ignore[arg-type]
@@ -80,6 +84,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     columns = [
         ("case", "case", "{}"),
         ("payload MB", "payload_bytes", "{:.1f}"),
+        ("served/s", "served_per_s", "{:.2f}"),
+        ("bare/s", "bare_per_s", "{:.2f}"),
+        ("served/bare", "served_vs_bare", "{:.0%}"),
         ("raw GB/s", "raw_gbps", "{:.2f}"),
         ("wire GB/s", "wire_gbps", "{:.2f}"),
         ("wire/raw", "wire_vs_raw", "{:.0%}"),
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     import torch
 
+    load_start = os.getloadavg()[0]
     rows = []
     for name in [n.strip() for n in args.cases.split(",") if n.strip()]:
         print(f"== {name}: {args.requests} requests ...", file=sys.stderr, flush=True)
@@ -149,5 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         print(_table(rows))
     if microbatch is not None:
         print(_microbatch_table(microbatch))
+    load = [load_start, os.getloadavg()[0]]
+    print(f"load average (1 min) {load[0]:.2f} at the start, {load[1]:.2f} at the end; {os.cpu_count()} CPUs")
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "requests": args.requests, "warmup": args.warmup}
+    meta["load_average"] = load
     print(json.dumps({"bench": "eagle3-wire", **meta, "cases": rows, "microbatch": microbatch}, sort_keys=True))

@@ -50,8 +50,9 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
 
     Options are keyword arguments, each with an environment variable that supplies its
     default (:class:`eagle3_client.options.ClientOptions`, and the docs' client option table):
-    ``data_plane`` (``auto`` picks the best of nccl, gloo, wire that both ends support; a
-    named tier is forced and raises ``DataPlaneUnavailable`` if the pair cannot do it),
+    ``data_plane`` (``auto`` picks the fastest tier both ends support: nccl for a GPU trainer,
+    else the wire; a named tier is forced and raises ``DataPlaneUnavailable`` if the pair
+    cannot do it),
     ``encoding``, ``token``, ``lease_seconds`` (asks our servers for this session lease; the
     client heartbeats three times per lease, and a server frees a session that went silent
     for longer, e.g. a killed trainer), timeouts and retries, and the fleet's options

@@ -75,7 +75,7 @@ class ClientOptions:
     )
     data_plane: str = option(
         AUTO,
-        "How answers travel: auto (best of nccl, gloo, wire both ends support), or force nccl, gloo or wire.",
+        "How answers travel: auto (nccl where both ends can, else wire: the fastest), or force nccl, gloo or wire.",
         env="EAGLE3_DATA_PLANE",
     )
     data_plane_timeout: float = option(

@@ -46,19 +46,20 @@ def test_gloo_answers_equal_the_wire_and_the_reference_bit_for_bit(
     assert stats["port"] not in [link["port"] for link in status(dp_server.url)["links"]]
 
 
-def test_auto_negotiates_gloo_on_cpu_and_the_environment_can_force_the_wire(
+def test_auto_takes_the_wire_on_cpu_and_the_environment_can_force_gloo(
     dp_server: ServerProcess, reference: Target, mapping: VocabMapping, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batch_inputs = inputs(reference, 1, 24, seed=5)
     want = expected(reference, mapping, batch_inputs)
     with connect(dp_server.url, mapping) as remote:
         assert_bit_exact(remote.generate_batch(*batch_inputs), want)
-        assert remote.transport_stats()[0]["tier"] == "gloo"
-    monkeypatch.setenv("EAGLE3_DATA_PLANE", "wire")
+        stats = remote.transport_stats()[0]
+        assert (stats["tier"], stats["negotiated"], stats["bytes"]["gloo"], stats["port"]) == ("wire", "wire", 0, None)
+    monkeypatch.setenv("EAGLE3_DATA_PLANE", "gloo")
     with connect(dp_server.url, mapping) as remote:
         assert_bit_exact(remote.generate_batch(*batch_inputs), want)
         stats = remote.transport_stats()[0]
-        assert (stats["tier"], stats["negotiated"], stats["bytes"]["gloo"]) == ("wire", "wire", 0)
+        assert (stats["tier"], stats["negotiated"], stats["bytes"]["wire"]) == ("gloo", "gloo", 0)
 
 
 def test_forcing_nccl_on_a_cpu_pair_is_a_clear_error_at_connect(dp_server: ServerProcess) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from eagle3_appliance.core.inputs import Allocator, Packing
 from eagle3_appliance.model.fingerprint import local_shard, model_fingerprint
 from eagle3_appliance.model.packing import flash_attention, packed_forward_inputs, packing_refusal
+from eagle3_appliance.model.pooled_head import pooled_logits
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
 
 __all__ = ["ForwardOutputs", "Lockstep", "Target", "find_decoder_layers"]
@@ -241,16 +242,20 @@ class Target:
     ) -> ForwardOutputs:
         """One target forward on the model's device; the aux states, logits and (if asked) the LM head's input.
 
-        ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to.
+        ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to,
+        and on the CPU the logits' too (:mod:`eagle3_appliance.model.pooled_head`).
         ``packing``: the rows hold several documents, run as the co-located packed path does
         (:mod:`eagle3_appliance.model.packing`).
         """
         self._captured.clear()
         mask, extra = packed_forward_inputs(self.model, input_ids, attention_mask, packing)
+        # A sharded (tensor-parallel) or offloaded (device-map) head keeps its own forward.
+        head = self.lm_head if self.lockstep is None and not hasattr(self.model, "_hf_hook") else None
         try:
             with (
                 self._capture_lm_head_input(capture_hidden) as slot,
                 self._lockstep(input_ids, attention_mask, capture_hidden, packing),
+                pooled_logits(head, alloc),
             ):
                 out = self.model(input_ids=input_ids, attention_mask=mask, **extra, **self._forward_flags)
             if len(self._captured) != 3:
