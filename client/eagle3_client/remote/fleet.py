@@ -45,7 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from eagle3_client.errors import ModelMismatch, NoServerReady, TargetHTTPError, TargetUnreachable, first_line
+from eagle3_client.errors import (
+    ModelMismatch,
+    NoServerReady,
+    TargetHTTPError,
+    TargetTimeout,
+    TargetUnreachable,
+    first_line,
+)
 from eagle3_client.transports.transfer import TransferError
 
 __all__ = [
@@ -350,6 +357,8 @@ class Fleet(Generic[S]):
                     errors_500 += 1
                     if errors_500 >= 2:
                         raise  # two servers failed on it: the request, not a server
+                if isinstance(exc, TargetTimeout) and self._answers_ready(member):
+                    raise  # a slow request, retried on its server already: sent elsewhere it would be computed again
                 self.fail(member, exc)
                 failing_since = failing_since if failing_since is not None else time.monotonic()
                 continue
@@ -425,6 +434,14 @@ class Fleet(Generic[S]):
             self._cond.notify_all()
         if member.state == DRAINING and member.in_flight == 0:
             self._wake.set()
+
+    def _answers_ready(self, member: Member[S]) -> bool:
+        """Whether ``member``, whose request just timed out, still answers its readiness probe (alive)."""
+        why = member.server.probe(min(_PROBE_TIMEOUT_S, max(self.probe_max_interval, 1.0)))
+        if why is not None:
+            return False
+        logger.warning("%s: a request timed out but the server answers ready: raised, the server stays", member.url)
+        return True
 
     def fail(self, member: Member[S], exc: BaseException) -> None:
         """Take ``member`` out of the rotation after ``exc`` (once; later failures only count)."""

@@ -182,7 +182,7 @@ class ControlPlane:
         have acted (a process-group transfer must not be started twice).
         """
         url = self.url + protocol.path(endpoint)
-        attempts = 1 + (self.max_retries if retries else 0)
+        attempts = 1 + self.max_retries
         req_headers = dict(headers or {})
         request_timeout = self._http.timeout if timeout is None else httpx.Timeout(timeout)
         if endpoint == protocol.EP_GENERATE:
@@ -202,6 +202,9 @@ class ControlPlane:
                         resp.read()
                         last = TargetOverloaded(url, 503, _server_message(resp))
                         delay = _retry_after(resp)
+                        if not retries:
+                            attempts = attempt + 1
+                            break
                     elif resp.status_code != 200:
                         resp.read()
                         raise TargetHTTPError(url, resp.status_code, _server_message(resp))
@@ -209,13 +212,14 @@ class ControlPlane:
                         return handle(resp)
             except _RETRYABLE as exc:
                 last, delay = exc, None
-                if not retry_lost:
+                if isinstance(exc, httpx.ReadTimeout) and protocol.REQUEST_ID_HEADER in req_headers and retry_lost:
+                    # The server has the request and is computing it: resend at once to attach to it
+                    # (after a pause it might finish with nobody waiting, and compute it again). A
+                    # fleet retries this too: another server would compute it a second time.
+                    delay = 0.0
+                elif not retries or not retry_lost:
                     attempts = attempt + 1
                     break
-                if isinstance(exc, httpx.ReadTimeout) and protocol.REQUEST_ID_HEADER in req_headers:
-                    # The server is alive and still has the request: resend at once to attach to it
-                    # (after a pause it might finish with nobody waiting, and compute it again).
-                    delay = 0.0
             if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt if delay is None else delay
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, last, delay)
