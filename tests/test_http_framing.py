@@ -69,9 +69,10 @@ def test_a_malformed_chunked_body_is_refused_and_the_connection_closed(server: S
         pytest.param("Transfer-Encoding: chunked, chunked\r\n", id="chunked-twice"),
         pytest.param("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", id="two-headers"),
         pytest.param("Content-Length: 2\r\nContent-Length: 3\r\n", id="two-content-lengths"),
+        pytest.param("Content-Length: \u0662\r\n", id="content-length-in-another-script"),
     ],
 )
 def test_ambiguous_framing_headers_are_refused_and_the_connection_closed(server: ServerProcess, headers: str) -> None:
-    raw = (HEAD + headers + "\r\n").encode() + b"2\r\n{}\r\n0\r\n\r\n" + SMUGGLED
+    raw = (HEAD + headers + "\r\n").encode("utf-8") + b"2\r\n{}\r\n0\r\n\r\n" + SMUGGLED
     data = _exchange(server.url, raw)
     assert _statuses(data) == [400], data[:300]

@@ -87,6 +87,7 @@ CHECK_EVERY_S = 0.5
 # A chunked body's size line (hex size and extensions) is at most this long; longer: 400.
 MAX_CHUNK_LINE = 256
 _CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,16}(;[^\r\n]*)?")
+_DECIMAL = re.compile(r"[0-9]{1,19}")
 
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 _BUSY = (
@@ -306,6 +307,10 @@ class _GuardedHttp(Http):
         self.protocol.head_started()
         await Http.http1_request_header(self)
         self.protocol.head_done()
+        length = self.request.headers.get("content-length") if self.request is not None else None
+        if length is not None and not _DECIMAL.fullmatch(length.rstrip(" \t")):  # int() takes other scripts' digits
+            self.keep_alive = False
+            raise BadRequest(f"Content-Length must be decimal digits, got {length[:40]!r}")
 
     async def read(self) -> bytes | None:
         if self.request_body == "chunked" and self.request_bytes_left == 0:
