@@ -42,7 +42,9 @@ def _statuses(data: bytes) -> list[int]:
 
 
 def test_a_well_formed_chunked_body_is_accepted(server: ServerProcess) -> None:
-    raw = (HEAD + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + b"2;name=value\r\n{}\r\n0\r\n\r\n"
+    raw = (
+        HEAD + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode() + b"2;name=value\r\n{}\r\n0\r\n\r\n"
     assert _statuses(_exchange(server.url, raw)) == [200]
 
 

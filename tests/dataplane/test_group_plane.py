@@ -192,9 +192,10 @@ def test_joins_without_the_proof_are_let_in_only_when_allowed_and_that_is_logged
             reply = http.post("/data_plane", json={"tier": "gloo"}, headers=h)
             assert reply.status_code == 200 and reply.json()["tier"] == "gloo" and "secret" not in reply.json()
             http.post("/data_plane", json={"tier": "wire"}, headers=h)
-    assert "--allow-unproven-joins: clients may join a data-plane group without proving" in (
-        tmp_path / "server.log"
-    ).read_text()
+    assert (
+        "--allow-unproven-joins: clients may join a data-plane group without proving"
+        in (tmp_path / "server.log").read_text()
+    )
 
 
 @pytest.mark.parametrize("encoding", ["logits", "hidden"])

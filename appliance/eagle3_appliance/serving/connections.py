@@ -313,7 +313,8 @@ class _GuardedHttp(Http):
             raise BadRequest(f"Content-Length must be decimal digits, got {length[:40]!r}")
 
     async def read(self) -> bytes | None:
-        if self.request_body == "chunked" and self.request_bytes_left == 0:
+        chunked = self.request_body == "chunked"  # type: ignore[comparison-overlap]  # Sanic stores the mode there
+        if chunked and self.request_bytes_left == 0:
             await self._check_chunk_line()
         data = await Http.read(self)
         if not self.request_body and self.protocol.transport is not None:

@@ -204,7 +204,9 @@ class RemoteTarget:
 
     def _generate(self, payload: bytes) -> Answer:
         """One ``/generate`` on the fleet: the best ready server, another one if it fails."""
-        single = self._fleet.size <= 1  # with peers, a failed server is not retried: the request fails over
+        # With peers a failed server is not retried: the request fails over (a timed-out answer is
+        # retried all the same: eagle3_client.transports.control).
+        single = self._fleet.size <= 1
 
         def attempt(server: ServerSession, number: int) -> Answer:
             return server.generate(payload, retries=single, failover=number if number > 1 else 0)

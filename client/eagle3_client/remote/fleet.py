@@ -12,9 +12,13 @@ uses it three ways:
   it would still finish within twice the fast one's time; an idle server's estimate halves
   every :data:`IDLE_HALF_LIFE_S` seconds, so a server that was slow once is tried again.
   The first answer of each session is not measured (warm-up).
-* **Failover.** A request whose server fails (connection refused or reset, timeout, 5xx,
-  not ready; a broken group transfer that could not be recovered over the wire) is sent to
-  another ready server; the trainer gets one answer per request, never two. The failed server
+* **Failover.** A request whose server fails (connection refused or reset, 5xx, not ready; a
+  broken group transfer that could not be recovered over the wire; a timeout after which the
+  server does not answer its readiness probe either) is sent to another ready server; the
+  trainer gets one answer per request, never two. A request that timed out on a server that
+  still answers ready is raised (``TargetTimeout``), the server kept: it was slow, not dead,
+  and its control plane has already sent it again ``max_retries`` times under one request id
+  (joined to the computation the server has); another server would compute it again. The failed server
   leaves the rotation and is probed in the background (``/health/ready``, ``/health`` on an
   upstream server) after ``probe_interval`` seconds, then at doubling intervals up to
   ``probe_max_interval``. Once it answers ready it gets a new session, the vocab mapping is

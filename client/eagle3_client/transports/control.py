@@ -11,8 +11,11 @@ than abandoning it: the wait for the answer is the server's ``--request-timeout`
 then), unless ``generate_timeout`` says otherwise; and every attempt of one call carries the
 same ``X-Eagle3-Request-Id``, so a retry after a timeout or a lost connection attaches to the
 computation the server already has instead of queueing a second forward (after a read timeout
-the retry is sent at once, without back-off, to keep the request's place). Against an
-upstream server neither applies: ``timeout`` bounds each read and no extra header is sent.
+the retry is sent at once, without back-off, to keep the request's place). Such a timed-out
+``/generate`` is retried up to ``max_retries`` times even where the caller turned retries off
+(a fleet, which fails over instead): the server has it, another would compute it again.
+Against an upstream server neither applies: ``timeout`` bounds each read and no extra header
+is sent.
 """
 
 from __future__ import annotations
@@ -177,9 +180,11 @@ class ControlPlane:
 
         ``handle`` runs inside the attempt, so a connection that breaks while the body is
         still streaming in is retried like one that broke before the answer: the whole
-        request is sent again (the server's answers are idempotent). ``retry_lost=False``
-        keeps the 503 retries but not those of a lost connection, after which the server may
-        have acted (a process-group transfer must not be started twice).
+        request is sent again (the server's answers are idempotent). ``retries=False`` sends it
+        once, except a ``/generate`` that timed out (see the module docstring).
+        ``retry_lost=False`` keeps the 503 retries but not those of a lost connection or a
+        timeout, after which the server may have acted (a process-group transfer must not be
+        started twice).
         """
         url = self.url + protocol.path(endpoint)
         attempts = 1 + self.max_retries
