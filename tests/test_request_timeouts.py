@@ -34,7 +34,7 @@ FAILURES = "eagle3_request_failure_total"
 # The slow forward takes 6 s; every attempt gives up after 2.5 s (a fast forward needs far less,
 # even on a busy machine). failover_timeout bounds the old behaviour (looping until it ran out).
 SLOW_S = 6.0
-OPTIONS = {"data_plane": "wire", "generate_timeout": 2.5, "backoff": 0.0, "failover_timeout": 8.0}
+OPTIONS = {"generate_timeout": 2.5, "backoff": 0.0, "failover_timeout": 8.0}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def _settled(url: str) -> bool:
     return metric(s, "eagle3_inflight_requests") == 0 and metric(s, "eagle3_inference_computing") == 0
 
 
-def _remote(url: str, max_retries: int) -> RemoteEagle3TargetModel:
-    remote = RemoteEagle3TargetModel.from_urls([url], max_retries=max_retries, **OPTIONS)
+def _remote(url: str, data_plane: str, max_retries: int) -> RemoteEagle3TargetModel:
+    remote = RemoteEagle3TargetModel.from_urls([url], data_plane=data_plane, max_retries=max_retries, **OPTIONS)
     ids = torch.arange(0, 1024, 4)
     mask = torch.zeros(1024, dtype=torch.bool)
     mask[ids] = True
@@ -60,21 +60,29 @@ def _remote(url: str, max_retries: int) -> RemoteEagle3TargetModel:
     return remote
 
 
-@pytest.mark.parametrize("max_retries", [0, 1])
+@pytest.mark.parametrize(
+    ("data_plane", "max_retries", "attempts"),
+    [
+        ("wire", 0, 1),
+        ("wire", 1, 2),  # the retry joins the first attempt's computation by request id
+        ("gloo", 1, 1),  # a group transfer cannot be joined: not sent again (not over the wire either)
+    ],
+)
 def test_a_timed_out_request_is_retried_max_retries_times_then_raised_with_one_forward(
-    url: str, max_retries: int
+    url: str, data_plane: str, max_retries: int, attempts: int
 ) -> None:
-    slow = batch(1, 16, slow=True, seed=20 + max_retries)
-    fast = batch(1, 16, seed=30 + max_retries)
+    slow = batch(1, 16, slow=True, seed=20 + attempts)
+    fast = batch(1, 16, seed=30 + attempts)
     before = scrape(url)
-    with _remote(url, max_retries) as remote:
+    with _remote(url, data_plane, max_retries) as remote:
         with pytest.raises(TargetTimeout) as raised:
             remote.generate_batch(slow["input_ids"], slow["attention_mask"], slow["loss_mask"])
         assert not isinstance(raised.value, NoServerReady)
-        assert f"after {1 + max_retries} attempt(s)" in str(raised.value)
+        assert f"after {attempts} attempt(s)" in str(raised.value)
         # The server was not declared dead: same session, still in the rotation, still serving.
         (entry,) = remote.transport_stats()
         assert entry["state"] == "ready" and entry["failovers"] == 0 and entry["readmissions"] == 0
+        assert (entry["tier"], entry["fallbacks"]) == (data_plane, 0)  # a group is kept too
         wait_until(lambda: _settled(url), what="the slow forward to end")  # the next batch does not queue behind it
         answer = remote.generate_batch(fast["input_ids"], fast["attention_mask"], fast["loss_mask"])
         assert answer.target_probs.shape == (1, 16, 256)
@@ -88,7 +96,7 @@ def test_a_timed_out_request_is_retried_max_retries_times_then_raised_with_one_f
         for (name, labels), value in after.items()
         if name == FAILURES and dict(labels).get("endpoint") == "generate"
     }
-    assert {status: n for status, n in generate_failures.items() if n} == {"aborted": 1 + max_retries}
+    assert {status: n for status, n in generate_failures.items() if n} == {"aborted": attempts}
 
 
 def test_a_client_that_hangs_up_mid_generate_is_counted_aborted_not_as_a_server_error(url: str) -> None:
