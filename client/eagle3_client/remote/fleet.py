@@ -18,10 +18,10 @@ uses it three ways:
   trainer gets one answer per request, never two. A request that timed out on a server that
   still answers ready is raised (``TargetTimeout``), the server kept: it was slow, not dead,
   and its control plane has already sent it again ``max_retries`` times under one request id
-  (joined to the computation the server has); another server would compute it again. The failed server
-  leaves the rotation and is probed in the background (``/health/ready``, ``/health`` on an
-  upstream server) after ``probe_interval`` seconds, then at doubling intervals up to
-  ``probe_max_interval``. Once it answers ready it gets a new session, the vocab mapping is
+  (joined to the computation the server has); another server would compute it again. The
+  failed server leaves the rotation and is probed in the background (``/health/ready``,
+  ``/health`` on an upstream server) after ``probe_interval`` seconds, then at doubling
+  intervals up to ``probe_max_interval``. Once it answers ready it gets a new session, the vocab mapping is
   replayed, its fingerprint is checked again, and it is back in the rotation. With no
   ready server a request waits up to ``failover_timeout`` seconds, then raises
   :class:`~eagle3_client.errors.NoServerReady`, which names every server and why it is out.
