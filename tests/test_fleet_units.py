@@ -14,7 +14,15 @@ import httpx
 import pytest
 import torch
 
-from eagle3_client import ModelMismatch, NoServerReady, RemoteEagle3TargetModel, TargetHTTPError, protocol, wire
+from eagle3_client import (
+    ModelMismatch,
+    NoServerReady,
+    RemoteEagle3TargetModel,
+    TargetHTTPError,
+    TargetTimeout,
+    protocol,
+    wire,
+)
 from eagle3_client.remote.fleet import IDLE_HALF_LIFE_S, READY, Fleet, Member, ServerList, parse_server_list
 from eagle3_client.transports.control import ControlPlane
 from tests.ops_support import wait_until
@@ -32,6 +40,8 @@ class ScriptedServer:
         self.up = True
         self.fingerprint = fingerprint
         self.generate_status = 200
+        self.generate_hangs = False  # every /generate times out (a slow request)
+        self.health_hangs = False  # the readiness probe times out too (a frozen server)
         self.sessions = 0
         self.requests: list[httpx.Request] = []
         self.lock = threading.Lock()
@@ -49,12 +59,16 @@ class ScriptedServer:
             reply = protocol.SessionReply(session_id=sid, model_fingerprint=self.fingerprint)
             return httpx.Response(200, json=reply.to_json())
         if path == protocol.EP_GENERATE:
+            if self.generate_hangs:
+                raise httpx.ReadTimeout("timed out", request=request)
             if self.generate_status != 200:
                 return httpx.Response(self.generate_status, json={"error": "scripted failure"})
             version = self.mapping_version()
             headers = {protocol.MAPPING_VERSION_HEADER: version} if version else {}
             return httpx.Response(200, content=wire.encode(SUPERVISION), headers=headers)
         if path in (protocol.EP_HEALTH_READY, protocol.EP_HEALTH):
+            if self.health_hangs:
+                raise httpx.ReadTimeout("timed out", request=request)
             return httpx.Response(200, json={"status": "ready"})
         if path == protocol.EP_MODEL_INFO:
             return httpx.Response(200, json={"num_hidden_layers": 8, "vocab_size": 9, "name": self.name})
@@ -69,12 +83,12 @@ class ScriptedServer:
             return [r.url.path for r in self.requests]
 
 
-def fleet_of(*servers: ScriptedServer, **options: object) -> RemoteEagle3TargetModel:
+def fleet_of(*servers: ScriptedServer, max_retries: int = 0, **options: object) -> RemoteEagle3TargetModel:
     urls = [f"http://{s.name}:8001" for s in servers]
-    remote = RemoteEagle3TargetModel.from_urls(urls, backoff=0.0, **{**FAST, **options})
+    remote = RemoteEagle3TargetModel.from_urls(urls, backoff=0.0, max_retries=max_retries, **{**FAST, **options})
     for server, scripted in zip(remote._servers, servers, strict=True):
         server.control = ControlPlane(
-            server.control.url, max_retries=0, backoff=0.0, transport=httpx.MockTransport(scripted)
+            server.control.url, max_retries=max_retries, backoff=0.0, transport=httpx.MockTransport(scripted)
         )
     return remote
 
@@ -158,6 +172,45 @@ def test_a_request_error_is_raised_not_failed_over() -> None:
         assert info.value.status == 422
         assert [e["state"] for e in remote.transport_stats()] == ["ready", "ready"]
         assert sum(p == "/generate" for s in (a, b) for p in s.paths()) == 1
+    finally:
+        remote.close()
+
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_a_timed_out_request_is_retried_on_its_server_under_one_id_then_raised_not_failed_over(
+    max_retries: int,
+) -> None:
+    a, b = ScriptedServer("a"), ScriptedServer("b")
+    remote = fleet_of(a, b, max_retries=max_retries, failover_timeout=2.0)  # bounds the old loop
+    try:
+        remote.set_vocab_mapping(torch.arange(5), torch.ones(9, dtype=torch.bool))
+        a.generate_hangs = b.generate_hangs = True  # whichever server gets it, the request is slow
+        with pytest.raises(TargetTimeout) as info:
+            remote.generate_batch(*INPUTS)
+        assert not isinstance(info.value, NoServerReady)
+        attempts = [r for s in (a, b) for r in s.requests if r.url.path == "/generate"]
+        assert len(attempts) == 1 + max_retries
+        assert len({r.url.host for r in attempts}) == 1  # one server: not failed over
+        assert len({r.headers[protocol.REQUEST_ID_HEADER] for r in attempts}) == 1  # joined to the first
+        assert all(protocol.FAILOVER_HEADER not in r.headers for r in attempts)
+        assert [e["state"] for e in remote.transport_stats()] == ["ready", "ready"]
+        assert [e["failovers"] for e in remote.transport_stats()] == [0, 0]
+        assert a.sessions == b.sessions == 1
+    finally:
+        remote.close()
+
+
+def test_a_timed_out_request_whose_server_no_longer_answers_ready_fails_over() -> None:
+    a, b = ScriptedServer("a"), ScriptedServer("b")
+    remote = fleet_of(a, b)
+    try:
+        remote.set_vocab_mapping(torch.arange(5), torch.ones(9, dtype=torch.bool))
+        a.generate_hangs = a.health_hangs = True  # frozen: neither the request nor the probe is answered
+        for _ in range(3):  # whichever server is picked, every batch arrives
+            batch = remote.generate_batch(*INPUTS)
+            assert torch.equal(batch.target_probs, SUPERVISION["target_probs"])
+        assert stats(remote)["a"]["state"] == "out" and "ReadTimeout" in stats(remote)["a"]["reason"]
+        assert stats(remote)["b"]["served"] == 3
     finally:
         remote.close()
 

@@ -302,6 +302,12 @@ class Settings:
         "most; the oldest are dropped beyond it (a dropped one costs a recompute if its transfer breaks).",
         min=0,
     )
+    allow_unproven_joins: bool = option(
+        False,
+        "Let a client join a /data_plane group without proving it owns the session (clients older than the "
+        "join proof). Anyone who reads a rendezvous store's keys can then race it into the group: logged at "
+        "start-up; only on a network where every peer is trusted.",
+    )
     upstream_nccl_on_gloo: bool = option(
         False,
         "Test/CPU switch: with the model on the CPU, build upstream's /init_nccl group on gloo (the CPU "

@@ -54,7 +54,8 @@ class ClientOptions:
     generate_timeout: float | None = option(
         None,
         "Seconds to wait for a /generate answer. None = our servers' --request-timeout plus 30 s (the server "
-        "answers 503 itself by then), or timeout for an upstream server.",
+        "answers 503 itself by then), or timeout for an upstream server. A /generate that timed out is sent "
+        "again max_retries times under one request id, then raised while its server answers ready.",
         env="EAGLE3_GENERATE_TIMEOUT",
         positive=True,
     )

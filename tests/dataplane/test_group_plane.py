@@ -13,6 +13,7 @@ from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.target import Target
 from eagle3_client import DataPlaneUnavailable, protocol, wire
+from eagle3_client.transports.transfer import PROOF_BYTES
 
 from .helpers import assert_bit_exact, connect, expected, health, inputs, session_id, status
 
@@ -166,6 +167,36 @@ def test_bad_data_plane_requests_get_clear_errors(dp_server: ServerProcess) -> N
         assert resend.status_code == 409 and "no stored result for transfer 3" in resend.json()["error"]
         assert http.post("/data_plane", json={"tier": "wire"}, headers=h).json() == {"tier": "wire"}
         http.post("/disconnect", json={}, headers=h)
+
+
+def test_a_join_without_the_proof_is_refused_and_opens_no_rendezvous(dp_server: ServerProcess) -> None:
+    with httpx.Client(base_url=dp_server.url, trust_env=False, timeout=30) as http:
+        sid = http.post("/session", json={"client": "old", "data_planes": ["gloo", "wire"]}).json()["session_id"]
+        h = {protocol.SESSION_HEADER: sid}
+        refused = http.post("/data_plane", json={"tier": "gloo"}, headers=h)
+        assert refused.status_code == 422 and '"proof": true' in refused.json()["error"]
+        assert status(dp_server.url, sid)["session"] == {"tier": "wire", "state": "none"}
+        proven = http.post("/data_plane", json={"tier": "gloo", "proof": True}, headers=h)
+        assert proven.status_code == 200 and len(bytes.fromhex(proven.json()["secret"])) == PROOF_BYTES
+        http.post("/data_plane", json={"tier": "wire"}, headers=h)
+        http.post("/disconnect", json={}, headers=h)
+
+
+def test_joins_without_the_proof_are_let_in_only_when_allowed_and_that_is_logged(
+    dp_cache: Path, tmp_path: Path
+) -> None:
+    args = ["--cache-dir", str(dp_cache), "--allow-unproven-joins"]
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        with httpx.Client(base_url=server.url, trust_env=False, timeout=30) as http:
+            sid = http.post("/session", json={"client": "old", "data_planes": ["gloo", "wire"]}).json()["session_id"]
+            h = {protocol.SESSION_HEADER: sid}
+            reply = http.post("/data_plane", json={"tier": "gloo"}, headers=h)
+            assert reply.status_code == 200 and reply.json()["tier"] == "gloo" and "secret" not in reply.json()
+            http.post("/data_plane", json={"tier": "wire"}, headers=h)
+    assert (
+        "--allow-unproven-joins: clients may join a data-plane group without proving"
+        in (tmp_path / "server.log").read_text()
+    )
 
 
 @pytest.mark.parametrize("encoding", ["logits", "hidden"])

@@ -78,7 +78,9 @@ def test_sessions_that_never_join_leave_no_port_behind(
         for i in range(5):
             offer = {"client": f"never-joins-{i}", "data_planes": ["gloo", "wire"]}
             sid = http.post("/session", json=offer).json()["session_id"]
-            reply = http.post("/data_plane", json={"tier": "gloo"}, headers={protocol.SESSION_HEADER: sid})
+            reply = http.post(
+                "/data_plane", json={"tier": "gloo", "proof": True}, headers={protocol.SESSION_HEADER: sid}
+            )
             assert reply.status_code == 200, (i, reply.text)
             assert first <= reply.json()["port"] <= first + 1
             # Each waits out the server's --data-plane-timeout (2 s) and its link fails.

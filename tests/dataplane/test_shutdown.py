@@ -114,7 +114,9 @@ def test_a_pending_rendezvous_does_not_delay_the_exit(dp_cache: Path, tmp_path: 
     try:
         with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as http:
             sid = http.post("/session", json={"client": "never-joins"}).json()["session_id"]
-            assert http.post("/data_plane", json={"tier": "gloo"}, headers={protocol.SESSION_HEADER: sid}).is_success
+            assert http.post(
+                "/data_plane", json={"tier": "gloo", "proof": True}, headers={protocol.SESSION_HEADER: sid}
+            ).is_success
             time.sleep(0.5)  # the server's end is now waiting for its peer
             code, took = _exit_after_sigterm(server)
     finally:

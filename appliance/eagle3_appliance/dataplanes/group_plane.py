@@ -15,7 +15,8 @@ Protocol (names in :mod:`eagle3_client.protocol`):
   message, the ``secret`` (:func:`eagle3_client.transports.transfer.check_proof`: a peer that cannot
   prove it owns the session gets nothing, and the group and its port are closed), closes
   the store, and sends a zero-tensor hello numbered ``nonce``, which the client checks. A
-  client that does not ask for the proof (an older one) gets the hello at once and no
+  client that does not ask for the proof (an older one) is refused (``422``, it stays on the
+  wire) unless ``--allow-unproven-joins`` lets it in: then it gets the hello at once and no
   ``secret``. ``{"tier": "wire"}`` tears the session's group down.
 * ``/generate`` with ``X-Eagle3-Transfer: <seq>``: the answer is the transfer's metadata (JSON,
   header echoed) and the tensors follow on the group (framing in :mod:`eagle3_client.transports.transfer`).
@@ -60,7 +61,7 @@ from eagle3_appliance.dataplanes.group_link import PROOF_TIMEOUT_S, GroupLink, S
 from eagle3_appliance.dataplanes.port_pool import PortPool
 from eagle3_appliance.dataplanes.resend_store import ResendStore, StoredResult
 from eagle3_appliance.dataplanes.transfer import Transfer, device_ready, send_wire
-from eagle3_appliance.errors import ApplianceError
+from eagle3_appliance.errors import ApplianceError, InvalidRequest
 from eagle3_appliance.settings import Settings, parse_port_range
 from eagle3_client import protocol
 from eagle3_client.transports.transfer import (
@@ -80,6 +81,7 @@ __all__ = [
     "RESULT_KEY",
     "DataPlaneServer",
     "GroupTransfer",
+    "ProofRequired",
     "TierNotOffered",
     "close_link",
     "connection_closed",
@@ -95,6 +97,10 @@ _KEEP_CLOSED = 32  # closed links listed by GET /data_plane, newest last
 
 class TierNotOffered(ApplianceError):
     status_code = 409
+
+
+class ProofRequired(InvalidRequest):
+    """A group join without the proof of owning the session, on a server that requires it."""
 
 
 def _our_frame(group: Group, seq: int, tensors: Mapping[str, torch.Tensor], timeout: float) -> int:
@@ -129,6 +135,12 @@ class DataPlaneServer:
         if protocol.TIER_GLOO in allowed and gloo_available():
             offered.append(protocol.TIER_GLOO)
         offered.append(protocol.TIER_WIRE)
+        if settings.allow_unproven_joins and len(offered) > 1:
+            logger.warning(
+                "--allow-unproven-joins: clients may join a data-plane group without proving they own the "
+                "session; anyone who reaches the rendezvous ports (%s) can race them into their group",
+                settings.data_plane_ports or "chosen by the kernel",
+            )
         return cls(settings, offered, device, PortPool(parse_port_range(settings.data_plane_ports)))
 
     def group_device(self, tier: str) -> torch.device:
@@ -140,7 +152,14 @@ class DataPlaneServer:
         Anyone who reaches the store's port can read the keys, so ``key`` is only a namespace.
         With ``proof`` the peer must send ``secret`` (known only from the HTTP reply) as its
         first message before the server sends it anything; the store is closed right after.
+        Without ``proof`` (a client older than the proof) the join is refused unless
+        ``--allow-unproven-joins``: a stranger who reads the keys could win the race to the group.
         """
+        if not proof and not self.settings.allow_unproven_joins:
+            raise ProofRequired(
+                'POST /data_plane needs "proof": true (this server admits only a peer that proves it owns the '
+                "session; start it with --allow-unproven-joins for older clients): answers stay on the wire"
+            )
         timeout = self.settings.data_plane_timeout
         tcp_store, port = await asyncio.to_thread(self.ports.open_store, self.settings.host, timeout)
         store = RendezvousStore(tcp_store, timeout)

@@ -38,16 +38,17 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import resource
 import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sanic import Request
-from sanic.exceptions import RequestTimeout, ServiceUnavailable
+from sanic.exceptions import BadRequest, RequestTimeout, ServiceUnavailable
 from sanic.http import Http, Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 
@@ -57,6 +58,7 @@ from eagle3_appliance.ops.health import PROBE_ENDPOINTS
 __all__ = [
     "FD_RESERVE",
     "LOG_EVERY_S",
+    "MAX_CHUNK_LINE",
     "PROBE_HEADER_TIMEOUT_S",
     "PROBE_SLOTS",
     "ConnectionGuard",
@@ -85,6 +87,10 @@ CHECK_EVERY_S = 0.5
 # The label values of eagle3_connections_refused_total and eagle3_connections_timed_out_total.
 REFUSAL_REASONS = ("connections", "probe_only", "body_budget")
 TIMEOUT_PHASES = ("headers", "body")
+# A chunked body's size line (hex size and extensions) is at most this long; longer: 400.
+MAX_CHUNK_LINE = 256
+_CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,16}(;[^\r\n]*)?")
+_DECIMAL = re.compile(r"[0-9]{1,19}")
 
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 _BUSY = (
@@ -308,14 +314,45 @@ class _GuardedHttp(Http):
         self.protocol.head_started()
         await Http.http1_request_header(self)
         self.protocol.head_done()
+        length = self.request.headers.get("content-length") if self.request is not None else None
+        if length is not None and not _DECIMAL.fullmatch(length.rstrip(" \t")):  # int() takes other scripts' digits
+            self.keep_alive = False
+            raise BadRequest(f"Content-Length must be decimal digits, got {length[:40]!r}")
 
     async def read(self) -> bytes | None:
+        chunked = self.request_body == "chunked"  # type: ignore[comparison-overlap]  # Sanic stores the mode there
+        if chunked and self.request_bytes_left == 0:
+            await self._check_chunk_line()
         data = await Http.read(self)
         if not self.request_body and self.protocol.transport is not None:
             # The body is in: read the socket again (Sanic pauses above 64 KiB buffered), so a
             # client that leaves while its request waits is seen at once.
             self.protocol.transport.resume_reading()
         return data
+
+    async def _check_chunk_line(self) -> None:
+        """The next chunk's framing, before Sanic parses it: the CRLF that ends what came before, then
+        a hex size with at most :data:`MAX_CHUNK_LINE` bytes of extension (Sanic skips two bytes
+        unseen, accepts ``0x``/spaces in the size, and any extension that arrives in one read)."""
+        buf = self.recv_buffer
+        while True:
+            if len(buf) >= 2 and buf[:2] != b"\r\n":
+                self._bad_chunk("chunk data not followed by CRLF")
+            end = buf.find(b"\r\n", 2)
+            if end != -1:
+                break
+            if len(buf) > MAX_CHUNK_LINE + 2:
+                self._bad_chunk(f"chunk size line longer than {MAX_CHUNK_LINE} bytes")
+            await self._receive_more()
+        line = bytes(buf[2:end])
+        if len(line) > MAX_CHUNK_LINE:
+            self._bad_chunk(f"chunk size line longer than {MAX_CHUNK_LINE} bytes")
+        if not _CHUNK_SIZE_LINE.fullmatch(line):
+            self._bad_chunk("chunk size is not hexadecimal digits")
+
+    def _bad_chunk(self, why: str) -> NoReturn:
+        self.keep_alive = False  # where this request ends is unknown: nothing after it is read
+        raise BadRequest(f"malformed chunked body: {why}")
 
 
 class GuardedHttpProtocol(HttpProtocol):

@@ -40,7 +40,7 @@ from eagle3_appliance.serving.connections import ConnectionGuard, close_after_re
 from eagle3_appliance.settings import Settings
 from eagle3_client import protocol
 
-__all__ = ["Operations", "install_operations", "operations"]
+__all__ = ["Operations", "client_gone", "install_operations", "operations"]
 
 T = TypeVar("T")
 
@@ -109,7 +109,10 @@ class Operations:
         endpoint = getattr(request.ctx, "ops_endpoint", None) or "unmatched"
         start = getattr(request.ctx, "ops_start", None)
         seconds = time.perf_counter() - start if start is not None else None
-        self.metrics.observe_request(endpoint, status, seconds)
+        if client_gone(request):  # Sanic answers a cancelled handler with a 500 nobody receives
+            self.metrics.observe_request(endpoint, "aborted", None)
+        else:
+            self.metrics.observe_request(endpoint, status, seconds)
         tracked: Tracked | None = getattr(request.ctx, "ops_tracked", None)
         if tracked is not None and self.inflight.end(tracked):
             self.sessions.touch(tracked.session_id)
@@ -126,6 +129,11 @@ class Operations:
         tracked: Tracked | None = getattr(conn_info.ctx, "ops_tracked", None)
         if tracked is not None and self.inflight.end(tracked):
             self.metrics.observe_request(tracked.endpoint, "aborted", None)
+
+
+def client_gone(request: Request) -> bool:
+    """The client hung up before its answer was made: whatever the status, it is not the server's failure."""
+    return request.conn_info is not None and request.conn_info.lost
 
 
 def operations(request: Request) -> Operations:

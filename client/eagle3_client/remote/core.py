@@ -208,7 +208,9 @@ class RemoteTarget:
         ``needs``: the capabilities the payload uses; a server without one of them raises
         :class:`~eagle3_client.errors.CapabilityUnavailable` (not a server failure: no failover).
         """
-        single = self._fleet.size <= 1  # with peers, a failed server is not retried: the request fails over
+        # With peers a failed server is not retried: the request fails over (a timed-out answer is
+        # retried all the same: eagle3_client.transports.control).
+        single = self._fleet.size <= 1
 
         def attempt(server: ServerSession, number: int) -> Answer:
             return server.generate(payload, retries=single, failover=number if number > 1 else 0, needs=needs)

@@ -12,12 +12,16 @@ uses it three ways:
   it would still finish within twice the fast one's time; an idle server's estimate halves
   every :data:`IDLE_HALF_LIFE_S` seconds, so a server that was slow once is tried again.
   The first answer of each session is not measured (warm-up).
-* **Failover.** A request whose server fails (connection refused or reset, timeout, 5xx,
-  not ready; a broken group transfer that could not be recovered over the wire) is sent to
-  another ready server; the trainer gets one answer per request, never two. The failed server
-  leaves the rotation and is probed in the background (``/health/ready``, ``/health`` on an
-  upstream server) after ``probe_interval`` seconds, then at doubling intervals up to
-  ``probe_max_interval``. Once it answers ready it gets a new session, the vocab mapping is
+* **Failover.** A request whose server fails (connection refused or reset, 5xx, not ready; a
+  broken group transfer that could not be recovered over the wire; a timeout after which the
+  server does not answer its readiness probe either) is sent to another ready server; the
+  trainer gets one answer per request, never two. A request that timed out on a server that
+  still answers ready is raised (``TargetTimeout``), the server kept: it was slow, not dead,
+  and its control plane has already sent it again ``max_retries`` times under one request id
+  (joined to the computation the server has); another server would compute it again. The
+  failed server leaves the rotation and is probed in the background (``/health/ready``,
+  ``/health`` on an upstream server) after ``probe_interval`` seconds, then at doubling
+  intervals up to ``probe_max_interval``. Once it answers ready it gets a new session, the vocab mapping is
   replayed, its fingerprint is checked again, and it is back in the rotation. With no
   ready server a request waits up to ``failover_timeout`` seconds, then raises
   :class:`~eagle3_client.errors.NoServerReady`, which names every server and why it is out.
@@ -45,7 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from eagle3_client.errors import ModelMismatch, NoServerReady, TargetHTTPError, TargetUnreachable, first_line
+from eagle3_client.errors import (
+    ModelMismatch,
+    NoServerReady,
+    TargetHTTPError,
+    TargetTimeout,
+    TargetUnreachable,
+    first_line,
+)
 from eagle3_client.transports.transfer import TransferError
 
 __all__ = [
@@ -350,6 +361,8 @@ class Fleet(Generic[S]):
                     errors_500 += 1
                     if errors_500 >= 2:
                         raise  # two servers failed on it: the request, not a server
+                if isinstance(exc, TargetTimeout) and self._answers_ready(member):
+                    raise  # a slow request, retried on its server already: sent elsewhere it would be computed again
                 self.fail(member, exc)
                 failing_since = failing_since if failing_since is not None else time.monotonic()
                 continue
@@ -425,6 +438,14 @@ class Fleet(Generic[S]):
             self._cond.notify_all()
         if member.state == DRAINING and member.in_flight == 0:
             self._wake.set()
+
+    def _answers_ready(self, member: Member[S]) -> bool:
+        """Whether ``member``, whose request just timed out, still answers its readiness probe (alive)."""
+        why = member.server.probe(min(_PROBE_TIMEOUT_S, max(self.probe_max_interval, 1.0)))
+        if why is not None:
+            return False
+        logger.warning("%s: a request timed out but the server answers ready: raised, the server stays", member.url)
+        return True
 
     def fail(self, member: Member[S], exc: BaseException) -> None:
         """Take ``member`` out of the rotation after ``exc`` (once; later failures only count)."""

@@ -11,8 +11,11 @@ than abandoning it: the wait for the answer is the server's ``--request-timeout`
 then), unless ``generate_timeout`` says otherwise; and every attempt of one call carries the
 same ``X-Eagle3-Request-Id``, so a retry after a timeout or a lost connection attaches to the
 computation the server already has instead of queueing a second forward (after a read timeout
-the retry is sent at once, without back-off, to keep the request's place). Against an
-upstream server neither applies: ``timeout`` bounds each read and no extra header is sent.
+the retry is sent at once, without back-off, to keep the request's place). Such a timed-out
+``/generate`` is retried up to ``max_retries`` times even where the caller turned retries off
+(a fleet, which fails over instead): the server has it, another would compute it again.
+Against an upstream server neither applies: ``timeout`` bounds each read and no extra header
+is sent.
 """
 
 from __future__ import annotations
@@ -177,12 +180,14 @@ class ControlPlane:
 
         ``handle`` runs inside the attempt, so a connection that breaks while the body is
         still streaming in is retried like one that broke before the answer: the whole
-        request is sent again (the server's answers are idempotent). ``retry_lost=False``
-        keeps the 503 retries but not those of a lost connection, after which the server may
-        have acted (a process-group transfer must not be started twice).
+        request is sent again (the server's answers are idempotent). ``retries=False`` sends it
+        once, except a ``/generate`` that timed out (see the module docstring).
+        ``retry_lost=False`` keeps the 503 retries but not those of a lost connection or a
+        timeout, after which the server may have acted (a process-group transfer must not be
+        started twice).
         """
         url = self.url + protocol.path(endpoint)
-        attempts = 1 + (self.max_retries if retries else 0)
+        attempts = 1 + self.max_retries
         req_headers = dict(headers or {})
         request_timeout = self._http.timeout if timeout is None else httpx.Timeout(timeout)
         if endpoint == protocol.EP_GENERATE:
@@ -202,6 +207,9 @@ class ControlPlane:
                         resp.read()
                         last = TargetOverloaded(url, 503, _server_message(resp))
                         delay = _retry_after(resp)
+                        if not retries:
+                            attempts = attempt + 1
+                            break
                     elif resp.status_code != 200:
                         resp.read()
                         raise TargetHTTPError(url, resp.status_code, _server_message(resp))
@@ -209,13 +217,14 @@ class ControlPlane:
                         return handle(resp)
             except _RETRYABLE as exc:
                 last, delay = exc, None
-                if not retry_lost:
+                if isinstance(exc, httpx.ReadTimeout) and protocol.REQUEST_ID_HEADER in req_headers and retry_lost:
+                    # The server has the request and is computing it: resend at once to attach to it
+                    # (after a pause it might finish with nobody waiting, and compute it again). A
+                    # fleet retries this too: another server would compute it a second time.
+                    delay = 0.0
+                elif not retries or not retry_lost:
                     attempts = attempt + 1
                     break
-                if isinstance(exc, httpx.ReadTimeout) and protocol.REQUEST_ID_HEADER in req_headers:
-                    # The server is alive and still has the request: resend at once to attach to it
-                    # (after a pause it might finish with nobody waiting, and compute it again).
-                    delay = 0.0
             if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt if delay is None else delay
                 logger.warning("%s %s: %s; retrying in %.1f s", method, url, last, delay)

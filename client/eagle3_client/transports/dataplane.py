@@ -116,7 +116,8 @@ class DataPlane(ABC):
         """POST the wire-encoded inputs; the checked answer (tensors on the CPU, or on the group's device).
 
         ``retries=False`` leaves retrying to the caller (a fleet fails over to another server
-        instead); ``headers`` ride along on the ``/generate`` request.
+        instead), a timed-out answer excepted (:mod:`eagle3_client.transports.control`);
+        ``headers`` ride along on the ``/generate`` request.
         """
 
     def close(self) -> None:

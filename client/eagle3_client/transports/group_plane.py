@@ -47,7 +47,14 @@ import orjson
 import torch
 
 from eagle3_client import protocol
-from eagle3_client.errors import ProtocolViolation, RemoteTargetError, TargetHTTPError, TargetUnreachable, first_line
+from eagle3_client.errors import (
+    ProtocolViolation,
+    RemoteTargetError,
+    TargetHTTPError,
+    TargetTimeout,
+    TargetUnreachable,
+    first_line,
+)
 from eagle3_client.transports.control import ControlPlane
 from eagle3_client.transports.dataplane import (
     Answer,
@@ -292,6 +299,11 @@ class GroupDataPlane(DataPlane):
         except TargetHTTPError:
             raise  # an error answer: no transfer was started, the group is intact
         except (TargetUnreachable, ProtocolViolation) as exc:
+            if isinstance(exc, TargetTimeout) and isinstance(exc.__cause__, httpx.ReadTimeout):
+                # No answer yet: the server is still queueing or computing it and has sent nothing on
+                # the group. Raised as it is (eagle3_client.remote.fleet): sent again over the wire it
+                # would be computed a second time (a group transfer cannot be joined by request id).
+                raise
             # The server may or may not have started transfer ``seq``.
             return seq, "broken", _Requested(group, exc)
         return seq, kind, _Requested(group, value, version)
