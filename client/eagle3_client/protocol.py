@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from eagle3_client.capture import EAGLE3, OFFER_KEY, Capture
+
 __all__ = [
     "DataPlaneReply",
     "DataPlaneRequest",
@@ -295,6 +297,8 @@ class SessionOffer:
     data_planes: tuple[str, ...] = ()  # the tiers this process can join
     lease_seconds: float | None = None  # None: the server's default lease
     rejoin: bool = False  # the client takes this server back after it had left its rotation
+    # What every /generate of the session captures (eagle3_client.capture); EAGLE-3 is not sent.
+    capture: Capture = EAGLE3
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -307,6 +311,8 @@ class SessionOffer:
             body["lease_seconds"] = self.lease_seconds
         if self.rejoin:
             body["rejoin"] = True
+        if not self.capture.is_eagle3:
+            body[OFFER_KEY] = self.capture.to_json()
         return body
 
     @classmethod
@@ -322,6 +328,7 @@ class SessionOffer:
             data_planes=_names(body, "data_planes"),
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
             rejoin=_field(body, "rejoin", bool, False),
+            capture=_capture(body),
         )
 
 
@@ -339,6 +346,8 @@ class SessionReply:
     # The server's --request-timeout: it answers every /generate (200, or 503 + Retry-After)
     # within this many seconds of admitting it, so a client may wait that long for the answer.
     request_timeout: float | None = None
+    # The capture the server agreed to serve (echoed only when it is not EAGLE-3's).
+    capture: Capture = EAGLE3
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -355,6 +364,8 @@ class SessionReply:
             body["model_fingerprint"] = self.model_fingerprint
         if self.request_timeout is not None:
             body["request_timeout"] = self.request_timeout
+        if not self.capture.is_eagle3:
+            body[OFFER_KEY] = self.capture.to_json()
         return body
 
     @classmethod
@@ -369,6 +380,7 @@ class SessionReply:
             protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
             model_fingerprint=_field(body, "model_fingerprint", str, None),
             request_timeout=_number(_field(body, "request_timeout", (int, float), None)),
+            capture=_capture(body),
         )
 
 
@@ -495,6 +507,11 @@ class ModelInfoExtension:
             mode=_field(body, "mode", str, "single"),  # absent from servers before it
             fingerprint=_field(body, "fingerprint", str, None),
         )
+
+
+def _capture(body: Mapping[str, Any]) -> Capture:
+    value = body.get(OFFER_KEY)
+    return EAGLE3 if value is None else Capture.from_json(value)
 
 
 def _number(value: int | float | None) -> float | None:
