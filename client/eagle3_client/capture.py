@@ -19,6 +19,7 @@ Usage::
     offer_body["capture"] = capture.to_json()
     capture.checked(num_layers=8)          # ValueError naming the problem
     capture.keys                           # ("hidden_states", "logits"): the answer's wire keys
+    Capture.parse("dflash+logits:1,3,5")   # the command-line spelling (load tests, sizes)
 """
 
 from __future__ import annotations
@@ -97,6 +98,26 @@ class Capture:
         if repeated:
             raise ValueError(f"capture.layers lists layer id(s) {repeated} more than once; each layer may appear once")
         return self
+
+    @property
+    def spec(self) -> str:
+        """The command-line spelling :meth:`parse` reads: ``eagle3``, ``dflash:1,3,5``, ``dflash+logits:1,3,5``."""
+        return self.kind if self.is_eagle3 else f"{self.label}:{','.join(str(i) for i in self.layers)}"
+
+    @classmethod
+    def parse(cls, text: str) -> Capture:
+        """A capture from its command-line spelling (see :attr:`spec`); ValueError naming what is wrong."""
+        text = text.strip()
+        if text == CAPTURE_EAGLE3:
+            return EAGLE3
+        head, _, tail = text.partition(":")
+        if head not in (CAPTURE_DFLASH, f"{CAPTURE_DFLASH}+logits") or not tail.strip():
+            raise ValueError(f"a capture is 'eagle3', 'dflash:L1,L2,...' or 'dflash+logits:L1,L2,...', got {text!r}")
+        try:
+            layers = [int(part) for part in tail.split(",")]
+        except ValueError:
+            raise ValueError(f"the layers of capture {text!r} must be integers separated by commas") from None
+        return cls.dflash(layers, logits=head.endswith("+logits"))
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "layers": list(self.layers), "logits": self.logits}
