@@ -173,3 +173,24 @@ def test_eagle3_and_dflash_clients_share_one_server(server: ServerProcess, hf_mo
         d = dflash.generate_batch(*inputs)
     # The same layers, the same forward: EAGLE-3's aux states (layers 1, 3, 4) unshifted are DFlash's.
     assert torch.equal(e.aux_hidden_states, d.hidden_states)
+
+
+def test_the_sizes_command_counts_a_captures_bytes_as_served(server: ServerProcess, model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from eagle3_appliance.cli import app
+    from eagle3_appliance.sizes import capture_rows, load_shape
+
+    (row,) = capture_rows(load_shape(str(model_dir)), captures=["dflash+logits:1,6"], dtype_bytes=4, batch_tokens=1)
+    inputs = random_batch(VOCAB, 2, 9, seed=4)
+    with RemoteDFlashTargetModel.from_urls([server.url], target_layer_ids=[1, 6], capture_logits=True) as remote:
+        batch = remote.generate_batch(*inputs)
+    served = batch.hidden_states.numel() * 4 + batch.logits.numel() * 4
+    assert row.bytes_per_token * 18 == served == 18 * (2 * 64 + VOCAB) * 4
+    runner = CliRunner()
+    result = runner.invoke(app, ["sizes", "--model", "qwen3-8b", "--capture", "dflash:1,9,17,25,33", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| qwen3-8b | dflash:1,9,17,25,33 | 40,960 | 80.0 MiB | 26.3 % | yes |" in result.output
+    assert "fetches the whole LM head once, in chunks: 1,244,659,712 B" in result.output
+    bad = runner.invoke(app, ["sizes", "--model", "qwen3-8b", "--capture", "dflash:1,36"], env={"COLUMNS": "300"})
+    assert bad.exit_code == 2 and "layer id 36 is out of range for a model with 36 layers" in bad.output, bad.output
