@@ -203,8 +203,8 @@ def test_eagle3_and_dflash_jobs_share_one_forward_each_with_its_own_answer(targe
         pipeline.runner.shutdown()
     assert pipeline.metrics.exec_count._value.get() == 1  # one forward for the three requests
     _close(results[0], in_process(target, GenerateInputs(*inputs[0]), mapping))
-    for capture, batch, result in zip(captures[1:], inputs[1:], results[1:], strict=True):
-        layer, logits = _layer_outputs(target.model, batch)
+    for capture, rows, result in zip(captures[1:], inputs[1:], results[1:], strict=True):
+        layer, logits = _layer_outputs(target.model, rows)
         want = {"hidden_states": torch.cat([layer[i] for i in capture.layers], dim=-1)}
         if capture.logits:
             want["logits"] = logits
@@ -212,7 +212,9 @@ def test_eagle3_and_dflash_jobs_share_one_forward_each_with_its_own_answer(targe
         _close(result, want)
 
 
-def _layer_outputs(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def _layer_outputs(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, ...]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Every decoder layer's output (hooked here, independently of the server's code) and the logits."""
     outputs: dict[int, torch.Tensor] = {}
     handles = [

@@ -258,7 +258,7 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
     """
     extra = dict(options or {})
 
-    class RemoteTargetRecipe(recipe_cls):  # type: ignore[misc, valid-type]
+    class RemoteTargetRecipe(recipe_cls):
         def _remote(self) -> bool:
             return bool(self.cfg.recipe_args.get("target_model_backend", "colocated") == "remote")
 
@@ -273,12 +273,12 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
             # The recipe's own method, so that its meshes and checks are set up as always, with
             # a loader that reads the config instead of the weights.
             module = sys.modules[_DFLASH_BASE]
-            loader = module.NeMoAutoModelForCausalLM
-            module.NeMoAutoModelForCausalLM = _ConfigLoader
+            loader = getattr(module, "NeMoAutoModelForCausalLM")  # noqa: B009 - swapped for one call
+            setattr(module, "NeMoAutoModelForCausalLM", _ConfigLoader)  # noqa: B010
             try:
                 return super()._build_target_model(recipe_cfg, target_path, draft_spec)
             finally:
-                module.NeMoAutoModelForCausalLM = loader
+                setattr(module, "NeMoAutoModelForCausalLM", loader)  # noqa: B010
 
         def _build_target_wrapper(self, target_layer_ids: list[int]) -> Any:
             if not self._remote():

@@ -160,7 +160,9 @@ class TrainingRank(FastHttpUser):
                 resp.failure(f"bad session reply: {exc}")
                 raise RegistrationFailed from None
             if reply.capture != capture:
-                self._refuse(resp, f"the server does not serve --capture {capture.spec} (it answered {reply.capture.spec})")
+                self._refuse(
+                    resp, f"the server does not serve --capture {capture.spec} (it answered {reply.capture.spec})"
+                )
             if reply.encoding != encoding:
                 self._refuse(resp, f"the server does not offer --encoding {encoding} (it chose {reply.encoding!r})")
             self.session_id = reply.session_id

@@ -246,7 +246,11 @@ def test_steady_with_dflash_style_requests(
 ) -> None:
     """``--capture dflash+logits:...``: sessions ask for the layers and logits, every answer is checked."""
     capture = ["--capture", "dflash+logits:0,2,4,6,7"]
-    run = locust.run(["-f", "loadtest/steady.py", "-u", "2", "-r", "2", "-t", "5s", *SHAPES, *capture], appliance.url, tmp_path / "dflash")
+    run = locust.run(
+        ["-f", "loadtest/steady.py", "-u", "2", "-r", "2", "-t", "5s", *SHAPES, *capture],
+        appliance.url,
+        tmp_path / "dflash",
+    )
     assert_ok(run)
     stats = run.stats()
     generate = stats[("POST", "generate")]

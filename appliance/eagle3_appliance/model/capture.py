@@ -16,7 +16,7 @@ and an answer no larger than the server's largest EAGLE-3 answer (``max_answer_b
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -63,7 +63,7 @@ def forward_with_layers(
     target: Target,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    layer_ids: Sequence[int],
+    layer_ids: Collection[int],
     *,
     capture_hidden: bool = False,
     alloc: Allocator | None = None,
