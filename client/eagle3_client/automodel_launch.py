@@ -40,8 +40,10 @@ def check_config(cfg: Any) -> None:
 
     name = recipe_name(cfg)
     if name != _RECIPE and name not in DFLASH_RECIPES:
-        known = [_RECIPE, *DFLASH_RECIPES]
-        raise SystemExit(f"this launcher runs the recipes {known}; the YAML asks for {cfg.get('recipe', None)!r}")
+        raise SystemExit(
+            f"this launcher runs the EAGLE-3 recipe ({_RECIPE}) or a DFlash-family recipe "
+            f"({', '.join(DFLASH_RECIPES)}); the YAML asks for {cfg.get('recipe', None)!r}"
+        )
     recipe_args = cfg.get("recipe_args", None)
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
