@@ -34,6 +34,7 @@ __all__ = [
     "encode",
     "forward_with_layers",
     "lm_head_refusal",
+    "lm_head_rows",
     "working_bytes_per_token",
 ]
 
@@ -138,11 +139,20 @@ def check_request(capture: Capture, inputs: GenerateInputs, shape: TargetShape, 
 
 def lm_head_refusal(target: Target) -> str | None:
     """Why the LM head cannot be sent as rows of one weight (the DFlash draft reuses it), or None."""
+    if target.gathered_lm_head is not None:
+        return None
     if target.lockstep is not None:
-        return f"the LM head is sharded over the ranks of a tensor-parallel target ({target.mode})"
+        return f"the LM head is sharded over the ranks of a tensor-parallel target ({target.mode}) and was not gathered"
     head = target.lm_head
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         return "the model has no output embedding (LM head) weight"
     if getattr(head, "bias", None) is not None:
         return "the LM head has a bias, which /lm_head_rows does not send"
     return None
+
+
+def lm_head_rows(target: Target, ids: torch.Tensor) -> torch.Tensor:
+    """``lm_head.weight[ids]`` ``[n,H]`` on the CPU; a tensor-parallel target's from its gathered copy."""
+    if target.gathered_lm_head is not None:
+        return target.gathered_lm_head.index_select(0, ids).contiguous()
+    return target.lm_head_rows(ids)

@@ -25,7 +25,7 @@ from eagle3_appliance.dataplanes.buffers import ServerBuffers
 from eagle3_appliance.dataplanes.group_plane import DataPlaneServer, connection_closed
 from eagle3_appliance.dataplanes.transfer import host_copy, send_wire
 from eagle3_appliance.errors import InvalidRequest, MalformedBody, Unavailable, install_error_handler
-from eagle3_appliance.model.capture import lm_head_refusal
+from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.lifecycle import install_second_signal_exit
 from eagle3_appliance.serving import dataplane_routes
@@ -188,10 +188,10 @@ async def lm_head_rows(request: Request) -> None:
 
     def rows() -> dict[str, torch.Tensor]:
         if not session.capture.is_eagle3:
-            refusal = lm_head_refusal(state.target)
+            refusal = captures.lm_head_refusal(state.target)
             if refusal is not None:
                 raise InvalidRequest(f"the LM head cannot be sent: {refusal}")
-            return {"weight": state.target.lm_head_rows(ids)}
+            return {"weight": captures.lm_head_rows(state.target, ids)}
         refusal = state.target.hidden_refusal()
         if refusal is not None:
             raise EncodingError(f"'hidden' is not available for this model: {refusal}")
