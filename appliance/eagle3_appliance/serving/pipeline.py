@@ -108,7 +108,7 @@ def choose_transfer(request: Request, session: Session, buffers: ServerBuffers) 
             raise MalformedBody(f"{protocol.TRANSFER_HEADER} must be an integer, got {header!r}") from None
         link = session.extras.get(LINK_KEY)
         return GroupTransfer(session, seq, link if link is not None and not link.closed else None, buffers)
-    if request.headers.get(protocol.NCCL_HEADER) == "1":
+    if request.headers.get(protocol.NCCL_HEADER) == "1" and session.capture.is_eagle3:  # upstream's keys only
         upstream = upstream_transfer(session)
         if upstream is not None:
             return upstream
