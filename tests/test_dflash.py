@@ -194,3 +194,11 @@ def test_the_sizes_command_counts_a_captures_bytes_as_served(server: ServerProce
     assert "fetches the whole LM head once, in chunks: 1,244,659,712 B" in result.output
     bad = runner.invoke(app, ["sizes", "--model", "qwen3-8b", "--capture", "dflash:1,36"], env={"COLUMNS": "300"})
     assert bad.exit_code == 2 and "layer id 36 is out of range for a model with 36 layers" in bad.output, bad.output
+
+
+def test_packed_rows_are_refused_before_anything_is_sent() -> None:
+    remote = RemoteDFlashTargetModel.from_urls(["http://127.0.0.1:9"], target_layer_ids=[1])  # nothing listens
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="packed rows"):
+        remote.generate_batch(ids, torch.ones_like(ids), torch.ones_like(ids), seq_lens=torch.tensor([[4, 4]]))
+    remote.close()

@@ -115,3 +115,23 @@ def test_a_few_cpu_steps_give_the_colocated_losses(
     final, final_want = remote["final"], colocated["final"]
     assert isinstance(final, dict) and isinstance(final_want, dict) and final.keys() == final_want.keys()
     assert all(torch.equal(final[k], final_want[k]) for k in final_want)
+
+
+class _Args(dict):  # type: ignore[type-arg]
+    """The recipe's ``cfg.recipe_args`` as the recipe reads it (``.get``)."""
+
+
+def test_packed_rows_and_context_parallelism_are_refused_with_the_reason() -> None:
+    from nemo_automodel.recipes.llm.train_dflash import TrainDFlashRecipe
+
+    from eagle3_client.automodel import remote_dflash_recipe
+
+    recipe_cls = remote_dflash_recipe(TrainDFlashRecipe)
+    recipe = recipe_cls.__new__(recipe_cls)
+    recipe.cfg = type("Cfg", (), {"recipe_args": _Args(target_model_backend="remote")})()
+    with pytest.raises(NotImplementedError, match="packed rows are not served to DFlash recipes yet"):
+        recipe._build_target_model(_Args(packed_sequence_size=512), "unused", None)
+    recipe.cp_mesh = type("Mesh", (), {"size": lambda self: 2})()
+    with pytest.raises(ValueError, match=r"context parallelism \(cp_size>1\)"):
+        recipe._build_target_wrapper([1, 2])
+    assert recipe_cls.__name__ == "TrainDFlashRecipe" and issubclass(recipe_cls, TrainDFlashRecipe)
