@@ -166,9 +166,8 @@ class Pipeline:
         transfer = choose_transfer(request, session, self.buffers)
         # Only what our client negotiated is named: upstream's answer stays header-free.
         headers = {} if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
-        if (
-            mapping is not None and mapping.version is not None
-        ):  # the mapping this answer is computed under, for the client's decode
+        if mapping is not None and mapping.version is not None:
+            # The mapping this answer is computed under, for the client's decode (EAGLE-3 only).
             headers[protocol.MAPPING_VERSION_HEADER] = str(mapping.version)
         if request.headers.get(protocol.FAILOVER_HEADER):
             self.metrics.failovers.inc()
