@@ -33,16 +33,20 @@ demo: $(STAMP)
 	$(VENV)/bin/eagle3-appliance demo
 
 # Two invocations: the load tests start Locust processes against an appliance subprocess,
-# and are kept apart from the session that runs in-process servers.
+# and are kept apart from the session that runs in-process servers. Test files run in
+# parallel worker processes (pytest-xdist), a file's tests together on one worker so that
+# its module-scoped servers start once; PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
-	$(VENV)/bin/python -m pytest tests/loadtest
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL)
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) tests/loadtest
 
-# Static checks: ruff (lint + format) over everything, mypy over the three packages
+# Static checks: ruff (lint + format) over everything, mypy over the three packages and monitoring/
 # (configured in pyproject.toml), and the option tables the docs generate from the code.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check appliance client loadtest benchmarks tests
-	$(VENV)/bin/ruff format --check appliance client loadtest benchmarks tests
+	$(VENV)/bin/ruff check appliance client loadtest benchmarks monitoring tests
+	$(VENV)/bin/ruff format --check appliance client loadtest benchmarks monitoring tests
 	$(VENV)/bin/mypy
 
 # The documentation site (mkdocs.yml): --strict turns a broken link or a missing page into an error.

@@ -104,10 +104,10 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
         {"serving": {"serving"}},  # the HTTP face and the /generate flow
         {"dataplanes": {"dataplanes"}, "model": {"model"}, "ops": {"ops"}},
         {"core": {"core"}},  # the request types every room shares
-        {"ground": {"settings", "errors", "__init__"}},
+        {"ground": {"settings", "errors", "progress", "__init__"}},
     ],
     "eagle3_client": [
-        {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch"}},
+        {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch", "automodel_packing"}},
         {"adapters": {"backend", "dflash"}},  # the recipes' surfaces
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
         {"transports": {"transports"}},  # how bytes travel

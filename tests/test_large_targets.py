@@ -9,6 +9,7 @@ documented tolerance (:mod:`eagle3_appliance.model.numerics`).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +22,10 @@ import httpx
 import psutil
 import pytest
 import torch
+from safetensors import safe_open
 
 from benchmarks.numerics.run import TP_TEST_CONFIG
-from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, Packing, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import ensure_builtin_model
 from eagle3_appliance.model.loading import load_target
@@ -33,7 +35,7 @@ from eagle3_appliance.model.target import Target
 from eagle3_appliance.model.tensor_parallel import EXIT_DELAY, EXIT_RANK_FAILED
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteDFlashTargetModel, RemoteEagle3TargetModel, protocol, wire
-from eagle3_client.synthetic import random_batch, vocab_mapping
+from eagle3_client.synthetic import packed_batch, random_batch, vocab_mapping
 from tests.oracle import assert_bit_exact
 
 VOCAB = 8192
@@ -98,6 +100,14 @@ def test_tensor_parallel_serves_our_client_within_the_documented_tolerance(
         for seed, (batch, seq) in enumerate([(2, 48), (1, 1), (3, 33)]):
             inputs = random_batch(VOCAB, batch, seq, seed=seed)
             _within(remote.generate_batch(*inputs), reference, inputs, mapping)
+        # Packed rows: every rank gets the packing and builds the same block-causal mask.
+        for seed, rows in enumerate([[[10, 20, 18]], [[5, 40], [30, 3, 12]]]):
+            batch = packed_batch(VOCAB, rows, 48, seed=20 + seed)
+            packing = Packing(batch["position_ids"], batch["seq_lens"], batch["doc_remaining"])
+            inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            expected, gaps = reference_and_tie_gaps(reference, GenerateInputs(*inputs, packing), mapping)
+            deviation = measure(remote.generate_batch(**batch), expected, gaps, TOLERANCE.tie_gap)
+            assert deviation.within(TOLERANCE), deviation.verdict(TOLERANCE)
     metrics = httpx.get(tp_server.url + "/metrics", trust_env=False).text
     assert 'eagle3_target_info{attn_implementation="default",loader="transformers",mode="tp=2"} 1.0' in metrics
     assert len(_ranks(tp_server)) == 1
@@ -126,6 +136,19 @@ def test_tensor_parallel_serves_a_raw_upstream_style_client(tp_server: ServerPro
             self.__dict__.update(tensors)
 
     _within(Batch(answer), reference, inputs, VocabMapping(ids, mask))
+
+
+def test_each_rank_logs_its_load_progress(tp_server: ServerProcess, tp_model: Path) -> None:
+    """Under tensor parallelism every rank loads its shards and says how far it got, prefixed with its rank."""
+    assert tp_server.log_path is not None
+    log = tp_server.log_path.read_text()
+    with safe_open(str(tp_model / "model.safetensors"), "pt") as f:
+        n = len(list(f.keys()))
+    for rank in (0, 1):
+        assert f"rank {rank}: loading weights: 0/" in log, log[-3000:]
+        assert re.search(rf"rank {rank}: loading weights: (\d+)/\1 tensors \(100 %\), [0-9.]+ s elapsed, done", log)
+    totals = {int(t) for t in re.findall(r"rank \d: loading weights: \d+/(\d+) tensors", log)}
+    assert totals == {n}, (totals, n)
 
 
 def test_hidden_encoding_is_refused_by_a_tensor_parallel_target(tp_server: ServerProcess) -> None:
@@ -268,8 +291,14 @@ def test_a_served_device_map_is_bit_exact_and_says_so(model_dir: Path, cache_dir
             remote.set_vocab_mapping(ids, mask)
             inputs = random_batch(1024, 2, 25, seed=6)
             got = remote.generate_batch(*inputs)
+            packed = packed_batch(1024, [[7, 11, 7], [25]], 25, seed=7)
+            got_packed = remote.generate_batch(**packed)
     expected = in_process(plain, GenerateInputs(*inputs), VocabMapping(ids, mask))
     assert_bit_exact({k: getattr(got, k) for k in expected}, expected)
+    packing = Packing(packed["position_ids"], packed["seq_lens"], packed["doc_remaining"])
+    plain_inputs = GenerateInputs(packed["input_ids"], packed["attention_mask"], packed["loss_mask"], packing)
+    expected = in_process(plain, plain_inputs, VocabMapping(ids, mask))
+    assert_bit_exact({k: getattr(got_packed, k) for k in expected}, expected)
     log = (tmp_path / "server.log").read_text()
     assert "placement device_map: layers 0-3 on cpu" in log
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,52 @@ def test_capture_spellings_round_trip(text: str, expected: Capture) -> None:
 def test_a_bad_capture_spelling_names_the_problem(text: str) -> None:
     with pytest.raises(ValueError, match="capture"):
         Capture.parse(text)
+
+
+def test_each_step_reports_answers_per_second_and_its_percentiles() -> None:
+    search = StepSearch(PLAN)
+    _drive(search, FakeLoad({2: 100, 4: 300, 6: 800}))
+    first = search.results[0]
+    assert first.p50_ms == 100 and first.p99_ms == 100 and first.p95_ms == 100
+    assert first.answers_per_second is not None and first.answers_per_second > 0
+    assert first.answers_per_second == first.requests / (PLAN.step_duration_s - PLAN.settle_s)
+
+
+def test_the_capacity_plot_draws_every_step_and_marks_the_knee(tmp_path: Path) -> None:
+    from eagle3_loadtest._plot import capacity_figure, plot_path, save_capacity_plot
+
+    search = StepSearch(PLAN)
+    _drive(search, FakeLoad({2: 100, 4: 300, 6: 800}))
+    summary = search.summary()
+    fig = capacity_figure(summary)
+    top, bottom = fig.axes
+    answers = top.lines[0]
+    assert list(answers.get_xdata()) == [2, 4, 6]
+    assert list(answers.get_ydata()) == [r.answers_per_second for r in search.results]
+    p50, p99 = bottom.lines[0], bottom.lines[1]
+    assert list(p50.get_ydata()) == [100, 300, 800] and list(p99.get_ydata()) == [100, 300, 800]
+    knee = [line for line in top.lines if line.get_label() == "capacity: 4 ranks"]
+    assert len(knee) == 1 and list(knee[0].get_xdata()) == [4, 4]
+    assert [line.get_ydata()[0] for line in bottom.lines if line.get_label() == "p95 limit 500 ms"] == [500]
+
+    path = save_capacity_plot(summary, plot_path(str(tmp_path / "run"), None) or tmp_path / "x.png")
+    assert path == tmp_path / "run_capacity.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_path(None, str(tmp_path / "r.json")) == tmp_path / "r_capacity.png"
+    assert plot_path(None, None) is None
+
+
+def test_packed_batches_fill_rows_like_the_recipe() -> None:
+    lengths = LengthDistribution.parse("uniform:5:40", 64)
+    spec = BatchSpec(batch_size=3, lengths=lengths, vocab_size=1024, packed_sequence_size=64)
+    batch = make_batch(spec, random.Random(0))
+    assert batch["input_ids"].shape == batch["position_ids"].shape == batch["doc_remaining"].shape == (3, 64)
+    assert batch["seq_lens"].sum(1).tolist() == [64, 64, 64]  # the pad counts to the last document
+    assert int((batch["seq_lens"] > 0).sum()) > 3  # several documents per row
+    for row in range(3):
+        docs = [int(n) for n in batch["seq_lens"][row] if n > 0]
+        starts = [sum(docs[:i]) for i in range(len(docs))]
+        assert all(int(batch["position_ids"][row, s]) == 0 for s in starts)  # positions restart per document
+        real = int(batch["attention_mask"][row].sum())
+        first = docs[0] if len(docs) > 1 else real  # a lone document's length in seq_lens includes the pad
+        assert int(batch["doc_remaining"][row, real - 1]) == 0 and int(batch["doc_remaining"][row, 0]) == first - 1

@@ -7,6 +7,7 @@ answer bit for bit against the same model run in this process.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from eagle3_appliance.model.loading import load_target
 from eagle3_appliance.model.numerics import measure, reference_and_tie_gaps, tolerance_for
 from eagle3_appliance.model.supervision import compare_to_reference, in_process
 from eagle3_appliance.model.target import Target
+from eagle3_appliance.progress import Progress
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.encodings import parse_encoding
@@ -73,6 +75,7 @@ def drive(
         mapping = VocabMapping(*vocab_mapping(vocab, min(draft_vocab, vocab)))
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
         print(f"vocab   draft vocabulary of {mapping.draft_vocab_size} of {vocab} tokens sent to {len(urls)} server(s)")
+        progress = Progress("/generate", batches, unit="batches", stream=sys.stderr)
         for i in range(batches):
             batch_inputs = random_batch(reference.vocab_size, batch_size, seq_len, seed=i)
             before = remote.encoding_stats()["batches"]
@@ -92,12 +95,14 @@ def drive(
                 exact, verdict = compare_to_reference(result, expected, parse_encoding(used))
             all_exact &= exact
             nbytes = sum(t.numel() * t.element_size() for t in expected.values())
-            print(
+            progress.write(
                 f"batch {i}  input {list(batch_inputs[0].shape)}  aux {list(result.aux_hidden_states.shape)} "
                 f"{result.aux_hidden_states.dtype}  probs {list(result.target_probs.shape)}  "
                 f"{_mb(nbytes)}  {elapsed * 1e3:.0f} ms  {batch_inputs[0].numel() / elapsed:.0f} tok/s  "
                 f"supervised {int(result.position_mask.sum())}  " + (f"{used}: " if used != "probs" else "") + verdict
             )
+            progress.update()
+        progress.close()
         for entry in remote.transport_stats():
             moved = ", ".join(f"{tier} {_mb(n)}" for tier, n in entry["bytes"].items() if n)
             print(f"transport {entry['url']}: data plane {entry['tier']} ({moved}), fallbacks {entry['fallbacks']}")

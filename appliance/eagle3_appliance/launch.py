@@ -62,6 +62,11 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | int | None = None
 
+    @property
+    def log_path(self) -> Path | None:
+        """Where the server's output goes (None: discarded)."""
+        return self._log_path
+
     def start(self) -> ServerProcess:
         self._log = open(self._log_path, "wb") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)

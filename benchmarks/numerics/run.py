@@ -32,6 +32,7 @@ from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
 from eagle3_appliance.model.loading import load_target
 from eagle3_appliance.model.numerics import Deviation, measure, reference_and_tie_gaps, tolerance_for
+from eagle3_appliance.progress import Progress, track
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel
 from eagle3_client.synthetic import random_batch, vocab_mapping
@@ -52,7 +53,8 @@ def _served(url: str, mapping: VocabMapping, batches: list, references: list) ->
     rows = []
     with RemoteEagle3TargetModel.from_urls([url], device="cpu", timeout=600) as remote:
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-        for inputs, (expected, gaps) in zip(batches, references, strict=True):
+        pairs = zip(batches, references, strict=True)
+        for inputs, (expected, gaps) in track(pairs, Progress(url, len(batches), unit="batches")):
             got = remote.generate_batch(*inputs)
             deviation = measure(got, expected, gaps, float("inf"))
             flips = (got.position_mask.cpu() != expected["position_mask"].cpu()).reshape(gaps.shape)

@@ -35,6 +35,7 @@ import torch
 from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model
+from eagle3_appliance.progress import Progress, track
 from eagle3_client import RemoteEagle3TargetModel, protocol
 from eagle3_client.synthetic import random_batch, vocab_mapping
 
@@ -88,7 +89,7 @@ def _tier_run(
     with RemoteEagle3TargetModel.from_urls([url], device=device, timeout=600, data_plane=tier) as remote:
         remote.set_vocab_mapping(*mapping)
         remote.generate_batch(*batch)  # warm-up: brings a group up, first transfer, allocator
-        for _ in range(repeats):
+        for _ in track(range(repeats), Progress(f"transport {tier}", repeats, unit="batches")):
             before = remote.transport_stats()[0]
             start = time.perf_counter()
             result = remote.generate_batch(*batch)

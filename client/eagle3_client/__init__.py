@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from eagle3_client.contract import USING_NEMO_AUTOMODEL, Eagle3TargetBackend, Eagle3TargetBatch
     from eagle3_client.dflash import RemoteDFlashTargetModel
     from eagle3_client.errors import (
+        CapabilityUnavailable,
         CaptureUnsupported,
         ModelMismatch,
         NoServerReady,
@@ -42,6 +43,7 @@ _EXPORTS = {
     "USING_NEMO_AUTOMODEL": "eagle3_client.contract",
     "Eagle3TargetBackend": "eagle3_client.contract",
     "Eagle3TargetBatch": "eagle3_client.contract",
+    "CapabilityUnavailable": "eagle3_client.errors",
     "ModelMismatch": "eagle3_client.errors",
     "NoServerReady": "eagle3_client.errors",
     "ProtocolViolation": "eagle3_client.errors",
@@ -56,6 +58,7 @@ _EXPORTS = {
 
 __all__ = [
     "USING_NEMO_AUTOMODEL",
+    "CapabilityUnavailable",
     "Capture",
     "CaptureUnsupported",
     "DataPlaneUnavailable",

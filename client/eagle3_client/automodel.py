@@ -16,6 +16,12 @@ client-options page, generated from :mod:`eagle3_client.options`). The YAML, inc
 ``--recipe_args.KEY=VALUE`` overrides, wins over the environment; unset means the client's
 default.
 
+Packing: the recipe refuses ``packed_sequence_size > 0`` with any target but the co-located
+one. With our client installed it trains packed rows through our appliances (which run them
+as the co-located target does); :mod:`eagle3_client.automodel_packing` lifts that gate for our
+backend alone: :func:`install` applies it when the recipe module is already imported, and
+:meth:`Installation.patch_recipe` once it is (the launcher calls it).
+
 Prefetch depth: the recipe caps ``target_prefetch_depth`` at ``num_remote_servers`` (one
 request in flight per server). Our subclass reports servers x ``max_in_flight_per_server``
 there, so the recipe can keep every request slot of the fleet busy.
@@ -31,8 +37,9 @@ draft reuses are fetched from the servers.
 Usage (what :mod:`eagle3_client.automodel_launch` does)::
 
     from eagle3_client.automodel import install, options_from_config
-    install(options_from_config(cfg.recipe_args))
+    installation = install(options_from_config(cfg.recipe_args))
     from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
+    installation.patch_recipe()  # packed_sequence_size with our backend
 
     recipe_cls = remote_dflash_recipe(TrainJetSpecRecipe)   # the DFlash family
 """
@@ -42,10 +49,11 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from eagle3_client.automodel_packing import patch_recipe
 from eagle3_client.backend import RemoteEagle3TargetModel
 from eagle3_client.dflash import RemoteDFlashTargetModel
 from eagle3_client.options import ClientOptions, checked_value, option_fields, recipe_key
@@ -157,6 +165,19 @@ class Installation:
     backend: type[RemoteEagle3TargetModel]
     options: dict[str, Any]
     upstream: type
+    _undo_recipe: Callable[[], None] | None = None
+
+    def patch_recipe(self) -> None:
+        """Lift the recipe's co-located-only packing gate for our backend (once the recipe is imported)."""
+        module = sys.modules.get(RECIPE_MODULE)
+        if module is None or self._undo_recipe is not None:
+            return
+
+        def is_ours() -> bool:  # any installation's class, not only this one's
+            bound = getattr(module, _CLASS_NAME, None)
+            return isinstance(bound, type) and issubclass(bound, RemoteEagle3TargetModel)
+
+        self._undo_recipe = patch_recipe(module.TrainEagle3Recipe, module, is_ours)
 
     def uninstall(self) -> None:
         """Put upstream's class back wherever ours is bound (also in a recipe imported since)."""
@@ -164,6 +185,9 @@ class Installation:
             module = sys.modules.get(module_name)
             if module is not None and getattr(module, _CLASS_NAME, None) is self.backend:
                 setattr(module, _CLASS_NAME, self.upstream)
+        if self._undo_recipe is not None:
+            self._undo_recipe()
+            self._undo_recipe = None
 
     def __enter__(self) -> Installation:
         return self
@@ -197,7 +221,9 @@ def install(options: Mapping[str, Any] | None = None) -> Installation:
         RemoteEagle3TargetModel.__name__,
         resolved.describe(),
     )
-    return Installation(backend=backend, options=options, upstream=upstream)
+    installation = Installation(backend=backend, options=options, upstream=upstream)
+    installation.patch_recipe()  # a recipe imported later is patched by the launcher (or a second call)
+    return installation
 
 
 class ConfigOnlyTarget:

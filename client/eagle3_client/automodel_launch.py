@@ -67,9 +67,10 @@ def build_recipe(argv: Sequence[str]) -> Any:
     options = options_from_config(cfg.get("recipe_args", None))
     name = recipe_name(cfg)
     if name == _RECIPE:
-        install(options)
+        installation = install(options)
         from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
 
+        installation.patch_recipe()  # packed_sequence_size > 0 with our backend
         recipe_cls: type = TrainEagle3Recipe
     else:
         import importlib

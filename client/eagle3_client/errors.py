@@ -8,6 +8,7 @@
     │   └── TargetOverloaded          503 that persisted past every Retry-After
     ├── ProtocolViolation             the server's answer does not follow the protocol
     ├── ModelMismatch                 the servers of one client serve different models
+    ├── CapabilityUnavailable         the request needs an extension the server did not grant (packing)
     ├── CaptureUnsupported            a server cannot serve the requested capture (DFlash on an upstream server)
     ├── DataPlaneUnavailable          a forced data plane this pair cannot do (eagle3_client.transports.negotiate)
     └── TransferError                 a process-group transfer broke (eagle3_client.transports.transfer; recovered
@@ -25,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 __all__ = [
+    "CapabilityUnavailable",
     "CaptureUnsupported",
     "ModelMismatch",
     "NoServerReady",
@@ -90,6 +92,20 @@ class ModelMismatch(RemoteTargetError):
     def __init__(self, message: str, fingerprints: Mapping[str, str]) -> None:
         self.fingerprints = dict(fingerprints)
         super().__init__(message)
+
+
+class CapabilityUnavailable(RemoteTargetError):
+    """The request needs a capability (``protocol.CAPABILITIES``) that this server did not grant.
+
+    Raised before anything is sent: an upstream server (or an older appliance) would compute
+    the batch without the extension, e.g. packed rows as single sequences, whose supervision
+    crosses document boundaries without any error. ``url`` and ``capability`` say which.
+    """
+
+    def __init__(self, url: str, capability: str, reason: str) -> None:
+        self.url = url
+        self.capability = capability
+        super().__init__(f"{url} cannot serve {capability!r} requests: {reason}")
 
 
 def first_line(exc: object, limit: int | None = None) -> str:

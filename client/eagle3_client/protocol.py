@@ -8,14 +8,18 @@ upstream column of ``shared/design/upstream-protocol.md`` is reproduced exactly;
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from eagle3_client.capture import EAGLE3, OFFER_KEY, Capture
 
 __all__ = [
+    "CAPABILITIES",
+    "CAPABILITY_PACKING",
     "DataPlaneReply",
+    "GenerateRequest",
+    "PACKING_KEYS",
     "DataPlaneRequest",
     "MAX_CLIENT_NAME",
     "MODEL_INFO_EXTENSION_KEY",
@@ -178,6 +182,17 @@ UPSTREAM_NCCL_GROUP_PREFIX = "nemo_eagle_target_transfer_"
 
 # Keys of the /generate request and of its response, in wire order.
 GENERATE_INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+# Capabilities (extension): what a /generate body may ask beyond upstream's three tensors.
+# The client lists the ones it may use in its POST /session offer ("capabilities"); the reply
+# lists those the server grants. A body that asks for one the session was not granted is
+# refused (400) before anything is computed; without a session (upstream) none is granted.
+CAPABILITY_PACKING = "packing"
+CAPABILITIES = (CAPABILITY_PACKING,)
+# A packed request (several documents per row, the recipe's packed_sequence_size) adds these
+# [B,T] / [B,max_docs] tensors to the body, after GENERATE_INPUT_KEYS: per-document position
+# ids, the 0-padded document lengths (each row sums to T), and the real tokens after each slot
+# within its document (the trainer's supervision gate; checked, not used by the forward).
+PACKING_KEYS = ("position_ids", "seq_lens", "doc_remaining")
 SUPERVISION_KEYS = ("aux_hidden_states", "target_probs", "position_mask", "input_ids", "loss_mask")
 VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
 
@@ -283,6 +298,48 @@ def _object(body: Any, what: str) -> Mapping[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What one ``/generate`` asks the server for: upstream's batch plus the extensions it uses.
+
+    The one description of a request, read by both sides: ``capture`` says which layers the
+    forward captures and which supervision comes back (:class:`eagle3_client.capture.Capture`,
+    agreed once per session in ``/session``, since it fixes the answer's shape); ``packed`` says
+    the body carries packing metadata (:data:`PACKING_KEYS`). The wire body holds only tensors,
+    so the per-request part is read from its keys (:meth:`from_keys`) and written as them
+    (:attr:`keys`). Each extension names the capability a session must have been granted for
+    it (:attr:`capabilities`). EAGLE-3, unpacked, is exactly upstream's request.
+    """
+
+    capture: Capture = EAGLE3  # the session's capture (EAGLE-3: upstream's aux layers and supervision)
+    packed: bool = False  # the body carries PACKING_KEYS (documents packed into rows)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The body's keys, in wire order."""
+        return GENERATE_INPUT_KEYS + (PACKING_KEYS if self.packed else ())
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The capabilities a session needs for this request."""
+        return frozenset({CAPABILITY_PACKING} if self.packed else ())
+
+    @classmethod
+    def from_keys(cls, keys: Collection[str], capture: Capture = EAGLE3) -> GenerateRequest:
+        """The request a body's keys describe under the session's ``capture``; ``ValueError`` naming
+        a missing or unexpected key."""
+        present = set(keys)
+        request = cls(capture=capture, packed=bool(present & set(PACKING_KEYS)))
+        missing = [k for k in request.keys if k not in present]
+        if missing:
+            what = f"a packed request carries all of {list(PACKING_KEYS)}; " if request.packed else ""
+            raise ValueError(f"missing keys {missing}; {what}expected {list(request.keys)}, got {sorted(present)}")
+        extra = sorted(present - set(request.keys))
+        if extra:
+            raise ValueError(f"unexpected keys {extra}; expected {list(request.keys)}")
+        return request
+
+
 # Longest ``client`` name a session offer may carry (the server keeps it for the session's life).
 MAX_CLIENT_NAME = 256
 
@@ -299,6 +356,7 @@ class SessionOffer:
     rejoin: bool = False  # the client takes this server back after it had left its rotation
     # What every /generate of the session captures (eagle3_client.capture); EAGLE-3 is not sent.
     capture: Capture = EAGLE3
+    capabilities: tuple[str, ...] = ()  # request extensions it may use (CAPABILITIES)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -313,6 +371,8 @@ class SessionOffer:
             body["rejoin"] = True
         if not self.capture.is_eagle3:
             body[OFFER_KEY] = self.capture.to_json()
+        if self.capabilities:  # sent only when asked for, so older servers see the old body
+            body["capabilities"] = list(self.capabilities)
         return body
 
     @classmethod
@@ -329,6 +389,7 @@ class SessionOffer:
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
             rejoin=_field(body, "rejoin", bool, False),
             capture=_capture(body),
+            capabilities=_names(body, "capabilities"),
         )
 
 
@@ -348,6 +409,8 @@ class SessionReply:
     request_timeout: float | None = None
     # The capture the server agreed to serve (echoed only when it is not EAGLE-3's).
     capture: Capture = EAGLE3
+    # The offer's capabilities this server grants; absent from older servers (then none).
+    capabilities: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -366,6 +429,8 @@ class SessionReply:
             body["request_timeout"] = self.request_timeout
         if not self.capture.is_eagle3:
             body[OFFER_KEY] = self.capture.to_json()
+        if self.capabilities:
+            body["capabilities"] = list(self.capabilities)
         return body
 
     @classmethod
@@ -381,6 +446,7 @@ class SessionReply:
             model_fingerprint=_field(body, "model_fingerprint", str, None),
             request_timeout=_number(_field(body, "request_timeout", (int, float), None)),
             capture=_capture(body),
+            capabilities=_names(body, "capabilities"),
         )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["padded_batch", "random_batch", "vocab_mapping"]
+__all__ = ["pack_rows", "packed_batch", "padded_batch", "random_batch", "vocab_mapping"]
 
 
 def vocab_mapping(
@@ -58,3 +58,61 @@ def random_batch(
         for row in range(batch_size)
     ]
     return padded_batch(vocab_size, lengths, seq_len, seed)
+
+
+def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Document lengths grouped into rows of ``seq_len`` tokens, first fit in order (as the recipe's packer)."""
+    rows: list[list[int]] = []
+    for n in lengths:
+        if not 1 <= n <= seq_len:
+            raise ValueError(f"every document length must be in [1, {seq_len}], got {n}")
+        if rows and sum(rows[-1]) + n <= seq_len:
+            rows[-1].append(n)
+        else:
+            rows.append([n])
+    return rows
+
+
+def packed_batch(
+    vocab_size: int, rows: Sequence[Sequence[int]], seq_len: int, seed: int, *, prompt_fraction: float = 1 / 3
+) -> dict[str, torch.Tensor]:
+    """A packed batch laid out as the recipe's ``packed_sequence_size`` rows: row ``i`` holds documents of
+    ``rows[i]`` tokens, then pad (id 0).
+
+    Keys: ``input_ids``, ``attention_mask``, ``loss_mask``, ``position_ids`` (restarting at every
+    document, continuing through the pad), ``seq_lens`` ``[B, max_docs]`` (0-padded; the pad counts
+    to the last document, so each row sums to ``seq_len``) and ``doc_remaining`` (real tokens after
+    each slot within its document; 0 on pad). All int64.
+    """
+    if not rows or any(not r or sum(r) > seq_len or min(r) < 1 for r in rows):
+        raise ValueError(f"every row needs documents of at least 1 token, at most {seq_len} in all, got {rows}")
+    g = torch.Generator().manual_seed(seed)
+    batch, max_docs = len(rows), max(len(r) for r in rows)
+    input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=g)
+    out = {
+        key: torch.zeros(batch, seq_len, dtype=torch.long) for key in ("attention_mask", "loss_mask", "doc_remaining")
+    }
+    position_ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    seq_lens = torch.zeros(batch, max_docs, dtype=torch.long)
+    for i, docs in enumerate(rows):
+        start = 0
+        for n in docs:
+            prompt = int(n * prompt_fraction)
+            out["attention_mask"][i, start : start + n] = 1
+            out["loss_mask"][i, start + prompt : start + n] = 1
+            out["doc_remaining"][i, start : start + n] = torch.arange(n - 1, -1, -1)
+            position_ids[i, start : start + n] = torch.arange(n)
+            start += n
+        pad = seq_len - start
+        input_ids[i, start:] = 0
+        position_ids[i, start:] = (torch.arange(pad) + docs[-1]).clamp(max=seq_len - 1)
+        seq_lens[i, : len(docs)] = torch.tensor(list(docs))
+        seq_lens[i, len(docs) - 1] += pad
+    return {
+        "input_ids": input_ids,
+        "attention_mask": out["attention_mask"],
+        "loss_mask": out["loss_mask"],
+        "position_ids": position_ids,
+        "seq_lens": seq_lens,
+        "doc_remaining": out["doc_remaining"],
+    }

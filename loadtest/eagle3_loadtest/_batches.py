@@ -1,9 +1,11 @@
-"""Training-shaped ``/generate`` requests: lengths drawn from a distribution, right padding.
+"""Training-shaped ``/generate`` requests: lengths drawn from a distribution, padded or packed.
 
-A trainer rank sends ``[B,T]`` batches of packed-free, right-padded samples: each sample
-has a prompt (loss mask 0) and a response (loss mask 1), and the padding has attention
-and loss mask 0. Lengths vary from batch to batch, which is what makes the server's
-latency vary, so they are drawn from a configurable distribution rather than fixed.
+A trainer rank sends ``[B,T]`` batches of right-padded samples: each sample has a prompt
+(loss mask 0) and a response (loss mask 1), and the padding has attention and loss mask 0.
+Lengths vary from batch to batch, which is what makes the server's latency vary, so they are
+drawn from a configurable distribution rather than fixed. With ``packed_sequence_size`` the
+samples are packed instead, several to a row of that width, as the recipe does
+(:func:`eagle3_client.synthetic.packed_batch`: ``position_ids``, ``seq_lens``, ``doc_remaining``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from eagle3_client.protocol import GENERATE_INPUT_KEYS, VOCAB_MAPPING_KEYS
-from eagle3_client.synthetic import padded_batch, vocab_mapping
+from eagle3_client.synthetic import packed_batch, padded_batch, vocab_mapping
 
 __all__ = ["BatchSpec", "LengthDistribution", "PADDING_CHOICES", "make_batch", "make_vocab_mapping"]
 
@@ -78,6 +80,7 @@ class BatchSpec:
     vocab_size: int
     padding: str = "longest"
     prompt_fraction: float = 0.25
+    packed_sequence_size: int = 0  # > 0: batch_size packed rows of this width instead of padded samples
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -91,11 +94,29 @@ class BatchSpec:
 
 
 def make_batch(spec: BatchSpec, rng: random.Random) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and ``loss_mask`` (int64 ``[B,T]``), right-padded with id 0."""
+    """``input_ids``, ``attention_mask`` and ``loss_mask`` (int64 ``[B,T]``), right-padded with id 0
+    (packed: ``B`` rows of ``packed_sequence_size`` and the three packing tensors)."""
+    if spec.packed_sequence_size > 0:
+        return _packed(spec, rng)
     lengths = [spec.lengths.sample(rng) for _ in range(spec.batch_size)]
     seq_len = max(lengths) if spec.padding == "longest" else spec.lengths.max_len
     batch = padded_batch(spec.vocab_size, lengths, seq_len, rng.getrandbits(63), prompt_fraction=spec.prompt_fraction)
     return dict(zip(GENERATE_INPUT_KEYS, batch, strict=True))
+
+
+def _packed(spec: BatchSpec, rng: random.Random) -> dict[str, torch.Tensor]:
+    """``batch_size`` rows, each filled with samples until the next one does not fit (it starts the next row)."""
+    width = spec.packed_sequence_size
+    rows: list[list[int]] = [[]]
+    while True:
+        sample = min(spec.lengths.sample(rng), width)
+        if sum(rows[-1]) + sample <= width:
+            rows[-1].append(sample)
+        elif len(rows) == spec.batch_size:
+            break
+        else:
+            rows.append([sample])
+    return packed_batch(spec.vocab_size, rows, width, rng.getrandbits(63), prompt_fraction=spec.prompt_fraction)
 
 
 def make_vocab_mapping(vocab_size: int, draft_vocab: int, seed: int) -> dict[str, torch.Tensor]:

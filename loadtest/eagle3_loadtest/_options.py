@@ -41,6 +41,15 @@ def add_options(parser: Any) -> None:
         help="Pad each batch to its longest sample, or always to --max-seq-len.",
     )
     parser.add_argument(
+        "--packed-sequence-size",
+        type=int,
+        default=0,
+        env_var="LOCUST_PACKED_SEQUENCE_SIZE",
+        help="Send packed rows of this many tokens (the recipe's packed_sequence_size): samples drawn from "
+        "--seq-len are packed first-fit, --batch-size rows a request. Needs a server that grants packing. "
+        "0: padded batches.",
+    )
+    parser.add_argument(
         "--prompt-fraction",
         type=float,
         default=0.25,
@@ -193,6 +202,7 @@ class RunSettings:
     batch_size: int
     lengths: LengthDistribution
     padding: str
+    packed_sequence_size: int
     prompt_fraction: float
     draft_vocab: int
     encoding: str
@@ -222,6 +232,8 @@ class RunSettings:
             raise ValueError("--think-time must be >= 0 and --request-timeout > 0")
         if opts.slow_read_rate < 1 or opts.slow_read_max_time <= 0 or opts.slow_read_batch < 1:
             raise ValueError("--slow-read-rate, --slow-read-max-time and --slow-read-batch must be positive")
+        if opts.packed_sequence_size < 0:
+            raise ValueError("--packed-sequence-size must be >= 0 (0: padded batches)")
         if opts.kill_restart < 0 or opts.kill_interval <= 0 or opts.spare_start_timeout <= 0:
             raise ValueError("--kill-restart must be >= 0, --kill-interval and --spare-start-timeout > 0")
         csv_prefix = getattr(opts, "csv_prefix", None)
@@ -229,6 +241,7 @@ class RunSettings:
             batch_size=opts.batch_size,
             lengths=LengthDistribution.parse(opts.seq_len, opts.max_seq_len),
             padding=opts.padding,
+            packed_sequence_size=opts.packed_sequence_size,
             prompt_fraction=opts.prompt_fraction,
             draft_vocab=opts.draft_vocab,
             encoding=opts.encoding.strip(),

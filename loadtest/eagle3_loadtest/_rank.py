@@ -121,6 +121,7 @@ class TrainingRank(FastHttpUser):
             vocab_size=vocab_size,
             padding=settings.padding,
             prompt_fraction=settings.prompt_fraction,
+            packed_sequence_size=settings.packed_sequence_size,
         )
         self.expected = Expected(
             hidden_size=hidden_size,
@@ -138,7 +139,10 @@ class TrainingRank(FastHttpUser):
         be in an encoding this test was not asked to check.
         """
         encoding, capture = self.settings.encoding, self.settings.capture
-        offer = SessionOffer(client=f"locust-{os.getpid()}-{id(self):x}", encoding=encoding, capture=capture).to_json()
+        packed = self.settings.packed_sequence_size > 0
+        capabilities = (protocol.CAPABILITY_PACKING,) if packed else ()
+        client = f"locust-{os.getpid()}-{id(self):x}"
+        offer = SessionOffer(client=client, encoding=encoding, capture=capture, capabilities=capabilities).to_json()
         with self.client.post(
             protocol.path(protocol.EP_SESSION), json=offer, headers=self.headers, name="session", catch_response=True
         ) as resp:
@@ -146,6 +150,10 @@ class TrainingRank(FastHttpUser):
                 self.session_id = None
                 if not capture.is_eagle3:
                     self._refuse(resp, f"--capture {capture.spec} needs a server with sessions; this one answers 404")
+                if packed:
+                    self._refuse(
+                        resp, "--packed-sequence-size needs a server that grants packing; this one answers 404"
+                    )
                 if encoding == DEFAULT_ENCODING:
                     resp.success()
                     return
@@ -165,6 +173,8 @@ class TrainingRank(FastHttpUser):
                 )
             if reply.encoding != encoding:
                 self._refuse(resp, f"the server does not offer --encoding {encoding} (it chose {reply.encoding!r})")
+            if packed and protocol.CAPABILITY_PACKING not in reply.capabilities:
+                self._refuse(resp, "the server does not grant packing (--packed-sequence-size)")
             self.session_id = reply.session_id
         self.headers[protocol.SESSION_HEADER] = self.session_id
 

@@ -4,6 +4,8 @@ At ``quitting`` on the master (or the only process), after the workers' last rep
 
 * the custom metrics are summed up and logged, and everything goes to ``--report-file``;
 * the server's ``/metrics`` is saved to ``--server-metrics-file`` if it answers 200;
+* a capacity search draws its steps (answers/s, p50 / p99 against ranks, the knee) as
+  ``<--csv prefix>_capacity.png``;
 * the verdict sets the exit code. Any wrong answer, error in user code, or failed request
   other than the ranks' ``/generate`` fails the run, as does a ``/generate`` error rate or
   p95 over ``--max-error-rate``/``--max-p95-ms`` or no successful ``/generate`` at all. A
@@ -29,6 +31,7 @@ from eagle3_client import protocol
 from eagle3_loadtest._capacity import StepCapacityShape
 from eagle3_loadtest._metrics import COUNTERS, GENERATE
 from eagle3_loadtest._options import RunSettings
+from eagle3_loadtest._plot import plot_path, save_capacity_plot
 from eagle3_loadtest._scenario import SELECTION
 
 __all__ = ["build_report", "fetch_server_metrics"]
@@ -181,6 +184,11 @@ def _on_quitting(environment: Environment, **_kw: Any) -> None:
     _log(report)
     assert environment.parsed_options is not None
     path = RunSettings.from_options(environment.parsed_options).report_file
+    capacity = report["capacity"]
+    plot = plot_path(getattr(environment.parsed_options, "csv_prefix", None), path)
+    if capacity is not None and capacity["steps"] and plot is not None:
+        capacity["plot"] = str(save_capacity_plot(capacity, plot, f"capacity search against {environment.host}"))
+        logger.info("capacity plot written to %s", plot)
     if path:
         _write(path, json.dumps(report, indent=2, default=str).encode())
         logger.info("report written to %s", path)

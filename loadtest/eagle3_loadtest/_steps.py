@@ -69,6 +69,9 @@ class StepResult:
     tokens_per_second: float | None
     passed: bool
     reason: str
+    answers_per_second: float | None = None  # successful /generate per second
+    p50_ms: float | None = None
+    p99_ms: float | None = None
 
 
 def percentile(histogram: Mapping[int, int], fraction: float) -> float | None:
@@ -90,9 +93,11 @@ def evaluate_step(plan: StepPlan, users: int, start: Window, end: Window) -> Ste
     requests = end.requests - start.requests
     failures = end.failures - start.failures
     delta = {k: end.response_times.get(k, 0) - start.response_times.get(k, 0) for k in end.response_times}
-    p95 = percentile({k: v for k, v in delta.items() if v > 0}, 0.95)
+    completed = {k: v for k, v in delta.items() if v > 0}
+    p95 = percentile(completed, 0.95)
     elapsed = end.time_s - start.time_s
     tokens_per_second = (end.tokens - start.tokens) / elapsed if elapsed > 0 else None
+    answers_per_second = (requests - failures) / elapsed if elapsed > 0 else None
     error_rate = failures / requests if requests else None
     reasons = []
     if not requests:
@@ -110,6 +115,9 @@ def evaluate_step(plan: StepPlan, users: int, start: Window, end: Window) -> Ste
         tokens_per_second=tokens_per_second,
         passed=not reasons,
         reason="; ".join(reasons) or "within limits",
+        answers_per_second=answers_per_second,
+        p50_ms=percentile(completed, 0.5),
+        p99_ms=percentile(completed, 0.99),
     )
 
 

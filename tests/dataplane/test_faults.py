@@ -27,6 +27,15 @@ CLOSE_BEFORE_SEND = Path(__file__).with_name("close_before_send.py")
 BIG_SEQ_LEN = 2048  # about 20 MB per answer: more than loopback socket buffers hold
 
 
+def _fallbacks(url: str) -> dict[str, float]:
+    """eagle3_dataplane_fallbacks_total by its ``requested`` label."""
+    return {
+        dict(labels)["requested"]: value
+        for (name, labels), value in scrape(url).items()
+        if name == "eagle3_dataplane_fallbacks_total"
+    }
+
+
 def test_a_group_the_server_drops_is_noticed_recovered_and_brought_back(
     dp_server: ServerProcess, reference: Target, mapping: VocabMapping
 ) -> None:
@@ -41,9 +50,12 @@ def test_a_group_the_server_drops_is_noticed_recovered_and_brought_back(
         assert dropped.json() == {"tier": "wire"}
         assert status(dp_server.url, sid)["session"]["state"] == "none"
         # The next answer comes over the wire (no echo), correct; the client counts a fallback...
+        before = _fallbacks(dp_server.url)
         assert_bit_exact(remote.generate_batch(*batches[1]), expected(reference, mapping, batches[1]))
         stats = remote.transport_stats()[0]
         assert (stats["fallbacks"], stats["reupgrades"], stats["tier"]) == (1, 0, "wire")
+        # ...and so does the server, for its dashboard (the session had no group left).
+        assert _fallbacks(dp_server.url) == {**before, "group": before.get("group", 0.0) + 1}
         assert stats["bytes"]["wire"] > 0
         # ...and, its back-off (0 s here) over, goes back to a new group.
         for batch_inputs in batches[2:]:

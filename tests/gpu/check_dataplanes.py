@@ -28,14 +28,14 @@ import httpx
 import orjson
 import torch
 
-from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, Packing, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import ensure_builtin_model
 from eagle3_appliance.model.loading import load_target
 from eagle3_appliance.model.supervision import in_process
 from eagle3_appliance.settings import Device, Settings
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
-from eagle3_client.synthetic import random_batch, vocab_mapping
+from eagle3_client.synthetic import packed_batch, random_batch, vocab_mapping
 
 KEYS = protocol.SUPERVISION_KEYS
 FAILED: list[str] = []
@@ -55,10 +55,22 @@ def as_dict(batch: object) -> dict[str, torch.Tensor]:
     return {k: getattr(batch, k) for k in KEYS}
 
 
+def fetch(remote: RemoteEagle3TargetModel, batch):  # type: ignore[no-untyped-def]
+    """One batch: a tuple (input_ids, attention_mask, loss_mask), or a packed batch's dict of keywords."""
+    return remote.generate_batch(**batch) if isinstance(batch, dict) else remote.generate_batch(*batch)
+
+
+def inputs_of(batch) -> GenerateInputs:  # type: ignore[no-untyped-def]
+    if not isinstance(batch, dict):
+        return GenerateInputs(*batch)
+    packing = Packing(batch["position_ids"], batch["seq_lens"], batch["doc_remaining"])
+    return GenerateInputs(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], packing)
+
+
 def run_tier(url: str, tier: str, device: str, mapping, batches, **options) -> tuple[list, dict]:
     with RemoteEagle3TargetModel.from_urls([url], device=device, data_plane=tier, **options) as remote:
         remote.set_vocab_mapping(mapping.selected_token_ids, mapping.selected_token_mask)
-        answers = [as_dict(remote.generate_batch(*b)) for b in batches]
+        answers = [as_dict(fetch(remote, b)) for b in batches]
         return answers, remote.transport_stats()[0]
 
 
@@ -172,7 +184,7 @@ def upstream_nccl_client(url: str, mapping, batch, want: dict[str, torch.Tensor]
 
 def one_gpu(url: str, cache: Path, mapping, batches) -> None:
     reference = load_target(Settings(device=Device.cuda, cache_dir=cache))
-    want = [in_process(reference, GenerateInputs(*b), mapping) for b in batches]
+    want = [in_process(reference, inputs_of(b), mapping) for b in batches]
     for tier in ("wire", "gloo"):
         answers, stats = run_tier(url, tier, "cuda", mapping, batches)
         on_gpu = all(t.is_cuda for a in answers for t in a.values())
@@ -201,7 +213,12 @@ def main() -> int:
     ensure_builtin_model(cache)
     reference_vocab = 1024
     mapping = VocabMapping(*vocab_mapping(reference_vocab, 1000, seed=1))
-    batches = [random_batch(reference_vocab, args.batch_size, args.seq_len, seed=i) for i in range(args.batches)]
+    batches: list = [random_batch(reference_vocab, args.batch_size, args.seq_len, seed=i) for i in range(args.batches)]
+    # Packed rows (several documents a row): the same planes, bit-exact with the in-process packed forward.
+    third = args.seq_len // 3
+    batches.append(
+        packed_batch(reference_vocab, [[third, third, args.seq_len - 2 * third], [args.seq_len]], args.seq_len, 9)
+    )
     env = {"CUDA_VISIBLE_DEVICES": "0"} if count >= 2 else {}
     server_args = ["--cache-dir", str(cache), "--device", "cuda", "--data-plane-timeout", "60"]
     with ServerProcess(server_args, env=env, log_path=cache / "server.log", startup_timeout=600) as server:

@@ -145,11 +145,15 @@ def colocated_supervision(
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     selected_token_ids: torch.Tensor,
     selected_token_mask: torch.Tensor,
+    **packing: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """What upstream computes in-process: its co-located batch, projected the way its trainer does."""
+    """What upstream computes in-process: its co-located batch, projected the way its trainer does.
+
+    ``packing``: upstream's ``position_ids``, ``seq_lens`` and ``doc_remaining`` for packed rows.
+    """
     from nemo_automodel.components.speculative.eagle.core import _compute_target_distribution
 
-    batch = colocated.generate_batch(*inputs)  # type: ignore[attr-defined]
+    batch = colocated.generate_batch(*inputs, **packing)  # type: ignore[attr-defined]
     target_probs, position_mask = _compute_target_distribution(
         target_logits=batch.logits,
         selected_token_ids=selected_token_ids,

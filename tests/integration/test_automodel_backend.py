@@ -216,3 +216,20 @@ def test_remote_urls_given_as_a_string_still_reach_every_server(servers: list[Se
         assert recipe.target_wrapper.urls == [s.url for s in servers]
     finally:
         recipe.target_wrapper.close()
+
+
+def test_the_recipes_packing_gate_is_lifted_for_our_backend_only() -> None:
+    """The recipe's own ``_setup_online_target``: packing with ``remote`` passes its gate only while our class is bound."""
+    recipe = object.__new__(recipe_module.TrainEagle3Recipe)
+    recipe.cfg = {}  # the parallelism sizes the method reads after its gate: defaults
+    recipe_cfg = {"target_model_backend": "remote", "packed_sequence_size": 64}
+    with pytest.raises(NotImplementedError, match="only supported with the colocated target backend"):
+        recipe._setup_online_target(recipe_cfg, "unused", None)
+    with install():
+        # Past the gate: the next thing the recipe needs is a server list.
+        with pytest.raises(ValueError, match="requires recipe_args.remote_urls"):
+            recipe._setup_online_target(recipe_cfg, "unused", None)
+        with pytest.raises(NotImplementedError, match="only supported with the colocated target backend"):
+            recipe._setup_online_target({**recipe_cfg, "target_model_backend": "sglang"}, "unused", None)
+    with pytest.raises(NotImplementedError, match="only supported with the colocated target backend"):
+        recipe._setup_online_target(recipe_cfg, "unused", None)  # uninstalled: upstream's gate again

@@ -146,6 +146,47 @@ def test_recipe_trains_identically_through_our_launcher_and_colocated(
     assert differing == []
 
 
+PACKED = 64  # packed_sequence_size: the chat samples are 20-30 tokens, so two or three per row
+
+
+def test_packed_rows_train_identically_through_our_launcher_and_colocated(
+    appliance: ServerProcess, target_dir: Path, tmp_path: Path
+) -> None:
+    """``packed_sequence_size > 0`` with ``remote``: the recipe's gate is lifted for our backend only,
+    prefetch sends the packing, and the losses are the co-located packed run's, bit for bit."""
+    yaml_path = tmp_path / "recipe.yaml"
+    yaml_path.write_text(
+        RECIPE_YAML.format(target=target_dir, url=appliance.url, out=tmp_path / "out", micro_batch=MICRO_BATCH)
+    )
+    packed = f"--recipe_args.packed_sequence_size={PACKED}"
+    remote_log, colocated_log = tmp_path / "remote.log", tmp_path / "colocated.log"
+    remote = _start(
+        "remote", tmp_path / "remote.pt", ["-c", str(yaml_path), packed], remote_log, EAGLE3_AUTH_TOKEN=TOKEN
+    )
+    colocated = _start(
+        "colocated",
+        tmp_path / "colocated.pt",
+        [
+            "-c",
+            str(yaml_path),
+            packed,
+            "--recipe_args.target_model_backend=colocated",
+            "--recipe_args.target_prefetch_depth=0",
+        ],
+        colocated_log,
+    )
+    remote_out, _ = _finish(remote, remote_log), _finish(colocated, colocated_log)
+    assert "only supported with the colocated target backend" not in remote_out
+    r, c = torch.load(tmp_path / "remote.pt"), torch.load(tmp_path / "colocated.pt")
+    assert r["backend"].startswith("eagle3_client.automodel.") and c["backend"].endswith("HFEagle3TargetModel")
+    steps = int(c["losses"].shape[0])
+    assert 0 < steps < SAMPLES // MICRO_BATCH, "rows should hold several samples each"
+    assert bool(torch.isfinite(c["losses"]).all()) and int((c["losses"] > 0).sum()) >= steps - 1
+    assert torch.equal(r["losses"], c["losses"]), f"remote {r['losses'].tolist()} != co-located {c['losses'].tolist()}"
+    differing = [k for k in c["final"] if not torch.equal(r["final"][k], c["final"][k])]
+    assert differing == []
+
+
 def test_launcher_refuses_a_yaml_for_another_recipe(tmp_path: Path) -> None:
     path = tmp_path / "other.yaml"
     path.write_text("recipe: TrainFinetuneRecipeForNextTokenPrediction\nrecipe_args: {}\n")

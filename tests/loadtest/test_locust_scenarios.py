@@ -130,6 +130,9 @@ def test_capacity_search_reports_a_user_count(locust: Any, appliance: ServerProc
     assert all(step["passed"] and step["requests"] > 0 for step in capacity["steps"])
     assert capacity["stopped_because"] == "reached max users (3)"
     assert "capacity: 3 users" in run.output
+    plot = tmp_path / "capacity_capacity.png"  # beside Locust's CSV files
+    assert capacity["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(step["answers_per_second"] > 0 and step["p50_ms"] <= step["p99_ms"] for step in capacity["steps"])
     assert count(run.stats()[("POST", "generate")], "num_failures") == 0
 
 
@@ -262,3 +265,20 @@ def test_steady_with_dflash_style_requests(
     assert m["supervision_bytes_per_token"] == 5 * model_info["hidden_size"] * 4 + model_info["vocab_size"] * 4
     metrics = Path(run.report()["server_metrics"]["file"]).read_text()
     assert 'eagle3_generate_captures_total{capture="dflash+logits"}' in metrics
+
+
+def test_steady_with_packed_rows(
+    locust: Any, appliance: ServerProcess, model_info: dict[str, Any], tmp_path: Path
+) -> None:
+    """``--packed-sequence-size``: packed rows (a session granted packing), every answer checked, no padding."""
+    args = ["-f", "loadtest/steady.py", "-u", "2", "-r", "2", "-t", "5s", *SHAPES, "--packed-sequence-size", "96"]
+    run = locust.run(args, appliance.url, tmp_path / "packed")
+    assert_ok(run)
+    stats = run.stats()
+    assert count(stats[("POST", "generate")], "num_requests") > 0
+    assert all(count(row, "num_failures") == 0 for row in stats.values())
+    m = run.report()["custom_metrics"]
+    assert m["invalid"] == 0 and m["responses"] > 0
+    # Two rows of 96 per request; only the tail of each row after its last sample is padding.
+    assert m["tokens"] == m["responses"] * 2 * 96
+    assert m["real_tokens"] > 0.5 * m["tokens"]

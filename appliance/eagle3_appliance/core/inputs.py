@@ -11,19 +11,40 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Allocator", "GenerateInputs", "VocabMapping"]
+__all__ = ["Allocator", "GenerateInputs", "Packing", "VocabMapping"]
 
 # ``alloc(shape, dtype)``: memory for a result (a pooled block, or a fresh tensor).
 Allocator = Callable[[Sequence[int], torch.dtype], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Packing:
+    """How documents are packed into the rows of a batch (the recipe's ``packed_sequence_size``).
+
+    ``position_ids`` int64 ``[B,T]`` restart at every document; ``seq_lens`` int64
+    ``[B,max_docs]`` are the 0-padded document lengths, each row summing to ``T``;
+    ``doc_remaining`` int64 ``[B,T]`` is checked and kept for the trainer, never used by the forward.
+    """
+
+    position_ids: torch.Tensor
+    seq_lens: torch.Tensor
+    doc_remaining: torch.Tensor
+
+    def to(self, device: torch.device) -> Packing:
+        return Packing(*(t.to(device) for t in (self.position_ids, self.seq_lens, self.doc_remaining)))
+
+
+@dataclass(frozen=True)
 class GenerateInputs:
-    """One ``/generate`` batch: ``input_ids``, ``attention_mask``, ``loss_mask``, each ``[B,T]``."""
+    """One ``/generate`` batch: ``input_ids``, ``attention_mask``, ``loss_mask``, each ``[B,T]``.
+
+    ``packing`` is set for a packed request: the forward then isolates the documents of a row.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
+    packing: Packing | None = None
 
     @property
     def batch_size(self) -> int:
@@ -38,7 +59,10 @@ class GenerateInputs:
         return int(self.input_ids.numel())
 
     def to(self, device: torch.device) -> GenerateInputs:
-        return GenerateInputs(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask)))
+        packing = None if self.packing is None else self.packing.to(device)
+        return GenerateInputs(
+            self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), packing
+        )
 
 
 @dataclass(frozen=True)

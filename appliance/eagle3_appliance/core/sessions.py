@@ -50,6 +50,8 @@ class Session:
     encoding: str = "probs"
     lease_seconds: float | None = None  # the client's own lease; None = the server's default
     capture: Capture = EAGLE3  # what every /generate of this session captures (negotiated in /session)
+    # Request extensions granted in POST /session (protocol.CAPABILITIES); none for the anonymous session.
+    capabilities: frozenset[str] = frozenset()
     # Free-form per-session resources owned by optional features (a data plane, ...).
     extras: dict[str, Any] = field(default_factory=dict)
 

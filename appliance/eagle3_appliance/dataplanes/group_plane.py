@@ -246,8 +246,17 @@ class GroupTransfer(Transfer):
     server's pooled host memory.
     """
 
-    def __init__(self, session: Session, seq: int, link: GroupLink | None, buffers: ServerBuffers) -> None:
+    def __init__(
+        self,
+        session: Session,
+        seq: int,
+        link: GroupLink | None,
+        buffers: ServerBuffers,
+        requested: str | None = None,
+    ) -> None:
         self.session, self.seq, self.link, self.buffers = session, seq, link, buffers
+        # The tier of the session's group, closed or not; "group" when the session has none left.
+        self.requested = requested or (link.tier if link is not None else "group")
 
     @property
     def on_device(self) -> bool:

@@ -32,6 +32,9 @@ SEND_SLICE_BYTES = 1024 * 1024
 class Transfer(ABC):
     """One answer's way out: ``prepare`` on the model thread, then ``send`` on the event loop."""
 
+    #: The data plane the client asked for, when it asked for one that may fall back to the wire.
+    requested: str | None = None
+
     @abstractmethod
     def prepare(self, supervision: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Make the tensors ready for :meth:`send` (host copies, or device tensors with the stream done)."""

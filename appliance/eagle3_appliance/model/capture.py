@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eagle3_appliance.core.inputs import Allocator, GenerateInputs
+from eagle3_appliance.core.inputs import Allocator, GenerateInputs, Packing
 from eagle3_appliance.errors import InvalidRequest
 from eagle3_appliance.model.limits import ServingLimits, TargetShape
 from eagle3_appliance.model.target import ForwardOutputs, Target
@@ -68,11 +68,12 @@ def forward_with_layers(
     *,
     capture_hidden: bool = False,
     alloc: Allocator | None = None,
+    packing: Packing | None = None,
 ) -> tuple[ForwardOutputs, dict[int, torch.Tensor]]:
     """The target's forward, plus the outputs of ``layer_ids`` (none: exactly ``Target.forward``)."""
     ids = sorted(set(layer_ids))
     with _hooks(target.layers, ids) as captured:
-        out = target.forward(input_ids, attention_mask, capture_hidden=capture_hidden, alloc=alloc)
+        out = target.forward(input_ids, attention_mask, capture_hidden=capture_hidden, alloc=alloc, packing=packing)
     missing = [i for i in ids if i not in captured]
     if missing:
         raise RuntimeError(f"the forward did not run decoder layers {missing}")

@@ -33,6 +33,7 @@ from torch import nn
 
 from eagle3_appliance.model.builtin_model import ensure_builtin_model
 from eagle3_appliance.model.fingerprint import local_shard
+from eagle3_appliance.model.load_progress import loading_progress
 from eagle3_appliance.settings import Loader, Settings, parse_device_map, parse_max_memory
 
 __all__ = [
@@ -105,7 +106,10 @@ def build_model(settings: Settings, device: torch.device, dtype: torch.dtype) ->
         kwargs.pop("device_map", None)  # the plan places the shards (rank r on device r)
         kwargs.update(tensor_parallel_config(settings.tensor_parallel_size))
     logger.info("loading %s as %s (%s)", source, dtype, settings.placement_mode)
-    model: nn.Module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tp = settings.tensor_parallel_size > 1 and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if tp else None
+    with loading_progress(source, rank):
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if "device_map" not in kwargs and settings.tensor_parallel_size == 1 and device.type != "cuda":
         nn.Module.to(model, device)  # in place
     return model

@@ -13,6 +13,8 @@ model and the hardware can do (``docs/operations.md``, "Limits"):
   the fixed :data:`CPU_BUDGET_BYTES`.
 * the draft vocabulary: at most the logits' width, each id once (checked in
   :mod:`eagle3_appliance.serving.validation`), so an answer is at most ``max_answer_bytes``.
+* a packed batch's ``[B,1,T,T]`` attention mask: at most ``max_packed_mask_bytes`` (the working
+  budget of a batch of ``max_batch_tokens``), since it grows with ``T`` squared.
 
 ``--max-seq-len`` and ``--max-batch-tokens`` override the first two.
 """
@@ -112,6 +114,7 @@ class ServingLimits:
     max_draft_vocab: int
     max_answer_bytes: int
     sources: dict[str, str] = field(default_factory=dict)
+    max_packed_mask_bytes: int | None = None  # None: unbounded (limits built by hand, in tests)
 
     def describe(self) -> str:
         return (
@@ -161,4 +164,5 @@ def derive_limits(
         max_draft_vocab=shape.vocab_size,
         max_answer_bytes=max_batch_tokens * wire_bytes_per_token(PROBS, **dims),
         sources=sources,
+        max_packed_mask_bytes=max_batch_tokens * per_token,
     )

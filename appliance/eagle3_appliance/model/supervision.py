@@ -152,7 +152,9 @@ def in_process(
     the tests compare against it.
     """
     inputs, mapping = inputs.to(target.device), mapping.to(target.device)
-    out = target.forward(inputs.input_ids, inputs.attention_mask, capture_hidden=encoding.kind == "hidden")
+    out = target.forward(
+        inputs.input_ids, inputs.attention_mask, capture_hidden=encoding.kind == "hidden", packing=inputs.packing
+    )
     if encoding == PROBS:
         return reference_projection(out.aux_hidden_states, out.logits, inputs.input_ids, inputs.loss_mask, mapping)
     return encode(encoding, out, inputs, mapping)

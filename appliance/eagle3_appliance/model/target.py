@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from eagle3_appliance.core.inputs import Allocator
+from eagle3_appliance.core.inputs import Allocator, Packing
 from eagle3_appliance.model.fingerprint import local_shard, model_fingerprint
+from eagle3_appliance.model.packing import flash_attention, packed_forward_inputs, packing_refusal
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
 
 __all__ = ["ForwardOutputs", "Lockstep", "Target", "find_decoder_layers"]
@@ -65,7 +66,11 @@ class Lockstep(Protocol):
     """
 
     def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capture_hidden: bool,
+        packing: Packing | None = None,
     ) -> AbstractContextManager[None]:
         """Start the same forward on every other rank; the block runs this rank's own."""
         ...
@@ -233,18 +238,22 @@ class Target:
         *,
         capture_hidden: bool = False,
         alloc: Allocator | None = None,
+        packing: Packing | None = None,
     ) -> ForwardOutputs:
         """One target forward on the model's device; the aux states, logits and (if asked) the LM head's input.
 
         ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to.
+        ``packing``: the rows hold several documents, run as the co-located packed path does
+        (:mod:`eagle3_appliance.model.packing`).
         """
         self._captured.clear()
+        mask, extra = packed_forward_inputs(self.model, input_ids, attention_mask, packing)
         try:
             with (
                 self._capture_lm_head_input(capture_hidden) as slot,
-                self._lockstep(input_ids, attention_mask, capture_hidden),
+                self._lockstep(input_ids, attention_mask, capture_hidden, packing),
             ):
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_flags)
+                out = self.model(input_ids=input_ids, attention_mask=mask, **extra, **self._forward_flags)
             if len(self._captured) != 3:
                 raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
             logits = out.logits if hasattr(out, "logits") else out
@@ -263,11 +272,20 @@ class Target:
         return ForwardOutputs(aux, logits, hidden)
 
     def _lockstep(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool, packing: Packing | None
     ) -> AbstractContextManager[None]:
         if self.lockstep is None:
             return contextlib.nullcontext()
-        return self.lockstep.step(input_ids, attention_mask, capture_hidden)
+        return self.lockstep.step(input_ids, attention_mask, capture_hidden, packing)
+
+    def packing_refusal(self) -> str | None:
+        """Why this target cannot run packed rows (the model's forward takes no ``position_ids``), or None."""
+        return packing_refusal(self.model)
+
+    @property
+    def max_packed_rows(self) -> int | None:
+        """Rows a packed forward may hold: 1 under FlashAttention (see :mod:`eagle3_appliance.model.packing`)."""
+        return 1 if flash_attention(self.model) else None
 
     @contextlib.contextmanager
     def _capture_lm_head_input(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:

@@ -7,11 +7,12 @@
   ``torch.distributed`` group (NCCL on GPUs, rank r on GPU r; gloo on the CPU) through a
   TCP store on 127.0.0.1. Each rank then loads its shards with transformers' tensor-parallel
   plan (:func:`eagle3_appliance.model.checkpoint.build_model`).
-* Per forward, rank 0 sends the step's ``input_ids`` and ``attention_mask`` over every control
-  channel and runs its own forward; the workers run the same ``Target.forward`` on the same
-  inputs, and the collectives inside the forward keep the ranks together. The aux layers'
-  outputs and the logits are whole (replicated, gathered) tensors on every rank; rank 0 keeps
-  them and answers, the workers drop theirs. Rank 0 owns HTTP and every data plane.
+* Per forward, rank 0 sends the step's ``input_ids`` and ``attention_mask`` (and a packed
+  request's packing) over every control channel and runs its own forward; the workers run
+  the same ``Target.forward`` on the same inputs, and the collectives inside the forward
+  keep the ranks together. The aux layers' outputs and the logits are whole (replicated,
+  gathered) tensors on every rank; rank 0 keeps them and answers, the workers drop theirs.
+  Rank 0 owns HTTP and every data plane.
 * Control messages, not a collective, carry the inputs, so an idle worker waits on a socket
   and never in a collective that NCCL's watchdog would time out.
 
@@ -45,6 +46,7 @@ from typing import Any
 
 import torch
 
+from eagle3_appliance.core.inputs import Packing
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.model import checkpoint
 from eagle3_appliance.model.target import Target
@@ -211,11 +213,19 @@ class TensorParallelGroup:
     # -- Lockstep ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool) -> Iterator[None]:
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capture_hidden: bool,
+        packing: Packing | None = None,
+    ) -> Iterator[None]:
         """Send one forward to every worker; the block runs rank 0's own forward."""
         if self.failure is not None:
             raise RankFailed(f"the tensor-parallel group has failed: {self.failure}; the server is exiting")
-        message = ("forward", self._step + 1, input_ids.cpu().numpy(), attention_mask.cpu().numpy(), capture_hidden)
+        packed = None if packing is None else tuple(t.cpu().numpy() for t in _packing_tensors(packing))
+        arrays = (input_ids.cpu().numpy(), attention_mask.cpu().numpy())
+        message = ("forward", self._step + 1, *arrays, capture_hidden, packed)
         with self._lock:
             self._step += 1
             self._step_started = time.monotonic()
@@ -334,6 +344,10 @@ class TensorParallelGroup:
                 worker.proc.kill()
                 worker.proc.wait()
             worker.conn.close()
+
+
+def _packing_tensors(packing: Packing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return packing.position_ids, packing.seq_lens, packing.doc_remaining
 
 
 def _exit_now(code: int) -> None:
@@ -458,10 +472,11 @@ def worker_main(fd: int, parent_pid: int) -> int:
                 return 1
             if message[0] == "stop":
                 return 0
-            _, step, input_ids, attention_mask, capture_hidden = message
+            _, step, input_ids, attention_mask, capture_hidden, packed = message
             ids = torch.from_numpy(input_ids).to(device)
             mask = torch.from_numpy(attention_mask).to(device)
-            target.forward(ids, mask, capture_hidden=capture_hidden)
+            packing = None if packed is None else Packing(*(torch.from_numpy(a).to(device) for a in packed))
+            target.forward(ids, mask, capture_hidden=capture_hidden, packing=packing)
             send(("done", step))
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which exits
         logging.getLogger(__name__).error("rank %d failed:\n%s", config.rank, traceback.format_exc())

@@ -11,7 +11,7 @@ The full table is in docs/operations.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import prometheus_client
@@ -28,6 +28,13 @@ CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 # From a 1 ms probe to a multi-minute forward of a long batch on a big model.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+# The label values each labelled counter can take, exported at 0 from the start: a series first
+# seen at 1 makes rate() and increase() miss that first event, and a panel or alert on it shows
+# "no data" on a healthy server rather than 0.
+ABANDON_REASONS = ("client_gone", "timeout")
+SESSION_END_REASONS = ("disconnect", "expired", "shutdown")
+GROUP_TIERS = ("nccl", "gloo")  # the data planes a /generate may ask for and fall back from
 
 # A ``*_created`` timestamp series per counter only doubles the scrape; nothing here needs it.
 prometheus_client.disable_created_metrics()
@@ -181,6 +188,17 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ABANDON_REASONS:
+            self.abandoned.labels(reason)
+        self.fallbacks = Counter(
+            "eagle3_dataplane_fallbacks",
+            "/generate answers sent on the wire because the data plane the client asked for had no working "
+            "group: requested is nccl or gloo (the group's tier), or group (the session has no group left).",
+            ["requested"],
+            registry=r,
+        )
+        for tier in GROUP_TIERS:
+            self.fallbacks.labels(tier)
         self.tokens = Counter(
             "eagle3_inference_tokens", "Token positions supervised (batch x sequence length).", registry=r
         )
@@ -214,6 +232,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in SESSION_END_REASONS:
+            self.session_ends.labels(reason)
         gauges = (
             ("eagle3_inflight_requests", "/generate requests admitted and not finished.", inflight),
             ("eagle3_inference_pending_request_count", "/generate requests waiting for the model thread.", queued),
@@ -235,7 +255,19 @@ class Metrics:
             ["mode", "loader", "attn_implementation"],
             registry=r,
         )
+        self.limit = Gauge(
+            "eagle3_limit",
+            "The limits this server enforces (max_queue, max_sessions, max_connections, max_body_bytes, "
+            "max_pending_body_bytes, max_seq_len, max_batch_tokens), for saturation ratios.",
+            ["limit"],
+            registry=r,
+        )
         r.register(GpuCollector(monitor))
+
+    def describe_limits(self, limits: Mapping[str, Callable[[], float]]) -> None:
+        """Export each limit through a callable (read at scrape time: some change after start-up)."""
+        for name, read in limits.items():
+            self.limit.labels(name).set_function(read)
 
     def describe_target(self, mode: str, loader: str, attn_implementation: str) -> None:
         """Set ``eagle3_target_info`` (once, when the app is built around its target)."""
@@ -260,6 +292,10 @@ class Metrics:
     def record_sent(self, data_plane: str, encoding: str, nbytes: int) -> None:
         """Supervision bytes that left on a data plane (called by every data plane's send path)."""
         self.bytes_sent.labels(data_plane, encoding).inc(nbytes)
+
+    def record_fallback(self, requested: str) -> None:
+        """A /generate that asked for ``requested`` (nccl or gloo) and was answered on the wire."""
+        self.fallbacks.labels(requested).inc()
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

@@ -82,6 +82,9 @@ LOG_EVERY_S = 10.0
 ABORT_AFTER_S = 5.0
 # How often each connection's deadlines are checked (deadlines are met to about this).
 CHECK_EVERY_S = 0.5
+# The label values of eagle3_connections_refused_total and eagle3_connections_timed_out_total.
+REFUSAL_REASONS = ("connections", "probe_only", "body_budget")
+TIMEOUT_PHASES = ("headers", "body")
 
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 _BUSY = (
@@ -153,6 +156,8 @@ class ConnectionGuard:
             ["reason"],
             registry=r,
         )
+        for reason in REFUSAL_REASONS:  # at 0 from the start (see eagle3_appliance.ops.metrics)
+            self.refused.labels(reason)
         self.evicted = Counter(
             "eagle3_connections_evicted",
             "Idle connections closed to make room for a new one at --max-connections.",
@@ -164,6 +169,8 @@ class ConnectionGuard:
             ["phase"],
             registry=r,
         )
+        for phase in TIMEOUT_PHASES:
+            self.timed_out.labels(phase)
 
     @property
     def open(self) -> int:

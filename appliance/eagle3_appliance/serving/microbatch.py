@@ -15,6 +15,11 @@ the throughput gain and the largest deviation. A request that is alone in its wi
 computed exactly as without batching (bit-exact). Only requests with the *same* sequence
 length are stacked: padding to a common length would change the numerics further.
 
+Packed requests (several documents per row) are never stacked: each runs alone, bit-exact,
+through the same admission and metrics (the pipeline does not hand them to the batcher). A
+FlashAttention target can pack only one row per forward, and a packed row is already the
+dense batch that micro-batching would otherwise build.
+
 Off by default (``--microbatch-wait-ms 0``). When on, the first request of a group waits at
 most ``wait_ms`` for companions; a group is flushed early once it holds ``max_tokens``.
 """

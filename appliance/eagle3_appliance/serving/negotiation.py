@@ -10,17 +10,31 @@ from __future__ import annotations
 
 from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.errors import ApplianceError
+from eagle3_appliance.model.target import Target
 from eagle3_client import protocol
 from eagle3_client.encodings import Encoding, parse_encoding
 from eagle3_client.protocol import SessionOffer
 
-__all__ = ["EncodingError", "check_mapping", "choose_encoding", "offered_encodings"]
+__all__ = ["EncodingError", "check_mapping", "choose_encoding", "granted_capabilities", "offered_encodings"]
 
 
 class EncodingError(ApplianceError):
     """An encoding that is unknown, malformed, or cannot be used with this model or mapping."""
 
     status_code = 422
+
+
+def granted_capabilities(offer: SessionOffer, target: Target) -> frozenset[str]:
+    """The request extensions of ``offer`` this server grants: those it knows and this model can do.
+
+    ``packing`` needs a model whose forward takes ``position_ids``. Unknown names are ignored
+    (a newer client asking for more), so the reply tells the client what it may send.
+    """
+    granted = set()
+    for name in offer.capabilities:
+        if name == protocol.CAPABILITY_PACKING and target.packing_refusal() is None:
+            granted.add(name)
+    return frozenset(granted)
 
 
 def offered_encodings(offer: SessionOffer) -> list[Encoding]:

@@ -107,7 +107,8 @@ def choose_transfer(request: Request, session: Session, buffers: ServerBuffers) 
         except ValueError:
             raise MalformedBody(f"{protocol.TRANSFER_HEADER} must be an integer, got {header!r}") from None
         link = session.extras.get(LINK_KEY)
-        return GroupTransfer(session, seq, link if link is not None and not link.closed else None, buffers)
+        working = link if link is not None and not link.closed else None
+        return GroupTransfer(session, seq, working, buffers, requested=link.tier if link is not None else None)
     if request.headers.get(protocol.NCCL_HEADER) == "1" and session.capture.is_eagle3:  # upstream's keys only
         upstream = upstream_transfer(session)
         if upstream is not None:
@@ -133,6 +134,7 @@ class Pipeline:
         self.shape = TargetShape.of(target)
         self.limits = limits or derive_limits(settings, self.shape, device=target.device)
         self.vocab_size = target.vocab_size  # token ids are checked against it before the forward
+        self.max_packed_rows = target.max_packed_rows  # 1 under FlashAttention (model/packing.py)
         self.buffers = buffers
         self.admission = admission
         self.metrics = metrics
@@ -156,6 +158,9 @@ class Pipeline:
             vocab_size=self.vocab_size,
             max_seq_len=self.limits.max_seq_len,
             max_batch_tokens=self.limits.max_batch_tokens,
+            granted=session.capabilities,
+            max_packed_rows=self.max_packed_rows,
+            max_mask_bytes=self.limits.max_packed_mask_bytes,
         )
         capture = session.capture
         captures.check_request(capture, inputs, self.shape, self.limits)
@@ -184,6 +189,8 @@ class Pipeline:
             self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
             self.metrics.record_sent(tier, encoding.name if capture.is_eagle3 else capture.label, ticket.nbytes)
             self.metrics.captures.labels(capture.label).inc()
+            if transfer.requested is not None and tier != transfer.requested:
+                self.metrics.record_fallback(transfer.requested)
 
     async def compute(self, job: Job) -> dict[str, torch.Tensor]:
         """Forward, supervise and prepare ``job`` on the model thread, within ``--request-timeout``.
@@ -232,7 +239,7 @@ class Pipeline:
                     running.job.waiters.append(waiter)
                     return running
         job.waiters.append(waiter)
-        if self.batcher is not None:
+        if self.batcher is not None and job.inputs.packing is None:  # packed rows run alone (microbatch.py)
             work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
         else:
             work = self._run_alone(job)
@@ -324,7 +331,13 @@ class Pipeline:
                     torch.cat([i.loss_mask for i in inputs]),
                 )
             out, layers = captures.forward_with_layers(
-                target, stacked.input_ids, stacked.attention_mask, layer_ids, capture_hidden=hidden, alloc=alloc
+                target,
+                stacked.input_ids,
+                stacked.attention_mask,
+                layer_ids,
+                capture_hidden=hidden,
+                alloc=alloc,
+                packing=stacked.packing,  # set only for a job alone: packed jobs are never stacked
             )
             self.metrics.exec_count.inc()
             answers = []

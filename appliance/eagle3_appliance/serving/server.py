@@ -30,7 +30,13 @@ from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.lifecycle import install_second_signal_exit
 from eagle3_appliance.serving import dataplane_routes
 from eagle3_appliance.serving.connections import GuardedHttpProtocol, raise_fd_limit
-from eagle3_appliance.serving.negotiation import EncodingError, check_mapping, choose_encoding, offered_encodings
+from eagle3_appliance.serving.negotiation import (
+    EncodingError,
+    check_mapping,
+    choose_encoding,
+    granted_capabilities,
+    offered_encodings,
+)
 from eagle3_appliance.serving.operations import install_operations
 from eagle3_appliance.serving.pipeline import Pipeline
 from eagle3_appliance.serving.state import ServingState, request_session, serving_state
@@ -113,6 +119,7 @@ async def register_session(request: Request) -> HTTPResponse:
     session.capture = capture
     if not capture.is_eagle3:
         logger.info("session %s (%s): capture %s of layers %s", session.id, offer.client, capture.label, capture.layers)
+    session.capabilities = granted_capabilities(offer, state.target)
     if offer.rejoin:
         state.pipeline.metrics.readmissions.inc()
     reply = SessionReply(
@@ -124,6 +131,7 @@ async def register_session(request: Request) -> HTTPResponse:
         model_fingerprint=state.target.fingerprint,
         request_timeout=state.settings.request_timeout,
         capture=capture,
+        capabilities=tuple(c for c in protocol.CAPABILITIES if c in session.capabilities),
     )
     return json(reply.to_json())
 
@@ -255,6 +263,17 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
     pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
     logger.info("limits: %s", pipeline.limits.describe())
+    ops.metrics.describe_limits(
+        {
+            "max_queue": lambda: settings.max_queue,
+            "max_sessions": lambda: settings.max_sessions,
+            "max_connections": lambda: ops.connections.max_connections,
+            "max_body_bytes": lambda: settings.max_body_bytes,
+            "max_pending_body_bytes": lambda: settings.max_pending_body_bytes,
+            "max_seq_len": lambda: pipeline.limits.max_seq_len,
+            "max_batch_tokens": lambda: pipeline.limits.max_batch_tokens,
+        }
+    )
     app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)
     app.blueprint(control)
     app.blueprint(dataplane_routes.blueprint)

@@ -13,16 +13,16 @@ model's logits (each id at most once), so that every answer is at most
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 import orjson
 import torch
 
-from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
+from eagle3_appliance.core.inputs import GenerateInputs, Packing, VocabMapping
 from eagle3_appliance.errors import ApplianceError, InvalidRequest, InvalidTensors, MalformedBody
 from eagle3_client import wire
-from eagle3_client.protocol import GENERATE_INPUT_KEYS, VOCAB_MAPPING_KEYS
+from eagle3_client.protocol import VOCAB_MAPPING_KEYS, GenerateRequest
 
 __all__ = [
     "MAX_BODY_ENTRIES",
@@ -30,11 +30,12 @@ __all__ = [
     "json_body",
     "json_object",
     "validate_generate",
+    "validate_packing",
     "validate_row_request",
     "validate_vocab_mapping",
 ]
 
-# Entries a wire body may have: ours have at most three keys; more is not a request (and
+# Entries a wire body may have: ours have at most six keys; more is not a request (and
 # each tiny entry would cost a Python object, a hostile body holding millions of them).
 MAX_BODY_ENTRIES = 16
 
@@ -100,10 +101,37 @@ def _check_binary(key: str, tensor: torch.Tensor) -> None:
 
 
 def validate_generate(
-    tensors: dict[str, torch.Tensor | None], *, vocab_size: int, max_seq_len: int, max_batch_tokens: int
+    tensors: dict[str, torch.Tensor | None],
+    *,
+    vocab_size: int,
+    max_seq_len: int,
+    max_batch_tokens: int,
+    granted: Collection[str] = (),
+    max_packed_rows: int | None = None,
+    max_mask_bytes: int | None = None,
 ) -> GenerateInputs:
-    """``(input_ids, attention_mask, loss_mask)``, each ``[B,T]``, ids in ``[0, vocab_size)``."""
-    input_ids, attention_mask, loss_mask = _require(tensors, GENERATE_INPUT_KEYS)
+    """``(input_ids, attention_mask, loss_mask)``, each ``[B,T]``, ids in ``[0, vocab_size)``; packing if sent.
+
+    ``granted``: the capabilities of the request's session; a body that needs another is
+    refused. A packed body (:data:`eagle3_client.protocol.PACKING_KEYS`) is checked by
+    :func:`validate_packing`, with ``max_packed_rows`` (FlashAttention: 1) and
+    ``max_mask_bytes`` (the ``[B,1,T,T]`` mask's float32 bytes) as its extra bounds.
+    """
+    try:
+        request = GenerateRequest.from_keys([k for k, v in tensors.items() if v is not None])
+    except ValueError as exc:
+        raise InvalidTensors(str(exc)) from None
+    extra = sorted(set(tensors) - set(request.keys))  # a key sent as None is no key of the request either
+    if extra:
+        raise InvalidTensors(f"unexpected keys {extra}; expected {list(request.keys)}")
+    missing = sorted(request.capabilities - set(granted))
+    if missing:
+        raise InvalidRequest(
+            f"this request carries {missing} fields, which its session was not granted: register with "
+            f"POST /session offering capabilities {missing} (an upstream client never sends them)"
+        )
+    input_ids, attention_mask, loss_mask = (tensors[k] for k in request.keys[:3])
+    assert input_ids is not None and attention_mask is not None and loss_mask is not None
     _check_dtype("input_ids", input_ids, _INTEGER)
     _check_dtype("attention_mask", attention_mask, _MASK)
     _check_dtype("loss_mask", loss_mask, _MASK)
@@ -124,7 +152,63 @@ def validate_generate(
         raise InvalidTensors(f"input_ids must lie in [0, {vocab_size}), got values in [{low}, {high}]")
     _check_binary("attention_mask", attention_mask)
     _check_binary("loss_mask", loss_mask)
-    return GenerateInputs(input_ids, attention_mask, loss_mask)
+    packing = None
+    if request.packed:
+        packing = validate_packing(
+            tensors, input_ids.shape, max_packed_rows=max_packed_rows, max_mask_bytes=max_mask_bytes
+        )
+    return GenerateInputs(input_ids, attention_mask, loss_mask, packing)
+
+
+def validate_packing(
+    tensors: Mapping[str, torch.Tensor | None],
+    shape: torch.Size,
+    *,
+    max_packed_rows: int | None = None,
+    max_mask_bytes: int | None = None,
+) -> Packing:
+    """The packing of a ``[B,T]`` batch (``shape``): integer tensors the forward can trust.
+
+    ``position_ids`` and ``doc_remaining`` are ``[B,T]`` in ``[0, T)``; ``seq_lens`` is
+    ``[B, max_docs]`` with ``1 <= max_docs <= T``, no negative length, each row summing to ``T``
+    (what ``build_block_causal_additive_mask`` insists on too).
+    """
+    batch, seq_len = int(shape[0]), int(shape[1])
+    position_ids, seq_lens, doc_remaining = (tensors[k] for k in ("position_ids", "seq_lens", "doc_remaining"))
+    assert position_ids is not None and seq_lens is not None and doc_remaining is not None
+    for key, t in (("position_ids", position_ids), ("seq_lens", seq_lens), ("doc_remaining", doc_remaining)):
+        _check_dtype(key, t, _INTEGER)
+    for key, t in (("position_ids", position_ids), ("doc_remaining", doc_remaining)):
+        if t.shape != shape:
+            raise InvalidTensors(f"{key} has shape {list(t.shape)}; input_ids has {[batch, seq_len]}")
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= seq_len:
+            raise InvalidTensors(f"{key} must lie in [0, {seq_len}) (the row length), got values in [{low}, {high}]")
+    if seq_lens.ndim != 2 or seq_lens.shape[0] != batch or seq_lens.shape[1] == 0:
+        raise InvalidTensors(f"seq_lens must be [batch={batch}, max_docs >= 1], got shape {list(seq_lens.shape)}")
+    if seq_lens.shape[1] > seq_len:
+        raise InvalidTensors(f"seq_lens names {seq_lens.shape[1]} documents per row, more than the {seq_len} tokens")
+    if int(seq_lens.min()) < 0:
+        raise InvalidTensors(f"seq_lens must not be negative, got a length of {int(seq_lens.min())}")
+    sums = seq_lens.long().sum(dim=1)
+    if not bool((sums == seq_len).all()):
+        bad = int((sums != seq_len).nonzero()[0, 0])
+        raise InvalidTensors(
+            f"every row of seq_lens must sum to the row length {seq_len} (pad folded into the last document); "
+            f"row {bad} sums to {int(sums[bad])}"
+        )
+    if max_packed_rows is not None and batch > max_packed_rows:
+        raise InvalidTensors(
+            f"a packed batch may have at most {max_packed_rows} row(s) on this server (a FlashAttention target "
+            f"finds documents from position_ids one row at a time), got input_ids with {batch} rows"
+        )
+    mask_bytes = batch * seq_len * seq_len * 4
+    if max_mask_bytes is not None and mask_bytes > max_mask_bytes:
+        raise InvalidTensors(
+            f"a packed batch of {batch} rows of {seq_len} tokens needs a {mask_bytes:,} B attention mask, more than "
+            f"this server's maximum of {max_mask_bytes:,} B; send fewer or shorter rows"
+        )
+    return Packing(position_ids.long(), seq_lens.long(), doc_remaining.long())
 
 
 def _check_draft_ids(ids: torch.Tensor, logits_size: int) -> None:

@@ -206,23 +206,29 @@ class RemoteTarget:
 
     # -- requests -------------------------------------------------------------------------
 
-    def _generate(self, payload: bytes) -> Answer:
-        """One ``/generate`` on the fleet: the best ready server, another one if it fails."""
+    def _generate(self, payload: bytes, needs: frozenset[str] = frozenset()) -> Answer:
+        """One ``/generate`` on the fleet: the best ready server, another one if it fails.
+
+        ``needs``: the capabilities the payload uses; a server without one of them raises
+        :class:`~eagle3_client.errors.CapabilityUnavailable` (not a server failure: no failover).
+        """
         single = self._fleet.size <= 1  # with peers, a failed server is not retried: the request fails over
 
         def attempt(server: ServerSession, number: int) -> Answer:
-            return server.generate(payload, retries=single, failover=number if number > 1 else 0)
+            return server.generate(payload, retries=single, failover=number if number > 1 else 0, needs=needs)
 
         return self._fleet.run(attempt, measure=True)
 
-    def _submit(self, payload: bytes, convert: Callable[[Answer], Any]) -> RemoteResult:
-        """``_generate(payload)`` in the background; ``convert`` turns its answer into the caller's batch."""
+    def _submit(
+        self, payload: bytes, convert: Callable[[Answer], Any], needs: frozenset[str] = frozenset()
+    ) -> RemoteResult:
+        """``_generate(payload, needs)`` in the background; ``convert`` turns its answer into the caller's batch."""
         with self._executor_lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     max_workers=_ASYNC_WORKERS, thread_name_prefix="eagle3-remote"
                 )
-            future = self._executor.submit(self._generate, payload)
+            future = self._executor.submit(self._generate, payload, needs)
         return RemoteResult(future, convert)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from eagle3_client import protocol
 from eagle3_client.capture import EAGLE3, Capture
 from eagle3_client.encodings import PROBS, Encoding, parse_encoding
 from eagle3_client.errors import (
+    CapabilityUnavailable,
     CaptureUnsupported,
     ProtocolViolation,
     RemoteTargetError,
@@ -78,6 +79,7 @@ class ServerSession:
         self.session_id: str | None = None
         self.upstream = False
         self.fingerprint: str | None = None  # the served model's, from the session reply (ours only)
+        self.capabilities: frozenset[str] = frozenset()  # request extensions the server granted (ours only)
         self.data_plane: DataPlane | None = None
         self.mapping: tuple[bytes, int] | None = None  # the vocab mapping's wire payload and version
         self.heartbeat: Heartbeat | None = None
@@ -147,6 +149,7 @@ class ServerSession:
             lease_seconds=self.lease_seconds,
             rejoin=rejoin,
             capture=self.capture,
+            capabilities=protocol.CAPABILITIES,  # asked for always: a request that needs one is checked
         )
         try:
             reply = self._session_reply(self.control.post_json(protocol.EP_SESSION, offer.to_json()))
@@ -160,6 +163,7 @@ class ServerSession:
                     "answer with EAGLE-3 supervision; point this client at eagle3-appliance servers"
                 ) from None
             self.upstream, self.session_id, self.encoding, self.fingerprint = True, None, PROBS, None
+            self.capabilities = frozenset()
             self.control.server_request_timeout = None
             offered = [protocol.TIER_WIRE]
             if wanted != PROBS:
@@ -178,6 +182,7 @@ class ServerSession:
                 )
             self.upstream, self.session_id = False, reply.session_id
             self.fingerprint = reply.model_fingerprint
+            self.capabilities = frozenset(reply.capabilities)
             self.control.server_request_timeout = reply.request_timeout
             self.encoding = _negotiated(self.control.url, reply, wanted)
             offered = list(reply.data_planes)
@@ -332,10 +337,34 @@ class ServerSession:
         if not self._left:
             self.call(lambda server: server._send_mapping())
 
-    def generate(self, payload: bytes, *, retries: bool = True, failover: int = 0) -> Answer:
-        """One ``/generate``; ``failover`` > 0 tells our server it is a re-sent request (attempt number)."""
+    def generate(
+        self, payload: bytes, *, retries: bool = True, failover: int = 0, needs: frozenset[str] = frozenset()
+    ) -> Answer:
+        """One ``/generate``; ``failover`` > 0 tells our server it is a re-sent request (attempt number).
+
+        ``needs``: the capabilities the request uses (``protocol.GenerateRequest.capabilities``);
+        a server that did not grant one of them gets nothing (:class:`CapabilityUnavailable`).
+        """
+
+        def fetch(server: ServerSession) -> Answer:
+            server.require(needs)
+            return server.data_plane.fetch(payload, retries=retries, headers=headers)  # type: ignore[union-attr]
+
         headers = {protocol.FAILOVER_HEADER: str(failover)} if failover and not self.upstream else None
-        return self.call(lambda server: server.data_plane.fetch(payload, retries=retries, headers=headers))  # type: ignore[union-attr]
+        return self.call(fetch)
+
+    def require(self, needs: frozenset[str]) -> None:
+        """Raise :class:`CapabilityUnavailable` unless this session was granted every capability in ``needs``."""
+        for capability in sorted(needs - self.capabilities):
+            if self.upstream:
+                reason = (
+                    "it is an upstream server (it answered POST /session with 404), which has no request extensions"
+                )
+            else:
+                reason = "its POST /session reply does not grant it (an older eagle3-appliance, or a model that cannot)"
+            if capability == protocol.CAPABILITY_PACKING:
+                reason += "; it would run each packed row as one sequence, attending across documents"
+            raise CapabilityUnavailable(self.url, capability, reason)
 
     def close(self) -> None:
         with self._gate:

@@ -1,0 +1,116 @@
+"""The dashboard and alert rules name only metrics a real server exports, and the JSON is current.
+
+The full check (every expression returns data in a real Prometheus scraping a real server,
+alerts fire when provoked) is ``.ci/prometheus.sh``; this one needs no Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from eagle3_appliance.launch import ServerProcess
+from monitoring.expressions import (
+    ALERTS,
+    DASHBOARD,
+    alert_expressions,
+    dashboard_expressions,
+    for_api,
+    metric_names,
+    unexported,
+)
+
+
+@pytest.fixture(scope="module")
+def exposition(server: ServerProcess) -> str:
+    resp = httpx.get(server.url + "/metrics", trust_env=False, timeout=10)
+    assert resp.status_code == 200
+    return resp.text
+
+
+def test_the_committed_dashboard_is_what_the_generator_builds() -> None:
+    pytest.importorskip("grafana_foundation_sdk", reason="the generator's SDK needs Python 3.11+")
+    from monitoring import dashboard
+
+    assert DASHBOARD.read_text() == dashboard.render(), (
+        "regenerate: python -m monitoring.dashboard > monitoring/grafana/eagle3-appliance.json"
+    )
+
+
+def test_every_panel_and_alert_names_only_exported_metrics(exposition: str) -> None:
+    panels, alerts = dashboard_expressions(), alert_expressions()
+    assert len(panels) >= 40 and len(alerts) >= 10
+    assert unexported(panels + alerts, exposition) == {}
+
+
+def test_a_panel_with_a_misspelt_metric_is_caught(exposition: str, tmp_path: Path) -> None:
+    board = json.loads(DASHBOARD.read_text())
+    target = board["panels"][1]["targets"][0]
+    target["expr"] = target["expr"].replace("up{", "eagle3_redy{").replace("sum(", "sum(eagle3_ready + ")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(board))
+    assert unexported(dashboard_expressions(bad), exposition) == {
+        "panel 'Servers up / ready / draining' A": {"eagle3_redy"}
+    }
+
+
+def test_the_dashboard_covers_what_an_operator_asks() -> None:
+    names = set().union(*(metric_names(e.expr) for e in dashboard_expressions()))
+    for wanted in [
+        "eagle3_request_success_total",  # answers/s
+        "eagle3_inference_tokens_total",  # tokens/s
+        "eagle3_inference_queue_duration_seconds_bucket",  # latency by phase
+        "eagle3_inference_forward_duration_seconds_bucket",
+        "eagle3_inference_pending_request_count",  # queue depth
+        "eagle3_inflight_requests",
+        "eagle3_request_failure_total",  # rejections
+        "eagle3_connections_refused_total",
+        "eagle3_response_bytes_total",  # bytes by data plane
+        "eagle3_dataplane_fallbacks_total",
+        "eagle3_connected_clients",  # sessions and leases
+        "eagle3_session_ends_total",
+        "DCGM_FI_DEV_GPU_UTIL",  # GPU health
+        "DCGM_FI_DEV_FB_USED",
+        "DCGM_FI_DEV_GPU_TEMP",
+        "eagle3_gpu_xid_errors_total",
+        "eagle3_ready",
+        "eagle3_target_info",  # tensor-parallel mode
+    ]:
+        assert wanted in names, wanted
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ('sum by (instance) (rate(a_total{job=~"$job", x="{b}"}[$__rate_interval]))', {"a_total"}),
+        ("histogram_quantile(0.99, sum by (le) (rate(h_bucket[5m])))", {"h_bucket"}),
+        ("last_over_time(r[1h]) unless r", {"r"}),
+        ("x == 0 unless on (job, instance) y == 1", {"x", "y"}),
+        ("60 * sum(rate(c_total[1m] offset 5m)) > 1e3", {"c_total"}),
+        ('max by (job) (g) / max by (job) (l{limit="max_queue"}) > 0.8', {"g", "l"}),
+    ],
+)
+def test_metric_names_of_an_expression(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+def test_grafana_variables_become_plain_promql() -> None:
+    expr = 'rate(a_total{job=~"$job", instance=~"$instance"}[$__rate_interval])'
+    assert for_api(expr) == 'rate(a_total{job=~".+", instance=~".+"}[1m])'
+
+
+def test_every_alert_has_a_severity_words_for_the_operator_a_unit_test_and_a_doc_row() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    tests = (ALERTS.parent / "alerts_test.yml").read_text()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "monitoring.md").read_text()
+    assert len(rules) >= 10
+    for rule in rules:
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert f"alertname: {name}\n" in tests, f"{name} has no promtool test"
+        assert f"| `{name}` |" in docs, f"{name} is not in docs/monitoring.md"
