@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from eagle3_appliance.launch import ServerProcess
-from eagle3_client import CaptureUnsupported, RemoteDFlashTargetModel, TargetHTTPError, protocol
+from eagle3_client import CapabilityUnavailable, CaptureUnsupported, RemoteDFlashTargetModel, TargetHTTPError, protocol
 from eagle3_client.capture import Capture
 from eagle3_client.dflash import dflash_batch_type
-from eagle3_client.synthetic import random_batch
+from eagle3_client.synthetic import packed_batch, random_batch
+from eagle3_client.transports.control import ControlPlane
 from tests.ops_support import metric, scrape
 
 VOCAB = 1024
@@ -196,9 +197,52 @@ def test_the_sizes_command_counts_a_captures_bytes_as_served(server: ServerProce
     assert bad.exit_code == 2 and "layer id 36 is out of range for a model with 36 layers" in bad.output, bad.output
 
 
-def test_packed_rows_are_refused_before_anything_is_sent() -> None:
+def test_a_half_packed_batch_is_refused_before_anything_is_sent() -> None:
     remote = RemoteDFlashTargetModel.from_urls(["http://127.0.0.1:9"], target_layer_ids=[1])  # nothing listens
     ids = torch.zeros(1, 8, dtype=torch.long)
-    with pytest.raises(NotImplementedError, match="packed rows"):
+    with pytest.raises(ValueError, match=r"packed rows need all of .*\['position_ids', 'doc_remaining'\] missing"):
         remote.generate_batch(ids, torch.ones_like(ids), torch.ones_like(ids), seq_lens=torch.tensor([[4, 4]]))
     remote.close()
+
+
+def test_packed_rows_are_the_documents_run_one_by_one(server: ServerProcess, hf_model: torch.nn.Module) -> None:
+    """Each document of a packed row gets the layer outputs and logits it gets alone (positions from 0),
+    up to kernel rounding: a leak across documents would be of the order of the values themselves."""
+    rows = [[5, 9, 2], [16]]
+    batch = packed_batch(VOCAB, rows, 16, seed=21)
+    layers = [6, 1]
+    with RemoteDFlashTargetModel.from_urls([server.url], target_layer_ids=layers, capture_logits=True) as remote:
+        got = remote.generate_batch(**batch)
+    for key in ("position_ids", "seq_lens", "doc_remaining", "attention_mask", "loss_mask"):
+        assert torch.equal(getattr(got, key), batch[key]), key
+    for r, docs in enumerate(rows):
+        start = 0
+        for n in docs:
+            ids = batch["input_ids"][r : r + 1, start : start + n]
+            with torch.no_grad():
+                out = hf_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            alone = torch.cat([out.hidden_states[i + 1] for i in layers], dim=-1)[0]
+            torch.testing.assert_close(got.hidden_states[r, start : start + n], alone, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(got.logits[r, start : start + n], out.logits[0], rtol=1e-3, atol=1e-4)
+            start += n
+
+
+def test_an_appliance_that_does_not_grant_packing_is_never_sent_a_packed_batch() -> None:
+    """A DFlash appliance from before packing echoes the capture but grants no capabilities."""
+    sent: list[str] = []
+    capture = Capture.dflash([1])
+
+    def older(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        if request.url.path == "/session":
+            return httpx.Response(200, json=protocol.SessionReply(session_id="s1", capture=capture).to_json())
+        return httpx.Response(200, json={"status": "ok"})
+
+    remote = RemoteDFlashTargetModel.from_urls(["http://older:8001"], target_layer_ids=[1], max_retries=0)
+    remote._servers[0].control = ControlPlane("http://older:8001", max_retries=0, transport=httpx.MockTransport(older))
+    try:
+        with pytest.raises(CapabilityUnavailable, match="http://older:8001 cannot serve 'packing'.*does not grant it"):
+            remote.generate_batch(**packed_batch(VOCAB, [[4, 4]], 8, seed=6))
+        assert "/generate" not in sent and "/session" in sent
+    finally:
+        remote.close()

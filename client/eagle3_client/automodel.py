@@ -32,7 +32,9 @@ a subclass of any of them that, with the same YAML switch (``target_model_backen
 ``remote_urls``, ``remote_<option>``), loads no target weights: its target model is the
 config alone, the wrapper is :class:`~eagle3_client.dflash.RemoteDFlashTargetModel` with the
 layers (and logits) the recipe's own wrapper asked for, and the embeddings and LM head the
-draft reuses are fetched from the servers.
+draft reuses are fetched from the servers. These recipes pack rows themselves
+(``packed_sequence_size``, no gate to lift): the wrapper sends the packing, which every server
+must have granted, and context parallelism stays refused (it shards a co-located target).
 
 Usage (what :mod:`eagle3_client.automodel_launch` does)::
 
@@ -291,11 +293,6 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
         def _build_target_model(self, recipe_cfg: Any, target_path: str, draft_spec: Any) -> Any:
             if not self._remote():
                 return super()._build_target_model(recipe_cfg, target_path, draft_spec)
-            if int(recipe_cfg.get("packed_sequence_size", 0) or 0) > 0:
-                raise NotImplementedError(
-                    "packed rows are not served to DFlash recipes yet: set recipe_args.packed_sequence_size=0 "
-                    "with target_model_backend=remote"
-                )
             # The recipe's own method, so that its meshes and checks are set up as always, with
             # a loader that reads the config instead of the weights.
             module = sys.modules[_DFLASH_BASE]

@@ -30,6 +30,7 @@ from eagle3_client import protocol, wire
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
 from eagle3_client.errors import CaptureUnsupported, ModelMismatch, ProtocolViolation
 from eagle3_client.remote.core import RemoteResult, RemoteTarget
+from eagle3_client.remote.request import Packing, encode_request
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.transports.dataplane import Answer
 
@@ -123,10 +124,19 @@ class RemoteDFlashTargetModel(RemoteTarget):
         seq_lens: torch.Tensor | None = None,
         doc_remaining: torch.Tensor | None = None,
     ) -> Any:
-        """The selected layers' outputs (and logits) for a batch, as ``HFDFlashTargetModel`` returns them."""
-        payload = _encode_inputs(input_ids, attention_mask, loss_mask, seq_lens)
-        answer = self._generate(payload)
-        return self._to_batch(answer, input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining)
+        """The selected layers' outputs (and logits) for a batch, as ``HFDFlashTargetModel`` returns them.
+
+        Packed rows (the recipe's ``packed_sequence_size``): pass all three of ``position_ids``,
+        ``seq_lens`` and ``doc_remaining``. The server runs the forward with each row's documents
+        kept apart, as ``HFDFlashTargetModel``'s packed path does, and the batch carries the three
+        unchanged. A server that did not grant packing gets nothing:
+        :class:`~eagle3_client.errors.CapabilityUnavailable`.
+        """
+        request, payload, packing = encode_request(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
+        )
+        answer = self._generate(payload, request.capabilities)
+        return self._to_batch(answer, input_ids, attention_mask, loss_mask, packing)
 
     def generate_batch_async(
         self,
@@ -137,12 +147,14 @@ class RemoteDFlashTargetModel(RemoteTarget):
         seq_lens: torch.Tensor | None = None,
         doc_remaining: torch.Tensor | None = None,
     ) -> RemoteResult:
-        payload = _encode_inputs(input_ids, attention_mask, loss_mask, seq_lens)
+        """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
+        request, payload, packing = encode_request(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
+        )
         return self._submit(
             payload,
-            lambda answer: self._to_batch(
-                answer, input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
-            ),
+            lambda answer: self._to_batch(answer, input_ids, attention_mask, loss_mask, packing),
+            request.capabilities,
         )
 
     def get_output_embeddings(self) -> torch.nn.Linear:
@@ -162,9 +174,7 @@ class RemoteDFlashTargetModel(RemoteTarget):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        seq_lens: torch.Tensor | None,
-        doc_remaining: torch.Tensor | None,
+        packing: Packing | None,
     ) -> Any:
         dev = self._device
         tensors = answer.tensors
@@ -187,20 +197,8 @@ class RemoteDFlashTargetModel(RemoteTarget):
             attention_mask=attention_mask.to(dev),
             loss_mask=loss_mask.to(dev),
             logits=here(logits),
-            position_ids=here(position_ids),
-            seq_lens=here(seq_lens),
-            doc_remaining=here(doc_remaining),
+            **({} if packing is None else packing.on(dev)),
         )
-
-
-def _encode_inputs(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, seq_lens: torch.Tensor | None
-) -> bytes:
-    if seq_lens is not None:
-        raise NotImplementedError(
-            "packed rows (seq_lens) are not served to DFlash recipes yet: set recipe_args.packed_sequence_size=0"
-        )
-    return wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
 
 
 def _fetch_lm_head(server: ServerSession) -> torch.Tensor:

@@ -36,12 +36,15 @@ class _CpuTargetLoader:
 
 def _instrument(recipe_cls: type, out: str) -> None:
     losses: list[torch.Tensor] = []
+    documents: list[int] = []  # the most documents one row of each step's batch held (0: unpacked)
     run_step = recipe_cls._run_trainer_step
     run_loop = recipe_cls.run_train_validation_loop
 
     def recording_step(self: Any, target_batch: Any) -> Any:
         metrics = run_step(self, target_batch)
         losses.append(metrics.loss.detach().clone())
+        seq_lens = getattr(target_batch, "seq_lens", None)
+        documents.append(0 if seq_lens is None else int((seq_lens > 0).sum(1).max()))
         return metrics
 
     def instrumented_loop(self: Any) -> Any:
@@ -54,6 +57,7 @@ def _instrument(recipe_cls: type, out: str) -> None:
         torch.save(
             {
                 "losses": torch.stack(losses),
+                "documents": documents,
                 "final": {k: v.detach().clone() for k, v in draft.state_dict().items()},
                 "backend": f"{type(self.target_wrapper).__module__}.{type(self.target_wrapper).__qualname__}",
                 "target_model": type(self.target_model).__name__,

@@ -5,7 +5,8 @@ in its own process, from one YAML: our launcher (``python -m eagle3_client.autom
 code) with ``target_model_backend: remote`` against a real appliance, and the recipe module's
 own ``main``, which loads the target itself. The recipes support Qwen3-shaped targets only, so
 the target is a tiny Qwen3 made here from a seed. Losses must be equal step for step and the
-final draft weights bit for bit; the remote run must have loaded no target weights.
+final draft weights bit for bit, with and without packed rows; the remote run must have loaded no
+target weights.
 See ``dflash_recipe_runner.py`` for the instruments.
 """
 
@@ -47,6 +48,7 @@ recipe_args:
   attention_backend: sdpa
   log_every_steps: 1
   shuffle_seed: 42
+  packed_sequence_size: {packed}
 optimizer:
   lr: 1.0e-3
 checkpoint:
@@ -84,9 +86,10 @@ def qwen3_appliance(qwen3_target: Path, tmp_path_factory: pytest.TempPathFactory
         yield proc
 
 
-def run(mode: str, recipe: str, target: Path, url: str, tmp: Path) -> dict[str, object]:
+def run(mode: str, recipe: str, target: Path, url: str, tmp: Path, packed: int = 0) -> dict[str, object]:
     config = tmp / f"{recipe}.yaml"
-    config.write_text(RECIPE_YAML.format(recipe=recipe, target=target, url=url, out=tmp / f"{recipe}-{mode}"))
+    out_dir = tmp / f"{recipe}-{mode}"
+    config.write_text(RECIPE_YAML.format(recipe=recipe, target=target, url=url, out=out_dir, packed=packed))
     out = tmp / f"{recipe}-{mode}.pt"
     proc = subprocess.run(
         [PYTHON, str(RUNNER), mode, str(out), "-c", str(config)],
@@ -117,11 +120,29 @@ def test_a_few_cpu_steps_give_the_colocated_losses(
     assert all(torch.equal(final[k], final_want[k]) for k in final_want)
 
 
+@pytest.mark.parametrize("recipe", ["TrainDFlashRecipe", "TrainJetSpecRecipe"])
+def test_packed_rows_give_the_colocated_losses(
+    recipe: str, qwen3_target: Path, qwen3_appliance: ServerProcess, tmp_path: Path
+) -> None:
+    """``packed_sequence_size > 0``: the recipe packs rows with upstream's packer, our target serves them."""
+    remote = run("remote", recipe, qwen3_target, qwen3_appliance.url, tmp_path, packed=96)
+    colocated = run("colocated", recipe, qwen3_target, qwen3_appliance.url, tmp_path, packed=96)
+    assert remote["backend"] == "eagle3_client.dflash.RemoteDFlashTargetModel"
+    assert remote["target_model"] == "ConfigOnlyTarget"
+    losses, want = remote["losses"], colocated["losses"]
+    assert isinstance(losses, torch.Tensor) and isinstance(want, torch.Tensor)
+    assert len(want) >= 1 and torch.equal(losses, want)
+    assert remote["documents"] == colocated["documents"] and max(remote["documents"]) > 1  # rows really packed
+    final, final_want = remote["final"], colocated["final"]
+    assert isinstance(final, dict) and isinstance(final_want, dict) and final.keys() == final_want.keys()
+    assert all(torch.equal(final[k], final_want[k]) for k in final_want)
+
+
 class _Args(dict):  # type: ignore[type-arg]
     """The recipe's ``cfg.recipe_args`` as the recipe reads it (``.get``)."""
 
 
-def test_packed_rows_and_context_parallelism_are_refused_with_the_reason() -> None:
+def test_context_parallelism_is_refused_with_the_reason() -> None:
     from nemo_automodel.recipes.llm.train_dflash import TrainDFlashRecipe
 
     from eagle3_client.automodel import remote_dflash_recipe
@@ -129,8 +150,6 @@ def test_packed_rows_and_context_parallelism_are_refused_with_the_reason() -> No
     recipe_cls = remote_dflash_recipe(TrainDFlashRecipe)
     recipe = recipe_cls.__new__(recipe_cls)
     recipe.cfg = type("Cfg", (), {"recipe_args": _Args(target_model_backend="remote")})()
-    with pytest.raises(NotImplementedError, match="packed rows are not served to DFlash recipes yet"):
-        recipe._build_target_model(_Args(packed_sequence_size=512), "unused", None)
     recipe.cp_mesh = type("Mesh", (), {"size": lambda self: 2})()
     with pytest.raises(ValueError, match=r"context parallelism \(cp_size>1\)"):
         recipe._build_target_wrapper([1, 2])

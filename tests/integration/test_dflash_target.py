@@ -2,8 +2,9 @@
 
 The reference is upstream's own wrapper run in this process on the built-in model (float32 on
 the CPU, as the appliances run it): for several layer sets, with and without the logits, on
-padded batches, over the wire and over gloo, synchronously and asynchronously, from one server
-and from a fleet of two; and the embeddings and LM head the draft reuses.
+padded batches and on packed rows made by upstream's packer, over the wire and over gloo,
+synchronously and asynchronously, from one server and from a fleet of two; and the embeddings
+and LM head the draft reuses.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import pytest
 import torch
 
 from eagle3_appliance.launch import ServerProcess
-from eagle3_client import RemoteDFlashTargetModel
+from eagle3_client import RemoteDFlashTargetModel, protocol
 from eagle3_client import dflash as dflash_module
 from eagle3_client.synthetic import random_batch
 from tests.integration.automodel_support import import_or_skip
+from tests.integration.test_packing_compat import packed_batches
 
 upstream = import_or_skip("nemo_automodel.components.speculative.dflash.target")
 draft_qwen3 = import_or_skip("nemo_automodel.components.speculative.dflash.draft_qwen3")
@@ -120,3 +122,39 @@ def test_embeddings_and_lm_head_are_the_targets_fetched_in_bounded_chunks(
     assert torch.equal(embed.weight, hf_model.get_input_embeddings().weight)
     x = torch.randn(3, 64)
     assert torch.equal(head(x), want_head(x))
+
+
+PACKED_CASES = [([1, 3, 4], False, "wire"), ([0, 2, 4, 6, 7], True, "wire"), ([7, 0], True, "gloo")]
+
+
+@pytest.mark.parametrize(("layers", "logits", "data_plane"), PACKED_CASES, ids=str)
+def test_packed_rows_are_bit_identical_to_hf_dflash_targets_packed_path(
+    appliances: list[ServerProcess], hf_model: torch.nn.Module, layers: list[int], logits: bool, data_plane: str
+) -> None:
+    """Rows from upstream's packer, as the DFlash recipe builds them for ``packed_sequence_size``."""
+    reference = upstream.HFDFlashTargetModel(hf_model, target_layer_ids=layers, capture_logits=logits)
+    with RemoteDFlashTargetModel.from_urls(
+        [appliances[0].url], target_layer_ids=layers, capture_logits=logits, data_plane=data_plane
+    ) as remote:
+        for seed, (size, rows, max_len) in enumerate([(24, 1, 8), (48, 3, 20), (64, 2, 64)]):
+            for batch in packed_batches(size, rows, 900 + seed, max_len)[:2]:
+                packing = {key: batch[key] for key in protocol.PACKING_KEYS}
+                inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+                want = reference.generate_batch(*inputs, **packing)
+                assert_same_batch(remote.generate_batch(*inputs, **packing), want)
+                assert_same_batch(remote.generate_batch_async(*inputs, **packing).result(timeout=120), want)
+        assert remote.transport_stats()[0]["tier"] == data_plane
+
+
+def test_a_packed_dflash_batch_differs_from_the_same_rows_unpacked(
+    appliances: list[ServerProcess], hf_model: torch.nn.Module
+) -> None:
+    """The check above would be empty if packing changed nothing: documents really are kept apart."""
+    batch = packed_batches(48, 2, 7, 16)[0]
+    assert int((batch["seq_lens"] > 0).sum(1).min()) > 1  # every row holds several documents
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with RemoteDFlashTargetModel.from_urls([appliances[0].url], target_layer_ids=[2, 5]) as remote:
+        unpacked = remote.generate_batch(*inputs)
+        packed = remote.generate_batch(*inputs, **{key: batch[key] for key in protocol.PACKING_KEYS})
+    assert unpacked.seq_lens is None and packed.seq_lens is not None
+    assert not torch.equal(unpacked.hidden_states, packed.hidden_states)
