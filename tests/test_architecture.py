@@ -108,10 +108,22 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
     ],
     "eagle3_client": [
         {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch", "automodel_packing"}},
-        {"adapters": {"backend"}},  # the recipes' surfaces
+        {"adapters": {"backend", "dflash"}},  # the recipes' surfaces
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
         {"transports": {"transports"}},  # how bytes travel
-        {"ground": {"protocol", "wire", "encodings", "errors", "options", "auth", "contract", "synthetic"}},
+        {
+            "ground": {
+                "protocol",
+                "capture",
+                "wire",
+                "encodings",
+                "errors",
+                "options",
+                "auth",
+                "contract",
+                "synthetic",
+            }
+        },
     ],
 }
 

@@ -16,6 +16,8 @@ MODULES = [
     "eagle3_client.transports.control",
     "eagle3_client.transports.dataplane",
     "eagle3_client.backend",
+    "eagle3_client.capture",
+    "eagle3_client.dflash",
     "eagle3_client.contract",
     "eagle3_client.automodel",
     "eagle3_client.automodel_launch",

@@ -34,7 +34,7 @@ from eagle3_appliance.model.supervision import in_process
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.model.tensor_parallel import EXIT_DELAY, EXIT_RANK_FAILED
 from eagle3_appliance.settings import Settings
-from eagle3_client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_client import RemoteDFlashTargetModel, RemoteEagle3TargetModel, protocol, wire
 from eagle3_client.synthetic import packed_batch, random_batch, vocab_mapping
 from tests.oracle import assert_bit_exact
 
@@ -399,3 +399,42 @@ def test_slurm_servers_per_node_divides_the_gpus() -> None:
     assert _bash("servers_per_node 8 1").stdout.strip() == "8"
     bad = _bash("servers_per_node 8 3")
     assert bad.returncode == 2 and "TENSOR_PARALLEL_SIZE=3" in bad.stderr
+
+
+def test_tensor_parallel_serves_dflash_within_the_documented_tolerance(
+    tp_server: ServerProcess, reference: Target
+) -> None:
+    """DFlash captures on ``tp=2``: layers and logits within ``aux_rel`` of their largest magnitude; the
+    embeddings and LM head (gathered once at load) bit-exact."""
+    layers = [0, 2, reference.num_hidden_layers - 1]
+    with RemoteDFlashTargetModel.from_urls([tp_server.url], target_layer_ids=layers, capture_logits=True) as remote:
+        for seed, (batch, seq) in enumerate([(2, 40), (1, 1)]):
+            inputs = random_batch(VOCAB, batch, seq, seed=30 + seed, pad=batch > 1)
+            got = remote.generate_batch(*inputs)
+            want, logits = _reference_layers(reference, inputs, layers)
+            for name, served, expected in (("hidden_states", got.hidden_states, want), ("logits", got.logits, logits)):
+                assert served.dtype == expected.dtype and served.shape == expected.shape, name
+                deviation = float((served - expected).abs().max()) / float(expected.abs().max())
+                assert deviation <= TOLERANCE.aux_rel, f"{name}: {deviation:.2g} of max"
+        assert torch.equal(remote.get_output_embeddings().weight, reference.lm_head_weight())
+        assert torch.equal(remote.get_input_embeddings().weight, reference.input_embeddings)
+
+
+def _reference_layers(
+    reference: Target, inputs: tuple[torch.Tensor, ...], layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' outputs (hooked here) and the logits of the whole model in this process."""
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [
+        reference.layers[i].register_forward_hook(
+            lambda _m, _a, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+        )
+        for i in layers
+    ]
+    try:
+        with torch.no_grad():
+            logits = reference.model(input_ids=inputs[0], attention_mask=inputs[1]).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat([outputs[i] for i in layers], dim=-1), logits

@@ -15,6 +15,7 @@ import torch
 
 from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.model.supervision import reference_projection
+from eagle3_client.capture import Capture
 from eagle3_loadtest._batches import BatchSpec, LengthDistribution, make_batch, make_vocab_mapping
 from eagle3_loadtest._counters import SupervisionCounters
 from eagle3_loadtest._steps import StepPlan, StepSearch, Window, evaluate_step, percentile
@@ -272,6 +273,48 @@ def test_impossible_plans_are_rejected(kwargs: dict[str, float]) -> None:
     )
     with pytest.raises(ValueError):
         StepPlan(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+DFLASH_EXPECTED = Expected(
+    hidden_size=HIDDEN, draft_vocab=DRAFT, capture=Capture.parse("dflash+logits:0,2"), vocab_size=VOCAB
+)
+
+
+def _dflash_answer(request: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    batch, seq_len = request["input_ids"].shape
+    return {"hidden_states": torch.randn(batch, seq_len, 2 * HIDDEN), "logits": torch.randn(batch, seq_len, VOCAB)}
+
+
+def test_a_dflash_answer_is_checked_by_its_capture(request_batch: dict[str, torch.Tensor]) -> None:
+    answer = _dflash_answer(request_batch)
+    check_supervision(answer, request_batch, DFLASH_EXPECTED)
+    broken = {
+        "no logits": ({"hidden_states": answer["hidden_states"]}, "expected exactly"),
+        "one layer": ({**answer, "hidden_states": answer["hidden_states"][..., :HIDDEN]}, "hidden_states has shape"),
+        "short logits": ({**answer, "logits": answer["logits"][..., :DRAFT]}, "logits has shape"),
+        "NaN": ({**answer, "hidden_states": answer["hidden_states"] * float("nan")}, "NaN"),
+    }
+    for bad, message in broken.values():
+        with pytest.raises(SupervisionError, match=message):
+            check_supervision(bad, request_batch, DFLASH_EXPECTED)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("eagle3", Capture()),
+        ("dflash:1,3,5", Capture.dflash([1, 3, 5])),
+        (" dflash+logits:7,0 ", Capture.dflash([7, 0], logits=True)),
+    ],
+)
+def test_capture_spellings_round_trip(text: str, expected: Capture) -> None:
+    assert Capture.parse(text) == expected and Capture.parse(expected.spec) == expected
+
+
+@pytest.mark.parametrize("text", ["dflash", "dflash:", "dflash:a,b", "medusa:1", "dflash+probs:1"])
+def test_a_bad_capture_spelling_names_the_problem(text: str) -> None:
+    with pytest.raises(ValueError, match="capture"):
+        Capture.parse(text)
 
 
 def test_each_step_reports_answers_per_second_and_its_percentiles() -> None:

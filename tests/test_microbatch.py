@@ -26,6 +26,7 @@ from eagle3_appliance.serving.jobs import Job
 from eagle3_appliance.serving.pipeline import Pipeline
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel, wire
+from eagle3_client.capture import EAGLE3, Capture
 from eagle3_client.encodings import PROBS
 from eagle3_client.synthetic import random_batch, vocab_mapping
 from tests.ops_support import batch, make_slow_model, metric, model_env, post, scrape, server, vocab_mapping_body
@@ -176,3 +177,54 @@ def test_micro_batched_requests_share_the_admission_time_limit_and_metrics(tmp_p
     assert slow.status_code == 503, slow.text  # --request-timeout holds for micro-batched work too
     assert "request time limit of 1.5 s" in slow.json()["error"]
     assert waited < 2.8, waited  # answered at the limit, not after the 3 s forward
+
+
+def test_eagle3_and_dflash_jobs_share_one_forward_each_with_its_own_answer(target: Target) -> None:
+    settings = Settings(microbatch_wait_ms=500, microbatch_max_tokens=10_000)
+    buffers = ServerBuffers(target.device, 1 << 30)
+    admission = Admission(max_queue=64)
+    pipeline = Pipeline(settings, target, buffers, admission, _metrics())
+    mapping = VocabMapping(*vocab_mapping(target.logits_size, 200, seed=1))
+    captures = [EAGLE3, Capture.dflash([6, 2]), Capture.dflash([0, 5, 7], logits=True)]
+    inputs = [random_batch(target.vocab_size, 2, 32, seed=40 + i) for i in range(3)]
+
+    async def one(capture: Capture, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        async with admission.admit() as ticket:
+            job_mapping = mapping if capture.is_eagle3 else None
+            job = Job(GenerateInputs(*batch), job_mapping, PROBS, WireTransfer(buffers), ticket, capture=capture)
+            return await pipeline.compute(job)
+
+    async def main() -> list[dict[str, torch.Tensor]]:
+        return await asyncio.gather(*(one(c, b) for c, b in zip(captures, inputs, strict=True)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        pipeline.runner.shutdown()
+    assert pipeline.metrics.exec_count._value.get() == 1  # one forward for the three requests
+    _close(results[0], in_process(target, GenerateInputs(*inputs[0]), mapping))
+    for capture, rows, result in zip(captures[1:], inputs[1:], results[1:], strict=True):
+        layer, logits = _layer_outputs(target.model, rows)
+        want = {"hidden_states": torch.cat([layer[i] for i in capture.layers], dim=-1)}
+        if capture.logits:
+            want["logits"] = logits
+        assert list(result) == list(capture.keys)
+        _close(result, want)
+
+
+def _layer_outputs(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, ...]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Every decoder layer's output (hooked here, independently of the server's code) and the logits."""
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [
+        layer.register_forward_hook(lambda _m, _i, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=batch[0], attention_mask=batch[1]).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, logits

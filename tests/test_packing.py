@@ -23,6 +23,7 @@ from eagle3_appliance.model.supervision import in_process
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Device, Settings
 from eagle3_client import CapabilityUnavailable, RemoteEagle3TargetModel, protocol, wire
+from eagle3_client.capture import Capture
 from eagle3_client.synthetic import packed_batch, vocab_mapping
 from eagle3_client.transports.control import ControlPlane
 from tests.oracle import assert_bit_exact
@@ -66,6 +67,26 @@ def test_packing_is_granted_only_when_asked(server: ServerProcess) -> None:
         assert asked["capabilities"] == ["packing"]  # an unknown name is ignored, not refused
         for reply in (plain, asked):
             http.post("/disconnect", json={}, headers={protocol.SESSION_HEADER: reply["session_id"]})
+
+
+def test_one_offer_carries_a_dflash_capture_and_packing(server: ServerProcess) -> None:
+    """Both extensions in one ``/session``: each is echoed; an EAGLE-3 offer stays upstream's body."""
+    capture = Capture.dflash([4, 1], logits=True)
+    offer = protocol.SessionOffer(client="both", capture=capture, capabilities=(protocol.CAPABILITY_PACKING,))
+    body = offer.to_json()
+    assert body["capture"] == {"kind": "dflash", "layers": [4, 1], "logits": True}
+    assert body["capabilities"] == ["packing"]
+    assert set(protocol.SessionOffer(client="plain").to_json()) == {"client", "encoding", "encodings", "data_planes"}
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
+        reply = protocol.SessionReply.from_json(http.post("/session", json=body).json())
+        http.post("/disconnect", json={}, headers={protocol.SESSION_HEADER: reply.session_id})
+    assert reply.capture == capture and reply.capabilities == (protocol.CAPABILITY_PACKING,)
+    # One description of what a /generate asks for: the session's capture, and the body's packing.
+    request = protocol.GenerateRequest.from_keys(list(packed_batch(VOCAB, ROWS, T, seed=1)), capture=capture)
+    assert request == protocol.GenerateRequest(capture=capture, packed=True)
+    assert request.keys == (*protocol.GENERATE_INPUT_KEYS, *protocol.PACKING_KEYS)
+    assert request.capabilities == {protocol.CAPABILITY_PACKING}
+    assert protocol.GenerateRequest.from_keys(protocol.GENERATE_INPUT_KEYS) == protocol.GenerateRequest()
 
 
 def test_a_session_without_packing_is_refused_a_packed_body(server: ServerProcess) -> None:

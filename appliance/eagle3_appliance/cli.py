@@ -269,11 +269,17 @@ def sizes(
     ] = None,
     batch_tokens: Annotated[int, typer.Option(help="Tokens per batch for the per-batch column.")] = 2048,
     markdown: Annotated[bool, typer.Option(help="Print a Markdown table.")] = False,
+    capture: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="DFlash-style captures to list too (repeatable): dflash:L1,L2,... or dflash+logits:L1,L2,...",
+        ),
+    ] = None,
 ) -> None:
     """Bytes per token and per batch of a /generate answer for each supervision encoding (no download)."""
     import torch
 
-    from eagle3_appliance.sizes import load_shape, render_table, size_rows
+    from eagle3_appliance.sizes import capture_rows, load_shape, render_table, size_rows
 
     dtype_bytes = (torch.bfloat16 if dtype is Dtype.auto else getattr(torch, dtype.value)).itemsize
     names = encoding or ["probs", "logits", "hidden", "topk:64"]
@@ -289,6 +295,13 @@ def sizes(
                 batch_tokens=batch_tokens,
             )
         ]
+        rows += [
+            row
+            for name in model
+            for row in capture_rows(
+                load_shape(name), captures=capture or [], dtype_bytes=dtype_bytes, batch_tokens=batch_tokens
+            )
+        ]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(render_table(rows, markdown=markdown))
@@ -302,6 +315,9 @@ def sizes(
         typer.echo(
             f"hidden on {shape.name}: the client fetches the LM-head rows once per vocab mapping: {rows_bytes:,} B"
         )
+        if capture:
+            head = shape.vocab_size * shape.hidden_size * dtype_bytes
+            typer.echo(f"dflash on {shape.name}: the client fetches the whole LM head once, in chunks: {head:,} B")
 
 
 def main() -> None:

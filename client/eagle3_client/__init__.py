@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from eagle3_client.backend import RemoteEagle3TargetModel
+    from eagle3_client.capture import Capture
     from eagle3_client.contract import USING_NEMO_AUTOMODEL, Eagle3TargetBackend, Eagle3TargetBatch
+    from eagle3_client.dflash import RemoteDFlashTargetModel
     from eagle3_client.errors import (
         CapabilityUnavailable,
+        CaptureUnsupported,
         ModelMismatch,
         NoServerReady,
         ProtocolViolation,
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
     from eagle3_client.transports.transfer import TransferError
 
 _EXPORTS = {
+    "Capture": "eagle3_client.capture",
+    "CaptureUnsupported": "eagle3_client.errors",
+    "RemoteDFlashTargetModel": "eagle3_client.dflash",
     "DataPlaneUnavailable": "eagle3_client.transports.negotiate",
     "TransferError": "eagle3_client.transports.transfer",
     "USING_NEMO_AUTOMODEL": "eagle3_client.contract",
@@ -53,12 +59,15 @@ _EXPORTS = {
 __all__ = [
     "USING_NEMO_AUTOMODEL",
     "CapabilityUnavailable",
+    "Capture",
+    "CaptureUnsupported",
     "DataPlaneUnavailable",
     "Eagle3TargetBackend",
     "Eagle3TargetBatch",
     "ModelMismatch",
     "NoServerReady",
     "ProtocolViolation",
+    "RemoteDFlashTargetModel",
     "RemoteEagle3TargetModel",
     "RemoteResult",
     "RemoteTargetError",

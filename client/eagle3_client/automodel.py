@@ -26,12 +26,24 @@ Prefetch depth: the recipe caps ``target_prefetch_depth`` at ``num_remote_server
 request in flight per server). Our subclass reports servers x ``max_in_flight_per_server``
 there, so the recipe can keep every request slot of the fleet busy.
 
+The DFlash family (``TrainDFlashRecipe`` and its subclasses DFlash 2, JetSpec, Domino) has no
+remote backend upstream: it always loads the target itself. :func:`remote_dflash_recipe` makes
+a subclass of any of them that, with the same YAML switch (``target_model_backend: remote``,
+``remote_urls``, ``remote_<option>``), loads no target weights: its target model is the
+config alone, the wrapper is :class:`~eagle3_client.dflash.RemoteDFlashTargetModel` with the
+layers (and logits) the recipe's own wrapper asked for, and the embeddings and LM head the
+draft reuses are fetched from the servers. These recipes pack rows themselves
+(``packed_sequence_size``, no gate to lift): the wrapper sends the packing, which every server
+must have granted, and context parallelism stays refused (it shards a co-located target).
+
 Usage (what :mod:`eagle3_client.automodel_launch` does)::
 
     from eagle3_client.automodel import install, options_from_config
     installation = install(options_from_config(cfg.recipe_args))
     from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
     installation.patch_recipe()  # packed_sequence_size with our backend
+
+    recipe_cls = remote_dflash_recipe(TrainJetSpecRecipe)   # the DFlash family
 """
 
 from __future__ import annotations
@@ -45,15 +57,19 @@ from typing import Any
 
 from eagle3_client.automodel_packing import patch_recipe
 from eagle3_client.backend import RemoteEagle3TargetModel
+from eagle3_client.dflash import RemoteDFlashTargetModel
 from eagle3_client.options import ClientOptions, checked_value, option_fields, recipe_key
 
 __all__ = [
+    "DFLASH_RECIPES",
     "REMOTE_PACKAGE",
     "RECIPE_MODULE",
+    "ConfigOnlyTarget",
     "Installation",
     "configured_backend",
     "install",
     "options_from_config",
+    "remote_dflash_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +78,13 @@ logger = logging.getLogger(__name__)
 REMOTE_PACKAGE = "nemo_automodel.components.speculative.eagle.remote"
 RECIPE_MODULE = "nemo_automodel.recipes.llm.train_eagle3"
 _CLASS_NAME = "RemoteEagle3TargetModel"
+# The DFlash family's recipes: class name -> module (each subclasses TrainDFlashRecipe).
+DFLASH_RECIPES = {
+    "TrainDFlashRecipe": "nemo_automodel.recipes.llm.train_dflash",
+    "TrainDFlash2Recipe": "nemo_automodel.recipes.llm.train_dflash2",
+    "TrainJetSpecRecipe": "nemo_automodel.recipes.llm.train_jetspec",
+    "TrainDominoRecipe": "nemo_automodel.recipes.llm.train_domino",
+}
 
 
 def options_from_config(recipe_args: Any = None) -> dict[str, Any]:
@@ -203,3 +226,111 @@ def install(options: Mapping[str, Any] | None = None) -> Installation:
     installation = Installation(backend=backend, options=options, upstream=upstream)
     installation.patch_recipe()  # a recipe imported later is patched by the launcher (or a second call)
     return installation
+
+
+class ConfigOnlyTarget:
+    """What a DFlash recipe keeps as ``target_model`` when the target is remote: its config, no weights.
+
+    The recipe reads the config (layer count, attention implementation) and, when it builds its
+    trainer, the embeddings and LM head, which come from the remote wrapper (fetched once).
+    """
+
+    _owns_packed_attention = False
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.remote: RemoteDFlashTargetModel | None = None
+
+    def eval(self) -> ConfigOnlyTarget:
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> ConfigOnlyTarget:
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> ConfigOnlyTarget:
+        return self
+
+    def _wrapper(self) -> RemoteDFlashTargetModel:
+        if self.remote is None:
+            raise RuntimeError("the remote DFlash target is not built yet (the recipe builds it in setup())")
+        return self.remote
+
+    def get_input_embeddings(self) -> Any:
+        return self._wrapper().get_input_embeddings()
+
+    def get_output_embeddings(self) -> Any:
+        return self._wrapper().get_output_embeddings()
+
+
+_DFLASH_BASE = DFLASH_RECIPES["TrainDFlashRecipe"]
+
+
+class _ConfigLoader:
+    """Stands in for ``NeMoAutoModelForCausalLM`` in a remote DFlash recipe: the config, no weights."""
+
+    @staticmethod
+    def from_pretrained(path: str, **kwargs: Any) -> ConfigOnlyTarget:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(kwargs.get("trust_remote_code", False)))
+        return ConfigOnlyTarget(config.get_text_config())
+
+
+def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:
+    """A subclass of a DFlash-family recipe whose target runs on appliances when the YAML says
+    ``recipe_args.target_model_backend: remote`` (anything else: the recipe, unchanged).
+
+    The recipe's own ``_build_target_wrapper`` still runs, over the config alone: it checks the
+    layer ids and says whether the family captures the logits (JetSpec), and the remote wrapper
+    takes exactly those. ``options`` are client keywords; the YAML's ``remote_<option>`` keys win.
+    """
+    extra = dict(options or {})
+
+    class RemoteTargetRecipe(recipe_cls):
+        def _remote(self) -> bool:
+            return bool(self.cfg.recipe_args.get("target_model_backend", "colocated") == "remote")
+
+        def _build_target_model(self, recipe_cfg: Any, target_path: str, draft_spec: Any) -> Any:
+            if not self._remote():
+                return super()._build_target_model(recipe_cfg, target_path, draft_spec)
+            # The recipe's own method, so that its meshes and checks are set up as always, with
+            # a loader that reads the config instead of the weights.
+            module = sys.modules[_DFLASH_BASE]
+            loader = getattr(module, "NeMoAutoModelForCausalLM")  # noqa: B009 - swapped for one call
+            setattr(module, "NeMoAutoModelForCausalLM", _ConfigLoader)  # noqa: B010
+            try:
+                return super()._build_target_model(recipe_cfg, target_path, draft_spec)
+            finally:
+                setattr(module, "NeMoAutoModelForCausalLM", loader)  # noqa: B010
+
+        def _build_target_wrapper(self, target_layer_ids: list[int]) -> Any:
+            if not self._remote():
+                return super()._build_target_wrapper(target_layer_ids)
+            cp_mesh = getattr(self, "cp_mesh", None)
+            if cp_mesh is not None and cp_mesh.size() > 1:
+                raise ValueError("context parallelism (cp_size>1) shards a co-located target; a remote one needs none")
+            local = super()._build_target_wrapper(target_layer_ids)
+            recipe_cfg = self.cfg.recipe_args
+            urls = recipe_cfg.get("remote_urls", None)
+            if not urls:
+                raise ValueError("target_model_backend=remote needs recipe_args.remote_urls")
+            kwargs = {**extra, **options_from_config(recipe_cfg)}
+            wrapper = RemoteDFlashTargetModel.from_urls(
+                _url_list(urls),
+                target_layer_ids=local.target_layer_ids,
+                capture_logits=local.capture_logits,
+                device=self.device,
+                **kwargs,
+            )
+            self.target_model.remote = wrapper
+            logger.info(
+                "eagle3-appliance: %s captures layers %s%s from %s",
+                recipe_cls.__name__,
+                wrapper.target_layer_ids,
+                " and the logits" if wrapper.capture_logits else "",
+                wrapper.urls,
+            )
+            return wrapper
+
+    RemoteTargetRecipe.__name__ = RemoteTargetRecipe.__qualname__ = recipe_cls.__name__
+    return RemoteTargetRecipe

@@ -1,11 +1,13 @@
-"""Run NeMo AutoModel's EAGLE-3 recipe with this package's client as its remote backend.
+"""Run NeMo AutoModel's EAGLE-3 or DFlash-family recipe with this package's client as its remote target.
 
 Takes exactly the arguments of ``python -m nemo_automodel.recipes.llm.train_eagle3``: a
 YAML (``-c``/``--config``) and ``--dotted.key=value`` overrides. It parses them with
 AutoModel's own parser, applies :func:`eagle3_client.automodel.install` with the options found in
-``recipe_args`` or the environment, then does what the recipe's ``main`` does (build
-``TrainEagle3Recipe``, ``setup()``, ``run_train_validation_loop()``). Under ``torchrun``
-every rank does the same. Usage::
+``recipe_args`` or the environment, then does what the recipe's ``main`` does (build the
+recipe, ``setup()``, ``run_train_validation_loop()``). Under ``torchrun`` every rank does the
+same. The YAML's ``recipe:`` key picks the recipe: ``TrainEagle3Recipe`` (the default), or one
+of the DFlash family (``TrainDFlashRecipe``, ``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``,
+``TrainDominoRecipe``), run through :func:`eagle3_client.automodel.remote_dflash_recipe`. Usage::
 
     python -m eagle3_client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
     torchrun --nproc-per-node=8 -m eagle3_client.automodel_launch -c recipe.yaml
@@ -18,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["build_recipe", "check_config", "main"]
+__all__ = ["build_recipe", "check_config", "main", "recipe_name"]
 
 logger = logging.getLogger("eagle3_client.automodel_launch")
 
@@ -26,11 +28,22 @@ _RECIPE = "TrainEagle3Recipe"
 _USAGE = __doc__.split("Usage::", 1)[1]
 
 
+def recipe_name(cfg: Any) -> str:
+    """The recipe class the YAML names (``recipe:``), ``TrainEagle3Recipe`` when it names none."""
+    recipe = cfg.get("recipe", None)
+    return _RECIPE if recipe is None else str(getattr(recipe, "__name__", recipe)).rsplit(".", 1)[-1]
+
+
 def check_config(cfg: Any) -> None:
     """Refuse a YAML written for another recipe; warn when it does not use the remote backend."""
-    recipe = cfg.get("recipe", None)
-    if recipe is not None and str(getattr(recipe, "__name__", recipe)).rsplit(".", 1)[-1] != _RECIPE:
-        raise SystemExit(f"this launcher runs the EAGLE-3 recipe ({_RECIPE}); the YAML asks for {recipe!r}")
+    from eagle3_client.automodel import DFLASH_RECIPES
+
+    name = recipe_name(cfg)
+    if name != _RECIPE and name not in DFLASH_RECIPES:
+        raise SystemExit(
+            f"this launcher runs the EAGLE-3 recipe ({_RECIPE}) or a DFlash-family recipe "
+            f"({', '.join(DFLASH_RECIPES)}); the YAML asks for {cfg.get('recipe', None)!r}"
+        )
     recipe_args = cfg.get("recipe_args", None)
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
@@ -51,13 +64,21 @@ def build_recipe(argv: Sequence[str]) -> Any:
 
     cfg = parse_args_and_load_config(argv=list(argv))
     check_config(cfg)
-    installation = install(options_from_config(cfg.get("recipe_args", None)))
+    options = options_from_config(cfg.get("recipe_args", None))
+    name = recipe_name(cfg)
+    if name == _RECIPE:
+        installation = install(options)
+        from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
 
-    from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
+        installation.patch_recipe()  # packed_sequence_size > 0 with our backend
+        recipe_cls: type = TrainEagle3Recipe
+    else:
+        import importlib
 
-    installation.patch_recipe()  # packed_sequence_size > 0 with our backend
+        from eagle3_client.automodel import DFLASH_RECIPES, remote_dflash_recipe
 
-    recipe = TrainEagle3Recipe(cfg)
+        recipe_cls = remote_dflash_recipe(getattr(importlib.import_module(DFLASH_RECIPES[name]), name), options)
+    recipe = recipe_cls(cfg)
     recipe.setup()
     wrapper = getattr(recipe, "target_wrapper", None)
     logger.info(

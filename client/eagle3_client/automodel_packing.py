@@ -27,9 +27,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["PACKING_KEYS", "patch_recipe"]
+from eagle3_client.protocol import PACKING_KEYS
 
-PACKING_KEYS = ("position_ids", "seq_lens", "doc_remaining")
+__all__ = ["patch_recipe"]
+
 _MARK = "_eagle3_packing_original"
 
 

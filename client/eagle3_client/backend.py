@@ -30,6 +30,7 @@ from eagle3_client.encodings import EncodingStats, decode_supervision, detect_en
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.remote.core import RemoteResult, RemoteTarget
 from eagle3_client.remote.fleet import is_server_failure
+from eagle3_client.remote.request import Packing, encode_request
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.transports.dataplane import Answer
 
@@ -177,7 +178,7 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
         unchanged, as the co-located wrapper's does. A server that cannot pack (upstream's, an
         older appliance) gets nothing: :class:`~eagle3_client.errors.CapabilityUnavailable`.
         """
-        request, payload, packing = _encode_inputs(
+        request, payload, packing = encode_request(
             input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
         )
         answer = self._generate(payload, request.capabilities)
@@ -193,7 +194,7 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
         doc_remaining: torch.Tensor | None = None,
     ) -> RemoteResult:
         """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
-        request, payload, packing = _encode_inputs(
+        request, payload, packing = encode_request(
             input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
         )
         return self._submit(
@@ -234,7 +235,7 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
                 mapping.rows = weight.to(self._device)
             return mapping.rows
 
-    def _to_batch(self, answer: Answer, attention_mask: torch.Tensor, packing: _Packing | None = None) -> Any:
+    def _to_batch(self, answer: Answer, attention_mask: torch.Tensor, packing: Packing | None = None) -> Any:
         # The one copy to the trainer's device (in decode_supervision); blocking, so the pinned
         # staging buffers are free for the next answer as soon as this returns.
         dev = self._device
@@ -266,39 +267,3 @@ class _Mapping:
     draft_ids: torch.Tensor
     payload: bytes
     rows: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class _Packing:
-    """A packed batch's metadata as the caller gave it; the batch carries it unshifted, as co-located does."""
-
-    position_ids: torch.Tensor
-    seq_lens: torch.Tensor
-    doc_remaining: torch.Tensor
-
-    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, key).to(device) for key in protocol.PACKING_KEYS}
-
-
-def _encode_inputs(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    loss_mask: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-    seq_lens: torch.Tensor | None = None,
-    doc_remaining: torch.Tensor | None = None,
-) -> tuple[protocol.GenerateRequest, bytes, _Packing | None]:
-    """The request, its wire body, and the packing to put on the batch (None: unpacked, upstream's body)."""
-    packed = {"position_ids": position_ids, "seq_lens": seq_lens, "doc_remaining": doc_remaining}
-    given = [key for key, value in packed.items() if value is not None]
-    if given and len(given) != len(packed):
-        missing = [key for key in packed if key not in given]
-        raise ValueError(f"packed rows need all of position_ids, seq_lens and doc_remaining; {missing} missing")
-    request = protocol.GenerateRequest(packed=bool(given))
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, **packed}
-    payload = wire.encode({key: tensors[key] for key in request.keys})
-    packing = None
-    if request.packed:
-        assert position_ids is not None and seq_lens is not None and doc_remaining is not None
-        packing = _Packing(position_ids, seq_lens, doc_remaining)
-    return request, payload, packing

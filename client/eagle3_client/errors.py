@@ -9,6 +9,7 @@
     ├── ProtocolViolation             the server's answer does not follow the protocol
     ├── ModelMismatch                 the servers of one client serve different models
     ├── CapabilityUnavailable         the request needs an extension the server did not grant (packing)
+    ├── CaptureUnsupported            a server cannot serve the requested capture (DFlash on an upstream server)
     ├── DataPlaneUnavailable          a forced data plane this pair cannot do (eagle3_client.transports.negotiate)
     └── TransferError                 a process-group transfer broke (eagle3_client.transports.transfer; recovered
         ├── TransferTimeout           over the wire by the client, never raised to the trainer)
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "CapabilityUnavailable",
+    "CaptureUnsupported",
     "ModelMismatch",
     "NoServerReady",
     "ProtocolViolation",
@@ -112,3 +114,11 @@ def first_line(exc: object, limit: int | None = None) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if limit is None else line[:limit]
+
+
+class CaptureUnsupported(RemoteTargetError):
+    """A server cannot serve the capture this client asks for (eagle3_client.capture).
+
+    An upstream server (no ``/session``) or an appliance that predates the capture would answer
+    every ``/generate`` with EAGLE-3 supervision, so the client refuses to use it instead.
+    """

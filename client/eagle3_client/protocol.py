@@ -12,6 +12,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from eagle3_client.capture import EAGLE3, OFFER_KEY, Capture
+
 __all__ = [
     "CAPABILITIES",
     "CAPABILITY_PACKING",
@@ -298,14 +300,18 @@ def _object(body: Any, what: str) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """What one ``/generate`` body asks for: upstream's batch plus the extension fields it carries.
+    """What one ``/generate`` asks the server for: upstream's batch plus the extensions it uses.
 
-    The wire body holds only tensors, so the description is read from its keys
-    (:meth:`from_keys`) and written as them (:attr:`keys`). Each extension field names the
-    capability a session must have been granted for it (:attr:`capabilities`). Later request
-    fields (another family's captures) join this class the same way.
+    The one description of a request, read by both sides: ``capture`` says which layers the
+    forward captures and which supervision comes back (:class:`eagle3_client.capture.Capture`,
+    agreed once per session in ``/session``, since it fixes the answer's shape); ``packed`` says
+    the body carries packing metadata (:data:`PACKING_KEYS`). The wire body holds only tensors,
+    so the per-request part is read from its keys (:meth:`from_keys`) and written as them
+    (:attr:`keys`). Each extension names the capability a session must have been granted for
+    it (:attr:`capabilities`). EAGLE-3, unpacked, is exactly upstream's request.
     """
 
+    capture: Capture = EAGLE3  # the session's capture (EAGLE-3: upstream's aux layers and supervision)
     packed: bool = False  # the body carries PACKING_KEYS (documents packed into rows)
 
     @property
@@ -319,10 +325,11 @@ class GenerateRequest:
         return frozenset({CAPABILITY_PACKING} if self.packed else ())
 
     @classmethod
-    def from_keys(cls, keys: Collection[str]) -> GenerateRequest:
-        """The request a body's keys describe; ``ValueError`` naming a missing or unexpected key."""
+    def from_keys(cls, keys: Collection[str], capture: Capture = EAGLE3) -> GenerateRequest:
+        """The request a body's keys describe under the session's ``capture``; ``ValueError`` naming
+        a missing or unexpected key."""
         present = set(keys)
-        request = cls(packed=bool(present & set(PACKING_KEYS)))
+        request = cls(capture=capture, packed=bool(present & set(PACKING_KEYS)))
         missing = [k for k in request.keys if k not in present]
         if missing:
             what = f"a packed request carries all of {list(PACKING_KEYS)}; " if request.packed else ""
@@ -347,6 +354,8 @@ class SessionOffer:
     data_planes: tuple[str, ...] = ()  # the tiers this process can join
     lease_seconds: float | None = None  # None: the server's default lease
     rejoin: bool = False  # the client takes this server back after it had left its rotation
+    # What every /generate of the session captures (eagle3_client.capture); EAGLE-3 is not sent.
+    capture: Capture = EAGLE3
     capabilities: tuple[str, ...] = ()  # request extensions it may use (CAPABILITIES)
 
     def to_json(self) -> dict[str, Any]:
@@ -360,6 +369,8 @@ class SessionOffer:
             body["lease_seconds"] = self.lease_seconds
         if self.rejoin:
             body["rejoin"] = True
+        if not self.capture.is_eagle3:
+            body[OFFER_KEY] = self.capture.to_json()
         if self.capabilities:  # sent only when asked for, so older servers see the old body
             body["capabilities"] = list(self.capabilities)
         return body
@@ -377,6 +388,7 @@ class SessionOffer:
             data_planes=_names(body, "data_planes"),
             lease_seconds=_number(_field(body, "lease_seconds", (int, float), None)),
             rejoin=_field(body, "rejoin", bool, False),
+            capture=_capture(body),
             capabilities=_names(body, "capabilities"),
         )
 
@@ -395,6 +407,8 @@ class SessionReply:
     # The server's --request-timeout: it answers every /generate (200, or 503 + Retry-After)
     # within this many seconds of admitting it, so a client may wait that long for the answer.
     request_timeout: float | None = None
+    # The capture the server agreed to serve (echoed only when it is not EAGLE-3's).
+    capture: Capture = EAGLE3
     # The offer's capabilities this server grants; absent from older servers (then none).
     capabilities: tuple[str, ...] = ()
 
@@ -413,6 +427,8 @@ class SessionReply:
             body["model_fingerprint"] = self.model_fingerprint
         if self.request_timeout is not None:
             body["request_timeout"] = self.request_timeout
+        if not self.capture.is_eagle3:
+            body[OFFER_KEY] = self.capture.to_json()
         if self.capabilities:
             body["capabilities"] = list(self.capabilities)
         return body
@@ -429,6 +445,7 @@ class SessionReply:
             protocol=_field(body, "protocol", int, PROTOCOL_VERSION),
             model_fingerprint=_field(body, "model_fingerprint", str, None),
             request_timeout=_number(_field(body, "request_timeout", (int, float), None)),
+            capture=_capture(body),
             capabilities=_names(body, "capabilities"),
         )
 
@@ -556,6 +573,11 @@ class ModelInfoExtension:
             mode=_field(body, "mode", str, "single"),  # absent from servers before it
             fingerprint=_field(body, "fingerprint", str, None),
         )
+
+
+def _capture(body: Mapping[str, Any]) -> Capture:
+    value = body.get(OFFER_KEY)
+    return EAGLE3 if value is None else Capture.from_json(value)
 
 
 def _number(value: int | float | None) -> float | None:

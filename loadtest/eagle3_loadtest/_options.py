@@ -13,6 +13,7 @@ from typing import Any
 
 from locust import events
 
+from eagle3_client.capture import Capture
 from eagle3_loadtest._batches import PADDING_CHOICES, LengthDistribution
 from eagle3_loadtest._fleet import DEFAULT_SPARE_COMMAND
 from eagle3_loadtest._steps import StepPlan
@@ -57,6 +58,14 @@ def add_options(parser: Any) -> None:
     )
     parser.add_argument(
         "--draft-vocab", type=int, default=256, env_var="LOCUST_DRAFT_VOCAB", help="Draft vocabulary size D."
+    )
+    parser.add_argument(
+        "--capture",
+        default="eagle3",
+        env_var="LOCUST_CAPTURE",
+        help="What each /generate captures: eagle3 (the server's aux layers, draft-vocabulary supervision), "
+        "dflash:L1,L2,... (DFlash-style: those layers, unshifted) or dflash+logits:L1,L2,... (also the "
+        "full-vocabulary logits, as JetSpec asks). Needs a server with sessions unless eagle3.",
     )
     parser.add_argument(
         "--encoding",
@@ -197,6 +206,7 @@ class RunSettings:
     prompt_fraction: float
     draft_vocab: int
     encoding: str
+    capture: Capture
     think_time: float
     request_timeout: float
     seed: int
@@ -235,6 +245,7 @@ class RunSettings:
             prompt_fraction=opts.prompt_fraction,
             draft_vocab=opts.draft_vocab,
             encoding=opts.encoding.strip(),
+            capture=Capture.parse(opts.capture),
             think_time=opts.think_time,
             request_timeout=opts.request_timeout,
             seed=opts.seed,

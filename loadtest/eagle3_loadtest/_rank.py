@@ -104,15 +104,16 @@ class TrainingRank(FastHttpUser):
                 raise StopUser
 
         self._open_session()
-        mapping = wire.encode(make_vocab_mapping(vocab_size, settings.draft_vocab, settings.seed))
-        with self.client.post(
-            protocol.path(protocol.EP_SET_VOCAB_MAPPING),
-            data=mapping,  # type: ignore[arg-type]  # locust's hint says str|dict; geventhttpclient sends bytes as is
-            headers=self.wire_headers,
-            name="set_vocab_mapping",
-            catch_response=True,
-        ) as resp:
-            _json_or_fail(resp)
+        if settings.capture.is_eagle3:  # a DFlash capture needs no draft vocabulary
+            mapping = wire.encode(make_vocab_mapping(vocab_size, settings.draft_vocab, settings.seed))
+            with self.client.post(
+                protocol.path(protocol.EP_SET_VOCAB_MAPPING),
+                data=mapping,  # type: ignore[arg-type]  # locust's hint says str|dict; geventhttpclient sends bytes
+                headers=self.wire_headers,
+                name="set_vocab_mapping",
+                catch_response=True,
+            ) as resp:
+                _json_or_fail(resp)
         self.vocab_size = vocab_size
         self.spec = BatchSpec(
             batch_size=settings.batch_size,
@@ -122,7 +123,13 @@ class TrainingRank(FastHttpUser):
             prompt_fraction=settings.prompt_fraction,
             packed_sequence_size=settings.packed_sequence_size,
         )
-        self.expected = Expected(hidden_size=hidden_size, draft_vocab=settings.draft_vocab, encoding=settings.encoding)
+        self.expected = Expected(
+            hidden_size=hidden_size,
+            draft_vocab=settings.draft_vocab,
+            encoding=settings.encoding,
+            capture=settings.capture,
+            vocab_size=vocab_size,
+        )
 
     def _open_session(self) -> None:
         """``POST /session``; a 404 means an upstream-style server, which is fine for ``probs``.
@@ -131,16 +138,18 @@ class TrainingRank(FastHttpUser):
         stops with the reason logged (and counted as a failure): every later answer would
         be in an encoding this test was not asked to check.
         """
-        encoding = self.settings.encoding
+        encoding, capture = self.settings.encoding, self.settings.capture
         packed = self.settings.packed_sequence_size > 0
         capabilities = (protocol.CAPABILITY_PACKING,) if packed else ()
         client = f"locust-{os.getpid()}-{id(self):x}"
-        offer = SessionOffer(client=client, encoding=encoding, capabilities=capabilities).to_json()
+        offer = SessionOffer(client=client, encoding=encoding, capture=capture, capabilities=capabilities).to_json()
         with self.client.post(
             protocol.path(protocol.EP_SESSION), json=offer, headers=self.headers, name="session", catch_response=True
         ) as resp:
             if resp.status_code == 404:
                 self.session_id = None
+                if not capture.is_eagle3:
+                    self._refuse(resp, f"--capture {capture.spec} needs a server with sessions; this one answers 404")
                 if packed:
                     self._refuse(
                         resp, "--packed-sequence-size needs a server that grants packing; this one answers 404"
@@ -149,6 +158,8 @@ class TrainingRank(FastHttpUser):
                     resp.success()
                     return
                 self._refuse(resp, f"--encoding {encoding} needs a server with sessions; this one answers 404")
+            if not capture.is_eagle3 and 400 <= resp.status_code < 500:
+                self._refuse(resp, f"the server refused --capture {capture.spec}: {(resp.text or '')[:200]}")
             if encoding != DEFAULT_ENCODING and 400 <= resp.status_code < 500:
                 self._refuse(resp, f"the server refused a session with --encoding {encoding}: HTTP {resp.status_code}")
             try:
@@ -156,6 +167,10 @@ class TrainingRank(FastHttpUser):
             except ValueError as exc:
                 resp.failure(f"bad session reply: {exc}")
                 raise RegistrationFailed from None
+            if reply.capture != capture:
+                self._refuse(
+                    resp, f"the server does not serve --capture {capture.spec} (it answered {reply.capture.spec})"
+                )
             if reply.encoding != encoding:
                 self._refuse(resp, f"the server does not offer --encoding {encoding} (it chose {reply.encoding!r})")
             if packed and protocol.CAPABILITY_PACKING not in reply.capabilities:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eagle3_client.capture import EAGLE3, KEY_HIDDEN_STATES, KEY_LOGITS, Capture
 from eagle3_client.protocol import SUPERVISION_KEYS
 
 __all__ = [
@@ -44,6 +45,8 @@ class Expected:
     draft_vocab: int
     encoding: str = DEFAULT_ENCODING
     prob_tolerance: float = 1e-4
+    capture: Capture = EAGLE3
+    vocab_size: int = 0  # the logits' width, for a capture with logits
 
 
 def shift_left(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +84,9 @@ def check_supervision(
     With an encoding other than ``probs`` only the encoding-independent tensors are checked
     (the other encodings carry different keys in place of ``target_probs``).
     """
+    if not expected.capture.is_eagle3:
+        _check_capture(tensors, request, expected)
+        return
     probs_encoding = expected.encoding == DEFAULT_ENCODING
     keys = list(tensors)
     if probs_encoding and keys != list(SUPERVISION_KEYS):
@@ -113,6 +119,25 @@ def check_supervision(
 
     if probs_encoding:
         _check_probs(_get(tensors, "target_probs"), batch, seq_len, expected)
+
+
+def _check_capture(
+    tensors: Mapping[str, torch.Tensor | None], request: Mapping[str, torch.Tensor], expected: Expected
+) -> None:
+    """A DFlash answer: the layers' outputs ``[B,T,n*H]`` (unshifted), and the logits ``[B,T,V]`` if asked."""
+    capture = expected.capture
+    if list(tensors) != list(capture.keys):
+        raise SupervisionError(f"answer has keys {list(tensors)}, expected exactly {list(capture.keys)}")
+    batch, seq_len = request["input_ids"].shape
+    hidden = _get(tensors, KEY_HIDDEN_STATES)
+    _dtype(KEY_HIDDEN_STATES, hidden, AUX_DTYPES)
+    _shape(KEY_HIDDEN_STATES, hidden, [batch, seq_len, len(capture.layers) * expected.hidden_size])
+    if not bool(torch.isfinite(hidden).all()):
+        raise SupervisionError("hidden_states holds NaN or infinite values")
+    if capture.logits:
+        logits = _get(tensors, KEY_LOGITS)
+        _dtype(KEY_LOGITS, logits, AUX_DTYPES)
+        _shape(KEY_LOGITS, logits, [batch, seq_len, expected.vocab_size])
 
 
 def _check_probs(probs: torch.Tensor, batch: int, seq_len: int, expected: Expected) -> None:

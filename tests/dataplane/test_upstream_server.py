@@ -10,11 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.launch import free_port
 from eagle3_appliance.model.target import Target
-from eagle3_client import DataPlaneUnavailable, RemoteEagle3TargetModel
+from eagle3_client import CaptureUnsupported, DataPlaneUnavailable, RemoteDFlashTargetModel, RemoteEagle3TargetModel
 
 from .helpers import assert_bit_exact, connect, expected, inputs, wait_for
 
@@ -66,3 +67,20 @@ def test_forcing_a_group_tier_against_an_upstream_server_is_a_clear_error(upstre
     with pytest.raises(DataPlaneUnavailable, match=r"offers only \['wire'\]"):
         remote.model_info()
     remote.close()
+
+
+def test_a_dflash_client_refuses_an_upstream_server_by_name_and_never_generates(upstream: tuple[str, Path]) -> None:
+    url, paths = upstream
+    earlier = len(paths.read_text().splitlines())
+    remote = RemoteDFlashTargetModel.from_urls([url], target_layer_ids=[1, 3, 5])
+    with pytest.raises(CaptureUnsupported, match=f"{url} is an upstream EAGLE-3 server"):
+        remote.generate_batch(*inputs_for_dflash())
+    remote.close()
+    requested = paths.read_text().splitlines()[earlier:]
+    assert "POST /session nccl=None" in requested
+    assert not [line for line in requested if "/generate" in line or "lm_head" in line], requested
+
+
+def inputs_for_dflash() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.arange(16).reshape(2, 8)
+    return ids, torch.ones_like(ids), torch.ones_like(ids)

@@ -244,6 +244,29 @@ def test_this_session_never_imports_locust() -> None:
     assert "locust" not in sys.modules and "gevent" not in sys.modules
 
 
+def test_steady_with_dflash_style_requests(
+    locust: Any, appliance: ServerProcess, model_info: dict[str, Any], tmp_path: Path
+) -> None:
+    """``--capture dflash+logits:...``: sessions ask for the layers and logits, every answer is checked."""
+    capture = ["--capture", "dflash+logits:0,2,4,6,7"]
+    run = locust.run(
+        ["-f", "loadtest/steady.py", "-u", "2", "-r", "2", "-t", "5s", *SHAPES, *capture],
+        appliance.url,
+        tmp_path / "dflash",
+    )
+    assert_ok(run)
+    stats = run.stats()
+    generate = stats[("POST", "generate")]
+    assert count(generate, "num_requests") > 0 and count(generate, "num_failures") == 0
+    assert ("POST", "set_vocab_mapping") not in stats  # a DFlash capture needs no draft vocabulary
+    m = run.report()["custom_metrics"]
+    assert m["invalid"] == 0
+    # fp32 hidden states of 5 layers [T,5H] and fp32 logits [T,V], per token.
+    assert m["supervision_bytes_per_token"] == 5 * model_info["hidden_size"] * 4 + model_info["vocab_size"] * 4
+    metrics = Path(run.report()["server_metrics"]["file"]).read_text()
+    assert 'eagle3_generate_captures_total{capture="dflash+logits"}' in metrics
+
+
 def test_steady_with_packed_rows(
     locust: Any, appliance: ServerProcess, model_info: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from eagle3_appliance.core.inputs import VocabMapping
 from eagle3_appliance.errors import ApplianceError
+from eagle3_client.capture import EAGLE3, Capture
 
 __all__ = ["ANONYMOUS", "Session", "SessionGone", "SessionRegistry"]
 
@@ -48,6 +49,7 @@ class Session:
     mapping: VocabMapping | None = None
     encoding: str = "probs"
     lease_seconds: float | None = None  # the client's own lease; None = the server's default
+    capture: Capture = EAGLE3  # what every /generate of this session captures (negotiated in /session)
     # Request extensions granted in POST /session (protocol.CAPABILITIES); none for the anonymous session.
     capabilities: frozenset[str] = frozenset()
     # Free-form per-session resources owned by optional features (a data plane, ...).

@@ -122,6 +122,7 @@ class Target:
         self.lockstep = lockstep
         # Tensor parallel: the input embedding is sharded by vocabulary; this is the whole of it.
         self.gathered_input_embeddings: torch.Tensor | None = None
+        self.gathered_lm_head: torch.Tensor | None = None  # likewise the LM head (DFlash clients fetch it)
         self._fingerprint: str | None = None
         self.layers = find_decoder_layers(model)
         num_layers = self.num_hidden_layers

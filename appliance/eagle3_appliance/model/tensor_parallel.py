@@ -377,6 +377,7 @@ def load_tensor_parallel(settings: Settings, device: torch.device, dtype: torch.
     model = checkpoint.build_model(settings, device, dtype)
     target = Target(model, settings.aux_layer_ids, name=settings.model, mode=settings.placement_mode, lockstep=group)
     target.gathered_input_embeddings = gather_input_embeddings(model)
+    target.gathered_lm_head = gather_lm_head(model)
     group.wait_loaded(checkpoint.placement_lines(model, target.layers, settings.placement_mode, rank=0))
     return target
 
@@ -391,6 +392,18 @@ def gather_input_embeddings(model: Any) -> torch.Tensor | None:
     if not callable(getattr(weight, "full_tensor", None)):
         return None
     full: torch.Tensor = weight.full_tensor()
+    return full.to("cpu")
+
+
+def gather_lm_head(model: Any) -> torch.Tensor | None:
+    """The whole LM head weight on the host, or None when it is not sharded (every rank calls this once).
+
+    A DFlash client fetches it (``/lm_head_rows``): its draft reuses the head, frozen.
+    """
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    if not callable(getattr(weight, "full_tensor", None)):
+        return None
+    full: torch.Tensor = weight.full_tensor()  # type: ignore[union-attr]
     return full.to("cpu")
 
 
@@ -450,6 +463,7 @@ def worker_main(fd: int, parent_pid: int) -> int:
         model = checkpoint.build_model(config.settings, device, dtype)
         target = Target(model, config.settings.aux_layer_ids, mode=config.settings.placement_mode)
         gather_input_embeddings(model)  # the collective rank 0 makes at the same point (rank 0 keeps the copy)
+        gather_lm_head(model)  # likewise
         send(("loaded", checkpoint.placement_lines(model, target.layers, config.settings.placement_mode, config.rank)))
         while True:
             try:

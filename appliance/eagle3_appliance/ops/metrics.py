@@ -208,6 +208,13 @@ class Metrics:
             ["data_plane", "encoding"],
             registry=r,
         )
+        self.captures = Counter(
+            "eagle3_generate_captures",
+            "/generate answers sent, per capture: eagle3 (aux layers, draft-vocabulary supervision), "
+            "dflash (a chosen layer set) or dflash+logits (with the full-vocabulary logits).",
+            ["capture"],
+            registry=r,
+        )
         self.sessions_registered = Counter("eagle3_sessions_registered", "Client sessions registered.", registry=r)
         self.readmissions = Counter(
             "eagle3_fleet_readmissions",

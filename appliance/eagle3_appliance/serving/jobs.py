@@ -26,6 +26,7 @@ from eagle3_appliance.core.sessions import Session
 from eagle3_appliance.dataplanes.transfer import Transfer, WireTransfer
 from eagle3_appliance.errors import MalformedBody
 from eagle3_client import protocol
+from eagle3_client.capture import EAGLE3, Capture
 from eagle3_client.encodings import Encoding
 
 __all__ = [
@@ -101,7 +102,7 @@ class Job:
     """
 
     inputs: GenerateInputs
-    mapping: VocabMapping
+    mapping: VocabMapping | None  # None only for a capture that needs none (DFlash)
     encoding: Encoding
     transfer: Transfer
     ticket: Ticket
@@ -110,6 +111,7 @@ class Job:
     session_id: str | None = None  # whose clients' patience applies (eagle3_appliance.serving.scheduling)
     waiters: list[Waiter] = field(default_factory=list)
     state: str = QUEUED
+    capture: Capture = EAGLE3  # which layers and supervision (eagle3_client.capture)
 
     def wanted(self) -> bool:
         """Someone still awaits the answer and is connected."""
@@ -120,7 +122,12 @@ class Job:
 
     def accepts(self, other: Job) -> bool:
         """``other`` may wait for this job's answer instead of computing its own."""
-        return self.state != ABANDONED and self.mapping is other.mapping and self.encoding == other.encoding
+        return (
+            self.state != ABANDONED
+            and self.mapping is other.mapping
+            and self.encoding == other.encoding
+            and self.capture == other.capture
+        )
 
 
 @dataclass

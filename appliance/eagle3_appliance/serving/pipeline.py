@@ -6,7 +6,9 @@
     choose the transfer  (choose_transfer) wire, our group, or upstream's NCCL: decided here only
     admit                (admission)       bounded queue, 503 + Retry-After beyond it
     forward              (target)          the model, aux-layer captures, the LM head's input if needed
+                                           (plus the session's DFlash layers: model.capture)
     supervise            (supervision)     the answer in the session's encoding, into reused memory
+                                           (a DFlash session's: its layers and logits, model.capture)
     prepare              (transfer)        host copies, or device tensors ready for a group send
     send                 (transfer)        HTTP body, or metadata + group sends
 
@@ -48,6 +50,7 @@ from eagle3_appliance.dataplanes.group_plane import LINK_KEY, GroupTransfer
 from eagle3_appliance.dataplanes.transfer import Transfer, WireTransfer
 from eagle3_appliance.dataplanes.upstream_nccl import upstream_transfer
 from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
+from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model import supervision
 from eagle3_appliance.model.limits import ServingLimits, TargetShape, derive_limits
 from eagle3_appliance.model.target import ForwardOutputs, Target
@@ -106,7 +109,7 @@ def choose_transfer(request: Request, session: Session, buffers: ServerBuffers) 
         link = session.extras.get(LINK_KEY)
         working = link if link is not None and not link.closed else None
         return GroupTransfer(session, seq, working, buffers, requested=link.tier if link is not None else None)
-    if request.headers.get(protocol.NCCL_HEADER) == "1":
+    if request.headers.get(protocol.NCCL_HEADER) == "1" and session.capture.is_eagle3:  # upstream's keys only
         upstream = upstream_transfer(session)
         if upstream is not None:
             return upstream
@@ -128,7 +131,8 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.target = target
-        self.limits = limits or derive_limits(settings, TargetShape.of(target), device=target.device)
+        self.shape = TargetShape.of(target)
+        self.limits = limits or derive_limits(settings, self.shape, device=target.device)
         self.vocab_size = target.vocab_size  # token ids are checked against it before the forward
         self.max_packed_rows = target.max_packed_rows  # 1 under FlashAttention (model/packing.py)
         self.buffers = buffers
@@ -158,20 +162,24 @@ class Pipeline:
             max_packed_rows=self.max_packed_rows,
             max_mask_bytes=self.limits.max_packed_mask_bytes,
         )
+        capture = session.capture
+        captures.check_request(capture, inputs, self.shape, self.limits)
         mapping = session.mapping
-        if mapping is None:
+        if mapping is None and capture.is_eagle3:
             raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
         encoding = parse_encoding(session.encoding)
         transfer = choose_transfer(request, session, self.buffers)
         # Only what our client negotiated is named: upstream's answer stays header-free.
         headers = {} if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
-        if mapping.version is not None:  # the mapping this answer is computed under, for the client's decode
+        if mapping is not None and mapping.version is not None:
+            # The mapping this answer is computed under, for the client's decode (EAGLE-3 only).
             headers[protocol.MAPPING_VERSION_HEADER] = str(mapping.version)
         if request.headers.get(protocol.FAILOVER_HEADER):
             self.metrics.failovers.inc()
         key = request_key(request, session, transfer)
         async with self.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
-            job = Job(inputs, mapping, encoding, transfer, ticket, client_connected(request), key, session.id)
+            connected = client_connected(request)
+            job = Job(inputs, mapping, encoding, transfer, ticket, connected, key, session.id, capture=capture)
             answer = await self.compute(job)
             try:
                 tier = await transfer.send(request, answer, ticket, headers)
@@ -179,7 +187,8 @@ class Pipeline:
                 self._kept.keep(job, answer)  # the client left during the send: its retry gets this answer
                 raise
             self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
-            self.metrics.record_sent(tier, encoding.name, ticket.nbytes)
+            self.metrics.record_sent(tier, encoding.name if capture.is_eagle3 else capture.label, ticket.nbytes)
+            self.metrics.captures.labels(capture.label).inc()
             if transfer.requested is not None and tier != transfer.requested:
                 self.metrics.record_fallback(transfer.requested)
 
@@ -311,7 +320,8 @@ class Pipeline:
             device = target.device
             alloc = self.buffers.device_alloc()
             inputs = [job.inputs.to(device) for job in jobs]
-            capture = any(job.encoding.kind == protocol.ENCODING_HIDDEN for job in jobs)
+            hidden = any(job.capture.is_eagle3 and job.encoding.kind == protocol.ENCODING_HIDDEN for job in jobs)
+            layer_ids = {i for job in jobs for i in job.capture.layers}
             if len(jobs) == 1:
                 stacked = inputs[0]
             else:  # micro-batching: one forward over the rows of every job
@@ -320,10 +330,12 @@ class Pipeline:
                     torch.cat([i.attention_mask for i in inputs]),
                     torch.cat([i.loss_mask for i in inputs]),
                 )
-            out = target.forward(
+            out, layers = captures.forward_with_layers(
+                target,
                 stacked.input_ids,
                 stacked.attention_mask,
-                capture_hidden=capture,
+                layer_ids,
+                capture_hidden=hidden,
                 alloc=alloc,
                 packing=stacked.packing,  # set only for a job alone: packed jobs are never stacked
             )
@@ -332,11 +344,17 @@ class Pipeline:
             start = 0
             for job, job_inputs in zip(jobs, inputs, strict=True):
                 stop = start + job_inputs.batch_size
+                if not job.capture.is_eagle3:  # DFlash: chosen layers, unshifted, logits if asked
+                    part = None if len(jobs) == 1 else slice(start, stop)
+                    answers.append(captures.encode(job.capture, out, layers, part, alloc=alloc))
+                    start = stop
+                    continue
                 rows: ForwardOutputs = out if len(jobs) == 1 else out.rows(start, stop)
+                assert job.mapping is not None  # generate() refuses an EAGLE-3 job without one
                 mapping = job.mapping.to(device)
                 answers.append(supervision.encode(job.encoding, rows, job_inputs, mapping, alloc=alloc))
                 start = stop
-            del out
+            del out, layers
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # so that the forward phase is the GPU's time
             for ticket in tickets:

@@ -25,6 +25,7 @@ from eagle3_appliance.dataplanes.buffers import ServerBuffers
 from eagle3_appliance.dataplanes.group_plane import DataPlaneServer, connection_closed
 from eagle3_appliance.dataplanes.transfer import host_copy, send_wire
 from eagle3_appliance.errors import InvalidRequest, MalformedBody, Unavailable, install_error_handler
+from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.lifecycle import install_second_signal_exit
 from eagle3_appliance.serving import dataplane_routes
@@ -97,6 +98,10 @@ async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
     state = serving_state(request)
     offer = json_body(request.body, SessionOffer.from_json)
+    try:  # DFlash: any layer set this model has, named and checked once per session
+        capture = offer.capture.checked(state.target.num_hidden_layers)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     lease = _requested_lease(offer.lease_seconds, state.settings)
     offered = offered_encodings(offer)
     wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)
@@ -111,6 +116,9 @@ async def register_session(request: Request) -> HTTPResponse:
     session = state.sessions.register(client=offer.client)
     session.encoding = encoding.name
     session.lease_seconds = lease
+    session.capture = capture
+    if not capture.is_eagle3:
+        logger.info("session %s (%s): capture %s of layers %s", session.id, offer.client, capture.label, capture.layers)
     session.capabilities = granted_capabilities(offer, state.target)
     if offer.rejoin:
         state.pipeline.metrics.readmissions.inc()
@@ -122,6 +130,7 @@ async def register_session(request: Request) -> HTTPResponse:
         encoding_refused=refused,
         model_fingerprint=state.target.fingerprint,
         request_timeout=state.settings.request_timeout,
+        capture=capture,
         capabilities=tuple(c for c in protocol.CAPABILITIES if c in session.capabilities),
     )
     return json(reply.to_json())
@@ -179,12 +188,18 @@ async def generate(request: Request) -> None:
 
 @control.post(protocol.path(protocol.EP_LM_HEAD_ROWS))
 async def lm_head_rows(request: Request) -> None:
-    """Extension: the LM head's rows for a draft vocabulary, for clients on the "hidden" encoding."""
+    """Extension: the LM head's rows for a draft vocabulary, for clients on the "hidden" encoding;
+    for a DFlash session, any rows of it (its client fetches the whole head, chunk by chunk)."""
     state = serving_state(request)
-    request_session(request)
+    session = request_session(request)
     ids = validate_row_request(decode_body(request.body), logits_size=state.target.logits_size)
 
     def rows() -> dict[str, torch.Tensor]:
+        if not session.capture.is_eagle3:
+            refusal = captures.lm_head_refusal(state.target)
+            if refusal is not None:
+                raise InvalidRequest(f"the LM head cannot be sent: {refusal}")
+            return {"weight": captures.lm_head_rows(state.target, ids)}
         refusal = state.target.hidden_refusal()
         if refusal is not None:
             raise EncodingError(f"'hidden' is not available for this model: {refusal}")

@@ -21,6 +21,7 @@ import torch
 
 from eagle3_client import protocol
 from eagle3_client.auth import auth_headers
+from eagle3_client.capture import EAGLE3, Capture
 from eagle3_client.encodings import PROBS, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.options import ClientOptions
@@ -71,9 +72,11 @@ class RemoteTarget:
         *,
         device: torch.device | str = "cpu",
         headers: dict[str, str] | None = None,
+        capture: Capture = EAGLE3,
         **options: Any,
     ) -> None:
         self.options = opts = ClientOptions.resolve(**options)
+        self._capture = capture  # negotiated with every server's session (eagle3_client.capture)
         url_list, server_list = _server_urls(urls, opts.server_list)
         self._device = torch.device(device)
         self._encoding = parse_encoding(opts.encoding) if opts.encoding else PROBS
@@ -118,6 +121,7 @@ class RemoteTarget:
             self._config,
             receive_device(self._device),
             self.options.lease_seconds,
+            self._capture,
         )
         self._prepare_server(server)
         return server

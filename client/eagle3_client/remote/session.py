@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 import torch
 
 from eagle3_client import protocol
+from eagle3_client.capture import EAGLE3, Capture
 from eagle3_client.encodings import PROBS, Encoding, parse_encoding
 from eagle3_client.errors import (
     CapabilityUnavailable,
+    CaptureUnsupported,
     ProtocolViolation,
     RemoteTargetError,
     TargetHTTPError,
@@ -64,8 +66,10 @@ class ServerSession:
         config: DataPlaneConfig | None = None,
         device: torch.device | None = None,
         lease_seconds: float | None = None,
+        capture: Capture = EAGLE3,
     ) -> None:
         self.control = control
+        self.capture = capture  # what the adapter's requests capture; negotiated with every session
         self.lease_seconds = lease_seconds
         self.client_name = client_name
         self.config = config or DataPlaneConfig()
@@ -144,6 +148,7 @@ class ServerSession:
             data_planes=tuple(local),
             lease_seconds=self.lease_seconds,
             rejoin=rejoin,
+            capture=self.capture,
             capabilities=protocol.CAPABILITIES,  # asked for always: a request that needs one is checked
         )
         try:
@@ -151,6 +156,12 @@ class ServerSession:
         except TargetHTTPError as exc:
             if exc.status not in (404, 405):
                 raise
+            if not self.capture.is_eagle3:
+                raise CaptureUnsupported(
+                    f"{self.control.url} is an upstream EAGLE-3 server (no /{protocol.EP_SESSION}): it cannot "
+                    f"serve the {self.capture.label} capture of layers {list(self.capture.layers)}, and would "
+                    "answer with EAGLE-3 supervision; point this client at eagle3-appliance servers"
+                ) from None
             self.upstream, self.session_id, self.encoding, self.fingerprint = True, None, PROBS, None
             self.capabilities = frozenset()
             self.control.server_request_timeout = None
@@ -162,6 +173,13 @@ class ServerSession:
                     wanted.name,
                 )
         else:
+            if reply.capture != self.capture:
+                self._disconnect(reply.session_id)
+                raise CaptureUnsupported(
+                    f"{self.control.url} did not agree to the {self.capture.label} capture of layers "
+                    f"{list(self.capture.layers)} (it answered {reply.capture.label}): an appliance from "
+                    "before DFlash support; upgrade it"
+                )
             self.upstream, self.session_id = False, reply.session_id
             self.fingerprint = reply.model_fingerprint
             self.capabilities = frozenset(reply.capabilities)

@@ -22,6 +22,7 @@ import httpx
 import torch
 
 from eagle3_client import protocol
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS
 from eagle3_client.encodings import detect_encoding, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.transports.control import ControlPlane
@@ -138,6 +139,8 @@ def check_supervision(
     The encoding is recognised by the answer's keys, so any plane can move any encoding;
     ``encoding`` is what the server said it used (the wire plane's header), checked against them.
     """
+    if KEY_HIDDEN_STATES in tensors:  # a DFlash capture's answer: no encoding applies
+        return _check_capture_answer(url, tensors)
     found = detect_encoding(tensors)
     if encoding is not None:
         try:
@@ -150,6 +153,13 @@ def check_supervision(
     if missing:
         raise ProtocolViolation(f"{url}/generate answer lacks {missing}; got {sorted(tensors)}")
     return {k: tensors[k] for k in found.keys}  # type: ignore[misc]
+
+
+def _check_capture_answer(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    keys = (KEY_HIDDEN_STATES, KEY_LOGITS) if KEY_LOGITS in tensors else (KEY_HIDDEN_STATES,)
+    if set(tensors) != set(keys) or any(tensors[k] is None for k in keys):
+        raise ProtocolViolation(f"{url}/generate sent a capture answer with keys {sorted(tensors)}; expected {keys}")
+    return {k: tensors[k] for k in keys}  # type: ignore[misc]
 
 
 class WireDataPlane(DataPlane):

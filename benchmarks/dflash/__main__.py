@@ -1,0 +1,5 @@
+"""Entry point of ``python -m benchmarks.dflash``."""
+
+from benchmarks.dflash.run import main
+
+main()

@@ -1,0 +1,146 @@
+"""What a ``/generate`` asks the server to capture: one description for every draft family.
+
+EAGLE-3 (upstream's protocol) captures the server's three aux layers and sends draft-vocabulary
+supervision, shifted left, in the session's encoding. The DFlash family (DFlash, DFlash 2,
+JetSpec, Domino) captures a layer set the recipe chooses (``target_layer_ids``, any number of
+distinct layers), unshifted, and optionally the full-vocabulary logits ``[B,T,V]`` (JetSpec's
+forward-KL). :class:`Capture` says which, and both ends read it from here: the client puts it in
+its ``POST /session`` offer, the server checks it against its model once, keeps it on the session
+and answers every ``/generate`` of that session with it.
+
+An unmodified upstream peer never sees one: the EAGLE-3 capture is the absence of the field
+(the offer and the reply stay byte-for-byte what they were), and our client refuses to send a
+DFlash request to a server that did not echo the capture (an upstream server answers
+``/session`` 404, an older appliance ignores the field).
+
+Usage::
+
+    capture = Capture.dflash([1, 3, 5, 6, 7], logits=True)
+    offer_body["capture"] = capture.to_json()
+    capture.checked(num_layers=8)          # ValueError naming the problem
+    capture.keys                           # ("hidden_states", "logits"): the answer's wire keys
+    Capture.parse("dflash+logits:1,3,5")   # the command-line spelling (load tests, sizes)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "CAPTURE_DFLASH",
+    "CAPTURE_EAGLE3",
+    "CAPTURE_KINDS",
+    "EAGLE3",
+    "KEY_HIDDEN_STATES",
+    "KEY_LOGITS",
+    "MAX_CAPTURE_LAYERS",
+    "OFFER_KEY",
+    "Capture",
+]
+
+CAPTURE_EAGLE3 = "eagle3"  # the server's aux layers, draft-vocabulary supervision (upstream)
+CAPTURE_DFLASH = "dflash"  # a chosen layer set, unshifted, full logits optional
+CAPTURE_KINDS = (CAPTURE_EAGLE3, CAPTURE_DFLASH)
+# The key of the capture object in the /session offer and reply.
+OFFER_KEY = "capture"
+# The answer of a DFlash capture, in wire order: cat(layer outputs) [B,T,n*H] in the model
+# dtype, then (only when asked) the LM head's logits [B,T,V] as the model returns them.
+KEY_HIDDEN_STATES = "hidden_states"
+KEY_LOGITS = "logits"
+# More layers than any model has would only be a way to make the server allocate: a bound
+# checked before the model's own depth is.
+MAX_CAPTURE_LAYERS = 1024
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Which layers a ``/generate`` captures and which supervision it sends.
+
+    ``kind`` is ``"eagle3"`` (``layers`` empty: the server's aux layers; supervision in the
+    session's encoding) or ``"dflash"`` (``layers``: the decoder layers whose outputs are
+    concatenated, in this order; ``logits``: also send the full-vocabulary logits).
+    """
+
+    kind: str = CAPTURE_EAGLE3
+    layers: tuple[int, ...] = ()
+    logits: bool = False
+
+    @classmethod
+    def dflash(cls, layers: Sequence[int], *, logits: bool = False) -> Capture:
+        return cls(CAPTURE_DFLASH, tuple(int(i) for i in layers), bool(logits))
+
+    @property
+    def is_eagle3(self) -> bool:
+        return self.kind == CAPTURE_EAGLE3
+
+    @property
+    def label(self) -> str:
+        """How metrics and logs name it: ``eagle3``, ``dflash`` or ``dflash+logits``."""
+        return f"{self.kind}+logits" if self.logits else self.kind
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The wire keys of a DFlash answer, in order (EAGLE-3's come from the encoding)."""
+        return (KEY_HIDDEN_STATES, KEY_LOGITS) if self.logits else (KEY_HIDDEN_STATES,)
+
+    def checked(self, num_layers: int) -> Capture:
+        """This capture if a model of ``num_layers`` decoder layers can serve it; ValueError naming why not."""
+        if self.is_eagle3:
+            return self
+        if not self.layers:
+            raise ValueError("capture.layers must name at least one decoder layer")
+        for i in self.layers:
+            if not 0 <= i < num_layers:
+                raise ValueError(f"capture.layers: layer id {i} is out of range for a model with {num_layers} layers")
+        repeated = sorted({i for i in self.layers if self.layers.count(i) > 1})
+        if repeated:
+            raise ValueError(f"capture.layers lists layer id(s) {repeated} more than once; each layer may appear once")
+        return self
+
+    @property
+    def spec(self) -> str:
+        """The command-line spelling :meth:`parse` reads: ``eagle3``, ``dflash:1,3,5``, ``dflash+logits:1,3,5``."""
+        return self.kind if self.is_eagle3 else f"{self.label}:{','.join(str(i) for i in self.layers)}"
+
+    @classmethod
+    def parse(cls, text: str) -> Capture:
+        """A capture from its command-line spelling (see :attr:`spec`); ValueError naming what is wrong."""
+        text = text.strip()
+        if text == CAPTURE_EAGLE3:
+            return EAGLE3
+        head, _, tail = text.partition(":")
+        if head not in (CAPTURE_DFLASH, f"{CAPTURE_DFLASH}+logits") or not tail.strip():
+            raise ValueError(f"a capture is 'eagle3', 'dflash:L1,L2,...' or 'dflash+logits:L1,L2,...', got {text!r}")
+        try:
+            layers = [int(part) for part in tail.split(",")]
+        except ValueError:
+            raise ValueError(f"the layers of capture {text!r} must be integers separated by commas") from None
+        return cls.dflash(layers, logits=head.endswith("+logits"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": list(self.layers), "logits": self.logits}
+
+    @classmethod
+    def from_json(cls, body: Any) -> Capture:
+        """Read a capture object; ValueError naming the field (the server answers 422 with it)."""
+        if not isinstance(body, Mapping):
+            raise ValueError(f"capture must be a JSON object, got {type(body).__name__}")
+        kind = body.get("kind", CAPTURE_EAGLE3)
+        if kind not in CAPTURE_KINDS:
+            raise ValueError(f"capture.kind must be one of {list(CAPTURE_KINDS)}, got {kind!r}")
+        layers = body.get("layers", [])
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"capture.layers must be a list of integers, got {layers!r}"[:300])
+        if len(layers) > MAX_CAPTURE_LAYERS:
+            raise ValueError(f"capture.layers has {len(layers)} entries; at most {MAX_CAPTURE_LAYERS}")
+        logits = body.get("logits", False)
+        if not isinstance(logits, bool):
+            raise ValueError(f"capture.logits must be true or false, got {logits!r}")
+        if kind == CAPTURE_EAGLE3 and (layers or logits):
+            raise ValueError("an eagle3 capture takes no layers or logits: it uses the server's aux layers")
+        return cls(kind, tuple(layers), logits)
+
+
+EAGLE3 = Capture()
