@@ -32,14 +32,16 @@ test-automodel: $(AUTOMODEL_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/eagle3-appliance demo
 
-# Two invocations: the load tests start Locust processes against an appliance subprocess,
+# Separate invocations: the load tests start Locust processes against an appliance subprocess,
 # and are kept apart from the session that runs in-process servers. Test files run in
 # parallel worker processes (pytest-xdist), a file's tests together on one worker so that
 # its module-scoped servers start once; PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
+# Tests marked `serial` assert on relative speed and run afterwards, alone.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL)
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not serial"
+	$(VENV)/bin/python -m pytest -m serial
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) tests/loadtest
 
 # Static checks: ruff (lint + format) over everything, mypy over the three packages and monitoring/

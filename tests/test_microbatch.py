@@ -144,6 +144,7 @@ def test_batching_server_answers_concurrent_clients(cache_dir: Path, target: Tar
     assert supervision_equal(alone, in_process(target, GenerateInputs(*inputs[0]), mappings[0]))
 
 
+@pytest.mark.serial  # a 1.5 s request time limit: other workers' load would spend it
 def test_micro_batched_requests_share_the_admission_time_limit_and_metrics(tmp_path: Path) -> None:
     """Micro-batched /generate is counted, timed and time-limited like any other; forwards count once."""
     model = make_slow_model(tmp_path / "slow-model", 3.0)
