@@ -34,15 +34,16 @@ demo: $(STAMP)
 
 # Separate invocations: the load tests start Locust processes against an appliance subprocess,
 # and are kept apart from the session that runs in-process servers. Test files run in
-# parallel worker processes (pytest-xdist), a file's tests together on one worker so that
+# parallel worker processes (pytest-xdist); in the main suite a file's tests stay on one worker so that
 # its module-scoped servers start once; PYTEST_WORKERS=0 runs everything in one process.
-PYTEST_WORKERS ?= auto
-PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
+# One worker more than the CPUs (at most 4): much of a test's time is spent waiting for a server.
+PYTEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, (os.cpu_count() or 1) + 1))")
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 # Tests marked `serial` assert on relative speed and run afterwards, alone.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not serial"
 	$(VENV)/bin/python -m pytest -m serial
-	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) tests/loadtest
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist load tests/loadtest
 
 # Static checks: ruff (lint + format) over everything, mypy over the three packages and monitoring/
 # (configured in pyproject.toml), and the option tables the docs generate from the code.
