@@ -90,8 +90,16 @@ def test_the_wheel_installs_only_our_package_names(tmp_path) -> None:  # noqa: A
         cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("eagle3_appliance-*.whl")
-    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"eagle3_appliance", "eagle3_client", "eagle3_loadtest"}
+    # Every module of the source tree, subpackages included, is in the wheel.
+    sources = {
+        f"{path.relative_to(src / folder).as_posix()}"
+        for folder in ("appliance", "client", "loadtest")
+        for path in (src / folder).rglob("*.py")
+    }
+    assert sorted(sources - set(names)) == []
 
 
 def test_a_trainer_folder_with_its_own_client_module_imports_ours(tmp_path) -> None:  # noqa: ANN001
