@@ -32,10 +32,8 @@ test-automodel: $(AUTOMODEL_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/eagle3-appliance demo
 
-# Separate invocations: the load tests start Locust processes against an appliance subprocess,
-# and are kept apart from the session that runs in-process servers. Test files run in
-# parallel worker processes (pytest-xdist); in the main suite a file's tests stay on one worker so that
-# its module-scoped servers start once; PYTEST_WORKERS=0 runs everything in one process.
+# Test files run in parallel worker processes (pytest-xdist), a file's tests on one worker so
+# that its module-scoped servers start once; PYTEST_WORKERS=0 runs everything in one process.
 # One worker more than the CPUs (at most 4): much of a test's time is spent waiting for a server.
 PYTEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, (os.cpu_count() or 1) + 1))")
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
@@ -43,7 +41,6 @@ PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not serial"
 	$(VENV)/bin/python -m pytest -m serial
-	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist load tests/loadtest
 
 # Static checks: ruff (lint + format) over everything, mypy over the three packages and monitoring/
 # (configured in pyproject.toml), and the option tables the docs generate from the code.

@@ -11,6 +11,14 @@ from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import ensure_builtin_model
 from tests.ops_support import make_slow_model
 from tests.oracle import Oracle
+from tests.preload import PreloadingStarter, preloaded_servers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_starter() -> Iterator[PreloadingStarter | None]:
+    """Servers fork from a process that imported the libraries once (tests/preload.py says when)."""
+    with preloaded_servers() as starter:
+        yield starter
 
 
 @pytest.fixture(scope="session")

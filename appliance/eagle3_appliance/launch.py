@@ -8,9 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, ClassVar, Protocol
 
 import httpx
 
@@ -24,6 +24,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+class ChildProcess(Protocol):
+    """What :class:`ServerProcess` needs of a started child: :class:`subprocess.Popen`'s own calls."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
 class ServerProcess:
     """``python -m eagle3_appliance serve ...`` on 127.0.0.1, as a context manager.
 
@@ -34,6 +46,11 @@ class ServerProcess:
         with ServerProcess(["--model", "builtin"]) as server:
             httpx.get(server.url + "/health")
     """
+
+    #: How the child is started (``starter(argv, env=, stdout=, stderr=)``): a new interpreter by
+    #: default; the test suite forks most of its servers from a process that has already
+    #: imported the libraries (``tests/preload.py``).
+    starter: ClassVar[Callable[..., Any]] = subprocess.Popen
 
     def __init__(
         self,
@@ -59,7 +76,7 @@ class ServerProcess:
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log_path = log_path
         self._timeout = startup_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ChildProcess | None = None
         self._log: IO[bytes] | int | None = None
 
     @property
@@ -69,7 +86,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self._log = open(self._log_path, "wb") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = type(self).starter(self._args, env=self._env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
