@@ -9,16 +9,23 @@ import pytest
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.builtin_model import ensure_builtin_model
-from tests.ops_support import make_slow_model
+from tests.ops_support import make_slow_model, offline_model_env
 from tests.oracle import Oracle
 from tests.preload import PreloadingStarter, preloaded_servers
 
 
 @pytest.fixture(scope="session", autouse=True)
-def server_starter() -> Iterator[PreloadingStarter | None]:
-    """Servers fork from a process that imported the libraries once (tests/preload.py says when)."""
-    with preloaded_servers() as starter:
-        yield starter
+def server_starter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PreloadingStarter | None]:
+    """Servers fork from a process that imported the libraries once (tests/preload.py says when).
+
+    Every process the session starts has transformers offline, with its caches in the session's
+    folder: set here, before the preloader imports transformers (which reads them once).
+    """
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in offline_model_env(tmp_path_factory.mktemp("hf")).items():
+            env.setenv(key, value)
+        with preloaded_servers() as starter:
+            yield starter
 
 
 @pytest.fixture(scope="session")

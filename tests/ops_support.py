@@ -133,9 +133,21 @@ def make_slow_model(folder: Path, seconds: float) -> Path:
     return folder
 
 
-def model_env(hf_home: Path) -> dict[str, str]:
-    """Keep transformers offline and its remote-code module cache inside the test's folder."""
+MODEL_ENV_KEYS = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_VERBOSITY")
+
+
+def offline_model_env(hf_home: Path) -> dict[str, str]:
+    """Transformers offline, quiet, with its remote-code module cache in ``hf_home``.
+
+    ``tests/conftest.py`` gives it to the whole session before any server starts: transformers
+    reads it once, at import, so servers forked from the preloader share it.
+    """
     return {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def model_env() -> dict[str, str]:
+    """The session's offline transformers environment (:func:`offline_model_env`), for a server."""
+    return {key: os.environ[key] for key in MODEL_ENV_KEYS}
 
 
 def server(args: list[str], env: dict[str, str], log: Path, **kw: Any) -> ServerProcess:

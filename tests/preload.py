@@ -22,6 +22,7 @@ The preloader reaps its children; a server's pid is real, so tests signal it dir
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -113,8 +114,13 @@ class Preloader:
         self._exits: dict[int, int] = {}
         self._closed = False
         self._sock.settimeout(_READY_TIMEOUT_S)
-        ready = self._lines.readline()
-        if json.loads(ready or "{}").get("ready") is not True:
+        try:
+            ready = json.loads(self._lines.readline() or "{}").get("ready") is True
+        except (OSError, ValueError):
+            ready = False
+        if not ready:
+            self.proc.kill()
+            self.proc.wait()
             raise RuntimeError(f"the server preloader did not start; see {self._log.name}")
         self._sock.settimeout(None)
         threading.Thread(target=self._read, name="preloader-reader", daemon=True).start()
@@ -299,8 +305,7 @@ def _run_server(request: dict[str, Any], log_fd: int) -> None:
     """In the forked child: become ``python -m eagle3_appliance ARGV`` and never return."""
     code = 1
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
+        # Signal handlers are the interpreter's own, as in a fresh one (the preloader sets none).
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
@@ -325,6 +330,7 @@ def _run_server(request: dict[str, Any], log_fd: int) -> None:
         traceback.print_exc()
     finally:
         with contextlib.suppress(Exception):
+            atexit._run_exitfuncs()  # as a fresh interpreter's exit would
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)

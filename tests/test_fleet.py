@@ -204,7 +204,7 @@ def test_a_slowed_server_gets_fewer_batches_and_never_holds_up_the_fast_ones(
 ) -> None:
     folder = make_slow_model(tmp_path / "model", 5.0)  # the same weights on every server
     args = ["--model", str(folder), "--trust-remote-code"]
-    env = model_env(tmp_path / "hf")
+    env = model_env()
     fast = [server(args, env, tmp_path / f"fast-{i}.log") for i in range(2)]
     slow = server(args, {**env, FORWARD_DELAY_ENV: "4.0"}, tmp_path / "slow.log")  # the test switch
     procs = start_all([fast[0], slow, fast[1]])

@@ -51,7 +51,7 @@ def failing(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     tmp = tmp_path_factory.mktemp("internal")
     model = _failing_model(tmp / "model")
     log = tmp / "server.log"
-    with server(["--model", str(model), "--trust-remote-code"], model_env(tmp / "hf"), log) as proc:
+    with server(["--model", str(model), "--trust-remote-code"], model_env(), log) as proc:
         yield proc, log
 
 

@@ -32,7 +32,7 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Target
 
     reference = Target(LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32))
     args = ["--model", str(folder), "--trust-remote-code"]
-    with server(args, model_env(tmp / "hf"), tmp / "server.log") as proc:
+    with server(args, model_env(), tmp / "server.log") as proc:
         yield proc.url, reference
 
 

@@ -149,7 +149,7 @@ def test_micro_batched_requests_share_the_admission_time_limit_and_metrics(tmp_p
     """Micro-batched /generate is counted, timed and time-limited like any other; forwards count once."""
     model = make_slow_model(tmp_path / "slow-model", 3.0)
     args = ["--model", str(model), "--trust-remote-code", "--request-timeout", "1.5", "--microbatch-wait-ms", "400"]
-    with server(args, model_env(tmp_path / "hf"), tmp_path / "server.log") as proc:
+    with server(args, model_env(), tmp_path / "server.log") as proc:
         assert post(proc.url, "set_vocab_mapping", vocab_mapping_body(draft=200)).status_code == 200
         before = scrape(proc.url)
         barrier = threading.Barrier(3)

@@ -44,7 +44,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--max-seq-len",
         "256",
     ]
-    with server(args, {**fake_nvml_env(state_file), **model_env(tmp / "hf")}, tmp / "server.log") as proc:
+    with server(args, {**fake_nvml_env(state_file), **model_env()}, tmp / "server.log") as proc:
         assert post(proc.url, "set_vocab_mapping", vocab_mapping_body(draft=200)).status_code == 200
         yield proc.url
 

@@ -60,7 +60,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     e = Env("", state_file, model)
     e.publish()
     args = ["--model", str(model), "--trust-remote-code", "--max-queue", "0", "--gpu-poll-interval", "0.2"]
-    proc = server(args, {**fake_nvml_env(state_file), **model_env(tmp / "hf")}, tmp / "server.log")
+    proc = server(args, {**fake_nvml_env(state_file), **model_env()}, tmp / "server.log")
     with proc:
         e.url = proc.url
         assert post(e.url, "set_vocab_mapping", vocab_mapping_body()).status_code == 200

@@ -23,7 +23,7 @@ def _mapping_body() -> bytes:
 
 def test_sigterm_during_a_request_finishes_it_and_exits_0(slow_model: Path, tmp_path: Path) -> None:
     args = ["--model", str(slow_model), "--trust-remote-code", "--grace-period", str(GRACE)]
-    proc = server(args, model_env(tmp_path / "hf"), tmp_path / "server.log")
+    proc = server(args, model_env(), tmp_path / "server.log")
     with proc:
         assert proc.proc is not None
         assert post(proc.url, "set_vocab_mapping", _mapping_body()).status_code == 200
@@ -52,7 +52,7 @@ def test_sigterm_during_a_request_finishes_it_and_exits_0(slow_model: Path, tmp_
 
 def test_a_request_outlasting_the_grace_period_makes_the_exit_code_1(slow_model: Path, tmp_path: Path) -> None:
     args = ["--model", str(slow_model), "--trust-remote-code", "--grace-period", "0.5"]
-    proc = server(args, model_env(tmp_path / "hf"), tmp_path / "server.log")
+    proc = server(args, model_env(), tmp_path / "server.log")
     with proc:
         assert proc.proc is not None
         assert post(proc.url, "set_vocab_mapping", _mapping_body()).status_code == 200

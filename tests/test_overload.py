@@ -37,7 +37,7 @@ FORWARDS = "eagle3_inference_exec_count_total"
 
 def _start(slow_model: Path, tmp: Path, extra: list[str]) -> Iterator[str]:
     args = ["--model", str(slow_model), "--trust-remote-code", *extra]
-    with server(args, model_env(tmp / "hf"), tmp / "server.log") as proc:
+    with server(args, model_env(), tmp / "server.log") as proc:
         assert post(proc.url, "set_vocab_mapping", vocab_mapping_body()).status_code == 200
         yield proc.url
 

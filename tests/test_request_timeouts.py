@@ -41,7 +41,7 @@ OPTIONS = {"generate_timeout": 2.5, "backoff": 0.0, "failover_timeout": 8.0}
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("timeouts")
     args = ["--model", str(make_slow_model(tmp / "model", SLOW_S)), "--trust-remote-code"]
-    with server(args, model_env(tmp / "hf"), tmp / "server.log") as proc:
+    with server(args, model_env(), tmp / "server.log") as proc:
         assert post(proc.url, "set_vocab_mapping", vocab_mapping_body()).status_code == 200
         yield proc.url
 
