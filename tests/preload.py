@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -342,6 +343,10 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     for name in PRELOAD_MODULES:
         importlib.import_module(name)
+    # Keep the collector of each forked server off these objects: a full collection would
+    # otherwise write to (and so copy) every inherited page, a pause a fresh server never has.
+    gc.collect()
+    gc.freeze()
     sock.sendall(b'{"ready": true}\n')
     _serve_forever(sock)
 
