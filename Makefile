@@ -34,6 +34,8 @@ demo: $(STAMP)
 
 # Test files run in parallel worker processes (pytest-xdist), a file's tests on one worker so
 # that its module-scoped servers start once; PYTEST_WORKERS=0 runs everything in one process.
+# The Locust tests come last, in their own invocation: their load must not skew the
+# timing-sensitive tests of the main run.
 # One worker more than the CPUs (at most 4): much of a test's time is spent waiting for a server.
 PYTEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, (os.cpu_count() or 1) + 1))")
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
@@ -41,6 +43,7 @@ PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not serial"
 	$(VENV)/bin/python -m pytest -m serial
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist load tests/loadtest
 
 # Static checks: ruff (lint + format) over everything, mypy over the three packages and monitoring/
 # (configured in pyproject.toml), and the option tables the docs generate from the code.
