@@ -30,7 +30,7 @@ from eagle3_client.encodings import EncodingStats, decode_supervision, detect_en
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.remote.core import RemoteResult, RemoteTarget
 from eagle3_client.remote.fleet import is_server_failure
-from eagle3_client.remote.request import Packing, encode_request
+from eagle3_client.remote.request import Packing
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.transports.dataplane import Answer
 
@@ -160,47 +160,6 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
         negotiated = {s.control.url: s.encoding.name if s._generation else None for s in self._servers}
         return {"requested": self._encoding.name, "negotiated": negotiated, **stats}
 
-    @torch.no_grad()
-    def generate_batch(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        loss_mask: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        seq_lens: torch.Tensor | None = None,
-        doc_remaining: torch.Tensor | None = None,
-    ) -> Any:
-        """The target's supervision for one batch; upstream's co-located signature.
-
-        Packed rows (the recipe's ``packed_sequence_size``): pass all three of ``position_ids``
-        ``[B,T]``, ``seq_lens`` ``[B,max_docs]`` and ``doc_remaining`` ``[B,T]``. The server then
-        runs its forward with the documents of a row kept apart, and the batch carries the three
-        unchanged, as the co-located wrapper's does. A server that cannot pack (upstream's, an
-        older appliance) gets nothing: :class:`~eagle3_client.errors.CapabilityUnavailable`.
-        """
-        request, payload, packing = encode_request(
-            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
-        )
-        answer = self._generate(payload, request.capabilities)
-        return self._to_batch(answer, attention_mask, packing)
-
-    def generate_batch_async(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        loss_mask: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        seq_lens: torch.Tensor | None = None,
-        doc_remaining: torch.Tensor | None = None,
-    ) -> RemoteResult:
-        """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
-        request, payload, packing = encode_request(
-            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining
-        )
-        return self._submit(
-            payload, lambda answer: self._to_batch(answer, attention_mask, packing), request.capabilities
-        )
-
     # -- decoding ----------------------------------------------------------------------
 
     def _mapping_for(self, version: int | None) -> _Mapping | None:
@@ -235,7 +194,15 @@ class RemoteEagle3TargetModel(RemoteTarget, Eagle3TargetBackend):
                 mapping.rows = weight.to(self._device)
             return mapping.rows
 
-    def _to_batch(self, answer: Answer, attention_mask: torch.Tensor, packing: Packing | None = None) -> Any:
+    def _to_batch(
+        self,
+        answer: Answer,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        packing: Packing | None,
+    ) -> Any:
+        """Upstream's ``Eagle3TargetBatch``; ``input_ids`` and ``loss_mask`` come back in the answer."""
         # The one copy to the trainer's device (in decode_supervision); blocking, so the pinned
         # staging buffers are free for the next answer as soon as this returns.
         dev = self._device

@@ -29,8 +29,8 @@ import torch
 from eagle3_client import protocol, wire
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
 from eagle3_client.errors import CaptureUnsupported, ModelMismatch, ProtocolViolation
-from eagle3_client.remote.core import RemoteResult, RemoteTarget
-from eagle3_client.remote.request import Packing, encode_request
+from eagle3_client.remote.core import RemoteTarget
+from eagle3_client.remote.request import Packing
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.transports.dataplane import Answer
 
@@ -113,49 +113,6 @@ class RemoteDFlashTargetModel(RemoteTarget):
         return cls(urls, target_layer_ids=target_layer_ids, capture_logits=capture_logits, device=device, **options)
 
     # -- what the recipe calls ----------------------------------------------------------
-
-    @torch.no_grad()
-    def generate_batch(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        loss_mask: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        seq_lens: torch.Tensor | None = None,
-        doc_remaining: torch.Tensor | None = None,
-    ) -> Any:
-        """The selected layers' outputs (and logits) for a batch, as ``HFDFlashTargetModel`` returns them.
-
-        Packed rows (the recipe's ``packed_sequence_size``): pass all three of ``position_ids``,
-        ``seq_lens`` and ``doc_remaining``. The server runs the forward with each row's documents
-        kept apart, as ``HFDFlashTargetModel``'s packed path does, and the batch carries the three
-        unchanged. A server that did not grant packing gets nothing:
-        :class:`~eagle3_client.errors.CapabilityUnavailable`.
-        """
-        request, payload, packing = encode_request(
-            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
-        )
-        answer = self._generate(payload, request.capabilities)
-        return self._to_batch(answer, input_ids, attention_mask, loss_mask, packing)
-
-    def generate_batch_async(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        loss_mask: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        seq_lens: torch.Tensor | None = None,
-        doc_remaining: torch.Tensor | None = None,
-    ) -> RemoteResult:
-        """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
-        request, payload, packing = encode_request(
-            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
-        )
-        return self._submit(
-            payload,
-            lambda answer: self._to_batch(answer, input_ids, attention_mask, loss_mask, packing),
-            request.capabilities,
-        )
 
     def get_output_embeddings(self) -> torch.nn.Linear:
         """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""

@@ -2,10 +2,12 @@
 
 :class:`RemoteTarget` knows how to reach servers, route a ``/generate`` payload to the best
 one (failing over when it fails), fetch the target's frozen tensors once, and run requests in
-the background. It knows nothing of what a request captures: the EAGLE-3 backend
-(:class:`eagle3_client.backend.RemoteEagle3TargetModel`) is a thin adapter that encodes its
-batch, and decodes an :class:`~eagle3_client.transports.dataplane.Answer` into the recipe's
-batch type.
+the background; ``generate_batch`` and ``generate_batch_async`` (upstream's signatures, packed
+rows included) are defined here once. What a request captures is the adapter's choice: the
+EAGLE-3 backend (:class:`eagle3_client.backend.RemoteEagle3TargetModel`) and the DFlash family's
+(:class:`eagle3_client.dflash.RemoteDFlashTargetModel`) are thin adapters that name their
+capture and turn an :class:`~eagle3_client.transports.dataplane.Answer` into the recipe's batch
+type (``_to_batch``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from eagle3_client.encodings import PROBS, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.options import ClientOptions
 from eagle3_client.remote.fleet import Fleet, ServerList
+from eagle3_client.remote.request import Packing, encode_request
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.transports.buffers import BufferPool
 from eagle3_client.transports.control import ControlPlane
@@ -204,7 +207,62 @@ class RemoteTarget:
             self._embeddings = torch.nn.Embedding.from_pretrained(weight.to(self._device), freeze=True)
         return self._embeddings
 
-    # -- requests -------------------------------------------------------------------------
+    # -- requests: what the recipe calls; the adapter turns each answer into its batch ----
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+        doc_remaining: torch.Tensor | None = None,
+    ) -> Any:
+        """The target's answer for one batch, as the adapter's co-located wrapper returns it.
+
+        Upstream's signature. Packed rows (the recipe's ``packed_sequence_size``): pass all three
+        of ``position_ids`` ``[B,T]``, ``seq_lens`` ``[B,max_docs]`` and ``doc_remaining``
+        ``[B,T]``. The server then runs its forward with the documents of a row kept apart, and
+        the batch carries the three unchanged, as the co-located wrapper's does. A server that
+        did not grant packing (upstream's, an older appliance) gets nothing:
+        :class:`~eagle3_client.errors.CapabilityUnavailable`.
+        """
+        request, payload, packing = encode_request(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
+        )
+        answer = self._generate(payload, request.capabilities)
+        return self._to_batch(answer, input_ids, attention_mask, loss_mask, packing)
+
+    def generate_batch_async(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+        doc_remaining: torch.Tensor | None = None,
+    ) -> RemoteResult:
+        """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
+        request, payload, packing = encode_request(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
+        )
+        return self._submit(
+            payload,
+            lambda answer: self._to_batch(answer, input_ids, attention_mask, loss_mask, packing),
+            request.capabilities,
+        )
+
+    def _to_batch(
+        self,
+        answer: Answer,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        packing: Packing | None,
+    ) -> Any:
+        """The adapter's batch type from one answer and the request's tensors."""
+        raise NotImplementedError
 
     def _generate(self, payload: bytes, needs: frozenset[str] = frozenset()) -> Answer:
         """One ``/generate`` on the fleet: the best ready server, another one if it fails.
