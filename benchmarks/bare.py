@@ -20,7 +20,7 @@ from eagle3_appliance.model import checkpoint
 from eagle3_appliance.model.loading import resolve_device, resolve_dtype
 from eagle3_appliance.settings import Settings
 
-__all__ = ["bare_model", "bare_step", "time_once"]
+__all__ = ["bare_model", "bare_step", "calls_per_second", "time_once"]
 
 
 def bare_model(settings: Settings) -> torch.nn.Module:
@@ -45,6 +45,14 @@ def bare_step(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
         del logits, probs, top
 
     return step
+
+
+def calls_per_second(fn: Callable[[], object], calls: int) -> float:
+    """How many calls of ``fn`` a second, over ``calls`` calls in a row (e.g. of :func:`bare_step`)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return calls / (time.perf_counter() - start)
 
 
 def time_once(fn: Callable[[], object]) -> float:

@@ -52,22 +52,24 @@ def _in_process_rate(target: Any, inputs: Any, mapping: Any, requests: int) -> f
     """Answers/s of the co-located computation (forward, projection, on the target's device)."""
     import torch
 
+    from benchmarks.bare import calls_per_second
     from eagle3_appliance.model.supervision import in_process
 
-    in_process(target, inputs, mapping)  # warm-up
-    start = time.perf_counter()
-    for _ in range(requests):
+    def once() -> None:
         answer = in_process(target, inputs, mapping)
         if target.device.type == "cuda":
             torch.cuda.synchronize(target.device)
         del answer
-    return requests / (time.perf_counter() - start)
+
+    in_process(target, inputs, mapping)  # warm-up
+    return calls_per_second(once, requests)
 
 
 def _server_compute_rate(target: Any, inputs: Any, mapping: Any, requests: int) -> float:
     """Answers/s of the server's compute step alone: forward and projection into reused memory, host copy."""
     import torch
 
+    from benchmarks.bare import calls_per_second
     from eagle3_appliance.dataplanes.buffers import ServerBuffers
     from eagle3_appliance.model import supervision
     from eagle3_client.encodings import PROBS
@@ -84,18 +86,7 @@ def _server_compute_rate(target: Any, inputs: Any, mapping: Any, requests: int) 
             buffers.to_host(answer)
 
     once()  # warm-up
-    start = time.perf_counter()
-    for _ in range(requests):
-        once()
-    return requests / (time.perf_counter() - start)
-
-
-def _bare_rate(step: Any, requests: int) -> float:
-    """Answers/s of the bare forward + softmax + argmax (:func:`benchmarks.bare.bare_step`)."""
-    start = time.perf_counter()
-    for _ in range(requests):
-        step()
-    return requests / (time.perf_counter() - start)
+    return calls_per_second(once, requests)
 
 
 def _served_rate(remote: Any, batch: Any, requests: int) -> float:
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     import torch
 
-    from benchmarks.bare import bare_model, bare_step
+    from benchmarks.bare import bare_model, bare_step, calls_per_second
     from benchmarks.wire.cases import CASES, model_source
     from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
     from eagle3_appliance.launch import ServerProcess
@@ -161,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                 for k in ("bare", "1", "2") if repeat % 2 == 0 else ("2", "1", "bare"):
                     print(f"== {k}, round {repeat + 1} ...", file=sys.stderr, flush=True)
                     if k == "bare":
-                        rates[k].append(_bare_rate(bare, args.requests))
+                        rates[k].append(calls_per_second(bare, args.requests))
                         continue
                     rates[k].append(_served_rate(clients[k], batch, args.requests))
                     tiers[k] = clients[k].transport_stats()[0]["tier"]

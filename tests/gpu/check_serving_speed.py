@@ -30,7 +30,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # benchmarks/ lives in the checkout, not in the wheel
 
-from benchmarks.bare import bare_model, bare_step  # noqa: E402
+from benchmarks.bare import bare_model, bare_step, calls_per_second  # noqa: E402
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping  # noqa: E402
 from eagle3_appliance.launch import ServerProcess  # noqa: E402
 from eagle3_appliance.model.builtin_model import BUILTIN_CONFIG, ensure_builtin_model  # noqa: E402
@@ -84,18 +83,7 @@ def _model(args: argparse.Namespace, cache: Path) -> str:
 
 
 def _served_rate(remote: RemoteEagle3TargetModel, batch: Any, requests: int) -> float:
-    start = time.perf_counter()
-    for _ in range(requests):
-        answer = remote.generate_batch(*batch)
-        del answer
-    return requests / (time.perf_counter() - start)
-
-
-def _bare_rate(step: Any, requests: int) -> float:
-    start = time.perf_counter()
-    for _ in range(requests):
-        step()
-    return requests / (time.perf_counter() - start)
+    return calls_per_second(lambda: remote.generate_batch(*batch), requests)
 
 
 def main() -> int:
@@ -147,7 +135,7 @@ def main() -> int:
                 results[name] = {"exact": supervision_equal(first, reference), "on_trainer_device": on_trainer}
                 del first
             for _ in range(args.rounds):
-                rates["bare"].append(_bare_rate(bare, args.requests))
+                rates["bare"].append(calls_per_second(bare, args.requests))
                 for name, remote in clients.items():
                     rates[name].append(_served_rate(remote, batch, args.requests))
             for name, remote in clients.items():
