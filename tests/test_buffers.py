@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -63,3 +66,58 @@ def test_zero_cap_never_reuses():
     for _ in range(3):
         pool.empty((64,), torch.float32).fill_(1)
     assert pool.stats.hits == 0 and pool.stats.cached_bytes == 0 and pool.stats.uncached_allocations == 3
+
+
+def _hand_out_concurrently(pool: BufferPool, threads: int, rounds: int) -> tuple[list[str], int]:
+    """Each thread takes a block, fills it with its own pattern, lets others run, then checks it.
+
+    Returns what went wrong (a block live in two threads, a pattern overwritten) and how many
+    blocks were handed out in all.
+    """
+    live: dict[int, int] = {}  # data_ptr -> the thread holding it now
+    live_lock = threading.Lock()
+    problems: list[str] = []
+    start = threading.Barrier(threads)
+
+    def work(me: int) -> None:
+        start.wait()
+        for i in range(rounds):
+            t = pool.empty((64,), torch.int64)
+            ptr = t.data_ptr()
+            with live_lock:
+                other = live.get(ptr)
+                live[ptr] = me
+            if other is not None:
+                problems.append(f"round {i}: block {ptr:#x} handed to thread {me} while thread {other} held it")
+            pattern = me * rounds + i
+            t.fill_(pattern)
+            time.sleep(0)  # let the other threads take blocks while this one is held
+            if not bool((t == pattern).all()):
+                problems.append(f"round {i}: thread {me}'s tensor was overwritten with {sorted(set(t.tolist()))[:4]}")
+            with live_lock:
+                if live.get(ptr) == me:
+                    del live[ptr]
+            del t
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race window is a few bytecodes
+    try:
+        workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        sys.setswitchinterval(previous)
+    return problems, pool.stats.hits + pool.stats.misses
+
+
+def test_no_block_is_handed_to_two_threads_at_once():
+    """Many receiving threads on one pool (the client's fleet, the server's model and send paths):
+    a block is owned before the pool's lock is released, so a second thread never sees it free."""
+    pool = BufferPool(1 << 20)
+    problems, handed_out = _hand_out_concurrently(pool, threads=12, rounds=1500)
+    assert handed_out == 12 * 1500
+    assert problems == [], f"{len(problems)} double hand-outs, first: {problems[:3]}"
+    assert pool.stats.hits > 0  # blocks were reused, so the race had its chance

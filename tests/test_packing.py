@@ -19,6 +19,7 @@ import torch
 from eagle3_appliance.core.inputs import GenerateInputs, Packing, VocabMapping
 from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.loading import load_target
+from eagle3_appliance.model.packing import block_causal_mask
 from eagle3_appliance.model.supervision import in_process
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.settings import Device, Settings
@@ -126,6 +127,37 @@ def test_bad_packing_is_a_4xx_naming_the_field(
     resp = http.post("/generate", content=body(), headers={protocol.SESSION_HEADER: session})
     assert resp.status_code == 422, resp.text
     assert message in resp.json()["error"], resp.json()["error"]
+
+
+# Lengths whose int64 sum wraps around to the row length of 64 (issue #33): each must be refused
+# for itself, before anything is summed, or the row is computed as some other documents.
+WRAPPING = {
+    "four of 2^62": [2**62, 2**62, 2**62, 2**62 + 64],
+    "two of 2^63 - 1": [2**63 - 1, 2**63 - 1, 66],
+}
+
+
+@pytest.mark.parametrize("lengths", list(WRAPPING.values()), ids=list(WRAPPING))
+def test_lengths_whose_sum_wraps_are_refused_before_the_forward(
+    packing_session: tuple[httpx.Client, str], lengths: list[int]
+) -> None:
+    http, session = packing_session
+    tensors = packed_batch(VOCAB, [[64]], 64, seed=4)
+    tensors["seq_lens"] = torch.tensor([lengths])
+    assert int(tensors["seq_lens"].sum()) == 64  # the sum alone looks right
+    before = _forwards(http.get("/metrics").text)
+    resp = http.post("/generate", content=wire.encode(tensors), headers={protocol.SESSION_HEADER: session})
+    assert resp.status_code == 422, f"{resp.status_code}: computed as some other documents"
+    error = resp.json()["error"]
+    assert "seq_lens must lie in [0, 64]" in error and f"{max(lengths)}" in error, error
+    assert _forwards(http.get("/metrics").text) == before  # nothing computed
+
+
+@pytest.mark.parametrize("lengths", list(WRAPPING.values()), ids=list(WRAPPING))
+def test_the_packed_mask_refuses_lengths_whose_sum_wraps(lengths: list[int]) -> None:
+    """The mask's own check (it also serves the co-located comparison) looks at each length too."""
+    with pytest.raises(ValueError, match=r"seq_lens must lie in \[0, 64\]"):
+        block_causal_mask(torch.tensor([lengths]), seq_length=64, dtype=torch.float32, device=torch.device("cpu"))
 
 
 def test_the_mask_limit_is_checked_before_anything_is_computed(cache_dir: Path, tmp_path: Path) -> None:

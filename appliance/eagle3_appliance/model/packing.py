@@ -42,12 +42,16 @@ def block_causal_mask(
 ) -> torch.Tensor:
     """The ``[B, 1, T, T]`` additive mask of packed rows: causal within a document, closed across.
 
-    ``seq_lens`` is ``[B, max_docs]``, 0-padded, each row summing to ``seq_length`` (the tail pad
-    belongs to the last document). A row that does not is refused with ``ValueError``: its
-    document boundaries would be wrong without any other sign.
+    ``seq_lens`` is ``[B, max_docs]``, 0-padded, each length in ``[0, seq_length]`` and each row
+    summing to ``seq_length`` (the tail pad belongs to the last document). A row that does not is
+    refused with ``ValueError``: its document boundaries would be wrong without any other sign.
     """
     if seq_lens.dim() != 2:
         raise ValueError(f"seq_lens must be [batch, max_docs], got shape {list(seq_lens.shape)}")
+    if seq_lens.numel() and (int(seq_lens.min()) < 0 or int(seq_lens.max()) > seq_length):
+        # Checked before the sum, which wraps in int64 (four lengths of 2^62 sum to 0).
+        low, high = int(seq_lens.min()), int(seq_lens.max())
+        raise ValueError(f"seq_lens must lie in [0, {seq_length}], got lengths in [{low}, {high}]")
     sums = seq_lens.sum(dim=1)
     if not bool((sums == seq_length).all()):
         raise ValueError(f"every row of seq_lens must sum to the row length {seq_length}, got {sums.tolist()}")

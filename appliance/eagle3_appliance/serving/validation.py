@@ -170,7 +170,7 @@ def validate_packing(
     """The packing of a ``[B,T]`` batch (``shape``): integer tensors the forward can trust.
 
     ``position_ids`` and ``doc_remaining`` are ``[B,T]`` in ``[0, T)``; ``seq_lens`` is
-    ``[B, max_docs]`` with ``1 <= max_docs <= T``, no negative length, each row summing to ``T``
+    ``[B, max_docs]`` with ``1 <= max_docs <= T``, every length in ``[0, T]``, each row summing to ``T``
     (what ``build_block_causal_additive_mask`` insists on too).
     """
     batch, seq_len = int(shape[0]), int(shape[1])
@@ -188,9 +188,14 @@ def validate_packing(
         raise InvalidTensors(f"seq_lens must be [batch={batch}, max_docs >= 1], got shape {list(seq_lens.shape)}")
     if seq_lens.shape[1] > seq_len:
         raise InvalidTensors(f"seq_lens names {seq_lens.shape[1]} documents per row, more than the {seq_len} tokens")
-    if int(seq_lens.min()) < 0:
-        raise InvalidTensors(f"seq_lens must not be negative, got a length of {int(seq_lens.min())}")
-    sums = seq_lens.long().sum(dim=1)
+    # Each length on its own before any sum: int64 sums wrap, so lengths such as
+    # [2^63 - 1, 2^63 - 1, T + 2] would otherwise add up to T.
+    low, high = int(seq_lens.min()), int(seq_lens.max())
+    if low < 0:
+        raise InvalidTensors(f"seq_lens must not be negative, got a length of {low}")
+    if high > seq_len:
+        raise InvalidTensors(f"seq_lens must lie in [0, {seq_len}] (the row length), got a length of {high}")
+    sums = seq_lens.long().sum(dim=1)  # at most max_docs * T <= T^2: no wrap
     if not bool((sums == seq_len).all()):
         bad = int((sums != seq_len).nonzero()[0, 0])
         raise InvalidTensors(

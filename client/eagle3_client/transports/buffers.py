@@ -10,7 +10,9 @@ The contract (what makes reuse safe): the pool hands out a block only when nobod
 holds it. A block is a :class:`torch.UntypedStorage`; every tensor made from it (and every
 view of such a tensor, and every keep-alive byte view from :func:`eagle3_client.wire.tensor_bytes`)
 holds a reference to the storage, and the pool reuses a block only when its use count is 1,
-i.e. the pool's own reference is the last one. So:
+i.e. the pool's own reference is the last one. The tensor that takes the second reference is
+made under the pool's lock, so choosing a free block and owning it are one step: two threads
+asking at once never get the same block. So:
 
 * a trainer that keeps a batch keeps its memory: the pool allocates another block;
 * a server whose response is still being written (the transport holds byte views of the
@@ -93,27 +95,30 @@ class BufferPool:
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
-        storage = self._take(nbytes)
         out = torch.empty(0, dtype=dtype, device=self.device)
-        out.set_(storage, 0, shape)  # type: ignore[call-overload]  # torch's stub lacks (UntypedStorage, offset, size)
+        with self._lock:
+            # The tensor is made under the lock: its reference is what marks the block in use
+            # (use count 2), so no other thread can find the block free between choice and use.
+            out.set_(self._take(nbytes), 0, shape)  # type: ignore[call-overload]  # torch's stub lacks (UntypedStorage, offset, size)
         return out
 
     def _take(self, nbytes: int) -> torch.UntypedStorage:
-        with self._lock:
-            blocks = self._blocks.setdefault(nbytes, [])
-            for i, block in enumerate(blocks):
-                if _unreferenced(block):
-                    blocks.append(blocks.pop(i))  # most recently used last
-                    self.stats.hits += 1
-                    return block
-            self.stats.misses += 1
-            block = self._allocate(nbytes)
-            if reuse_supported() and self._make_room(nbytes):
-                blocks.append(block)
-                self.stats.cached_bytes += nbytes
-            else:
-                self.stats.uncached_allocations += 1
-            return block
+        """A free cached block of ``nbytes``, or a new one; the caller holds the lock and must
+        reference the block before releasing it."""
+        blocks = self._blocks.setdefault(nbytes, [])
+        for i, block in enumerate(blocks):
+            if _unreferenced(block):
+                blocks.append(blocks.pop(i))  # most recently used last
+                self.stats.hits += 1
+                return block
+        self.stats.misses += 1
+        block = self._allocate(nbytes)
+        if reuse_supported() and self._make_room(nbytes):
+            blocks.append(block)
+            self.stats.cached_bytes += nbytes
+        else:
+            self.stats.uncached_allocations += 1
+        return block
 
     def _allocate(self, nbytes: int) -> torch.UntypedStorage:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory).untyped_storage()
