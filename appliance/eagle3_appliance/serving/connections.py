@@ -54,6 +54,7 @@ from sanic.server.protocols.http_protocol import HttpProtocol
 
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.ops.health import PROBE_ENDPOINTS
+from eagle3_appliance.serving.request_head import head_problem
 
 __all__ = [
     "FD_RESERVE",
@@ -312,12 +313,29 @@ class _GuardedHttp(Http):
 
     async def http1_request_header(self) -> None:
         self.protocol.head_started()
+        await self._check_head()
         await Http.http1_request_header(self)
         self.protocol.head_done()
         length = self.request.headers.get("content-length") if self.request is not None else None
         if length is not None and not _DECIMAL.fullmatch(length.rstrip(" \t")):  # int() takes other scripts' digits
             self.keep_alive = False
             raise BadRequest(f"Content-Length must be decimal digits, got {length[:40]!r}")
+
+    async def _check_head(self) -> None:
+        """The head's grammar (:mod:`eagle3_appliance.serving.request_head`) once it is in, before
+        Sanic parses it: a head Sanic would read differently from a strict parser is refused, and
+        the connection closed, so no part of it or of its body is ever taken for another request."""
+        buf = self.recv_buffer
+        start = 0
+        while (end := buf.find(b"\r\n\r\n", start)) == -1:
+            start = max(0, len(buf) - 3)
+            if start >= self.HEADER_MAX_SIZE:
+                return  # Sanic answers 413
+            await self._receive_more()
+        problem = head_problem(bytes(buf[:end])) if end < self.HEADER_MAX_SIZE else None
+        if problem is not None:
+            self.keep_alive = False
+            raise BadRequest(f"malformed request head: {problem}")
 
     async def read(self) -> bytes | None:
         chunked = self.request_body == "chunked"  # type: ignore[comparison-overlap]  # Sanic stores the mode there
