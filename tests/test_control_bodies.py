@@ -81,6 +81,7 @@ def test_a_large_chunked_offer_is_cut_off_and_probes_answer_meanwhile(server: Se
             data = _read_all(sock)
             sender.join(60)
             assert _statuses(data) == [413], data[:300]
+            assert b"larger than this endpoint's limit of 1048576 bytes" in data, data[:300]
             assert sum(sent) < BIG // 2  # the server stopped reading long before the end
             live = http.get(protocol.path(protocol.EP_HEALTH_LIVE))
             assert (live.status_code, live.json()) == (200, {"status": "live"})

@@ -54,7 +54,7 @@ from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sanic import Request
-from sanic.exceptions import BadRequest, RequestTimeout, ServiceUnavailable
+from sanic.exceptions import BadRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable
 from sanic.http import Http, Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 
@@ -359,7 +359,12 @@ class _GuardedHttp(Http):
         chunked = self.request_body == "chunked"  # type: ignore[comparison-overlap]  # Sanic stores the mode there
         if chunked and self.request_bytes_left == 0:
             await self._check_chunk_line()
-        data = await Http.read(self)
+        try:
+            data = await Http.read(self)
+        except PayloadTooLarge:  # a chunked body past the limit: name the limit (Sanic does not)
+            raise PayloadTooLarge(
+                f"the request body is larger than this endpoint's limit of {self.request_max_size} bytes"
+            ) from None
         if not self.request_body and self.protocol.transport is not None:
             # The body is in: read the socket again (Sanic pauses above 64 KiB buffered), so a
             # client that leaves while its request waits is seen at once.
