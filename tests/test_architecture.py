@@ -114,6 +114,7 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
         {
             "ground": {
                 "protocol",
+                "quoting",
                 "capture",
                 "wire",
                 "encodings",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import requests
 import torch
 
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
@@ -176,3 +177,11 @@ def test_token_file_and_token_together_are_refused(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "either --auth-token or --auth-token-file" in done.stderr
+
+
+def test_a_large_unauthenticated_wire_body_gets_a_clean_401(url: str) -> None:
+    """Before the token check only 1 MiB of a body may be read, so a 16 MiB body is left unread and
+    the connection closed; the client still reads the 401 (with ``requests``, upstream's HTTP library)."""
+    for _ in range(3):  # a reset would depend on timing: try it more than once
+        resp = requests.post(url + protocol.path(protocol.EP_GENERATE), data=b"\0" * (16 << 20), timeout=60)
+        assert (resp.status_code, resp.json()["status"]) == (401, 401)

@@ -6,7 +6,7 @@ Status codes (an upstream client only checks for non-200, so every 4xx is compat
 * 401 ``Unauthorized``      missing or wrong bearer token
 * 404 / 405                 unknown path / method (Sanic's own errors, reshaped here)
 * 409 ``NotConfigured``     ``/generate`` before ``/set_vocab_mapping``
-* 413 ``BodyTooLarge``      body above ``--max-body-bytes`` (also Sanic's own 413)
+* 413 ``BodyTooLarge``      a wire body above ``--max-body-bytes``, a JSON body above 1 MiB (also Sanic's own 413)
 * 422 ``InvalidRequest``    well-formed body with wrong keys, dtypes, shapes or values
   (``InvalidTensors`` for tensor bodies)
 * 500                       a bug or a failed forward: logged with its traceback under a

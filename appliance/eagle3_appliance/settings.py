@@ -269,7 +269,12 @@ class Settings:
         cli_type=typing.Optional[int],  # noqa: UP045 - typer needs the typing spelling at runtime
         default_text="from memory",
     )
-    max_body_bytes: int = option(64 * 1024 * 1024, "Largest request body (413 beyond).", min=1)
+    max_body_bytes: int = option(
+        64 * 1024 * 1024,
+        "Largest wire request body: /generate, /set_vocab_mapping, /lm_head_rows (413 beyond). "
+        "A JSON body is at most 1 MiB, or this if smaller.",
+        min=1,
+    )
     max_pending_body_bytes: int = option(
         256 * 1024 * 1024,
         "Most bytes of request bodies being received or held at once, all requests together "

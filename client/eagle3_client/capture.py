@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from eagle3_client.quoting import quote
+
 __all__ = [
     "CAPTURE_DFLASH",
     "CAPTURE_EAGLE3",
@@ -112,11 +114,13 @@ class Capture:
             return EAGLE3
         head, _, tail = text.partition(":")
         if head not in (CAPTURE_DFLASH, f"{CAPTURE_DFLASH}+logits") or not tail.strip():
-            raise ValueError(f"a capture is 'eagle3', 'dflash:L1,L2,...' or 'dflash+logits:L1,L2,...', got {text!r}")
+            raise ValueError(
+                f"a capture is 'eagle3', 'dflash:L1,L2,...' or 'dflash+logits:L1,L2,...', got {quote(text)}"
+            )
         try:
             layers = [int(part) for part in tail.split(",")]
         except ValueError:
-            raise ValueError(f"the layers of capture {text!r} must be integers separated by commas") from None
+            raise ValueError(f"the layers of capture {quote(text)} must be integers separated by commas") from None
         return cls.dflash(layers, logits=head.endswith("+logits"))
 
     def to_json(self) -> dict[str, Any]:
@@ -129,15 +133,15 @@ class Capture:
             raise ValueError(f"capture must be a JSON object, got {type(body).__name__}")
         kind = body.get("kind", CAPTURE_EAGLE3)
         if kind not in CAPTURE_KINDS:
-            raise ValueError(f"capture.kind must be one of {list(CAPTURE_KINDS)}, got {kind!r}")
+            raise ValueError(f"capture.kind must be one of {list(CAPTURE_KINDS)}, got {quote(kind)}")
         layers = body.get("layers", [])
         if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise ValueError(f"capture.layers must be a list of integers, got {layers!r}"[:300])
+            raise ValueError(f"capture.layers must be a list of integers, got {quote(layers)}")
         if len(layers) > MAX_CAPTURE_LAYERS:
             raise ValueError(f"capture.layers has {len(layers)} entries; at most {MAX_CAPTURE_LAYERS}")
         logits = body.get("logits", False)
         if not isinstance(logits, bool):
-            raise ValueError(f"capture.logits must be true or false, got {logits!r}")
+            raise ValueError(f"capture.logits must be true or false, got {quote(logits)}")
         if kind == CAPTURE_EAGLE3 and (layers or logits):
             raise ValueError("an eagle3 capture takes no layers or logits: it uses the server's aux layers")
         return cls(kind, tuple(layers), logits)

@@ -28,6 +28,7 @@ import torch
 
 from eagle3_client import protocol
 from eagle3_client.errors import ProtocolViolation
+from eagle3_client.quoting import quote
 
 __all__ = [
     "INT16_MAX_VOCAB",
@@ -93,13 +94,13 @@ def parse_encoding(name: str) -> Encoding:
         try:
             k = int(arg)
         except ValueError:
-            raise ValueError(f"'topk:K' needs an integer K, got {arg!r}") from None
+            raise ValueError(f"'topk:K' needs an integer K, got {quote(arg)}") from None
         if k < 1:
             raise ValueError(f"'topk:K' needs K >= 1, got {k}")
         return Encoding(kind, k)
     if kind in _KINDS and not sep:
         return Encoding(kind)
-    raise ValueError(f"unknown supervision encoding {name!r}; expected one of probs, logits, hidden, topk:K")
+    raise ValueError(f"unknown supervision encoding {quote(name)}; expected one of probs, logits, hidden, topk:K")
 
 
 def topk_index_dtype(draft_vocab: int) -> torch.dtype:

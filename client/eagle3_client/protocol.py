@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eagle3_client.capture import EAGLE3, OFFER_KEY, Capture
+from eagle3_client.quoting import quote
 
 __all__ = [
     "CAPABILITIES",
@@ -22,6 +23,8 @@ __all__ = [
     "PACKING_KEYS",
     "DataPlaneRequest",
     "MAX_CLIENT_NAME",
+    "MAX_JSON_BODY_BYTES",
+    "WIRE_BODY_ENDPOINTS",
     "MODEL_INFO_EXTENSION_KEY",
     "ModelInfoExtension",
     "PROTOCOL_VERSION",
@@ -157,6 +160,12 @@ EP_DATA_PLANE = "data_plane"
 # recompute); RESEND_CONFLICT_STATUS when the server holds no result for n.
 EP_DATA_PLANE_RESEND = "data_plane/resend"
 RESEND_CONFLICT_STATUS = 409
+# The endpoints whose request body is a wire-format tensor dictionary, bounded by the server's
+# --max-body-bytes. Every other endpoint takes a JSON body (or none) of at most
+# MAX_JSON_BODY_BYTES (413 beyond, before it is read): a session offer or a group request is a
+# few hundred bytes, and a body parsed on the event loop must stay small enough not to stall it.
+WIRE_BODY_ENDPOINTS = frozenset({EP_GENERATE, EP_SET_VOCAB_MAPPING, EP_LM_HEAD_ROWS})
+MAX_JSON_BODY_BYTES = 1 << 20
 # On /generate: the client names the transfer (its sequence number); the server echoes it
 # when the body is transfer metadata (JSON) and the tensors follow on the group. Without
 # the echo the body is a wire blob, exactly as for upstream's X-NeMo-NCCL.
@@ -271,16 +280,16 @@ def _field(body: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], de
         return default
     value = body[key]
     if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise ValueError(f"{key!r} must be {_kind_names(kinds)}, got {value!r}")
+        raise ValueError(f"{key!r} must be {_kind_names(kinds)}, got {quote(value)}")
     if not isinstance(value, kinds):
-        raise ValueError(f"{key!r} must be {_kind_names(kinds)}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{key!r} must be {_kind_names(kinds)}, got {type(value).__name__} {quote(value)}")
     return value
 
 
 def _names(body: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = _field(body, key, list, [])
     if not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{key!r} must be a list of strings, got {value!r}")
+        raise ValueError(f"{key!r} must be a list of strings, got {quote(value)}")
     return tuple(value)
 
 
@@ -473,7 +482,7 @@ class DataPlaneRequest:
         body = _object(body, "the data-plane request")
         tier = _field(body, "tier", str)
         if tier not in TIERS:
-            raise ValueError(f"tier must be one of {list(TIERS)}, got {tier!r}")
+            raise ValueError(f"tier must be one of {list(TIERS)}, got {quote(tier)}")
         return cls(tier, proof=_field(body, "proof", bool, False))
 
 

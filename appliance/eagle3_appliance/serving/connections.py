@@ -20,6 +20,12 @@ per-byte timeouts with totals and bounds the rest:
   within :data:`PROBE_HEADER_TIMEOUT_S`), answered and closed; beyond those, a new connection
   gets an immediate ``503`` with ``Retry-After`` and is closed. Hitting the cap is logged at
   most once per :data:`LOG_EVERY_S` seconds and counted.
+* **body size**: a wire body (:data:`~eagle3_client.protocol.WIRE_BODY_ENDPOINTS`) at most
+  ``--max-body-bytes``, any other (JSON, parsed on the event loop) at most
+  :data:`~eagle3_client.protocol.MAX_JSON_BODY_BYTES`; a larger declared size gets ``413``
+  before the body is read, a chunked body is cut off with ``413`` once it passes the limit,
+  and the connection is closed. Until routing names the endpoint the smaller limit holds, so
+  the body of a refused or unmatched request is never read beyond it either.
 * **body budget** (``--max-pending-body-bytes``): the declared sizes of the bodies being
   received or held by requests in progress, all together. A request that would exceed it
   gets ``503`` with ``Retry-After`` before its body is read. The check runs after the
@@ -48,12 +54,14 @@ from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sanic import Request
-from sanic.exceptions import BadRequest, RequestTimeout, ServiceUnavailable
+from sanic.exceptions import BadRequest, PayloadTooLarge, RequestTimeout, ServiceUnavailable
 from sanic.http import Http, Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 
-from eagle3_appliance.errors import Unavailable
+from eagle3_appliance.errors import BodyTooLarge, Unavailable
 from eagle3_appliance.ops.health import PROBE_ENDPOINTS
+from eagle3_appliance.serving.request_head import head_problem
+from eagle3_client import protocol
 
 __all__ = [
     "FD_RESERVE",
@@ -143,6 +151,7 @@ class ConnectionGuard:
         self.keep_alive_timeout = keep_alive_timeout
         self.max_pending_body_bytes = max_pending_body_bytes
         self.max_body_bytes = max_body_bytes
+        self.max_json_body_bytes = min(protocol.MAX_JSON_BODY_BYTES, max_body_bytes)
         self.probe_only = 0  # connections beyond the cap, for probes only
         self.pending_body_bytes = 0
         self._members: set[GuardedHttpProtocol] = set()
@@ -262,7 +271,14 @@ class ConnectionGuard:
                     "connections beyond them may only ask a health probe",
                     headers={"Retry-After": "1"},
                 )
-        nbytes = _declared_body_size(request, self.max_body_bytes)
+        limit = self.max_body_bytes if endpoint in protocol.WIRE_BODY_ENDPOINTS else self.max_json_body_bytes
+        if isinstance(request.stream, Http):
+            request.stream.request_max_size = limit  # a chunked body is cut off with 413 once past it
+        nbytes = _declared_body_size(request, limit)
+        if nbytes > limit:
+            close_after_response(request)  # the body stays unread
+            option = " (--max-body-bytes)" if limit == self.max_body_bytes else ""
+            raise BodyTooLarge(f"a /{endpoint} body may be at most {limit} bytes{option}; this one declares {nbytes}")
         if nbytes == 0:
             return
         if self.pending_body_bytes + nbytes > self.max_pending_body_bytes:
@@ -292,15 +308,13 @@ def close_after_response(request: Request) -> None:
         request.stream.keep_alive = False
 
 
-def _declared_body_size(request: Request, max_body_bytes: int) -> int:
+def _declared_body_size(request: Request, limit: int) -> int:
+    """The body's Content-Length (a malformed one was refused with the head), or ``limit`` for a chunked body."""
     length = request.headers.get("content-length")
     if length is not None:
-        try:
-            return max(0, min(int(length), max_body_bytes))  # Sanic refuses more than the limit itself
-        except ValueError:
-            return 0  # Sanic answers 400
+        return int(length)
     if request.headers.get("transfer-encoding", "").lower() == "chunked":
-        return max_body_bytes  # size unknown: assume the largest
+        return limit  # size unknown: assume the largest
     return 0
 
 
@@ -310,8 +324,14 @@ class _GuardedHttp(Http):
     __slots__ = ()  # Sanic's metaclass gives every class slots; the protocol holds the state
     protocol: GuardedHttpProtocol
 
+    def init_for_request(self) -> None:
+        Http.init_for_request(self)
+        # The control-plane limit until routing names a wire-body endpoint (ConnectionGuard.admit_request).
+        self.request_max_size = self.protocol.guard.max_json_body_bytes
+
     async def http1_request_header(self) -> None:
         self.protocol.head_started()
+        await self._check_head()
         await Http.http1_request_header(self)
         self.protocol.head_done()
         length = self.request.headers.get("content-length") if self.request is not None else None
@@ -319,11 +339,32 @@ class _GuardedHttp(Http):
             self.keep_alive = False
             raise BadRequest(f"Content-Length must be decimal digits, got {length[:40]!r}")
 
+    async def _check_head(self) -> None:
+        """The head's grammar (:mod:`eagle3_appliance.serving.request_head`) once it is in, before
+        Sanic parses it: a head Sanic would read differently from a strict parser is refused, and
+        the connection closed, so no part of it or of its body is ever taken for another request."""
+        buf = self.recv_buffer
+        start = 0
+        while (end := buf.find(b"\r\n\r\n", start)) == -1:
+            start = max(0, len(buf) - 3)
+            if start >= self.HEADER_MAX_SIZE:
+                return  # Sanic answers 413
+            await self._receive_more()
+        problem = head_problem(bytes(buf[:end])) if end < self.HEADER_MAX_SIZE else None
+        if problem is not None:
+            self.keep_alive = False
+            raise BadRequest(f"malformed request head: {problem}")
+
     async def read(self) -> bytes | None:
         chunked = self.request_body == "chunked"  # type: ignore[comparison-overlap]  # Sanic stores the mode there
         if chunked and self.request_bytes_left == 0:
             await self._check_chunk_line()
-        data = await Http.read(self)
+        try:
+            data = await Http.read(self)
+        except PayloadTooLarge:  # a chunked body past the limit: name the limit (Sanic does not)
+            raise PayloadTooLarge(
+                f"the request body is larger than this endpoint's limit of {self.request_max_size} bytes"
+            ) from None
         if not self.request_body and self.protocol.transport is not None:
             # The body is in: read the socket again (Sanic pauses above 64 KiB buffered), so a
             # client that leaves while its request waits is seen at once.

@@ -6,7 +6,7 @@ authenticated, counted and drained alike:
 
 * ``http.routing.after`` (before the body is read): auth (every endpoint but the probes),
   refusing new work while draining, the connection limits' per-request checks (probe slots,
-  body budget), opening the in-flight record;
+  body size, body budget), opening the in-flight record;
 * ``http.lifecycle.response`` (after the handler, streamed bodies included): request
   counters and latency, closing the record, renewing the session's lease;
 * ``http.lifecycle.complete`` (connection closed): closing a record whose client vanished,
