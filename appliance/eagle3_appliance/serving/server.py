@@ -261,7 +261,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
         connection_closed(conn_info)  # a client gone under a group transfer: drop its group now
 
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
-    pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
+    pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics, kept=planes.kept)
     logger.info("limits: %s", pipeline.limits.describe())
     ops.metrics.describe_limits(
         {
