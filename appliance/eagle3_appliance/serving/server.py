@@ -132,6 +132,7 @@ async def register_session(request: Request) -> HTTPResponse:
         request_timeout=state.settings.request_timeout,
         capture=capture,
         capabilities=tuple(c for c in protocol.CAPABILITIES if c in session.capabilities),
+        gpu_uuids=state.planes.gpu_uuids,
     )
     return json(reply.to_json())
 
