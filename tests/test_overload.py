@@ -146,6 +146,42 @@ def test_a_retry_of_a_queued_request_id_runs_one_forward(url: str) -> None:
     assert metric(scrape(url), FORWARDS) - metric(before, FORWARDS) == 2  # the slow one and one for the id
 
 
+def test_a_retry_after_its_queued_job_had_its_turn_computes_nothing_again(url: str) -> None:
+    # The gap widened: the first attempt leaves while its job is queued, and the job's turn comes
+    # (the slow forward ends) before the retry arrives. The job still runs, and the retry takes its answer.
+    body = _large_body(seed=12)
+    headers = {protocol.REQUEST_ID_HEADER: "retry-after-turn-1"}
+    before = scrape(url)
+    with in_background(lambda: _slow_request(url)) as slow:
+        wait_until(lambda: _gauge(url, "eagle3_inference_computing") == 1, what="the slow forward")
+        first = _open_request(url, body, headers)
+        wait_until(lambda: _gauge(url, "eagle3_inference_pending_request_count") == 1, what="the request queued")
+        first.close()  # the attempt timed out; its retry is late
+    assert slow["result"].status_code == 200
+
+    def turn_passed() -> bool:  # the queued job was either computed or dropped at its turn
+        s = scrape(url)
+        done = metric(s, FORWARDS) - metric(before, FORWARDS) == 2
+        dropped = metric(s, ABANDONED, **GONE) - metric(before, ABANDONED, **GONE) == 1
+        return (done or dropped) and _settled(url)
+
+    wait_until(turn_passed, what="the queued job's turn")
+    between = scrape(url)
+    retry = post(url, "generate", body, headers)
+    assert retry.status_code == 200, retry.text
+    wait_until(lambda: _settled(url), what="the server to settle")
+    after = scrape(url)
+    assert metric(after, FORWARDS) - metric(between, FORWARDS) == 0  # the retry computed nothing again
+    assert metric(after, FORWARDS) - metric(before, FORWARDS) == 2  # the slow one and one for the id
+    assert metric(after, ABANDONED, **GONE) == metric(before, ABANDONED, **GONE)
+    fresh = post(url, "generate", body)
+    assert fresh.status_code == 200
+    got, want = wire.decode(retry.content), wire.decode(fresh.content)
+    assert list(got) == list(want)
+    for key, tensor in want.items():
+        assert tensor is not None and torch.equal(got[key], tensor), key
+
+
 def test_a_reused_request_id_with_another_body_is_computed_on_its_own(url: str) -> None:
     headers = {protocol.REQUEST_ID_HEADER: "reused-id"}
     a, b = _large_body(slow=True, seed=7), _large_body(seed=8)

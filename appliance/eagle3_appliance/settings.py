@@ -304,7 +304,7 @@ class Settings:
     resend_budget_mb: int = option(
         2048,
         "Memory (MiB; GPU memory for nccl) for the answers kept for /data_plane/resend, one per session at "
-        "most; the oldest are dropped beyond it (a dropped one costs a recompute if its transfer breaks).",
+        "most, and for a retry of a request id; the oldest are dropped beyond it (a dropped one costs a recompute).",
         min=0,
     )
     allow_unproven_joins: bool = option(
@@ -337,6 +337,12 @@ class Settings:
     exit_when_idle: bool = option(False, "Exit 0 once the last client session has left (batch jobs).")
     max_queue: int = option(64, "/generate requests that may wait (503 + Retry-After beyond).", min=0)
     request_timeout: float = option(600.0, "Most seconds a /generate may wait and compute (503 beyond).", min=0.001)
+    retry_grace: float = option(
+        10.0,
+        "Seconds a queued /generate with a request id stays queued after its last attempt left: computed at its "
+        "turn, its answer kept for the retry (within --resend-budget-mb); 0 = dropped at its turn.",
+        min=0.0,
+    )
     grace_period: float = option(30.0, "SIGTERM: seconds to finish in-flight requests.", min=0.0)
     gpu_poll_interval: float = option(5.0, "Seconds between NVML readings.", min=0.05)
 

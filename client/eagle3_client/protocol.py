@@ -46,6 +46,7 @@ __all__ = [
     "EP_V2_HEALTH_LIVE",
     "EP_V2_HEALTH_READY",
     "EP_METRICS",
+    "GPU_UUIDS_KEY",
     "EP_GPUS",
     "EP_LM_HEAD_ROWS",
     "SESSION_HEADER",
@@ -148,6 +149,10 @@ TIER_NCCL = "nccl"
 TIER_GLOO = "gloo"
 TIER_WIRE = "wire"
 TIERS = (TIER_NCCL, TIER_GLOO, TIER_WIRE)
+# In the POST /session reply (extension, only when known): the UUIDs (NVML's "GPU-..." form) of
+# the GPU(s) this server's NCCL end uses. A client whose own GPU is one of them cannot pair with
+# it over NCCL (two ranks on one device), so "auto" takes the wire. Absent: nothing changes.
+GPU_UUIDS_KEY = "gpu_uuids"
 # POST JSON {"tier": "nccl"|"gloo", "proof": true} -> {"tier", "port", "key", "nonce", "timeout",
 # "secret"}: the server (rank 0) hosts a TCP store on "port" with the group's keys under "key/"
 # (readable by anyone who reaches the port: a namespace, not a secret). The client's first
@@ -420,6 +425,7 @@ class SessionReply:
     capture: Capture = EAGLE3
     # The offer's capabilities this server grants; absent from older servers (then none).
     capabilities: tuple[str, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()  # GPU_UUIDS_KEY: the GPU(s) of its NCCL end; absent from older servers
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -440,6 +446,8 @@ class SessionReply:
             body[OFFER_KEY] = self.capture.to_json()
         if self.capabilities:
             body["capabilities"] = list(self.capabilities)
+        if self.gpu_uuids:
+            body[GPU_UUIDS_KEY] = list(self.gpu_uuids)
         return body
 
     @classmethod
@@ -456,6 +464,7 @@ class SessionReply:
             request_timeout=_number(_field(body, "request_timeout", (int, float), None)),
             capture=_capture(body),
             capabilities=_names(body, "capabilities"),
+            gpu_uuids=_names(body, GPU_UUIDS_KEY),
         )
 
 

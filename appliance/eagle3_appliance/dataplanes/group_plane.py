@@ -7,7 +7,8 @@ they share.
 
 Protocol (names in :mod:`eagle3_client.protocol`):
 
-* ``POST /session`` replies with ``"data_planes"``: the tiers this server offers.
+* ``POST /session`` replies with ``"data_planes"``: the tiers this server offers, and
+  ``"gpu_uuids"``: the GPU its NCCL end uses (a client on that GPU stays off NCCL).
 * ``POST /data_plane`` ``{"tier": "gloo"|"nccl", "proof": true}``: the server (rank 0) opens a
   rendezvous store on a port from ``--data-plane-ports`` (the kernel's choice when unset) and
   replies ``{"tier", "port", "key", "nonce", "timeout", "secret"}``. In the background it
@@ -64,6 +65,7 @@ from eagle3_appliance.dataplanes.transfer import Transfer, device_ready, send_wi
 from eagle3_appliance.errors import ApplianceError, InvalidRequest
 from eagle3_appliance.settings import Settings, parse_port_range
 from eagle3_client import protocol
+from eagle3_client.transports.gpu_identity import cuda_uuid
 from eagle3_client.transports.transfer import (
     PROOF_BYTES,
     Group,
@@ -114,10 +116,18 @@ class DataPlaneServer:
     """What the data-plane handlers share: the offered tiers, the port pool, the live links,
     the answers kept for resends and the count of sends in flight."""
 
-    def __init__(self, settings: Settings, offered: list[str], device: torch.device, ports: PortPool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        offered: list[str],
+        device: torch.device,
+        ports: PortPool,
+        gpu_uuids: tuple[str, ...] = (),
+    ) -> None:
         self.settings = settings
         self.offered = offered
         self.device = device
+        self.gpu_uuids = gpu_uuids  # the GPU of the NCCL end, told to clients (protocol.GPU_UUIDS_KEY)
         self.ports = ports
         self.kept = ResendStore(settings.resend_budget_mb << 20)
         self.sends = SendCounter()
@@ -141,7 +151,11 @@ class DataPlaneServer:
                 "session; anyone who reaches the rendezvous ports (%s) can race them into their group",
                 settings.data_plane_ports or "chosen by the kernel",
             )
-        return cls(settings, offered, device, PortPool(parse_port_range(settings.data_plane_ports)))
+        uuid = cuda_uuid(device)  # None on the CPU, or when neither CUDA nor NVML can name it
+        if uuid is not None:
+            logger.info("data planes %s; the NCCL end is on GPU %s", offered, uuid)
+        gpu_uuids = (uuid,) if uuid is not None else ()
+        return cls(settings, offered, device, PortPool(parse_port_range(settings.data_plane_ports)), gpu_uuids)
 
     def group_device(self, tier: str) -> torch.device:
         return self.device if tier == protocol.TIER_NCCL else torch.device("cpu")

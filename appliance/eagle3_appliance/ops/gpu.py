@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import importlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -31,6 +30,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
+
+from eagle3_client.transports.gpu_identity import uuid_or_empty as _uuid_or_empty
+from eagle3_client.transports.gpu_identity import visible_handles as _visible_handles
 
 __all__ = [
     "CLOCKS_EVENT_REASONS",
@@ -328,49 +330,6 @@ def _handle_key(handle: Any) -> Any:
         return ctypes.cast(handle, ctypes.c_void_p).value
     except (TypeError, ctypes.ArgumentError):
         return handle
-
-
-def _uuid_or_empty(nvml: ModuleType, handle: Any) -> str:
-    try:
-        return _text(nvml.nvmlDeviceGetUUID(handle))
-    except Exception:  # noqa: BLE001 - a lost GPU may not answer even this
-        return ""
-
-
-def _visible_handles(nvml: ModuleType) -> list[tuple[int, Any]]:
-    """NVML devices the CUDA runtime of this process may use.
-
-    ``CUDA_VISIBLE_DEVICES`` entries are NVML indices (the PCI order Slurm and Docker assign)
-    or GPU UUIDs (prefixes allowed); like CUDA, the list ends at the first entry that names no
-    device. Unset means every device NVML sees.
-    """
-    count = int(nvml.nvmlDeviceGetCount())
-    handles = []
-    for i in range(count):
-        try:
-            handles.append((i, nvml.nvmlDeviceGetHandleByIndex(i)))
-        except nvml.NVMLError as exc:  # e.g. a device this job's cgroup does not allow
-            logger.info("GPU health: NVML device %d is not accessible: %s", i, exc)
-    spec = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if spec is None:
-        return handles
-    chosen: list[tuple[int, Any]] = []
-    for item in (s.strip() for s in spec.split(",")):
-        match = None
-        if item.lstrip("-").isdigit():
-            idx = int(item)
-            match = next((h for h in handles if h[0] == idx), None)
-        elif item:
-            for i, handle in handles:
-                uuid = _uuid_or_empty(nvml, handle)
-                if uuid and uuid.startswith((item, "GPU-" + item)):
-                    match = (i, handle)
-                    break
-        if match is None:
-            break
-        if match not in chosen:
-            chosen.append(match)
-    return chosen
 
 
 def read_report(nvml: ModuleType | None = None) -> GpuReport:

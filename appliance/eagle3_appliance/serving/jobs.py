@@ -4,8 +4,10 @@ A job is one admitted ``/generate``: its inputs, mapping, encoding and transfer,
 requests (:class:`Waiter`) awaiting its answer: the first one, then retries of the same
 request id that attached to it instead of queueing a second forward (:func:`request_key`).
 A queued job is either claimed by the model thread or dropped because nobody waits for it
-any more, never both (its ``state``, changed under the pipeline's lock). :class:`KeptAnswers`
-holds an answer its client did not receive, for an immediate retry.
+any more, never both (its ``state``, changed under the pipeline's lock). A job with a request
+id whose attempts all left is still computed at its turn within ``--retry-grace`` of the last
+one leaving, since its retry (same id) is on its way; :class:`KeptAnswers` holds an answer its
+client did not receive for that retry, within the resend store's memory budget.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sanic import Request
 from eagle3_appliance.core.admission import Ticket
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.core.sessions import Session
+from eagle3_appliance.dataplanes.resend_store import ResendStore, StoredResult
 from eagle3_appliance.dataplanes.transfer import Transfer, WireTransfer
 from eagle3_appliance.errors import MalformedBody
 from eagle3_client import protocol
@@ -31,7 +34,6 @@ from eagle3_client.encodings import Encoding
 
 __all__ = [
     "ABANDONED",
-    "KEEP_ANSWERS",
     "KEEP_ANSWER_S",
     "QUEUED",
     "RUNNING",
@@ -48,9 +50,8 @@ RequestKey = tuple[str, str, bytes]  # session id, request id, digest of the bod
 _REQUEST_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{protocol.REQUEST_ID_MAX_LEN}}}")
 
 # An answer that finished while its client was between attempts (or whose send broke) is kept
-# this long for a retry of the same request id; at most KEEP_ANSWERS of them (memory).
+# this long for a retry of the same request id (its memory counted in --resend-budget-mb).
 KEEP_ANSWER_S = 10.0
-KEEP_ANSWERS = 2
 
 # Job states (changed under Pipeline._lock): a queued job is either claimed by the model
 # thread (running) or dropped because nobody waits for it any more (abandoned), never both.
@@ -112,6 +113,14 @@ class Job:
     waiters: list[Waiter] = field(default_factory=list)
     state: str = QUEUED
     capture: Capture = EAGLE3  # which layers and supervision (eagle3_client.capture)
+    left_at: float | None = None  # time.monotonic() when its last waiter stopped waiting
+
+    def retry_expected(self, grace: float, now: float) -> bool:
+        """Nobody waits, but a retry of the same request id may come: the last attempt left within ``grace``.
+
+        A waiter still active but disconnected (its handler not yet cancelled) has just left too.
+        """
+        return self.key is not None and grace > 0 and (self.left_at is None or now - self.left_at <= grace)
 
     def wanted(self) -> bool:
         """Someone still awaits the answer and is connected."""
@@ -139,26 +148,49 @@ class Computation:
 
 
 class KeptAnswers:
-    """Answers their client did not receive, kept :data:`KEEP_ANSWER_S` for a retry of the same request id."""
+    """Answers their client did not receive, kept :data:`KEEP_ANSWER_S` for a retry of the same request id.
 
-    def __init__(self) -> None:
-        self._kept: dict[RequestKey, tuple[float, Job, dict[str, torch.Tensor]]] = {}
+    Their bytes count in ``store`` (the resend store's ``--resend-budget-mb``, shared with the
+    answers kept for resends), which drops the oldest first: a dropped answer costs its retry a
+    forward, never a wrong answer. Used on the event loop only.
+    """
+
+    def __init__(self, store: ResendStore) -> None:
+        self._store = store
+        self._kept: dict[RequestKey, tuple[float, Job, StoredResult]] = {}
 
     def keep(self, job: Job, answer: dict[str, torch.Tensor]) -> None:
         if job.key is None:
             return
-        now = time.monotonic()
-        self._kept = {k: v for k, v in self._kept.items() if v[0] > now}
-        self._kept.pop(job.key, None)
-        self._kept[job.key] = (now + KEEP_ANSWER_S, job, answer)
-        while len(self._kept) > KEEP_ANSWERS:
-            del self._kept[next(iter(self._kept))]
+        self._expire(time.monotonic())
+        self._forget(job.key)
+        result = StoredResult(0, answer, nbytes=sum(t.numel() * t.element_size() for t in answer.values()))
+        self._store.keep(result)
+        if result.dropped is None:
+            self._kept[job.key] = (time.monotonic() + KEEP_ANSWER_S, job, result)
 
     def take(self, job: Job) -> dict[str, torch.Tensor] | None:
-        """The kept answer ``job`` (a retry) may have, once; None when there is none (or it expired)."""
+        """The kept answer ``job`` (a retry) may have, once; None when there is none (or it expired, or was dropped)."""
         if job.key is None:
             return None
         entry = self._kept.pop(job.key, None)
-        if entry is None or entry[0] < time.monotonic() or not entry[1].accepts(job):
+        if entry is None:
             return None
-        return entry[2]
+        deadline, kept_job, result = entry
+        answer, dropped = result.tensors, result.dropped
+        result.close()
+        if dropped is not None or deadline < time.monotonic() or not kept_job.accepts(job):
+            return None
+        return answer
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _forget(self, key: RequestKey) -> None:
+        entry = self._kept.pop(key, None)
+        if entry is not None:
+            entry[2].close()
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, v in self._kept.items() if v[0] <= now or v[2].dropped is not None]:
+            self._forget(key)

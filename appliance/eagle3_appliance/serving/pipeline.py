@@ -25,9 +25,11 @@ Nobody waits, nothing is computed: a job whose clients have all gone (their hand
 cancelled, or their socket shows a hang-up right before the forward) is dropped and counted
 in ``eagle3_generate_abandoned_total``. A retry of a wire ``/generate`` that names the same
 request id (``X-Eagle3-Request-Id``, same session, same body) while the first is still queued
-or computing becomes one more waiter of that job instead of a second forward; an answer that
-finished (or whose send broke) while its client was between attempts is kept for that retry
-(:mod:`eagle3_appliance.serving.jobs`).
+or computing becomes one more waiter of that job instead of a second forward. Such a job
+whose attempts all left keeps its place, and is computed at its turn if the last attempt left
+less than ``--retry-grace`` ago (its retry is on its way); an answer that finished (or whose
+send broke) while its client was between attempts is kept for that retry, in the resend
+store's memory budget (:mod:`eagle3_appliance.serving.jobs`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from eagle3_appliance.core.inputs import GenerateInputs
 from eagle3_appliance.core.sessions import Session
 from eagle3_appliance.dataplanes.buffers import ServerBuffers
 from eagle3_appliance.dataplanes.group_plane import LINK_KEY, GroupTransfer
+from eagle3_appliance.dataplanes.resend_store import ResendStore
 from eagle3_appliance.dataplanes.transfer import Transfer, WireTransfer
 from eagle3_appliance.dataplanes.upstream_nccl import upstream_transfer
 from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
@@ -128,7 +131,10 @@ class Pipeline:
         metrics: Metrics,
         runner: ModelRunner | None = None,
         limits: ServingLimits | None = None,
+        kept: ResendStore | None = None,
     ) -> None:
+        """``kept``: the memory budget kept answers count in (the data planes' resend store; else one of
+        ``--resend-budget-mb`` of its own)."""
         self.settings = settings
         self.target = target
         self.shape = TargetShape.of(target)
@@ -143,7 +149,8 @@ class Pipeline:
         self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
         self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
         self._shared: dict[RequestKey, Computation] = {}
-        self._kept = KeptAnswers()  # answers their client did not receive, for an immediate retry
+        # Answers their client did not receive, for an immediate retry.
+        self._kept = KeptAnswers(kept if kept is not None else ResendStore(settings.resend_budget_mb << 20))
         if settings.microbatch_wait_ms > 0:
             self.batcher = MicroBatcher(
                 self._run_group,
@@ -216,6 +223,8 @@ class Pipeline:
             with self._lock:
                 waiter.active = False
                 orphaned = not computation.job.awaited()
+                if orphaned:
+                    computation.job.left_at = time.monotonic()
             if orphaned and not computation.task.done():
                 self._orphaned(computation, reason)
         if answer is None:  # dropped on the model thread: every client had gone (this one attached late)
@@ -264,9 +273,10 @@ class Pipeline:
         """Nobody awaits ``computation`` any more.
 
         A job without a request id is dropped now. One with an id keeps its place in the queue,
-        so that a retry (which follows at once) attaches to it without queueing again; the model
-        thread drops it if nobody has attached by its turn. A job already on the model thread
-        runs to its end either way (a retry may still attach to it).
+        so that a retry (which follows at once) attaches to it without queueing again; at its
+        turn the model thread still computes it if the last attempt left less than
+        ``--retry-grace`` ago (the answer is kept for the retry), and drops it otherwise. A job
+        already on the model thread runs to its end either way (a retry may still attach to it).
         """
         if computation.job.key is None and self._abandon(computation.job, reason):
             computation.task.cancel()
@@ -285,9 +295,13 @@ class Pipeline:
         return True
 
     def _claim(self, job: Job) -> bool:
-        """On the model thread, right before the forward: run the job if a client still waits."""
+        """On the model thread, right before the forward: run the job if a client still waits, or its retry may."""
         with self._lock:
-            if job.state == QUEUED and not job.wanted():
+            if (
+                job.state == QUEUED
+                and not job.wanted()
+                and not job.retry_expected(self.settings.retry_grace, time.monotonic())
+            ):
                 job.state = ABANDONED
                 self.metrics.abandoned.labels("client_gone").inc()
                 return False

@@ -132,6 +132,7 @@ async def register_session(request: Request) -> HTTPResponse:
         request_timeout=state.settings.request_timeout,
         capture=capture,
         capabilities=tuple(c for c in protocol.CAPABILITIES if c in session.capabilities),
+        gpu_uuids=state.planes.gpu_uuids,
     )
     return json(reply.to_json())
 
@@ -261,7 +262,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
         connection_closed(conn_info)  # a client gone under a group transfer: drop its group now
 
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
-    pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics)
+    pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics, kept=planes.kept)
     logger.info("limits: %s", pipeline.limits.describe())
     ops.metrics.describe_limits(
         {

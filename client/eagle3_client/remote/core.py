@@ -158,7 +158,8 @@ class RemoteTarget:
 
     def transport_stats(self) -> list[dict[str, Any]]:
         """One entry per server: ``url``, the ``tier`` in use now (``"nccl"``, ``"gloo"`` or
-        ``"wire"``), the ``negotiated`` tier, ``bytes`` and ``transfer_seconds`` per tier,
+        ``"wire"``), the ``negotiated`` tier and ``tier_reason`` (why ``auto`` passed over a faster
+        tier, or None: trainer and server on one GPU), ``bytes`` and ``transfer_seconds`` per tier,
         ``requests``, ``fallbacks`` (broken transfers answered over the wire) and
         ``reupgrades`` (returns to the group after a fallback); and its place in the fleet:
         ``state`` (``ready``, ``out``, ``joining``, ``draining``), ``reason`` and

@@ -30,7 +30,14 @@ from eagle3_client.transports.control import ControlPlane
 from eagle3_client.transports.dataplane import Answer, DataPlane, TransferStats, WireDataPlane
 from eagle3_client.transports.group_plane import GroupDataPlane
 from eagle3_client.transports.heartbeat import Heartbeat
-from eagle3_client.transports.negotiate import DataPlaneConfig, DataPlaneUnavailable, choose_tier, local_tiers
+from eagle3_client.transports.negotiate import (
+    DataPlaneConfig,
+    DataPlaneUnavailable,
+    choose_tier,
+    local_tiers,
+    same_gpu_reason,
+    shared_gpu,
+)
 
 __all__ = ["ServerSession"]
 
@@ -78,6 +85,7 @@ class ServerSession:
         self.encoding = PROBS  # what the server agreed to send (upstream: always probs)
         self.session_id: str | None = None
         self.upstream = False
+        self.tier_reason: str | None = None  # why the negotiation passed over a faster tier (one GPU for both)
         self.fingerprint: str | None = None  # the served model's, from the session reply (ours only)
         self.capabilities: frozenset[str] = frozenset()  # request extensions the server granted (ours only)
         self.data_plane: DataPlane | None = None
@@ -163,6 +171,7 @@ class ServerSession:
                     "answer with EAGLE-3 supervision; point this client at eagle3-appliance servers"
                 ) from None
             self.upstream, self.session_id, self.encoding, self.fingerprint = True, None, PROBS, None
+            server_gpus: tuple[str, ...] = ()
             self.capabilities = frozenset()
             self.control.server_request_timeout = None
             offered = [protocol.TIER_WIRE]
@@ -186,11 +195,16 @@ class ServerSession:
             self.control.server_request_timeout = reply.request_timeout
             self.encoding = _negotiated(self.control.url, reply, wanted)
             offered = list(reply.data_planes)
+            server_gpus = reply.gpu_uuids
             if reply.lease_seconds is not None and reply.lease_seconds > 0:  # beat three times per lease
                 self.heartbeat = Heartbeat(self.control, self.session_id, reply.lease_seconds / 3).start()
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
+        # Only a pair that could do NCCL asks which GPU it is on (an upstream server names none).
+        both_nccl = protocol.TIER_NCCL in local and protocol.TIER_NCCL in offered
+        same = shared_gpu(self.device, server_gpus) if both_nccl else None
+        self.tier_reason = same_gpu_reason(same) if same is not None else None
         try:
-            tier = choose_tier(self.config.preference, local, offered, self.control.url)
+            tier = choose_tier(self.config.preference, local, offered, self.control.url, same_gpu=same)
         except DataPlaneUnavailable:
             self._stop_heartbeat()
             if not self.upstream:  # leave nothing behind on the server
@@ -282,6 +296,7 @@ class ServerSession:
             "url": self.control.url,
             "tier": plane.tier if plane is not None else protocol.TIER_WIRE,
             "negotiated": plane.group_tier if isinstance(plane, GroupDataPlane) else protocol.TIER_WIRE,
+            "tier_reason": self.tier_reason,
             "connected": self._connected,
             "upstream": self.upstream,
             "port": plane.port if isinstance(plane, GroupDataPlane) else None,

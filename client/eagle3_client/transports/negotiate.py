@@ -7,13 +7,20 @@ chosen by ``auto``: it moves an answer at about half the wire's rate (one host, 
 ``benchmarks.transport``: 1,702 against 3,219 MB/s), and across hosts both ride one TCP
 stream, the wire straight into the tensors' memory. Naming a tier forces it, and a forced
 tier the pair cannot do is an error at connect time (a silent wire fallback would hide a
-misconfigured cluster). Every knob has a
+misconfigured cluster).
+
+One GPU for both ends: NCCL cannot pair two ranks on one device (the group would hang or
+fail), so when the trainer's GPU is one the server names in its session reply (by UUID,
+:mod:`eagle3_client.transports.gpu_identity`) ``auto`` passes over NCCL to the next tier of
+:data:`AUTO_ORDER`, the wire, and logs why; a forced ``nccl`` is a clear error. A server that
+names no GPU (upstream, or an older appliance) leaves the ranking as it was. Every knob has a
 keyword argument on ``RemoteEagle3TargetModel`` and an environment default
 (:mod:`eagle3_client.options`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ import torch
 from eagle3_client import protocol
 from eagle3_client.errors import RemoteTargetError
 from eagle3_client.options import AUTO, DATA_PLANE_CHOICES
+from eagle3_client.transports.gpu_identity import cuda_uuid, normal_uuid
 from eagle3_client.transports.transfer import gloo_available, nccl_available
 
 __all__ = [
@@ -33,7 +41,11 @@ __all__ = [
     "choose_tier",
     "local_tiers",
     "receive_device",
+    "same_gpu_reason",
+    "shared_gpu",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 # What ``auto`` tries, fastest first (see the module docstring for why gloo is not in it).
@@ -97,10 +109,35 @@ def local_tiers(device: torch.device, env: Mapping[str, str] | None = None) -> l
     return tiers
 
 
-def choose_tier(preference: str, local: Sequence[str], offered: Sequence[str], url: str) -> str:
-    """The tier to use with one server; raises :class:`DataPlaneUnavailable` for an impossible forced tier."""
+def shared_gpu(device: torch.device, server_gpus: Sequence[str]) -> str | None:
+    """The UUID of the trainer's GPU when the server's NCCL end is on it too; None otherwise or unknown."""
+    if device.type != "cuda" or not server_gpus:
+        return None
+    mine = cuda_uuid(receive_device(device))
+    if mine is None:
+        return None
+    return mine if mine.lower() in {normal_uuid(u).lower() for u in server_gpus} else None
+
+
+def same_gpu_reason(uuid: str) -> str:
+    """Why NCCL is out for a pair on one GPU (logged, in ``transport_stats``, in the forced-nccl error)."""
+    return f"this trainer and the server are on the same GPU ({uuid}): NCCL cannot pair two ranks on one device"
+
+
+def choose_tier(
+    preference: str, local: Sequence[str], offered: Sequence[str], url: str, *, same_gpu: str | None = None
+) -> str:
+    """The tier to use with one server; raises :class:`DataPlaneUnavailable` for an impossible forced tier.
+
+    ``same_gpu``: the UUID of the GPU both ends are on (:func:`shared_gpu`), which rules NCCL out.
+    """
     if preference == AUTO:
-        return next((t for t in AUTO_ORDER if t in local and t in offered), protocol.TIER_WIRE)
+        both = [t for t in AUTO_ORDER if t in local and t in offered]
+        if same_gpu is not None and protocol.TIER_NCCL in both:
+            tier = next((t for t in both if t != protocol.TIER_NCCL), protocol.TIER_WIRE)
+            logger.info("%s: data plane %s instead of nccl: %s", url, tier, same_gpu_reason(same_gpu))
+            return tier
+        return next(iter(both), protocol.TIER_WIRE)
     if preference == protocol.TIER_WIRE:
         return preference
     if preference not in local:
@@ -112,5 +149,10 @@ def choose_tier(preference: str, local: Sequence[str], offered: Sequence[str], u
         raise DataPlaneUnavailable(
             f"data_plane={preference!r} was requested, but {url} offers only {list(offered)} "
             f"(an upstream server offers only wire; use data_plane='auto' (EAGLE3_DATA_PLANE=auto) to fall back)"
+        )
+    if preference == protocol.TIER_NCCL and same_gpu is not None:
+        raise DataPlaneUnavailable(
+            f"data_plane='nccl' was requested for {url}, but {same_gpu_reason(same_gpu)} (the group would hang "
+            "or fail); put the trainer on another GPU, or use data_plane='auto' or 'wire' (EAGLE3_DATA_PLANE)"
         )
     return preference
