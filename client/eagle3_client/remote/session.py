@@ -20,12 +20,14 @@ from eagle3_client.encodings import PROBS, Encoding, parse_encoding
 from eagle3_client.errors import (
     CapabilityUnavailable,
     CaptureUnsupported,
+    ModelMismatch,
     ProtocolViolation,
     RemoteTargetError,
     TargetHTTPError,
     TargetUnreachable,
     first_line,
 )
+from eagle3_client.remote.pin import ModelPin
 from eagle3_client.transports.control import ControlPlane
 from eagle3_client.transports.dataplane import Answer, DataPlane, TransferStats, WireDataPlane
 from eagle3_client.transports.group_plane import GroupDataPlane
@@ -50,7 +52,9 @@ class ServerSession:
     answers ``POST /session`` with a session id that every later request carries; an upstream
     server answers 404 and is then spoken to in plain upstream protocol. If our server forgets
     the session (expired lease, restart: HTTP 410), the client registers again, replays its
-    vocab mapping and retries the request once.
+    vocab mapping and retries the request once. Every session it registers (the first, after a
+    410, after a failover) must report the model the client pinned (:class:`ModelPin`): a server
+    restarted on the same address with another checkpoint raises :class:`ModelMismatch`.
 
     Requests run concurrently (pipelining: the data planes are thread-safe); registering a
     session needs the server to itself, since every request carries the session's id. So
@@ -67,8 +71,11 @@ class ServerSession:
         device: torch.device | None = None,
         lease_seconds: float | None = None,
         capture: Capture = EAGLE3,
+        pin: ModelPin | None = None,
     ) -> None:
         self.control = control
+        # The client's model: every session this server registers is checked against it (_connect).
+        self.pin = pin if pin is not None else ModelPin()
         self.capture = capture  # what the adapter's requests capture; negotiated with every session
         self.lease_seconds = lease_seconds
         self.client_name = client_name
@@ -180,6 +187,11 @@ class ServerSession:
                     f"{list(self.capture.layers)} (it answered {reply.capture.label}): an appliance from "
                     "before DFlash support; upgrade it"
                 )
+            try:  # every session, first or re-registered, of every path: never another model's answers
+                self.pin.check(self.control.url, reply.model_fingerprint)
+            except ModelMismatch:
+                self._disconnect(reply.session_id)
+                raise
             self.upstream, self.session_id = False, reply.session_id
             self.fingerprint = reply.model_fingerprint
             self.capabilities = frozenset(reply.capabilities)
