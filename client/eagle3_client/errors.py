@@ -6,6 +6,7 @@
     │   └── NoServerReady             no server of the fleet was ready within failover_timeout
     ├── TargetHTTPError               the server answered with a non-200 status
     │   └── TargetOverloaded          503 that persisted past every Retry-After
+    │       └── TargetTimeLimit       503: the request passed the server's time limit (not a server failure)
     ├── ProtocolViolation             the server's answer does not follow the protocol
     ├── ModelMismatch                 the servers of one client serve different models
     ├── CapabilityUnavailable         the request needs an extension the server did not grant (packing)
@@ -34,6 +35,7 @@ __all__ = [
     "RemoteTargetError",
     "TargetHTTPError",
     "TargetOverloaded",
+    "TargetTimeLimit",
     "TargetTimeout",
     "TargetUnreachable",
 ]
@@ -63,6 +65,21 @@ class TargetHTTPError(RemoteTargetError):
 
 class TargetOverloaded(TargetHTTPError):
     """The server kept answering 503 (busy or draining) past the client's patience."""
+
+
+class TargetTimeLimit(TargetOverloaded):
+    """The request passed the server's own time limit (``--request-timeout``) on every attempt.
+
+    The server is alive and was computing the request: the client sent it again ``max_retries``
+    times at once under one request id (each attempt joined the one computation) and neither
+    fails the server over nor registers a new session, which would start the forward afresh.
+    ``attempts`` says how many were made.
+    """
+
+    def __init__(self, url: str, status: int, server_message: str, attempts: int = 1) -> None:
+        super().__init__(url, status, server_message)
+        self.attempts = attempts
+        self.args = (f"{self} (after {attempts} attempt(s) under one request id)",)
 
 
 class ProtocolViolation(RemoteTargetError):

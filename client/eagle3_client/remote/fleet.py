@@ -54,6 +54,7 @@ from eagle3_client.errors import (
     ModelMismatch,
     NoServerReady,
     TargetHTTPError,
+    TargetTimeLimit,
     TargetTimeout,
     TargetUnreachable,
     first_line,
@@ -117,6 +118,8 @@ _REASON_CHARS = 300  # a server's reason (stats, NoServerReady) stays one short 
 
 def is_server_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the server (not the request) failed, so another server should get it."""
+    if isinstance(exc, TargetTimeLimit):
+        return False  # alive and computing it; another server (or a new session) would compute it again
     if isinstance(exc, TargetHTTPError):
         return exc.status >= 500
     return isinstance(exc, (TargetUnreachable, TransferError))

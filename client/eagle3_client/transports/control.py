@@ -13,7 +13,14 @@ same ``X-Eagle3-Request-Id``, so a retry after a timeout or a lost connection at
 computation the server already has instead of queueing a second forward (after a read timeout
 the retry is sent at once, without back-off, to keep the request's place). Such a timed-out
 ``/generate`` is retried up to ``max_retries`` times even where the caller turned retries off
-(a fleet, which fails over instead): the server has it, another would compute it again.
+(a fleet, which fails over instead): the server has it, another would compute it again. With
+the derived wait it is not: the server answers by its own limit, so silence past it plus the
+margin means a frozen or lost server, and the whole default wait stays one ``generate_wait()``.
+A ``503`` that names the server's time limit (``X-Eagle3-Time-Limit``) is retried the same way,
+at once under the same id, ``max_retries`` times, then raised as ``TargetTimeLimit``.
+
+:meth:`ControlPlane.abort` abandons the requests in flight (a heartbeat got no answer: the
+fleet moves them to a ready server, :meth:`eagle3_client.remote.fleet.Fleet.suspect`).
 Against an upstream server neither applies: ``timeout`` bounds each read and no extra header
 is sent.
 """
@@ -35,6 +42,7 @@ from eagle3_client.errors import (
     ProtocolViolation,
     TargetHTTPError,
     TargetOverloaded,
+    TargetTimeLimit,
     TargetTimeout,
     TargetUnreachable,
 )
@@ -205,11 +213,18 @@ class ControlPlane:
                 ) as resp:
                     if resp.status_code == 503:
                         resp.read()
-                        last = TargetOverloaded(url, 503, _server_message(resp))
                         delay = _retry_after(resp)
-                        if not retries:
-                            attempts = attempt + 1
-                            break
+                        if protocol.TIME_LIMIT_HEADER in resp.headers:  # alive, and computing it still
+                            last = TargetTimeLimit(url, 503, _server_message(resp), attempt + 1)
+                            if protocol.REQUEST_ID_HEADER not in req_headers or not retry_lost:
+                                attempts = attempt + 1
+                                break  # a retry could not join the computation: it would compute again
+                            delay = 0.0  # join it at once, before it finishes with nobody waiting
+                        else:
+                            last = TargetOverloaded(url, 503, _server_message(resp))
+                            if not retries:
+                                attempts = attempt + 1
+                                break
                     elif resp.status_code != 200:
                         resp.read()
                         raise TargetHTTPError(url, resp.status_code, _server_message(resp))
