@@ -129,6 +129,7 @@ class RemoteTarget:
             self._capture,
             self._pin,
         )
+        server.on_suspect = lambda reason: self._fleet.suspect(server, reason)  # a failed heartbeat
         self._prepare_server(server)
         return server
 

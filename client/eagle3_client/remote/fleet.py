@@ -27,7 +27,10 @@ uses it three ways:
   ready server a request waits up to ``failover_timeout`` seconds, then raises
   :class:`~eagle3_client.errors.NoServerReady`, which names every server and why it is out.
   A request that keeps failing (two 500s, or failovers for longer than ``failover_timeout``)
-  is raised: then it is the request, not a server.
+  is raised: then it is the request, not a server. A server whose heartbeat gets no answer is
+  *suspect* (:meth:`Fleet.suspect`): with another server ready it leaves the rotation at once
+  and its requests in flight are abandoned there and sent to a ready server, instead of
+  waiting out their deadline on a frozen process.
 * **Elastic list.** With a server-list file, the fleet re-reads it when it changes (a change
   counts once the file has stayed the same for one poll, so a half-written file is never
   used): new URLs join (after the same fingerprint check), removed ones are drained (no new
@@ -103,6 +106,9 @@ class FleetServer(Protocol):
 
     def leave(self) -> None:
         """Stop using the server: its session and data plane are released (best effort)."""
+
+    def abort(self, reason: str) -> None:
+        """Abandon the requests in flight on the server now: each raises a server failure."""
 
     def probe(self, timeout: float) -> str | None:
         """None when the server answers ready, else why not."""
@@ -433,11 +439,29 @@ class Fleet(Generic[S]):
         logger.warning("%s: a request timed out but the server answers ready: raised, the server stays", member.url)
         return True
 
-    def fail(self, member: Member[S], exc: BaseException) -> None:
-        """Take ``member`` out of the rotation after ``exc`` (once; later failures only count)."""
+    def suspect(self, server: S, reason: str) -> None:
+        """``server`` stopped answering (a heartbeat got no answer): when another server is ready,
+        it leaves the rotation now and its requests in flight are abandoned, so that they move
+        to a ready server at once instead of waiting out their deadline there. Alone, it is kept:
+        its requests have nowhere to go and wait for it (at most ``generate_wait()`` each)."""
+        with self._cond:
+            member = next((m for m in self._members if m.server is server), None)
+            if member is None or member.state != READY:
+                return
+            if not any(m.state == READY for m in self._members if m is not member):
+                return
+        logger.warning("%s is suspect (%s): its requests move to the ready servers", member.url, reason)
+        self.fail(member, TargetUnreachable(f"{member.url}: {reason}"), count=False)
+        server.abort(reason)
+
+    def fail(self, member: Member[S], exc: BaseException, *, count: bool = True) -> None:
+        """Take ``member`` out of the rotation after ``exc`` (once; later failures only count).
+
+        ``count``: a request failed there (it counts in ``failovers``)."""
         reason = first_line(exc, _REASON_CHARS)
         with self._cond:
-            member.failovers += 1
+            if count:
+                member.failovers += 1
             if member.state != READY:
                 return
             self._set_out(member, reason, time.monotonic())

@@ -90,6 +90,8 @@ class ServerSession:
         self.data_plane: DataPlane | None = None
         self.mapping: tuple[bytes, int] | None = None  # the vocab mapping's wire payload and version
         self.heartbeat: Heartbeat | None = None
+        # Told when a heartbeat gets no answer (the fleet: Fleet.suspect); None: nobody listens.
+        self.on_suspect: Callable[[str], None] | None = None
         self.stats = TransferStats()  # survives re-registration
         self._connected = False
         self._left = True  # out of the fleet's rotation (not joined yet): requests are refused until join()
@@ -145,6 +147,7 @@ class ServerSession:
         if self._connected:
             return
         self.control.set_header(protocol.SESSION_HEADER, None)  # a stale id must not ride along
+        self.control.resume()  # a new session: whatever abort() abandoned belonged to the old one
         wanted = self.requested_encoding
         # We can always decode probs, so offering it as the fallback never costs a round-trip.
         local = local_tiers(self.device)
@@ -199,7 +202,9 @@ class ServerSession:
             self.encoding = _negotiated(self.control.url, reply, wanted)
             offered = list(reply.data_planes)
             if reply.lease_seconds is not None and reply.lease_seconds > 0:  # beat three times per lease
-                self.heartbeat = Heartbeat(self.control, self.session_id, reply.lease_seconds / 3).start()
+                self.heartbeat = Heartbeat(
+                    self.control, self.session_id, reply.lease_seconds / 3, on_failure=self._heartbeat_failed
+                ).start()
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
         try:
             tier = choose_tier(self.config.preference, local, offered, self.control.url)
@@ -329,6 +334,15 @@ class ServerSession:
             return fn(self)
         finally:
             self._exit()
+
+    def _heartbeat_failed(self, reason: str) -> None:
+        if self.on_suspect is not None:
+            self.on_suspect(reason)
+
+    def abort(self, reason: str) -> None:
+        """Abandon the requests in flight here now (they raise :class:`TargetUnreachable`); the
+        server stopped answering. A new session (:meth:`join`) sends requests again."""
+        self.control.abort(reason)
 
     def _stop_heartbeat(self) -> None:
         if self.heartbeat is not None:
