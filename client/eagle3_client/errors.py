@@ -100,10 +100,12 @@ class NoServerReady(TargetUnreachable):
 
 
 class ModelMismatch(RemoteTargetError):
-    """The servers of one client serve different models (their fingerprints differ).
+    """The servers of one client serve different models (their fingerprints differ), or a server
+    came back (a new session, e.g. after a restart on its address) with another model than the
+    one the client pinned at its first connect.
 
     Training on a mix would give the draft inconsistent supervision without any error, so the
-    client refuses the fleet. ``fingerprints`` maps each server's URL to its fingerprint.
+    client refuses the fleet, or that server. ``fingerprints`` maps each server's URL to its fingerprint.
     """
 
     def __init__(self, message: str, fingerprints: Mapping[str, str]) -> None:
