@@ -42,6 +42,7 @@ class ScriptedServer:
         self.generate_status = 200
         self.generate_hangs = False  # every /generate times out (a slow request)
         self.health_hangs = False  # the readiness probe times out too (a frozen server)
+        self.request_timeout: float | None = None  # the --request-timeout its session reply names
         self.sessions = 0
         self.requests: list[httpx.Request] = []
         self.lock = threading.Lock()
@@ -56,7 +57,9 @@ class ScriptedServer:
             with self.lock:
                 self.sessions += 1
                 sid = f"{self.name}-{self.sessions}"
-            reply = protocol.SessionReply(session_id=sid, model_fingerprint=self.fingerprint)
+            reply = protocol.SessionReply(
+                session_id=sid, model_fingerprint=self.fingerprint, request_timeout=self.request_timeout
+            )
             return httpx.Response(200, json=reply.to_json())
         if path == protocol.EP_GENERATE:
             if self.generate_hangs:
@@ -196,6 +199,25 @@ def test_a_timed_out_request_is_retried_on_its_server_under_one_id_then_raised_n
         assert [e["state"] for e in remote.transport_stats()] == ["ready", "ready"]
         assert [e["failovers"] for e in remote.transport_stats()] == [0, 0]
         assert a.sessions == b.sessions == 1
+    finally:
+        remote.close()
+
+
+def test_with_the_derived_wait_a_timed_out_request_is_not_sent_again() -> None:
+    """The derived wait is the server's own limit plus a margin: past it the server answered
+    nothing it should have (200 or its time-limit 503), so a retry would only wait as long again.
+    One attempt, one probe: the default wait is one generate_wait(), not 1 + max_retries of them."""
+    a = ScriptedServer("a")
+    a.request_timeout = 600.0
+    remote = fleet_of(a, max_retries=3, failover_timeout=2.0)
+    try:
+        remote.set_vocab_mapping(torch.arange(5), torch.ones(9, dtype=torch.bool))
+        assert remote._servers[0].control.generate_wait() == 630.0
+        a.generate_hangs = True
+        with pytest.raises(TargetTimeout) as info:
+            remote.generate_batch(*INPUTS)
+        assert "after 1 attempt(s)" in str(info.value)
+        assert a.paths().count("/generate") == 1
     finally:
         remote.close()
 

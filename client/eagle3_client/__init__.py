@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         RemoteTargetError,
         TargetHTTPError,
         TargetOverloaded,
+        TargetTimeLimit,
         TargetTimeout,
         TargetUnreachable,
     )
@@ -52,6 +53,7 @@ _EXPORTS = {
     "RemoteTargetError": "eagle3_client.errors",
     "TargetHTTPError": "eagle3_client.errors",
     "TargetOverloaded": "eagle3_client.errors",
+    "TargetTimeLimit": "eagle3_client.errors",
     "TargetTimeout": "eagle3_client.errors",
     "TargetUnreachable": "eagle3_client.errors",
 }
@@ -73,6 +75,7 @@ __all__ = [
     "RemoteTargetError",
     "TargetHTTPError",
     "TargetOverloaded",
+    "TargetTimeLimit",
     "TargetTimeout",
     "TargetUnreachable",
     "TransferError",

@@ -6,6 +6,7 @@
     │   └── NoServerReady             no server of the fleet was ready within failover_timeout
     ├── TargetHTTPError               the server answered with a non-200 status
     │   └── TargetOverloaded          503 that persisted past every Retry-After
+    │       └── TargetTimeLimit       503: the request passed the server's time limit (not a server failure)
     ├── ProtocolViolation             the server's answer does not follow the protocol
     ├── ModelMismatch                 the servers of one client serve different models
     ├── CapabilityUnavailable         the request needs an extension the server did not grant (packing)
@@ -34,6 +35,7 @@ __all__ = [
     "RemoteTargetError",
     "TargetHTTPError",
     "TargetOverloaded",
+    "TargetTimeLimit",
     "TargetTimeout",
     "TargetUnreachable",
 ]
@@ -65,6 +67,21 @@ class TargetOverloaded(TargetHTTPError):
     """The server kept answering 503 (busy or draining) past the client's patience."""
 
 
+class TargetTimeLimit(TargetOverloaded):
+    """The request passed the server's own time limit (``--request-timeout``) on every attempt.
+
+    The server is alive and was computing the request: the client sent it again ``max_retries``
+    times at once under one request id (each attempt joined the one computation) and neither
+    fails the server over nor registers a new session, which would start the forward afresh.
+    ``attempts`` says how many were made.
+    """
+
+    def __init__(self, url: str, status: int, server_message: str, attempts: int = 1) -> None:
+        super().__init__(url, status, server_message)
+        self.attempts = attempts
+        self.args = (f"{self} (after {attempts} attempt(s) under one request id)",)
+
+
 class ProtocolViolation(RemoteTargetError):
     """The server's answer is not what the protocol allows (bad body, wrong keys)."""
 
@@ -83,10 +100,12 @@ class NoServerReady(TargetUnreachable):
 
 
 class ModelMismatch(RemoteTargetError):
-    """The servers of one client serve different models (their fingerprints differ).
+    """The servers of one client serve different models (their fingerprints differ), or a server
+    came back (a new session, e.g. after a restart on its address) with another model than the
+    one the client pinned at its first connect.
 
     Training on a mix would give the draft inconsistent supervision without any error, so the
-    client refuses the fleet. ``fingerprints`` maps each server's URL to its fingerprint.
+    client refuses the fleet, or that server. ``fingerprints`` maps each server's URL to its fingerprint.
     """
 
     def __init__(self, message: str, fingerprints: Mapping[str, str]) -> None:

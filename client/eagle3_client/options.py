@@ -53,9 +53,12 @@ class ClientOptions:
     )
     generate_timeout: float | None = option(
         None,
-        "Seconds to wait for a /generate answer. None = our servers' --request-timeout plus 30 s (the server "
-        "answers 503 itself by then), or timeout for an upstream server. A /generate that timed out is sent "
-        "again max_retries times under one request id, then raised while its server answers ready.",
+        "Seconds to wait for a /generate answer. None = our servers' --request-timeout plus 30 s, at least "
+        "timeout (the server answers 200 or its time-limit 503 by then, so a /generate that timed out is not "
+        "sent again: the wait is bounded by that plus a 5 s readiness probe, 635 s with the defaults; a server whose "
+        "heartbeat fails loses its requests to a ready server at once), or timeout for an upstream server. Set, "
+        "a /generate that timed out is sent again max_retries times under one request id, then raised while its "
+        "server answers ready.",
         env="EAGLE3_GENERATE_TIMEOUT",
         positive=True,
     )

@@ -139,6 +139,11 @@ FAILOVER_HEADER = "X-Eagle3-Failover"
 # digits, "-", "_" and "." only, at most REQUEST_ID_MAX_LEN characters (400 otherwise).
 REQUEST_ID_HEADER = "X-Eagle3-Request-Id"
 REQUEST_ID_MAX_LEN = 128
+# On a 503 to /generate: the request passed the server's time limit (--request-timeout, the
+# value in seconds) while queued or computing. The server is alive and still has the request:
+# our client resends it under the same request id (joining that computation) rather than
+# failing the server over. An upstream client only sees a 503 with Retry-After.
+TIME_LIMIT_HEADER = "X-Eagle3-Time-Limit"
 AUTH_HEADER = "Authorization"  # "Bearer <token>" when the server is started with a token
 
 # Data planes (extension). How a /generate answer's tensors travel, best first: a private

@@ -217,7 +217,8 @@ class Pipeline:
             raise Unavailable(
                 f"/generate exceeded this server's request time limit of {timeout:g} s "
                 "(waiting for the model plus computing); retry later or send smaller batches",
-                headers=self.admission.retry_after(),
+                # Named, so that our client joins the computation instead of failing the server over.
+                headers={**self.admission.retry_after(), protocol.TIME_LIMIT_HEADER: f"{timeout:g}"},
             ) from None
         finally:
             with self._lock:

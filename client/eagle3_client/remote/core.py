@@ -28,6 +28,7 @@ from eagle3_client.encodings import PROBS, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.options import ClientOptions
 from eagle3_client.remote.fleet import Fleet, ServerList
+from eagle3_client.remote.pin import ModelPin
 from eagle3_client.remote.request import Packing, encode_request
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.transports.buffers import BufferPool
@@ -95,6 +96,7 @@ class RemoteTarget:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._embeddings: torch.nn.Embedding | None = None
+        self._pin = ModelPin()  # the model every session of every server must report (eagle3_client.remote.pin)
         # Last: building the fleet builds servers (_new_server), which read the state above
         # (and the adapter's, which it sets before calling this).
         self._fleet: Fleet[ServerSession] = Fleet(
@@ -125,7 +127,9 @@ class RemoteTarget:
             receive_device(self._device),
             self.options.lease_seconds,
             self._capture,
+            self._pin,
         )
+        server.on_suspect = lambda reason: self._fleet.suspect(server, reason)  # a failed heartbeat
         self._prepare_server(server)
         return server
 

@@ -1,6 +1,7 @@
 """The servers one trainer process uses: routing, failover, readiness probes and an elastic list.
 
-Every server of a fleet serves the same model (checked: :attr:`FleetServer.fingerprint`), so
+Every server of a fleet serves the same model (checked on every session a server registers,
+against the fingerprint the client pinned first: :mod:`eagle3_client.remote.pin`), so
 any of them gives a request the same bits. That is what makes failover exact, and the client
 uses it three ways:
 
@@ -26,7 +27,10 @@ uses it three ways:
   ready server a request waits up to ``failover_timeout`` seconds, then raises
   :class:`~eagle3_client.errors.NoServerReady`, which names every server and why it is out.
   A request that keeps failing (two 500s, or failovers for longer than ``failover_timeout``)
-  is raised: then it is the request, not a server.
+  is raised: then it is the request, not a server. A server whose heartbeat gets no answer is
+  *suspect* (:meth:`Fleet.suspect`): with another server ready it leaves the rotation at once
+  and its requests in flight are abandoned there and sent to a ready server, instead of
+  waiting out their deadline on a frozen process.
 * **Elastic list.** With a server-list file, the fleet re-reads it when it changes (a change
   counts once the file has stayed the same for one poll, so a half-written file is never
   used): new URLs join (after the same fingerprint check), removed ones are drained (no new
@@ -53,6 +57,7 @@ from eagle3_client.errors import (
     ModelMismatch,
     NoServerReady,
     TargetHTTPError,
+    TargetTimeLimit,
     TargetTimeout,
     TargetUnreachable,
     first_line,
@@ -96,10 +101,14 @@ class FleetServer(Protocol):
     def fingerprint(self) -> str | None: ...
 
     def join(self, *, rejoin: bool, timeout: float | None = None) -> None:
-        """Register a new session (replaying the vocab mapping); raise on failure."""
+        """Register a new session (replaying the vocab mapping); raise on failure, and
+        :class:`ModelMismatch` when the server serves another model than the client pinned."""
 
     def leave(self) -> None:
         """Stop using the server: its session and data plane are released (best effort)."""
+
+    def abort(self, reason: str) -> None:
+        """Abandon the requests in flight on the server now: each raises a server failure."""
 
     def probe(self, timeout: float) -> str | None:
         """None when the server answers ready, else why not."""
@@ -115,6 +124,8 @@ _REASON_CHARS = 300  # a server's reason (stats, NoServerReady) stays one short 
 
 def is_server_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the server (not the request) failed, so another server should get it."""
+    if isinstance(exc, TargetTimeLimit):
+        return False  # alive and computing it; another server (or a new session) would compute it again
     if isinstance(exc, TargetHTTPError):
         return exc.status >= 500
     return isinstance(exc, (TargetUnreachable, TransferError))
@@ -230,7 +241,6 @@ class Fleet(Generic[S]):
         self.probe_interval = probe_interval
         self.probe_max_interval = probe_max_interval
         self.server_list = server_list
-        self._fingerprint: tuple[str, str] | None = None  # (fingerprint, the URL it was first seen on)
         self._cond = threading.Condition()
         self._start_lock = threading.Lock()
         self._started = False
@@ -306,36 +316,11 @@ class Fleet(Generic[S]):
         return {m: exc for m, exc in zip(members, results, strict=True) if exc is not None}
 
     def _check_one_model(self, members: list[Member[S]]) -> None:
-        seen = {m.url: fp for m in members if (fp := m.server.fingerprint)}
-        if len(set(seen.values())) > 1:
-            first_url, first = next(iter(seen.items()))
-            other_url, other = next((u, f) for u, f in seen.items() if f != first)
-            raise ModelMismatch(
-                f"the servers serve different models: {first_url} reports {first} but {other_url} reports "
-                f"{other}; every server of one trainer must load the same checkpoint with the same dtype, "
-                "aux layers and loader mode",
-                seen,
-            )
-        if seen and self._fingerprint is None:
-            url, fp = next(iter(seen.items()))
-            self._fingerprint = (fp, url)
+        """Warn about servers whose model cannot be checked (the sessions check the others: ``join``)."""
+        seen = [m.url for m in members if m.server.fingerprint]
         unchecked = [m.url for m in members if not m.server.fingerprint]
         if seen and unchecked:
             logger.warning("cannot check that %s serve the fleet's model: they report no fingerprint", unchecked)
-
-    def _mismatch(self, member: Member[S]) -> str | None:
-        """Why ``member`` may not join (another model), or None."""
-        fp = member.server.fingerprint
-        if fp is None:
-            return None
-        with self._cond:
-            if self._fingerprint is None:
-                self._fingerprint = (fp, member.url)
-                return None
-            expected, where = self._fingerprint
-        if fp == expected:
-            return None
-        return f"serves another model: fingerprint {fp}, the fleet's is {expected} (from {where})"
 
     # -- requests ---------------------------------------------------------------------
 
@@ -355,6 +340,13 @@ class Fleet(Generic[S]):
                 result = fn(member.server, attempt)
             except BaseException as exc:
                 self._release(member, begun, ok=False, measure=False)
+                if isinstance(exc, ModelMismatch):  # restarted with another model (its new session said so)
+                    if self.size <= 1:
+                        raise  # nowhere else to go; each request checks it again (it may come back right)
+                    logger.error("%s; it stays out of the rotation", first_line(exc, _REASON_CHARS))
+                    self.fail(member, exc)
+                    failing_since = failing_since if failing_since is not None else time.monotonic()
+                    continue
                 if not is_server_failure(exc):
                     raise
                 if isinstance(exc, TargetHTTPError) and exc.status == 500:
@@ -447,11 +439,29 @@ class Fleet(Generic[S]):
         logger.warning("%s: a request timed out but the server answers ready: raised, the server stays", member.url)
         return True
 
-    def fail(self, member: Member[S], exc: BaseException) -> None:
-        """Take ``member`` out of the rotation after ``exc`` (once; later failures only count)."""
+    def suspect(self, server: S, reason: str) -> None:
+        """``server`` stopped answering (a heartbeat got no answer): when another server is ready,
+        it leaves the rotation now and its requests in flight are abandoned, so that they move
+        to a ready server at once instead of waiting out their deadline there. Alone, it is kept:
+        its requests have nowhere to go and wait for it (at most ``generate_wait()`` each)."""
+        with self._cond:
+            member = next((m for m in self._members if m.server is server), None)
+            if member is None or member.state != READY:
+                return
+            if not any(m.state == READY for m in self._members if m is not member):
+                return
+        logger.warning("%s is suspect (%s): its requests move to the ready servers", member.url, reason)
+        self.fail(member, TargetUnreachable(f"{member.url}: {reason}"), count=False)
+        server.abort(reason)
+
+    def fail(self, member: Member[S], exc: BaseException, *, count: bool = True) -> None:
+        """Take ``member`` out of the rotation after ``exc`` (once; later failures only count).
+
+        ``count``: a request failed there (it counts in ``failovers``)."""
         reason = first_line(exc, _REASON_CHARS)
         with self._cond:
-            member.failovers += 1
+            if count:
+                member.failovers += 1
             if member.state != READY:
                 return
             self._set_out(member, reason, time.monotonic())
@@ -531,14 +541,14 @@ class Fleet(Generic[S]):
         """Register ``member`` again and put it back in the rotation; why not, or None when done."""
         try:
             member.server.join(rejoin=rejoin, timeout=_PROBE_TIMEOUT_S)
+        except ModelMismatch as exc:  # the session's check (eagle3_client.remote.pin)
+            member.server.leave()
+            reason = first_line(exc, _REASON_CHARS)
+            logger.error("%s; it stays out of the rotation", reason)
+            return reason
         except Exception as exc:  # noqa: BLE001 - any failure keeps it out
             member.server.leave()
             return f"ready, but registering failed: {first_line(exc, _REASON_CHARS)}"
-        mismatch = self._mismatch(member)
-        if mismatch is not None:
-            member.server.leave()
-            logger.error("%s %s; it stays out of the rotation", member.url, mismatch)
-            return mismatch
         with self._cond:
             was_out = member.state == OUT
             away = time.monotonic() - member.out_since

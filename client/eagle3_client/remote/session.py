@@ -20,12 +20,14 @@ from eagle3_client.encodings import PROBS, Encoding, parse_encoding
 from eagle3_client.errors import (
     CapabilityUnavailable,
     CaptureUnsupported,
+    ModelMismatch,
     ProtocolViolation,
     RemoteTargetError,
     TargetHTTPError,
     TargetUnreachable,
     first_line,
 )
+from eagle3_client.remote.pin import ModelPin
 from eagle3_client.transports.control import ControlPlane
 from eagle3_client.transports.dataplane import Answer, DataPlane, TransferStats, WireDataPlane
 from eagle3_client.transports.group_plane import GroupDataPlane
@@ -57,7 +59,9 @@ class ServerSession:
     answers ``POST /session`` with a session id that every later request carries; an upstream
     server answers 404 and is then spoken to in plain upstream protocol. If our server forgets
     the session (expired lease, restart: HTTP 410), the client registers again, replays its
-    vocab mapping and retries the request once.
+    vocab mapping and retries the request once. Every session it registers (the first, after a
+    410, after a failover) must report the model the client pinned (:class:`ModelPin`): a server
+    restarted on the same address with another checkpoint raises :class:`ModelMismatch`.
 
     Requests run concurrently (pipelining: the data planes are thread-safe); registering a
     session needs the server to itself, since every request carries the session's id. So
@@ -74,8 +78,11 @@ class ServerSession:
         device: torch.device | None = None,
         lease_seconds: float | None = None,
         capture: Capture = EAGLE3,
+        pin: ModelPin | None = None,
     ) -> None:
         self.control = control
+        # The client's model: every session this server registers is checked against it (_connect).
+        self.pin = pin if pin is not None else ModelPin()
         self.capture = capture  # what the adapter's requests capture; negotiated with every session
         self.lease_seconds = lease_seconds
         self.client_name = client_name
@@ -91,6 +98,8 @@ class ServerSession:
         self.data_plane: DataPlane | None = None
         self.mapping: tuple[bytes, int] | None = None  # the vocab mapping's wire payload and version
         self.heartbeat: Heartbeat | None = None
+        # Told when a heartbeat gets no answer (the fleet: Fleet.suspect); None: nobody listens.
+        self.on_suspect: Callable[[str], None] | None = None
         self.stats = TransferStats()  # survives re-registration
         self._connected = False
         self._left = True  # out of the fleet's rotation (not joined yet): requests are refused until join()
@@ -146,6 +155,7 @@ class ServerSession:
         if self._connected:
             return
         self.control.set_header(protocol.SESSION_HEADER, None)  # a stale id must not ride along
+        self.control.resume()  # a new session: whatever abort() abandoned belonged to the old one
         wanted = self.requested_encoding
         # We can always decode probs, so offering it as the fallback never costs a round-trip.
         local = local_tiers(self.device)
@@ -189,6 +199,11 @@ class ServerSession:
                     f"{list(self.capture.layers)} (it answered {reply.capture.label}): an appliance from "
                     "before DFlash support; upgrade it"
                 )
+            try:  # every session, first or re-registered, of every path: never another model's answers
+                self.pin.check(self.control.url, reply.model_fingerprint)
+            except ModelMismatch:
+                self._disconnect(reply.session_id)
+                raise
             self.upstream, self.session_id = False, reply.session_id
             self.fingerprint = reply.model_fingerprint
             self.capabilities = frozenset(reply.capabilities)
@@ -197,7 +212,9 @@ class ServerSession:
             offered = list(reply.data_planes)
             server_gpus = reply.gpu_uuids
             if reply.lease_seconds is not None and reply.lease_seconds > 0:  # beat three times per lease
-                self.heartbeat = Heartbeat(self.control, self.session_id, reply.lease_seconds / 3).start()
+                self.heartbeat = Heartbeat(
+                    self.control, self.session_id, reply.lease_seconds / 3, on_failure=self._heartbeat_failed
+                ).start()
         self.control.set_header(protocol.SESSION_HEADER, self.session_id)
         # Only a pair that could do NCCL asks which GPU it is on (an upstream server names none).
         both_nccl = protocol.TIER_NCCL in local and protocol.TIER_NCCL in offered
@@ -332,6 +349,15 @@ class ServerSession:
             return fn(self)
         finally:
             self._exit()
+
+    def _heartbeat_failed(self, reason: str) -> None:
+        if self.on_suspect is not None:
+            self.on_suspect(reason)
+
+    def abort(self, reason: str) -> None:
+        """Abandon the requests in flight here now (they raise :class:`TargetUnreachable`); the
+        server stopped answering. A new session (:meth:`join`) sends requests again."""
+        self.control.abort(reason)
 
     def _stop_heartbeat(self) -> None:
         if self.heartbeat is not None:

@@ -13,7 +13,14 @@ same ``X-Eagle3-Request-Id``, so a retry after a timeout or a lost connection at
 computation the server already has instead of queueing a second forward (after a read timeout
 the retry is sent at once, without back-off, to keep the request's place). Such a timed-out
 ``/generate`` is retried up to ``max_retries`` times even where the caller turned retries off
-(a fleet, which fails over instead): the server has it, another would compute it again.
+(a fleet, which fails over instead): the server has it, another would compute it again. With
+the derived wait it is not: the server answers by its own limit, so silence past it plus the
+margin means a frozen or lost server, and the whole default wait stays one ``generate_wait()``.
+A ``503`` that names the server's time limit (``X-Eagle3-Time-Limit``) is retried the same way,
+at once under the same id, ``max_retries`` times, then raised as ``TargetTimeLimit``.
+
+:meth:`ControlPlane.abort` abandons the requests in flight (a heartbeat got no answer: the
+fleet moves them to a ready server, :meth:`eagle3_client.remote.fleet.Fleet.suspect`).
 Against an upstream server neither applies: ``timeout`` bounds each read and no extra header
 is sent.
 """
@@ -35,6 +42,7 @@ from eagle3_client.errors import (
     ProtocolViolation,
     TargetHTTPError,
     TargetOverloaded,
+    TargetTimeLimit,
     TargetTimeout,
     TargetUnreachable,
 )
@@ -52,6 +60,10 @@ _MAX_RETRY_AFTER_S = 30.0
 # Added to a server's --request-timeout for the /generate wait: queueing on the event loop,
 # the first byte of a large answer, clocks.
 GENERATE_TIMEOUT_MARGIN_S = 30.0
+# What ControlPlane.abort() still sends: enough to probe the server and register a new session.
+_SENT_WHILE_ABORTED = frozenset(
+    {protocol.EP_HEALTH_READY, protocol.EP_HEALTH, protocol.EP_SESSION, protocol.EP_DISCONNECT}
+)
 
 
 T = TypeVar("T")
@@ -94,6 +106,10 @@ class ControlPlane:
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
         if transport is None:
             transport = SocketTransport(httpx.HTTPTransport(limits=limits, trust_env=False))
+        self._transport = transport
+        # Set by abort() (a server that stopped answering): why requests are refused until resume().
+        self._aborted: str | None = None
+        self._abort_epoch = 0  # abort() calls so far: a request in flight across one is abandoned
         self.max_retries = max_retries
         self.backoff = backoff
         self.timeout = timeout
@@ -111,6 +127,10 @@ class ControlPlane:
             transport=transport,
         )
 
+    def _derived_wait(self) -> bool:
+        """Whether ``generate_wait()`` is derived from the server's own time limit (no ``generate_timeout``)."""
+        return self.generate_timeout is None and self.server_request_timeout is not None
+
     def generate_wait(self) -> float:
         """Seconds to wait for a ``/generate`` answer (see the module docstring)."""
         if self.generate_timeout is not None:
@@ -118,6 +138,26 @@ class ControlPlane:
         if self.server_request_timeout is not None:
             return max(self.timeout, self.server_request_timeout + GENERATE_TIMEOUT_MARGIN_S)
         return self.timeout
+
+    def abort(self, reason: str) -> None:
+        """Abandon every request in flight to this server now, and refuse new ones until :meth:`resume`.
+
+        For a server that stopped answering (its heartbeat failed): a thread blocked on its
+        answer gets :class:`TargetUnreachable` at once instead of after ``generate_wait()``.
+        Only the readiness probes, ``/session`` and ``/disconnect`` are still sent, so that the
+        server can be probed and taken back. Waits on the socket transport (every wire
+        answer, and the HTTP answer of each group-plane ``/generate``) are cut off at once; a
+        request on httpx's own transport is abandoned at its next retry, and a group transfer
+        or join already under way ends within ``data_plane_timeout`` / ``data_plane_connect_timeout``.
+        """
+        self._aborted = reason
+        self._abort_epoch += 1
+        if isinstance(self._transport, SocketTransport):
+            self._transport.abort()
+
+    def resume(self) -> None:
+        """Send requests again (a new session is being registered)."""
+        self._aborted = None
 
     def set_header(self, name: str, value: str | None) -> None:
         """Send (or, with None, stop sending) a header on every later request."""
@@ -187,6 +227,9 @@ class ControlPlane:
         started twice).
         """
         url = self.url + protocol.path(endpoint)
+        epoch = self._abort_epoch
+        if self._aborted is not None and endpoint not in _SENT_WHILE_ABORTED:
+            raise TargetUnreachable(f"{method} {url} not sent: {self._aborted}")
         attempts = 1 + self.max_retries
         req_headers = dict(headers or {})
         request_timeout = self._http.timeout if timeout is None else httpx.Timeout(timeout)
@@ -205,11 +248,18 @@ class ControlPlane:
                 ) as resp:
                     if resp.status_code == 503:
                         resp.read()
-                        last = TargetOverloaded(url, 503, _server_message(resp))
                         delay = _retry_after(resp)
-                        if not retries:
-                            attempts = attempt + 1
-                            break
+                        if protocol.TIME_LIMIT_HEADER in resp.headers:  # alive, and computing it still
+                            last = TargetTimeLimit(url, 503, _server_message(resp), attempt + 1)
+                            if protocol.REQUEST_ID_HEADER not in req_headers or not retry_lost:
+                                attempts = attempt + 1
+                                break  # a retry could not join the computation: it would compute again
+                            delay = 0.0  # join it at once, before it finishes with nobody waiting
+                        else:
+                            last = TargetOverloaded(url, 503, _server_message(resp))
+                            if not retries:
+                                attempts = attempt + 1
+                                break
                     elif resp.status_code != 200:
                         resp.read()
                         raise TargetHTTPError(url, resp.status_code, _server_message(resp))
@@ -217,7 +267,15 @@ class ControlPlane:
                         return handle(resp)
             except _RETRYABLE as exc:
                 last, delay = exc, None
+                if self._abort_epoch != epoch:  # abort(): the server stopped answering
+                    raise TargetUnreachable(f"{method} {url} abandoned: {self._aborted or 'aborted'}") from exc
                 if isinstance(exc, httpx.ReadTimeout) and protocol.REQUEST_ID_HEADER in req_headers and retry_lost:
+                    if endpoint == protocol.EP_GENERATE and timeout is None and self._derived_wait():
+                        # The server answers by its own time limit (200 or 503) and this wait is that plus a
+                        # margin: silent past it, the server is frozen or gone, not computing. Not resent,
+                        # so that the default wait is one generate_wait() (the caller probes it).
+                        attempts = attempt + 1
+                        break
                     # The server has the request and is computing it: resend at once to attach to it
                     # (after a pause it might finish with nobody waiting, and compute it again). A
                     # fleet retries this too: another server would compute it a second time.

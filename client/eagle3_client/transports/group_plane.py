@@ -295,6 +295,9 @@ class GroupDataPlane(DataPlane):
                 headers={**(headers or {}), protocol.TRANSFER_HEADER: str(seq)},
                 retries=retries,
                 retry_lost=False,  # 503s are retried; a lost connection is recovered, never resent
+                # The socket transport: a wire answer is received into its tensors, and
+                # ControlPlane.abort() can cut the wait for a frozen server short.
+                extensions={RECV_INTO: True},
             )
         except TargetHTTPError:
             raise  # an error answer: no transfer was started, the group is intact

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import weakref
 from collections.abc import Iterator
 
 import httpx
@@ -103,6 +104,7 @@ class SocketBody(httpx.SyncByteStream):
         sock, self._sock = self._sock, None
         if sock is None:
             return
+        self._transport._finished(sock)
         if self._done and self._keep_alive and not self._buffered:
             self._transport._release(self._key, sock)
         else:
@@ -180,6 +182,8 @@ class SocketTransport(httpx.BaseTransport):
         self._fallback = fallback if fallback is not None else httpx.HTTPTransport()
         self._max_idle = max_idle
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._busy: set[socket.socket] = set()  # carrying a request or its answer now (abort() ends them)
+        self._aborted: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -194,15 +198,42 @@ class SocketTransport(httpx.BaseTransport):
             try:
                 return self._exchange(key, sock, request, head, timeouts)
             except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if getattr(exc, "_eagle3_response_started", True):
+                if getattr(exc, "_eagle3_response_started", True) or self._was_aborted(sock):
                     raise
                 # The server closed an idle keep-alive connection: retry once on a new one.
         sock = _connect(key, timeouts.get("connect"), request)
         return self._exchange(key, sock, request, head, timeouts)
 
+    def abort(self) -> int:
+        """End every exchange in flight now (a thread blocked on its answer gets a ``ReadError``
+        or ``RemoteProtocolError`` at once); how many. For a server that stopped answering."""
+        with self._lock:
+            busy, self._busy = self._busy, set()
+            for sock in busy:
+                self._aborted.add(sock)
+        for sock in busy:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv; close() alone would not
+            except OSError:
+                pass
+        return len(busy)
+
+    def _finished(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._busy.discard(sock)
+
+    def _was_aborted(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if sock in self._aborted:
+                self._aborted.discard(sock)
+                return True
+            return False
+
     def _exchange(
         self, key: tuple[str, int], sock: socket.socket, request: httpx.Request, head: bytes, timeouts: dict
     ) -> httpx.Response:
+        with self._lock:
+            self._busy.add(sock)
         try:
             sock.settimeout(timeouts.get("write"))
             try:
@@ -217,6 +248,7 @@ class SocketTransport(httpx.BaseTransport):
             sock.settimeout(timeouts.get("read"))
             status, reason, headers, leftover = _read_head(sock, request)
         except BaseException:
+            self._finished(sock)
             sock.close()
             raise
         fields = {name.lower(): value for name, value in headers}
@@ -226,6 +258,7 @@ class SocketTransport(httpx.BaseTransport):
             try:
                 length = int(fields[b"content-length"])
             except ValueError:
+                self._finished(sock)
                 sock.close()
                 raise httpx.RemoteProtocolError("bad Content-Length", request=request) from None
         if status in (204, 304) or 100 <= status < 200:
