@@ -5,14 +5,17 @@ Imported by ``tests/test_ops_*.py`` (as ``tests.ops_support``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import torch
@@ -21,6 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import wire
 from eagle3_client.synthetic import padded_batch, vocab_mapping
+
+if TYPE_CHECKING:
+    import pytest
 
 T = TypeVar("T")
 
@@ -95,6 +101,20 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
+
+
+def install_fake_nvml(monkeypatch: pytest.MonkeyPatch, config: dict[str, Any]) -> ModuleType:
+    """A fresh fake ``pynvml`` configured with ``config``, installed as ``sys.modules["pynvml"]``
+    for one test (no ``CUDA_VISIBLE_DEVICES``, no state file: the test sets what it needs)."""
+    spec = importlib.util.spec_from_file_location("pynvml", FAKE_NVML_DIR / "pynvml.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.configure(config)
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("FAKE_NVML_STATE", raising=False)
+    return module
 
 
 def fake_nvml_env(state_file: Path) -> dict[str, str]:

@@ -4,9 +4,7 @@ session leases, auth, and the client's Retry-After handling and heartbeat."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +25,7 @@ from eagle3_client import TargetOverloaded, protocol
 from eagle3_client.auth import auth_headers
 from eagle3_client.transports.control import ControlPlane
 from eagle3_client.transports.heartbeat import Heartbeat
-from tests.ops_support import FAKE_NVML_DIR, healthy_gpus, wait_until
+from tests.ops_support import healthy_gpus, install_fake_nvml, wait_until
 
 # -- NVML through the fake pynvml --------------------------------------------------------
 
@@ -35,14 +33,7 @@ from tests.ops_support import FAKE_NVML_DIR, healthy_gpus, wait_until
 @pytest.fixture
 def nvml(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """A fresh fake ``pynvml``, installed as ``sys.modules["pynvml"]``."""
-    spec = importlib.util.spec_from_file_location("pynvml", FAKE_NVML_DIR / "pynvml.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.configure({"driver_version": "550.54.15", "gpus": healthy_gpus()})
-    monkeypatch.setitem(sys.modules, "pynvml", module)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv("FAKE_NVML_STATE", raising=False)
+    module = install_fake_nvml(monkeypatch, {"driver_version": "550.54.15", "gpus": healthy_gpus()})
     return module
 
 

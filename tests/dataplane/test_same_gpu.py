@@ -7,10 +7,8 @@ side is a small HTTP stand-in that answers ``/session`` as our appliance would o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +26,7 @@ from eagle3_client.transports import negotiate
 from eagle3_client.transports.control import ControlPlane
 from eagle3_client.transports.gpu_identity import cuda_uuid
 from eagle3_client.transports.negotiate import DataPlaneConfig, choose_tier, shared_gpu
-from tests.ops_support import FAKE_NVML_DIR, healthy_gpus
+from tests.ops_support import healthy_gpus, install_fake_nvml
 
 BOTH = ["nccl", "gloo", "wire"]
 GPU0, GPU1 = healthy_gpus()[0]["uuid"], healthy_gpus()[1]["uuid"]
@@ -37,14 +35,7 @@ GPU0, GPU1 = healthy_gpus()[0]["uuid"], healthy_gpus()[1]["uuid"]
 @pytest.fixture
 def nvml(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """A fresh fake ``pynvml`` with two GPUs, installed as ``sys.modules["pynvml"]``."""
-    spec = importlib.util.spec_from_file_location("pynvml", FAKE_NVML_DIR / "pynvml.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.configure({"gpus": healthy_gpus()})
-    monkeypatch.setitem(sys.modules, "pynvml", module)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv("FAKE_NVML_STATE", raising=False)
+    module = install_fake_nvml(monkeypatch, {"gpus": healthy_gpus()})
     if torch.cuda.is_available():  # CUDA would answer first: these tests are about the NVML seam
         pytest.skip("a CUDA machine names its GPUs through CUDA, not the fake NVML")
     return module
