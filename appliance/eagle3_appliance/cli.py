@@ -23,6 +23,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from eagle3_appliance.model.threads import quiet_openmp_waits
 from eagle3_appliance.settings import (
     ENV_PREFIX,
     Dtype,
@@ -114,8 +115,12 @@ def _settings(values: dict[str, Any]) -> Settings:
 def serve(**values: Any) -> None:
     """Load the target and serve it until SIGINT/SIGTERM. Every option also reads EAGLE3_<NAME>."""
     exit_on_sigterm_while_loading()
+    # Before torch loads OpenMP: pool threads that sleep at operator barriers instead of
+    # spinning (eagle3_appliance.model.threads); the same results, no stalls on shared cores.
+    policy = quiet_openmp_waits(os.environ, torch_loaded="torch" in sys.modules)
     settings = _settings(values)
     configure_logging(settings.log_level)
+    logging.getLogger("eagle3_appliance").info("OpenMP wait policy: %s", policy or "the runtime's default")
     from transformers.utils import logging as hf_logging
 
     from eagle3_appliance.model.loading import load_target

@@ -292,6 +292,13 @@ class Settings:
         min=0.0,
     )
     microbatch_max_tokens: int = option(16384, "Most tokens in one micro-batched forward.", min=1)
+    intra_op_threads: int = option(
+        0,
+        "Threads torch's CPU kernels use in each forward (torch.set_num_threads; per rank with tensor "
+        "parallelism). 0 = torch's default (tensor-parallel CPU ranks share the CPUs). On the CPU another count "
+        "can change the answers' last bits against an in-process target on torch's default.",
+        min=0,
+    )
     # -- data planes -----------------------------------------------------------------------
     data_planes: str = option(
         "nccl,gloo",

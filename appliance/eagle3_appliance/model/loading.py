@@ -13,6 +13,7 @@ import torch
 from eagle3_appliance.model import checkpoint
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.model.tensor_parallel import load_tensor_parallel
+from eagle3_appliance.model.threads import apply_intra_op_threads
 from eagle3_appliance.settings import Device, Dtype, Loader, Settings
 
 __all__ = ["load_target", "resolve_device", "resolve_dtype"]
@@ -47,7 +48,8 @@ def load_target(settings: Settings) -> Target:
         if refusal is not None:
             raise ValueError(refusal)
     if settings.tensor_parallel_size > 1:
-        return load_tensor_parallel(settings, device, dtype)
+        return load_tensor_parallel(settings, device, dtype)  # each rank sets its own threads
+    apply_intra_op_threads(settings, device.type)
     model = checkpoint.build_model(settings, device, dtype)
     target = Target(model, settings.aux_layer_ids, name=settings.model, mode=settings.placement_mode)
     for line in checkpoint.placement_lines(model, target.layers, settings.placement_mode):

@@ -50,6 +50,7 @@ from eagle3_appliance.core.inputs import Packing
 from eagle3_appliance.errors import Unavailable
 from eagle3_appliance.model import checkpoint
 from eagle3_appliance.model.target import Target
+from eagle3_appliance.model.threads import apply_intra_op_threads
 from eagle3_appliance.settings import Settings
 
 __all__ = [
@@ -110,12 +111,6 @@ def _backend(device_type: str) -> str:
 def _collective_timeout(settings: Settings) -> float:
     """Collectives may wait as long as a request may; the group's own watch ends a hang first."""
     return settings.request_timeout + 60.0
-
-
-def _set_threads(device_type: str, world_size: int) -> None:
-    """On the CPU the N ranks share the cores: each takes its share instead of all of them."""
-    if device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
 def _init_group(rank: int, world_size: int, device_type: str, store: Any, timeout: float) -> None:
@@ -181,7 +176,7 @@ class TensorParallelGroup:
             self.workers.append(self._spawn(config))
         self._watch = threading.Thread(target=self._watch_forever, name="tp-watch", daemon=True)
         self._watch.start()
-        _set_threads(self.device_type, self.world_size)
+        apply_intra_op_threads(self.settings, self.device_type, self.world_size)  # the ranks share the CPUs
         _init_group(0, self.world_size, self.device_type, store, _collective_timeout(self.settings))
         self._store = store  # the workers' rendezvous lives as long as the group
 
@@ -449,7 +444,7 @@ def worker_main(fd: int, parent_pid: int) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        _set_threads(config.device_type, config.world_size)
+        apply_intra_op_threads(config.settings, config.device_type, config.world_size)
         store = torch.distributed.TCPStore(
             "127.0.0.1",
             config.store_port,

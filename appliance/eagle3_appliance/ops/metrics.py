@@ -255,6 +255,11 @@ class Metrics:
             ["mode", "loader", "attn_implementation"],
             registry=r,
         )
+        self.intra_op_threads = Gauge(
+            "eagle3_intra_op_threads",
+            "Threads torch's CPU kernels use in each forward, read on the model thread (--intra-op-threads).",
+            registry=r,
+        )
         self.limit = Gauge(
             "eagle3_limit",
             "The limits this server enforces (max_queue, max_sessions, max_connections, max_body_bytes, "

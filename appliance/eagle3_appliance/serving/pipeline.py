@@ -91,6 +91,10 @@ class ModelRunner:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def intra_op_threads(self) -> int:
+        """The threads torch's CPU kernels use on this thread, which is what every forward gets."""
+        return self._executor.submit(torch.get_num_threads).result()
+
     def shutdown(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
 

@@ -264,6 +264,13 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     buffers = ServerBuffers(target.device, settings.buffer_pool_mb << 20)
     pipeline = Pipeline(settings, target, buffers, ops.admission, ops.metrics, kept=planes.kept)
     logger.info("limits: %s", pipeline.limits.describe())
+    threads = pipeline.runner.intra_op_threads()
+    ops.metrics.intra_op_threads.set(threads)
+    logger.info(
+        "intra-op threads: %d per forward (--intra-op-threads %d; 0 = torch's default)",
+        threads,
+        settings.intra_op_threads,
+    )
     ops.metrics.describe_limits(
         {
             "max_queue": lambda: settings.max_queue,
