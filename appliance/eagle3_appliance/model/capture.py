@@ -25,7 +25,8 @@ from torch import nn
 from eagle3_appliance.core.inputs import Allocator, GenerateInputs, Packing
 from eagle3_appliance.errors import InvalidRequest
 from eagle3_appliance.model.limits import ServingLimits, TargetShape
-from eagle3_appliance.model.target import ForwardOutputs, Target
+from eagle3_appliance.model.outputs import ForwardOutputs
+from eagle3_appliance.model.target import Target
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
 
 __all__ = [

@@ -216,6 +216,7 @@ def derive_limits(
         where += f" less one logits slice of {slice_rows:,} positions"
     if settings.max_batch_tokens is not None:
         max_batch_tokens, sources["max_batch_tokens"] = settings.max_batch_tokens, "--max-batch-tokens"
+        working = max_batch_tokens * per_token  # what other answer kinds may use (DFlash captures)
     else:
         max_batch_tokens = max(1, working // per_token)
         sources["max_batch_tokens"] = f"{where}, {per_token:,} B a token"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from eagle3_appliance.core.inputs import Allocator, VocabMapping
-from eagle3_appliance.model.target import ForwardOutputs
+from eagle3_appliance.model.outputs import ForwardOutputs
 
 __all__ = ["default_chunk_rows", "project_into", "shift_left"]
 

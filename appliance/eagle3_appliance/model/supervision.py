@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from eagle3_appliance.core.inputs import Allocator, GenerateInputs, VocabMapping
+from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.model.projection import project_into, shift_left
-from eagle3_appliance.model.target import ForwardOutputs, Target
+from eagle3_appliance.model.target import Target
 from eagle3_client import protocol
 from eagle3_client.encodings import PROBS, Encoding, topk_index_dtype
 

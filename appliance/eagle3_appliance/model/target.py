@@ -11,7 +11,6 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from eagle3_appliance.core.inputs import Allocator, Packing
 from eagle3_appliance.model.fingerprint import local_shard, model_fingerprint
 from eagle3_appliance.model.head_slices import MIN_SLICE_ROWS, LogitSlices, deferred_head
+from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.model.packing import flash_attention, packed_forward_inputs, packing_refusal
 from eagle3_appliance.model.pooled_head import pooled_logits
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
@@ -80,67 +80,6 @@ class Lockstep(Protocol):
     def faults(self) -> list[str]:
         """Why the group can no longer compute (a rank died or hangs); empty while it can."""
         ...
-
-
-@dataclass
-class ForwardOutputs:
-    """One forward: aux states ``[B,T,3H]``, the logits ``[B,T,V]`` (unshifted), and the LM head's input if captured.
-
-    The logits are either ``logits`` (materialised by the model's own head) or ``head``: the
-    head run over slices on demand (:mod:`eagle3_appliance.model.head_slices`); exactly one is set.
-    Consumers read them through :meth:`logit_slices` and never need both.
-    """
-
-    aux_hidden_states: torch.Tensor
-    logits: torch.Tensor | None
-    final_hidden: torch.Tensor | None = None
-    head: LogitSlices | None = None
-
-    @property
-    def logits_shape(self) -> tuple[int, int, int]:
-        if self.logits is not None:
-            batch, seq_len, width = self.logits.shape
-            return int(batch), int(seq_len), int(width)
-        assert self.head is not None
-        return self.head.shape
-
-    @property
-    def logits_dtype(self) -> torch.dtype:
-        return self.logits.dtype if self.logits is not None else self._head().dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.logits.device if self.logits is not None else self._head().device
-
-    @property
-    def longest_slice(self) -> int:
-        """Rows of the longest slice :meth:`logit_slices` yields."""
-        return self.logits_shape[1] if self.logits is not None else self._head().longest
-
-    def _head(self) -> LogitSlices:
-        if self.head is None:
-            raise RuntimeError("a forward without logits and without a sliced head")
-        return self.head
-
-    def logit_slices(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(b, start, rows)``: logits rows ``start:start+n`` of batch row ``b``, in order (one slice per
-        batch row when materialised). A sliced head's ``rows`` are valid until the next slice is asked for."""
-        if self.logits is not None:
-            for b in range(self.logits.shape[0]):
-                yield b, 0, self.logits[b]
-        else:
-            yield from self._head().slices()
-
-    def full_logits(self, alloc: Allocator | None = None) -> torch.Tensor:
-        """The whole ``[B,T,V]`` logits (a full-logits answer), computed slice by slice if need be."""
-        return self.logits if self.logits is not None else self._head().materialize(alloc)
-
-    def rows(self, start: int, stop: int) -> ForwardOutputs:
-        """The outputs of batch rows ``start:stop`` (one request of a stacked forward)."""
-        hidden = None if self.final_hidden is None else self.final_hidden[start:stop]
-        logits = None if self.logits is None else self.logits[start:stop]
-        head = None if self.head is None else self.head.narrow(start, stop)
-        return ForwardOutputs(self.aux_hidden_states[start:stop], logits, hidden, head)
 
 
 class Target:

@@ -53,7 +53,8 @@ from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model import supervision
 from eagle3_appliance.model.limits import ServingLimits, TargetShape, derive_limits
-from eagle3_appliance.model.target import ForwardOutputs, Target
+from eagle3_appliance.model.outputs import ForwardOutputs
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.metrics import Metrics
 from eagle3_appliance.serving.connections import client_connected
 from eagle3_appliance.serving.jobs import (
