@@ -229,7 +229,8 @@ def derive_limits(
         max_draft_vocab=shape.vocab_size,
         max_answer_bytes=max_batch_tokens * wire_bytes_per_token(PROBS, **dims),
         sources=sources,
-        max_packed_mask_bytes=budget,
+        # The working budget; a flag's tokens at their memory each when --max-batch-tokens is set.
+        max_packed_mask_bytes=working if settings.max_batch_tokens is not None else budget,
         working_bytes=working,
         slice_rows=slice_rows,
         unsliced_tokens=max(1, budget // shape.unsliced_bytes_per_token()),
