@@ -135,3 +135,26 @@ def test_a_server_without_limit_flags_takes_the_models_context(long_context_serv
         f"limits: max_seq_len 16,384 (the model's max_position_embeddings), max_batch_tokens {served.max_batch_tokens:,}"
         in log
     )
+
+
+def test_the_sizes_command_prints_the_longest_sample_before_and_after() -> None:
+    from typer.testing import CliRunner
+
+    from eagle3_appliance.cli import app
+    from eagle3_appliance.sizes import PRESETS, load_shape, longest_rows
+
+    rows = longest_rows(PRESETS["llama-3.1-8b"], draft_vocab=32768, dtype_bytes=2, slice_mib=512)
+    at_80 = next(r for r in rows if r.memory_gib == 80)
+    assert (at_80.unsliced, at_80.sliced_whole_vocab, at_80.sliced_draft_vocab) == (36_655, 73_319, 148_447)
+    tp = longest_rows(PRESETS["llama-3.1-70b"], draft_vocab=32768, dtype_bytes=2, slice_mib=512)
+    assert {r.tensor_parallel for r in tp} == {4, 8} and all(r.sliced_whole_vocab is None for r in tp)
+    assert (
+        longest_rows(load_shape("qwen3-8b"), draft_vocab=32768, dtype_bytes=2, slice_mib=0)[0].sliced_draft_vocab
+        is None
+    )
+    result = CliRunner().invoke(app, ["sizes", "--model", "llama-3.1-8b", "--model", "llama-3.1-70b", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| llama-3.1-8b | 1 | 80 | 15.0 GiB | 36,655 | 73,319 (2.0x) | 148,447 (4.0x) |" in result.output
+    assert "| llama-3.1-70b | 8 | 80 | 16.4 GiB | 30,923 | unsliced (sharded head) | unsliced (sharded head) |" in (
+        result.output
+    )
