@@ -2,23 +2,25 @@
 
 The wide checkpoint (the built-in Llama with a 32,000-entry vocabulary, hidden 64, MLP 256,
 float32, context 8192 in its config, raised with ``--max-seq-len``) is served twice with the
-default memory limits, one server after the other: ``before`` with ``--logits-slice-mib 0`` (the
-whole ``[1,T,V]`` logits at once, as upstream and this server did), ``after`` with the default
-slices. Each server answers one ``B = 1`` request per length in ``--lengths``, ascending, over the
-wire, through the real client. Per mode and length it prints the server's peak resident memory
-beyond what it held once loaded (``VmHWM`` less the ``VmRSS`` before the first request: the
-lengths ascend, so each peak is that length's), answers per second, and served/bare: the rate
-against this process's own bare forward + whole-vocabulary softmax + argmax at that length
-(:mod:`benchmarks.bare`), timed once both servers are gone (its whole-vocabulary softmax
-would otherwise share the memory with a server's). A length past a server's
-``max_batch_tokens`` is refused with a 422; the table says so. Every ``after`` answer is compared bit for bit with the
-``before`` one of the same length, and the shortest with this process's in-process reference.
-Then one JSON line.
+default memory limits, by two servers side by side: ``before`` with ``--logits-slice-mib 0``
+(the whole ``[1,T,V]`` logits at once, as upstream and this server did), ``after`` with the
+default slices. Each server answers one ``B = 1`` request per length in ``--lengths``,
+ascending, over the wire, through the real client; the servers take turns, in an order that
+flips every length. Per mode and length it prints the server's peak resident memory beyond
+what it held once loaded (``VmHWM`` less the ``VmRSS`` before the first request; the buffer
+pool keeps the blocks of shorter answers before it, so a peak includes them), answers per
+second, and served/bare: the rate against this process's own bare forward + whole-vocabulary
+softmax + argmax at that length (:mod:`benchmarks.bare`), timed once the servers are gone (its
+softmax would otherwise share the memory with theirs). A length past a server's
+``max_batch_tokens`` is refused with a 422; the table says so. Every ``after`` answer is
+compared bit for bit with the ``before`` one of the same length, and the shortest with this
+process's in-process reference. Then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -92,40 +94,45 @@ def main(argv: list[str] | None = None) -> None:
     mapping = vocab_mapping(32000, args.draft_vocab, seed=1)
     batches = {t: random_batch(32000, 1, t, seed=t) for t in lengths}
 
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    digests: dict[str, dict[int, str]] = {}
+    results: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in modes}
+    digests: dict[str, dict[int, str]] = {mode: {} for mode in modes}
     exact_reference: bool | None = None
-    for mode in modes:
-        server_args = ["--model", str(model_dir), "--max-seq-len", str(max(lengths))]
-        server_args += ["--logits-slice-mib", "0"] if mode == "before" else []
-        results[mode], digests[mode] = {}, {}
-        with ServerProcess(server_args, startup_timeout=600) as server:
-            with RemoteEagle3TargetModel.from_urls([server.url], data_plane="wire", timeout=3600, max_retries=0) as rem:
-                rem.set_vocab_mapping(*mapping)
-                served = rem.served_model()
-                assert server.proc is not None
-                pid = server.proc.pid
-                baseline = _memory_kib(pid)["VmRSS"]
-                for seq_len in lengths:
-                    print(f"== {mode}: T = {seq_len} ...", file=sys.stderr, flush=True)
-                    row: dict[str, Any] = {"max_batch_tokens": served.max_batch_tokens if served else None}
-                    start = time.perf_counter()
-                    try:
-                        batch = rem.generate_batch(*batches[seq_len])
-                    except TargetHTTPError as exc:
-                        row["refused"] = f"{exc.status}"
-                        results[mode][seq_len] = row
-                        continue
-                    row["seconds"] = time.perf_counter() - start
-                    row["peak_mib"] = (_memory_kib(pid)["VmHWM"] - baseline) / 1024
-                    digests[mode][seq_len] = _digest(batch)
-                    if exact_reference is None and mode == modes[-1]:
-                        target = load_target(settings)
-                        reference = in_process(target, GenerateInputs(*batches[seq_len]), VocabMapping(*mapping))
-                        exact_reference = supervision_equal(batch, reference)
-                        del target, reference
-                    del batch
-                    results[mode][seq_len] = row
+    with contextlib.ExitStack() as stack:
+        remotes, pids, baselines, limits = {}, {}, {}, {}
+        for mode in modes:
+            server_args = ["--model", str(model_dir), "--max-seq-len", str(max(lengths))]
+            server_args += ["--logits-slice-mib", "0"] if mode == "before" else []
+            server = stack.enter_context(ServerProcess(server_args, startup_timeout=600))
+            remote = stack.enter_context(
+                RemoteEagle3TargetModel.from_urls([server.url], data_plane="wire", timeout=3600, max_retries=0)
+            )
+            remote.set_vocab_mapping(*mapping)
+            served = remote.served_model()
+            assert server.proc is not None
+            remotes[mode], pids[mode] = remote, server.proc.pid
+            baselines[mode] = _memory_kib(server.proc.pid)["VmRSS"]
+            limits[mode] = served.max_batch_tokens if served else None
+        for i, seq_len in enumerate(lengths):
+            # The servers take turns (the order flips every length), so a shared machine's load hits both.
+            for mode in modes if i % 2 == 0 else modes[::-1]:
+                print(f"== {mode}: T = {seq_len} ...", file=sys.stderr, flush=True)
+                row: dict[str, Any] = {"max_batch_tokens": limits[mode]}
+                results[mode][seq_len] = row
+                start = time.perf_counter()
+                try:
+                    batch = remotes[mode].generate_batch(*batches[seq_len])
+                except TargetHTTPError as exc:
+                    row["refused"] = f"{exc.status}"
+                    continue
+                row["seconds"] = time.perf_counter() - start
+                row["peak_mib"] = (_memory_kib(pids[mode])["VmHWM"] - baselines[mode]) / 1024
+                digests[mode][seq_len] = _digest(batch)
+                if exact_reference is None and mode == modes[-1]:
+                    target = load_target(settings)
+                    reference = in_process(target, GenerateInputs(*batches[seq_len]), VocabMapping(*mapping))
+                    exact_reference = supervision_equal(batch, reference)
+                    del target, reference
+                del batch
     # The bare forward once the servers are gone, so that its whole-vocabulary softmax never
     # shares the machine's memory with a server's.
     bare_seconds = {}
