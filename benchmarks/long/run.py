@@ -14,7 +14,8 @@ softmax + argmax at that length (:mod:`benchmarks.bare`), timed once the servers
 softmax would otherwise share the memory with theirs). A length past a server's
 ``max_batch_tokens`` is refused with a 422; the table says so. Every ``after`` answer is
 compared bit for bit with the ``before`` one of the same length, and the shortest with this
-process's in-process reference. Then one JSON line.
+process's in-process reference. Then one JSON line. ``--bare-up-to`` skips the bare forward
+of longer samples (at 65,536 tokens its float32 logits and softmax need 17 GB).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary D of the answers")
     parser.add_argument("--modes", default="before,after", help="before (--logits-slice-mib 0), after (default)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare forward (saves its time and memory)")
+    parser.add_argument(
+        "--bare-up-to", type=int, default=0, help="time the bare forward only up to this length (0: every length)"
+    )
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where the checkpoint is made")
     return parser.parse_args(argv)
 
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     bare_seconds = {}
     if not args.no_bare:
         model = bare_model(settings)
-        for seq_len in lengths:
+        for seq_len in (t for t in lengths if not args.bare_up_to or t <= args.bare_up_to):
             print(f"== bare: T = {seq_len} ...", file=sys.stderr, flush=True)
             ids, mask, _ = batches[seq_len]
             bare_seconds[seq_len] = time_once(bare_step(model, ids, mask))
