@@ -36,9 +36,12 @@ def hf_model(model_dir: Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def limited(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server whose token budget is small enough to reach with one request."""
+    """A server whose token budget is small enough to reach with one request (the whole logits at once:
+    with slices a capture's answer is always within its memory budget, so the answer limit is reached
+    only here)."""
     log = tmp_path_factory.mktemp("logs") / "limited.log"
-    with ServerProcess(["--cache-dir", str(cache_dir), "--max-batch-tokens", "100"], log_path=log) as proc:
+    args = ["--cache-dir", str(cache_dir), "--max-batch-tokens", "100", "--logits-slice-mib", "0"]
+    with ServerProcess(args, log_path=log) as proc:
         yield proc
 
 

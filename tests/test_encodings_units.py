@@ -15,7 +15,7 @@ from eagle3_appliance.cli import app
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.model import supervision
 from eagle3_appliance.model.loading import load_target
-from eagle3_appliance.model.target import ForwardOutputs
+from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.serving import negotiation
 from eagle3_appliance.settings import Device, Settings
 from eagle3_client import ProtocolViolation, protocol, wire

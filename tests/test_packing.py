@@ -162,8 +162,8 @@ def test_the_packed_mask_refuses_lengths_whose_sum_wraps(lengths: list[int]) -> 
 
 def test_the_mask_limit_is_checked_before_anything_is_computed(cache_dir: Path, tmp_path: Path) -> None:
     """A packed mask grows with T squared: a batch within the token limit can still be refused."""
-    # The built-in model needs about 19 kB a token, so the mask of one row of 8192 (268 MB in
-    # float32) is beyond the working budget of 8192 tokens (about 150 MB).
+    # The built-in model needs about 10 kB a token, so the mask of one row of 8192 (268 MB in
+    # float32) is beyond the working budget of 8192 tokens (about 86 MB).
     args = ["--cache-dir", str(cache_dir), "--max-batch-tokens", "8192", "--max-seq-len", "8192"]
     with ServerProcess(args, log_path=tmp_path / "server.log") as proc:
         remote = RemoteEagle3TargetModel.from_urls([proc.url], device="cpu", timeout=60, max_retries=0)

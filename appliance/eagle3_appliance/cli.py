@@ -284,7 +284,7 @@ def sizes(
     """Bytes per token and per batch of a /generate answer for each supervision encoding (no download)."""
     import torch
 
-    from eagle3_appliance.sizes import capture_rows, load_shape, render_table, size_rows
+    from eagle3_appliance.sizes import capture_rows, load_shape, longest_rows, render_longest, render_table, size_rows
 
     dtype_bytes = (torch.bfloat16 if dtype is Dtype.auto else getattr(torch, dtype.value)).itemsize
     names = encoding or ["probs", "logits", "hidden", "topk:64"]
@@ -323,6 +323,21 @@ def sizes(
         if capture:
             head = shape.vocab_size * shape.hidden_size * dtype_bytes
             typer.echo(f"dflash on {shape.name}: the client fetches the whole LM head once, in chunks: {head:,} B")
+    longest = [
+        row
+        for name in model
+        for row in longest_rows(
+            load_shape(name), draft_vocab=draft_vocab, dtype_bytes=dtype_bytes, slice_mib=Settings().logits_slice_mib
+        )
+    ]
+    if longest:
+        typer.echo(
+            "\nlongest sample (tokens) on one GPU, as the server derives max_batch_tokens (80% of the memory "
+            "beside the weights): before = the whole logits at once (--logits-slice-mib 0), after = the LM head "
+            "over slices; a smaller draft vocabulary leaves room for more tokens; the model's context may be "
+            "shorter\n"
+        )
+        typer.echo(render_longest(longest, draft_vocab=draft_vocab, markdown=markdown))
 
 
 def main() -> None:

@@ -269,6 +269,15 @@ class Settings:
         cli_type=typing.Optional[int],  # noqa: UP045 - typer needs the typing spelling at runtime
         default_text="from memory",
     )
+    logits_slice_mib: int = option(
+        512,
+        "Memory for one slice of the LM head's logits: past the decoder stack, the head, its argmax and the "
+        "draft-vocabulary projection run over slices of the sequence of about this size, so a request's full "
+        "logits never exist at once, and the limits count one slice instead (0: the whole sequence at once, "
+        "as upstream). On an accelerator only samples the unsliced path cannot hold are sliced; see "
+        "docs/operations.md.",
+        min=0,
+    )
     max_body_bytes: int = option(
         64 * 1024 * 1024,
         "Largest wire request body: /generate, /set_vocab_mapping, /lm_head_rows (413 beyond). "

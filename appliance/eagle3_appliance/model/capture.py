@@ -9,7 +9,7 @@ upstream's ``HFDFlashTargetModel.generate_batch`` does: the hooked layers' outpu
 model's own logits, untouched, when asked.
 
 :func:`check_request` bounds what one request may cost: the same working-memory budget as an
-EAGLE-3 ``/generate`` (``max_batch_tokens`` tokens at :meth:`TargetShape.bytes_per_token`),
+EAGLE-3 ``/generate`` (:attr:`ServingLimits.working_bytes`, at :func:`working_bytes_per_token`),
 and an answer no larger than the server's largest EAGLE-3 answer (``max_answer_bytes``).
 """
 
@@ -25,7 +25,8 @@ from torch import nn
 from eagle3_appliance.core.inputs import Allocator, GenerateInputs, Packing
 from eagle3_appliance.errors import InvalidRequest
 from eagle3_appliance.model.limits import ServingLimits, TargetShape
-from eagle3_appliance.model.target import ForwardOutputs, Target
+from eagle3_appliance.model.outputs import ForwardOutputs
+from eagle3_appliance.model.target import Target
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
 
 __all__ = [
@@ -69,16 +70,24 @@ def forward_with_layers(
     capture_hidden: bool = False,
     alloc: Allocator | None = None,
     packing: Packing | None = None,
+    slice_rows: int | None = None,
 ) -> tuple[ForwardOutputs, dict[int, torch.Tensor]]:
     """The target's forward, plus the outputs of ``layer_ids`` (none: exactly ``Target.forward``)."""
     ids = sorted(set(layer_ids))
     with _hooks(target.layers, ids) as captured:
-        out = target.forward(input_ids, attention_mask, capture_hidden=capture_hidden, alloc=alloc, packing=packing)
+        out = target.forward(
+            input_ids,
+            attention_mask,
+            capture_hidden=capture_hidden,
+            alloc=alloc,
+            packing=packing,
+            slice_rows=slice_rows,
+        )
     missing = [i for i in ids if i not in captured]
     if missing:
         raise RuntimeError(f"the forward did not run decoder layers {missing}")
     # With a device map the layers may sit on other devices: gathered where the logits are.
-    return out, {i: t.to(out.logits.device) for i, t in captured.items()}
+    return out, {i: t.to(out.device) for i, t in captured.items()}
 
 
 @torch.no_grad()
@@ -100,15 +109,24 @@ def encode(
         hidden = torch.cat(parts, dim=-1, out=alloc(shape, parts[0].dtype))
     answer = {KEY_HIDDEN_STATES: hidden}
     if capture.logits:
-        answer[KEY_LOGITS] = out.logits[rows]
+        if out.logits is not None:
+            answer[KEY_LOGITS] = out.logits[rows]
+        else:  # the LM head over slices of the sequence, written into the answer
+            start, stop, _ = rows.indices(out.logits_shape[0])
+            answer[KEY_LOGITS] = out.rows(start, stop).full_logits(alloc)
     return answer
 
 
-def working_bytes_per_token(shape: TargetShape, capture: Capture) -> int:
-    """Server memory one token of this capture needs at worst: an EAGLE-3 forward's, plus every
-    captured layer beyond the three aux ones kept alive and concatenated."""
+def working_bytes_per_token(shape: TargetShape, capture: Capture, *, sliced: bool = True) -> int:
+    """Server memory one token of this capture needs at worst: the decoder's activations, every
+    captured layer beyond the three aux ones kept alive and concatenated, and the answer (with
+    logits: the whole logits, written slice by slice). ``sliced=False``: an unsliced EAGLE-3
+    forward's memory instead of the activations and the logits."""
     extra_layers = max(0, len(capture.layers) - 3)
-    return shape.bytes_per_token() + 2 * extra_layers * shape.hidden_size * shape.dtype_bytes
+    layers = 2 * extra_layers * shape.hidden_size * shape.dtype_bytes
+    if not sliced:
+        return shape.unsliced_bytes_per_token() + layers
+    return shape.bytes_per_token(draft_vocab=0) + layers + answer_bytes_per_token(shape, capture)
 
 
 def answer_bytes_per_token(shape: TargetShape, capture: Capture) -> int:
@@ -122,13 +140,15 @@ def check_request(capture: Capture, inputs: GenerateInputs, shape: TargetShape, 
     if capture.is_eagle3:
         return
     tokens = inputs.tokens
-    budget = limits.max_batch_tokens * shape.bytes_per_token()
-    per_token = working_bytes_per_token(shape, capture)
-    if tokens * per_token > budget:
+    per_token = working_bytes_per_token(shape, capture, sliced=limits.slice_rows is not None)
+    if limits.working_bytes is None:
+        most = limits.max_batch_tokens * shape.bytes_per_token() // per_token
+    else:
+        most = limits.working_bytes // per_token
+    if tokens > most:
         raise InvalidRequest(
             f"a {capture.label} capture of {len(capture.layers)} layers may use at most "
-            f"{budget // per_token} tokens per request on this server (max_batch_tokens "
-            f"{limits.max_batch_tokens} at {shape.bytes_per_token():,} B a token); got {tokens}"
+            f"{most} tokens per request on this server ({per_token:,} B a token); got {tokens}"
         )
     answer = tokens * answer_bytes_per_token(shape, capture)
     if answer > limits.max_answer_bytes:

@@ -77,6 +77,7 @@ def reference_and_tie_gaps(
     """
     inputs, mapping = inputs.to(target.device), mapping.to(target.device)
     out = target.forward(inputs.input_ids, inputs.attention_mask, packing=inputs.packing)
+    assert out.logits is not None  # an unsliced forward
     expected = reference_projection(out.aux_hidden_states, out.logits, inputs.input_ids, inputs.loss_mask, mapping)
     return expected, reference_tie_gaps(out.logits)
 

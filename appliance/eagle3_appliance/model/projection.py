@@ -8,6 +8,10 @@ on 2-d row blocks). Here every large result goes into memory from an allocator (
 :class:`eagle3_client.transports.buffers.BufferPool` on the CPU), and the work runs over blocks of rows so
 that the gathered draft-vocab rows stay in cache between the gather and the softmax.
 
+The logits may come as one tensor or as slices of the sequence computed on demand
+(:mod:`eagle3_appliance.model.head_slices`): each slice's rows are projected before the next
+slice exists, so the full-vocabulary logits of a long request never do.
+
 Why the bits are the same as :func:`eagle3_appliance.model.supervision.reference_projection`: every operation
 here is row-wise (argmax, gather and softmax over the last dimension), each output row is
 computed by the same kernel from the same input row, and rows are only *placed* one
@@ -21,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from eagle3_appliance.core.inputs import Allocator, VocabMapping
+from eagle3_appliance.model.outputs import ForwardOutputs
 
 __all__ = ["default_chunk_rows", "project_into", "shift_left"]
 
@@ -49,7 +54,7 @@ def _torch_empty(device: torch.device) -> Allocator:
 
 def project_into(
     aux_hidden_states: torch.Tensor,
-    logits: torch.Tensor,
+    logits: torch.Tensor | ForwardOutputs,
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
     mapping: VocabMapping,
@@ -59,12 +64,15 @@ def project_into(
 ) -> dict[str, torch.Tensor]:
     """The ``/generate`` supervision (protocol §1.4-5), with ``target_probs`` in ``alloc``'d memory.
 
-    ``alloc(shape, dtype)`` must return a contiguous tensor on ``logits.device``; it is
-    called for the output probabilities, the argmax indices and two small scratch blocks.
+    ``logits``: the ``[B,T,V]`` tensor, or a forward's outputs whose LM head runs over slices
+    (each slice is projected before the next is computed). ``alloc(shape, dtype)`` must return
+    a contiguous tensor on the logits' device; it is called for the output probabilities, the
+    argmax indices and two small scratch blocks.
     """
-    device = logits.device
+    out = logits if isinstance(logits, ForwardOutputs) else ForwardOutputs(aux_hidden_states, logits)
+    device = out.device
     alloc = alloc or _torch_empty(device)
-    batch, seq_len, _ = logits.shape
+    batch, seq_len, _ = out.logits_shape
     ids = mapping.selected_token_ids.to(device)
     token_mask = mapping.selected_token_mask.to(device)
     draft = ids.numel()
@@ -73,17 +81,17 @@ def project_into(
     probs = alloc((batch, seq_len, draft), torch.float32)
     top = alloc((batch, seq_len), torch.int64)
     top[:, seq_len - 1 :] = 0  # the shifted-in zero row: argmax of zeros is 0
-    block = min(rows_per_block, max(seq_len - 1, 1))
-    gathered = alloc((block, draft), logits.dtype)
-    widened = alloc((block, draft), torch.float32) if logits.dtype != torch.float32 else None
+    block = min(rows_per_block, max(min(seq_len - 1, out.longest_slice), 1))  # scratch within one slice
+    gathered = alloc((block, draft), out.logits_dtype)
+    widened = alloc((block, draft), torch.float32) if out.logits_dtype != torch.float32 else None
 
-    for b in range(batch):
-        rows = logits[b]
-        # Output row t is computed from logits row t + 1 (the left shift of §1.4).
-        for start in range(1, seq_len, block):
-            stop = min(start + block, seq_len)
+    for b, first, rows in out.logit_slices():
+        # Output row t is computed from logits row t + 1 (the left shift of §1.4); row 0 is not used.
+        end = first + rows.shape[0]
+        for start in range(max(first, 1), end, block):
+            stop = min(start + block, end)
             n = stop - start
-            src = rows[start:stop]
+            src = rows[start - first : stop - first]
             torch.argmax(src, dim=-1, out=top[b, start - 1 : stop - 1])
             chunk = gathered[:n]
             torch.index_select(src, -1, ids, out=chunk)
@@ -92,7 +100,8 @@ def project_into(
             torch.softmax(chunk, dim=-1, out=probs[b, start - 1 : stop - 1])
 
     # The tail row, made exactly as the reference makes it (softmax of zeros of the logits dtype).
-    zero_row = torch.softmax(torch.zeros_like(logits[:1, :1, :1]).expand(-1, -1, draft).float(), dim=-1)
+    zeros = torch.zeros((1, 1, 1), dtype=out.logits_dtype, device=device)
+    zero_row = torch.softmax(zeros.expand(-1, -1, draft).float(), dim=-1)
     probs[:, seq_len - 1 :].copy_(zero_row.expand(batch, -1, -1))
 
     shifted_loss_mask = shift_left(loss_mask)

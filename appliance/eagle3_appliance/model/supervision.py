@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from eagle3_appliance.core.inputs import Allocator, GenerateInputs, VocabMapping
+from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.model.projection import project_into, shift_left
-from eagle3_appliance.model.target import ForwardOutputs, Target
+from eagle3_appliance.model.target import Target
 from eagle3_client import protocol
 from eagle3_client.encodings import PROBS, Encoding, topk_index_dtype
 
@@ -80,12 +81,11 @@ def reference_projection(
     }
 
 
-def _masks(out: ForwardOutputs, inputs: GenerateInputs, mapping: VocabMapping) -> dict[str, torch.Tensor]:
-    """``position_mask`` and the shifted ids/loss mask, computed as the reference does."""
-    token_mask = mapping.selected_token_mask.to(out.logits.device)
+def _masks(top: torch.Tensor, inputs: GenerateInputs, mapping: VocabMapping) -> dict[str, torch.Tensor]:
+    """``position_mask`` and the shifted ids/loss mask from the unshifted argmax ``top`` ``[B,T]``, as the reference."""
+    token_mask = mapping.selected_token_mask.to(top.device)
     shifted_loss_mask = shift_left(inputs.loss_mask)
-    shifted_top = shift_left(out.logits.argmax(dim=-1))
-    position_mask = (token_mask[shifted_top] & shifted_loss_mask.bool()).unsqueeze(-1)
+    position_mask = (token_mask[shift_left(top)] & shifted_loss_mask.bool()).unsqueeze(-1)
     return {
         "position_mask": position_mask,
         "input_ids": shift_left(inputs.input_ids),
@@ -93,25 +93,47 @@ def _masks(out: ForwardOutputs, inputs: GenerateInputs, mapping: VocabMapping) -
     }
 
 
-def _encode_logits(out: ForwardOutputs, inputs: GenerateInputs, mapping: VocabMapping) -> dict[str, torch.Tensor]:
-    draft = out.logits.index_select(-1, mapping.selected_token_ids.to(out.logits.device))
-    return {"aux_hidden_states": out.aux_hidden_states, protocol.KEY_DRAFT_LOGITS: shift_left(draft)}
+def _slice_pass(
+    out: ForwardOutputs, mapping: VocabMapping, encoding: Encoding
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One pass over the logits, slice by slice: the argmax ``[B,T]`` and the encoding's own tensors.
 
-
-def _encode_hidden(out: ForwardOutputs, inputs: GenerateInputs, mapping: VocabMapping) -> dict[str, torch.Tensor]:
-    if out.final_hidden is None:
-        raise RuntimeError("the 'hidden' encoding needs a forward that captured the LM head's input")
-    return {"aux_hidden_states": out.aux_hidden_states, protocol.KEY_FINAL_HIDDEN: shift_left(out.final_hidden)}
-
-
-def _encode_topk(out: ForwardOutputs, inputs: GenerateInputs, mapping: VocabMapping, k: int) -> dict[str, torch.Tensor]:
-    reference = reference_projection(out.aux_hidden_states, out.logits, inputs.input_ids, inputs.loss_mask, mapping)
-    values, indices = reference["target_probs"].topk(k, dim=-1)
-    return {
-        "aux_hidden_states": reference["aux_hidden_states"],
-        protocol.KEY_TOPK_VALUES: values,
-        protocol.KEY_TOPK_INDICES: indices.to(topk_index_dtype(mapping.draft_vocab_size)),
-    }
+    Every operation acts row by row on the rows of one slice (argmax, gather, softmax, top-k),
+    so the results are the reference's bits whichever way the logits were computed.
+    """
+    batch, seq_len, _ = out.logits_shape
+    device = out.device
+    ids = mapping.selected_token_ids.to(device)
+    top = torch.empty((batch, seq_len), dtype=torch.int64, device=device)
+    result: dict[str, torch.Tensor] = {}
+    draft = topk_values = topk_indices = None
+    if encoding.kind == protocol.ENCODING_LOGITS:
+        # shift_left(logits[..., ids]) in the model dtype, written one position earlier.
+        draft = result[protocol.KEY_DRAFT_LOGITS] = torch.zeros(
+            (batch, seq_len, ids.numel()), dtype=out.logits_dtype, device=device
+        )
+    elif encoding.kind == protocol.ENCODING_TOPK and encoding.k is not None:
+        k = encoding.k
+        topk_values = result[protocol.KEY_TOPK_VALUES] = torch.empty((batch, seq_len, k), device=device)
+        topk_indices = torch.empty((batch, seq_len, k), dtype=torch.int64, device=device)
+        # The reference's zero tail row: the softmax of zeros of the logits dtype.
+        zeros = torch.zeros((1, ids.numel()), dtype=out.logits_dtype, device=device)
+        values, indices = torch.softmax(zeros.float(), dim=-1).topk(k, dim=-1)
+        topk_values[:, -1], topk_indices[:, -1] = values, indices
+    for b, first, rows in out.logit_slices():
+        end = first + rows.shape[0]
+        torch.argmax(rows, dim=-1, out=top[b, first:end])
+        if first == 0:
+            rows, first = rows[1:], 1  # logits row 0 feeds no output row
+        if draft is not None:
+            torch.index_select(rows, -1, ids, out=draft[b, first - 1 : end - 1])
+        if topk_values is not None and topk_indices is not None and encoding.k is not None:
+            probs = torch.softmax(rows.index_select(-1, ids).float(), dim=-1)
+            values, indices = probs.topk(encoding.k, dim=-1)
+            topk_values[b, first - 1 : end - 1], topk_indices[b, first - 1 : end - 1] = values, indices
+    if topk_indices is not None:
+        result[protocol.KEY_TOPK_INDICES] = topk_indices.to(topk_index_dtype(mapping.draft_vocab_size))
+    return top, result
 
 
 @torch.no_grad()
@@ -129,16 +151,16 @@ def encode(
     the ``probs`` answer (reused blocks); the other encodings are small and allocate.
     """
     if encoding == PROBS:
-        return project_into(out.aux_hidden_states, out.logits, inputs.input_ids, inputs.loss_mask, mapping, alloc=alloc)
-    if encoding.kind == protocol.ENCODING_LOGITS:
-        result = _encode_logits(out, inputs, mapping)
-    elif encoding.kind == protocol.ENCODING_HIDDEN:
-        result = _encode_hidden(out, inputs, mapping)
-    elif encoding.kind == protocol.ENCODING_TOPK and encoding.k is not None:
-        result = _encode_topk(out, inputs, mapping, encoding.k)
-    else:
+        return project_into(out.aux_hidden_states, out, inputs.input_ids, inputs.loss_mask, mapping, alloc=alloc)
+    if encoding.kind not in (protocol.ENCODING_LOGITS, protocol.ENCODING_HIDDEN, protocol.ENCODING_TOPK):
         raise ValueError(f"unknown encoding {encoding.name!r}")
-    result.update(_masks(out, inputs, mapping))
+    top, result = _slice_pass(out, mapping, encoding)
+    result["aux_hidden_states"] = out.aux_hidden_states
+    if encoding.kind == protocol.ENCODING_HIDDEN:
+        if out.final_hidden is None:
+            raise RuntimeError("the 'hidden' encoding needs a forward that captured the LM head's input")
+        result[protocol.KEY_FINAL_HIDDEN] = shift_left(out.final_hidden)
+    result.update(_masks(top, inputs, mapping))
     return {key: result[key] for key in encoding.keys}
 
 
@@ -156,6 +178,7 @@ def in_process(
         inputs.input_ids, inputs.attention_mask, capture_hidden=encoding.kind == "hidden", packing=inputs.packing
     )
     if encoding == PROBS:
+        assert out.logits is not None  # an unsliced forward
         return reference_projection(out.aux_hidden_states, out.logits, inputs.input_ids, inputs.loss_mask, mapping)
     return encode(encoding, out, inputs, mapping)
 

@@ -11,7 +11,6 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +18,8 @@ from torch import nn
 
 from eagle3_appliance.core.inputs import Allocator, Packing
 from eagle3_appliance.model.fingerprint import local_shard, model_fingerprint
+from eagle3_appliance.model.head_slices import MIN_SLICE_ROWS, LogitSlices, deferred_head
+from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.model.packing import flash_attention, packed_forward_inputs, packing_refusal
 from eagle3_appliance.model.pooled_head import pooled_logits
 from eagle3_client.protocol import default_aux_layer_ids, validate_aux_layer_ids
@@ -81,20 +82,6 @@ class Lockstep(Protocol):
         ...
 
 
-@dataclass
-class ForwardOutputs:
-    """One forward: aux states ``[B,T,3H]``, logits ``[B,T,V]`` (unshifted), and the LM head's input if captured."""
-
-    aux_hidden_states: torch.Tensor
-    logits: torch.Tensor
-    final_hidden: torch.Tensor | None = None
-
-    def rows(self, start: int, stop: int) -> ForwardOutputs:
-        """The outputs of batch rows ``start:stop`` (one request of a stacked forward)."""
-        hidden = None if self.final_hidden is None else self.final_hidden[start:stop]
-        return ForwardOutputs(self.aux_hidden_states[start:stop], self.logits[start:stop], hidden)
-
-
 class Target:
     """A loaded, frozen causal LM with forward hooks on its three aux layers.
 
@@ -139,6 +126,7 @@ class Target:
             flag: False for flag in ("output_hidden_states", "output_attentions", "use_cache") if flag in params
         }
         self._hidden_refusal: tuple[str | None] | None = None  # cached (reason,) once probed
+        self._slicing_refusal: tuple[str | None] | None = None  # likewise
         offloaded = hasattr(model, "_hf_hook")  # a device map's offloaded weights are read back per forward
         for p in self.model.parameters():
             if p.device.type == "meta" and not offloaded:
@@ -240,24 +228,30 @@ class Target:
         capture_hidden: bool = False,
         alloc: Allocator | None = None,
         packing: Packing | None = None,
+        slice_rows: int | None = None,
     ) -> ForwardOutputs:
         """One target forward on the model's device; the aux states, logits and (if asked) the LM head's input.
 
         ``alloc(shape, dtype)``, if given, supplies the memory the aux states are written to,
         and on the CPU the logits' too (:mod:`eagle3_appliance.model.pooled_head`).
         ``packing``: the rows hold several documents, run as the co-located packed path does
-        (:mod:`eagle3_appliance.model.packing`).
+        (:mod:`eagle3_appliance.model.packing`). ``slice_rows``: the LM head is not run in the
+        forward but over slices of this many rows when the logits are read
+        (:mod:`eagle3_appliance.model.head_slices`; ignored for a head that cannot be sliced).
         """
         self._captured.clear()
         mask, extra = packed_forward_inputs(self.model, input_ids, attention_mask, packing)
         # A sharded (tensor-parallel) or offloaded (device-map) head keeps its own forward.
         head = self.lm_head if self.lockstep is None and not hasattr(self.model, "_hf_hook") else None
+        sliced = self._sliceable_head() if slice_rows else None
         try:
-            with (
-                self._capture_lm_head_input(capture_hidden) as slot,
-                self._lockstep(input_ids, attention_mask, capture_hidden, packing),
-                pooled_logits(head, alloc),
-            ):
+            with contextlib.ExitStack() as stack:
+                slot = stack.enter_context(self._capture_lm_head_input(capture_hidden and sliced is None))
+                stack.enter_context(self._lockstep(input_ids, attention_mask, capture_hidden, packing))
+                if sliced is None:
+                    stack.enter_context(pooled_logits(head, alloc))
+                else:
+                    slot = stack.enter_context(deferred_head(sliced))
                 out = self.model(input_ids=input_ids, attention_mask=mask, **extra, **self._forward_flags)
             if len(self._captured) != 3:
                 raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
@@ -272,9 +266,45 @@ class Target:
         finally:
             self._captured.clear()
         hidden = slot.get("h")
-        if capture_hidden and (hidden is None or hidden.shape[:-1] != logits.shape[:-1]):
+        if (capture_hidden or sliced is not None) and (hidden is None or hidden.shape[:-1] != logits.shape[:-1]):
             raise RuntimeError("the LM head's input was not captured for every position")
+        if sliced is not None:
+            assert hidden is not None and slice_rows is not None
+            head_slices = LogitSlices(hidden, sliced.weight, slice_rows, alloc)
+            return ForwardOutputs(aux, None, hidden if capture_hidden else None, head_slices)
         return ForwardOutputs(aux, logits, hidden)
+
+    def _sliceable_head(self) -> nn.Linear | None:
+        """The LM head if it can run over slices: a plain bias-free ``nn.Linear`` this process holds whole."""
+        head = self.lm_head
+        if self.lockstep is not None or hasattr(self.model, "_hf_hook"):
+            return None
+        if type(head) is not nn.Linear or head.bias is not None or hasattr(head, "_hf_hook") or "forward" in vars(head):
+            return None
+        weight = head.weight
+        if not isinstance(weight, torch.Tensor) or weight.is_quantized or weight.device.type == "meta":
+            return None
+        return head
+
+    def slicing_refusal(self) -> str | None:
+        """Why the LM head cannot run over slices of the sequence, or None when it can (cached).
+
+        A probe forward checks, bit for bit, that sliced logits (the shortest slices the server
+        makes) equal the model's own: this catches a transformation after the head and a kernel
+        that sums short slices in another order. Runs forwards: call it on the model thread.
+        """
+        if self._slicing_refusal is None:
+            reason = None
+            if self._sliceable_head() is None:
+                reason = "the LM head is not a plain bias-free nn.Linear held whole by this process"
+            else:
+                ids = (torch.arange(2 * (3 * MIN_SLICE_ROWS + 5), device=self.device) % self.vocab_size).view(2, -1)
+                whole = self.forward(ids, torch.ones_like(ids)).full_logits()
+                sliced = self.forward(ids, torch.ones_like(ids), slice_rows=MIN_SLICE_ROWS).full_logits()
+                if whole.dtype != sliced.dtype or whole.shape != sliced.shape or not torch.equal(whole, sliced):
+                    reason = "the LM head's output on slices of the sequence differs from the model's logits"
+            self._slicing_refusal = (reason,)
+        return self._slicing_refusal[0]
 
     def _lockstep(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool, packing: Packing | None
@@ -349,7 +379,7 @@ class Target:
     def _probe_hidden_refusal(self) -> str | None:
         ids = (torch.arange(8, device=self.device) % self.vocab_size).unsqueeze(0)
         out = self.forward(ids, torch.ones_like(ids), capture_hidden=True)
-        assert out.final_hidden is not None
+        assert out.final_hidden is not None and out.logits is not None
         recomputed = torch.nn.functional.linear(out.final_hidden, self.lm_head_weight()).to(out.logits.dtype)
         if recomputed.shape != out.logits.shape or not torch.equal(recomputed, out.logits):
             return "the logits are not exactly linear(LM-head input, LM-head weight) (a transformation after the head)"

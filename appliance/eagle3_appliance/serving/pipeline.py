@@ -56,7 +56,8 @@ from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model import supervision
 from eagle3_appliance.model.limits import ServingLimits, TargetShape, derive_limits
-from eagle3_appliance.model.target import ForwardOutputs, Target
+from eagle3_appliance.model.outputs import ForwardOutputs
+from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.metrics import Metrics
 from eagle3_appliance.serving.connections import client_connected
 from eagle3_appliance.serving.jobs import (
@@ -168,7 +169,7 @@ class Pipeline:
             decode_body(request.body),
             vocab_size=self.vocab_size,
             max_seq_len=self.limits.max_seq_len,
-            max_batch_tokens=self.limits.max_batch_tokens,
+            max_batch_tokens=self.max_tokens(session),
             granted=session.capabilities,
             max_packed_rows=self.max_packed_rows,
             max_mask_bytes=self.limits.max_packed_mask_bytes,
@@ -202,6 +203,25 @@ class Pipeline:
             self.metrics.captures.labels(capture.label).inc()
             if transfer.requested is not None and tier != transfer.requested:
                 self.metrics.record_fallback(transfer.requested)
+
+    def max_tokens(self, session: Session) -> int:
+        """The most tokens one ``/generate`` of ``session`` may hold: its answer's size per token decides
+        (a draft vocabulary below the whole vocabulary leaves room for more tokens)."""
+        capture = session.capture
+        if not capture.is_eagle3:
+            per_token = captures.working_bytes_per_token(self.shape, capture, sliced=self.limits.slice_rows is not None)
+            return self.limits.tokens_for(per_token)
+        if self.limits.slice_rows is None:
+            return self.limits.max_batch_tokens
+        mapping = session.mapping
+        return self.limits.tokens_for(self.shape.bytes_per_token(None if mapping is None else mapping.draft_vocab_size))
+
+    def _slice_rows(self, inputs: GenerateInputs) -> int | None:
+        """Rows per LM-head slice for this forward, or None to run the head over the whole sequence."""
+        rows = self.limits.sliced(self.target.device, inputs.tokens, inputs.seq_len)
+        if rows is None or self.target.slicing_refusal() is not None:
+            return None
+        return rows
 
     async def compute(self, job: Job) -> dict[str, torch.Tensor]:
         """Forward, supervise and prepare ``job`` on the model thread, within ``--request-timeout``.
@@ -357,6 +377,7 @@ class Pipeline:
                 capture_hidden=hidden,
                 alloc=alloc,
                 packing=stacked.packing,  # set only for a job alone: packed jobs are never stacked
+                slice_rows=self._slice_rows(stacked),
             )
             self.metrics.exec_count.inc()
             answers = []

@@ -1,0 +1,1 @@
+"""``python -m benchmarks.long``: long samples with the LM head over the whole sequence and over slices."""

@@ -1,0 +1,5 @@
+"""Entry point of ``python -m benchmarks.long``."""
+
+from benchmarks.long.run import main
+
+main()
