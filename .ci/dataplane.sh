@@ -16,3 +16,4 @@ echo "== data planes: GPU check"
 "$PY" tests/gpu/check_dataplanes.py
 "$PY" tests/gpu/check_large_targets.py
 "$PY" tests/gpu/check_serving_speed.py
+"$PY" tests/gpu/check_long_samples.py
