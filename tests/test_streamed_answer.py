@@ -19,10 +19,12 @@ import torch
 
 from eagle3_appliance.core.inputs import GenerateInputs, Packing, VocabMapping
 from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.model import supervision
 from eagle3_appliance.model.loading import load_target
 from eagle3_appliance.model.supervision import in_process
 from eagle3_appliance.settings import Settings
 from eagle3_client import RemoteEagle3TargetModel, protocol, wire
+from eagle3_client.encodings import PROBS
 from eagle3_client.synthetic import packed_batch, random_batch, vocab_mapping
 from tests.oracle import Oracle, assert_bit_exact
 
@@ -177,3 +179,27 @@ def test_a_computation_that_keeps_failing_is_a_short_body(
                 for chunk in response.iter_raw():
                     received += chunk
         assert 0 < len(received) < length
+
+
+def test_rows_reported_final_never_change_afterwards(model_dir: Path) -> None:
+    """The watermark's promise, checked directly: at every report, the rows below it already hold
+    their final bits (padded rows, 3 batch rows, slices that do not divide the sequence, and the
+    whole logits as one slice per batch row)."""
+    target = load_target(Settings(model=str(model_dir)))
+    mapping = VocabMapping(*vocab_mapping(target.logits_size, 300, seed=1))
+    ids, mask, loss = random_batch(target.vocab_size, 3, 203, seed=5)
+    inputs = GenerateInputs(ids, mask, loss)
+    for slice_rows in (37, None):
+        out = target.forward(ids, mask, slice_rows=slice_rows)
+        snapshots: list[torch.Tensor] = []
+
+        def on_rows(probs: torch.Tensor, rows: int) -> None:
+            snapshots.append(probs.view(-1, probs.shape[-1])[:rows].clone())  # noqa: B023 - called in this loop
+
+        answer = supervision.encode(PROBS, out, inputs, mapping, on_rows=on_rows)
+        final = answer["target_probs"].view(-1, answer["target_probs"].shape[-1])
+        sizes = [s.shape[0] for s in snapshots]
+        assert sizes[0] == 0 and sizes == sorted(sizes) and sizes[-1] == final.shape[0]
+        assert len(sizes) > 3  # several reports: rows become final before the answer is
+        for snapshot in snapshots:
+            assert torch.equal(snapshot, final[: snapshot.shape[0]])
