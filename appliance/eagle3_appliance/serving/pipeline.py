@@ -11,6 +11,8 @@
                                            (a DFlash session's: its layers and logits, model.capture)
     prepare              (transfer)        host copies, or device tensors ready for a group send
     send                 (transfer)        HTTP body, or metadata + group sends
+                                           (a streamed-answer session's CPU probs answer leaves
+                                           while it is computed: dataplanes/streaming.py)
 
 Which waiting request goes next is :mod:`eagle3_appliance.serving.scheduling`'s choice (the oldest,
 unless its client will have given up by the answer). Forward, supervise and prepare run on
