@@ -18,6 +18,7 @@ from eagle3_client.quoting import quote
 __all__ = [
     "CAPABILITIES",
     "CAPABILITY_PACKING",
+    "CAPABILITY_STREAMED_ANSWER",
     "DataPlaneReply",
     "GenerateRequest",
     "PACKING_KEYS",
@@ -206,7 +207,10 @@ GENERATE_INPUT_KEYS = ("input_ids", "attention_mask", "loss_mask")
 # lists those the server grants. A body that asks for one the session was not granted is
 # refused (400) before anything is computed; without a session (upstream) none is granted.
 CAPABILITY_PACKING = "packing"
-CAPABILITIES = (CAPABILITY_PACKING,)
+# The wire answer may start leaving before it is complete (the server's framing is unchanged;
+# a failure after the head went out cuts the body short, which the client retries).
+CAPABILITY_STREAMED_ANSWER = "streamed-answer"
+CAPABILITIES = (CAPABILITY_PACKING, CAPABILITY_STREAMED_ANSWER)
 # A packed request (several documents per row, the recipe's packed_sequence_size) adds these
 # [B,T] / [B,max_docs] tensors to the body, after GENERATE_INPUT_KEYS: per-document position
 # ids, the 0-padded document lengths (each row sums to T), and the real tokens after each slot

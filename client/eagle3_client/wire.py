@@ -44,6 +44,8 @@ __all__ = [
     "encode",
     "encode_parts",
     "encoded_size",
+    "entry_header",
+    "magic_bytes",
     "tensor_bytes",
 ]
 
@@ -109,7 +111,13 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def _entry_header(key: str, tensor: torch.Tensor | None) -> bytes:
+def magic_bytes() -> bytes:
+    """The blob's first bytes (a sender that writes entries as they become final starts with these)."""
+    return _MAGIC.pack(MAGIC)
+
+
+def entry_header(key: str, tensor: torch.Tensor | None) -> bytes:
+    """One entry's header: key, dtype, shape and byte count (only metadata: a ``meta`` tensor will do)."""
     key_bytes = key.encode("utf-8")
     head = _KEY_LEN.pack(len(key_bytes)) + key_bytes
     if tensor is None:
@@ -130,10 +138,10 @@ def encode_parts(tensors: TensorDict) -> tuple[list[memoryview | bytes], int]:
     Tensor parts are views of the tensors' own memory (they must be CPU and contiguous and
     must stay alive until the parts are written).
     """
-    parts: list[memoryview | bytes] = [_MAGIC.pack(MAGIC)]
+    parts: list[memoryview | bytes] = [magic_bytes()]
     total = _MAGIC.size
     for key, tensor in tensors.items():
-        header = _entry_header(key, tensor)
+        header = entry_header(key, tensor)
         parts.append(header)
         total += len(header)
         if tensor is not None:
@@ -148,7 +156,7 @@ def encoded_size(tensors: TensorDict) -> int:
     """Bytes that :func:`encode` would produce, without touching tensor data."""
     total = _MAGIC.size
     for key, tensor in tensors.items():
-        total += len(_entry_header(key, tensor))
+        total += len(entry_header(key, tensor))
         if tensor is not None:
             total += tensor.numel() * tensor.element_size()
     return total

@@ -22,6 +22,8 @@ equality bit for bit, including ties, bfloat16 logits and several batch shapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from eagle3_appliance.core.inputs import Allocator, VocabMapping
@@ -61,6 +63,7 @@ def project_into(
     *,
     alloc: Allocator | None = None,
     chunk_rows: int | None = None,
+    on_rows: Callable[[torch.Tensor, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ``/generate`` supervision (protocol §1.4-5), with ``target_probs`` in ``alloc``'d memory.
 
@@ -68,6 +71,11 @@ def project_into(
     (each slice is projected before the next is computed). ``alloc(shape, dtype)`` must return
     a contiguous tensor on the logits' device; it is called for the output probabilities, the
     argmax indices and two small scratch blocks.
+
+    ``on_rows(probs, n)``, if given, is told (on this thread) when the first ``n`` rows of
+    ``target_probs`` flattened to ``[B*T, D]`` are final: once with 0 right after it is
+    allocated, then after every slice. A streamed answer sends those rows while later
+    slices are computed (:mod:`eagle3_appliance.dataplanes.streaming`).
     """
     out = logits if isinstance(logits, ForwardOutputs) else ForwardOutputs(aux_hidden_states, logits)
     device = out.device
@@ -84,6 +92,13 @@ def project_into(
     block = min(rows_per_block, max(min(seq_len - 1, out.longest_slice), 1))  # scratch within one slice
     gathered = alloc((block, draft), out.logits_dtype)
     widened = alloc((block, draft), torch.float32) if out.logits_dtype != torch.float32 else None
+    # The tail row, made exactly as the reference makes it (softmax of zeros of the logits dtype);
+    # written first, so that a batch row is final as soon as its last slice is projected.
+    zeros = torch.zeros((1, 1, 1), dtype=out.logits_dtype, device=device)
+    zero_row = torch.softmax(zeros.expand(-1, -1, draft).float(), dim=-1)
+    probs[:, seq_len - 1 :].copy_(zero_row.expand(batch, -1, -1))
+    if on_rows is not None:
+        on_rows(probs, 0)
 
     for b, first, rows in out.logit_slices():
         # Output row t is computed from logits row t + 1 (the left shift of §1.4); row 0 is not used.
@@ -98,11 +113,8 @@ def project_into(
             if widened is not None:
                 chunk = widened[:n].copy_(chunk)  # exactly ``.float()``
             torch.softmax(chunk, dim=-1, out=probs[b, start - 1 : stop - 1])
-
-    # The tail row, made exactly as the reference makes it (softmax of zeros of the logits dtype).
-    zeros = torch.zeros((1, 1, 1), dtype=out.logits_dtype, device=device)
-    zero_row = torch.softmax(zeros.expand(-1, -1, draft).float(), dim=-1)
-    probs[:, seq_len - 1 :].copy_(zero_row.expand(batch, -1, -1))
+        if on_rows is not None:  # output rows up to end - 2 of row b are final (all of it after its last slice)
+            on_rows(probs, b * seq_len + (seq_len if end >= seq_len else end - 1))
 
     shifted_loss_mask = shift_left(loss_mask)
     position_mask = (token_mask[top] & shifted_loss_mask.bool()).unsqueeze(-1)

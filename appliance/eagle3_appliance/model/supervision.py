@@ -18,7 +18,7 @@ target in-process" means, and what every other path is checked against. The serv
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -144,14 +144,18 @@ def encode(
     mapping: VocabMapping,
     *,
     alloc: Allocator | None = None,
+    on_rows: Callable[[torch.Tensor, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ``/generate`` answer in ``encoding``, keyed in ``protocol.ENCODING_KEYS`` order.
 
     ``inputs`` and ``mapping`` must be on the logits' device. ``alloc`` supplies the memory of
     the ``probs`` answer (reused blocks); the other encodings are small and allocate.
+    ``on_rows``: the ``probs`` answer's progress (:func:`project_into`); unused by the others.
     """
     if encoding == PROBS:
-        return project_into(out.aux_hidden_states, out, inputs.input_ids, inputs.loss_mask, mapping, alloc=alloc)
+        return project_into(
+            out.aux_hidden_states, out, inputs.input_ids, inputs.loss_mask, mapping, alloc=alloc, on_rows=on_rows
+        )
     if encoding.kind not in (protocol.ENCODING_LOGITS, protocol.ENCODING_HIDDEN, protocol.ENCODING_TOPK):
         raise ValueError(f"unknown encoding {encoding.name!r}")
     top, result = _slice_pass(out, mapping, encoding)

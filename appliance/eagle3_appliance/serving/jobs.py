@@ -26,6 +26,7 @@ from eagle3_appliance.core.admission import Ticket
 from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.core.sessions import Session
 from eagle3_appliance.dataplanes.resend_store import ResendStore, StoredResult
+from eagle3_appliance.dataplanes.streaming import AnswerStream
 from eagle3_appliance.dataplanes.transfer import Transfer, WireTransfer
 from eagle3_appliance.errors import MalformedBody
 from eagle3_client import protocol
@@ -114,6 +115,8 @@ class Job:
     state: str = QUEUED
     capture: Capture = EAGLE3  # which layers and supervision (eagle3_client.capture)
     left_at: float | None = None  # time.monotonic() when its last waiter stopped waiting
+    # Set when the answer may leave while it is computed (a job computed alone: dataplanes/streaming.py).
+    stream: AnswerStream | None = None
 
     def retry_expected(self, grace: float, now: float) -> bool:
         """Nobody waits, but a retry of the same request id may come: the last attempt left within ``grace``.

@@ -27,12 +27,16 @@ class EncodingError(ApplianceError):
 def granted_capabilities(offer: SessionOffer, target: Target) -> frozenset[str]:
     """The request extensions of ``offer`` this server grants: those it knows and this model can do.
 
-    ``packing`` needs a model whose forward takes ``position_ids``. Unknown names are ignored
+    ``packing`` needs a model whose forward takes ``position_ids``; ``streamed-answer`` is always
+    granted (the server streams where it can, :mod:`eagle3_appliance.dataplanes.streaming`,
+    and answers whole elsewhere). Unknown names are ignored
     (a newer client asking for more), so the reply tells the client what it may send.
     """
     granted = set()
     for name in offer.capabilities:
         if name == protocol.CAPABILITY_PACKING and target.packing_refusal() is None:
+            granted.add(name)
+        elif name == protocol.CAPABILITY_STREAMED_ANSWER:
             granted.add(name)
     return frozenset(granted)
 

@@ -11,6 +11,8 @@
                                            (a DFlash session's: its layers and logits, model.capture)
     prepare              (transfer)        host copies, or device tensors ready for a group send
     send                 (transfer)        HTTP body, or metadata + group sends
+                                           (a streamed-answer session's CPU probs answer leaves
+                                           while it is computed: dataplanes/streaming.py)
 
 Which waiting request goes next is :mod:`eagle3_appliance.serving.scheduling`'s choice (the oldest,
 unless its client will have given up by the answer). Forward, supervise and prepare run on
@@ -50,7 +52,8 @@ from eagle3_appliance.core.sessions import Session
 from eagle3_appliance.dataplanes.buffers import ServerBuffers
 from eagle3_appliance.dataplanes.group_plane import LINK_KEY, GroupTransfer
 from eagle3_appliance.dataplanes.resend_store import ResendStore
-from eagle3_appliance.dataplanes.transfer import Transfer, WireTransfer
+from eagle3_appliance.dataplanes.streaming import AnswerStream, send_streamed, streamed_layout
+from eagle3_appliance.dataplanes.transfer import SEND_SLICE_BYTES, Transfer, WireTransfer
 from eagle3_appliance.dataplanes.upstream_nccl import upstream_transfer
 from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.model import capture as captures
@@ -76,7 +79,7 @@ from eagle3_appliance.serving.scheduling import Scheduler
 from eagle3_appliance.serving.validation import decode_body, validate_generate
 from eagle3_appliance.settings import Settings
 from eagle3_client import protocol
-from eagle3_client.encodings import PROBS, parse_encoding
+from eagle3_client.encodings import PROBS, Encoding, parse_encoding
 
 __all__ = ["ModelRunner", "Pipeline", "choose_transfer"]
 
@@ -191,18 +194,74 @@ class Pipeline:
         key = request_key(request, session, transfer)
         async with self.admission.admit() as ticket:  # 503 + Retry-After when the queue is full
             connected = client_connected(request)
+            stream = None
+            if self._streams(session, transfer, encoding):
+                stream = AnswerStream(asyncio.get_running_loop())
             job = Job(inputs, mapping, encoding, transfer, ticket, connected, key, session.id, capture=capture)
-            answer = await self.compute(job)
-            try:
-                tier = await transfer.send(request, answer, ticket, headers)
-            except BaseException:
-                self._kept.keep(job, answer)  # the client left during the send: its retry gets this answer
-                raise
+            job.stream = stream
+            if stream is None:
+                answer = await self.compute(job)
+                tier = await self._send(request, job, answer, headers)
+            else:
+                answer, tier = await self._compute_streamed(request, job, stream, headers)
             self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
             self.metrics.record_sent(tier, encoding.name if capture.is_eagle3 else capture.label, ticket.nbytes)
             self.metrics.captures.labels(capture.label).inc()
             if transfer.requested is not None and tier != transfer.requested:
                 self.metrics.record_fallback(transfer.requested)
+
+    def _streams(self, session: Session, transfer: Transfer, encoding: Encoding) -> bool:
+        """Whether this answer may leave while it is computed (:mod:`eagle3_appliance.dataplanes.streaming`).
+
+        Only a session that negotiated it, a wire answer in ``probs`` (whose ``target_probs`` is
+        filled in body order), and a CPU target (on an accelerator the rows would need a host copy
+        and a stream sync per slice; its answer is copied whole, as before).
+        """
+        return (
+            protocol.CAPABILITY_STREAMED_ANSWER in session.capabilities
+            and type(transfer) is WireTransfer
+            and encoding == PROBS
+            and session.capture.is_eagle3
+            and self.target.device.type == "cpu"
+        )
+
+    async def _send(self, request: Request, job: Job, answer: dict[str, torch.Tensor], headers: dict[str, str]) -> str:
+        try:
+            return await job.transfer.send(request, answer, job.ticket, headers)
+        except BaseException:
+            self._kept.keep(job, answer)  # the client left during the send: its retry gets this answer
+            raise
+
+    async def _compute_streamed(
+        self, request: Request, job: Job, stream: AnswerStream, headers: dict[str, str]
+    ) -> tuple[dict[str, torch.Tensor], str]:
+        """Compute ``job`` and send its answer as it becomes final; returns the answer and its tier.
+
+        The answer streams only if the model thread starts it (a job computed alone); a kept
+        answer, a retry that joins a computation in flight, or a micro-batched job is sent
+        whole once complete, as without the capability.
+        """
+        computing = asyncio.ensure_future(self.compute(job))
+        computing.add_done_callback(lambda _: stream.end())
+        computing.add_done_callback(_consume)
+        try:
+            while stream.layout is None and not computing.done():
+                await stream.changed()
+        except BaseException:
+            computing.cancel()
+            raise
+        if stream.layout is None:
+            answer = await computing
+            return answer, await self._send(request, job, answer, headers)
+        try:
+            answer = await send_streamed(request, stream, computing, job.ticket, headers, SEND_SLICE_BYTES)
+        except BaseException:
+            if computing.done() and not computing.cancelled() and computing.exception() is None:
+                self._kept.keep(job, computing.result())  # complete: its retry gets this answer
+            else:
+                computing.cancel()  # the computation goes on for a retry, as when a client leaves while it waits
+            raise
+        return answer, protocol.TIER_WIRE
 
     def max_tokens(self, session: Session) -> int:
         """The most tokens one ``/generate`` of ``session`` may hold: its answer's size per token decides
@@ -392,7 +451,12 @@ class Pipeline:
                 rows: ForwardOutputs = out if len(jobs) == 1 else out.rows(start, stop)
                 assert job.mapping is not None  # generate() refuses an EAGLE-3 job without one
                 mapping = job.mapping.to(device)
-                answers.append(supervision.encode(job.encoding, rows, job_inputs, mapping, alloc=alloc))
+                on_rows = None
+                if len(jobs) == 1 and job.stream is not None:  # a stacked forward's answers are sent whole
+                    on_rows = _publisher(job.stream, rows.aux_hidden_states, job_inputs)
+                answers.append(
+                    supervision.encode(job.encoding, rows, job_inputs, mapping, alloc=alloc, on_rows=on_rows)
+                )
                 start = stop
             del out, layers
             if device.type == "cuda":
@@ -404,6 +468,23 @@ class Pipeline:
         finally:
             for ticket in tickets:
                 ticket.end_compute()
+
+
+def _publisher(
+    stream: AnswerStream, aux_hidden_states: torch.Tensor, inputs: GenerateInputs
+) -> Callable[[torch.Tensor, int], None]:
+    """The projection's progress callback for a streamed answer: its layout first, then each watermark."""
+    started = False
+
+    def on_rows(probs: torch.Tensor, rows: int) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            stream.begin(streamed_layout(aux_hidden_states, probs, inputs.input_ids, inputs.loss_mask))
+        if rows:
+            stream.advance(rows)
+
+    return on_rows
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
