@@ -162,6 +162,18 @@ def _human(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _format_table(header: list[str], body: list[list[str]], markdown: bool) -> str:
+    """Aligned columns for a terminal, or a Markdown table for the docs."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
+    )
+
+
 def render_table(rows: list[SizeRow], *, markdown: bool = False) -> str:
     """A table of the rows; the share is relative to the same model's ``probs`` row (if present)."""
     probs = {r.model: r.bytes_per_token for r in rows if r.encoding is not None and r.encoding.kind == "probs"}
@@ -171,14 +183,7 @@ def render_table(rows: list[SizeRow], *, markdown: bool = False) -> str:
     for r in rows:
         share = f"{100 * r.bytes_per_token / probs[r.model]:.1f} %" if r.model in probs else "-"
         body.append([r.model, r.name, f"{r.bytes_per_token:,}", _human(r.bytes_per_batch), share, r.exact])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
-    )
+    return _format_table(header, body, markdown)
 
 
 @dataclass(frozen=True)
@@ -258,11 +263,4 @@ def render_longest(rows: list[LongestRow], *, draft_vocab: int, markdown: bool =
         ]
         for r in rows
     ]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
-    )
+    return _format_table(header, body, markdown)
