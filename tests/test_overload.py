@@ -82,6 +82,24 @@ def _slow_request(url: str) -> httpx.Response:
     return post(url, "generate", wire.encode(batch(1, 16, slow=True)))
 
 
+def _open_queued(url: str, body: bytes, headers: dict[str, str]) -> socket.socket:
+    """Send ``body`` while a slow forward runs, once it is queued behind it; its open connection."""
+    wait_until(lambda: _gauge(url, "eagle3_inference_computing") == 1, what="the slow forward")
+    first = _open_request(url, body, headers)
+    wait_until(lambda: _gauge(url, "eagle3_inference_pending_request_count") == 1, what="the request queued")
+    return first
+
+
+def _assert_fresh_answer(url: str, body: bytes, retry: httpx.Response) -> None:
+    """``retry``'s answer is, bit for bit, the one a fresh request for ``body`` gets."""
+    fresh = post(url, "generate", body)
+    assert fresh.status_code == 200
+    got, want = wire.decode(retry.content), wire.decode(fresh.content)
+    assert list(got) == list(want)
+    for key, tensor in want.items():
+        assert tensor is not None and torch.equal(got[key], tensor), key
+
+
 def test_a_queued_request_whose_client_left_is_not_computed(url: str) -> None:
     before = scrape(url)
     with in_background(lambda: _slow_request(url)) as slow:
@@ -108,13 +126,7 @@ def test_a_retry_of_a_request_id_that_is_computing_attaches_to_it(url: str) -> N
     wait_until(lambda: _settled(url), what="the server to settle")
     after = scrape(url)
     assert metric(after, FORWARDS) - metric(before, FORWARDS) == 1
-    # The attached answer is the one a fresh request gets.
-    fresh = post(url, "generate", body)
-    assert fresh.status_code == 200
-    got, want = wire.decode(retry.content), wire.decode(fresh.content)
-    assert list(got) == list(want)
-    for key, tensor in want.items():
-        assert tensor is not None and torch.equal(got[key], tensor), key
+    _assert_fresh_answer(url, body, retry)  # the attached answer is the one a fresh request gets
 
 
 def test_a_retry_after_the_forward_finished_unseen_gets_the_kept_answer(url: str) -> None:
@@ -135,9 +147,7 @@ def test_a_retry_of_a_queued_request_id_runs_one_forward(url: str) -> None:
     headers = {protocol.REQUEST_ID_HEADER: "retry-queued-1"}
     before = scrape(url)
     with in_background(lambda: _slow_request(url)) as slow:
-        wait_until(lambda: _gauge(url, "eagle3_inference_computing") == 1, what="the slow forward")
-        first = _open_request(url, body, headers)
-        wait_until(lambda: _gauge(url, "eagle3_inference_pending_request_count") == 1, what="the request queued")
+        first = _open_queued(url, body, headers)
         with in_background(lambda: post(url, "generate", body, headers)) as retry:
             first.close()
     assert slow["result"].status_code == 200
@@ -153,9 +163,7 @@ def test_a_retry_after_its_queued_job_had_its_turn_computes_nothing_again(url: s
     headers = {protocol.REQUEST_ID_HEADER: "retry-after-turn-1"}
     before = scrape(url)
     with in_background(lambda: _slow_request(url)) as slow:
-        wait_until(lambda: _gauge(url, "eagle3_inference_computing") == 1, what="the slow forward")
-        first = _open_request(url, body, headers)
-        wait_until(lambda: _gauge(url, "eagle3_inference_pending_request_count") == 1, what="the request queued")
+        first = _open_queued(url, body, headers)
         first.close()  # the attempt timed out; its retry is late
     assert slow["result"].status_code == 200
 
@@ -174,12 +182,7 @@ def test_a_retry_after_its_queued_job_had_its_turn_computes_nothing_again(url: s
     assert metric(after, FORWARDS) - metric(between, FORWARDS) == 0  # the retry computed nothing again
     assert metric(after, FORWARDS) - metric(before, FORWARDS) == 2  # the slow one and one for the id
     assert metric(after, ABANDONED, **GONE) == metric(before, ABANDONED, **GONE)
-    fresh = post(url, "generate", body)
-    assert fresh.status_code == 200
-    got, want = wire.decode(retry.content), wire.decode(fresh.content)
-    assert list(got) == list(want)
-    for key, tensor in want.items():
-        assert tensor is not None and torch.equal(got[key], tensor), key
+    _assert_fresh_answer(url, body, retry)
 
 
 def test_a_reused_request_id_with_another_body_is_computed_on_its_own(url: str) -> None:

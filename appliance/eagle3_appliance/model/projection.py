@@ -29,7 +29,7 @@ import torch
 from eagle3_appliance.core.inputs import Allocator, VocabMapping
 from eagle3_appliance.model.outputs import ForwardOutputs
 
-__all__ = ["default_chunk_rows", "project_into", "shift_left"]
+__all__ = ["default_chunk_rows", "project_into", "shift_left", "tail_probs"]
 
 # Rows per block on the CPU (rows x D x 4 bytes of gathered draft-vocab logits): small
 # enough to keep the scratch bounded and mostly in cache, large enough that the per-call
@@ -41,6 +41,13 @@ _CPU_BLOCK_BYTES = 16 * 1024 * 1024
 def shift_left(x: torch.Tensor) -> torch.Tensor:
     """``cat(x[:, 1:], zeros_like(x[:, :1]), dim=1)``: the next-token alignment of protocol §1.4."""
     return torch.cat((x[:, 1:], torch.zeros_like(x[:, :1])), dim=1)
+
+
+def tail_probs(dtype: torch.dtype, draft_vocab: int, device: torch.device) -> torch.Tensor:
+    """The last position's probabilities ``[1, 1, D]``, made as the reference makes them: its
+    logits row is the shifted-in zeros (of the logits dtype), so its softmax, in float32."""
+    zeros = torch.zeros((1, 1, 1), dtype=dtype, device=device)
+    return torch.softmax(zeros.expand(-1, -1, draft_vocab).float(), dim=-1)
 
 
 def default_chunk_rows(device: torch.device, draft_vocab: int, seq_len: int) -> int:
@@ -92,11 +99,8 @@ def project_into(
     block = min(rows_per_block, max(min(seq_len - 1, out.longest_slice), 1))  # scratch within one slice
     gathered = alloc((block, draft), out.logits_dtype)
     widened = alloc((block, draft), torch.float32) if out.logits_dtype != torch.float32 else None
-    # The tail row, made exactly as the reference makes it (softmax of zeros of the logits dtype);
-    # written first, so that a batch row is final as soon as its last slice is projected.
-    zeros = torch.zeros((1, 1, 1), dtype=out.logits_dtype, device=device)
-    zero_row = torch.softmax(zeros.expand(-1, -1, draft).float(), dim=-1)
-    probs[:, seq_len - 1 :].copy_(zero_row.expand(batch, -1, -1))
+    # The tail row first, so that a batch row is final as soon as its last slice is projected.
+    probs[:, seq_len - 1 :].copy_(tail_probs(out.logits_dtype, draft, device).expand(batch, -1, -1))
     if on_rows is not None:
         on_rows(probs, 0)
 

@@ -25,7 +25,7 @@ import torch
 
 from eagle3_appliance.core.inputs import Allocator, GenerateInputs, VocabMapping
 from eagle3_appliance.model.outputs import ForwardOutputs
-from eagle3_appliance.model.projection import project_into, shift_left
+from eagle3_appliance.model.projection import project_into, shift_left, tail_probs
 from eagle3_appliance.model.target import Target
 from eagle3_client import protocol
 from eagle3_client.encodings import PROBS, Encoding, topk_index_dtype
@@ -116,9 +116,7 @@ def _slice_pass(
         k = encoding.k
         topk_values = result[protocol.KEY_TOPK_VALUES] = torch.empty((batch, seq_len, k), device=device)
         topk_indices = torch.empty((batch, seq_len, k), dtype=torch.int64, device=device)
-        # The reference's zero tail row: the softmax of zeros of the logits dtype.
-        zeros = torch.zeros((1, ids.numel()), dtype=out.logits_dtype, device=device)
-        values, indices = torch.softmax(zeros.float(), dim=-1).topk(k, dim=-1)
+        values, indices = tail_probs(out.logits_dtype, ids.numel(), device)[0].topk(k, dim=-1)
         topk_values[:, -1], topk_indices[:, -1] = values, indices
     for b, first, rows in out.logit_slices():
         end = first + rows.shape[0]
