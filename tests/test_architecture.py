@@ -102,13 +102,15 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
     "eagle3_appliance": [
         {"entry points": {"cli", "__main__", "demo", "sizes", "launch"}},
         {"serving": {"serving"}},  # the HTTP face and the /generate flow
-        {"dataplanes": {"dataplanes"}, "model": {"model"}, "ops": {"ops"}},
+        # stream: answers kept for a run's stream and the queue an appliance hosts (plain state)
+        {"dataplanes": {"dataplanes"}, "model": {"model"}, "ops": {"ops"}, "stream": {"stream"}},
         {"core": {"core"}},  # the request types every room shares
         {"ground": {"settings", "errors", "progress", "__init__"}},
     ],
     "eagle3_client": [
         {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch", "automodel_packing"}},
-        {"adapters": {"backend", "dflash"}},  # the recipes' surfaces
+        # the recipes' surfaces, and the stream's queue + store (upstream's streaming API)
+        {"adapters": {"backend", "dflash"}, "streaming": {"streaming"}},
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
         {"transports": {"transports"}},  # how bytes travel
         {

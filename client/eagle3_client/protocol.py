@@ -8,6 +8,7 @@ upstream column of ``shared/design/upstream-protocol.md`` is reproduced exactly;
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,24 @@ __all__ = [
     "CAPABILITIES",
     "CAPABILITY_PACKING",
     "CAPABILITY_STREAMED_ANSWER",
+    "CAPABILITY_STREAM",
+    "EP_QUEUE",
+    "EP_STREAM_PRODUCE",
+    "EP_STREAM_RELEASE",
+    "EP_STREAM_RUNS",
+    "LeaseJSON",
+    "QUEUE_OPS",
+    "RunDescription",
+    "RunStateJSON",
+    "SAMPLE_HEADER",
+    "SAMPLE_INPUT_KEYS",
+    "STREAM_FULL_HEADER",
+    "STREAM_ID_MAX_LEN",
+    "SampleStatus",
+    "StreamRef",
+    "check_stream_id",
+    "parse_sample_header",
+    "queue_path",
     "DataPlaneReply",
     "GenerateRequest",
     "PACKING_KEYS",
@@ -210,7 +229,10 @@ CAPABILITY_PACKING = "packing"
 # The wire answer may start leaving before it is complete (the server's framing is unchanged;
 # a failure after the head went out cuts the body short, which the client retries).
 CAPABILITY_STREAMED_ANSWER = "streamed-answer"
-CAPABILITIES = (CAPABILITY_PACKING, CAPABILITY_STREAMED_ANSWER)
+# The session may claim answers kept resident on this server for a run's stream (/generate
+# with SAMPLE_HEADER) and produce them (/stream/produce): see the stream section below.
+CAPABILITY_STREAM = "stream"
+CAPABILITIES = (CAPABILITY_PACKING, CAPABILITY_STREAMED_ANSWER, CAPABILITY_STREAM)
 # A packed request (several documents per row, the recipe's packed_sequence_size) adds these
 # [B,T] / [B,max_docs] tensors to the body, after GENERATE_INPUT_KEYS: per-document position
 # ids, the 0-padded document lengths (each row sums to T), and the real tokens after each slot
@@ -609,3 +631,283 @@ def _capture(body: Mapping[str, Any]) -> Capture:
 
 def _number(value: int | float | None) -> float | None:
     return None if value is None else float(value)
+
+
+# -- Streams (extension) ----------------------------------------------------------------------
+# A producer has appliances compute a run's batches ahead of demand; each answer stays resident
+# on the appliance that computed it (within its memory watermarks) until acknowledged, and a
+# tensor-free reference (upstream's SampleRef, as StreamRef JSON) announces it on the run's
+# queue. A trainer leases a reference from the queue and claims the answer from its appliance
+# over the negotiated data plane, exactly as a /generate answer travels.
+#
+# POST /stream/produce: a /generate wire body plus SAMPLE_HEADER; the session's capture,
+#   encoding and vocab mapping apply. The answer is computed and kept; the reply is StreamRef
+#   JSON (store_uri "appliance://host:port"). A sample already kept is not computed again.
+#   503 + STREAM_FULL_HEADER + Retry-After while the server's resident answers are at its
+#   high watermark (until they fall below its low watermark).
+# POST /generate with SAMPLE_HEADER and an empty body (a session granted CAPABILITY_STREAM):
+#   the kept answer of that sample, on the session's data plane, with its request's tensors
+#   (SAMPLE_INPUT_KEYS) beside the supervision; 404 naming the run or sample when none is kept,
+#   409 when the session's capture or encoding differs from the answer's.
+# POST /stream/release JSON {"run_id", "sample_ids": [...]}: drop those answers (acked).
+# GET /stream/runs: the runs with resident answers; GET /stream/runs/<run>: its resident
+#   sample ids; DELETE /stream/runs/<run>: drop them all (the run ended).
+# /queue/<run>/<op> (QUEUE_OPS): the run's queue hosted by this appliance (appliance://).
+SAMPLE_HEADER = "X-Eagle3-Sample"  # "<run_id>/<sample_id>"
+STREAM_ID_MAX_LEN = 128
+_STREAM_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{STREAM_ID_MAX_LEN}}}")
+EP_STREAM_PRODUCE = "stream/produce"
+EP_STREAM_RELEASE = "stream/release"
+EP_STREAM_RUNS = "stream/runs"
+STREAM_FULL_HEADER = "X-Eagle3-Stream-Full"
+EP_QUEUE = "queue"
+QUEUE_OPS = ("open", "put", "acquire", "ack", "fail", "reclaim", "seal", "state", "samples", "end")
+# What a kept answer carries of its request, beside its supervision, in this order (those of
+# them the supervision does not already carry; packing keys only for packed rows).
+SAMPLE_INPUT_KEYS = GENERATE_INPUT_KEYS + PACKING_KEYS
+# Most ids one /stream/release or /queue/<run>/samples page names.
+MAX_STREAM_IDS_PER_REQUEST = 10_000
+
+
+def check_stream_id(value: Any, what: str) -> str:
+    """A run or sample id: 1 to STREAM_ID_MAX_LEN letters, digits, '.', '_', ':' or '-' (ValueError naming ``what``)."""
+    if not isinstance(value, str) or not _STREAM_ID.fullmatch(value):
+        raise ValueError(
+            f"{what} must be 1 to {STREAM_ID_MAX_LEN} letters, digits, '.', '_', ':' or '-', got {quote(value)}"
+        )
+    return value
+
+
+def parse_sample_header(value: str) -> tuple[str, str]:
+    """``(run_id, sample_id)`` of a SAMPLE_HEADER value (ValueError naming what is wrong)."""
+    run_id, sep, sample_id = value.partition("/")
+    if not sep:
+        raise ValueError(f"{SAMPLE_HEADER} must be '<run_id>/<sample_id>', got {quote(value)}")
+    return check_stream_id(run_id, "the run id"), check_stream_id(sample_id, "the sample id")
+
+
+def queue_path(run_id: str, op: str) -> str:
+    """The endpoint of ``op`` on ``run_id``'s appliance-hosted queue (no leading slash)."""
+    if op not in QUEUE_OPS:
+        raise ValueError(f"unknown queue operation {op!r}; expected one of {QUEUE_OPS}")
+    return f"{EP_QUEUE}/{check_stream_id(run_id, 'the run id')}/{op}"
+
+
+@dataclass(frozen=True)
+class StreamRef:
+    """Upstream's ``SampleRef`` as JSON (dtypes by name, e.g. ``"bfloat16"``): what a queue carries.
+
+    ``feature_specs`` describe the tensors a consumer's store returns (the decoded supervision),
+    as ``{name: [shape list, dtype name]}``; ``feature_keys`` map each to its name in the kept
+    answer. ``target_model_version`` is the computing server's model fingerprint.
+    """
+
+    sample_id: str
+    run_id: str
+    store_uri: str
+    feature_keys: dict[str, str]
+    feature_specs: dict[str, tuple[tuple[int, ...], str]]
+    algorithm: str
+    schema_version: int
+    num_tokens: int
+    estimated_bytes: int
+    target_model_version: str
+    draft_weight_version: str = "0"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sample_id": self.sample_id,
+            "run_id": self.run_id,
+            "store_uri": self.store_uri,
+            "feature_keys": dict(self.feature_keys),
+            "feature_specs": {k: [list(shape), dtype] for k, (shape, dtype) in self.feature_specs.items()},
+            "algorithm": self.algorithm,
+            "schema_version": self.schema_version,
+            "num_tokens": self.num_tokens,
+            "estimated_bytes": self.estimated_bytes,
+            "target_model_version": self.target_model_version,
+            "draft_weight_version": self.draft_weight_version,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> StreamRef:
+        body = _object(body, "a sample reference")
+        keys = _field(body, "feature_keys", dict)
+        specs = _field(body, "feature_specs", dict)
+        if len(specs) > 64 or set(keys) != set(specs):
+            raise ValueError("'feature_keys' and 'feature_specs' must name the same features (at most 64)")
+        parsed: dict[str, tuple[tuple[int, ...], str]] = {}
+        for name, spec in specs.items():
+            ok = (
+                isinstance(spec, list)
+                and len(spec) == 2
+                and isinstance(spec[0], list)
+                and len(spec[0]) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec[0])
+                and isinstance(spec[1], str)
+                and len(spec[1]) <= 32
+            )
+            if not ok or not isinstance(keys[name], str):
+                raise ValueError(f"feature {quote(name)}: a spec is [shape (list of ints >= 0), dtype name]")
+            parsed[str(name)] = (tuple(spec[0]), spec[1])
+        store_uri = _field(body, "store_uri", str)
+        if "://" not in store_uri or len(store_uri) > 512:
+            raise ValueError(f"'store_uri' must be a scheme://location URI, got {quote(store_uri)}")
+        return cls(
+            sample_id=check_stream_id(_field(body, "sample_id", str), "'sample_id'"),
+            run_id=check_stream_id(_field(body, "run_id", str), "'run_id'"),
+            store_uri=store_uri,
+            feature_keys={str(k): v for k, v in keys.items()},
+            feature_specs=parsed,
+            algorithm=_field(body, "algorithm", str),
+            schema_version=_field(body, "schema_version", int),
+            num_tokens=_nonnegative(body, "num_tokens"),
+            estimated_bytes=_nonnegative(body, "estimated_bytes"),
+            target_model_version=_field(body, "target_model_version", str),
+            draft_weight_version=str(_field(body, "draft_weight_version", str, "0")),
+        )
+
+
+def _nonnegative(body: Mapping[str, Any], key: str) -> int:
+    value = _field(body, key, int)
+    if value < 0:
+        raise ValueError(f"{key!r} must be >= 0, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    """What every sample of a run shares, fixed by the first producer that opens the run's queue.
+
+    A later producer (or a restarted one) must describe the run the same way (409 otherwise),
+    and the queue refuses a reference whose ``target_model_version`` is not ``model_fingerprint``.
+    """
+
+    algorithm: str  # upstream's FeatureAlgorithm value: "eagle3" or "dflash"
+    capture: str  # eagle3_client.capture.Capture.spec() of the answers
+    encoding: str  # the EAGLE-3 supervision encoding the answers are kept in ("probs" for DFlash)
+    model_fingerprint: str
+    visibility_timeout_s: float = 60.0  # how long a lease lives before its sample is delivered again
+    draft_vocab_size: int | None = None  # EAGLE-3: the draft vocabulary (what topk:K decodes into)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "capture": self.capture,
+            "encoding": self.encoding,
+            "model_fingerprint": self.model_fingerprint,
+            "visibility_timeout_s": self.visibility_timeout_s,
+            "draft_vocab_size": self.draft_vocab_size,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> RunDescription:
+        body = _object(body, "a run description")
+        timeout = float(_field(body, "visibility_timeout_s", (int, float), 60.0))
+        if not 0 < timeout <= 86_400:
+            raise ValueError(f"'visibility_timeout_s' must be in (0, 86400], got {timeout:g}")
+        vocab = _field(body, "draft_vocab_size", int, None)
+        return cls(
+            algorithm=_field(body, "algorithm", str),
+            capture=_field(body, "capture", str),
+            encoding=_field(body, "encoding", str),
+            model_fingerprint=_field(body, "model_fingerprint", str),
+            visibility_timeout_s=timeout,
+            draft_vocab_size=vocab,
+        )
+
+    def differences(self, other: RunDescription) -> list[str]:
+        """The fields (but the visibility timeout) in which ``other`` describes the run otherwise."""
+        mine, theirs = self.to_json(), other.to_json()
+        return [
+            f"{key}: {quote(mine[key])} here, {quote(theirs[key])} asked"
+            for key in mine
+            if key != "visibility_timeout_s" and mine[key] != theirs[key]
+        ]
+
+
+@dataclass(frozen=True)
+class LeaseJSON:
+    """A lease as a queue hands it out: the reference, its lease id, and how long it is held."""
+
+    ref: StreamRef
+    lease_id: str
+    visibility_timeout_s: float
+    redelivery_count: int  # earlier deliveries of this sample (0 the first time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref.to_json(),
+            "lease_id": self.lease_id,
+            "visibility_timeout_s": self.visibility_timeout_s,
+            "redelivery_count": self.redelivery_count,
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> LeaseJSON:
+        body = _object(body, "a lease")
+        return cls(
+            ref=StreamRef.from_json(_field(body, "ref", dict)),
+            lease_id=check_stream_id(_field(body, "lease_id", str), "'lease_id'"),
+            visibility_timeout_s=float(_field(body, "visibility_timeout_s", (int, float))),
+            redelivery_count=_nonnegative(body, "redelivery_count"),
+        )
+
+
+@dataclass(frozen=True)
+class RunStateJSON:
+    """A run's queue in numbers. ``closed``: sealed and every sample acked (loaders stop)."""
+
+    run_id: str
+    description: RunDescription
+    sealed: bool
+    total: int | None  # samples the producer announced at seal (None before)
+    known: int  # distinct samples ever put
+    pending: int
+    leased: int
+    acked: int
+    redelivered: int  # deliveries after the first (expired or failed leases)
+    recomputed: int  # puts that moved a sample not yet acked to another appliance
+    closed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        body = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "description"}
+        body["description"] = self.description.to_json()
+        return body
+
+    @classmethod
+    def from_json(cls, body: Any) -> RunStateJSON:
+        body = _object(body, "a run state")
+        return cls(
+            run_id=_field(body, "run_id", str),
+            description=RunDescription.from_json(_field(body, "description", dict)),
+            sealed=_field(body, "sealed", bool),
+            total=_field(body, "total", int, None),
+            known=_nonnegative(body, "known"),
+            pending=_nonnegative(body, "pending"),
+            leased=_nonnegative(body, "leased"),
+            acked=_nonnegative(body, "acked"),
+            redelivered=_nonnegative(body, "redelivered"),
+            recomputed=_nonnegative(body, "recomputed"),
+            closed=_field(body, "closed", bool),
+        )
+
+
+@dataclass(frozen=True)
+class SampleStatus:
+    """One sample of a run's queue: ``state`` is "pending", "leased" or "acked"; where it is kept."""
+
+    sample_id: str
+    state: str
+    store_uri: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sample_id": self.sample_id, "state": self.state, "store_uri": self.store_uri}
+
+    @classmethod
+    def from_json(cls, body: Any) -> SampleStatus:
+        body = _object(body, "a sample status")
+        state = _field(body, "state", str)
+        if state not in ("pending", "leased", "acked"):
+            raise ValueError(f"'state' must be pending, leased or acked, got {quote(state)}")
+        return cls(_field(body, "sample_id", str), state, _field(body, "store_uri", str))

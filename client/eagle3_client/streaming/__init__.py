@@ -1,0 +1,9 @@
+"""The consumer and producer sides of a supervision stream (NeMo AutoModel's streaming API).
+
+Appliances compute a run's batches ahead of the trainers and keep each answer where it was
+computed; a queue (``appliance://host:port`` or ``redis://host:port/db``) carries tensor-free
+references. :func:`open_stream` gives a trainer a ``(queue, store)`` pair that upstream's
+``FeatureDataLoader`` accepts unchanged.
+
+May import ``remote``, ``transports`` and the ground; never the adapters (``backend``, ``dflash``).
+"""
