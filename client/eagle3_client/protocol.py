@@ -194,7 +194,7 @@ RESEND_CONFLICT_STATUS = 409
 # --max-body-bytes. Every other endpoint takes a JSON body (or none) of at most
 # MAX_JSON_BODY_BYTES (413 beyond, before it is read): a session offer or a group request is a
 # few hundred bytes, and a body parsed on the event loop must stay small enough not to stall it.
-WIRE_BODY_ENDPOINTS = frozenset({EP_GENERATE, EP_SET_VOCAB_MAPPING, EP_LM_HEAD_ROWS})
+WIRE_BODY_ENDPOINTS = frozenset({EP_GENERATE, EP_SET_VOCAB_MAPPING, EP_LM_HEAD_ROWS, "stream/produce"})
 MAX_JSON_BODY_BYTES = 1 << 20
 # On /generate: the client names the transfer (its sequence number); the server echoes it
 # when the body is transfer metadata (JSON) and the tensors follow on the group. Without

@@ -268,6 +268,57 @@ class Metrics:
             registry=r,
         )
         r.register(GpuCollector(monitor))
+        # The stream (eagle3_appliance.stream): answers kept resident for runs, and the run queues
+        # this appliance hosts (appliance://). Queue series are per run (a few runs at a time).
+        self.stream_produced = Counter(
+            "eagle3_stream_produced", "Answers computed and kept resident for a run's stream.", registry=r
+        )
+        self.stream_claimed = Counter(
+            "eagle3_stream_claimed",
+            "Kept answers sent to a trainer that claimed them (a redelivered sample counts each time).",
+            registry=r,
+        )
+        self.stream_released = Counter(
+            "eagle3_stream_released",
+            "Kept answers dropped: acked (their sample was consumed) or run_ended (the run was deleted).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("acked", "run_ended"):
+            self.stream_released.labels(reason)
+        self.stream_refused = Counter(
+            "eagle3_stream_refused",
+            "Answers a producer asked for while the resident answers were at the high watermark (it paused).",
+            registry=r,
+        )
+        self.stream_resident = Gauge(
+            "eagle3_stream_resident", "Answers kept resident now: bytes and samples.", ["unit"], registry=r
+        )
+        self.stream_watermark = Gauge(
+            "eagle3_stream_watermark_bytes",
+            "The resident-answer watermarks: high (producers are refused at it) and low (they resume below it).",
+            ["level"],
+            registry=r,
+        )
+        self.stream_paused = Gauge(
+            "eagle3_stream_paused",
+            "1 while producers are refused: the high watermark was reached and the low one not yet.",
+            registry=r,
+        )
+        self.stream_queue = Gauge(
+            "eagle3_stream_queue_samples",
+            "Samples of each run queue hosted here, by state: pending, leased, acked.",
+            ["run", "state"],
+            registry=r,
+        )
+        self.stream_queue_events = Counter(
+            "eagle3_stream_queue_events",
+            "Events of each run queue hosted here: redelivered (a lease expired or failed), recomputed (a "
+            "sample moved to another appliance), empty (a lease asked for while nothing was ready: a waiting "
+            "trainer), refused (a reference of another model).",
+            ["run", "event"],
+            registry=r,
+        )
 
     def describe_limits(self, limits: Mapping[str, Callable[[], float]]) -> None:
         """Export each limit through a callable (read at scrape time: some change after start-up)."""
