@@ -262,6 +262,67 @@ def validate(
 
 
 @app.command()
+def produce(
+    urls: Annotated[str, typer.Option(envvar=ENV_PREFIX + "URLS", help="Appliance URLs, comma-separated.")],
+    queue: Annotated[str, typer.Option(help="The run's queue: appliance://host:port or redis://host:port/db.")],
+    run_id: Annotated[str, typer.Option(help="The run's id; the same id resumes a run where it stands.")],
+    dataset: Annotated[str, typer.Option(help="Pre-tokenized rows: a JSONL file or a datasets save_to_disk folder.")],
+    batch_size: Annotated[int, typer.Option(help="Rows per batch (packed rows per batch when packing).")] = 2,
+    packed_sequence_size: Annotated[int, typer.Option(help="Pack rows into rows of this many tokens (0 = no).")] = 0,
+    pad_token_id: Annotated[int, typer.Option(help="The token id padding is made of.")] = 0,
+    capture: Annotated[
+        str, typer.Option(help="eagle3, or a DFlash capture: dflash:L1,L2,... or dflash+logits:L1,L2,...")
+    ] = "eagle3",
+    encoding: Annotated[str, typer.Option(help="EAGLE-3 supervision encoding: probs, logits or topk:K.")] = "probs",
+    vocab_mapping: Annotated[
+        str | None, typer.Option(help="Torch file with selected_token_ids and selected_token_mask (EAGLE-3).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the dataset.")] = 1,
+    visibility_timeout: Annotated[
+        float, typer.Option(help="Seconds a trainer's lease lives before redelivery.")
+    ] = 60.0,
+    in_flight: Annotated[int, typer.Option(help="Batches in flight per appliance.")] = 2,
+    timeout: Annotated[float | None, typer.Option(help="Give up (exit 1) if the run is not done by then.")] = None,
+    auth_token: Annotated[str | None, typer.Option(envvar=ENV_PREFIX + "AUTH_TOKEN", help="Bearer token.")] = None,
+) -> None:
+    """Have appliances compute a run's batches ahead and announce them on its queue; exit 0 once every sample is acked."""
+    configure_logging("INFO")
+    from eagle3_appliance.produce import batches_of, load_vocab_mapping, read_rows
+    from eagle3_client.capture import Capture
+    from eagle3_client.streaming.producer import Producer
+
+    try:
+        batches = batches_of(
+            read_rows(dataset), batch_size, packed_sequence_size=packed_sequence_size, pad_token_id=pad_token_id
+        )
+        mapping = load_vocab_mapping(vocab_mapping) if vocab_mapping else None
+        parsed = Capture.parse(capture)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    url_list = [u.strip() for u in urls.split(",") if u.strip()]
+    options: dict[str, Any] = {} if auth_token is None else {"auth_token": auth_token}
+    with Producer(
+        url_list,
+        queue,
+        run_id,
+        batches,
+        epochs=epochs,
+        capture=parsed,
+        encoding=encoding,
+        vocab_mapping=mapping,
+        visibility_timeout=visibility_timeout,
+        in_flight_per_server=in_flight,
+        **options,
+    ) as producer:
+        report = producer.run(timeout=timeout)
+    typer.echo(
+        f"run {run_id}: {report.total} samples closed in {report.seconds:.1f} s; computed {report.computed} "
+        f"({report.recomputed} again after an appliance was lost), {report.known_at_start} already on the queue, "
+        f"{report.refused_full} refusals at a high watermark"
+    )
+
+
+@app.command()
 def sizes(
     model: Annotated[
         list[str],

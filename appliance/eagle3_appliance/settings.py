@@ -323,6 +323,18 @@ class Settings:
         "most, and for a retry of a request id; the oldest are dropped beyond it (a dropped one costs a recompute).",
         min=0,
     )
+    stream_memory_mb: int = option(
+        4096,
+        "High watermark (MiB; GPU memory on a GPU target) of the answers kept resident for runs' streams: a "
+        "producer is refused (503 + X-Eagle3-Stream-Full) at it until they fall below the low watermark; 0 = "
+        "this server computes no stream answers.",
+        min=0,
+    )
+    stream_low_watermark: float = option(
+        0.75,
+        "The low watermark as a share of --stream-memory-mb: producers resume once resident answers fall below it.",
+        min=0.0,
+    )
     allow_unproven_joins: bool = option(
         False,
         "Let a client join a /data_plane group without proving it owns the session (clients older than the "
@@ -378,6 +390,8 @@ class Settings:
             if len(ids) != 3 or len(set(ids)) != 3:
                 raise ValueError(f"--aux-layer-ids needs 3 distinct layer ids, got {list(ids)}")
             object.__setattr__(self, "aux_layer_ids", ids)
+        if self.stream_low_watermark >= 1:
+            raise ValueError(f"--stream-low-watermark must be below 1, got {self.stream_low_watermark:g}")
         if self.min_lease_seconds > self.max_lease_seconds:
             raise ValueError(
                 f"--min-lease-seconds ({self.min_lease_seconds:g}) is above --max-lease-seconds "

@@ -24,13 +24,17 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from eagle3_client.quoting import quote
 
 __all__ = [
+    "dflash_batch_type",
     "CAPTURE_DFLASH",
     "CAPTURE_EAGLE3",
     "CAPTURE_KINDS",
@@ -148,3 +152,28 @@ class Capture:
 
 
 EAGLE3 = Capture()
+
+
+@dataclass
+class _LocalDFlashTargetBatch:
+    """The fields of upstream's ``DFlashTargetBatch`` (used when NeMo AutoModel is not installed)."""
+
+    hidden_states: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    logits: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    doc_remaining: torch.Tensor | None = None
+
+
+@functools.cache
+def dflash_batch_type() -> type:
+    """Upstream's ``DFlashTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
+    try:
+        from nemo_automodel.components.speculative.dflash.target import DFlashTargetBatch
+    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
+        return _LocalDFlashTargetBatch
+    batch_type: type = DFlashTargetBatch
+    return batch_type

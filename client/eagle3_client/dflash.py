@@ -18,16 +18,14 @@ after).
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from eagle3_client import protocol, wire
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture, dflash_batch_type
 from eagle3_client.errors import CaptureUnsupported, ModelMismatch, ProtocolViolation
 from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.remote.request import Packing
@@ -38,31 +36,6 @@ __all__ = ["LM_HEAD_CHUNK_BYTES", "RemoteDFlashTargetModel", "dflash_batch_type"
 
 # The LM head travels in requests of at most this many bytes (a 152k x 8192 bf16 head is 2.5 GB).
 LM_HEAD_CHUNK_BYTES = 64 << 20
-
-
-@dataclass
-class _LocalDFlashTargetBatch:
-    """The fields of upstream's ``DFlashTargetBatch`` (used when NeMo AutoModel is not installed)."""
-
-    hidden_states: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-    logits: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    seq_lens: torch.Tensor | None = None
-    doc_remaining: torch.Tensor | None = None
-
-
-@functools.cache
-def dflash_batch_type() -> type:
-    """Upstream's ``DFlashTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
-    try:
-        from nemo_automodel.components.speculative.dflash.target import DFlashTargetBatch
-    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
-        return _LocalDFlashTargetBatch
-    batch_type: type = DFlashTargetBatch
-    return batch_type
 
 
 class RemoteDFlashTargetModel(RemoteTarget):

@@ -27,6 +27,7 @@ __all__ = [
     "EP_STREAM_RUNS",
     "LeaseJSON",
     "QUEUE_OPS",
+    "ReleaseRequest",
     "RunDescription",
     "RunStateJSON",
     "SAMPLE_HEADER",
@@ -911,3 +912,25 @@ class SampleStatus:
         if state not in ("pending", "leased", "acked"):
             raise ValueError(f"'state' must be pending, leased or acked, got {quote(state)}")
         return cls(_field(body, "sample_id", str), state, _field(body, "store_uri", str))
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """``POST /stream/release``: drop these samples' kept answers (their leases were acked)."""
+
+    run_id: str
+    sample_ids: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "sample_ids": list(self.sample_ids)}
+
+    @classmethod
+    def from_json(cls, body: Any) -> ReleaseRequest:
+        body = _object(body, "a release")
+        ids = _names(body, "sample_ids")
+        if len(ids) > MAX_STREAM_IDS_PER_REQUEST:
+            raise ValueError(f"'sample_ids' names at most {MAX_STREAM_IDS_PER_REQUEST} samples, got {len(ids)}")
+        return cls(
+            check_stream_id(_field(body, "run_id", str), "'run_id'"),
+            tuple(check_stream_id(i, "a sample id") for i in ids),
+        )

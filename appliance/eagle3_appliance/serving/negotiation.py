@@ -29,14 +29,15 @@ def granted_capabilities(offer: SessionOffer, target: Target) -> frozenset[str]:
 
     ``packing`` needs a model whose forward takes ``position_ids``; ``streamed-answer`` is always
     granted (the server streams where it can, :mod:`eagle3_appliance.dataplanes.streaming`,
-    and answers whole elsewhere). Unknown names are ignored
+    and answers whole elsewhere), and so is ``stream`` (claims of kept answers always work; a
+    server started with ``--stream-memory-mb 0`` refuses to produce). Unknown names are ignored
     (a newer client asking for more), so the reply tells the client what it may send.
     """
     granted = set()
     for name in offer.capabilities:
         if name == protocol.CAPABILITY_PACKING and target.packing_refusal() is None:
             granted.add(name)
-        elif name == protocol.CAPABILITY_STREAMED_ANSWER:
+        elif name in (protocol.CAPABILITY_STREAMED_ANSWER, protocol.CAPABILITY_STREAM):
             granted.add(name)
     return frozenset(granted)
 

@@ -47,7 +47,7 @@ import torch
 from sanic import Request
 
 from eagle3_appliance.core.admission import Admission
-from eagle3_appliance.core.inputs import GenerateInputs
+from eagle3_appliance.core.inputs import GenerateInputs, VocabMapping
 from eagle3_appliance.core.sessions import Session
 from eagle3_appliance.dataplanes.buffers import ServerBuffers
 from eagle3_appliance.dataplanes.group_plane import LINK_KEY, GroupTransfer
@@ -76,8 +76,10 @@ from eagle3_appliance.serving.jobs import (
 )
 from eagle3_appliance.serving.microbatch import MicroBatcher
 from eagle3_appliance.serving.scheduling import Scheduler
+from eagle3_appliance.serving.stream_answers import KeepTransfer, estimate_bytes, kept_tensors, stream_ref
 from eagle3_appliance.serving.validation import decode_body, validate_generate
 from eagle3_appliance.settings import Settings
+from eagle3_appliance.stream.resident import AnswerMismatch, KeptAnswer, ResidentAnswers
 from eagle3_client import protocol
 from eagle3_client.encodings import PROBS, Encoding, parse_encoding
 
@@ -159,6 +161,9 @@ class Pipeline:
         self._shared: dict[RequestKey, Computation] = {}
         # Answers their client did not receive, for an immediate retry.
         self._kept = KeptAnswers(kept if kept is not None else ResendStore(settings.resend_budget_mb << 20))
+        # Answers computed ahead for runs' streams (eagle3_appliance.serving.stream_answers).
+        high = settings.stream_memory_mb << 20
+        self.resident = ResidentAnswers(high, int(high * settings.stream_low_watermark), metrics)
         if settings.microbatch_wait_ms > 0:
             self.batcher = MicroBatcher(
                 self._run_group,
@@ -166,8 +171,8 @@ class Pipeline:
                 max_tokens=settings.microbatch_max_tokens,
             )
 
-    async def generate(self, request: Request, session: Session) -> None:
-        """Answer one ``/generate`` request of ``session``."""
+    def validated(self, request: Request, session: Session) -> tuple[GenerateInputs, VocabMapping | None]:
+        """Decode and validate a ``/generate`` body of ``session`` (the decode-and-validate step)."""
         inputs = validate_generate(
             decode_body(request.body),
             vocab_size=self.vocab_size,
@@ -182,6 +187,15 @@ class Pipeline:
         mapping = session.mapping
         if mapping is None and capture.is_eagle3:
             raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
+        return inputs, mapping
+
+    async def generate(self, request: Request, session: Session) -> None:
+        """Answer one ``/generate`` request of ``session`` (a stream claim: the kept answer, no forward)."""
+        if protocol.SAMPLE_HEADER in request.headers:
+            await self._claim(request, session)
+            return
+        inputs, mapping = self.validated(request, session)
+        capture = session.capture
         encoding = parse_encoding(session.encoding)
         transfer = choose_transfer(request, session, self.buffers)
         # Only what our client negotiated is named: upstream's answer stays header-free.
@@ -209,6 +223,60 @@ class Pipeline:
             self.metrics.captures.labels(capture.label).inc()
             if transfer.requested is not None and tier != transfer.requested:
                 self.metrics.record_fallback(transfer.requested)
+
+    async def produce(self, request: Request, session: Session) -> protocol.StreamRef:
+        """``/stream/produce``: compute one sample's answer and keep it here; its reference.
+
+        The ``/generate`` steps but the last: the answer is kept (:class:`KeepTransfer`), within
+        the resident watermarks (reserved before the forward, from the request's shape). A sample
+        already kept here is not computed again (a producer that retries, or restarted).
+        """
+        run_id, sample_id = _sample(request, session)
+        kept = self.resident.peek(run_id, sample_id)
+        if kept is not None:
+            _same_stream(kept, session)
+            return kept.ref
+        inputs, mapping = self.validated(request, session)
+        capture, encoding = session.capture, parse_encoding(session.encoding)
+        estimate = estimate_bytes(self.shape, capture, encoding, mapping, inputs)
+        reservation = self.resident.reserve(run_id, sample_id, estimate, self.admission.retry_after())
+        try:
+            async with self.admission.admit() as ticket:
+                connected = client_connected(request)
+                keep = KeepTransfer()
+                job = Job(inputs, mapping, encoding, keep, ticket, connected, None, session.id, capture=capture)
+                answer = await self.compute(job)
+                self.metrics.observe_generate(ticket, sequences=inputs.batch_size, tokens=inputs.tokens)
+                self.metrics.captures.labels(capture.label).inc()
+        except BaseException:
+            self.resident.cancel(reservation)
+            raise
+        tensors = kept_tensors(answer, inputs, self.target.device)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        # The address the producer reached this server at is the one trainers use to claim it.
+        ref = stream_ref(
+            run_id, sample_id, f"appliance://{request.host}", tensors, capture, mapping, self.target.fingerprint
+        )
+        headers = {} if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
+        answer_kept = KeptAnswer(run_id, sample_id, tensors, headers, capture.spec(), encoding.name, ref, nbytes)
+        return self.resident.keep(reservation, answer_kept).ref
+
+    async def _claim(self, request: Request, session: Session) -> None:
+        """A ``/generate`` with ``X-Eagle3-Sample``: the kept answer, on the session's data plane, no forward."""
+        run_id, sample_id = _sample(request, session)
+        if request.body:
+            raise MalformedBody(
+                f"a claim ({protocol.SAMPLE_HEADER} on /generate) has an empty body, got {len(request.body)} bytes"
+            )
+        kept = self.resident.get(run_id, sample_id)
+        _same_stream(kept, session)
+        transfer = choose_transfer(request, session, self.buffers)
+        tensors = await asyncio.to_thread(transfer.prepare, kept.tensors)
+        tier = await transfer.send(request, tensors, None, kept.headers)
+        label = kept.encoding if session.capture.is_eagle3 else session.capture.label
+        self.metrics.record_sent(tier, label, kept.nbytes)
+        if transfer.requested is not None and tier != transfer.requested:
+            self.metrics.record_fallback(transfer.requested)
 
     def _streams(self, session: Session, transfer: Transfer, encoding: Encoding) -> bool:
         """Whether this answer may leave while it is computed (:mod:`eagle3_appliance.dataplanes.streaming`).
@@ -468,6 +536,32 @@ class Pipeline:
         finally:
             for ticket in tickets:
                 ticket.end_compute()
+
+
+def _sample(request: Request, session: Session) -> tuple[str, str]:
+    """The run and sample a stream request names; only a session granted the ``stream`` capability may."""
+    if session.anonymous or protocol.CAPABILITY_STREAM not in session.capabilities:
+        raise NotConfigured(
+            f"stream requests need a session granted the {protocol.CAPABILITY_STREAM!r} capability "
+            '(POST /session with it in "capabilities")'
+        )
+    value = request.headers.get(protocol.SAMPLE_HEADER)
+    if value is None:
+        raise MalformedBody(f"a stream request names its sample in {protocol.SAMPLE_HEADER}: '<run_id>/<sample_id>'")
+    try:
+        return protocol.parse_sample_header(value)
+    except ValueError as exc:
+        raise MalformedBody(str(exc)) from None
+
+
+def _same_stream(kept: KeptAnswer, session: Session) -> None:
+    """409 unless ``session`` captures and encodes as the session that produced ``kept`` did."""
+    capture, encoding = session.capture.spec(), session.encoding
+    if (kept.capture, kept.encoding) != (capture, encoding):
+        raise AnswerMismatch(
+            f"sample {kept.sample_id!r} of run {kept.run_id!r} was computed with capture {kept.capture!r} in "
+            f"encoding {kept.encoding!r}; this session has capture {capture!r} in encoding {encoding!r}"
+        )
 
 
 def _publisher(

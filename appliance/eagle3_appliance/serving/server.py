@@ -28,7 +28,7 @@ from eagle3_appliance.errors import InvalidRequest, MalformedBody, Unavailable, 
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.lifecycle import install_second_signal_exit
-from eagle3_appliance.serving import dataplane_routes
+from eagle3_appliance.serving import dataplane_routes, stream_routes
 from eagle3_appliance.serving.connections import GuardedHttpProtocol, raise_fd_limit
 from eagle3_appliance.serving.negotiation import (
     EncodingError,
@@ -285,6 +285,7 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
     app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)
     app.blueprint(control)
     app.blueprint(dataplane_routes.blueprint)
+    app.blueprint(stream_routes.blueprint)
     install_error_handler(app)
 
     @app.after_server_stop

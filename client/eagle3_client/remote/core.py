@@ -258,6 +258,11 @@ class RemoteTarget:
             request.capabilities,
         )
 
+    def claim(self, run_id: str, sample_id: str) -> Answer:
+        """A stream sample's answer kept by this target's server (the consumer's store has one target per
+        appliance: the answer lives on the one that computed it, so there is no failover)."""
+        return self._fleet.run(lambda server, _attempt: server.claim(run_id, sample_id))
+
     def _to_batch(
         self,
         answer: Answer,

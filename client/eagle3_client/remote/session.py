@@ -394,6 +394,42 @@ class ServerSession:
         headers = {protocol.FAILOVER_HEADER: str(failover)} if failover and not self.upstream else None
         return self.call(fetch)
 
+    def claim(self, run_id: str, sample_id: str) -> Answer:
+        """The answer this server keeps for a stream's sample (a ``/generate`` with ``X-Eagle3-Sample``,
+        empty body), on this session's data plane; the request's tensors ride beside the supervision."""
+
+        def fetch(server: ServerSession) -> Answer:
+            server.require(frozenset({protocol.CAPABILITY_STREAM}))
+            return server.data_plane.fetch(b"", retries=True, headers=headers)  # type: ignore[union-attr]
+
+        headers = {protocol.SAMPLE_HEADER: f"{run_id}/{sample_id}"}
+        return self.call(fetch)
+
+    def produce(self, run_id: str, sample_id: str, payload: bytes) -> protocol.StreamRef:
+        """Have this server compute a stream sample's answer and keep it (``/stream/produce``); its reference.
+
+        Sent once (``retries=False``): the caller decides what a refusal means (a 503 with
+        ``X-Eagle3-Stream-Full`` is a full server, not a failed one). A retry is safe: the server
+        computes a sample it already keeps only once.
+        """
+
+        def send(server: ServerSession) -> protocol.StreamRef:
+            server.require(frozenset({protocol.CAPABILITY_STREAM}))
+            body = server.control.request(
+                "POST",
+                protocol.EP_STREAM_PRODUCE,
+                ControlPlane.read_json,
+                content=payload,
+                headers={protocol.SAMPLE_HEADER: f"{run_id}/{sample_id}"},
+                retries=False,
+            )
+            try:
+                return protocol.StreamRef.from_json(body)
+            except ValueError as exc:
+                raise ProtocolViolation(f"{server.url}/{protocol.EP_STREAM_PRODUCE}: {exc}") from None
+
+        return self.call(send)
+
     def require(self, needs: frozenset[str]) -> None:
         """Raise :class:`CapabilityUnavailable` unless this session was granted every capability in ``needs``."""
         for capability in sorted(needs - self.capabilities):

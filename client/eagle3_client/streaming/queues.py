@@ -122,5 +122,18 @@ class QueueBackend(ABC):
     def end(self) -> None:
         """Delete the run's queue (its references and counts)."""
 
+    def locate(self, sample_id: str) -> SampleStatus | None:
+        """One sample's state and location, or None (a backend may answer it in one round trip;
+        this pages through :meth:`samples`, which is only done when an appliance is gone)."""
+        after: str | None = None
+        while True:
+            page = self.samples(after, limit=1000)
+            for status in page:
+                if status.sample_id == sample_id:
+                    return status
+            if len(page) < 1000:
+                return None
+            after = page[-1].sample_id
+
     def close(self) -> None:
         """Release this process's connection (the run's queue stays)."""

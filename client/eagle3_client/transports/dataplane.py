@@ -152,14 +152,25 @@ def check_supervision(
     missing = [k for k in found.keys if tensors.get(k) is None]
     if missing:
         raise ProtocolViolation(f"{url}/generate answer lacks {missing}; got {sorted(tensors)}")
-    return {k: tensors[k] for k in found.keys}  # type: ignore[misc]
+    return {**{k: tensors[k] for k in found.keys}, **_request_tensors(url, tensors, found.keys)}  # type: ignore[dict-item]
 
 
 def _check_capture_answer(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
     keys = (KEY_HIDDEN_STATES, KEY_LOGITS) if KEY_LOGITS in tensors else (KEY_HIDDEN_STATES,)
-    if set(tensors) != set(keys) or any(tensors[k] is None for k in keys):
+    extra = set(tensors) - set(keys) - set(protocol.SAMPLE_INPUT_KEYS)
+    if extra or any(tensors.get(k) is None for k in keys):
         raise ProtocolViolation(f"{url}/generate sent a capture answer with keys {sorted(tensors)}; expected {keys}")
-    return {k: tensors[k] for k in keys}  # type: ignore[misc]
+    return {**{k: tensors[k] for k in keys}, **_request_tensors(url, tensors, keys)}  # type: ignore[dict-item]
+
+
+def _request_tensors(
+    url: str, tensors: dict[str, torch.Tensor | None], answer_keys: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The request's tensors a stream claim's answer carries beside its supervision (none otherwise)."""
+    found = {k: tensors[k] for k in protocol.SAMPLE_INPUT_KEYS if k in tensors and k not in answer_keys}
+    if any(t is None for t in found.values()):
+        raise ProtocolViolation(f"{url}/generate sent an empty entry among {sorted(found)}")
+    return found  # type: ignore[return-value]
 
 
 class WireDataPlane(DataPlane):

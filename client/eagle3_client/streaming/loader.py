@@ -1,0 +1,92 @@
+"""A loader of DFlash-family batches from the stream, with the lifecycle of upstream's ``FeatureDataLoader``.
+
+Upstream's loader materializes EAGLE-3 batches only. This one yields upstream's
+``DFlashTargetBatch`` (hidden states of the run's layers, logits when captured, the request's
+tensors) and otherwise behaves the same: one lease at a time, the previous batch's lease acked
+(and its store handle released) on the next pull, ``consume_now`` to ack early, iteration
+ending when the run is closed or the loader is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, dflash_batch_type
+from eagle3_client.streaming.queues import StreamError
+from eagle3_client.streaming.store import ApplianceFeatureStore
+from eagle3_client.streaming.stream_queue import StreamQueue
+
+__all__ = ["DFlashFeatureLoader"]
+
+logger = logging.getLogger(__name__)
+
+
+class DFlashFeatureLoader:
+    """Iterator over ``DFlashTargetBatch`` from a run's stream (see the module docstring)."""
+
+    def __init__(self, queue: StreamQueue, store: ApplianceFeatureStore, *, acquire_poll_interval: float = 0.05):
+        if acquire_poll_interval <= 0:
+            raise ValueError(f"acquire_poll_interval must be positive, got {acquire_poll_interval}")
+        if store.capture.is_eagle3:
+            raise ValueError("this run streams EAGLE-3 batches: use upstream's FeatureDataLoader")
+        self._queue = queue
+        self._store = store
+        self._poll = acquire_poll_interval
+        self._lease: Any = None
+        self._handle: Any = None
+        self._closed = False
+
+    def __iter__(self) -> DFlashFeatureLoader:
+        return self
+
+    def __next__(self) -> Any:
+        self.consume_now()
+        if self._closed:
+            raise StopIteration
+        lease = self._queue.acquire()
+        while lease is None:
+            if self._queue.is_closed or self._closed:
+                raise StopIteration
+            time.sleep(self._poll)
+            lease = self._queue.acquire()
+        try:
+            tensors, handle = self._store.get(lease.ref)
+        except Exception:
+            self._queue.fail(lease)
+            raise
+        self._lease, self._handle = lease, handle
+        return dflash_batch_type()(
+            hidden_states=tensors[KEY_HIDDEN_STATES],
+            input_ids=tensors["input_ids"],
+            attention_mask=tensors["attention_mask"],
+            loss_mask=tensors["loss_mask"],
+            logits=tensors.get(KEY_LOGITS),
+            position_ids=tensors.get("position_ids"),
+            seq_lens=tensors.get("seq_lens"),
+            doc_remaining=tensors.get("doc_remaining"),
+        )
+
+    def consume_now(self) -> None:
+        """Ack the last batch's lease now (it is otherwise acked on the next pull)."""
+        if self._handle is not None:
+            self._store.release(self._handle)
+            self._handle = None
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            try:
+                self._queue.ack(lease)
+            except StreamError as exc:  # as upstream's loader: logged (its lease ran out: redelivered)
+                logger.warning("ack of sample %s failed: %s", lease.ref.sample_id, exc)
+
+    def close(self) -> None:
+        self.consume_now()
+        self._queue.close()
+        self._closed = True
+
+    def __enter__(self) -> DFlashFeatureLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

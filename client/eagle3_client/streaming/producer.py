@@ -1,0 +1,359 @@
+"""The producer: has a fleet of appliances compute a run's batches ahead and announces each on the queue.
+
+It moves only control. For every ``(epoch, batch)`` in dataset order it asks an appliance to
+compute the answer and keep it (``/stream/produce``, a few requests in flight per appliance, so
+that each one's model thread always has the next batch), then puts the reference the appliance
+returned on the run's queue. The tensors go from that appliance to whichever trainer claims
+the sample.
+
+Guarantees (each one tested by killing something):
+
+* A sample is put once per computation; the queue never delivers an acked sample again, so a
+  producer restarted with the same run id resumes: samples the queue already knows are not
+  computed again, and the run ends where it stood.
+* An appliance that refuses because its resident answers are at the high watermark makes the
+  producer pause on it (it retries that sample shortly, here or on another appliance).
+* Every ``sweep_interval`` the producer compares the queue with what the appliances keep: a
+  sample not yet acked whose appliance is gone (killed, or restarted without its answers) is
+  computed again on another appliance and its reference moved on the queue; an acked sample
+  whose answer is still kept (its trainer died between the ack and the release) is released.
+* Once every sample is on the queue the run is sealed; when the queue reports the run closed
+  (every sample acked), the appliances drop what is left of the run and :meth:`Producer.run` returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eagle3_client import protocol, wire
+from eagle3_client.capture import EAGLE3, Capture
+from eagle3_client.errors import RemoteTargetError, TargetHTTPError, TargetOverloaded
+from eagle3_client.protocol import RunDescription, SampleStatus, StreamRef
+from eagle3_client.remote.core import RemoteTarget
+from eagle3_client.remote.fleet import Member, is_server_failure
+from eagle3_client.remote.request import encode_request
+from eagle3_client.remote.session import ServerSession
+from eagle3_client.streaming.backends import open_queue
+from eagle3_client.streaming.queues import PUT_ACKED, QueueBackend
+
+__all__ = ["ProduceReport", "Producer", "sample_id"]
+
+logger = logging.getLogger(__name__)
+
+_FULL_PAUSE_S = 0.25  # before a refused sample is offered again (the appliance was at its watermark)
+_DOWN_POLL_S = 0.2  # while an appliance is out of the rotation (the fleet probes it back)
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def sample_id(epoch: int, index: int) -> str:
+    """The sample id of batch ``index`` of ``epoch``: sortable, so the queue lists a run in dataset order."""
+    return f"e{epoch:04d}-b{index:08d}"
+
+
+@dataclass
+class ProduceReport:
+    """What one :meth:`Producer.run` did."""
+
+    total: int = 0  # samples in the run (all epochs)
+    known_at_start: int = 0  # already on the queue when it started (a resumed run)
+    computed: int = 0  # answers computed (first time or again)
+    recomputed: int = 0  # of those: samples whose appliance was gone
+    refused_full: int = 0  # requests refused at an appliance's high watermark
+    released_late: int = 0  # acked answers the sweep released
+    seconds: float = 0.0
+    per_appliance: dict[str, int] = field(default_factory=dict)
+
+
+class Producer:
+    """One run's producer over ``urls`` (see the module docstring).
+
+    ``batches``: one epoch's batches, in order, each with ``input_ids``, ``attention_mask`` and
+    ``loss_mask`` (``[B,T]``) and, for packed rows, ``position_ids``, ``seq_lens`` and
+    ``doc_remaining``. ``vocab_mapping``: the two arguments of ``set_vocab_mapping`` (EAGLE-3).
+    Other keyword arguments are client options (``auth_token``, timeouts, ``probe_interval``...).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        queue_url: str,
+        run_id: str,
+        batches: Sequence[Batch],
+        *,
+        epochs: int = 1,
+        capture: Capture = EAGLE3,
+        encoding: str = protocol.ENCODING_PROBS,
+        vocab_mapping: tuple[torch.Tensor, torch.Tensor] | None = None,
+        visibility_timeout: float = 60.0,
+        in_flight_per_server: int = 2,
+        sweep_interval: float = 1.0,
+        **options: Any,
+    ) -> None:
+        if capture.is_eagle3 and vocab_mapping is None:
+            raise ValueError("an EAGLE-3 run needs the draft vocabulary: pass vocab_mapping=(ids, mask)")
+        if encoding.startswith(protocol.ENCODING_HIDDEN):
+            raise ValueError(
+                "the 'hidden' encoding needs the trainer to hold the vocab mapping's LM-head rows; "
+                "streams carry probs, logits or topk:K"
+            )
+        if epochs < 1 or not batches:
+            raise ValueError(f"a run needs at least one batch and one epoch (got {len(batches)} x {epochs})")
+        protocol.check_stream_id(run_id, "the run id")
+        self.run_id = run_id
+        self.batches = list(batches)
+        self.epochs = epochs
+        self.capture = capture
+        self.encoding = encoding
+        self.vocab_mapping = vocab_mapping
+        self.visibility_timeout = visibility_timeout
+        self.in_flight = in_flight_per_server
+        self.sweep_interval = sweep_interval
+        self.queue: QueueBackend = open_queue(queue_url, run_id, auth_token=options.get("auth_token"))
+        options.setdefault("max_in_flight_per_server", in_flight_per_server)
+        self.target = RemoteTarget(list(urls), capture=capture, encoding=encoding, **options)
+        self.report = ProduceReport(total=epochs * len(self.batches))
+        self._todo: collections.deque[tuple[str, bool]] = collections.deque()  # (sample id, recompute)
+        self._busy: set[str] = set()  # queued or being computed
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> ProduceReport:
+        """Produce until the run is closed (every sample acked); the report. ``timeout``: give up after it."""
+        start = time.monotonic()
+        self._connect()
+        known = {s.sample_id for s in self._statuses()}
+        ids = [sample_id(e, i) for e in range(self.epochs) for i in range(len(self.batches))]
+        self.report.known_at_start = len(known & set(ids))
+        with self._cond:
+            for sid in ids:
+                if sid not in known:
+                    self._todo.append((sid, False))
+                    self._busy.add(sid)
+        workers = [
+            threading.Thread(target=self._work, args=(m,), name=f"produce-{m.url}-{k}", daemon=True)
+            for m in self.target._fleet.members
+            for k in range(self.in_flight)
+        ]
+        for w in workers:
+            w.start()
+        sealed = False
+        try:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise TimeoutError(f"run {self.run_id!r} not closed within {timeout:g} s: {self.queue.state()}")
+                with self._cond:
+                    all_put = not self._busy
+                if all_put and not sealed:
+                    self.queue.seal(self.report.total)
+                    sealed = True
+                state = self.queue.state()
+                if state.closed:
+                    break
+                self._sweep()
+                self._stop.wait(self.sweep_interval)
+        finally:
+            self._stop.set()
+            with self._cond:
+                self._cond.notify_all()
+            for w in workers:
+                w.join(timeout=30)
+        self._end_on_appliances()
+        self.report.seconds = time.monotonic() - start
+        return self.report
+
+    def close(self) -> None:
+        self._stop.set()
+        self.target.close()
+        self.queue.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- setting up -------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Sessions on every reachable appliance (with the vocab mapping), and the run on the queue."""
+        fleet = self.target._fleet
+        fleet.start()
+        if self.vocab_mapping is not None:
+            ids, mask = self.vocab_mapping
+            payload = wire.encode({"selected_token_ids": ids, "selected_token_mask": mask})
+            for member in fleet.members:
+                member.server.set_vocab_mapping(payload, 1)  # replayed on every new session
+        fingerprints = {m.server.fingerprint for m in fleet.members if m.server.fingerprint}
+        if not fingerprints:
+            raise RemoteTargetError(
+                "no appliance reported a model fingerprint: the stream needs eagle3-appliance servers"
+            )
+        description = RunDescription(
+            algorithm="eagle3" if self.capture.is_eagle3 else "dflash",
+            capture=self.capture.spec(),
+            encoding=self.encoding,
+            model_fingerprint=fingerprints.pop(),
+            visibility_timeout_s=self.visibility_timeout,
+            draft_vocab_size=None if self.vocab_mapping is None else int(self.vocab_mapping[0].numel()),
+        )
+        self.queue.open(description)
+
+    def _payload(self, sid: str) -> tuple[bytes, frozenset[str]]:
+        index = int(sid.rsplit("-b", 1)[1])
+        batch = self.batches[index]
+        packing = [batch.get(k) for k in protocol.PACKING_KEYS]
+        request, payload, _ = encode_request(
+            batch["input_ids"], batch["attention_mask"], batch["loss_mask"], *packing, capture=self.capture
+        )
+        return payload, request.capabilities
+
+    # -- workers: one per in-flight slot of each appliance ------------------------------------
+
+    def _take(self) -> tuple[str, bool] | None:
+        with self._cond:
+            while not self._todo:
+                if self._stop.is_set():
+                    return None
+                self._cond.wait(0.2)
+            return self._todo.popleft()
+
+    def _give_back(self, sid: str, recompute: bool) -> None:
+        with self._cond:
+            self._todo.appendleft((sid, recompute))
+            self._cond.notify()
+
+    def _work(self, member: Member[ServerSession]) -> None:
+        fleet = self.target._fleet
+        while not self._stop.is_set():
+            if fleet.describe(member)["state"] != "ready":
+                self._stop.wait(_DOWN_POLL_S)  # the fleet's monitor probes it and takes it back
+                continue
+            item = self._take()
+            if item is None:
+                return
+            sid, recompute = item
+            try:
+                payload, needs = self._payload(sid)
+                member.server.require(needs)
+                ref = member.server.produce(self.run_id, sid, payload)
+            except TargetOverloaded:
+                self.report.refused_full += 1
+                self._give_back(sid, recompute)
+                self._stop.wait(_FULL_PAUSE_S)
+                continue
+            except BaseException as exc:
+                self._give_back(sid, recompute)
+                if is_server_failure(exc):
+                    fleet.fail(member, exc)
+                    continue
+                self._error = exc
+                self._stop.set()
+                return
+            try:
+                self._announce(ref, recompute, member.url)
+            except BaseException as exc:
+                self._error = exc
+                self._stop.set()
+                return
+
+    def _announce(self, ref: StreamRef, recompute: bool, url: str) -> None:
+        result = self.queue.put(ref)
+        with self._cond:
+            self._busy.discard(ref.sample_id)
+            self.report.computed += 1
+            self.report.recomputed += recompute
+            self.report.per_appliance[url] = self.report.per_appliance.get(url, 0) + 1
+        if result == PUT_ACKED:  # consumed meanwhile (from its first copy): this one is not needed
+            self._release(ref.store_uri, [ref.sample_id])
+
+    # -- the sweep ----------------------------------------------------------------------------
+
+    def _statuses(self) -> list[SampleStatus]:
+        out: list[SampleStatus] = []
+        after: str | None = None
+        while True:
+            page = self.queue.samples(after, limit=protocol.MAX_STREAM_IDS_PER_REQUEST)
+            out.extend(page)
+            if len(page) < protocol.MAX_STREAM_IDS_PER_REQUEST:
+                return out
+            after = page[-1].sample_id
+
+    def _sweep(self) -> None:
+        """Compute again what is gone with its appliance; release acked answers still kept (module docstring)."""
+        statuses = self._statuses()  # first: whatever it lists was kept before this reads the appliances
+        kept = {uri: self._kept(uri) for uri in {s.store_uri for s in statuses}}
+        late: dict[str, list[str]] = {}
+        with self._cond:
+            for status in statuses:
+                held = kept[status.store_uri]
+                if status.state == "acked":
+                    if held and status.sample_id in held:
+                        late.setdefault(status.store_uri, []).append(status.sample_id)
+                    continue
+                if status.sample_id in self._busy or (held is not None and status.sample_id in held):
+                    continue
+                logger.warning(
+                    "sample %s (%s) is no longer kept by %s: computing it again",
+                    status.sample_id,
+                    status.state,
+                    status.store_uri,
+                )
+                self._busy.add(status.sample_id)
+                self._todo.appendleft((status.sample_id, True))
+            self._cond.notify_all()
+        for uri, ids in late.items():
+            self.report.released_late += self._release(uri, ids)
+
+    def _member(self, store_uri: str) -> Member[ServerSession] | None:
+        host = store_uri.removeprefix("appliance://")
+        for member in self.target._fleet.members:
+            if member.url.split("://", 1)[-1].rstrip("/") == host:
+                return member
+        return None
+
+    def _kept(self, store_uri: str) -> set[str] | None:
+        """The sample ids of this run the appliance at ``store_uri`` keeps; None when it does not answer."""
+        member = self._member(store_uri)
+        if member is None:
+            return None  # not one of ours: nobody here can ask it; its samples are computed on ours
+        path = f"{protocol.EP_STREAM_RUNS}/{self.run_id}"
+        control = member.server.control
+        try:
+            body = control.request("GET", path, control.read_json, retries=False, timeout=5.0)
+        except TargetHTTPError as exc:
+            return set() if exc.status == 404 else None
+        except RemoteTargetError:
+            return None
+        return set(body.get("samples", []))
+
+    def _release(self, store_uri: str, sample_ids: list[str]) -> int:
+        member = self._member(store_uri)
+        if member is None:
+            return 0
+        body = protocol.ReleaseRequest(self.run_id, tuple(sample_ids)).to_json()
+        try:
+            return int(member.server.control.post_json(protocol.EP_STREAM_RELEASE, body, retries=False)["released"])
+        except (RemoteTargetError, KeyError, TypeError):
+            return 0
+
+    def _end_on_appliances(self) -> None:
+        for member in self.target._fleet.members:
+            control = member.server.control
+            try:
+                control.request("DELETE", f"{protocol.EP_STREAM_RUNS}/{self.run_id}", control.read_json, retries=False)
+            except RemoteTargetError as exc:
+                logger.info("%s: the run's answers were not dropped (%s)", member.url, exc)

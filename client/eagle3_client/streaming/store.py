@@ -1,0 +1,211 @@
+"""The consumer's ``FeatureStore``: a leased sample's tensors, claimed from the appliance that computed them.
+
+A reference names its appliance (``store_uri`` ``appliance://host:port``). :meth:`ApplianceFeatureStore.get`
+opens one remote target per appliance (a session, its negotiated data plane: NCCL, gloo or the
+wire) and claims the kept answer, which comes with the request's tensors; it decodes the
+supervision exactly as ``generate_batch`` does (so the batch is bit-identical to the
+co-located wrapper's) and returns upstream's feature names.
+
+When the appliance is gone (killed, or restarted without its answers), the producer computes
+the sample again elsewhere and moves its reference on the queue; ``get`` follows it there,
+for at most ``claim_timeout`` seconds. A reference of another model than the run's, or of
+another run, is refused (:class:`~eagle3_client.streaming.queues.RunMismatch`).
+
+``release`` drops nothing: an answer is dropped when its lease is acked
+(:class:`eagle3_client.streaming.stream_queue.StreamQueue`), so that a trainer that dies
+between the two leaves the answer for the sample's next delivery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from eagle3_client import protocol
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.encodings import decode_supervision, parse_encoding
+from eagle3_client.errors import RemoteTargetError, TargetHTTPError, TargetUnreachable
+from eagle3_client.protocol import RunDescription, StreamRef
+from eagle3_client.remote.core import RemoteTarget
+from eagle3_client.streaming.queues import QueueBackend, RunMismatch, StreamError, UnknownSample
+from eagle3_client.streaming.refs import from_upstream
+
+__all__ = ["ApplianceFeatureStore", "owner_url"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEME = "appliance://"
+_RETRY_S = 0.5  # between claims of a sample whose appliance is gone, while the producer moves it
+
+
+def owner_url(store_uri: str) -> str:
+    """The HTTP URL of the appliance a reference names (``appliance://host:port``)."""
+    if not store_uri.startswith(_SCHEME) or not store_uri[len(_SCHEME) :]:
+        raise StreamError(f"store_uri {store_uri!r} is not an appliance://host:port this store can claim from")
+    return "http://" + store_uri[len(_SCHEME) :]
+
+
+def _store_base() -> Any:
+    from nemo_automodel.components.speculative.streaming import store
+
+    return store
+
+
+class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
+    """Upstream's ``FeatureStore`` over the appliances of one run (see the module docstring)."""
+
+    def __init__(
+        self,
+        queue: QueueBackend,
+        description: RunDescription,
+        *,
+        device: torch.device | str = "cpu",
+        claim_timeout: float = 300.0,
+        **options: Any,
+    ) -> None:
+        self._queue = queue
+        self.description = description
+        self.capture = Capture.parse(description.capture)
+        self.encoding = parse_encoding(description.encoding)
+        self._device = torch.device(device)
+        self._claim_timeout = claim_timeout
+        # Each appliance is a target of its own: its answers live there, so a claim has no failover.
+        self._options = {"failover_timeout": 5.0, **options}
+        self._targets: dict[str, RemoteTarget] = {}
+        self._lock = threading.Lock()
+
+    # -- upstream's FeatureStore ----------------------------------------------------------
+
+    def put(self, sample_id: str, tensors: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "appliances keep the stream's answers: samples are put by `eagle3-appliance produce`, not by a consumer"
+        )
+
+    def get(self, ref: Any, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+        """The tensors of ``ref``'s sample on ``device`` (the store's by default), and a handle."""
+        stream_ref = from_upstream(ref)
+        self._check(stream_ref)
+        answer = self._claim(stream_ref)
+        tensors = self._features(answer.tensors, device or self._device)
+        handle = _store_base().StoreHandle(store=self, sample_id=ref.sample_id, ref=ref)
+        return tensors, handle
+
+    def release(self, handle: Any) -> None:
+        """Nothing to drop here: the answer is dropped when the sample's lease is acked."""
+
+    def gc(self) -> int:
+        return 0
+
+    def health(self) -> Any:
+        """The appliances this store has claimed from, summed (``GET /stream/runs``)."""
+        resident = count = high = low = 0
+        paused = False
+        for target in list(self._targets.values()):
+            try:
+                body = target._any(lambda s: s.control.request("GET", protocol.EP_STREAM_RUNS, s.control.read_json))
+            except RemoteTargetError:
+                continue
+            resident += int(body.get("resident_bytes", 0))
+            count += int(body.get("resident_samples", 0))
+            high += int(body.get("high_watermark_bytes", 0))
+            low += int(body.get("low_watermark_bytes", 0))
+            paused = paused or bool(body.get("paused"))
+        return _store_base().StoreHealth(
+            resident_bytes=resident,
+            capacity_bytes=high,
+            sample_count=count,
+            high_watermark_hit=paused,
+            low_watermark_hit=resident <= low,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            targets, self._targets = list(self._targets.values()), {}
+        for target in targets:
+            target.close()
+
+    # -- ours -----------------------------------------------------------------------------
+
+    def drop_acked(self, ref: StreamRef) -> None:
+        """Tell ``ref``'s appliance its answer may go (its lease was acked); best effort, the producer sweeps."""
+        try:
+            url = owner_url(ref.store_uri)
+            body = protocol.ReleaseRequest(ref.run_id, (ref.sample_id,)).to_json()
+            self._target(url)._any(lambda s: s.control.post_json(protocol.EP_STREAM_RELEASE, body, retries=False))
+        except (RemoteTargetError, StreamError) as exc:
+            logger.info("release of sample %s on %s not confirmed: %s", ref.sample_id, ref.store_uri, exc)
+
+    def _check(self, ref: StreamRef) -> None:
+        if ref.run_id != self._queue.run_id:
+            raise RunMismatch(f"sample {ref.sample_id!r} belongs to run {ref.run_id!r}, not {self._queue.run_id!r}")
+        if ref.target_model_version != self.description.model_fingerprint:
+            raise RunMismatch(
+                f"sample {ref.sample_id!r} of run {ref.run_id!r} was computed by model "
+                f"{ref.target_model_version!r}; the run's model is {self.description.model_fingerprint!r}: refused"
+            )
+
+    def _target(self, url: str) -> RemoteTarget:
+        with self._lock:
+            target = self._targets.get(url)
+            if target is None:
+                # Its session asks for the encoding the answers are kept in (a claim checks it).
+                options = {**self._options, "encoding": self.encoding.name}
+                target = RemoteTarget([url], device=self._device, capture=self.capture, **options)
+                self._targets[url] = target
+            return target
+
+    def _claim(self, ref: StreamRef) -> Any:
+        """The kept answer of ``ref``'s sample; followed to where the producer moved it if its appliance is gone."""
+        deadline = time.monotonic() + self._claim_timeout
+        current = ref
+        while True:
+            url = owner_url(current.store_uri)
+            try:
+                answer = self._target(url).claim(current.run_id, current.sample_id)
+            except (TargetUnreachable, TargetHTTPError) as exc:
+                if isinstance(exc, TargetHTTPError) and exc.status not in (404, 410, 503):
+                    raise
+                reason = str(exc)
+            else:
+                fingerprint = self._target(url)._servers[0].fingerprint
+                if fingerprint is not None and fingerprint != self.description.model_fingerprint:
+                    raise RunMismatch(
+                        f"{url} serves model {fingerprint!r}, not the run's {self.description.model_fingerprint!r}"
+                    )
+                return answer
+            if time.monotonic() >= deadline:
+                raise UnknownSample(
+                    f"sample {ref.sample_id!r} of run {ref.run_id!r}: no appliance gave its answer within "
+                    f"{self._claim_timeout:g} s (last from {current.store_uri}: {reason}); is the producer running?"
+                )
+            # Where the queue says the answer is now (the producer moves it after computing it again).
+            status = self._queue.locate(ref.sample_id)
+            if status is not None and status.store_uri != current.store_uri:
+                logger.warning("sample %s moved from %s to %s", ref.sample_id, current.store_uri, status.store_uri)
+                current = dataclasses.replace(current, store_uri=status.store_uri)
+            else:
+                time.sleep(_RETRY_S)
+
+    def _features(self, tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """Upstream's feature names: the supervision decoded as ``generate_batch`` decodes it, the request's tensors."""
+        out: dict[str, torch.Tensor] = {}
+        if self.capture.is_eagle3:
+            decoded = decode_supervision(
+                tensors, self.encoding, device=device, draft_vocab=self.description.draft_vocab_size
+            )
+            out["aux_hidden_states"] = tensors["aux_hidden_states"].to(device)
+            out["target_probs"] = decoded.target_probs
+            out["position_mask"] = decoded.position_mask
+        else:
+            out[KEY_HIDDEN_STATES] = tensors[KEY_HIDDEN_STATES].to(device)
+            if KEY_LOGITS in tensors:
+                out[KEY_LOGITS] = tensors[KEY_LOGITS].to(device)
+        for key in protocol.SAMPLE_INPUT_KEYS:
+            if key in tensors:
+                out[key] = tensors[key].to(device)
+        return out
