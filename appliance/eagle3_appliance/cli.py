@@ -285,7 +285,7 @@ def produce(
     timeout: Annotated[float | None, typer.Option(help="Give up (exit 1) if the run is not done by then.")] = None,
     auth_token: Annotated[str | None, typer.Option(envvar=ENV_PREFIX + "AUTH_TOKEN", help="Bearer token.")] = None,
 ) -> None:
-    """Have appliances compute a run's batches ahead and announce them on its queue; exit 0 once every sample is acked."""
+    """Have appliances compute a run's batches ahead and announce them on its queue; exit 0 once all are acked."""
     configure_logging("INFO")
     from eagle3_appliance.produce import batches_of, load_vocab_mapping, read_rows
     from eagle3_client.capture import Capture

@@ -25,7 +25,7 @@ MAX_ROWS = 10_000_000
 
 
 def read_rows(path: str | Path) -> list[dict[str, list[int]]]:
-    """The dataset's rows, each with ``input_ids``, ``loss_mask`` and ``attention_mask`` (ValueError naming a bad row)."""
+    """The dataset's rows with ``input_ids``, ``loss_mask`` and ``attention_mask`` (ValueError naming a bad row)."""
     source = Path(path)
     raw: Iterator[dict[str, Any]]
     if source.is_dir():
