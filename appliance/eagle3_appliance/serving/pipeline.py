@@ -192,7 +192,7 @@ class Pipeline:
     async def generate(self, request: Request, session: Session) -> None:
         """Answer one ``/generate`` request of ``session`` (a stream claim: the kept answer, no forward)."""
         if protocol.SAMPLE_HEADER in request.headers:
-            await self._claim(request, session)
+            await self.send_kept(request, session)
             return
         inputs, mapping = self.validated(request, session)
         capture = session.capture
@@ -258,10 +258,10 @@ class Pipeline:
             run_id, sample_id, f"appliance://{request.host}", tensors, capture, mapping, self.target.fingerprint
         )
         headers = {} if encoding == PROBS else {protocol.ENCODING_HEADER: encoding.name}
-        answer_kept = KeptAnswer(run_id, sample_id, tensors, headers, capture.spec(), encoding.name, ref, nbytes)
+        answer_kept = KeptAnswer(run_id, sample_id, tensors, headers, capture.spec, encoding.name, ref, nbytes)
         return self.resident.keep(reservation, answer_kept).ref
 
-    async def _claim(self, request: Request, session: Session) -> None:
+    async def send_kept(self, request: Request, session: Session) -> None:
         """A ``/generate`` with ``X-Eagle3-Sample``: the kept answer, on the session's data plane, no forward."""
         run_id, sample_id = _sample(request, session)
         if request.body:
@@ -556,7 +556,7 @@ def _sample(request: Request, session: Session) -> tuple[str, str]:
 
 def _same_stream(kept: KeptAnswer, session: Session) -> None:
     """409 unless ``session`` captures and encodes as the session that produced ``kept`` did."""
-    capture, encoding = session.capture.spec(), session.encoding
+    capture, encoding = session.capture.spec, session.encoding
     if (kept.capture, kept.encoding) != (capture, encoding):
         raise AnswerMismatch(
             f"sample {kept.sample_id!r} of run {kept.run_id!r} was computed with capture {kept.capture!r} in "

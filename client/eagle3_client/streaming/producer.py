@@ -204,7 +204,7 @@ class Producer:
             )
         description = RunDescription(
             algorithm="eagle3" if self.capture.is_eagle3 else "dflash",
-            capture=self.capture.spec(),
+            capture=self.capture.spec,
             encoding=self.encoding,
             model_fingerprint=fingerprints.pop(),
             visibility_timeout_s=self.visibility_timeout,
