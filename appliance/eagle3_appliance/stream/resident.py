@@ -136,6 +136,8 @@ class ResidentAnswers:
             if not reservation.done:
                 reservation.done = True
                 self._reserved -= reservation.nbytes
+                if self.paused and self._resident + self._reserved <= self.low_bytes:
+                    self.paused = False
 
     def keep(self, reservation: Reservation, answer: KeptAnswer) -> KeptAnswer:
         """Hold ``answer`` in ``reservation``'s room; the one already kept for that sample if there is one."""
@@ -211,6 +213,8 @@ class ResidentAnswers:
         run.nbytes -= kept.nbytes
         self._resident -= kept.nbytes
         self._count -= 1
+        if self.paused and self._resident + self._reserved <= self.low_bytes:
+            self.paused = False  # producers resume (and the paused gauge reads 0 while none asks)
 
     def _missing(self, run_id: str, sample_id: str, run: _Run | None) -> str:
         if run is None:
