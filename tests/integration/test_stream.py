@@ -1,0 +1,370 @@
+"""The stream: a fleet runs ahead of the trainers, on NeMo AutoModel's streaming API (issue #30).
+
+References come from upstream: its ``FeatureDataLoader`` and ``SampleRef`` unchanged, and its
+co-located ``HFEagle3TargetModel`` / ``HFDFlashTargetModel`` computing the expected answers in
+this process. Both queue backends run: ``appliance://`` (hosted by an appliance) and
+``redis://`` (a real ``redis-server``). The guarantees are tested by killing things: a trainer
+holding a lease, an appliance with unclaimed answers, the producer mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.produce import batches_of
+from eagle3_client import protocol
+from eagle3_client.capture import Capture
+from eagle3_client.streaming.open import open_stream
+from eagle3_client.streaming.producer import Producer, sample_id
+from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun
+from eagle3_client.synthetic import vocab_mapping
+from tests.integration.automodel_support import colocated_supervision, import_or_skip
+from tests.integration.test_packing_compat import documents
+from tests.redis_support import redis_url_or_skip
+
+streaming = import_or_skip("nemo_automodel.components.speculative.streaming")
+upstream_eagle = import_or_skip("nemo_automodel.components.speculative.eagle.target")
+upstream_dflash = import_or_skip("nemo_automodel.components.speculative.dflash.target")
+
+VOCAB, DRAFT = 1024, 256
+PYTHON = sys.executable
+REPO = Path(__file__).resolve().parents[2]
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def colocated(hf_model: torch.nn.Module) -> Any:
+    return upstream_eagle.HFEagle3TargetModel(hf_model)
+
+
+@pytest.fixture(scope="module")
+def pair(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    """Two appliances for the in-process tests (the kill tests start their own)."""
+    logs = tmp_path_factory.mktemp("stream")
+    procs = [ServerProcess(["--cache-dir", str(cache_dir)], log_path=logs / f"a{i}.log") for i in range(2)]
+    try:
+        for proc in procs:
+            proc.start()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+@pytest.fixture(params=["appliance", "redis"])
+def queue_url(request: pytest.FixtureRequest, pair: list[ServerProcess]) -> str:
+    if request.param == "redis":
+        return redis_url_or_skip(request)
+    return "appliance://" + pair[0].url.removeprefix("http://")
+
+
+_runs = iter(range(10**6))
+
+
+def new_run(tag: str) -> str:
+    return f"{tag}-{time.time_ns() % 10**9}-{next(_runs)}"
+
+
+MAPPING = vocab_mapping(VOCAB, DRAFT, seed=11)
+
+
+def rows(count: int, seed: int, max_len: int = 40) -> list[dict[str, list[int]]]:
+    out = documents(count, max_len, seed)
+    return [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in out]
+
+
+def produce_in_thread(producer: Producer) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["report"] = producer.run(timeout=180)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def assert_equal(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> None:
+    assert got is not None and want is not None, what
+    assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, want.dtype, got.shape, want.shape)
+    assert torch.equal(got, want), what
+
+
+# -- bit for bit, in process ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("packed", "data_plane"), [(False, "wire"), (False, "gloo"), (True, "wire")])
+def test_upstream_loader_yields_the_colocated_batches(
+    pair: list[ServerProcess], queue_url: str, colocated: Any, packed: bool, data_plane: str
+) -> None:
+    batches = batches_of(rows(10, seed=3), 2, packed_sequence_size=64 if packed else 0)
+    run_id = new_run("exact")
+    urls = [p.url for p in pair]
+    with Producer(urls, queue_url, run_id, batches, vocab_mapping=MAPPING, visibility_timeout=30) as producer:
+        thread, result = produce_in_thread(producer)
+        queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, data_plane=data_plane)
+        seen: list[str] = []
+        original = queue.acquire
+
+        def acquire(**kwargs: Any) -> Any:
+            lease = original(**kwargs)
+            if lease is not None:
+                seen.append(lease.ref.sample_id)
+            return lease
+
+        queue.acquire = acquire  # type: ignore[method-assign]
+        got = list(streaming.FeatureDataLoader(queue, store))
+        thread.join(60)
+        store.close()
+    assert "error" not in result, result
+    assert sorted(seen) == [sample_id(0, i) for i in range(len(batches))]
+    for sid, batch in zip(seen, got, strict=True):
+        source = batches[int(sid.rsplit("-b", 1)[1])]
+        packing = {k: source[k] for k in protocol.PACKING_KEYS if k in source}
+        inputs = (source["input_ids"], source["attention_mask"], source["loss_mask"])
+        want = colocated_supervision(colocated, inputs, *MAPPING, **packing)
+        assert type(batch) is upstream_eagle.Eagle3TargetBatch
+        for key, value in want.items():
+            assert_equal(getattr(batch, key), value, key)
+        assert_equal(batch.attention_mask, source["attention_mask"], "attention_mask")
+        for key in protocol.PACKING_KEYS:
+            assert_equal(getattr(batch, key), packing.get(key), key) if packed else None
+    state = queue.backend.state()
+    assert state.closed and state.acked == len(batches) and state.redelivered == 0
+    for proc in pair:  # the run ended: nothing of it is kept
+        assert run_id not in httpx.get(proc.url + "/stream/runs").json()["runs"]
+
+
+def test_a_dflash_capture_streams_through_our_loader(
+    pair: list[ServerProcess], queue_url: str, hf_model: torch.nn.Module
+) -> None:
+    from eagle3_client.streaming.loader import DFlashFeatureLoader
+
+    layers = [1, 3, 6]
+    reference = upstream_dflash.HFDFlashTargetModel(hf_model, target_layer_ids=layers, capture_logits=True)
+    batches = batches_of(rows(6, seed=5), 2)
+    run_id = new_run("dflash")
+    capture = Capture.dflash(layers, logits=True)
+    with Producer([p.url for p in pair], queue_url, run_id, batches, capture=capture) as producer:
+        thread, result = produce_in_thread(producer)
+        queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30)
+        got = list(DFlashFeatureLoader(queue, store))
+        thread.join(60)
+        store.close()
+    assert "error" not in result, result
+    assert len(got) == len(batches)
+    by_ids = {tuple(b["input_ids"].flatten().tolist()): b for b in batches}
+    for batch in got:
+        source = by_ids[tuple(batch.input_ids.flatten().tolist())]
+        want = reference.generate_batch(source["input_ids"], source["attention_mask"], source["loss_mask"])
+        assert type(batch) is upstream_dflash.DFlashTargetBatch
+        for key in ("hidden_states", "logits", "input_ids", "attention_mask", "loss_mask"):
+            assert_equal(getattr(batch, key), getattr(want, key), key)
+
+
+# -- what is refused, and said --------------------------------------------------------------------
+
+
+def test_errors_name_what_is_wrong(pair: list[ServerProcess], queue_url: str) -> None:
+    with pytest.raises(UnknownRun, match="nobody-made-this"):
+        open_stream(queue_url, run_id="nobody-made-this", wait_for_run=0)
+    batches = batches_of(rows(2, seed=9), 2)
+    run_id = new_run("errors")
+    with Producer([pair[0].url], queue_url, run_id, batches, vocab_mapping=MAPPING) as producer:
+        thread, result = produce_in_thread(producer)
+        queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30)
+        lease = None
+        while lease is None:
+            lease = queue.acquire()
+            time.sleep(0.05)
+        ref = lease.ref
+        bad = streaming.refs.SampleRef(**{**ref.__dict__, "target_model_version": "f" * 16})
+        with pytest.raises(RunMismatch, match="refused"):
+            store.get(bad)
+        elsewhere = streaming.refs.SampleRef(**{**ref.__dict__, "store_uri": "mem://local"})
+        with pytest.raises(StreamError, match="mem://local"):
+            store.get(elsewhere)
+        forged = streaming.queue.Lease(ref, lease.deadline, lease.visibility_timeout, 0, "0123456789abcdef")
+        with pytest.raises(StreamError, match=ref.sample_id):
+            queue.ack(forged)
+        tensors, handle = store.get(ref)
+        assert tensors["target_probs"].shape[-1] == DRAFT
+        queue.ack(lease)
+        thread.join(60)
+        store.close()
+    assert "error" not in result, result
+
+
+# -- kills ------------------------------------------------------------------------------------
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([PYTHON, *args], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _acked(out: Path) -> list[tuple[str, str]]:
+    """(pid, sample id) of every ack the consumers logged."""
+    return [
+        (log.stem, line.split()[1])
+        for log in out.glob("*.log")
+        for line in log.read_text().splitlines()
+        if line.startswith("acked ")
+    ]
+
+
+class Watermark:
+    """Polls every appliance's resident bytes while a run goes on; the largest seen and the high watermark."""
+
+    def __init__(self, procs: list[ServerProcess]) -> None:
+        self.procs, self.peak, self.high, self.stop = procs, 0, None, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop.is_set():
+            for proc in self.procs:
+                try:
+                    body = httpx.get(proc.url + "/stream/runs", timeout=2).json()
+                except httpx.HTTPError:
+                    continue
+                self.peak = max(self.peak, body["resident_bytes"] + body["reserved_bytes"])
+                self.high = body["high_watermark_bytes"]
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("backend", ["appliance", "redis"])
+def test_every_row_consumed_once_through_a_killed_trainer_and_a_killed_appliance(
+    backend: str, cache_dir: Path, colocated: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    data = rows(32, seed=21)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    torch.save({"selected_token_ids": MAPPING[0], "selected_token_mask": MAPPING[1]}, tmp_path / "mapping.pt")
+    batches = batches_of(data, 2)
+    args = ["--cache-dir", str(cache_dir), "--stream-memory-mb", "1"]
+    procs = [ServerProcess(args, log_path=tmp_path / f"a{i}.log").start() for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    children: list[subprocess.Popen[str]] = []
+    try:
+        queue = redis_url_or_skip(request) if backend == "redis" else "appliance://" + procs[0].url[len("http://") :]
+        run_id = new_run("kills")
+        watermark = Watermark(procs)
+        producer = _start(
+            ["-m", "eagle3_appliance", "produce", "--urls", ",".join(p.url for p in procs), "--queue", queue,
+             "--run-id", run_id, "--dataset", str(tmp_path / "rows.jsonl"), "--batch-size", "2",
+             "--vocab-mapping", str(tmp_path / "mapping.pt"), "--visibility-timeout", "3", "--timeout", "240"],
+            tmp_path / "producer.log",
+        )  # fmt: skip
+        children.append(producer)
+        consumer = ["-m", "tests.integration.stream_consumer", queue, run_id, str(out)]
+        holder = _start([*consumer, "--hold-after", "2"], tmp_path / "holder.log")
+        steady = _start([*consumer, "--step-seconds", "0.3"], tmp_path / "steady.log")
+        children += [holder, steady]
+        _wait_for(lambda: "holding" in (tmp_path / "holder.log").read_text(), 120, "a consumer holding a lease")
+        held = (tmp_path / "holder.log").read_text().split("holding ", 1)[1].split()[0]
+        holder.kill()
+        _wait_for(lambda: len(_acked(out)) >= 4, 120, "four acked samples")
+        procs[1].proc.send_signal(signal.SIGKILL)  # unclaimed answers die with it
+        assert producer.wait(240) == 0, (tmp_path / "producer.log").read_text()[-3000:]
+        assert steady.wait(60) == 0, (tmp_path / "steady.log").read_text()[-3000:]
+        watermark.stop.set()
+    finally:
+        for child in children:
+            child.kill()
+        for proc in procs:
+            proc.stop()
+    acked = _acked(out)
+    counts = Counter(sid for _, sid in acked)
+    assert sorted(counts) == [sample_id(0, i) for i in range(len(batches))]
+    assert set(counts.values()) == {1}, counts  # each sample acked exactly once
+    assert held in counts  # the killed trainer's sample was delivered again and consumed
+    report = (tmp_path / "producer.log").read_text()
+    assert "again after an appliance was lost" in report
+    recomputed = int(report.split("(")[-1].split(" again")[0])
+    assert recomputed >= 1, report  # the killed appliance held answers nobody had claimed
+    assert watermark.high is not None and 0 < watermark.peak <= watermark.high
+    for pid, sid in acked:  # bit for bit, whichever appliance and consumer it went through
+        saved = torch.load(out / f"{sid}.{pid}.pt")
+        source = batches[int(sid.rsplit("-b", 1)[1])]
+        inputs = (source["input_ids"], source["attention_mask"], source["loss_mask"])
+        for key, value in colocated_supervision(colocated, inputs, *MAPPING).items():
+            assert_equal(saved[key], value, f"{sid} {key}")
+        assert_equal(saved["attention_mask"], source["attention_mask"], f"{sid} attention_mask")
+
+
+def test_a_restarted_producer_resumes_and_computes_nothing_twice(
+    cache_dir: Path, tmp_path: Path, pair: list[ServerProcess]
+) -> None:
+    data = rows(24, seed=31)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    torch.save({"selected_token_ids": MAPPING[0], "selected_token_mask": MAPPING[1]}, tmp_path / "mapping.pt")
+    queue = "appliance://" + pair[0].url[len("http://") :]
+    run_id = new_run("restart")
+    produced_before = sum(_metric(p.url, "eagle3_stream_produced_total") for p in pair)
+    command = ["-m", "eagle3_appliance", "produce", "--urls", ",".join(p.url for p in pair), "--queue", queue,
+               "--run-id", run_id, "--dataset", str(tmp_path / "rows.jsonl"), "--batch-size", "2", "--epochs", "2",
+               "--vocab-mapping", str(tmp_path / "mapping.pt"), "--timeout", "240"]  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    first = _start(command, tmp_path / "first.log")
+    consumer = _start(["-m", "tests.integration.stream_consumer", queue, run_id, str(out), "--step-seconds", "0.1"],
+                      tmp_path / "consumer.log")  # fmt: skip
+    try:
+        _wait_for(lambda: len(_acked(out)) >= 5, 120, "five acked samples")
+        first.kill()  # mid-run: some samples acked, some kept, some not computed yet
+        first.wait(10)
+        second = _start(command, tmp_path / "second.log")
+        assert second.wait(240) == 0, (tmp_path / "second.log").read_text()[-3000:]
+        assert consumer.wait(60) == 0, (tmp_path / "consumer.log").read_text()[-3000:]
+    finally:
+        for child in (first, consumer):
+            child.kill()
+    total = 2 * len(batches_of(data, 2))
+    counts = Counter(sid for _, sid in _acked(out))
+    assert len(counts) == total and set(counts.values()) == {1}
+    produced = sum(_metric(p.url, "eagle3_stream_produced_total") for p in pair) - produced_before
+    assert produced == total  # not one sample computed twice across the restart
+    assert "already on the queue" in (tmp_path / "second.log").read_text()
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
