@@ -23,6 +23,7 @@ import httpx
 
 from eagle3_client.auth import auth_headers
 from eagle3_client.protocol import (
+    MAX_STREAM_IDS_PER_REQUEST,
     LeaseJSON,
     RunDescription,
     RunStateJSON,
@@ -115,6 +116,8 @@ class ApplianceQueue(QueueBackend):
         return RunStateJSON.from_json(self._call("state", {}))
 
     def samples(self, after: str | None = None, limit: int = 1000) -> list[SampleStatus]:
+        if not 1 <= limit <= MAX_STREAM_IDS_PER_REQUEST:
+            raise ValueError(f"'limit' must be in [1, {MAX_STREAM_IDS_PER_REQUEST}], got {limit}")
         page = self._call("samples", {"after": after, "limit": limit})["samples"]
         return [SampleStatus.from_json(s) for s in page]
 
