@@ -97,6 +97,7 @@ def _fail(queues: RunQueues, run_id: str, body: bytes) -> dict[str, Any]:
 
 
 def _reclaim(queues: RunQueues, run_id: str, body: bytes) -> dict[str, Any]:
+    json_object(body)  # {} (anything but a JSON object is a malformed request)
     return {"reclaimed": queues.reclaim(run_id)}
 
 
@@ -106,6 +107,7 @@ def _seal(queues: RunQueues, run_id: str, body: bytes) -> dict[str, Any]:
 
 
 def _state(queues: RunQueues, run_id: str, body: bytes) -> dict[str, Any]:
+    json_object(body)
     return queues.state(run_id).to_json()
 
 
@@ -122,6 +124,7 @@ def _samples(queues: RunQueues, run_id: str, body: bytes) -> dict[str, Any]:
 
 
 def _end(queues: RunQueues, run_id: str, body: bytes) -> dict[str, Any]:
+    json_object(body)
     queues.end(run_id)
     return {"status": "ok"}
 

@@ -23,7 +23,6 @@ import httpx
 
 from eagle3_client.auth import auth_headers
 from eagle3_client.protocol import (
-    MAX_STREAM_IDS_PER_REQUEST,
     LeaseJSON,
     RunDescription,
     RunStateJSON,
@@ -40,6 +39,8 @@ from eagle3_client.streaming.queues import (
     StreamError,
     UnknownRun,
     UnknownSample,
+    check_page,
+    check_total,
 )
 
 __all__ = ["SCHEME", "ApplianceQueue", "http_url"]
@@ -101,23 +102,25 @@ class ApplianceQueue(QueueBackend):
         return None if lease is None else LeaseJSON.from_json(lease)
 
     def ack(self, sample_id: str, lease_id: str) -> None:
-        self._call("ack", {"sample_id": sample_id, "lease_id": lease_id})
+        self._call("ack", _held(sample_id, lease_id))
 
     def fail(self, sample_id: str, lease_id: str) -> None:
-        self._call("fail", {"sample_id": sample_id, "lease_id": lease_id})
+        self._call("fail", _held(sample_id, lease_id))
 
     def reclaim_expired(self) -> int:
         return int(self._call("reclaim", {})["reclaimed"])
 
     def seal(self, total: int) -> None:
+        check_total(total)
         self._call("seal", {"total": total})
 
     def state(self) -> RunStateJSON:
         return RunStateJSON.from_json(self._call("state", {}))
 
     def samples(self, after: str | None = None, limit: int = 1000) -> list[SampleStatus]:
-        if not 1 <= limit <= MAX_STREAM_IDS_PER_REQUEST:
-            raise ValueError(f"'limit' must be in [1, {MAX_STREAM_IDS_PER_REQUEST}], got {limit}")
+        check_page(limit)
+        if after is not None:
+            check_stream_id(after, "'after'")
         page = self._call("samples", {"after": after, "limit": limit})["samples"]
         return [SampleStatus.from_json(s) for s in page]
 
@@ -157,3 +160,8 @@ class ApplianceQueue(QueueBackend):
         message = str(body.get("error") or response.text[:500])
         kind = _ERRORS.get(str(body.get("type")), StreamError)
         return kind(f"queue {self.url} refused {op} (HTTP {response.status_code}): {message}")
+
+
+def _held(sample_id: str, lease_id: str) -> dict[str, str]:
+    sample_id = check_stream_id(sample_id, "the sample id")
+    return {"sample_id": sample_id, "lease_id": check_stream_id(lease_id, "the lease id")}

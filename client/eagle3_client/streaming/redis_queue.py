@@ -28,7 +28,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from eagle3_client.protocol import (
-    MAX_STREAM_IDS_PER_REQUEST,
     LeaseJSON,
     RunDescription,
     RunStateJSON,
@@ -48,6 +47,8 @@ from eagle3_client.streaming.queues import (
     StreamError,
     UnknownRun,
     UnknownSample,
+    check_page,
+    check_total,
 )
 
 __all__ = ["KEY_PREFIX", "RedisQueue"]
@@ -127,6 +128,7 @@ class RedisQueue(QueueBackend):
         return stored
 
     def put(self, ref: StreamRef) -> str:
+        check_stream_id(ref.sample_id, "the sample id")
         body = json.dumps(ref.to_json())
         args = [ref.sample_id, body, ref.store_uri, ref.run_id, ref.target_model_version, self.run_id, ""]
         reply = self._script("put", args)
@@ -161,8 +163,7 @@ class RedisQueue(QueueBackend):
         return int(self._script("reclaim", [""])[1])
 
     def seal(self, total: int) -> None:
-        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-            raise ValueError(f"the total must be an integer >= 0, got {total!r}")
+        check_total(total)
         reply = self._script("seal", [str(total), ""])
         if reply[0] == "sealed":
             raise RunMismatch(f"run {self.run_id!r} is sealed at {reply[1]} samples, not {total}")
@@ -190,8 +191,7 @@ class RedisQueue(QueueBackend):
         )
 
     def samples(self, after: str | None = None, limit: int = 1000) -> list[SampleStatus]:
-        if not 1 <= limit <= MAX_STREAM_IDS_PER_REQUEST:
-            raise ValueError(f"'limit' must be in [1, {MAX_STREAM_IDS_PER_REQUEST}], got {limit}")
+        check_page(limit)
         start = "" if after is None else check_stream_id(after, "'after'")
         _, ids, states, uris = self._script("samples", [start, str(limit), ""])
         return [SampleStatus(s, state, uri) for s, state, uri in zip(ids, states, uris, strict=True)]
@@ -205,7 +205,8 @@ class RedisQueue(QueueBackend):
     # -- helpers --------------------------------------------------------------------------------
 
     def _held(self, op: str, sample_id: str, lease_id: str) -> None:
-        reply = self._script(op, [check_stream_id(sample_id, "the sample id"), lease_id, ""])
+        args = [check_stream_id(sample_id, "the sample id"), check_stream_id(lease_id, "the lease id"), ""]
+        reply = self._script(op, args)
         if reply[0] == "unknown_sample":
             raise UnknownSample(f"run {self.run_id!r} in {self._shown} has no sample {sample_id!r}")
         if reply[0] == "not_held":
