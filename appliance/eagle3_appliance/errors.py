@@ -4,8 +4,10 @@ Status codes (an upstream client only checks for non-200, so every 4xx is compat
 
 * 400 ``MalformedBody``     the body is not a valid wire blob / JSON
 * 401 ``Unauthorized``      missing or wrong bearer token
-* 404 / 405                 unknown path / method (Sanic's own errors, reshaped here)
-* 409 ``NotConfigured``     ``/generate`` before ``/set_vocab_mapping``
+* 404 / 405                 unknown path / method (Sanic's own errors, reshaped here);
+  ``NotFound``: a named thing (a stream's run or sample) this server does not have
+* 409 ``NotConfigured``     ``/generate`` before ``/set_vocab_mapping``; ``Conflict``: the request
+  contradicts what the server holds (a run described otherwise, a lease no longer held)
 * 413 ``BodyTooLarge``      a wire body above ``--max-body-bytes``, a JSON body above 1 MiB (also Sanic's own 413)
 * 422 ``InvalidRequest``    well-formed body with wrong keys, dtypes, shapes or values
   (``InvalidTensors`` for tensor bodies)
@@ -29,10 +31,12 @@ from eagle3_client.protocol import ERROR_ID_HEADER
 __all__ = [
     "ApplianceError",
     "BodyTooLarge",
+    "Conflict",
     "InvalidRequest",
     "InvalidTensors",
     "MalformedBody",
     "NotConfigured",
+    "NotFound",
     "Unauthorized",
     "Unavailable",
     "install_error_handler",
@@ -57,7 +61,15 @@ class Unauthorized(ApplianceError):
     status_code = 401
 
 
+class NotFound(ApplianceError):
+    status_code = 404
+
+
 class NotConfigured(ApplianceError):
+    status_code = 409
+
+
+class Conflict(ApplianceError):
     status_code = 409
 
 

@@ -28,7 +28,7 @@ from eagle3_appliance.errors import InvalidRequest, MalformedBody, Unavailable, 
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.ops.lifecycle import install_second_signal_exit
-from eagle3_appliance.serving import dataplane_routes, stream_routes
+from eagle3_appliance.serving import dataplane_routes, queue_routes, stream_routes
 from eagle3_appliance.serving.connections import GuardedHttpProtocol, raise_fd_limit
 from eagle3_appliance.serving.negotiation import (
     EncodingError,
@@ -42,6 +42,7 @@ from eagle3_appliance.serving.pipeline import Pipeline
 from eagle3_appliance.serving.state import ServingState, request_session, serving_state
 from eagle3_appliance.serving.validation import decode_body, json_body, validate_row_request, validate_vocab_mapping
 from eagle3_appliance.settings import Settings
+from eagle3_appliance.stream.queue import RunQueues
 from eagle3_client import protocol
 from eagle3_client.encodings import parse_encoding
 from eagle3_client.protocol import ModelInfoExtension, SessionOffer, SessionReply
@@ -282,10 +283,12 @@ def create_app(settings: Settings, target: Target, name: str = "eagle3_appliance
             "max_batch_tokens": lambda: pipeline.limits.max_batch_tokens,
         }
     )
-    app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline)
+    queues = RunQueues(queue_routes.MetricsObserver(ops.metrics))
+    app.ctx.state = ServingState(settings, target, sessions, buffers, planes, pipeline, queues=queues)
     app.blueprint(control)
     app.blueprint(dataplane_routes.blueprint)
     app.blueprint(stream_routes.blueprint)
+    app.blueprint(queue_routes.blueprint)
     install_error_handler(app)
 
     @app.after_server_stop

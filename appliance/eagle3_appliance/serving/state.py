@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sanic import Request
 
@@ -12,6 +12,7 @@ from eagle3_appliance.dataplanes.group_plane import DataPlaneServer
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.serving.pipeline import Pipeline
 from eagle3_appliance.settings import Settings
+from eagle3_appliance.stream.queue import RunQueues
 from eagle3_client import protocol
 
 __all__ = ["ServingState", "request_session", "serving_state"]
@@ -27,6 +28,7 @@ class ServingState:
     buffers: ServerBuffers
     planes: DataPlaneServer
     pipeline: Pipeline
+    queues: RunQueues = field(default_factory=RunQueues)  # the run queues hosted here (/queue/<run>/<op>)
 
 
 def serving_state(request: Request) -> ServingState:

@@ -29,7 +29,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from eagle3_client.errors import RemoteTargetError
-from eagle3_client.protocol import LeaseJSON, RunDescription, RunStateJSON, SampleStatus, StreamRef
+from eagle3_client.protocol import (
+    MAX_STREAM_IDS_PER_REQUEST,
+    LeaseJSON,
+    RunDescription,
+    RunStateJSON,
+    SampleStatus,
+    StreamRef,
+)
 
 __all__ = [
     "PUT_ACKED",
@@ -42,10 +49,26 @@ __all__ = [
     "StreamError",
     "UnknownRun",
     "UnknownSample",
+    "check_page",
+    "check_total",
 ]
 
 # What put() did: queued a new sample, moved a sample not yet acked, or nothing (already acked).
 PUT_NEW, PUT_REPLACED, PUT_ACKED = "new", "replaced", "acked"
+
+
+def check_total(total: int) -> int:
+    """A ``seal`` total: an integer >= 0 (ValueError otherwise, before anything is sent)."""
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"the total must be an integer >= 0, got {total!r}")
+    return total
+
+
+def check_page(limit: int) -> int:
+    """A ``samples`` page size: 1 to MAX_STREAM_IDS_PER_REQUEST (ValueError otherwise)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_STREAM_IDS_PER_REQUEST:
+        raise ValueError(f"'limit' must be in [1, {MAX_STREAM_IDS_PER_REQUEST}], got {limit!r}")
+    return limit
 
 
 class StreamError(RemoteTargetError):
