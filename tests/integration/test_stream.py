@@ -34,7 +34,7 @@ from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun
 from eagle3_client.synthetic import vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, import_or_skip
 from tests.integration.test_packing_compat import documents
-from tests.redis_support import redis_url_or_skip
+from tests.redis_support import redis_server
 
 streaming = import_or_skip("nemo_automodel.components.speculative.streaming")
 upstream_eagle = import_or_skip("nemo_automodel.components.speculative.eagle.target")
@@ -74,10 +74,17 @@ def pair(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             proc.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's), for the redis:// queue."""
+    with redis_server(tmp_path_factory.mktemp("redis") / "redis.log") as url:
+        yield url
+
+
 @pytest.fixture(params=["appliance", "redis"])
 def queue_url(request: pytest.FixtureRequest, pair: list[ServerProcess]) -> str:
     if request.param == "redis":
-        return redis_url_or_skip(request)
+        return str(request.getfixturevalue("redis_url"))
     return "appliance://" + pair[0].url.removeprefix("http://")
 
 
@@ -280,7 +287,10 @@ def test_every_row_consumed_once_through_a_killed_trainer_and_a_killed_appliance
     out.mkdir()
     children: list[subprocess.Popen[str]] = []
     try:
-        queue = redis_url_or_skip(request) if backend == "redis" else "appliance://" + procs[0].url[len("http://") :]
+        if backend == "redis":
+            queue = str(request.getfixturevalue("redis_url"))
+        else:
+            queue = "appliance://" + procs[0].url[len("http://") :]
         run_id = new_run("kills")
         watermark = Watermark(procs)
         producer = _start(
@@ -363,8 +373,4 @@ def test_a_restarted_producer_resumes_and_computes_nothing_twice(
 
 def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith((name + " ", name + "{"))
-    )
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))

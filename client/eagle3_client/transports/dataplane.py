@@ -152,7 +152,7 @@ def check_supervision(
     missing = [k for k in found.keys if tensors.get(k) is None]
     if missing:
         raise ProtocolViolation(f"{url}/generate answer lacks {missing}; got {sorted(tensors)}")
-    return {**{k: tensors[k] for k in found.keys}, **_request_tensors(url, tensors, found.keys)}  # type: ignore[dict-item]
+    return {**{k: tensors[k] for k in found.keys}, **_request_tensors(url, tensors, found.keys)}  # type: ignore[misc]
 
 
 def _check_capture_answer(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
@@ -160,7 +160,7 @@ def _check_capture_answer(url: str, tensors: dict[str, torch.Tensor | None]) -> 
     extra = set(tensors) - set(keys) - set(protocol.SAMPLE_INPUT_KEYS)
     if extra or any(tensors.get(k) is None for k in keys):
         raise ProtocolViolation(f"{url}/generate sent a capture answer with keys {sorted(tensors)}; expected {keys}")
-    return {**{k: tensors[k] for k in keys}, **_request_tensors(url, tensors, keys)}  # type: ignore[dict-item]
+    return {**{k: tensors[k] for k in keys}, **_request_tensors(url, tensors, keys)}  # type: ignore[misc]
 
 
 def _request_tensors(
