@@ -39,12 +39,15 @@ def open_stream(
     consumer: str | None = None,
     wait_for_run: float = 600.0,
     claim_timeout: float = 300.0,
+    read_ahead: int = 0,
     **options: Any,
 ) -> tuple[StreamQueue, ApplianceFeatureStore]:
     """The run's queue and a store over its appliances (see the module docstring).
 
     ``claim_timeout``: how long a sample whose appliance is gone may take to be computed again
-    elsewhere before ``get`` gives up. ``auth_token`` (an option) also authenticates to an
+    elsewhere before ``get`` gives up. ``read_ahead``: samples leased and claimed in the
+    background (:class:`~eagle3_client.streaming.stream_queue.StreamQueue`), so that a slow or
+    frozen appliance holds back only its own samples. ``auth_token`` (an option) also authenticates to an
     appliance-hosted queue.
     """
     backend = open_queue(queue_url, run_id, auth_token=options.get("auth_token"))
@@ -59,4 +62,5 @@ def open_stream(
                 raise
             time.sleep(_POLL_S)
     store = ApplianceFeatureStore(backend, description, device=device, claim_timeout=claim_timeout, **options)
-    return StreamQueue(backend, consumer=consumer, on_ack=store.drop_acked), store
+    queue = StreamQueue(backend, consumer=consumer, on_ack=store.drop_acked, read_ahead=read_ahead, store=store)
+    return queue, store

@@ -77,6 +77,7 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         # Each appliance is a target of its own: its answers live there, so a claim has no failover.
         self._options = {"failover_timeout": 5.0, **options}
         self._targets: dict[str, RemoteTarget] = {}
+        self._held: dict[str, dict[str, torch.Tensor]] = {}  # read-ahead samples, by sample id
         self._lock = threading.Lock()
 
     # -- upstream's FeatureStore ----------------------------------------------------------
@@ -87,13 +88,32 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         )
 
     def get(self, ref: Any, device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], Any]:
-        """The tensors of ``ref``'s sample on ``device`` (the store's by default), and a handle."""
+        """The tensors of ``ref``'s sample on ``device`` (the store's by default), and a handle.
+
+        A sample the queue's read-ahead already claimed is handed over from memory.
+        """
         stream_ref = from_upstream(ref)
-        self._check(stream_ref)
-        answer = self._claim(stream_ref)
-        tensors = self._features(answer.tensors, device or self._device)
+        with self._lock:
+            tensors = self._held.pop(stream_ref.sample_id, None)
+        if tensors is None or (device is not None and torch.device(device) != self._device):
+            tensors = self.fetch(stream_ref, device)
         handle = _store_base().StoreHandle(store=self, sample_id=ref.sample_id, ref=ref)
         return tensors, handle
+
+    def fetch(self, ref: StreamRef, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Claim ``ref``'s sample from its appliance (checked, followed if moved) and decode it."""
+        self._check(ref)
+        answer = self._claim(ref)
+        return self._features(answer.tensors, device or self._device)
+
+    def hold(self, sample_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a read-ahead sample's tensors until the loader's ``get`` asks for them."""
+        with self._lock:
+            self._held[sample_id] = tensors
+
+    def drop_held(self, sample_id: str) -> None:
+        with self._lock:
+            self._held.pop(sample_id, None)
 
     def release(self, handle: Any) -> None:
         """Nothing to drop here: the answer is dropped when the sample's lease is acked."""

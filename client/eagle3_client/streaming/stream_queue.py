@@ -6,19 +6,32 @@
 answer to drop it; ``is_closed`` is true once the run is closed (sealed and every sample
 acked) or this consumer closed its queue. ``close`` ends this consumer's iteration only: the
 run's queue is shared by every trainer and stays open for the others.
+
+With ``read_ahead=k`` the queue leases and claims up to ``k`` samples in the background (each
+claim on its own thread) and ``acquire`` hands out the first one whose tensors have arrived:
+an appliance that is slow, frozen or gone holds back only its own samples, which the producer
+moves elsewhere, while the trainer takes the others. The leases read ahead count against the
+visibility timeout: keep it well above ``k`` training steps. On ``close`` the leases not yet
+handed out go back to the queue at once (``fail``).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eagle3_client.protocol import StreamRef
-from eagle3_client.streaming.queues import QueueBackend
+from eagle3_client.protocol import LeaseJSON, StreamRef
+from eagle3_client.streaming.queues import QueueBackend, StreamError
 from eagle3_client.streaming.refs import from_upstream, upstream_lease
+
+if TYPE_CHECKING:
+    from eagle3_client.streaming.store import ApplianceFeatureStore
 
 __all__ = ["StreamQueue"]
 
@@ -34,12 +47,26 @@ class StreamQueue:
         *,
         consumer: str | None = None,
         on_ack: Callable[[StreamRef], None] | None = None,
+        read_ahead: int = 0,
+        store: ApplianceFeatureStore | None = None,
     ) -> None:
+        if read_ahead < 0 or (read_ahead and store is None):
+            raise ValueError("read_ahead is a count >= 0, and needs the store that claims the samples")
         self.backend = backend
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self._on_ack = on_ack  # the store drops the acked sample's answer on its appliance
         self._closed = False
         self._run_closed = False
+        self._store = store
+        self._ready: collections.deque[LeaseJSON] = collections.deque()  # claimed, not handed out yet
+        self._reading = 0  # leases being claimed now
+        self._cond = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read_ahead, name=f"stream-read-ahead-{i}", daemon=True)
+            for i in range(read_ahead)
+        ]
+        for reader in self._readers:
+            reader.start()
 
     @property
     def run_id(self) -> str:
@@ -48,11 +75,60 @@ class StreamQueue:
     # -- consumer side (what FeatureDataLoader calls) --------------------------------------
 
     def acquire(self, *, poll_interval: float = 0.05) -> Any:
-        """Upstream's ``Lease`` of the oldest ready sample, or None (nothing ready, or closed)."""
+        """Upstream's ``Lease`` of the oldest ready sample (read ahead: the first claimed), or None."""
+        if self._readers:
+            with self._cond:
+                lease = self._ready.popleft() if self._ready else None
+                self._cond.notify_all()
+            return None if lease is None else upstream_lease(lease)
         if self._closed or self._run_closed:
             return None
-        lease = self.backend.acquire(self.consumer)
-        return None if lease is None else upstream_lease(lease)
+        leased = self.backend.acquire(self.consumer)
+        return None if leased is None else upstream_lease(leased)
+
+    def _read_ahead(self) -> None:
+        """One reader: lease a sample when fewer than ``read_ahead`` wait, claim it, queue it for ``acquire``."""
+        assert self._store is not None
+        limit = len(self._readers)
+        while True:
+            with self._cond:
+                while not self._closed and len(self._ready) + self._reading >= limit:
+                    self._cond.wait(0.5)
+                if self._closed:
+                    return
+                self._reading += 1
+            leased = None
+            try:
+                if not self._run_closed:
+                    leased = self.backend.acquire(self.consumer)
+                if leased is not None:
+                    self._store.hold(leased.ref.sample_id, self._store.fetch(leased.ref))
+            except Exception as exc:  # noqa: BLE001 - the sample goes back to the queue; the loop goes on
+                logger.warning("read-ahead of %s failed: %s", leased.ref.sample_id if leased else "a lease", exc)
+                if leased is not None:
+                    self._store.drop_held(leased.ref.sample_id)
+                    self._give_back(leased)
+                    leased = None
+                time.sleep(0.5)
+            with self._cond:
+                self._reading -= 1
+                if leased is not None:
+                    if self._closed:
+                        self._store.drop_held(leased.ref.sample_id)
+                        self._give_back(leased)
+                    else:
+                        self._ready.append(leased)
+                self._cond.notify_all()
+            if leased is None:
+                if not self._run_closed:
+                    self._run_closed = self.backend.state().closed
+                time.sleep(0.05)
+
+    def _give_back(self, leased: LeaseJSON) -> None:
+        try:
+            self.backend.fail(leased.ref.sample_id, leased.lease_id)
+        except StreamError as exc:  # it expired meanwhile: the queue delivers it again anyway
+            logger.info("giving back %s: %s", leased.ref.sample_id, exc)
 
     def ack(self, lease: Any) -> None:
         """The sample is consumed (``LeaseNotHeld`` if the lease expired and went to another trainer)."""
@@ -69,11 +145,22 @@ class StreamQueue:
     def is_closed(self) -> bool:
         if not (self._closed or self._run_closed):
             self._run_closed = self.backend.state().closed
-        return self._closed or self._run_closed
+        with self._cond:
+            waiting = bool(self._ready)
+        return self._closed or (self._run_closed and not waiting)
 
     def close(self) -> None:
-        """Stop this consumer (the run's queue stays for the other trainers)."""
-        self._closed = True
+        """Stop this consumer (the run's queue stays for the other trainers); read-ahead leases go back."""
+        with self._cond:
+            self._closed = True
+            unread, self._ready = list(self._ready), collections.deque()
+            self._cond.notify_all()
+        for leased in unread:
+            if self._store is not None:
+                self._store.drop_held(leased.ref.sample_id)
+            self._give_back(leased)
+        for reader in self._readers:
+            reader.join(timeout=5)
 
     # -- the rest of upstream's surface -----------------------------------------------------
 
