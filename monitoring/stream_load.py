@@ -8,11 +8,14 @@ What it does, each step moving the counters and gauges the dashboard's Stream ro
 
 1. registers a session (``probs``) and sends a vocab mapping;
 2. produces samples of one run until the appliance refuses one at its high watermark
-   (``produced``, ``resident``, ``refused``, ``paused``), at most ``--samples``;
-3. claims two of them (``claimed``) and releases one (``POST /stream/release``: ``released{reason="acked"}``);
+   (``produced``, ``resident``, ``refused``, ``paused``);
+3. claims two of them (``claimed``) and releases one (``POST /stream/release``:
+   ``released{reason="acked"}``), then produces until refused again: the appliance stays
+   paused (``eagle3_stream_paused`` 1, what ``Eagle3StreamProducerPaused`` watches);
 4. opens the run on the queue the appliance hosts (``appliance://``), puts the references,
-   leases them, acks one, fails one (``redelivered``), and asks for a lease while none is
-   pending, twice (``empty``): the ``eagle3_stream_queue_*`` series, one run's worth.
+   leases them, acks them but one that it fails first (``redelivered``), and asks for a lease
+   while none is pending, twice, a scrape apart (``empty``, what ``Eagle3StreamTrainersStarving``
+   watches): the ``eagle3_stream_queue_*`` series, one run's worth.
 
 Step 4 needs :mod:`eagle3_client.streaming.appliance_queue`; without it the script says so
 and exits 2 (``--without-queue`` skips the step: the queue panels then have no data).
@@ -26,6 +29,7 @@ import importlib
 import importlib.util
 import sys
 import time
+from itertools import count
 
 import httpx
 
@@ -34,6 +38,7 @@ from eagle3_client.capture import EAGLE3
 from eagle3_client.errors import TargetOverloaded
 from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.remote.request import encode_request
+from eagle3_client.remote.session import ServerSession
 from eagle3_client.streaming.queues import QueueBackend
 from eagle3_client.synthetic import random_batch, vocab_mapping
 
@@ -42,7 +47,7 @@ __all__ = ["main"]
 QUEUE_MODULE = "eagle3_client.streaming.appliance_queue"
 RUN_ID = "ci-stream"
 DRAFT_VOCAB = 512
-BATCH, SEQ_LEN = 2, 32
+BATCH, SEQ_LEN = 2, 32  # about 180 KiB an answer in probs: a few fill 1 MiB
 CONSUMER = "ci-trainer"
 EMPTY_GAP_S = 2.5  # longer than the CI scrape interval (1 s)
 
@@ -51,39 +56,49 @@ def say(line: str) -> None:
     print(f"stream_load: {line}", flush=True)
 
 
-def produce(url: str, run_id: str, samples: int) -> tuple[RemoteTarget, list[protocol.StreamRef], int]:
-    """Steps 1 and 2: the target (its session open), the references produced, and the refusals."""
-    target = RemoteTarget([url], encoding="probs")
-    target._fleet.start()
-    server = target._servers[0]
-    vocab = int(target.model_info()["vocab_size"])
-    ids, mask = vocab_mapping(vocab, min(DRAFT_VOCAB, vocab), seed=0)
-    server.set_vocab_mapping(wire.encode({"selected_token_ids": ids, "selected_token_mask": mask}), 1)
-    refs: list[protocol.StreamRef] = []
-    refused = 0
-    for n in range(samples):
-        _, payload, _ = encode_request(*random_batch(vocab, BATCH, SEQ_LEN, seed=n))
-        try:
-            refs.append(server.produce(run_id, f"s{n:03d}", payload))
-        except TargetOverloaded as exc:
-            refused += 1
-            say(f"sample s{n:03d} refused at the high watermark ({exc.server_message.splitlines()[0][:120]})")
-            break
-    return target, refs, refused
+class Stream:
+    """One session on the appliance, producing samples ``s000``, ``s001``, ... of one run."""
 
+    def __init__(self, url: str, run_id: str) -> None:
+        self.url, self.run_id = url, run_id
+        self.target = RemoteTarget([url], encoding="probs")
+        self.target._fleet.start()
+        self.server: ServerSession = self.target._servers[0]
+        self.vocab = int(self.target.model_info()["vocab_size"])
+        ids, mask = vocab_mapping(self.vocab, min(DRAFT_VOCAB, self.vocab), seed=0)
+        self.server.set_vocab_mapping(wire.encode({"selected_token_ids": ids, "selected_token_mask": mask}), 1)
+        self.refs: list[protocol.StreamRef] = []
+        self.refused = 0
+        self._ids = count()
 
-def claim_and_release(url: str, target: RemoteTarget, refs: list[protocol.StreamRef]) -> int:
-    """Step 3: claim the first two answers, release the first; how many the appliance released."""
-    for ref in refs[:2]:
-        target.claim(ref.run_id, ref.sample_id)
-    body = protocol.ReleaseRequest(refs[0].run_id, (refs[0].sample_id,)).to_json()
-    resp = httpx.post(f"{url}/{protocol.EP_STREAM_RELEASE}", json=body, timeout=30, trust_env=False)
-    resp.raise_for_status()
-    return int(resp.json()["released"])
+    def produce_until_refused(self, most: int) -> int:
+        """Produce until the appliance refuses a sample (or ``most`` are kept); how many were kept."""
+        for kept in range(most):
+            n = next(self._ids)
+            _, payload, _ = encode_request(*random_batch(self.vocab, BATCH, SEQ_LEN, seed=n))
+            try:
+                self.refs.append(self.server.produce(self.run_id, f"s{n:03d}", payload))
+            except TargetOverloaded as exc:
+                self.refused += 1
+                say(f"s{n:03d} refused: {exc.server_message.splitlines()[0][:100]}")
+                return kept
+        return most
+
+    def claim_and_release(self) -> int:
+        """Claim the first two answers, release the first; how many the appliance released."""
+        for ref in self.refs[:2]:
+            self.target.claim(ref.run_id, ref.sample_id)
+        body = protocol.ReleaseRequest(self.run_id, (self.refs[0].sample_id,)).to_json()
+        resp = httpx.post(f"{self.url}/{protocol.EP_STREAM_RELEASE}", json=body, timeout=30, trust_env=False)
+        resp.raise_for_status()
+        return int(resp.json()["released"])
+
+    def close(self) -> None:
+        self.target.close()
 
 
 def queue_run(url: str, run_id: str, refs: list[protocol.StreamRef]) -> dict[str, int]:
-    """Step 4: the run on the appliance-hosted queue, one trainer's leases on it; its state at the end."""
+    """Step 4: the run on the appliance-hosted queue, one trainer's leases on it; its counts at the end."""
     # Imported by name: main() has checked that this checkout has it.
     backend = importlib.import_module(QUEUE_MODULE).ApplianceQueue
     queue: QueueBackend = backend("appliance://" + url.removeprefix("http://"), run_id, auth_token=None)
@@ -99,11 +114,10 @@ def queue_run(url: str, run_id: str, refs: list[protocol.StreamRef]) -> dict[str
         )
         for ref in refs:
             queue.put(ref)
-        first, second = queue.acquire(CONSUMER), queue.acquire(CONSUMER)
-        if first is None or second is None:
-            raise RuntimeError(f"two leases asked for, {len(refs)} samples pending: got {first} and {second}")
-        queue.ack(first.ref.sample_id, first.lease_id)
-        queue.fail(second.ref.sample_id, second.lease_id)  # back to pending: redelivered
+        lease = queue.acquire(CONSUMER)
+        if lease is None:
+            raise RuntimeError(f"no lease with {len(refs)} samples put")
+        queue.fail(lease.ref.sample_id, lease.lease_id)  # back to pending: redelivered
         while (lease := queue.acquire(CONSUMER)) is not None:
             queue.ack(lease.ref.sample_id, lease.lease_id)
         for n in range(2):  # every sample acked: empty leases, a scrape apart (a rate sees the second)
@@ -122,37 +136,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monitoring.stream_load", description=__doc__.split("\n")[0])
     parser.add_argument("--url", required=True, help="the appliance, http://host:port")
     parser.add_argument("--run-id", default=RUN_ID)
-    parser.add_argument("--samples", type=int, default=12, help="most samples produced (fewer once refused)")
+    parser.add_argument("--samples", type=int, default=20, help="most samples produced before each refusal")
     parser.add_argument("--without-queue", action="store_true", help="skip step 4 (the appliance-hosted queue)")
     args = parser.parse_args(argv)
     url = args.url.rstrip("/")
-    has_queue = importlib.util.find_spec(QUEUE_MODULE) is not None
-    if not has_queue and not args.without_queue:
+    if not args.without_queue and importlib.util.find_spec(QUEUE_MODULE) is None:
         say(f"FAIL {QUEUE_MODULE} is missing: the run queue an appliance hosts is not in this checkout")
         say("(--without-queue runs the rest; the eagle3_stream_queue_* panels then have no data)")
         return 2
-    target, refs, refused = produce(url, args.run_id, args.samples)
+    stream = Stream(url, args.run_id)
     try:
-        say(f"{len(refs)} samples produced and kept, {refused} refused")
-        if len(refs) < 2:
-            say("FAIL fewer than 2 samples produced: raise --stream-memory-mb or lower the batch")
+        first = stream.produce_until_refused(args.samples)
+        if first < 2 or stream.refused != 1:
+            say(f"FAIL {first} samples kept, {stream.refused} refused: expected at least 2, then a refusal")
             return 1
-        released = claim_and_release(url, target, refs)
-        say(f"2 answers claimed, {released} released")
+        released = stream.claim_and_release()
         if released != 1:
             say(f"FAIL /stream/release released {released} answers, expected 1")
             return 1
+        again = stream.produce_until_refused(args.samples)
+        say(f"{first} samples kept, 2 claimed, 1 released, {again} more kept; {stream.refused} refused")
+        if stream.refused != 2:
+            say("FAIL the appliance did not refuse a producer again")
+            return 1
         if args.without_queue:
             say("queue step skipped (--without-queue)")
-        else:
-            counts = queue_run(url, args.run_id, refs)
-            say(f"queue run {args.run_id}: {counts}")
-            wanted = {"pending": 0, "leased": 0, "acked": len(refs), "redelivered": 1}
-            if counts != wanted:
-                say(f"FAIL the queue's counts are {counts}, expected {wanted}")
-                return 1
+            return 0
+        counts = queue_run(url, args.run_id, stream.refs)
+        say(f"queue of run {args.run_id}: {counts}")
+        wanted = {"pending": 0, "leased": 0, "acked": len(stream.refs), "redelivered": 1}
+        if counts != wanted:
+            say(f"FAIL the queue's counts are {counts}, expected {wanted}")
+            return 1
     finally:
-        target.close()
+        stream.close()
     return 0
 
 
