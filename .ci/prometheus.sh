@@ -4,8 +4,12 @@
 # NVML (tests/fake_nvml), so that the GPU panels have data and the GPU alerts can be provoked
 # on a machine without a GPU. Steps:
 #   1. promtool checks and unit-tests the rule file;
-#   2. a short bounded load (`eagle3-appliance validate`, 6 batches) and a non-fatal XID 13;
-#      then every panel query returns data and every alert expression's metrics have series;
+#   2. a short bounded load (`eagle3-appliance validate`, 6 batches), a non-fatal XID 13 and a
+#      short stream (monitoring/stream_load.py: produced past the appliance's 1 MiB high
+#      watermark, claimed, released; the run's queue on the appliance leased, acked, failed,
+#      asked while empty); then every panel query returns data and every alert expression's
+#      metrics have series; Eagle3StreamProducerPaused and Eagle3StreamTrainersStarving become
+#      pending;
 #   3. a fatal XID 79 and a GPU 99 % full: Eagle3GpuFatal, Eagle3NotReady, Eagle3GpuXid and
 #      Eagle3GpuMemoryFull become pending or firing;
 #   4. the server stopped: Eagle3ServerDown and Eagle3ServerMissing become pending.
@@ -63,8 +67,8 @@ export PYTHONPATH="$PWD/tests/fake_nvml:$PWD/appliance:$PWD/client:$PWD/loadtest
 export FAKE_NVML_STATE="$work/nvml.json" HF_HUB_OFFLINE=1
 gpus 0.125
 port=$(free_port)
-say "appliance on 127.0.0.1:$port (built-in model, fake NVML)"
-.venv/bin/eagle3-appliance serve --host 127.0.0.1 --port "$port" --gpu-poll-interval 0.5 \
+say "appliance on 127.0.0.1:$port (built-in model, fake NVML, stream answers up to 1 MiB)"
+.venv/bin/eagle3-appliance serve --host 127.0.0.1 --port "$port" --gpu-poll-interval 0.5 --stream-memory-mb 1 \
   --cache-dir "${EAGLE3_CACHE_DIR:-.cache/eagle3-appliance}" >"$work/server.log" 2>&1 &
 server_pid=$!
 wait_for "http://127.0.0.1:$port/health/ready" 120 "$server_pid" || { cat "$work/server.log"; exit 1; }
@@ -97,7 +101,11 @@ timeout 120 .venv/bin/eagle3-appliance validate --url "http://127.0.0.1:$port" -
 # with its first request; a healthy server has none).
 curl -s -o /dev/null -w "prometheus: a bad /generate answers %{http_code}\n" \
   -X POST --data-binary 'not a wire blob' "http://127.0.0.1:$port/generate"
+say "stream: produce past the high watermark, claim, release; the run's queue on the appliance"
+timeout 60 .venv/bin/python -m monitoring.stream_load --url "http://127.0.0.1:$port"
 .venv/bin/python -m monitoring.check data --prometheus "$prom" --window 1m --timeout 45
+.venv/bin/python -m monitoring.check alerts --prometheus "$prom" --timeout 45 \
+  Eagle3StreamProducerPaused Eagle3StreamTrainersStarving
 
 say "provoke: fatal XID 79, GPU 0 at 99 % memory"
 gpus 0.99 13 79

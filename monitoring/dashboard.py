@@ -250,6 +250,61 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         ),
     ),
     (
+        "Stream",
+        (
+            Panel(
+                "Resident answers / watermarks",
+                "Bytes of answers kept resident for runs' streams, against the high watermark (producers are "
+                "refused at it, --stream-memory-mb) and the low one (they resume below it).",
+                (
+                    ("sum by (instance) (eagle3_stream_resident" + sel('unit="bytes"') + ")", "{{instance}} resident"),
+                    (
+                        "max by (instance) (eagle3_stream_watermark_bytes" + sel('level="high"') + ")",
+                        "{{instance}} high",
+                    ),
+                    ("max by (instance) (eagle3_stream_watermark_bytes" + sel('level="low"') + ")", "{{instance}} low"),
+                ),
+                unit="bytes",
+            ),
+            Panel(
+                "Resident samples",
+                "Samples whose answers are kept here until a trainer acks them or their run ends.",
+                (("sum by (instance) (eagle3_stream_resident" + sel('unit="samples"') + ")", "{{instance}}"),),
+            ),
+            Panel(
+                "Producers paused, refusals / s",
+                "1 while producers are refused (the high watermark was reached, the low one not yet), and the "
+                "answers refused per second: trainers do not ack, the watermark is too low, or trainers are gone.",
+                (
+                    (f"max by (instance) (eagle3_stream_paused{sel()})", "{{instance}} paused"),
+                    (rate("eagle3_stream_refused_total"), "{{instance}} refused/s"),
+                ),
+            ),
+            Panel(
+                "Produced / claimed / released / s",
+                "Answers computed and kept, sent to trainers that claimed them (a redelivered sample counts each "
+                "time), and dropped: acked (consumed) or run_ended.",
+                (
+                    (rate("eagle3_stream_produced_total"), "{{instance}} produced"),
+                    (rate("eagle3_stream_claimed_total"), "{{instance}} claimed"),
+                    (rate("eagle3_stream_released_total", by="instance, reason"), "{{instance}} released {{reason}}"),
+                ),
+            ),
+            Panel(
+                "Queue samples by state",
+                "Samples of each run queue hosted here (appliance://): pending (ready to lease), leased, acked.",
+                ((f"sum by (run, state) (eagle3_stream_queue_samples{sel()})", "{{run}} {{state}}"),),
+            ),
+            Panel(
+                "Queue events / s",
+                "Per run: redelivered (a lease expired or failed), recomputed (a sample moved to another "
+                "appliance), empty (a trainer asked for a lease and nothing was ready: it waited), refused "
+                "(a reference of another model).",
+                ((rate("eagle3_stream_queue_events_total", by="run, event"), "{{run}} {{event}}"),),
+            ),
+        ),
+    ),
+    (
         "GPU",
         (
             Panel(
@@ -337,7 +392,7 @@ def build() -> dash.Dashboard:
     board: dash.Dashboard = (
         dash.Dashboard("EAGLE-3 appliance")
         .uid(UID)
-        .description("One EAGLE-3 target server or a fleet of them: throughput, latency, queue, errors, GPUs.")
+        .description("One EAGLE-3 target server or a fleet of them: throughput, latency, queue, errors, stream, GPUs.")
         .tags(["eagle3", "appliance"])
         .editable()
         .tooltip(DashboardCursorSync.CROSSHAIR)

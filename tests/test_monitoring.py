@@ -6,7 +6,10 @@ alerts fire when provoked) is ``.ci/prometheus.sh``; this one needs no Prometheu
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,6 +17,7 @@ import pytest
 import yaml
 
 from eagle3_appliance.launch import ServerProcess
+from monitoring import stream_load
 from monitoring.expressions import (
     ALERTS,
     DASHBOARD,
@@ -23,6 +27,8 @@ from monitoring.expressions import (
     metric_names,
     unexported,
 )
+from tests.ops_support import metric, model_env, scrape
+from tests.ops_support import server as start_server
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +85,15 @@ def test_the_dashboard_covers_what_an_operator_asks() -> None:
         "eagle3_gpu_xid_errors_total",
         "eagle3_ready",
         "eagle3_target_info",  # tensor-parallel mode
+        "eagle3_stream_resident",  # the stream: resident answers against the watermarks
+        "eagle3_stream_watermark_bytes",
+        "eagle3_stream_paused",
+        "eagle3_stream_refused_total",
+        "eagle3_stream_produced_total",
+        "eagle3_stream_claimed_total",
+        "eagle3_stream_released_total",
+        "eagle3_stream_queue_samples",  # the run queues hosted here
+        "eagle3_stream_queue_events_total",
     ]:
         assert wanted in names, wanted
 
@@ -114,3 +129,64 @@ def test_every_alert_has_a_severity_words_for_the_operator_a_unit_test_and_a_doc
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
         assert f"alertname: {name}\n" in tests, f"{name} has no promtool test"
         assert f"| `{name}` |" in docs, f"{name} is not in docs/monitoring.md"
+
+
+def test_the_stream_row_follows_the_gpu_row_with_its_six_panels() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert rows[-2:] == ["Stream", "GPU"]
+    start = next(i for i, p in enumerate(board["panels"]) if p["title"] == "Stream")
+    panels = board["panels"][start + 1 : start + 7]
+    assert [p["title"] for p in panels] == [
+        "Resident answers / watermarks",
+        "Resident samples",
+        "Producers paused, refusals / s",
+        "Produced / claimed / released / s",
+        "Queue samples by state",
+        "Queue events / s",
+    ]
+    assert panels[0]["fieldConfig"]["defaults"]["unit"] == "bytes"
+    assert [t["legendFormat"] for t in panels[0]["targets"]] == [
+        "{{instance}} resident",
+        "{{instance}} high",
+        "{{instance}} low",
+    ]
+    assert "watermark_bytes" in panels[0]["targets"][1]["expr"] and 'level="high"' in panels[0]["targets"][1]["expr"]
+
+
+@pytest.fixture(scope="module")
+def small_stream(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An appliance whose resident answers stop at 1 MiB (a few of the driver's samples)."""
+    log = tmp_path_factory.mktemp("stream") / "server.log"
+    with start_server(["--cache-dir", str(cache_dir), "--stream-memory-mb", "1"], model_env(), log) as proc:
+        yield proc.url
+
+
+def test_the_stream_driver_moves_every_resident_answer_series(
+    small_stream: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert stream_load.main(["--url", small_stream, "--without-queue"]) == 0
+    out = capsys.readouterr().out
+    line = re.search(r"stream_load: (\d+) samples kept, 2 claimed, 1 released, (\d+) more kept; 2 refused\n", out)
+    assert line is not None, out
+    first, again = int(line.group(1)), int(line.group(2))
+    assert first >= 2 and again >= 1
+    samples = scrape(small_stream)
+    assert metric(samples, "eagle3_stream_produced_total") == first + again
+    assert metric(samples, "eagle3_stream_refused_total") == 2
+    assert metric(samples, "eagle3_stream_paused") == 1  # refused again after the release
+    assert metric(samples, "eagle3_stream_claimed_total") == 2
+    assert metric(samples, "eagle3_stream_released_total", reason="acked") == 1
+    assert metric(samples, "eagle3_stream_released_total", reason="run_ended") == 0
+    assert metric(samples, "eagle3_stream_resident", unit="samples") == first + again - 1
+    assert metric(samples, "eagle3_stream_watermark_bytes", level="high") == 2**20
+    assert metric(samples, "eagle3_stream_watermark_bytes", level="low") == 0.75 * 2**20
+    assert 0.75 * 2**20 < metric(samples, "eagle3_stream_resident", unit="bytes") <= 2**20
+    assert "stream_load: queue step skipped (--without-queue)\n" in out
+
+
+def test_the_stream_driver_says_when_the_appliance_queue_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    if importlib.util.find_spec(stream_load.QUEUE_MODULE) is not None:
+        pytest.skip("the appliance-hosted queue is in this checkout")
+    assert stream_load.main(["--url", "http://127.0.0.1:9"]) == 2
+    assert "FAIL eagle3_client.streaming.appliance_queue is missing" in capsys.readouterr().out
