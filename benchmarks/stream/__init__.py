@@ -1,0 +1,1 @@
+"""``python -m benchmarks.stream``: a trainer fed three ways (blocking, prefetch, the stream) through faults."""
