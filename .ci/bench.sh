@@ -25,4 +25,17 @@ for case in json.loads(sys.stdin.read())["cases"]:
         failed = True
 sys.exit(1 if failed else 0)
 '
+
+# Stream benchmark, smoke form: the three ways through the steady scenario, 6 samples each
+# (prints the table; nothing here is a timing assertion).
+echo "== bench: python -m benchmarks.stream (steady, 6 samples per way)"
+.venv/bin/python -m benchmarks.stream --samples 6 --scenarios steady --head-start 3 --capacity-samples 4 \
+    --cache-dir "${EAGLE3_CACHE_DIR:-.cache/eagle3-appliance}" | tee "$out"
+tail -n 1 "$out" | .venv/bin/python -c '
+import json, sys
+rows = json.loads(sys.stdin.read())["results"]
+short = [r["way"] for r in rows if r["distinct"] != 6]
+print(f"bench: stream smoke: {len(rows)} ways, every sample trained: {not short}")
+sys.exit(1 if short or len(rows) != 3 else 0)
+'
 echo "bench: OK"

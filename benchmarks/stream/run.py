@@ -214,10 +214,16 @@ class Result:
     waits: list[float] = field(default_factory=list)
     computed: float = 0.0
     note: str = ""
+    samples: list[str] = field(default_factory=list)  # the stream's sample id of every step trained
+
+    @property
+    def distinct(self) -> int:
+        """Samples trained, each counted once (a stream may deliver a sample again: at least once)."""
+        return len(set(self.samples)) if self.samples else self.trained
 
     @property
     def rate(self) -> float:
-        return self.trained / self.wall_s if self.wall_s else 0.0
+        return self.distinct / self.wall_s if self.wall_s else 0.0
 
     @property
     def waited(self) -> float:
@@ -229,7 +235,7 @@ class Result:
 
     @property
     def extra(self) -> int:
-        return round(self.computed) - self.trained
+        return round(self.computed) - self.distinct
 
 
 class Trainer:
@@ -375,8 +381,19 @@ def run_stream(ctx: Context, scenario: str) -> Result:
     thread = threading.Thread(target=produce, name="producer", daemon=True)
     thread.start()
 
+    leased: list[str] = []  # the sample id of the batch the loader yielded last
+
     def opened() -> tuple[Any, Any, Iterator[Any]]:
         queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=60, read_ahead=args.read_ahead, timeout=30)
+        acquire = queue.acquire
+
+        def noted(**kwargs: Any) -> Any:  # which sample each step trains on
+            lease = acquire(**kwargs)
+            if lease is not None:
+                leased.append(lease.ref.sample_id)
+            return lease
+
+        queue.acquire = noted  # type: ignore[method-assign]
         return queue, store, iter(FeatureDataLoader(queue, store))
 
     head = min(args.samples, args.head_start)
@@ -400,6 +417,7 @@ def run_stream(ctx: Context, scenario: str) -> Result:
                 queue, store, loader = trainer.wait(opened)
                 result.note = "restarted"
                 continue
+            result.samples.append(leased[-1])
             trainer.train()
     finally:
         queue.close()
@@ -410,6 +428,8 @@ def run_stream(ctx: Context, scenario: str) -> Result:
     after = ctx.fleet.counters(PRODUCED)
     result.computed = sum(after.get(url, 0.0) - before.get(url, 0.0) for url in after)
     notes = [result.note, fault.note]
+    if result.trained > result.distinct:
+        notes.append(f"{result.trained - result.distinct} delivered twice and trained again")
     if "error" in outcome:
         notes.append(f"producer: {type(outcome['error']).__name__}: {str(outcome['error'])[:120]}")
     elif "report" in outcome:
@@ -427,7 +447,7 @@ def _abandon(queue: Any, store: Any) -> None:
 def _row(r: Result, step_s: float) -> str:
     steps = f"{r.longest / step_s:5.1f}" if step_s else "    -"
     return (
-        f"{r.way:<11} {r.scenario:<13} {r.trained:>7} {r.rate:9.2f} {r.waited:7.1%} "
+        f"{r.way:<11} {r.scenario:<13} {r.distinct:>7} {r.rate:9.2f} {r.waited:7.1%} "
         f"{r.longest:9.2f} {steps:>6} {r.extra:>8}  {r.note}"
     )
 
@@ -491,7 +511,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary(r: Result) -> dict[str, Any]:
     waits = {"median_wait": statistics.median(r.waits or [0.0]), "longest": r.longest, "waited": r.waited}
-    return {**asdict(r), "waits": None, **waits, "rate": r.rate, "extra": r.extra}
+    return {
+        **asdict(r),
+        "waits": None,
+        "samples": None,
+        **waits,
+        "rate": r.rate,
+        "extra": r.extra,
+        "distinct": r.distinct,
+    }
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

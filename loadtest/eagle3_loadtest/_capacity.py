@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from locust import LoadTestShape, User
 
-from eagle3_loadtest._metrics import COUNTERS, GENERATE
+from eagle3_loadtest._metrics import COUNTERS, generate_entry
 from eagle3_loadtest._options import RunSettings
 from eagle3_loadtest._steps import StepSearch, Window
 
@@ -56,7 +56,7 @@ class StepCapacityShape(LoadTestShape):
 
     def _window(self) -> Window:
         assert self.runner is not None
-        entry = self.runner.stats.entries.get((GENERATE, "POST"))
+        entry = generate_entry(self.runner.stats)
         now = self.get_run_time()
         if entry is None:
             return Window(now, 0, 0, {}, COUNTERS.tokens)

@@ -15,11 +15,18 @@ from locust.env import Environment
 
 from eagle3_loadtest._counters import SupervisionCounters
 
-__all__ = ["COUNTERS", "GENERATE", "REPORT_KEY"]
+__all__ = ["COUNTERS", "GENERATE", "REPORT_KEY", "STREAM", "generate_entry"]
 
 GENERATE = "generate"  # the stats row of the well-behaved ranks' /generate calls
+STREAM = "STREAM"  # its request type when the ranks are stream consumers (--stream-queue): each wait for a batch
 COUNTERS = SupervisionCounters()
 REPORT_KEY = "eagle3_supervision"
+
+
+def generate_entry(stats: Any) -> Any:
+    """The ranks' row in Locust's ``stats``: ``POST generate``, or ``STREAM generate`` (None before any)."""
+    entry = stats.entries.get((GENERATE, "POST"))
+    return entry if entry is not None else stats.entries.get((GENERATE, STREAM))
 
 
 @events.test_start.add_listener

@@ -182,6 +182,51 @@ def add_options(parser: Any) -> None:
     )
 
     parser.add_argument(
+        "--stream-queue",
+        default="",
+        env_var="LOCUST_STREAM_QUEUE",
+        help="Ranks run as stream consumers of this run queue (appliance://host:port or redis://host:port/db): "
+        "each leases batches through open_stream and upstream's FeatureDataLoader instead of sending /generate; "
+        "their waits are the 'STREAM generate' row. Empty: off.",
+    )
+    parser.add_argument(
+        "--stream-run-id",
+        default="",
+        env_var="LOCUST_STREAM_RUN_ID",
+        help="The run the ranks consume: the one a producer you started serves, or (with --stream-produce) the "
+        "id of the run this load test produces (default: a fresh one).",
+    )
+    parser.add_argument(
+        "--stream-produce",
+        type=int,
+        default=0,
+        env_var="LOCUST_STREAM_PRODUCE",
+        help="Start a producer (eagle3_appliance produce, on the master) for this many batches drawn like the "
+        "ranks' (--batch-size, --seq-len, --seed, --draft-vocab); it is stopped at the end and the run dropped. "
+        "0: the run comes from a producer you started.",
+    )
+    parser.add_argument(
+        "--stream-urls",
+        default="",
+        env_var="LOCUST_STREAM_URLS",
+        help="Comma-separated appliances the producer of --stream-produce computes on (default: --host).",
+    )
+    parser.add_argument(
+        "--stream-read-ahead",
+        type=int,
+        default=2,
+        env_var="LOCUST_STREAM_READ_AHEAD",
+        help="Samples each stream rank leases and claims ahead (open_stream's read_ahead; 0: none).",
+    )
+    parser.add_argument(
+        "--stream-visibility-timeout",
+        type=float,
+        default=60.0,
+        env_var="LOCUST_STREAM_VISIBILITY_TIMEOUT",
+        help="Lease of a sample in the run of --stream-produce (seconds; well above a step).",
+    )
+
+    parser.add_argument(
         "--report-file",
         default="",
         env_var="LOCUST_REPORT_FILE",
@@ -224,6 +269,12 @@ class RunSettings:
     report_file: str
     server_metrics_file: str
     capacity: StepPlan
+    stream_queue: str = ""
+    stream_run_id: str = ""
+    stream_produce: int = 0
+    stream_urls: str = ""
+    stream_read_ahead: int = 0
+    stream_visibility_timeout: float = 60.0
 
     @classmethod
     def from_options(cls, opts: Namespace) -> RunSettings:
@@ -236,6 +287,22 @@ class RunSettings:
             raise ValueError("--packed-sequence-size must be >= 0 (0: padded batches)")
         if opts.kill_restart < 0 or opts.kill_interval <= 0 or opts.spare_start_timeout <= 0:
             raise ValueError("--kill-restart must be >= 0, --kill-interval and --spare-start-timeout > 0")
+        stream_queue = opts.stream_queue.strip()
+        if opts.stream_produce < 0 or opts.stream_read_ahead < 0 or opts.stream_visibility_timeout <= 0:
+            raise ValueError("--stream-produce and --stream-read-ahead must be >= 0, --stream-visibility-timeout > 0")
+        if stream_queue:
+            if not stream_queue.startswith(("appliance://", "redis://")):
+                raise ValueError(f"--stream-queue {stream_queue!r}: appliance://host:port or redis://host:port/db")
+            if opts.stream_produce == 0 and not opts.stream_run_id:
+                raise ValueError(
+                    "--stream-queue needs --stream-run-id (the run your producer serves) or --stream-produce N"
+                )
+            if not Capture.parse(opts.capture).is_eagle3 or opts.encoding.strip() != "probs":
+                raise ValueError(
+                    "stream ranks consume EAGLE-3 runs in the probs encoding (--capture eagle3, --encoding probs)"
+                )
+            if opts.packed_sequence_size:
+                raise ValueError("--packed-sequence-size is not available with --stream-queue")
         csv_prefix = getattr(opts, "csv_prefix", None)
         return cls(
             batch_size=opts.batch_size,
@@ -271,4 +338,10 @@ class RunSettings:
                 p95_limit_ms=opts.max_p95_ms,
                 max_error_rate=opts.max_error_rate,
             ),
+            stream_queue=stream_queue,
+            stream_run_id=opts.stream_run_id,
+            stream_produce=opts.stream_produce,
+            stream_urls=opts.stream_urls,
+            stream_read_ahead=opts.stream_read_ahead,
+            stream_visibility_timeout=opts.stream_visibility_timeout,
         )

@@ -6,6 +6,10 @@ time in the real wire format and checks every answer; a wrong answer is reported
 failed request with the reason. Registration failures are counted on their own rows and
 retried after a second, so a server that is still starting does not end the user.
 Bodies are built and read with the project's own codec (:mod:`eagle3_client.wire`).
+
+With ``--stream-queue`` the same ranks are stream consumers instead (:mod:`._stream`): after
+``/model_info`` each one leases its batches from the run through ``open_stream`` and upstream's
+``FeatureDataLoader``, one per task, and its wait for each is its ``STREAM generate`` row.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import itertools
 import logging
 import os
 import random
+import time
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import gevent
@@ -23,14 +29,21 @@ from locust.env import Environment
 from locust.exception import StopUser
 
 from eagle3_client import protocol, wire
-from eagle3_client.protocol import SessionOffer, SessionReply
+from eagle3_client.protocol import SUPERVISION_KEYS, SessionOffer, SessionReply
 
 # Importing these registers the options and the listeners every scenario relies on.
-from eagle3_loadtest import _metrics, _report, _scenario  # noqa: F401
+from eagle3_loadtest import _metrics, _report, _scenario, _stream  # noqa: F401
 from eagle3_loadtest._batches import BatchSpec, make_batch, make_vocab_mapping
-from eagle3_loadtest._metrics import COUNTERS, GENERATE
+from eagle3_loadtest._metrics import COUNTERS, GENERATE, STREAM
 from eagle3_loadtest._options import RunSettings
-from eagle3_loadtest._validate import DEFAULT_ENCODING, Expected, SupervisionError, check_supervision, payload_bytes
+from eagle3_loadtest._validate import (
+    DEFAULT_ENCODING,
+    Expected,
+    SupervisionError,
+    check_streamed,
+    check_supervision,
+    payload_bytes,
+)
 
 __all__ = ["GENERATE", "RegistrationFailed", "TrainingRank"]
 
@@ -71,6 +84,7 @@ class TrainingRank(FastHttpUser):
         self.vocab_size = 0
         self.expected: Expected | None = None
         self.spec: BatchSpec | None = None
+        self.stream: tuple[Any, Any, Iterator[Any]] | None = None  # (queue, store, loader) of a stream rank
 
     def wait_time(self) -> float:
         return self.settings.think_time
@@ -103,8 +117,9 @@ class TrainingRank(FastHttpUser):
                 resp.failure(f"--draft-vocab {settings.draft_vocab} does not fit this model's vocab of {vocab_size}")
                 raise StopUser
 
-        self._open_session()
-        if settings.capture.is_eagle3:  # a DFlash capture needs no draft vocabulary
+        if not settings.stream_queue:  # a stream rank talks to the appliances through open_stream only
+            self._open_session()
+        if settings.capture.is_eagle3 and not settings.stream_queue:  # a DFlash capture needs no draft vocabulary
             mapping = wire.encode(make_vocab_mapping(vocab_size, settings.draft_vocab, settings.seed))
             with self.client.post(
                 protocol.path(protocol.EP_SET_VOCAB_MAPPING),
@@ -189,6 +204,11 @@ class TrainingRank(FastHttpUser):
         return {**self.headers, "Content-Type": protocol.OCTET_STREAM}
 
     def on_stop(self) -> None:
+        if self.stream is not None:  # read-ahead leases go back to the run at once
+            queue, store, _ = self.stream
+            self.stream = None
+            queue.close()
+            store.close()
         # Only a session is ended: /disconnect without one would stop an upstream server.
         if self.session_id is not None:
             self.client.post(protocol.path(protocol.EP_DISCONNECT), json={}, headers=self.headers, name="disconnect")
@@ -197,8 +217,11 @@ class TrainingRank(FastHttpUser):
     # -- the training step -------------------------------------------------------------
 
     def generate_once(self) -> None:
-        """One ``/generate`` of a fresh batch, checked in full."""
+        """One ``/generate`` of a fresh batch, checked in full (a stream rank: its next batch of the run)."""
         if not self.ensure_registered():
+            return
+        if self.settings.stream_queue:
+            self.stream_once()
             return
         assert self.spec is not None and self.expected is not None
         request = make_batch(self.spec, self.rng)
@@ -220,6 +243,60 @@ class TrainingRank(FastHttpUser):
             if problem:
                 COUNTERS.invalid += 1
                 resp.failure(f"invalid supervision: {problem}")
+
+    def stream_once(self) -> None:
+        """The loader's next batch of the run (acking the previous one), checked; its wait is the row's time."""
+        settings = self.settings
+        started = time.perf_counter()
+        error: Exception | None = None
+        length = 0
+        try:
+            if self.stream is None:
+                from nemo_automodel.components.speculative.streaming import FeatureDataLoader
+
+                from eagle3_client.streaming.open import open_stream
+
+                options: dict[str, Any] = {"timeout": settings.request_timeout, "data_plane": "wire"}
+                if settings.auth_token:
+                    options["auth_token"] = settings.auth_token
+                queue, store = open_stream(
+                    settings.stream_queue,
+                    run_id=settings.stream_run_id,
+                    consumer=f"locust-{os.getpid()}-{id(self):x}",
+                    wait_for_run=settings.request_timeout,
+                    read_ahead=settings.stream_read_ahead,
+                    **options,
+                )
+                self.stream = (queue, store, iter(FeatureDataLoader(queue, store)))
+            batch = next(self.stream[2])
+        except StopIteration:
+            logger.info("run %s is closed (every sample acked): this rank stops", settings.stream_run_id)
+            raise StopUser from None
+        except Exception as exc:  # noqa: BLE001 - every failure is this row's failure
+            error = exc
+        else:
+            assert self.expected is not None
+            tensors = {key: getattr(batch, key) for key in SUPERVISION_KEYS}
+            try:
+                check_streamed(tensors, self.expected)
+                length = payload_bytes(tensors)
+                COUNTERS.record(
+                    response_bytes=length,
+                    payload_bytes=length,
+                    tokens=batch.input_ids.numel(),
+                    real_tokens=int(batch.attention_mask.sum()),
+                )
+            except SupervisionError as exc:
+                COUNTERS.invalid += 1
+                error = SupervisionError(f"invalid supervision: {exc}")
+        self.environment.events.request.fire(
+            request_type=STREAM,
+            name=GENERATE,
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=error,
+            context={},
+        )
 
     def _check(self, body: bytes, headers: Any, request: dict[str, torch.Tensor]) -> str | None:
         assert self.expected is not None

@@ -29,7 +29,7 @@ from locust.runners import WorkerRunner
 
 from eagle3_client import protocol
 from eagle3_loadtest._capacity import StepCapacityShape
-from eagle3_loadtest._metrics import COUNTERS, GENERATE
+from eagle3_loadtest._metrics import COUNTERS, GENERATE, generate_entry
 from eagle3_loadtest._options import RunSettings
 from eagle3_loadtest._plot import plot_path, save_capacity_plot
 from eagle3_loadtest._scenario import SELECTION
@@ -66,7 +66,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 def _generate_stats(environment: Environment) -> dict[str, Any]:
-    entry = environment.runner.stats.entries.get((GENERATE, "POST")) if environment.runner else None
+    entry = generate_entry(environment.runner.stats) if environment.runner else None
     if entry is None or not entry.num_requests:
         return {"requests": 0, "failures": 0, "fail_ratio": 0.0, "p50_ms": None, "p95_ms": None, "rps": 0.0}
     return {

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_ENCODING",
     "Expected",
     "SupervisionError",
+    "check_streamed",
     "check_supervision",
     "payload_bytes",
     "shift_left",
@@ -156,3 +157,26 @@ def _check_probs(probs: torch.Tensor, batch: int, seq_len: int, expected: Expect
             raise SupervisionError(
                 f"target_probs rows do not sum to 1: largest deviation {error:.3g} > {expected.prob_tolerance:g}"
             )
+
+
+def check_streamed(tensors: dict[str, torch.Tensor | None], expected: Expected) -> None:
+    """A stream batch's EAGLE-3 supervision (probs), checked without its request, which a consumer never sees.
+
+    The batch carries the shifted ``input_ids`` and ``loss_mask`` itself: the shapes agree with
+    them, no position-mask bit is set where the loss mask is 0, probability rows sum to 1.
+    """
+    ids = _get(tensors, "input_ids")
+    batch, seq_len = ids.shape
+    aux = _get(tensors, "aux_hidden_states")
+    _dtype("aux_hidden_states", aux, AUX_DTYPES)
+    _shape("aux_hidden_states", aux, [batch, seq_len, 3 * expected.hidden_size])
+    if not bool(torch.isfinite(aux).all()):
+        raise SupervisionError("aux_hidden_states holds NaN or infinite values")
+    loss_mask = _get(tensors, "loss_mask")
+    _shape("loss_mask", loss_mask, [batch, seq_len])
+    position_mask = _get(tensors, "position_mask")
+    _dtype("position_mask", position_mask, (torch.bool,))
+    _shape("position_mask", position_mask, [batch, seq_len, 1])
+    if loss_mask.is_floating_point() or bool((position_mask.squeeze(-1) & (loss_mask == 0)).any()):
+        raise SupervisionError("position_mask is set where the loss mask is 0")
+    _check_probs(_get(tensors, "target_probs"), batch, seq_len, expected)
