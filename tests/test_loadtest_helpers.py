@@ -19,7 +19,7 @@ from eagle3_client.capture import Capture
 from eagle3_loadtest._batches import BatchSpec, LengthDistribution, make_batch, make_vocab_mapping
 from eagle3_loadtest._counters import SupervisionCounters
 from eagle3_loadtest._steps import StepPlan, StepSearch, Window, evaluate_step, percentile
-from eagle3_loadtest._validate import Expected, SupervisionError, check_supervision, payload_bytes
+from eagle3_loadtest._validate import Expected, SupervisionError, check_streamed, check_supervision, payload_bytes
 
 HIDDEN, VOCAB, DRAFT = 4, 50, 10
 
@@ -158,6 +158,24 @@ def test_each_kind_of_wrong_answer_is_caught(request_batch: dict[str, torch.Tens
         answer["target_probs"][0, 0] = torch.tensor([0.9] + [0.1 / (DRAFT - 1)] * (DRAFT - 1))
     with pytest.raises(SupervisionError, match=message):
         check_supervision(break_it(answer), request_batch, EXPECTED)
+
+
+STREAMED_BREAKAGES = {k: BREAKAGES[k] for k in ("aux width", "aux dtype", "aux NaN", "probs scaled", "mask dtype")}
+STREAMED_BREAKAGES["mask outside loss"] = (_set_position_outside_loss, "where the loss mask is 0")
+
+
+@pytest.mark.parametrize("breakage", [None, *sorted(STREAMED_BREAKAGES)])
+def test_a_streamed_batch_is_checked_without_its_request(
+    request_batch: dict[str, torch.Tensor], breakage: str | None
+) -> None:
+    """A stream rank never sees the request: what the batch carries must agree with itself."""
+    answer = _answer(request_batch)
+    if breakage is None:
+        check_streamed(answer, EXPECTED)
+        return
+    break_it, message = STREAMED_BREAKAGES[breakage]
+    with pytest.raises(SupervisionError, match=message):
+        check_streamed(break_it(answer), EXPECTED)
 
 
 def test_probability_tolerance_is_1e_4(request_batch: dict[str, torch.Tensor]) -> None:

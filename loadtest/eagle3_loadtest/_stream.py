@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import gevent
 import torch
 from locust import events
 from locust.env import Environment
@@ -142,9 +143,18 @@ PRODUCER: list[StreamProducer] = []  # the one this process started, if any
 
 @events.init.add_listener
 def _name_the_run(environment: Environment, **_kw: Any) -> None:
-    """On the master (or the only process): a fresh run id when the load test produces and none was given."""
+    """The consumer's libraries loaded before the clock starts; on the master (or the only process), a
+    fresh run id when the load test produces and none was given."""
     opts = environment.parsed_options
-    if isinstance(environment.runner, WorkerRunner) or opts is None or not getattr(opts, "stream_queue", ""):
+    if opts is None or not getattr(opts, "stream_queue", ""):
+        return
+    # Seconds of imports: here, not in a rank's first task (that would block every greenlet).
+    import nemo_automodel.components.speculative.streaming  # noqa: F401
+
+    import eagle3_client.streaming.open  # noqa: F401
+
+    gevent.get_hub().loop.update_now()  # as _scenario does: the --run-time timer must not fire early
+    if isinstance(environment.runner, WorkerRunner):
         return
     if opts.stream_produce > 0 and not opts.stream_run_id:
         opts.stream_run_id = f"locust-{os.getpid()}-{time.time_ns() % 10**9}"  # sent to the workers at spawn

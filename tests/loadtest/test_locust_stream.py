@@ -58,7 +58,7 @@ def test_steady_ranks_consume_a_run_the_load_test_produces(
     produced = sum(metric(u, "eagle3_stream_produced_total") for u in urls)
     stream = ["--stream-queue", queue_of(appliance), "--stream-produce", "200", "--stream-urls", ",".join(urls)]
     stream += ["--stream-run-id", "locust-steady", "--stream-read-ahead", "2"]
-    args = ["-f", "loadtest/steady.py", "-u", "2", "-r", "2", "-t", "8s", "--think-time", "0.1", *SHAPES, *stream]
+    args = ["-f", "loadtest/steady.py", "-u", "2", "-r", "2", "-t", "10s", "--think-time", "0.1", *SHAPES, *stream]
     run = locust.run(args, appliance.url, tmp_path / "steady")
     assert run.returncode == 0, run.output[-4000:]
     stats = run.stats()
