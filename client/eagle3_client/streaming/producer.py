@@ -54,6 +54,11 @@ _DOWN_POLL_S = 0.2  # while an appliance is out of the rotation (the fleet probe
 Batch = Mapping[str, torch.Tensor]
 
 
+def _store_uri(url: str) -> str:
+    """The ``store_uri`` an appliance at ``url`` names in its references (the address it was reached at)."""
+    return "appliance://" + url.split("://", 1)[-1].rstrip("/")
+
+
 def sample_id(epoch: int, index: int) -> str:
     """The sample id of batch ``index`` of ``epoch``: sortable, so the queue lists a run in dataset order."""
     return f"e{epoch:04d}-b{index:08d}"
@@ -295,8 +300,14 @@ class Producer:
     def _sweep(self) -> None:
         """Compute again what is gone with its appliance; release acked answers still kept (module docstring)."""
         statuses = self._statuses()  # first: whatever it lists was kept before this reads the appliances
-        kept = {uri: self._kept(uri) for uri in {s.store_uri for s in statuses}}
+        uris = {s.store_uri for s in statuses} | {_store_uri(m.url) for m in self.target._fleet.members}
+        kept = {uri: self._kept(uri) for uri in uris}
         late: dict[str, list[str]] = {}
+        where = {s.sample_id: s.store_uri for s in statuses}
+        for uri, held_there in kept.items():  # answers of samples that moved away (their appliance froze)
+            stale = sorted(sid for sid in held_there or () if where.get(sid, uri) != uri)
+            if stale:
+                late.setdefault(uri, []).extend(stale)
         with self._cond:
             for status in statuses:
                 held = kept[status.store_uri]
@@ -319,9 +330,8 @@ class Producer:
             self.report.released_late += self._release(uri, ids)
 
     def _member(self, store_uri: str) -> Member[ServerSession] | None:
-        host = store_uri.removeprefix("appliance://")
         for member in self.target._fleet.members:
-            if member.url.split("://", 1)[-1].rstrip("/") == host:
+            if _store_uri(member.url) == store_uri:
                 return member
         return None
 
