@@ -94,7 +94,9 @@ class RawSession:
         capabilities: tuple[str, ...] = STREAM,
     ) -> None:
         self.http = httpx.Client(base_url=url, timeout=60, trust_env=False)
-        offer = protocol.SessionOffer(client="stream-test", encoding=encoding, capture=capture, capabilities=capabilities)
+        offer = protocol.SessionOffer(
+            client="stream-test", encoding=encoding, capture=capture, capabilities=capabilities
+        )
         reply = self.http.post("/session", json=offer.to_json())
         assert reply.status_code == 200, reply.text
         body = reply.json()
@@ -191,7 +193,7 @@ def decoded(target: RemoteTarget, case: str, answer: Any, args: tuple[torch.Tens
     if not capture.is_eagle3:
         return dict(answer.tensors)
     _, _, packing = encode_request(*args, capture=capture)
-    batch = target._to_batch(answer, *args[:3], packing)
+    batch = target._to_batch(answer, args[0], args[1], args[2], packing)
     return {
         "aux_hidden_states": answer.tensors["aux_hidden_states"],
         "target_probs": batch.target_probs,
@@ -228,9 +230,11 @@ def test_a_claimed_answer_is_the_computed_one(
         assert_same(claimed.tensors[key], sent[key], key)
 
     # The recipe's batch from the claim is the batch generate_batch returns.
-    from_claim = consumer._to_batch(claimed, *args[:3], packing)
+    from_claim = consumer._to_batch(claimed, args[0], args[1], args[2], packing)
     from_generate = consumer.generate_batch(*args)
-    fields = ("aux_hidden_states", "target_probs", "position_mask") if capture.is_eagle3 else ("hidden_states",)
+    fields: tuple[str, ...] = (
+        ("aux_hidden_states", "target_probs", "position_mask") if capture.is_eagle3 else ("hidden_states",)
+    )
     fields += ("input_ids", "attention_mask", "loss_mask")
     fields += protocol.PACKING_KEYS if packed else ()
     fields += ("logits",) if capture.logits else ()
@@ -277,9 +281,11 @@ def test_a_sample_is_computed_once(stream_server: ServerProcess) -> None:
         assert first == second
         for name in ("eagle3_stream_produced_total", "eagle3_inference_exec_count_total"):
             assert metric(after, name) - metric(before, name) == 1, name
-        assert metric(after, "eagle3_stream_resident", unit="samples") - metric(
-            before, "eagle3_stream_resident", unit="samples"
-        ) == 1
+        assert (
+            metric(after, "eagle3_stream_resident", unit="samples")
+            - metric(before, "eagle3_stream_resident", unit="samples")
+            == 1
+        )
         assert runs(url)["runs"]["once"] == {"samples": 1, "bytes": first.estimated_bytes}
         producer.claim("once", "s0")
         producer.claim("once", "s0")
@@ -348,7 +354,10 @@ def test_producers_are_refused_at_the_high_watermark_until_the_low_one(small_ser
             resp = session.produce(f"wm/refused{released}", _watermark_payload(1000 + released))
             assert resp.status_code == 503 and resp.headers[FULL] == "high", resp.text
         assert released >= 2, "the low watermark is more than one sample below the high one"
-        assert runs(url)["paused"]
+        # At the low watermark producers are admitted again: the state and the gauge say so at once,
+        # before any producer tries (one waiting on them would otherwise wait forever).
+        assert not runs(url)["paused"]
+        assert metric(scrape(url), "eagle3_stream_paused") == 0
         resp = session.produce("wm/resumed", _watermark_payload(2000))
         assert resp.status_code == 200, resp.text
         state = runs(url)
@@ -596,7 +605,9 @@ def test_refused_at_the_high_watermark_until_at_or_below_the_low_one() -> None:
     assert resident.release("r", ["s0"]) == 1  # 600: above low
     with pytest.raises(StreamFull):
         resident.reserve("r", "s4", 200, RETRY)
+    assert resident.paused
     assert resident.release("r", ["s1"]) == 1  # 400: at or below low
+    assert not resident.paused  # producers are admitted again, and describe() says so before one asks
     reservation = resident.reserve("r", "s4", 200, RETRY)
     assert not resident.paused
     resident.cancel(reservation)
@@ -604,6 +615,30 @@ def test_refused_at_the_high_watermark_until_at_or_below_the_low_one() -> None:
     resident.reserve("r", "x", 300, RETRY)
     with pytest.raises(StreamFull):
         resident.reserve("r", "y", 301, RETRY)  # 400 + 300 + 301 > 1000
+
+
+def test_a_run_that_ends_below_the_low_watermark_resumes_producers() -> None:
+    resident = ResidentAnswers(1000, 500)
+    _keep(resident, "r1", "a", 400)
+    _keep(resident, "r2", "a", 500)
+    with pytest.raises(StreamFull):
+        resident.reserve("r2", "b", 200, RETRY)
+    assert resident.paused and resident.describe()["paused"]
+    assert resident.end_run("r2") == 1  # 400 left: at or below low
+    assert not resident.paused and not resident.describe()["paused"]
+    assert resident.end_run("r1") == 1
+    assert not resident.paused
+
+
+def test_a_failed_computation_that_frees_the_room_resumes_producers() -> None:
+    resident = ResidentAnswers(1000, 500)
+    _keep(resident, "r", "a", 300)
+    computing = resident.reserve("r", "b", 600, RETRY)
+    with pytest.raises(StreamFull):
+        resident.reserve("r", "c", 200, RETRY)  # 300 + 600 + 200 > 1000
+    assert resident.paused
+    resident.cancel(computing)  # 300 held: at or below low
+    assert not resident.paused
 
 
 def test_an_exact_fit_is_admitted() -> None:
