@@ -136,6 +136,7 @@ class ResidentAnswers:
             if not reservation.done:
                 reservation.done = True
                 self._reserved -= reservation.nbytes
+                self._resume()
 
     def keep(self, reservation: Reservation, answer: KeptAnswer) -> KeptAnswer:
         """Hold ``answer`` in ``reservation``'s room; the one already kept for that sample if there is one."""
@@ -190,6 +191,7 @@ class ResidentAnswers:
                     self._forget(run, kept)
             if not run.answers:
                 del self._runs[run_id]
+            self._resume()
         if self.metrics is not None and dropped:
             self.metrics.stream_released.labels("acked").inc(dropped)
         return dropped
@@ -203,9 +205,16 @@ class ResidentAnswers:
             for kept in run.answers.values():
                 self._forget(run, kept)
             dropped = len(run.answers)
+            self._resume()
         if self.metrics is not None:
             self.metrics.stream_released.labels("run_ended").inc(dropped)
         return dropped
+
+    def _resume(self) -> None:
+        """Producers are admitted again once answers are dropped to the low watermark (the lock is held):
+        said at once (``paused``, the gauge, ``/stream/runs``), not at the next producer's try."""
+        if self.paused and self._resident + self._reserved <= self.low_bytes:
+            self.paused = False
 
     def _forget(self, run: _Run, kept: KeptAnswer) -> None:
         run.nbytes -= kept.nbytes
