@@ -16,10 +16,14 @@ import httpx
 import pytest
 import torch
 
+from eagle3_appliance.core.inputs import GenerateInputs, Packing, VocabMapping
 from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.model.limits import TargetShape
+from eagle3_appliance.serving.stream_answers import estimate_bytes
 from eagle3_appliance.stream.resident import KeptAnswer, NoKeptAnswer, ResidentAnswers, StreamFull
 from eagle3_client import RemoteDFlashTargetModel, RemoteEagle3TargetModel, TargetOverloaded, protocol, wire
 from eagle3_client.capture import EAGLE3, Capture
+from eagle3_client.encodings import parse_encoding
 from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.remote.request import encode_request
 from eagle3_client.synthetic import packed_batch, random_batch, vocab_mapping
@@ -202,6 +206,16 @@ def decoded(target: RemoteTarget, case: str, answer: Any, args: tuple[torch.Tens
     }
 
 
+def reserved_estimate(capture: Capture, encoding: str, args: tuple[torch.Tensor, ...]) -> int:
+    """What ``/stream/produce`` reserves for this batch (the built-in model: H 64, V 1024, float32)."""
+    shape = TargetShape(
+        max_position_embeddings=None, vocab_size=VOCAB, hidden_size=64, intermediate_size=None, dtype_bytes=4
+    )
+    packing = Packing(*args[3:]) if len(args) > 3 else None
+    inputs = GenerateInputs(args[0], args[1], args[2], packing)
+    return estimate_bytes(shape, capture, parse_encoding(encoding), VocabMapping(*MAPPING), inputs)
+
+
 @pytest.mark.parametrize("plane", ["wire", "gloo"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_claimed_answer_is_the_computed_one(
@@ -264,6 +278,8 @@ def test_a_claimed_answer_is_the_computed_one(
     assert resident == {"samples": 1, "bytes": nbytes(claimed.tensors)}
     if encoding == "probs":  # the kept answer is the decoded one: one size
         assert ref.estimated_bytes == resident["bytes"]
+    # The room reserved before the forward (from the request alone) is the kept answer's size, exactly.
+    assert reserved_estimate(capture, encoding, args) == resident["bytes"]
     assert httpx.delete(f"{stream_server.url}/stream/runs/{run_id}", trust_env=False).json()["dropped"] == 1
 
 
