@@ -8,6 +8,7 @@ batch through the same client, on the wire and gloo data planes.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,9 @@ CASES: dict[str, tuple[Capture, str, bool]] = {
     "dflash": (Capture.dflash([3]), "probs", False),
     "dflash-logits": (Capture.dflash([5, 0, 2], logits=True), "probs", False),
     "dflash-packed": (Capture.dflash([1, 4], logits=True), "probs", True),
+    # int32 ids, bool attention mask, int8 loss mask: kept and sent back in the dtypes they came in.
+    "narrow": (EAGLE3, "topk:8", False),
+    "dflash-narrow": (Capture.dflash([2]), "probs", False),
 }
 
 
@@ -187,7 +191,10 @@ def batch_args(case: str, seed: int) -> tuple[torch.Tensor, ...]:
     if CASES[case][2]:
         packed = packed_batch(VOCAB, PACKED_ROWS, 16, seed=seed)
         return tuple(packed[k] for k in (*protocol.GENERATE_INPUT_KEYS, *protocol.PACKING_KEYS))
-    return random_batch(VOCAB, 3, 20, seed=seed, pad=True)
+    input_ids, attention_mask, loss_mask = random_batch(VOCAB, 3, 20, seed=seed, pad=True)
+    if case.endswith("narrow"):
+        return input_ids.int(), attention_mask.bool(), loss_mask.to(torch.int8)
+    return input_ids, attention_mask, loss_mask
 
 
 def decoded(target: RemoteTarget, case: str, answer: Any, args: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -281,6 +288,40 @@ def test_a_claimed_answer_is_the_computed_one(
     # The room reserved before the forward (from the request alone) is the kept answer's size, exactly.
     assert reserved_estimate(capture, encoding, args) == resident["bytes"]
     assert httpx.delete(f"{stream_server.url}/stream/runs/{run_id}", trust_env=False).json()["dropped"] == 1
+
+
+def test_a_kept_answer_outlives_the_computations_after_it(stream_server: ServerProcess) -> None:
+    """The kept tensors are the answer's own memory: later forwards of the same shape do not reuse it."""
+    first, second = random_batch(VOCAB, 2, 24, seed=21), random_batch(VOCAB, 2, 24, seed=22)
+    with eagle3_target(stream_server.url) as model:
+        produce(model, "outlive", "s0", encode_request(*first)[1])
+        produce(model, "outlive", "s1", encode_request(*second)[1])
+        model.generate_batch(*second)
+        claimed = model._to_batch(model.claim("outlive", "s0"), *first, None)
+        want = model.generate_batch(*first)
+        for name in ("aux_hidden_states", "target_probs", "position_mask", "input_ids", "loss_mask"):
+            assert_same(getattr(claimed, name), getattr(want, name), name)
+        assert not torch.equal(claimed.aux_hidden_states, model.generate_batch(*second).aux_hidden_states)
+    assert httpx.delete(stream_server.url + "/stream/runs/outlive", trust_env=False).json()["dropped"] == 2
+
+
+def test_concurrent_produces_of_one_sample_keep_one_answer(stream_server: ServerProcess) -> None:
+    url = stream_server.url
+    payload = encode_request(*random_batch(VOCAB, 2, 32, seed=31))[1]
+    session = RawSession(url)
+    try:
+        before = scrape(url)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: session.produce("race/s0", payload), range(4)))
+        assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+        assert all(r.json() == replies[0].json() for r in replies)
+        state = runs(url)
+        assert state["reserved_bytes"] == 0
+        assert state["runs"]["race"] == {"samples": 1, "bytes": replies[0].json()["estimated_bytes"]}
+        assert metric(scrape(url), "eagle3_stream_produced_total") - metric(before, "eagle3_stream_produced_total") == 1
+    finally:
+        session.close()
+        httpx.delete(url + "/stream/runs/race", trust_env=False)
 
 
 # -- computed once -------------------------------------------------------------------------
