@@ -552,16 +552,21 @@ def test_a_claim_from_another_encoding_or_capture_is_a_409_naming_both(
 ) -> None:
     topk = RawSession(stream_server.url, encoding="topk:8")
     dflash = RawSession(stream_server.url, capture=Capture.dflash([1, 2], logits=True))
+    claimed_before = metric(scrape(stream_server.url), "eagle3_stream_claimed_total")
     try:
         _refused(topk.claim("bad/s0"), 409, "encoding 'probs'", "encoding 'topk:8'")
         _refused(dflash.claim("bad/s0"), 409, "capture 'eagle3'", "capture 'dflash+logits:1,2'")
         # A second produce of the kept sample from such a session is refused the same way.
         payload = encode_request(*random_batch(VOCAB, 2, 12, seed=9))[1]
         _refused(topk.produce("bad/s0", payload), 409, "encoding 'probs'", "encoding 'topk:8'")
+        _refused(topk.claim("bad/nope"), 404, "sample 'nope'")
+        # Nothing was sent: no claim is counted.
+        assert metric(scrape(stream_server.url), "eagle3_stream_claimed_total") == claimed_before
     finally:
         topk.close()
         dflash.close()
     assert kept.claim("bad/s0").status_code == 200  # the producer's own encoding still gets it
+    assert metric(scrape(stream_server.url), "eagle3_stream_claimed_total") == claimed_before + 1
     assert healthy(stream_server.url)
 
 
