@@ -703,6 +703,20 @@ def test_a_failed_computation_that_frees_the_room_resumes_producers() -> None:
     assert not resident.paused
 
 
+def test_a_claim_refused_by_its_check_is_not_counted() -> None:
+    resident = ResidentAnswers(1000, 500)
+    kept = _keep(resident, "r", "a", 100)
+
+    def refuse(answer: KeptAnswer) -> None:
+        assert answer is kept
+        raise ValueError("not yours")
+
+    with pytest.raises(ValueError, match="not yours"):
+        resident.get("r", "a", refuse)
+    assert kept.claims == 0
+    assert resident.get("r", "a", lambda answer: None) is kept and kept.claims == 1
+
+
 def test_an_exact_fit_is_admitted() -> None:
     resident = ResidentAnswers(1000, 0)
     _keep(resident, "r", "a", 600)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,13 +159,18 @@ class ResidentAnswers:
 
     # -- claiming and dropping ----------------------------------------------------------
 
-    def get(self, run_id: str, sample_id: str) -> KeptAnswer:
-        """The kept answer of one sample, counted as claimed; :class:`NoKeptAnswer` naming what is missing."""
+    def get(self, run_id: str, sample_id: str, check: Callable[[KeptAnswer], None] | None = None) -> KeptAnswer:
+        """The kept answer of one sample, counted as claimed; :class:`NoKeptAnswer` naming what is missing.
+
+        ``check`` may refuse it (raise) before it is counted: a claimant that may not have it.
+        """
         with self._lock:
             run = self._runs.get(run_id)
             kept = None if run is None else run.answers.get(sample_id)
             if kept is None:
                 raise NoKeptAnswer(self._missing(run_id, sample_id, run))
+            if check is not None:
+                check(kept)
             kept.claims += 1
         if self.metrics is not None:
             self.metrics.stream_claimed.inc()
