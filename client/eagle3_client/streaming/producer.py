@@ -69,7 +69,7 @@ class RunPlan:
     """One run's samples, in the order they are produced: ``(sample id, batch)`` pairs."""
 
     run_id: str
-    samples: list[tuple[str, Batch]]
+    samples: Sequence[tuple[str, Batch]]
 
 
 @dataclass
