@@ -108,7 +108,15 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
         {"ground": {"settings", "errors", "progress", "__init__"}},
     ],
     "eagle3_client": [
-        {"public names and the recipe hook": {"__init__", "automodel", "automodel_launch", "automodel_packing"}},
+        {
+            "public names and the recipe hook": {
+                "__init__",
+                "automodel",
+                "automodel_launch",
+                "automodel_packing",
+                "automodel_stream",
+            }
+        },
         # the recipes' surfaces, and the stream's queue + store (upstream's streaming API)
         {"adapters": {"backend", "dflash"}, "streaming": {"streaming"}},
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests

@@ -266,7 +266,18 @@ def produce(
     urls: Annotated[str, typer.Option(envvar=ENV_PREFIX + "URLS", help="Appliance URLs, comma-separated.")],
     queue: Annotated[str, typer.Option(help="The run's queue: appliance://host:port or redis://host:port/db.")],
     run_id: Annotated[str, typer.Option(help="The run's id; the same id resumes a run where it stands.")],
-    dataset: Annotated[str, typer.Option(help="Pre-tokenized rows: a JSONL file or a datasets save_to_disk folder.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Pre-tokenized rows: a JSONL file or a datasets save_to_disk folder.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="An EAGLE-3 recipe YAML instead of --dataset: its own data pipeline, one run per epoch and rank.",
+        ),
+    ] = None,
+    trainers: Annotated[int, typer.Option(help="With --config: the recipe's data-parallel trainer ranks.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Rows per batch (packed rows per batch when packing).")] = 2,
     packed_sequence_size: Annotated[int, typer.Option(help="Pack rows into rows of this many tokens (0 = no).")] = 0,
     pad_token_id: Annotated[int, typer.Option(help="The token id padding is made of.")] = 0,
@@ -277,9 +288,9 @@ def produce(
     vocab_mapping: Annotated[
         str | None, typer.Option(help="Torch file with selected_token_ids and selected_token_mask (EAGLE-3).")
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the dataset.")] = 1,
+    epochs: Annotated[int, typer.Option(help="Passes over the dataset (--config: the recipe's num_epochs).")] = 1,
     visibility_timeout: Annotated[
-        float, typer.Option(help="Seconds a trainer's lease lives before redelivery.")
+        float, typer.Option(help="Seconds a trainer's lease lives before it is redelivered.")
     ] = 60.0,
     in_flight: Annotated[int, typer.Option(help="Batches in flight per appliance.")] = 2,
     timeout: Annotated[float | None, typer.Option(help="Give up (exit 1) if the run is not done by then.")] = None,
@@ -289,24 +300,32 @@ def produce(
     configure_logging("INFO")
     from eagle3_appliance.produce import batches_of, load_vocab_mapping, read_rows
     from eagle3_client.capture import Capture
-    from eagle3_client.streaming.producer import Producer
+    from eagle3_client.streaming.producer import Producer, RunPlan, sample_id
 
+    if (dataset is None) == (config is None):
+        raise typer.BadParameter("give exactly one of --dataset (rows) and --config (a recipe YAML)")
     try:
-        batches = batches_of(
-            read_rows(dataset), batch_size, packed_sequence_size=packed_sequence_size, pad_token_id=pad_token_id
-        )
-        mapping = load_vocab_mapping(vocab_mapping) if vocab_mapping else None
         parsed = Capture.parse(capture)
+        mapping = load_vocab_mapping(vocab_mapping) if vocab_mapping else None
+        if config is not None:
+            from eagle3_appliance.produce_recipe import recipe_runs
+
+            runs = recipe_runs(config, [], run_id, trainers)
+            plans, mapping = runs.plans, runs.vocab_mapping
+        else:
+            assert dataset is not None
+            rows = read_rows(dataset)
+            batches = batches_of(rows, batch_size, packed_sequence_size=packed_sequence_size, pad_token_id=pad_token_id)
+            samples = [(sample_id(e, i), b) for e in range(epochs) for i, b in enumerate(batches)]
+            plans = [RunPlan(run_id, samples)]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     url_list = [u.strip() for u in urls.split(",") if u.strip()]
     options: dict[str, Any] = {} if auth_token is None else {"auth_token": auth_token}
-    with Producer(
+    with Producer.for_runs(
         url_list,
         queue,
-        run_id,
-        batches,
-        epochs=epochs,
+        plans,
         capture=parsed,
         encoding=encoding,
         vocab_mapping=mapping,
@@ -316,9 +335,9 @@ def produce(
     ) as producer:
         report = producer.run(timeout=timeout)
     typer.echo(
-        f"run {run_id}: {report.total} samples closed in {report.seconds:.1f} s; computed {report.computed} "
-        f"({report.recomputed} again after an appliance was lost), {report.known_at_start} already on the queue, "
-        f"{report.refused_full} refusals at a high watermark"
+        f"run {run_id}: {report.total} samples in {len(plans)} run(s) closed in {report.seconds:.1f} s; "
+        f"computed {report.computed} ({report.recomputed} again after an appliance was lost), "
+        f"{report.known_at_start} already on the queue, {report.refused_full} refusals at a high watermark"
     )
 
 

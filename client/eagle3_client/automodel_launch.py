@@ -5,9 +5,11 @@ YAML (``-c``/``--config``) and ``--dotted.key=value`` overrides. It parses them 
 AutoModel's own parser, applies :func:`eagle3_client.automodel.install` with the options found in
 ``recipe_args`` or the environment, then does what the recipe's ``main`` does (build the
 recipe, ``setup()``, ``run_train_validation_loop()``). Under ``torchrun`` every rank does the
-same. The YAML's ``recipe:`` key picks the recipe: ``TrainEagle3Recipe`` (the default), or one
-of the DFlash family (``TrainDFlashRecipe``, ``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``,
-``TrainDominoRecipe``), run through :func:`eagle3_client.automodel.remote_dflash_recipe`. Usage::
+same. ``target_model_backend: stream`` trains the EAGLE-3 recipe from a supervision stream
+(:mod:`eagle3_client.automodel_stream`). The YAML's ``recipe:`` key picks the recipe:
+``TrainEagle3Recipe`` (the default), or one of the DFlash family (``TrainDFlashRecipe``,
+``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``, ``TrainDominoRecipe``), run through
+:func:`eagle3_client.automodel.remote_dflash_recipe`. Usage::
 
     python -m eagle3_client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
     torchrun --nproc-per-node=8 -m eagle3_client.automodel_launch -c recipe.yaml
@@ -48,9 +50,15 @@ def check_config(cfg: Any) -> None:
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
-    if backend != "remote":
+    if backend == "stream" and name != _RECIPE:
+        raise SystemExit(
+            "target_model_backend: stream trains the EAGLE-3 recipe; a DFlash-family recipe streams through "
+            "eagle3_client.streaming.loader.DFlashFeatureLoader in your own loop"
+        )
+    if backend not in ("remote", "stream"):
         logger.warning(
-            "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote'",
+            "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "
+            "or 'stream'",
             backend,
         )
 
@@ -71,6 +79,9 @@ def build_recipe(argv: Sequence[str]) -> Any:
         from nemo_automodel.recipes.llm.train_eagle3 import TrainEagle3Recipe
 
         installation.patch_recipe()  # packed_sequence_size > 0 with our backend
+        from eagle3_client.automodel_stream import patch_recipe_for_stream
+
+        patch_recipe_for_stream(TrainEagle3Recipe, lambda: dict(options))  # target_model_backend: stream
         recipe_cls: type = TrainEagle3Recipe
     else:
         import importlib

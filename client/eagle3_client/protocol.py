@@ -8,6 +8,7 @@ upstream column of ``shared/design/upstream-protocol.md`` is reproduced exactly;
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "SampleStatus",
     "StreamRef",
     "check_stream_id",
+    "mapping_digest",
     "parse_sample_header",
     "queue_path",
     "DataPlaneReply",
@@ -670,6 +672,13 @@ SAMPLE_INPUT_KEYS = GENERATE_INPUT_KEYS + PACKING_KEYS
 MAX_STREAM_IDS_PER_REQUEST = 10_000
 
 
+def mapping_digest(selected_token_ids: Any) -> str:
+    """A short digest of a draft vocabulary (its token ids, in order): a trainer whose own mapping
+    differs from the run's is refused rather than trained on another vocabulary's probabilities."""
+    text = ",".join(str(int(i)) for i in selected_token_ids.reshape(-1).tolist())
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def check_stream_id(value: Any, what: str) -> str:
     """A run or sample id: 1 to STREAM_ID_MAX_LEN letters, digits, '.', '_', ':' or '-' (ValueError naming ``what``)."""
     if not isinstance(value, str) or not _STREAM_ID.fullmatch(value):
@@ -790,6 +799,7 @@ class RunDescription:
     model_fingerprint: str
     visibility_timeout_s: float = 60.0  # how long a lease lives before its sample is delivered again
     draft_vocab_size: int | None = None  # EAGLE-3: the draft vocabulary (what topk:K decodes into)
+    mapping_digest: str | None = None  # EAGLE-3: mapping_digest() of the draft vocabulary's token ids
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -799,6 +809,7 @@ class RunDescription:
             "model_fingerprint": self.model_fingerprint,
             "visibility_timeout_s": self.visibility_timeout_s,
             "draft_vocab_size": self.draft_vocab_size,
+            "mapping_digest": self.mapping_digest,
         }
 
     @classmethod
@@ -808,6 +819,9 @@ class RunDescription:
         if not 0 < timeout <= 86_400:
             raise ValueError(f"'visibility_timeout_s' must be in (0, 86400], got {timeout:g}")
         vocab = _field(body, "draft_vocab_size", int, None)
+        digest = _field(body, "mapping_digest", str, None)
+        if digest is not None and len(digest) > 128:
+            raise ValueError("'mapping_digest' is at most 128 characters")
         return cls(
             algorithm=_field(body, "algorithm", str),
             capture=_field(body, "capture", str),
@@ -815,6 +829,7 @@ class RunDescription:
             model_fingerprint=_field(body, "model_fingerprint", str),
             visibility_timeout_s=timeout,
             draft_vocab_size=vocab,
+            mapping_digest=digest,
         )
 
     def differences(self, other: RunDescription) -> list[str]:

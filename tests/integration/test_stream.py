@@ -126,16 +126,21 @@ def assert_equal(got: torch.Tensor | None, want: torch.Tensor | None, what: str)
 # -- bit for bit, in process ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("packed", "data_plane"), [(False, "wire"), (False, "gloo"), (True, "wire")])
+@pytest.mark.parametrize(
+    ("packed", "data_plane", "read_ahead"),
+    [(False, "wire", 0), (False, "gloo", 0), (True, "wire", 0), (False, "wire", 3)],
+)
 def test_upstream_loader_yields_the_colocated_batches(
-    pair: list[ServerProcess], queue_url: str, colocated: Any, packed: bool, data_plane: str
+    pair: list[ServerProcess], queue_url: str, colocated: Any, packed: bool, data_plane: str, read_ahead: int
 ) -> None:
     batches = batches_of(rows(10, seed=3), 2, packed_sequence_size=64 if packed else 0)
     run_id = new_run("exact")
     urls = [p.url for p in pair]
     with Producer(urls, queue_url, run_id, batches, vocab_mapping=MAPPING, visibility_timeout=30) as producer:
         thread, result = produce_in_thread(producer)
-        queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, data_plane=data_plane)
+        queue, store = open_stream(
+            queue_url, run_id=run_id, wait_for_run=30, data_plane=data_plane, read_ahead=read_ahead
+        )
         seen: list[str] = []
         original = queue.acquire
 
@@ -374,3 +379,48 @@ def test_a_restarted_producer_resumes_and_computes_nothing_twice(
 def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+
+
+def test_a_frozen_appliance_holds_back_only_its_own_samples(cache_dir: Path, colocated: Any, tmp_path: Path) -> None:
+    """SIGSTOP one of two appliances mid-run: its samples are computed again on the other, the
+    trainer (reading ahead) takes the rest meanwhile, and every sample is trained once, bit for bit."""
+    batches = batches_of(rows(32, seed=41), 2)
+    procs = [ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"a{i}.log").start() for i in range(2)]
+    queue_url = "appliance://" + procs[0].url[len("http://") :]
+    run_id = new_run("freeze")
+    got: dict[str, Any] = {}
+    try:
+        with Producer([p.url for p in procs], queue_url, run_id, batches, vocab_mapping=MAPPING) as producer:
+            thread, result = produce_in_thread(producer)
+            queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, read_ahead=3)
+            original = queue.acquire
+            last: list[str] = []
+
+            def acquire(**kwargs: Any) -> Any:
+                lease = original(**kwargs)
+                if lease is not None:
+                    last.append(lease.ref.sample_id)
+                return lease
+
+            queue.acquire = acquire  # type: ignore[method-assign]
+            for batch in streaming.FeatureDataLoader(queue, store):
+                got[last[-1]] = batch
+                if len(got) == 4:
+                    procs[1].proc.send_signal(signal.SIGSTOP)
+                    threading.Timer(8.0, procs[1].proc.send_signal, (signal.SIGCONT,)).start()
+                time.sleep(0.1)
+            thread.join(120)
+            queue.close()
+            store.close()
+    finally:
+        procs[1].proc.send_signal(signal.SIGCONT)
+        for proc in procs:
+            proc.stop()
+    assert "error" not in result, result
+    assert sorted(got) == [sample_id(0, i) for i in range(len(batches))] and len(last) == len(batches)
+    assert result["report"].recomputed >= 1  # the frozen appliance's samples were computed elsewhere
+    for sid, batch in got.items():
+        source = batches[int(sid.rsplit("-b", 1)[1])]
+        inputs = (source["input_ids"], source["attention_mask"], source["loss_mask"])
+        for key, value in colocated_supervision(colocated, inputs, *MAPPING).items():
+            assert_equal(getattr(batch, key), value, f"{sid} {key}")

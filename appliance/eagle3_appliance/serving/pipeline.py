@@ -268,8 +268,7 @@ class Pipeline:
             raise MalformedBody(
                 f"a claim ({protocol.SAMPLE_HEADER} on /generate) has an empty body, got {len(request.body)} bytes"
             )
-        kept = self.resident.get(run_id, sample_id)
-        _same_stream(kept, session)
+        kept = self.resident.get(run_id, sample_id, lambda kept: _same_stream(kept, session))
         transfer = choose_transfer(request, session, self.buffers)
         tensors = await asyncio.to_thread(transfer.prepare, kept.tensors)
         tier = await transfer.send(request, tensors, None, kept.headers)

@@ -60,7 +60,10 @@ def estimate_bytes(
 ) -> int:
     """The kept answer's size, from the request alone (exact for every capture and encoding)."""
     tokens = inputs.tokens
-    extra = sum(t.numel() * t.element_size() for t in _request_tensors(inputs).values())
+    # The request's tensors the answer does not carry (EAGLE-3's carries input_ids and loss_mask,
+    # counted in wire_bytes_per_token), as kept_tensors adds them.
+    carried = () if not capture.is_eagle3 else ("input_ids", "loss_mask")
+    extra = sum(t.numel() * t.element_size() for key, t in _request_tensors(inputs).items() if key not in carried)
     if not capture.is_eagle3:
         return tokens * captures.answer_bytes_per_token(shape, capture) + extra
     assert mapping is not None

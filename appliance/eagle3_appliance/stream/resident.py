@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,8 +137,7 @@ class ResidentAnswers:
             if not reservation.done:
                 reservation.done = True
                 self._reserved -= reservation.nbytes
-                if self.paused and self._resident + self._reserved <= self.low_bytes:
-                    self.paused = False
+                self._resume()
 
     def keep(self, reservation: Reservation, answer: KeptAnswer) -> KeptAnswer:
         """Hold ``answer`` in ``reservation``'s room; the one already kept for that sample if there is one."""
@@ -159,13 +159,18 @@ class ResidentAnswers:
 
     # -- claiming and dropping ----------------------------------------------------------
 
-    def get(self, run_id: str, sample_id: str) -> KeptAnswer:
-        """The kept answer of one sample, counted as claimed; :class:`NoKeptAnswer` naming what is missing."""
+    def get(self, run_id: str, sample_id: str, check: Callable[[KeptAnswer], None] | None = None) -> KeptAnswer:
+        """The kept answer of one sample, counted as claimed; :class:`NoKeptAnswer` naming what is missing.
+
+        ``check`` may refuse it (raise) before it is counted: a claimant that may not have it.
+        """
         with self._lock:
             run = self._runs.get(run_id)
             kept = None if run is None else run.answers.get(sample_id)
             if kept is None:
                 raise NoKeptAnswer(self._missing(run_id, sample_id, run))
+            if check is not None:
+                check(kept)
             kept.claims += 1
         if self.metrics is not None:
             self.metrics.stream_claimed.inc()
@@ -192,6 +197,7 @@ class ResidentAnswers:
                     self._forget(run, kept)
             if not run.answers:
                 del self._runs[run_id]
+            self._resume()
         if self.metrics is not None and dropped:
             self.metrics.stream_released.labels("acked").inc(dropped)
         return dropped
@@ -205,16 +211,21 @@ class ResidentAnswers:
             for kept in run.answers.values():
                 self._forget(run, kept)
             dropped = len(run.answers)
+            self._resume()
         if self.metrics is not None:
             self.metrics.stream_released.labels("run_ended").inc(dropped)
         return dropped
+
+    def _resume(self) -> None:
+        """Producers are admitted again once answers are dropped to the low watermark (the lock is held):
+        said at once (``paused``, the gauge, ``/stream/runs``), not at the next producer's try."""
+        if self.paused and self._resident + self._reserved <= self.low_bytes:
+            self.paused = False
 
     def _forget(self, run: _Run, kept: KeptAnswer) -> None:
         run.nbytes -= kept.nbytes
         self._resident -= kept.nbytes
         self._count -= 1
-        if self.paused and self._resident + self._reserved <= self.low_bytes:
-            self.paused = False  # producers resume (and the paused gauge reads 0 while none asks)
 
     def _missing(self, run_id: str, sample_id: str, run: _Run | None) -> str:
         if run is None:

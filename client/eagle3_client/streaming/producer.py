@@ -44,7 +44,7 @@ from eagle3_client.remote.session import ServerSession
 from eagle3_client.streaming.backends import open_queue
 from eagle3_client.streaming.queues import PUT_ACKED, QueueBackend
 
-__all__ = ["ProduceReport", "Producer", "sample_id"]
+__all__ = ["ProduceReport", "Producer", "RunPlan", "sample_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,22 @@ _DOWN_POLL_S = 0.2  # while an appliance is out of the rotation (the fleet probe
 Batch = Mapping[str, torch.Tensor]
 
 
+def _store_uri(url: str) -> str:
+    """The ``store_uri`` an appliance at ``url`` names in its references (the address it was reached at)."""
+    return "appliance://" + url.split("://", 1)[-1].rstrip("/")
+
+
 def sample_id(epoch: int, index: int) -> str:
     """The sample id of batch ``index`` of ``epoch``: sortable, so the queue lists a run in dataset order."""
     return f"e{epoch:04d}-b{index:08d}"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run's samples, in the order they are produced: ``(sample id, batch)`` pairs."""
+
+    run_id: str
+    samples: Sequence[tuple[str, Batch]]
 
 
 @dataclass
@@ -90,6 +103,28 @@ class Producer:
         batches: Sequence[Batch],
         *,
         epochs: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        if epochs < 1 or not batches:
+            raise ValueError(f"a run needs at least one batch and one epoch (got {len(batches)} x {epochs})")
+        batches = list(batches)
+        plan = RunPlan(run_id, [(sample_id(e, i), b) for e in range(epochs) for i, b in enumerate(batches)])
+        self._setup(urls, queue_url, [plan], **kwargs)
+
+    @classmethod
+    def for_runs(cls, urls: Sequence[str], queue_url: str, plans: Sequence[RunPlan], **kwargs: Any) -> Producer:
+        """One producer for several runs at once (the recipe mode: one run per epoch and trainer rank),
+        all computed ahead together, in the order given."""
+        producer = cls.__new__(cls)
+        producer._setup(urls, queue_url, list(plans), **kwargs)
+        return producer
+
+    def _setup(
+        self,
+        urls: Sequence[str],
+        queue_url: str,
+        plans: list[RunPlan],
+        *,
         capture: Capture = EAGLE3,
         encoding: str = protocol.ENCODING_PROBS,
         vocab_mapping: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -105,42 +140,54 @@ class Producer:
                 "the 'hidden' encoding needs the trainer to hold the vocab mapping's LM-head rows; "
                 "streams carry probs, logits or topk:K"
             )
-        if epochs < 1 or not batches:
-            raise ValueError(f"a run needs at least one batch and one epoch (got {len(batches)} x {epochs})")
-        protocol.check_stream_id(run_id, "the run id")
-        self.run_id = run_id
-        self.batches = list(batches)
-        self.epochs = epochs
+        if not plans or any(not plan.samples for plan in plans) or len({p.run_id for p in plans}) != len(plans):
+            raise ValueError("every run needs at least one sample, and run ids must differ")
+        self.plans = {plan.run_id: plan for plan in plans}
+        self._batches = {(plan.run_id, sid): batch for plan in plans for sid, batch in plan.samples}
         self.capture = capture
         self.encoding = encoding
         self.vocab_mapping = vocab_mapping
         self.visibility_timeout = visibility_timeout
         self.in_flight = in_flight_per_server
         self.sweep_interval = sweep_interval
-        self.queue: QueueBackend = open_queue(queue_url, run_id, auth_token=options.get("auth_token"))
+        token = options.get("auth_token")
+        self.queues: dict[str, QueueBackend] = {
+            run_id: open_queue(queue_url, protocol.check_stream_id(run_id, "the run id"), auth_token=token)
+            for run_id in self.plans
+        }
         options.setdefault("max_in_flight_per_server", in_flight_per_server)
         self.target = RemoteTarget(list(urls), capture=capture, encoding=encoding, **options)
-        self.report = ProduceReport(total=epochs * len(self.batches))
-        self._todo: collections.deque[tuple[str, bool]] = collections.deque()  # (sample id, recompute)
-        self._busy: set[str] = set()  # queued or being computed
+        self.report = ProduceReport(total=len(self._batches))
+        self._todo: collections.deque[tuple[str, str, bool]] = collections.deque()  # (run, sample, recompute)
+        self._busy: set[tuple[str, str]] = set()  # queued or being computed
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._error: BaseException | None = None
 
+    @property
+    def run_id(self) -> str:
+        """The run's id (a producer of one run)."""
+        return next(iter(self.plans))
+
+    @property
+    def queue(self) -> QueueBackend:
+        """The run's queue (a producer of one run)."""
+        return self.queues[self.run_id]
+
     # -- the run ----------------------------------------------------------------------------
 
     def run(self, timeout: float | None = None) -> ProduceReport:
-        """Produce until the run is closed (every sample acked); the report. ``timeout``: give up after it."""
+        """Produce until every run is closed (every sample acked); the report. ``timeout``: give up after it."""
         start = time.monotonic()
         self._connect()
-        known = {s.sample_id for s in self._statuses()}
-        ids = [sample_id(e, i) for e in range(self.epochs) for i in range(len(self.batches))]
-        self.report.known_at_start = len(known & set(ids))
         with self._cond:
-            for sid in ids:
-                if sid not in known:
-                    self._todo.append((sid, False))
-                    self._busy.add(sid)
+            for run_id, plan in self.plans.items():
+                known = {s.sample_id for s in self._statuses(run_id)}
+                self.report.known_at_start += len(known & {sid for sid, _ in plan.samples})
+                for sid, _ in plan.samples:
+                    if sid not in known:
+                        self._todo.append((run_id, sid, False))
+                        self._busy.add((run_id, sid))
         workers = [
             threading.Thread(target=self._work, args=(m,), name=f"produce-{m.url}-{k}", daemon=True)
             for m in self.target._fleet.members
@@ -148,22 +195,26 @@ class Producer:
         ]
         for w in workers:
             w.start()
-        sealed = False
+        sealed: set[str] = set()
+        open_runs = set(self.plans)
         try:
-            while True:
+            while open_runs:
                 if self._error is not None:
                     raise self._error
                 if timeout is not None and time.monotonic() - start > timeout:
-                    raise TimeoutError(f"run {self.run_id!r} not closed within {timeout:g} s: {self.queue.state()}")
+                    states = {run_id: self.queues[run_id].state() for run_id in open_runs}
+                    raise TimeoutError(f"runs not closed within {timeout:g} s: {states}")
                 with self._cond:
-                    all_put = not self._busy
-                if all_put and not sealed:
-                    self.queue.seal(self.report.total)
-                    sealed = True
-                state = self.queue.state()
-                if state.closed:
-                    break
-                self._sweep()
+                    busy_runs = {run_id for run_id, _ in self._busy}
+                for run_id in sorted(open_runs - busy_runs - sealed):  # every sample is on its queue
+                    self.queues[run_id].seal(len(self.plans[run_id].samples))
+                    sealed.add(run_id)
+                for run_id in sorted(open_runs):
+                    if self.queues[run_id].state().closed:
+                        open_runs.discard(run_id)
+                        self._end_on_appliances(run_id)
+                for run_id in sorted(open_runs):
+                    self._sweep(run_id)
                 self._stop.wait(self.sweep_interval)
         finally:
             self._stop.set()
@@ -171,14 +222,14 @@ class Producer:
                 self._cond.notify_all()
             for w in workers:
                 w.join(timeout=30)
-        self._end_on_appliances()
         self.report.seconds = time.monotonic() - start
         return self.report
 
     def close(self) -> None:
         self._stop.set()
         self.target.close()
-        self.queue.close()
+        for queue in self.queues.values():
+            queue.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -189,11 +240,13 @@ class Producer:
     # -- setting up -------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        """Sessions on every reachable appliance (with the vocab mapping), and the run on the queue."""
+        """Sessions on every reachable appliance (with the vocab mapping), and the runs on the queue."""
         fleet = self.target._fleet
         fleet.start()
+        digest = None
         if self.vocab_mapping is not None:
             ids, mask = self.vocab_mapping
+            digest = protocol.mapping_digest(ids)
             payload = wire.encode({"selected_token_ids": ids, "selected_token_mask": mask})
             for member in fleet.members:
                 member.server.set_vocab_mapping(payload, 1)  # replayed on every new session
@@ -209,12 +262,13 @@ class Producer:
             model_fingerprint=fingerprints.pop(),
             visibility_timeout_s=self.visibility_timeout,
             draft_vocab_size=None if self.vocab_mapping is None else int(self.vocab_mapping[0].numel()),
+            mapping_digest=digest,
         )
-        self.queue.open(description)
+        for queue in self.queues.values():
+            queue.open(description)
 
-    def _payload(self, sid: str) -> tuple[bytes, frozenset[str]]:
-        index = int(sid.rsplit("-b", 1)[1])
-        batch = self.batches[index]
+    def _payload(self, run_id: str, sid: str) -> tuple[bytes, frozenset[str]]:
+        batch = self._batches[(run_id, sid)]
         packing = [batch.get(k) for k in protocol.PACKING_KEYS]
         request, payload, _ = encode_request(
             batch["input_ids"], batch["attention_mask"], batch["loss_mask"], *packing, capture=self.capture
@@ -223,7 +277,7 @@ class Producer:
 
     # -- workers: one per in-flight slot of each appliance ------------------------------------
 
-    def _take(self) -> tuple[str, bool] | None:
+    def _take(self) -> tuple[str, str, bool] | None:
         with self._cond:
             while not self._todo:
                 if self._stop.is_set():
@@ -231,9 +285,9 @@ class Producer:
                 self._cond.wait(0.2)
             return self._todo.popleft()
 
-    def _give_back(self, sid: str, recompute: bool) -> None:
+    def _give_back(self, item: tuple[str, str, bool]) -> None:
         with self._cond:
-            self._todo.appendleft((sid, recompute))
+            self._todo.appendleft(item)
             self._cond.notify()
 
     def _work(self, member: Member[ServerSession]) -> None:
@@ -245,18 +299,18 @@ class Producer:
             item = self._take()
             if item is None:
                 return
-            sid, recompute = item
+            run_id, sid, recompute = item
             try:
-                payload, needs = self._payload(sid)
+                payload, needs = self._payload(run_id, sid)
                 member.server.require(needs)
-                ref = member.server.produce(self.run_id, sid, payload)
+                ref = member.server.produce(run_id, sid, payload)
             except TargetOverloaded:
                 self.report.refused_full += 1
-                self._give_back(sid, recompute)
+                self._give_back(item)
                 self._stop.wait(_FULL_PAUSE_S)
                 continue
             except BaseException as exc:
-                self._give_back(sid, recompute)
+                self._give_back(item)
                 if is_server_failure(exc):
                     fleet.fail(member, exc)
                     continue
@@ -271,32 +325,38 @@ class Producer:
                 return
 
     def _announce(self, ref: StreamRef, recompute: bool, url: str) -> None:
-        result = self.queue.put(ref)
+        result = self.queues[ref.run_id].put(ref)
         with self._cond:
-            self._busy.discard(ref.sample_id)
+            self._busy.discard((ref.run_id, ref.sample_id))
             self.report.computed += 1
             self.report.recomputed += recompute
             self.report.per_appliance[url] = self.report.per_appliance.get(url, 0) + 1
         if result == PUT_ACKED:  # consumed meanwhile (from its first copy): this one is not needed
-            self._release(ref.store_uri, [ref.sample_id])
+            self._release(ref.run_id, ref.store_uri, [ref.sample_id])
 
     # -- the sweep ----------------------------------------------------------------------------
 
-    def _statuses(self) -> list[SampleStatus]:
+    def _statuses(self, run_id: str) -> list[SampleStatus]:
         out: list[SampleStatus] = []
         after: str | None = None
         while True:
-            page = self.queue.samples(after, limit=protocol.MAX_STREAM_IDS_PER_REQUEST)
+            page = self.queues[run_id].samples(after, limit=protocol.MAX_STREAM_IDS_PER_REQUEST)
             out.extend(page)
             if len(page) < protocol.MAX_STREAM_IDS_PER_REQUEST:
                 return out
             after = page[-1].sample_id
 
-    def _sweep(self) -> None:
+    def _sweep(self, run_id: str) -> None:
         """Compute again what is gone with its appliance; release acked answers still kept (module docstring)."""
-        statuses = self._statuses()  # first: whatever it lists was kept before this reads the appliances
-        kept = {uri: self._kept(uri) for uri in {s.store_uri for s in statuses}}
+        statuses = self._statuses(run_id)  # first: whatever it lists was kept before this reads the appliances
+        uris = {s.store_uri for s in statuses} | {_store_uri(m.url) for m in self.target._fleet.members}
+        kept = {uri: self._kept(run_id, uri) for uri in uris}
         late: dict[str, list[str]] = {}
+        where = {s.sample_id: s.store_uri for s in statuses}
+        for uri, held_there in kept.items():  # answers of samples that moved away (their appliance froze)
+            stale = sorted(sid for sid in held_there or () if where.get(sid, uri) != uri)
+            if stale:
+                late.setdefault(uri, []).extend(stale)
         with self._cond:
             for status in statuses:
                 held = kept[status.store_uri]
@@ -304,33 +364,33 @@ class Producer:
                     if held and status.sample_id in held:
                         late.setdefault(status.store_uri, []).append(status.sample_id)
                     continue
-                if status.sample_id in self._busy or (held is not None and status.sample_id in held):
+                if (run_id, status.sample_id) in self._busy or (held is not None and status.sample_id in held):
                     continue
                 logger.warning(
-                    "sample %s (%s) is no longer kept by %s: computing it again",
+                    "sample %s of run %s (%s) is no longer kept by %s: computing it again",
                     status.sample_id,
+                    run_id,
                     status.state,
                     status.store_uri,
                 )
-                self._busy.add(status.sample_id)
-                self._todo.appendleft((status.sample_id, True))
+                self._busy.add((run_id, status.sample_id))
+                self._todo.appendleft((run_id, status.sample_id, True))
             self._cond.notify_all()
         for uri, ids in late.items():
-            self.report.released_late += self._release(uri, ids)
+            self.report.released_late += self._release(run_id, uri, ids)
 
     def _member(self, store_uri: str) -> Member[ServerSession] | None:
-        host = store_uri.removeprefix("appliance://")
         for member in self.target._fleet.members:
-            if member.url.split("://", 1)[-1].rstrip("/") == host:
+            if _store_uri(member.url) == store_uri:
                 return member
         return None
 
-    def _kept(self, store_uri: str) -> set[str] | None:
-        """The sample ids of this run the appliance at ``store_uri`` keeps; None when it does not answer."""
+    def _kept(self, run_id: str, store_uri: str) -> set[str] | None:
+        """The sample ids of ``run_id`` the appliance at ``store_uri`` keeps; None when it does not answer."""
         member = self._member(store_uri)
         if member is None:
             return None  # not one of ours: nobody here can ask it; its samples are computed on ours
-        path = f"{protocol.EP_STREAM_RUNS}/{self.run_id}"
+        path = f"{protocol.EP_STREAM_RUNS}/{run_id}"
         control = member.server.control
         try:
             body = control.request("GET", path, control.read_json, retries=False, timeout=5.0)
@@ -340,20 +400,20 @@ class Producer:
             return None
         return set(body.get("samples", []))
 
-    def _release(self, store_uri: str, sample_ids: list[str]) -> int:
+    def _release(self, run_id: str, store_uri: str, sample_ids: list[str]) -> int:
         member = self._member(store_uri)
         if member is None:
             return 0
-        body = protocol.ReleaseRequest(self.run_id, tuple(sample_ids)).to_json()
+        body = protocol.ReleaseRequest(run_id, tuple(sample_ids)).to_json()
         try:
             return int(member.server.control.post_json(protocol.EP_STREAM_RELEASE, body, retries=False)["released"])
         except (RemoteTargetError, KeyError, TypeError):
             return 0
 
-    def _end_on_appliances(self) -> None:
+    def _end_on_appliances(self, run_id: str) -> None:
         for member in self.target._fleet.members:
             control = member.server.control
             try:
-                control.request("DELETE", f"{protocol.EP_STREAM_RUNS}/{self.run_id}", control.read_json, retries=False)
+                control.request("DELETE", f"{protocol.EP_STREAM_RUNS}/{run_id}", control.read_json, retries=False)
             except RemoteTargetError as exc:
-                logger.info("%s: the run's answers were not dropped (%s)", member.url, exc)
+                logger.info("%s: the answers of run %s were not dropped (%s)", member.url, run_id, exc)

@@ -75,7 +75,9 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         self._device = torch.device(device)
         self._claim_timeout = claim_timeout
         # Each appliance is a target of its own: its answers live there, so a claim has no failover.
-        self._options = {"failover_timeout": 5.0, **options}
+        # A claim computes nothing (its answer starts at once): a server silent for 30 s is frozen
+        # or gone, and the sample is looked for where the producer moved it.
+        self._options = {"failover_timeout": 5.0, "generate_timeout": 30.0, **options}
         self._targets: dict[str, RemoteTarget] = {}
         self._held: dict[str, dict[str, torch.Tensor]] = {}  # read-ahead samples, by sample id
         self._lock = threading.Lock()

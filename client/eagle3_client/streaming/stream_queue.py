@@ -122,6 +122,8 @@ class StreamQueue:
             if leased is None:
                 if not self._run_closed:
                     self._run_closed = self.backend.state().closed
+                if self._run_closed:
+                    return  # every sample is acked: nothing more will come
                 time.sleep(0.05)
 
     def _give_back(self, leased: LeaseJSON) -> None:

@@ -1,0 +1,122 @@
+"""``eagle3-appliance produce -c recipe.yaml``: the batches an EAGLE-3 recipe would feed its target, as runs.
+
+Builds the recipe's own data pipeline with NeMo AutoModel's code: the YAML parsed by its parser,
+the target's tokenizer and chat template (``NeMoAutoTokenizer``), the chat dataset, packing
+(``packed_sequence_size``), ``micro_batch_size``, ``shuffle_seed``, and the draft vocabulary
+(``load_or_build_eagle3_token_mapping``, counted over every rank's share as the recipe's ranks
+all-reduce it; ``selected_token_ids_path`` is read or written as the recipe does). Each epoch
+of each data-parallel rank becomes one run, ``<run>.e<epoch>.r<rank>``
+(:func:`eagle3_client.automodel_stream.stream_run_id`), holding that rank's batches of that
+epoch in its ``DistributedSampler`` order, as a trainer started with ``target_model_backend:
+stream`` reads them.
+
+One choice differs from a co-located run: with ``trainers = 1`` and ``train_shuffle: true`` the
+order is drawn from ``DistributedSampler``'s seed and the epoch, not from the trainer's RNG (which
+the producer cannot see), so such a run sees the same samples per epoch in another order than a
+co-located one; with ``train_shuffle: false``, or several trainers, it is the recipe's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from eagle3_client.automodel_stream import stream_run_id
+from eagle3_client.streaming.producer import RunPlan
+
+__all__ = ["RecipeRuns", "recipe_runs"]
+
+
+@dataclass
+class RecipeRuns:
+    """What a recipe's producer needs: one run per epoch and rank, and the draft vocabulary."""
+
+    plans: list[RunPlan]
+    vocab_mapping: tuple[torch.Tensor, torch.Tensor]
+    epochs: int
+    trainers: int
+
+
+class _RankMesh:
+    """The ``dp_mesh`` the recipe's dataloader builder reads a rank's sampler from (no process group)."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def get_local_rank(self) -> int:
+        return self._rank
+
+
+class _Chain:
+    """Every rank's batches one after the other: the counts the recipe's ranks all-reduce."""
+
+    def __init__(self, loaders: Sequence[Any]) -> None:
+        self._loaders = loaders
+
+    def __iter__(self) -> Iterator[Any]:
+        for loader in self._loaders:
+            yield from loader
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self._loaders)
+
+
+def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: int) -> RecipeRuns:
+    """The runs of the recipe at ``config`` (with ``--key=value`` ``overrides``) for ``trainers`` ranks."""
+    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+    from nemo_automodel.components.datasets.llm.eagle3 import (
+        build_eagle3_dataloader,
+        load_or_build_eagle3_token_mapping,
+    )
+    from nemo_automodel.recipes.llm.train_eagle3 import NeMoAutoTokenizer
+    from transformers import AutoConfig
+
+    if trainers < 1:
+        raise ValueError(f"--trainers must be at least 1, got {trainers}")
+    cfg = parse_args_and_load_config(argv=["-c", config, *overrides])
+    rc = cfg.recipe_args
+    target = rc.target_model_name_or_path
+    trust = bool(rc.get("trust_remote_code", False))
+    tokenizer = NeMoAutoTokenizer.from_pretrained(target, trust_remote_code=trust)
+    target_config = AutoConfig.from_pretrained(target, trust_remote_code=trust)
+    base = getattr(target_config, "text_config", None) or target_config
+    loaders = [
+        build_eagle3_dataloader(
+            data_path=rc.train_data_path,
+            tokenizer=tokenizer,
+            seq_length=rc.seq_length,
+            batch_size=rc.micro_batch_size,
+            shuffle=rc.get("train_shuffle", True),
+            num_workers=0,
+            split=rc.get("train_split", None),
+            distributed=True,  # a DistributedSampler even for one rank: an order the producer can know
+            shuffle_seed=rc.get("shuffle_seed", 42),
+            mask_reasoning_content=rc.get("mask_reasoning_content", False),
+            mask_generation_prompt=rc.get("mask_generation_prompt", False),
+            packed_sequence_size=rc.get("packed_sequence_size", 0),
+            dp_mesh=_RankMesh(trainers, rank),
+        )
+        for rank in range(trainers)
+    ]
+    special = [getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")]
+    mapping = load_or_build_eagle3_token_mapping(
+        _Chain(loaders),
+        target_vocab_size=base.vocab_size,
+        draft_vocab_size=rc.get("draft_vocab_size", None),
+        special_token_ids=special,
+        cache_path=rc.get("selected_token_ids_path", None),
+    )
+    epochs = int(rc.get("num_epochs", 1))
+    plans = []
+    for epoch in range(epochs):
+        for rank, loader in enumerate(loaders):
+            loader.sampler.set_epoch(epoch)
+            batches = [dict(batch) for batch in loader]
+            plans.append(RunPlan(stream_run_id(run_id, epoch, rank), [(f"b{i:08d}", b) for i, b in enumerate(batches)]))
+    return RecipeRuns(plans, mapping, epochs, trainers)
