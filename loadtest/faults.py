@@ -74,6 +74,7 @@ class _Misbehaving(TrainingRank):
     abstract = True
     scenario = "faults"
     weight = 1
+    streams = False  # its faults need a session of its own, whatever --stream-queue says
     interval_s = 0.5  # between two faults: a fault mix, not a flood
 
     def wait_time(self) -> float:
@@ -198,6 +199,7 @@ class ServerKillRestart(TrainingRank):
     scenario = "faults"
     fixed_count = 1  # one, whatever -u is: the 4:1:1:1:1 mix of the others stays as it was
     needs_kill_restart = True
+    streams = False  # it trains through the real client on its fleet
     probe_max_interval = 1.0
     readmission_margin_s = 15.0
 

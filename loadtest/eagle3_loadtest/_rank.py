@@ -66,6 +66,7 @@ class TrainingRank(FastHttpUser):
 
     abstract = True
     scenario = ""  # the scenario a concrete class belongs to (also its task tag)
+    streams = True  # with --stream-queue, a stream consumer (the faults' misbehaving users say False)
     # Timeouts come from --request-timeout; FastHttpUser's own retries stay off (max_retries = 0)
     # because upstream's client does not retry HTTP errors and a retry would hide them.
 
@@ -85,6 +86,7 @@ class TrainingRank(FastHttpUser):
         self.expected: Expected | None = None
         self.spec: BatchSpec | None = None
         self.stream: tuple[Any, Any, Iterator[Any]] | None = None  # (queue, store, loader) of a stream rank
+        self.is_stream = bool(self.settings.stream_queue) and self.streams
 
     def wait_time(self) -> float:
         return self.settings.think_time
@@ -117,9 +119,9 @@ class TrainingRank(FastHttpUser):
                 resp.failure(f"--draft-vocab {settings.draft_vocab} does not fit this model's vocab of {vocab_size}")
                 raise StopUser
 
-        if not settings.stream_queue:  # a stream rank talks to the appliances through open_stream only
+        if not self.is_stream:  # a stream rank talks to the appliances through open_stream only
             self._open_session()
-        if settings.capture.is_eagle3 and not settings.stream_queue:  # a DFlash capture needs no draft vocabulary
+        if settings.capture.is_eagle3 and not self.is_stream:  # a DFlash capture needs no draft vocabulary
             mapping = wire.encode(make_vocab_mapping(vocab_size, settings.draft_vocab, settings.seed))
             with self.client.post(
                 protocol.path(protocol.EP_SET_VOCAB_MAPPING),
@@ -220,7 +222,7 @@ class TrainingRank(FastHttpUser):
         """One ``/generate`` of a fresh batch, checked in full (a stream rank: its next batch of the run)."""
         if not self.ensure_registered():
             return
-        if self.settings.stream_queue:
+        if self.is_stream:
             self.stream_once()
             return
         assert self.spec is not None and self.expected is not None

@@ -130,6 +130,8 @@ def build_report(environment: Environment) -> dict[str, Any]:
             "padding": settings.padding,
             "draft_vocab": settings.draft_vocab,
             "encoding": settings.encoding,
+            "stream_queue": settings.stream_queue or None,
+            "stream_run_id": settings.stream_run_id or None,
         },
         "custom_metrics": COUNTERS.summary(elapsed),
         "generate": generate,

@@ -24,6 +24,7 @@ A rank whose run is closed (every sample acked) stops. Size ``--stream-produce``
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ __all__ = ["PRODUCER", "StreamProducer", "write_dataset"]
 logger = logging.getLogger(__name__)
 
 _INFO_TIMEOUT_S = 30.0
+_LIBRARIES = ("nemo_automodel.components.speculative.streaming", "eagle3_client.streaming.open")
 
 
 def _post_json(url: str, token: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -141,19 +143,34 @@ class StreamProducer:
 PRODUCER: list[StreamProducer] = []  # the one this process started, if any
 
 
+def _load_libraries() -> bool:
+    """Import the consumer's libraries (seconds: torch's extensions, upstream's package); True if it did now.
+
+    Done before users start, not in a rank's first task, which would block every greenlet.
+    """
+    if all(name in sys.modules for name in _LIBRARIES):
+        return False
+    for name in _LIBRARIES:
+        importlib.import_module(name)
+    gevent.get_hub().loop.update_now()  # as _scenario does: the --run-time timer must not fire early
+    return True
+
+
+# A worker joins its master right after loading the locustfiles, and one silent for 3 s (as an
+# import of many seconds at init would keep it) is dropped: given --stream-queue (or
+# LOCUST_STREAM_QUEUE) on its own command line, it loads the libraries here, before joining.
+if os.environ.get("LOCUST_STREAM_QUEUE") or any(a.startswith("--stream-queue") for a in sys.argv):
+    _load_libraries()
+
+
 @events.init.add_listener
 def _name_the_run(environment: Environment, **_kw: Any) -> None:
-    """The consumer's libraries loaded before the clock starts; on the master (or the only process), a
-    fresh run id when the load test produces and none was given."""
+    """The libraries loaded before the clock starts (a worker: when given --stream-queue itself); on the
+    master (or the only process), a fresh run id when the load test produces and none was given."""
     opts = environment.parsed_options
-    if opts is None or not getattr(opts, "stream_queue", ""):
+    if opts is None or not getattr(opts, "stream_queue", None):
         return
-    # Seconds of imports: here, not in a rank's first task (that would block every greenlet).
-    import nemo_automodel.components.speculative.streaming  # noqa: F401
-
-    import eagle3_client.streaming.open  # noqa: F401
-
-    gevent.get_hub().loop.update_now()  # as _scenario does: the --run-time timer must not fire early
+    _load_libraries()
     if isinstance(environment.runner, WorkerRunner):
         return
     if opts.stream_produce > 0 and not opts.stream_run_id:
@@ -163,6 +180,11 @@ def _name_the_run(environment: Environment, **_kw: Any) -> None:
 @events.test_start.add_listener
 def _start_producer(environment: Environment, **_kw: Any) -> None:
     opts = environment.parsed_options
+    if opts is not None and getattr(opts, "stream_queue", None) and _load_libraries():
+        logger.warning(
+            "stream: the consumer's libraries were loaded after the run started; give the workers "
+            "--stream-queue too (or LOCUST_STREAM_QUEUE), so that they load them before joining the master"
+        )
     if isinstance(environment.runner, WorkerRunner) or opts is None or PRODUCER:
         return
     settings = RunSettings.from_options(opts)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from eagle3_appliance.launch import ServerProcess
+from eagle3_appliance.launch import ServerProcess, free_port
 from eagle3_client.synthetic import vocab_mapping
 from tests.loadtest.conftest import REPO, subprocess_env
 
@@ -113,6 +113,37 @@ def test_capacity_search_over_a_run_the_user_produces(
     assert all(step["passed"] and step["requests"] > 0 for step in capacity["steps"])
     assert capacity["capacity_users"] == 2
     assert int(run.stats()[ROW]["num_failures"]) == 0
+
+
+def test_distributed_stream_ranks_consume_the_whole_run(
+    locust: Any, appliance: ServerProcess, second: ServerProcess, tmp_path: Path
+) -> None:
+    """Master plus a worker (given --stream-queue too, so it loads the stream's libraries before joining):
+    the run id the master made reaches the worker, whose ranks consume the run to its end."""
+    port = free_port()
+    prefix = tmp_path / "distributed"
+    stream = ["--stream-queue", queue_of(appliance)]
+    master_args = ["-f", "loadtest/steady.py", "--master", "--master-bind-port", str(port), "--expect-workers", "1"]
+    master_args += ["-u", "2", "-r", "2", "-t", "40s", "--think-time", "0.05", *SHAPES, *stream]
+    master_args += ["--stream-produce", "30", "--stream-urls", f"{appliance.url},{second.url}"]
+    master = locust.popen(locust.command(master_args, appliance.url, prefix))
+    worker_cmd = [sys.executable, "-m", "locust", "-f", "loadtest/steady.py", "--worker", "--master-port", str(port)]
+    worker = locust.popen([*worker_cmd, *stream], quiet=True)
+    try:
+        output, _ = master.communicate(timeout=locust.hard_timeout_s)
+        worker_code = worker.wait(timeout=60)
+    finally:
+        for proc in (master, worker):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    run = locust.result(master.returncode, output, prefix)
+    assert run.returncode == 0, run.output[-4000:]
+    assert worker_code == 0
+    row = run.stats()[ROW]
+    assert (int(row["num_requests"]), int(row["num_failures"])) == (30, 0)  # every batch of the run, once
+    assert "producer exited with 0" in run.output  # the run closed: every sample acked
+    assert run.report()["custom_metrics"]["responses"] == 30
 
 
 def test_a_stream_queue_without_a_run_stops_the_run_before_it_starts(locust: Any, tmp_path: Path) -> None:
