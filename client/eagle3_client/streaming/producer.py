@@ -313,10 +313,13 @@ class Producer:
             if item is None:
                 return
             run_id, sid, recompute = item
+            with self._put_lock:  # the next sample of an in-order run holds the ones after it back
+                unput = self._unput.get(run_id)
+                head = unput is not None and len(unput) > 0 and unput[0] == sid
             try:
                 payload, needs = self._payload(run_id, sid)
                 member.server.require(needs)
-                ref = member.server.produce(run_id, sid, payload)
+                ref = member.server.produce(run_id, sid, payload, priority=recompute or head)
             except TargetOverloaded:
                 self.report.refused_full += 1
                 self._give_back(item)
