@@ -767,3 +767,21 @@ def test_disabled_too_large_and_bad_watermarks() -> None:
     _keep(resident, "r", "b", 1000)
     with pytest.raises(ValueError, match="low watermark"):
         ResidentAnswers(100, 101)
+
+
+def test_priority_samples_use_the_reserve_that_new_samples_leave_free() -> None:
+    """A sample computed again after its appliance was lost must find room even when every appliance
+    is full of the samples queued behind it (the deadlock a trainer waiting for it would be in)."""
+    resident = ResidentAnswers(1000, 500, reserve_bytes=200)
+    for i in range(4):
+        _keep(resident, "r", f"s{i}", 200)  # 800: at the limit of new samples (1000 - 200)
+    with pytest.raises(StreamFull, match="high watermark"):
+        resident.reserve("r", "new", 100, RETRY)
+    assert resident.paused
+    lost = resident.reserve("r", "lost", 200, RETRY, priority=True)  # into the reserve, despite the pause
+    resident.keep(lost, _answer("r", "lost", 200))
+    assert _totals(resident) == (1000, 0, 5)
+    with pytest.raises(StreamFull):  # the high watermark itself is never passed
+        resident.reserve("r", "lost2", 1, RETRY, priority=True)
+    with pytest.raises(ValueError, match="low watermark"):
+        ResidentAnswers(1000, 900, reserve_bytes=200)

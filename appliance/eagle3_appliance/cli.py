@@ -293,6 +293,14 @@ def produce(
         float, typer.Option(help="Seconds a trainer's lease lives before it is redelivered.")
     ] = 60.0,
     in_flight: Annotated[int, typer.Option(help="Batches in flight per appliance.")] = 2,
+    in_order: Annotated[
+        bool | None,
+        typer.Option(
+            "--in-order/--any-order",
+            help="Put samples on the queue in dataset order (default with --config), or as computed (default "
+            "with --dataset: a slow appliance then holds back only its own samples).",
+        ),
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Give up (exit 1) if the run is not done by then.")] = None,
     auth_token: Annotated[str | None, typer.Option(envvar=ENV_PREFIX + "AUTH_TOKEN", help="Bearer token.")] = None,
 ) -> None:
@@ -331,6 +339,7 @@ def produce(
         vocab_mapping=mapping,
         visibility_timeout=visibility_timeout,
         in_flight_per_server=in_flight,
+        in_order=config is not None if in_order is None else in_order,
         **options,
     ) as producer:
         report = producer.run(timeout=timeout)

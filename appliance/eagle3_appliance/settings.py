@@ -330,6 +330,13 @@ class Settings:
         "this server computes no stream answers.",
         min=0,
     )
+    stream_reserve: float = option(
+        0.1,
+        "Share of --stream-memory-mb new samples leave free for priority ones: samples computed again after "
+        "their appliance was lost (a trainer may wait for one while every appliance is full), and the next "
+        "sample of an in-order run.",
+        min=0.0,
+    )
     stream_low_watermark: float = option(
         0.75,
         "The low watermark as a share of --stream-memory-mb: producers resume once resident answers fall below it.",
@@ -390,8 +397,11 @@ class Settings:
             if len(ids) != 3 or len(set(ids)) != 3:
                 raise ValueError(f"--aux-layer-ids needs 3 distinct layer ids, got {list(ids)}")
             object.__setattr__(self, "aux_layer_ids", ids)
-        if self.stream_low_watermark >= 1:
-            raise ValueError(f"--stream-low-watermark must be below 1, got {self.stream_low_watermark:g}")
+        if self.stream_low_watermark + self.stream_reserve >= 1:
+            raise ValueError(
+                f"--stream-low-watermark ({self.stream_low_watermark:g}) plus --stream-reserve "
+                f"({self.stream_reserve:g}) must be below 1"
+            )
         if self.min_lease_seconds > self.max_lease_seconds:
             raise ValueError(
                 f"--min-lease-seconds ({self.min_lease_seconds:g}) is above --max-lease-seconds "

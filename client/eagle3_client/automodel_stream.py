@@ -161,7 +161,12 @@ def _epoch_from_stream(
     rank = int(getattr(recipe.dist_env, "rank", 0) or 0)
     run_id = stream_run_id(settings.run_id, epoch, rank)
     queue, store = open_stream(
-        settings.queue, run_id=run_id, device=recipe.device, read_ahead=settings.read_ahead, **options
+        settings.queue,
+        run_id=run_id,
+        device=recipe.device,
+        read_ahead=settings.read_ahead,
+        in_order=True,  # the producer put the recipe's order: train in it
+        **options,
     )
     try:
         theirs = store.description.mapping_digest

@@ -31,6 +31,7 @@ __all__ = [
     "ReleaseRequest",
     "RunDescription",
     "RunStateJSON",
+    "PRIORITY_HEADER",
     "SAMPLE_HEADER",
     "SAMPLE_INPUT_KEYS",
     "STREAM_FULL_HEADER",
@@ -663,6 +664,9 @@ EP_STREAM_PRODUCE = "stream/produce"
 EP_STREAM_RELEASE = "stream/release"
 EP_STREAM_RUNS = "stream/runs"
 STREAM_FULL_HEADER = "X-Eagle3-Stream-Full"
+# On /stream/produce: "1" lets the sample use the room kept free for it (--stream-reserve): a sample
+# computed again after its appliance was lost, or the next sample of an in-order run.
+PRIORITY_HEADER = "X-Eagle3-Priority"
 EP_QUEUE = "queue"
 QUEUE_OPS = ("open", "put", "acquire", "ack", "fail", "reclaim", "seal", "state", "samples", "end")
 # What a kept answer carries of its request, beside its supervision, in this order (those of

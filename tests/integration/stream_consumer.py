@@ -13,6 +13,7 @@ Every batch it gets is saved to ``OUT_DIR/<sample_id>.<pid>.pt`` (its tensors), 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import time
@@ -69,6 +70,7 @@ def main() -> int:
     parser.add_argument("--data-plane", default="auto")
     parser.add_argument("--step-seconds", type=float, default=0.0)
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(90, repeat=True)  # a consumer stuck somewhere says where, in its log
     queue, store = open_stream(args.queue_url, run_id=args.run_id, wait_for_run=60, data_plane=args.data_plane)
     logged = LoggedQueue(queue.backend, consumer=f"consumer-{os.getpid()}", on_ack=store.drop_acked)
     logged.log = (args.out / f"{os.getpid()}.log").open("a")

@@ -163,7 +163,8 @@ class Pipeline:
         self._kept = KeptAnswers(kept if kept is not None else ResendStore(settings.resend_budget_mb << 20))
         # Answers computed ahead for runs' streams (eagle3_appliance.serving.stream_answers).
         high = settings.stream_memory_mb << 20
-        self.resident = ResidentAnswers(high, int(high * settings.stream_low_watermark), metrics)
+        reserve = int(high * settings.stream_reserve)
+        self.resident = ResidentAnswers(high, int(high * settings.stream_low_watermark), metrics, reserve)
         if settings.microbatch_wait_ms > 0:
             self.batcher = MicroBatcher(
                 self._run_group,
@@ -239,7 +240,10 @@ class Pipeline:
         inputs, mapping = self.validated(request, session)
         capture, encoding = session.capture, parse_encoding(session.encoding)
         estimate = estimate_bytes(self.shape, capture, encoding, mapping, inputs)
-        reservation = self.resident.reserve(run_id, sample_id, estimate, self.admission.retry_after())
+        priority = request.headers.get(protocol.PRIORITY_HEADER) == "1"
+        reservation = self.resident.reserve(
+            run_id, sample_id, estimate, self.admission.retry_after(), priority=priority
+        )
         try:
             async with self.admission.admit() as ticket:
                 connected = client_connected(request)

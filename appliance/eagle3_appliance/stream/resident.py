@@ -8,9 +8,13 @@ another trainer, which claims the same answer from here.
 
 Memory is bounded by ``--stream-memory-mb`` (the high watermark): a computation is admitted
 only if the resident answers, those being computed and its own (estimated from its shape,
-never below its real size) fit under it. Once one is refused, producers stay refused until
-the resident answers fall below the low watermark (``--stream-low-watermark``), so that a
-producer sitting at the watermark does not alternate between one answer in and one out.
+never below its real size) fit under it. A new sample must leave ``--stream-reserve`` of it
+free: that room is for *priority* samples (``X-Eagle3-Priority``: a sample whose appliance
+was lost, which a trainer may be waiting for while every appliance is full of the samples
+queued behind it; or the next sample of an in-order run). Once a new sample is refused,
+producers stay refused until the resident answers fall below the low watermark
+(``--stream-low-watermark``), so that a producer sitting at the watermark does not alternate
+between one answer in and one out.
 Used from the event loop and the model thread: one lock.
 """
 
@@ -80,11 +84,14 @@ class _Run:
 class ResidentAnswers:
     """Every run's kept answers on this appliance, within ``high_bytes`` (see the module docstring)."""
 
-    def __init__(self, high_bytes: int, low_bytes: int, metrics: Any = None) -> None:
-        if not 0 <= low_bytes <= high_bytes:
-            raise ValueError(f"the low watermark ({low_bytes}) must be in [0, high watermark {high_bytes}]")
+    def __init__(self, high_bytes: int, low_bytes: int, metrics: Any = None, reserve_bytes: int = 0) -> None:
+        if not 0 <= low_bytes <= high_bytes - reserve_bytes:
+            raise ValueError(
+                f"the low watermark ({low_bytes}) must be in [0, high watermark {high_bytes} - reserve {reserve_bytes}]"
+            )
         self.high_bytes = high_bytes
         self.low_bytes = low_bytes
+        self.reserve_bytes = reserve_bytes
         self.metrics = metrics  # eagle3_appliance.ops.metrics.Metrics (its stream_* series), or None
         self.paused = False
         self._runs: dict[str, _Run] = {}
@@ -101,8 +108,13 @@ class ResidentAnswers:
 
     # -- producing ----------------------------------------------------------------------
 
-    def reserve(self, run_id: str, sample_id: str, nbytes: int, retry_after: dict[str, str]) -> Reservation:
-        """Room for one answer of about ``nbytes`` (never less than its real size), or :class:`StreamFull`."""
+    def reserve(
+        self, run_id: str, sample_id: str, nbytes: int, retry_after: dict[str, str], *, priority: bool = False
+    ) -> Reservation:
+        """Room for one answer of about ``nbytes`` (never less than its real size), or :class:`StreamFull`.
+
+        ``priority``: the reserve may be used, and the pause does not apply (module docstring).
+        """
         with self._lock:
             if self.high_bytes == 0:
                 raise StreamFull(
@@ -116,9 +128,12 @@ class ResidentAnswers:
                     headers={**retry_after, protocol.STREAM_FULL_HEADER: "too-large"},
                 )
             held = self._resident + self._reserved
+            if priority and held + nbytes <= self.high_bytes:
+                self._reserved += nbytes
+                return Reservation(run_id, sample_id, nbytes)
             if self.paused and held <= self.low_bytes:
                 self.paused = False
-            if self.paused or held + nbytes > self.high_bytes:
+            if self.paused or held + nbytes > self.high_bytes - self.reserve_bytes:
                 self.paused = True
                 if self.metrics is not None:
                     self.metrics.stream_refused.inc()

@@ -405,12 +405,13 @@ class ServerSession:
         headers = {protocol.SAMPLE_HEADER: f"{run_id}/{sample_id}"}
         return self.call(fetch)
 
-    def produce(self, run_id: str, sample_id: str, payload: bytes) -> protocol.StreamRef:
+    def produce(self, run_id: str, sample_id: str, payload: bytes, *, priority: bool = False) -> protocol.StreamRef:
         """Have this server compute a stream sample's answer and keep it (``/stream/produce``); its reference.
 
         Sent once (``retries=False``): the caller decides what a refusal means (a 503 with
         ``X-Eagle3-Stream-Full`` is a full server, not a failed one). A retry is safe: the server
-        computes a sample it already keeps only once.
+        computes a sample it already keeps only once. ``priority``: the sample may use the room the
+        server keeps for samples computed again (``X-Eagle3-Priority``).
         """
 
         def send(server: ServerSession) -> protocol.StreamRef:
@@ -420,7 +421,7 @@ class ServerSession:
                 protocol.EP_STREAM_PRODUCE,
                 ControlPlane.read_json,
                 content=payload,
-                headers={protocol.SAMPLE_HEADER: f"{run_id}/{sample_id}"},
+                headers=headers,
                 retries=False,
             )
             try:
@@ -428,6 +429,9 @@ class ServerSession:
             except ValueError as exc:
                 raise ProtocolViolation(f"{server.url}/{protocol.EP_STREAM_PRODUCE}: {exc}") from None
 
+        headers = {protocol.SAMPLE_HEADER: f"{run_id}/{sample_id}"}
+        if priority:
+            headers[protocol.PRIORITY_HEADER] = "1"
         return self.call(send)
 
     def require(self, needs: frozenset[str]) -> None:

@@ -40,6 +40,7 @@ def open_stream(
     wait_for_run: float = 600.0,
     claim_timeout: float = 300.0,
     read_ahead: int = 0,
+    in_order: bool = False,
     **options: Any,
 ) -> tuple[StreamQueue, ApplianceFeatureStore]:
     """The run's queue and a store over its appliances (see the module docstring).
@@ -47,7 +48,9 @@ def open_stream(
     ``claim_timeout``: how long a sample whose appliance is gone may take to be computed again
     elsewhere before ``get`` gives up. ``read_ahead``: samples leased and claimed in the
     background (:class:`~eagle3_client.streaming.stream_queue.StreamQueue`), so that a slow or
-    frozen appliance holds back only its own samples. ``auth_token`` (an option) also authenticates to an
+    frozen appliance holds back only its own samples; ``in_order``: those are handed out in the
+    order the queue leased them (a run produced ``--in-order`` for one trainer) rather than as
+    their claims finish. ``auth_token`` (an option) also authenticates to an
     appliance-hosted queue.
     """
     backend = open_queue(queue_url, run_id, auth_token=options.get("auth_token"))
@@ -62,5 +65,7 @@ def open_stream(
                 raise
             time.sleep(_POLL_S)
     store = ApplianceFeatureStore(backend, description, device=device, claim_timeout=claim_timeout, **options)
-    queue = StreamQueue(backend, consumer=consumer, on_ack=store.drop_acked, read_ahead=read_ahead, store=store)
+    queue = StreamQueue(
+        backend, consumer=consumer, on_ack=store.drop_acked, read_ahead=read_ahead, store=store, in_order=in_order
+    )
     return queue, store

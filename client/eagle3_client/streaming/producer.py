@@ -17,6 +17,10 @@ Guarantees (each one tested by killing something):
   sample not yet acked whose appliance is gone (killed, or restarted without its answers) is
   computed again on another appliance and its reference moved on the queue; an acked sample
   whose answer is still kept (its trainer died between the ack and the release) is released.
+* With ``in_order`` a run's samples are put on its queue in the plan's order (computed in
+  parallel, each held back until those before it are put), so that a single trainer trains in
+  that order; without it each is put as soon as it is computed (a slow appliance then holds back
+  only its own samples).
 * Once every sample is on the queue the run is sealed; when the queue reports the run closed
   (every sample acked), the appliances drop what is left of the run and :meth:`Producer.run` returns.
 """
@@ -131,6 +135,7 @@ class Producer:
         visibility_timeout: float = 60.0,
         in_flight_per_server: int = 2,
         sweep_interval: float = 1.0,
+        in_order: bool = False,
         **options: Any,
     ) -> None:
         if capture.is_eagle3 and vocab_mapping is None:
@@ -163,6 +168,12 @@ class Producer:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        # in_order: a run's samples are put on its queue in plan order (computed in parallel, held
+        # back until those before them are put), so that one trainer sees the plan's order.
+        self.in_order = in_order
+        self._unput: dict[str, collections.deque[str]] = {}  # run -> its samples not yet put, in order
+        self._computed: dict[tuple[str, str], StreamRef] = {}  # computed, waiting for their turn
+        self._put_lock = threading.Lock()
 
     @property
     def run_id(self) -> str:
@@ -184,6 +195,8 @@ class Producer:
             for run_id, plan in self.plans.items():
                 known = {s.sample_id for s in self._statuses(run_id)}
                 self.report.known_at_start += len(known & {sid for sid, _ in plan.samples})
+                if self.in_order:
+                    self._unput[run_id] = collections.deque(sid for sid, _ in plan.samples if sid not in known)
                 for sid, _ in plan.samples:
                     if sid not in known:
                         self._todo.append((run_id, sid, False))
@@ -300,10 +313,13 @@ class Producer:
             if item is None:
                 return
             run_id, sid, recompute = item
+            with self._put_lock:  # the next sample of an in-order run holds the ones after it back
+                unput = self._unput.get(run_id)
+                head = unput is not None and len(unput) > 0 and unput[0] == sid
             try:
                 payload, needs = self._payload(run_id, sid)
                 member.server.require(needs)
-                ref = member.server.produce(run_id, sid, payload)
+                ref = member.server.produce(run_id, sid, payload, priority=recompute or head)
             except TargetOverloaded:
                 self.report.refused_full += 1
                 self._give_back(item)
@@ -325,12 +341,23 @@ class Producer:
                 return
 
     def _announce(self, ref: StreamRef, recompute: bool, url: str) -> None:
-        result = self.queues[ref.run_id].put(ref)
         with self._cond:
-            self._busy.discard((ref.run_id, ref.sample_id))
             self.report.computed += 1
             self.report.recomputed += recompute
             self.report.per_appliance[url] = self.report.per_appliance.get(url, 0) + 1
+        with self._put_lock:
+            unput = self._unput.get(ref.run_id)
+            if recompute or unput is None or ref.sample_id not in unput:
+                self._put(ref)
+                return
+            self._computed[(ref.run_id, ref.sample_id)] = ref
+            while unput and (ref.run_id, unput[0]) in self._computed:
+                self._put(self._computed.pop((ref.run_id, unput.popleft())))
+
+    def _put(self, ref: StreamRef) -> None:
+        result = self.queues[ref.run_id].put(ref)
+        with self._cond:
+            self._busy.discard((ref.run_id, ref.sample_id))
         if result == PUT_ACKED:  # consumed meanwhile (from its first copy): this one is not needed
             self._release(ref.run_id, ref.store_uri, [ref.sample_id])
 

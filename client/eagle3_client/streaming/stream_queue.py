@@ -10,14 +10,14 @@ run's queue is shared by every trainer and stays open for the others.
 With ``read_ahead=k`` the queue leases and claims up to ``k`` samples in the background (each
 claim on its own thread) and ``acquire`` hands out the first one whose tensors have arrived:
 an appliance that is slow, frozen or gone holds back only its own samples, which the producer
-moves elsewhere, while the trainer takes the others. The leases read ahead count against the
-visibility timeout: keep it well above ``k`` training steps. On ``close`` the leases not yet
-handed out go back to the queue at once (``fail``).
+moves elsewhere, while the trainer takes the others. With ``in_order`` it hands them out in the
+order the queue leased them instead (a trainer that must see the producer's order). The leases
+read ahead count against the visibility timeout: keep it well above ``k`` training steps. On
+``close`` the leases not yet handed out go back to the queue at once (``fail``).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import socket
@@ -49,6 +49,7 @@ class StreamQueue:
         on_ack: Callable[[StreamRef], None] | None = None,
         read_ahead: int = 0,
         store: ApplianceFeatureStore | None = None,
+        in_order: bool = False,
     ) -> None:
         if read_ahead < 0 or (read_ahead and store is None):
             raise ValueError("read_ahead is a count >= 0, and needs the store that claims the samples")
@@ -58,8 +59,14 @@ class StreamQueue:
         self._closed = False
         self._run_closed = False
         self._store = store
-        self._ready: collections.deque[LeaseJSON] = collections.deque()  # claimed, not handed out yet
+        self.in_order = in_order
+        # Read ahead: leases numbered in the order they were leased; a slot holds the lease once its
+        # sample is claimed, or None when its claim failed (the sample went back to the queue).
+        self._slots: dict[int, LeaseJSON | None] = {}
+        self._leased = 0  # numbers given out
+        self._next = 0  # the number acquire() hands out next, in order
         self._reading = 0  # leases being claimed now
+        self._leasing = threading.Lock()
         self._cond = threading.Condition()
         self._readers = [
             threading.Thread(target=self._read_ahead, name=f"stream-read-ahead-{i}", daemon=True)
@@ -75,10 +82,13 @@ class StreamQueue:
     # -- consumer side (what FeatureDataLoader calls) --------------------------------------
 
     def acquire(self, *, poll_interval: float = 0.05) -> Any:
-        """Upstream's ``Lease`` of the oldest ready sample (read ahead: the first claimed), or None."""
+        """Upstream's ``Lease`` of the oldest ready sample, or None (nothing ready yet, or closed).
+
+        Read ahead: the next in lease order (``in_order``), else the first whose claim is done.
+        """
         if self._readers:
             with self._cond:
-                lease = self._ready.popleft() if self._ready else None
+                lease = self._take_ready()
                 self._cond.notify_all()
             return None if lease is None else upstream_lease(lease)
         if self._closed or self._run_closed:
@@ -86,21 +96,37 @@ class StreamQueue:
         leased = self.backend.acquire(self.consumer)
         return None if leased is None else upstream_lease(leased)
 
+    def _take_ready(self) -> LeaseJSON | None:
+        """A claimed lease to hand out (the condition's lock is held)."""
+        while self._next in self._slots and self._slots[self._next] is None:
+            del self._slots[self._next]  # its claim failed: the sample went back to the queue
+            self._next += 1
+        if self.in_order:
+            if self._slots.get(self._next) is None:
+                return None
+            self._next += 1
+            return self._slots.pop(self._next - 1)
+        done = sorted(n for n, leased in self._slots.items() if leased is not None)
+        return self._slots.pop(done[0]) if done else None
+
     def _read_ahead(self) -> None:
-        """One reader: lease a sample when fewer than ``read_ahead`` wait, claim it, queue it for ``acquire``."""
+        """One reader: lease a sample when fewer than ``read_ahead`` are held, claim it, hand it to ``acquire``."""
         assert self._store is not None
         limit = len(self._readers)
         while True:
             with self._cond:
-                while not self._closed and len(self._ready) + self._reading >= limit:
+                while not self._closed and len(self._slots) + self._reading >= limit:
                     self._cond.wait(0.5)
                 if self._closed:
                     return
                 self._reading += 1
-            leased = None
+            leased, number = None, -1
             try:
                 if not self._run_closed:
-                    leased = self.backend.acquire(self.consumer)
+                    with self._leasing:  # numbered in the order the queue leased them
+                        leased = self.backend.acquire(self.consumer)
+                        if leased is not None:
+                            number, self._leased = self._leased, self._leased + 1
                 if leased is not None:
                     self._store.hold(leased.ref.sample_id, self._store.fetch(leased.ref))
             except Exception as exc:  # noqa: BLE001 - the sample goes back to the queue; the loop goes on
@@ -112,14 +138,13 @@ class StreamQueue:
                 time.sleep(0.5)
             with self._cond:
                 self._reading -= 1
-                if leased is not None:
-                    if self._closed:
+                if number >= 0:
+                    if leased is not None and self._closed:
                         self._store.drop_held(leased.ref.sample_id)
                         self._give_back(leased)
-                    else:
-                        self._ready.append(leased)
+                    self._slots[number] = None if self._closed else leased
                 self._cond.notify_all()
-            if leased is None:
+            if number < 0:
                 if not self._run_closed:
                     self._run_closed = self.backend.state().closed
                 if self._run_closed:
@@ -148,14 +173,15 @@ class StreamQueue:
         if not (self._closed or self._run_closed):
             self._run_closed = self.backend.state().closed
         with self._cond:
-            waiting = bool(self._ready)
+            waiting = any(leased is not None for leased in self._slots.values())
         return self._closed or (self._run_closed and not waiting)
 
     def close(self) -> None:
         """Stop this consumer (the run's queue stays for the other trainers); read-ahead leases go back."""
         with self._cond:
             self._closed = True
-            unread, self._ready = list(self._ready), collections.deque()
+            unread = [leased for leased in self._slots.values() if leased is not None]
+            self._slots.clear()
             self._cond.notify_all()
         for leased in unread:
             if self._store is not None:
