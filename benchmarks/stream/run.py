@@ -31,7 +31,8 @@ hosts the stream's queue, which an appliance-hosted queue does not survive):
   is closed, as a stopping loader's is: read-ahead leases go back), a new ``open_stream`` and
   loader continue the same run; the lost lease comes back after ``--visibility-timeout``.
 
-Printed per way and scenario: samples trained per second of the loop's wall time, the share of
+Printed per way and scenario: samples trained (each once: the stream delivers at least once) per
+second of the loop's wall time, the share of
 that wall time the trainer waited for supervision (inside ``generate_batch``, ``result()``, the
 loader's ``next()``, and a restarted trainer's new client or ``open_stream``), the longest single
 wait (also in trainer steps), and the samples computed more than once: the appliances'
