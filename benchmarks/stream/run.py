@@ -32,10 +32,9 @@ hosts the stream's queue, which an appliance-hosted queue does not survive):
   loader continue the same run; the lost lease comes back after ``--visibility-timeout``.
 
 Printed per way and scenario: samples trained (each once: the stream delivers at least once) per
-second of the loop's wall time, the share of
-that wall time the trainer waited for supervision (inside ``generate_batch``, ``result()``, the
-loader's ``next()``, and a restarted trainer's new client or ``open_stream``), the longest single
-wait (also in trainer steps), and the samples computed more than once: the appliances'
+second of the loop's wall time, the share of that wall time the trainer waited for supervision
+(inside ``generate_batch``, ``result()``, the loader's ``next()``, and a restarted trainer's new
+client or ``open_stream``), the longest single wait (also in trainer steps), and the samples computed more than once: the appliances'
 ``eagle3_inference_exec_count_total`` (blocking, prefetch) or ``eagle3_stream_produced_total``
 (stream) over the scenario, minus the samples trained (a killed appliance's counter is read
 just before the kill). First the fleet's capacity (``prefetch`` with both appliances busy and no
