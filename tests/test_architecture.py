@@ -118,7 +118,7 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
             }
         },
         # the recipes' surfaces, and the stream's queue + store (upstream's streaming API)
-        {"adapters": {"backend", "dflash"}, "streaming": {"streaming"}},
+        {"adapters": {"backend", "dflash", "dspark"}, "streaming": {"streaming"}},
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
         {"transports": {"transports"}},  # how bytes travel
         {
