@@ -7,8 +7,9 @@ distinct layers), unshifted, and optionally the full-vocabulary logits ``[B,T,V]
 forward-KL). DSpark captures a strictly increasing layer set in which ``-1`` is the embedding
 output and the last layer is the post-norm hidden state, plus the post-norm final hidden state
 ``[B,T,H]`` (upstream's ``HFDSparkTargetModel``). :class:`Capture` says which, and both ends
-read it from here: the client puts it in its ``POST /session`` offer, the server checks it against its model once, keeps it on the session
-and answers every ``/generate`` of that session with it.
+read it from here: the client puts it in its ``POST /session`` offer, the server checks it
+against its model once, keeps it on the session and answers every ``/generate`` of that session
+with it.
 
 An unmodified upstream peer never sees one: the EAGLE-3 capture is the absence of the field
 (the offer and the reply stay byte-for-byte what they were), and our client refuses to send a
