@@ -4,8 +4,11 @@
     python tests/integration/dspark_recipe_runner.py colocated OUT.pt -c recipe.yaml [--key=value ...]
 
 As ``dflash_recipe_runner.py``: ``remote`` runs our launcher, ``colocated`` the recipe module's
-own ``main`` with the target loaded by transformers. ``_forward_batch`` is wrapped to record each
-micro-batch's loss, and the draft's weights are reset from a fixed seed before the loop.
+own ``main`` with the target loaded by transformers. The draft's weights are reset from a fixed
+seed, then, instead of the training loop (the recipe's FlexAttention has no backward on the CPU),
+the recipe's own ``_forward_batch`` runs on the first :data:`BATCHES` training batches without
+gradients: the losses, the draft's weights (embeddings and LM head copied from the target) and
+the target batches are saved.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import torch
 from eagle3_client.automodel import DSPARK_RECIPES
 from tests.integration.dflash_recipe_runner import _CpuTargetLoader
 
+BATCHES = 3
+
 
 def _instrument(recipe_cls: type, out: str) -> None:
     losses: list[torch.Tensor] = []
     documents: list[int] = []  # the most documents one row of each step's batch held (0: unpacked)
     forward = recipe_cls._forward_batch
-    run_loop = recipe_cls.run_train_validation_loop
 
     def recording_forward(self: Any, batch: Any) -> Any:
         metrics = forward(self, batch)
@@ -38,19 +42,34 @@ def _instrument(recipe_cls: type, out: str) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             fresh = type(draft)(draft.config).to(dtype=next(draft.parameters()).dtype)
-        draft.load_state_dict(fresh.state_dict())
-        result = run_loop(self)
+        own = {k: v for k, v in draft.state_dict().items() if "embed_tokens" in k or "lm_head" in k}
+        draft.load_state_dict({**fresh.state_dict(), **own})  # the target's copies stay
+        hidden: list[torch.Tensor] = []
+        wrapper = self.target_wrapper
+        generate = wrapper.generate_batch
+
+        def recording_generate(*args: Any, **kwargs: Any) -> Any:
+            batch = generate(*args, **kwargs)
+            hidden.extend([batch.target_hidden_states, batch.target_last_hidden_states])
+            return batch
+
+        wrapper.generate_batch = recording_generate
+        with torch.no_grad():
+            for step, batch in enumerate(self.train_dataloader):
+                if step == BATCHES:
+                    break
+                self._forward_batch(batch)
         torch.save(
             {
                 "losses": torch.stack(losses),
                 "documents": documents,
+                "hidden": hidden,
                 "final": {k: v.detach().clone() for k, v in draft.state_dict().items()},
-                "backend": f"{type(self.target_wrapper).__module__}.{type(self.target_wrapper).__qualname__}",
+                "backend": f"{type(wrapper).__module__}.{type(wrapper).__qualname__}",
                 "target_model": type(self.target_model).__name__,
             },
             out,
         )
-        return result
 
     recipe_cls._forward_batch = recording_forward
     recipe_cls.run_train_validation_loop = instrumented_loop
