@@ -122,10 +122,11 @@ def _vocab_mapping(loaders: Sequence[Any], tokenizer: Any, base: Any, rc: Any) -
     from nemo_automodel.components.datasets.llm.eagle3 import load_or_build_eagle3_token_mapping
 
     special = [getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")]
-    return load_or_build_eagle3_token_mapping(
+    ids, mask = load_or_build_eagle3_token_mapping(
         _Chain(loaders),
         target_vocab_size=base.vocab_size,
         draft_vocab_size=rc.get("draft_vocab_size", None),
         special_token_ids=special,
         cache_path=rc.get("selected_token_ids_path", None),
     )
+    return ids, mask
