@@ -22,6 +22,7 @@ what that loader does for a plain HF Llama.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -78,6 +79,9 @@ def _instrument(out: str) -> None:
 
 def main() -> None:
     mode, out, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":  # under torchrun each rank saves its own
+        out = f"{out}.rank{rank}"
     _instrument(out)
     if mode == "remote":
         from eagle3_client.automodel_launch import main as launch

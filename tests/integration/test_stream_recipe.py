@@ -135,3 +135,111 @@ def test_the_recipe_trains_from_the_stream_as_colocated(
     assert torch.equal(s["losses"], c["losses"]), f"stream {s['losses'].tolist()} != co-located {c['losses'].tolist()}"
     assert not torch.equal(c["final"]["model.fc.weight"], c["initial"]["model.fc.weight"])
     assert [k for k in c["final"] if not torch.equal(s["final"][k], c["final"][k])] == []
+
+
+def test_two_data_parallel_trainers_each_train_their_share_once(
+    fleet: list[ServerProcess], target_dir: Path, tmp_path: Path
+) -> None:
+    """Under torchrun (gloo, two ranks) each rank trains its DistributedSampler share of every epoch
+    from its own runs, once, as the co-located DP run does: losses per rank and final weights equal."""
+    from eagle3_appliance.launch import free_port
+
+    run_id = "recipe-dp"
+    queue = "appliance://" + fleet[0].url.removeprefix("http://")
+    yaml_path = tmp_path / "recipe.yaml"
+    yaml_path.write_text(
+        RECIPE_YAML.format(
+            target=target_dir, url=fleet[0].url, queue=queue, run_id=run_id, out=tmp_path / "out",
+            micro_batch=MICRO_BATCH, epochs=2, packed=0,
+        )
+    )  # fmt: skip
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1"]
+    logs = {name: tmp_path / f"{name}.log" for name in ("producer", "stream", "colocated")}
+    producer = _start(
+        ["-m", "eagle3_appliance", "produce", "--urls", ",".join(p.url for p in fleet), "--queue", queue,
+         "--run-id", run_id, "-c", str(yaml_path), "--trainers", "2", "--timeout", "380"],
+        logs["producer"],
+    )  # fmt: skip
+    stream = subprocess.Popen(
+        [*torchrun, f"--master-port={free_port()}", str(RUNNER), "remote", str(tmp_path / "stream.pt"),
+         "-c", str(yaml_path)],
+        env=python_env(), stdout=open(logs["stream"], "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )  # fmt: skip
+    colocated = subprocess.Popen(
+        [*torchrun, f"--master-port={free_port()}", str(RUNNER), "colocated", str(tmp_path / "colocated.pt"),
+         "-c", str(yaml_path), "--recipe_args.target_model_backend=colocated",
+         "--recipe_args.target_prefetch_depth=0"],
+        env=python_env(), stdout=open(logs["colocated"], "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )  # fmt: skip
+    _finish(stream, logs["stream"])
+    _finish(colocated, logs["colocated"])
+    produced = _finish(producer, logs["producer"])
+    per_rank = SAMPLES // 2 // MICRO_BATCH
+    assert f"{2 * 2 * per_rank} samples in 4 run(s) closed" in produced  # 2 epochs x 2 ranks, each acked once
+    for suffix in ("", ".rank1"):
+        s = torch.load(tmp_path / f"stream.pt{suffix}")
+        c = torch.load(tmp_path / f"colocated.pt{suffix}")
+        assert s["losses"].shape == c["losses"].shape == (2 * per_rank,)
+        assert torch.equal(s["losses"], c["losses"]), f"rank{suffix}: {s['losses'].tolist()} != {c['losses'].tolist()}"
+        assert [k for k in c["final"] if not torch.equal(s["final"][k], c["final"][k])] == []
+
+
+def test_a_trainer_restarted_from_its_checkpoint_resumes_where_its_acks_stand(
+    fleet: list[ServerProcess], target_dir: Path, tmp_path: Path
+) -> None:
+    """Kill the trainer mid-epoch after a step checkpoint; the restarted one loads it and takes the
+    stream from its acked position: every sample of every epoch acked once, none computed twice."""
+    import signal
+    import time
+
+    import httpx
+
+    from eagle3_client.automodel_stream import stream_run_id
+    from eagle3_client.streaming.appliance_queue import ApplianceQueue
+
+    run_id = "recipe-restart"
+    queue = "appliance://" + fleet[0].url.removeprefix("http://")
+    yaml_path = tmp_path / "recipe.yaml"
+    text = RECIPE_YAML.format(
+        target=target_dir, url=fleet[0].url, queue=queue, run_id=run_id, out=tmp_path / "out",
+        micro_batch=MICRO_BATCH, epochs=2, packed=0,
+    )  # fmt: skip
+    text = text.replace(
+        "checkpoint:\n  enabled: false\n", f"checkpoint:\n  enabled: true\n  checkpoint_dir: {tmp_path}/ckpt\n"
+    )
+    yaml_path.write_text(text.replace("  log_every_steps: 1\n", "  log_every_steps: 1\n  ckpt_every_steps: 2\n"))
+
+    def produced() -> float:
+        return sum(
+            float(line.split()[-1])
+            for p in fleet
+            for line in httpx.get(p.url + "/metrics").text.splitlines()
+            if line.startswith("eagle3_stream_produced_total ")
+        )
+
+    before = produced()
+    logs = {name: tmp_path / f"{name}.log" for name in ("producer", "first", "second")}
+    producer = _start(
+        ["-m", "eagle3_appliance", "produce", "--urls", ",".join(p.url for p in fleet), "--queue", queue,
+         "--run-id", run_id, "-c", str(yaml_path), "--visibility-timeout", "3", "--timeout", "380"],
+        logs["producer"],
+    )  # fmt: skip
+    first = _start([str(RUNNER), "remote", str(tmp_path / "first.pt"), "-c", str(yaml_path)], logs["first"])
+    epoch0 = ApplianceQueue(queue, stream_run_id(run_id, 0, 0))
+    deadline = time.monotonic() + 300
+    while not ((tmp_path / "ckpt").exists() and any((tmp_path / "ckpt").iterdir()) and epoch0.state().acked >= 3):
+        assert time.monotonic() < deadline and first.poll() is None, logs["first"].read_text()[-3000:]
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    acked_before = epoch0.state().acked
+    second = _start([str(RUNNER), "remote", str(tmp_path / "second.pt"), "-c", str(yaml_path)], logs["second"])
+    second_out = _finish(second, logs["second"])
+    report = _finish(producer, logs["producer"])
+    total = 2 * SAMPLES // MICRO_BATCH
+    assert f"{total} samples in 2 run(s) closed" in report  # each acked exactly once
+    assert produced() - before == total  # no sample computed twice across the restart
+    assert "from the stream: run recipe-restart.e0.r0" in second_out  # it resumed epoch 0's run
+    trained = torch.load(tmp_path / "second.pt")["losses"].shape[0]
+    assert trained == total - acked_before  # the rest of epoch 0, then epoch 1: nothing twice
+    epoch0.close()
