@@ -239,3 +239,29 @@ def test_more_epochs_than_the_runs_hold_are_refused() -> None:
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(StreamOrderMismatch, match="more batches than its 1 epoch"):
         target.generate_batch(ids, ids, ids)
+
+
+def test_the_producer_builds_a_dflash_recipes_runs_without_a_vocabulary(qwen3_target: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from eagle3_appliance.cli import app
+    from eagle3_appliance.produce_recipe import recipe_runs
+
+    yaml_path = tmp_path / "dflash.yaml"
+    yaml_path.write_text(
+        RECIPE_YAML.format(
+            recipe="TrainDFlashRecipe", target=qwen3_target, url="http://nowhere:1", queue="appliance://nowhere:1",
+            run_id="r", out=tmp_path / "out", micro_batch=MICRO_BATCH, epochs=2, draft_layers=DRAFT_LAYERS,
+            shuffle="false",
+        )
+    )  # fmt: skip
+    runs = recipe_runs(str(yaml_path), [], "r", trainers=2)
+    assert runs.is_dflash and runs.vocab_mapping is None
+    assert [p.run_id for p in runs.plans] == ["r.e0.r0", "r.e0.r1", "r.e1.r0", "r.e1.r1"]
+    assert sum(len(p.samples) for p in runs.plans) == 2 * SAMPLES // MICRO_BATCH
+    refused = CliRunner().invoke(
+        app, ["produce", "--urls", "http://nowhere:1", "--queue", "appliance://nowhere:1", "--run-id", "r",
+              "-c", str(yaml_path)],
+        env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"},
+    )  # fmt: skip
+    assert refused.exit_code == 2 and "--capture dflash:" in refused.output
