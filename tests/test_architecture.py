@@ -115,6 +115,7 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
                 "automodel_launch",
                 "automodel_packing",
                 "automodel_stream",
+                "automodel_stream_dflash",
             }
         },
         # the recipes' surfaces, and the stream's queue + store (upstream's streaming API)

@@ -5,8 +5,9 @@ YAML (``-c``/``--config``) and ``--dotted.key=value`` overrides. It parses them 
 AutoModel's own parser, applies :func:`eagle3_client.automodel.install` with the options found in
 ``recipe_args`` or the environment, then does what the recipe's ``main`` does (build the
 recipe, ``setup()``, ``run_train_validation_loop()``). Under ``torchrun`` every rank does the
-same. ``target_model_backend: stream`` trains the EAGLE-3 recipe from a supervision stream
-(:mod:`eagle3_client.automodel_stream`). The YAML's ``recipe:`` key picks the recipe:
+same. ``target_model_backend: stream`` trains from a supervision stream (the EAGLE-3 recipe:
+:mod:`eagle3_client.automodel_stream`; the DFlash family: :mod:`eagle3_client.automodel_stream_dflash`).
+The YAML's ``recipe:`` key picks the recipe:
 ``TrainEagle3Recipe`` (the default), or one of the DFlash family (``TrainDFlashRecipe``,
 ``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``, ``TrainDominoRecipe``), run through
 :func:`eagle3_client.automodel.remote_dflash_recipe`, or ``TrainDSparkRecipe``, run through
@@ -52,11 +53,6 @@ def check_config(cfg: Any) -> None:
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
-    if backend == "stream" and name != _RECIPE:
-        raise SystemExit(
-            "target_model_backend: stream trains the EAGLE-3 recipe; a DFlash-family recipe streams through "
-            "eagle3_client.streaming.loader.DFlashFeatureLoader in your own loop"
-        )
     if backend not in ("remote", "stream"):
         logger.warning(
             "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "

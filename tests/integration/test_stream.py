@@ -30,7 +30,7 @@ from eagle3_client import protocol
 from eagle3_client.capture import Capture
 from eagle3_client.streaming.open import open_stream
 from eagle3_client.streaming.producer import Producer, sample_id
-from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun
+from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun, UnknownSample
 from eagle3_client.synthetic import vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, import_or_skip
 from tests.integration.test_packing_compat import documents
@@ -220,6 +220,11 @@ def test_errors_name_what_is_wrong(pair: list[ServerProcess], queue_url: str) ->
         elsewhere = streaming.refs.SampleRef(**{**ref.__dict__, "store_uri": "mem://local"})
         with pytest.raises(StreamError, match="mem://local"):
             store.get(elsewhere)
+        unknown = streaming.refs.SampleRef(**{**ref.__dict__, "sample_id": "e0000-b99999999"})
+        store._claim_timeout = 1.0  # no appliance keeps it, and no producer will move it
+        with pytest.raises(UnknownSample, match="e0000-b99999999"):
+            store.get(unknown)
+        store._claim_timeout = 300.0
         forged = streaming.queue.Lease(ref, lease.deadline, lease.visibility_timeout, 0, "0123456789abcdef")
         with pytest.raises(StreamError, match=ref.sample_id):
             queue.ack(forged)
