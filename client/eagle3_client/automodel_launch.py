@@ -53,6 +53,8 @@ def check_config(cfg: Any) -> None:
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
+    if backend == "stream" and name in DSPARK_RECIPES:
+        raise SystemExit("streams carry no DSpark answers: train TrainDSparkRecipe with target_model_backend: remote")
     if backend not in ("remote", "stream"):
         logger.warning(
             "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "
