@@ -17,3 +17,4 @@ echo "== data planes: GPU check"
 "$PY" tests/gpu/check_large_targets.py
 "$PY" tests/gpu/check_serving_speed.py
 "$PY" tests/gpu/check_long_samples.py
+"$PY" tests/gpu/check_stream.py

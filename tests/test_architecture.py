@@ -100,7 +100,7 @@ def test_the_client_never_imports_the_server() -> None:
 # module may import its own room and the levels below; sibling rooms never import each other.
 LAYERS: dict[str, list[dict[str, set[str]]]] = {
     "eagle3_appliance": [
-        {"entry points": {"cli", "__main__", "demo", "sizes", "launch"}},
+        {"entry points": {"cli", "__main__", "demo", "sizes", "launch", "produce", "produce_recipe"}},
         {"serving": {"serving"}},  # the HTTP face and the /generate flow
         # stream: answers kept for a run's stream and the queue an appliance hosts (plain state)
         {"dataplanes": {"dataplanes"}, "model": {"model"}, "ops": {"ops"}, "stream": {"stream"}},
@@ -115,10 +115,11 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
                 "automodel_launch",
                 "automodel_packing",
                 "automodel_stream",
+                "automodel_stream_dflash",
             }
         },
         # the recipes' surfaces, and the stream's queue + store (upstream's streaming API)
-        {"adapters": {"backend", "dflash"}, "streaming": {"streaming"}},
+        {"adapters": {"backend", "dflash", "dspark"}, "streaming": {"streaming"}},
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
         {"transports": {"transports"}},  # how bytes travel
         {

@@ -18,6 +18,7 @@ MODULES = [
     "eagle3_client.backend",
     "eagle3_client.capture",
     "eagle3_client.dflash",
+    "eagle3_client.dspark",
     "eagle3_client.contract",
     "eagle3_client.automodel",
     "eagle3_client.automodel_launch",

@@ -274,7 +274,8 @@ def produce(
         typer.Option(
             "--config",
             "-c",
-            help="An EAGLE-3 recipe YAML instead of --dataset: its own data pipeline, one run per epoch and rank.",
+            help="An EAGLE-3 or DFlash-family recipe YAML instead of --dataset: its own data pipeline, one run "
+            "per epoch and rank (a DFlash one with --capture dflash:...).",
         ),
     ] = None,
     trainers: Annotated[int, typer.Option(help="With --config: the recipe's data-parallel trainer ranks.")] = 1,
@@ -319,6 +320,11 @@ def produce(
             from eagle3_appliance.produce_recipe import recipe_runs
 
             runs = recipe_runs(config, [], run_id, trainers)
+            if runs.is_dflash and parsed.is_eagle3:
+                raise ValueError(
+                    f"{runs.recipe} captures target layers: give --capture dflash:L1,L2,... (dflash+logits:... "
+                    "for JetSpec), the layers the recipe logs"
+                )
             plans, mapping = runs.plans, runs.vocab_mapping
         else:
             assert dataset is not None

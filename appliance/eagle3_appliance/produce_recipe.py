@@ -1,4 +1,4 @@
-"""``eagle3-appliance produce -c recipe.yaml``: the batches an EAGLE-3 recipe would feed its target, as runs.
+"""``eagle3-appliance produce -c recipe.yaml``: the batches a recipe would feed its target, as runs.
 
 Builds the recipe's own data pipeline with NeMo AutoModel's code: the YAML parsed by its parser,
 the target's tokenizer and chat template (``NeMoAutoTokenizer``), the chat dataset, packing
@@ -9,6 +9,13 @@ of each data-parallel rank becomes one run, ``<run>.e<epoch>.r<rank>``
 (:func:`eagle3_client.automodel_stream.stream_run_id`), holding that rank's batches of that
 epoch in its ``DistributedSampler`` order, as a trainer started with ``target_model_backend:
 stream`` reads them.
+
+A DFlash-family YAML (``recipe: TrainDFlashRecipe``, ``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``,
+``TrainDominoRecipe``) gets the same batches (the family builds its loader with the same
+``build_eagle3_dataloader``) and no draft vocabulary (``vocab_mapping`` is ``None``); its capture
+is the producer's ``--capture dflash:...`` (the layers the recipe logs). Upstream's DFlash recipe
+always shuffles and has no ``train_shuffle`` key; its stream backend reads that key
+(:mod:`eagle3_client.automodel_stream_dflash`), with the same default (true), as this does.
 
 One choice differs from a co-located run: with ``trainers = 1`` and ``train_shuffle: true`` the
 order is drawn from ``DistributedSampler``'s seed and the epoch, not from the trainer's RNG (which
@@ -24,7 +31,10 @@ from typing import Any
 
 import torch
 
+from eagle3_client.automodel import DFLASH_RECIPES
+from eagle3_client.automodel_launch import recipe_name
 from eagle3_client.automodel_stream import stream_run_id
+from eagle3_client.automodel_stream_dflash import RankMesh
 from eagle3_client.streaming.producer import RunPlan
 
 __all__ = ["RecipeRuns", "recipe_runs"]
@@ -35,22 +45,14 @@ class RecipeRuns:
     """What a recipe's producer needs: one run per epoch and rank, and the draft vocabulary."""
 
     plans: list[RunPlan]
-    vocab_mapping: tuple[torch.Tensor, torch.Tensor]
+    vocab_mapping: tuple[torch.Tensor, torch.Tensor] | None  # None: a DFlash-family recipe
     epochs: int
     trainers: int
+    recipe: str = "TrainEagle3Recipe"
 
-
-class _RankMesh:
-    """The ``dp_mesh`` the recipe's dataloader builder reads a rank's sampler from (no process group)."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def get_local_rank(self) -> int:
-        return self._rank
+    @property
+    def is_dflash(self) -> bool:
+        return self.recipe in DFLASH_RECIPES
 
 
 class _Chain:
@@ -70,16 +72,14 @@ class _Chain:
 def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: int) -> RecipeRuns:
     """The runs of the recipe at ``config`` (with ``--key=value`` ``overrides``) for ``trainers`` ranks."""
     from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
-    from nemo_automodel.components.datasets.llm.eagle3 import (
-        build_eagle3_dataloader,
-        load_or_build_eagle3_token_mapping,
-    )
+    from nemo_automodel.components.datasets.llm.eagle3 import build_eagle3_dataloader
     from nemo_automodel.recipes.llm.train_eagle3 import NeMoAutoTokenizer
     from transformers import AutoConfig
 
     if trainers < 1:
         raise ValueError(f"--trainers must be at least 1, got {trainers}")
     cfg = parse_args_and_load_config(argv=["-c", config, *overrides])
+    recipe = recipe_name(cfg)
     rc = cfg.recipe_args
     target = rc.target_model_name_or_path
     trust = bool(rc.get("trust_remote_code", False))
@@ -100,23 +100,33 @@ def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: in
             mask_reasoning_content=rc.get("mask_reasoning_content", False),
             mask_generation_prompt=rc.get("mask_generation_prompt", False),
             packed_sequence_size=rc.get("packed_sequence_size", 0),
-            dp_mesh=_RankMesh(trainers, rank),
+            dp_mesh=RankMesh(trainers, rank),
         )
         for rank in range(trainers)
     ]
-    special = [getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")]
-    mapping = load_or_build_eagle3_token_mapping(
-        _Chain(loaders),
-        target_vocab_size=base.vocab_size,
-        draft_vocab_size=rc.get("draft_vocab_size", None),
-        special_token_ids=special,
-        cache_path=rc.get("selected_token_ids_path", None),
-    )
     epochs = int(rc.get("num_epochs", 1))
+    mapping = None
+    if recipe not in DFLASH_RECIPES:
+        mapping = _vocab_mapping(loaders, tokenizer, base, rc)
     plans = []
     for epoch in range(epochs):
         for rank, loader in enumerate(loaders):
             loader.sampler.set_epoch(epoch)
             batches = [dict(batch) for batch in loader]
             plans.append(RunPlan(stream_run_id(run_id, epoch, rank), [(f"b{i:08d}", b) for i, b in enumerate(batches)]))
-    return RecipeRuns(plans, mapping, epochs, trainers)
+    return RecipeRuns(plans, mapping, epochs, trainers, recipe)
+
+
+def _vocab_mapping(loaders: Sequence[Any], tokenizer: Any, base: Any, rc: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EAGLE-3 recipe's draft vocabulary, counted over every rank's share."""
+    from nemo_automodel.components.datasets.llm.eagle3 import load_or_build_eagle3_token_mapping
+
+    special = [getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")]
+    ids, mask = load_or_build_eagle3_token_mapping(
+        _Chain(loaders),
+        target_vocab_size=base.vocab_size,
+        draft_vocab_size=rc.get("draft_vocab_size", None),
+        special_token_ids=special,
+        cache_path=rc.get("selected_token_ids_path", None),
+    )
+    return ids, mask

@@ -112,10 +112,11 @@ class SizeRow:
 
 
 def capture_rows(shape: ModelShape, *, captures: list[str], dtype_bytes: int, batch_tokens: int) -> list[SizeRow]:
-    """One row per DFlash-style capture (``dflash:L1,L2,..`` or ``dflash+logits:..``); ValueError for a bad one.
+    """One row per DFlash-style capture (``dflash:L1,L2,..``, ``dflash+logits:..`` or ``dspark:..``);
+    ValueError for a bad one.
 
-    Per token the answer is ``n x H`` hidden units and, with logits, ``V`` more, all in the model
-    dtype; the request's ids and masks are not echoed (the client keeps them).
+    Per token the answer is ``n x H`` hidden units and, with logits, ``V`` more (DSpark: ``(n+1) x H``),
+    all in the model dtype; the request's ids and masks are not echoed (the client keeps them).
     """
     rows = []
     for spec in captures:
@@ -124,7 +125,8 @@ def capture_rows(shape: ModelShape, *, captures: list[str], dtype_bytes: int, ba
             raise ValueError("list EAGLE-3 answers with --encoding; --capture takes dflash:... captures")
         if shape.num_hidden_layers is not None:
             capture.checked(shape.num_hidden_layers)
-        width = len(capture.layers) * shape.hidden_size + (shape.vocab_size if capture.logits else 0)
+        tensors = len(capture.layers) + (1 if capture.is_dspark else 0)  # DSpark: and the final norm's output
+        width = tensors * shape.hidden_size + (shape.vocab_size if capture.logits else 0)
         per_token = width * dtype_bytes
         rows.append(SizeRow(shape.name, None, per_token, per_token, batch_tokens, capture=capture))
     return rows

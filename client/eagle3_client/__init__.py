@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from eagle3_client.capture import Capture
     from eagle3_client.contract import USING_NEMO_AUTOMODEL, Eagle3TargetBackend, Eagle3TargetBatch
     from eagle3_client.dflash import RemoteDFlashTargetModel
+    from eagle3_client.dspark import RemoteDSparkTargetModel
     from eagle3_client.errors import (
         CapabilityUnavailable,
         CaptureUnsupported,
@@ -39,6 +40,7 @@ _EXPORTS = {
     "Capture": "eagle3_client.capture",
     "CaptureUnsupported": "eagle3_client.errors",
     "RemoteDFlashTargetModel": "eagle3_client.dflash",
+    "RemoteDSparkTargetModel": "eagle3_client.dspark",
     "DataPlaneUnavailable": "eagle3_client.transports.negotiate",
     "TransferError": "eagle3_client.transports.transfer",
     "USING_NEMO_AUTOMODEL": "eagle3_client.contract",
@@ -70,6 +72,7 @@ __all__ = [
     "NoServerReady",
     "ProtocolViolation",
     "RemoteDFlashTargetModel",
+    "RemoteDSparkTargetModel",
     "RemoteEagle3TargetModel",
     "RemoteResult",
     "RemoteTargetError",

@@ -51,17 +51,21 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from eagle3_client.automodel_packing import patch_recipe
+from eagle3_client.automodel_stream import STREAM_BACKEND, StreamSettings
+from eagle3_client.automodel_stream_dflash import StreamDFlashTarget, stream_train_loader
 from eagle3_client.backend import RemoteEagle3TargetModel
 from eagle3_client.dflash import RemoteDFlashTargetModel
+from eagle3_client.dspark import RemoteDSparkTargetModel
 from eagle3_client.options import ClientOptions, checked_value, option_fields, recipe_key
 
 __all__ = [
     "DFLASH_RECIPES",
+    "DSPARK_RECIPES",
     "REMOTE_PACKAGE",
     "RECIPE_MODULE",
     "ConfigOnlyTarget",
@@ -70,6 +74,7 @@ __all__ = [
     "install",
     "options_from_config",
     "remote_dflash_recipe",
+    "remote_dspark_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,8 @@ DFLASH_RECIPES = {
     "TrainJetSpecRecipe": "nemo_automodel.recipes.llm.train_jetspec",
     "TrainDominoRecipe": "nemo_automodel.recipes.llm.train_domino",
 }
+# DSpark's recipe: class name -> module.
+DSPARK_RECIPES = {"TrainDSparkRecipe": "nemo_automodel.recipes.llm.train_dspark"}
 
 
 def options_from_config(recipe_args: Any = None) -> dict[str, Any]:
@@ -239,7 +246,7 @@ class ConfigOnlyTarget:
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self.remote: RemoteDFlashTargetModel | None = None
+        self.remote: RemoteDFlashTargetModel | RemoteDSparkTargetModel | None = None
 
     def eval(self) -> ConfigOnlyTarget:
         return self
@@ -250,9 +257,9 @@ class ConfigOnlyTarget:
     def to(self, *args: Any, **kwargs: Any) -> ConfigOnlyTarget:
         return self
 
-    def _wrapper(self) -> RemoteDFlashTargetModel:
+    def _wrapper(self) -> RemoteDFlashTargetModel | RemoteDSparkTargetModel:
         if self.remote is None:
-            raise RuntimeError("the remote DFlash target is not built yet (the recipe builds it in setup())")
+            raise RuntimeError("the remote target is not built yet (the recipe builds it in setup())")
         return self.remote
 
     def get_input_embeddings(self) -> Any:
@@ -283,12 +290,62 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
     The recipe's own ``_build_target_wrapper`` still runs, over the config alone: it checks the
     layer ids and says whether the family captures the logits (JetSpec), and the remote wrapper
     takes exactly those. ``options`` are client keywords; the YAML's ``remote_<option>`` keys win.
+
+    ``target_model_backend: stream`` sets up the same way and trains from a supervision stream
+    (:mod:`eagle3_client.automodel_stream_dflash`): the wrapper is a
+    :class:`~eagle3_client.automodel_stream_dflash.StreamDFlashTarget` over the remote one, and
+    the train loader samples as the producer does.
     """
     extra = dict(options or {})
 
     class RemoteTargetRecipe(recipe_cls):
+        def _backend(self) -> str:
+            return str(self.cfg.recipe_args.get("target_model_backend", "colocated"))
+
         def _remote(self) -> bool:
-            return bool(self.cfg.recipe_args.get("target_model_backend", "colocated") == "remote")
+            return self._backend() in ("remote", STREAM_BACKEND)
+
+        def setup(self) -> Any:
+            if self._backend() != STREAM_BACKEND:
+                return super().setup()
+            StreamSettings.from_config(self.cfg.recipe_args)  # the stream_* keys, before anything loads
+            # The train loader with the producer's sampler (stream_train_loader), for setup() alone.
+            module = sys.modules[_DFLASH_BASE]
+            build = getattr(module, "build_eagle3_dataloader")  # noqa: B009 - swapped for setup()
+            recipe = self
+
+            def build_loader(*args: Any, **kwargs: Any) -> Any:
+                world = int(getattr(recipe.dist_env, "world_size", 1) or 1)
+                swapped = stream_train_loader(
+                    build, recipe.cfg.recipe_args, getattr(recipe, "dp_mesh", None), world, recipe._get_dp_rank()
+                )
+                return swapped(*args, **kwargs)
+
+            setattr(module, "build_eagle3_dataloader", build_loader)  # noqa: B010
+            try:
+                return super().setup()
+            finally:
+                setattr(module, "build_eagle3_dataloader", build)  # noqa: B010
+
+        def run_train_validation_loop(self) -> Any:
+            wrapper = getattr(self, "target_wrapper", None)
+            if not isinstance(wrapper, StreamDFlashTarget):
+                return super().run_train_validation_loop()
+            wrapper.start(int(getattr(self, "_resume_epoch", 0) or 0))
+            try:
+                result = super().run_train_validation_loop()
+            except BaseException:
+                wrapper.finish(ack=False)  # the batch in hand goes to another trainer after its lease
+                raise
+            wrapper.finish(ack=True)  # the last batch is trained: ack it (the run closes)
+            return result
+
+        def _run_eval(self) -> Any:
+            wrapper = getattr(self, "target_wrapper", None)
+            if not isinstance(wrapper, StreamDFlashTarget):
+                return super()._run_eval()
+            with wrapper.live():  # validation batches are not on the stream: the appliances compute them
+                return super()._run_eval()
 
         def _build_target_model(self, recipe_cfg: Any, target_path: str, draft_spec: Any) -> Any:
             if not self._remote():
@@ -313,7 +370,7 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
             recipe_cfg = self.cfg.recipe_args
             urls = recipe_cfg.get("remote_urls", None)
             if not urls:
-                raise ValueError("target_model_backend=remote needs recipe_args.remote_urls")
+                raise ValueError(f"target_model_backend={self._backend()} needs recipe_args.remote_urls")
             kwargs = {**extra, **options_from_config(recipe_cfg)}
             wrapper = RemoteDFlashTargetModel.from_urls(
                 _url_list(urls),
@@ -330,7 +387,71 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
                 " and the logits" if wrapper.capture_logits else "",
                 wrapper.urls,
             )
-            return wrapper
+            if self._backend() != STREAM_BACKEND:
+                return wrapper
+            return StreamDFlashTarget(
+                wrapper,
+                StreamSettings.from_config(recipe_cfg),
+                rank=self._get_dp_rank(),
+                epochs=int(recipe_cfg.get("num_epochs", 1)),
+                device=self.device,
+                options=kwargs,
+            )
+
+    RemoteTargetRecipe.__name__ = RemoteTargetRecipe.__qualname__ = recipe_cls.__name__
+    return RemoteTargetRecipe
+
+
+def remote_dspark_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:
+    """A subclass of the DSpark recipe whose target runs on appliances when the YAML says
+    ``recipe_args.target_model_backend: remote`` (anything else: the recipe, unchanged).
+
+    The recipe's own ``setup()`` runs, with two names of its module swapped for that call: the
+    target loader reads the config only (:class:`ConfigOnlyTarget`), and ``HFDSparkTargetModel``
+    builds :class:`~eagle3_client.dspark.RemoteDSparkTargetModel` with the layer ids the recipe
+    resolved and checked. ``options`` are client keywords; the YAML's ``remote_<option>`` keys win.
+    """
+    extra = dict(options or {})
+    module_name = DSPARK_RECIPES["TrainDSparkRecipe"]
+
+    class RemoteTargetRecipe(recipe_cls):
+        def setup(self) -> Any:
+            recipe_cfg = self.cfg.recipe_args
+            if recipe_cfg.get("target_model_backend", "colocated") != "remote":
+                return super().setup()
+            urls = recipe_cfg.get("remote_urls", None)
+            if not urls:
+                raise ValueError("target_model_backend=remote needs recipe_args.remote_urls")
+            kwargs = {**extra, **options_from_config(recipe_cfg)}
+            recipe = self
+
+            def remote_wrapper(model: Any, target_layer_ids: Sequence[int], cp_mesh: Any = None) -> Any:
+                if cp_mesh is not None and cp_mesh.size() > 1:
+                    raise ValueError(
+                        "context parallelism (cp_size>1) shards a co-located target; a remote one needs none"
+                    )
+                wrapper = RemoteDSparkTargetModel.from_urls(
+                    _url_list(urls), target_layer_ids=list(target_layer_ids), device=recipe.device, **kwargs
+                )
+                if isinstance(model, ConfigOnlyTarget):
+                    model.remote = wrapper
+                logger.info(
+                    "eagle3-appliance: %s captures layers %s from %s",
+                    recipe_cls.__name__,
+                    wrapper.target_layer_ids,
+                    wrapper.urls,
+                )
+                return wrapper
+
+            module = sys.modules[module_name]
+            saved = {name: getattr(module, name) for name in ("NeMoAutoModelForCausalLM", "HFDSparkTargetModel")}
+            setattr(module, "NeMoAutoModelForCausalLM", _ConfigLoader)  # noqa: B010 - swapped for setup() only
+            setattr(module, "HFDSparkTargetModel", remote_wrapper)  # noqa: B010
+            try:
+                return super().setup()
+            finally:
+                for name, value in saved.items():
+                    setattr(module, name, value)
 
     RemoteTargetRecipe.__name__ = RemoteTargetRecipe.__qualname__ = recipe_cls.__name__
     return RemoteTargetRecipe

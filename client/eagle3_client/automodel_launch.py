@@ -5,11 +5,13 @@ YAML (``-c``/``--config``) and ``--dotted.key=value`` overrides. It parses them 
 AutoModel's own parser, applies :func:`eagle3_client.automodel.install` with the options found in
 ``recipe_args`` or the environment, then does what the recipe's ``main`` does (build the
 recipe, ``setup()``, ``run_train_validation_loop()``). Under ``torchrun`` every rank does the
-same. ``target_model_backend: stream`` trains the EAGLE-3 recipe from a supervision stream
-(:mod:`eagle3_client.automodel_stream`). The YAML's ``recipe:`` key picks the recipe:
+same. ``target_model_backend: stream`` trains from a supervision stream (the EAGLE-3 recipe:
+:mod:`eagle3_client.automodel_stream`; the DFlash family: :mod:`eagle3_client.automodel_stream_dflash`).
+The YAML's ``recipe:`` key picks the recipe:
 ``TrainEagle3Recipe`` (the default), or one of the DFlash family (``TrainDFlashRecipe``,
 ``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``, ``TrainDominoRecipe``), run through
-:func:`eagle3_client.automodel.remote_dflash_recipe`. Usage::
+:func:`eagle3_client.automodel.remote_dflash_recipe`, or ``TrainDSparkRecipe``, run through
+:func:`eagle3_client.automodel.remote_dspark_recipe`. Usage::
 
     python -m eagle3_client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
     torchrun --nproc-per-node=8 -m eagle3_client.automodel_launch -c recipe.yaml
@@ -38,23 +40,21 @@ def recipe_name(cfg: Any) -> str:
 
 def check_config(cfg: Any) -> None:
     """Refuse a YAML written for another recipe; warn when it does not use the remote backend."""
-    from eagle3_client.automodel import DFLASH_RECIPES
+    from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES
 
     name = recipe_name(cfg)
-    if name != _RECIPE and name not in DFLASH_RECIPES:
+    if name != _RECIPE and name not in DFLASH_RECIPES and name not in DSPARK_RECIPES:
         raise SystemExit(
-            f"this launcher runs the EAGLE-3 recipe ({_RECIPE}) or a DFlash-family recipe "
-            f"({', '.join(DFLASH_RECIPES)}); the YAML asks for {cfg.get('recipe', None)!r}"
+            f"this launcher runs the EAGLE-3 recipe ({_RECIPE}), a DFlash-family recipe "
+            f"({', '.join(DFLASH_RECIPES)}) or DSpark's ({', '.join(DSPARK_RECIPES)}); "
+            f"the YAML asks for {cfg.get('recipe', None)!r}"
         )
     recipe_args = cfg.get("recipe_args", None)
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
-    if backend == "stream" and name != _RECIPE:
-        raise SystemExit(
-            "target_model_backend: stream trains the EAGLE-3 recipe; a DFlash-family recipe streams through "
-            "eagle3_client.streaming.loader.DFlashFeatureLoader in your own loop"
-        )
+    if backend == "stream" and name in DSPARK_RECIPES:
+        raise SystemExit("streams carry no DSpark answers: train TrainDSparkRecipe with target_model_backend: remote")
     if backend not in ("remote", "stream"):
         logger.warning(
             "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "
@@ -68,7 +68,7 @@ def build_recipe(argv: Sequence[str]) -> Any:
     # Imported here so that ``--help`` does not wait for AutoModel's imports.
     from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
 
-    from eagle3_client.automodel import install, options_from_config
+    from eagle3_client.automodel import DSPARK_RECIPES, install, options_from_config
 
     cfg = parse_args_and_load_config(argv=list(argv))
     check_config(cfg)
@@ -83,6 +83,12 @@ def build_recipe(argv: Sequence[str]) -> Any:
 
         patch_recipe_for_stream(TrainEagle3Recipe, lambda: dict(options))  # target_model_backend: stream
         recipe_cls: type = TrainEagle3Recipe
+    elif name in DSPARK_RECIPES:
+        import importlib
+
+        from eagle3_client.automodel import remote_dspark_recipe
+
+        recipe_cls = remote_dspark_recipe(getattr(importlib.import_module(DSPARK_RECIPES[name]), name), options)
     else:
         import importlib
 

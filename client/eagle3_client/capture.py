@@ -4,9 +4,12 @@ EAGLE-3 (upstream's protocol) captures the server's three aux layers and sends d
 supervision, shifted left, in the session's encoding. The DFlash family (DFlash, DFlash 2,
 JetSpec, Domino) captures a layer set the recipe chooses (``target_layer_ids``, any number of
 distinct layers), unshifted, and optionally the full-vocabulary logits ``[B,T,V]`` (JetSpec's
-forward-KL). :class:`Capture` says which, and both ends read it from here: the client puts it in
-its ``POST /session`` offer, the server checks it against its model once, keeps it on the session
-and answers every ``/generate`` of that session with it.
+forward-KL). DSpark captures a strictly increasing layer set in which ``-1`` is the embedding
+output and the last layer is the post-norm hidden state, plus the post-norm final hidden state
+``[B,T,H]`` (upstream's ``HFDSparkTargetModel``). :class:`Capture` says which, and both ends
+read it from here: the client puts it in its ``POST /session`` offer, the server checks it
+against its model once, keeps it on the session and answers every ``/generate`` of that session
+with it.
 
 An unmodified upstream peer never sees one: the EAGLE-3 capture is the absence of the field
 (the offer and the reply stay byte-for-byte what they were), and our client refuses to send a
@@ -15,11 +18,12 @@ DFlash request to a server that did not echo the capture (an upstream server ans
 
 Usage::
 
-    capture = Capture.dflash([1, 3, 5, 6, 7], logits=True)
+    capture = Capture.dflash([1, 3, 5, 6, 7], logits=True)   # or Capture.dspark([-1, 3, 7])
     offer_body["capture"] = capture.to_json()
     capture.checked(num_layers=8)          # ValueError naming the problem
     capture.keys                           # ("hidden_states", "logits"): the answer's wire keys
     Capture.parse("dflash+logits:1,3,5")   # the command-line spelling (load tests, sizes)
+    Capture.parse("dspark:-1,3,7")
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from eagle3_client.quoting import quote
 
 __all__ = [
     "dflash_batch_type",
+    "dspark_batch_type",
     "CAPTURE_DFLASH",
+    "CAPTURE_DSPARK",
     "CAPTURE_EAGLE3",
     "CAPTURE_KINDS",
     "EAGLE3",
     "KEY_HIDDEN_STATES",
+    "KEY_LAST_HIDDEN_STATES",
     "KEY_LOGITS",
     "MAX_CAPTURE_LAYERS",
     "OFFER_KEY",
@@ -48,13 +55,17 @@ __all__ = [
 
 CAPTURE_EAGLE3 = "eagle3"  # the server's aux layers, draft-vocabulary supervision (upstream)
 CAPTURE_DFLASH = "dflash"  # a chosen layer set, unshifted, full logits optional
-CAPTURE_KINDS = (CAPTURE_EAGLE3, CAPTURE_DFLASH)
+CAPTURE_DSPARK = "dspark"  # a layer set (-1: the embedding output; last: post-norm), plus the post-norm state
+CAPTURE_KINDS = (CAPTURE_EAGLE3, CAPTURE_DFLASH, CAPTURE_DSPARK)
 # The key of the capture object in the /session offer and reply.
 OFFER_KEY = "capture"
 # The answer of a DFlash capture, in wire order: cat(layer outputs) [B,T,n*H] in the model
 # dtype, then (only when asked) the LM head's logits [B,T,V] as the model returns them.
 KEY_HIDDEN_STATES = "hidden_states"
 KEY_LOGITS = "logits"
+# The answer of a DSpark capture, in wire order: cat(features) [B,T,n*H], then the final norm's
+# output [B,T,H] (upstream's ``target_last_hidden_states``), both in the model dtype.
+KEY_LAST_HIDDEN_STATES = "last_hidden_states"
 # More layers than any model has would only be a way to make the server allocate: a bound
 # checked before the model's own depth is.
 MAX_CAPTURE_LAYERS = 1024
@@ -66,7 +77,9 @@ class Capture:
 
     ``kind`` is ``"eagle3"`` (``layers`` empty: the server's aux layers; supervision in the
     session's encoding) or ``"dflash"`` (``layers``: the decoder layers whose outputs are
-    concatenated, in this order; ``logits``: also send the full-vocabulary logits).
+    concatenated, in this order; ``logits``: also send the full-vocabulary logits) or ``"dspark"``
+    (``layers``: strictly increasing, ``-1`` the embedding output, the last layer the final
+    norm's output; the answer also carries the final norm's output on its own; no logits).
     """
 
     kind: str = CAPTURE_EAGLE3
@@ -77,18 +90,28 @@ class Capture:
     def dflash(cls, layers: Sequence[int], *, logits: bool = False) -> Capture:
         return cls(CAPTURE_DFLASH, tuple(int(i) for i in layers), bool(logits))
 
+    @classmethod
+    def dspark(cls, layers: Sequence[int]) -> Capture:
+        return cls(CAPTURE_DSPARK, tuple(int(i) for i in layers), False)
+
     @property
     def is_eagle3(self) -> bool:
         return self.kind == CAPTURE_EAGLE3
 
     @property
+    def is_dspark(self) -> bool:
+        return self.kind == CAPTURE_DSPARK
+
+    @property
     def label(self) -> str:
-        """How metrics and logs name it: ``eagle3``, ``dflash`` or ``dflash+logits``."""
+        """How metrics and logs name it: ``eagle3``, ``dflash``, ``dflash+logits`` or ``dspark``."""
         return f"{self.kind}+logits" if self.logits else self.kind
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """The wire keys of a DFlash answer, in order (EAGLE-3's come from the encoding)."""
+        """The wire keys of a DFlash or DSpark answer, in order (EAGLE-3's come from the encoding)."""
+        if self.is_dspark:
+            return (KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES)
         return (KEY_HIDDEN_STATES, KEY_LOGITS) if self.logits else (KEY_HIDDEN_STATES,)
 
     def checked(self, num_layers: int) -> Capture:
@@ -97,6 +120,8 @@ class Capture:
             return self
         if not self.layers:
             raise ValueError("capture.layers must name at least one decoder layer")
+        if self.is_dspark:
+            return self._checked_dspark(num_layers)
         for i in self.layers:
             if not 0 <= i < num_layers:
                 raise ValueError(f"capture.layers: layer id {i} is out of range for a model with {num_layers} layers")
@@ -105,9 +130,26 @@ class Capture:
             raise ValueError(f"capture.layers lists layer id(s) {repeated} more than once; each layer may appear once")
         return self
 
+    def _checked_dspark(self, num_layers: int) -> Capture:
+        """DSpark's layer ids, checked as upstream's ``validate_target_layer_ids`` does."""
+        bad = [i for i in self.layers if not (i == -1 or 0 <= i < num_layers)]
+        if bad:
+            raise ValueError(
+                f"capture.layers: DSpark layer id(s) {bad} are out of range {{-1}} U [0, {num_layers - 1}] "
+                f"for a model with {num_layers} layers (-1 is the embedding output)"
+            )
+        unordered = [b for a, b in zip(self.layers, self.layers[1:], strict=False) if b <= a]
+        if unordered:
+            raise ValueError(
+                f"capture.layers: DSpark layer ids must be strictly increasing; {unordered} "
+                f"do not follow the id before them in {list(self.layers)}"
+            )
+        return self
+
     @property
     def spec(self) -> str:
-        """The command-line spelling :meth:`parse` reads: ``eagle3``, ``dflash:1,3,5``, ``dflash+logits:1,3,5``."""
+        """The command-line spelling :meth:`parse` reads: ``eagle3``, ``dflash:1,3,5``, ``dflash+logits:1,3,5``,
+        ``dspark:-1,3,7``."""
         return self.kind if self.is_eagle3 else f"{self.label}:{','.join(str(i) for i in self.layers)}"
 
     @classmethod
@@ -117,14 +159,17 @@ class Capture:
         if text == CAPTURE_EAGLE3:
             return EAGLE3
         head, _, tail = text.partition(":")
-        if head not in (CAPTURE_DFLASH, f"{CAPTURE_DFLASH}+logits") or not tail.strip():
+        if head not in (CAPTURE_DFLASH, f"{CAPTURE_DFLASH}+logits", CAPTURE_DSPARK) or not tail.strip():
             raise ValueError(
-                f"a capture is 'eagle3', 'dflash:L1,L2,...' or 'dflash+logits:L1,L2,...', got {quote(text)}"
+                "a capture is 'eagle3', 'dflash:L1,L2,...', 'dflash+logits:L1,L2,...' or 'dspark:L1,L2,...', "
+                f"got {quote(text)}"
             )
         try:
             layers = [int(part) for part in tail.split(",")]
         except ValueError:
             raise ValueError(f"the layers of capture {quote(text)} must be integers separated by commas") from None
+        if head == CAPTURE_DSPARK:
+            return cls.dspark(layers)
         return cls.dflash(layers, logits=head.endswith("+logits"))
 
     def to_json(self) -> dict[str, Any]:
@@ -148,6 +193,8 @@ class Capture:
             raise ValueError(f"capture.logits must be true or false, got {quote(logits)}")
         if kind == CAPTURE_EAGLE3 and (layers or logits):
             raise ValueError("an eagle3 capture takes no layers or logits: it uses the server's aux layers")
+        if kind == CAPTURE_DSPARK and logits:
+            raise ValueError("a dspark capture takes no logits: it sends the final norm's output instead")
         return cls(kind, tuple(layers), logits)
 
 
@@ -176,4 +223,28 @@ def dflash_batch_type() -> type:
     except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
         return _LocalDFlashTargetBatch
     batch_type: type = DFlashTargetBatch
+    return batch_type
+
+
+@dataclass
+class _LocalDSparkTargetBatch:
+    """The fields of upstream's ``DSparkTargetBatch`` (used when NeMo AutoModel is not installed)."""
+
+    target_hidden_states: torch.Tensor
+    target_last_hidden_states: torch.Tensor
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    doc_remaining: torch.Tensor | None = None
+
+
+@functools.cache
+def dspark_batch_type() -> type:
+    """Upstream's ``DSparkTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
+    try:
+        from nemo_automodel.components.speculative.dspark.target import DSparkTargetBatch
+    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
+        return _LocalDSparkTargetBatch
+    batch_type: type = DSparkTargetBatch
     return batch_type

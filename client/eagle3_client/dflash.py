@@ -90,7 +90,7 @@ class RemoteDFlashTargetModel(RemoteTarget):
     def get_output_embeddings(self) -> torch.nn.Linear:
         """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
         if self._lm_head is None:
-            weight = self._any(_fetch_lm_head)
+            weight = self._any(fetch_lm_head)
             head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
             head.weight = torch.nn.Parameter(weight.to(self._device), requires_grad=False)
             self._lm_head = head
@@ -131,7 +131,7 @@ class RemoteDFlashTargetModel(RemoteTarget):
         )
 
 
-def _fetch_lm_head(server: ServerSession) -> torch.Tensor:
+def fetch_lm_head(server: ServerSession) -> torch.Tensor:
     """The whole LM head weight ``[V,H]`` from one server, in chunks, under one model fingerprint."""
     before = _served(server)
     hidden = int(server.control.post_json(protocol.EP_MODEL_INFO)["hidden_size"])

@@ -143,6 +143,8 @@ EP_GPUS = "gpus"  # NVML readings as JSON
 # Wire blob {"selected_token_ids": int64[D]} in, {"weight": [D,H]} (rows of the LM head, model
 # dtype) out: what a client on the "hidden" encoding needs to finish the projection itself.
 EP_LM_HEAD_ROWS = "lm_head_rows"
+# A /generate wire body, computed and kept for a run's stream (see the stream section below).
+EP_STREAM_PRODUCE = "stream/produce"
 # Sent by our client on every request once it has a session; requests without it belong
 # to the anonymous session that upstream clients share.
 SESSION_HEADER = "X-Eagle3-Session"
@@ -198,7 +200,7 @@ RESEND_CONFLICT_STATUS = 409
 # --max-body-bytes. Every other endpoint takes a JSON body (or none) of at most
 # MAX_JSON_BODY_BYTES (413 beyond, before it is read): a session offer or a group request is a
 # few hundred bytes, and a body parsed on the event loop must stay small enough not to stall it.
-WIRE_BODY_ENDPOINTS = frozenset({EP_GENERATE, EP_SET_VOCAB_MAPPING, EP_LM_HEAD_ROWS, "stream/produce"})
+WIRE_BODY_ENDPOINTS = frozenset({EP_GENERATE, EP_SET_VOCAB_MAPPING, EP_LM_HEAD_ROWS, EP_STREAM_PRODUCE})
 MAX_JSON_BODY_BYTES = 1 << 20
 # On /generate: the client names the transfer (its sequence number); the server echoes it
 # when the body is transfer metadata (JSON) and the tensors follow on the group. Without
@@ -660,7 +662,6 @@ def _number(value: int | float | None) -> float | None:
 SAMPLE_HEADER = "X-Eagle3-Sample"  # "<run_id>/<sample_id>"
 STREAM_ID_MAX_LEN = 128
 _STREAM_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{STREAM_ID_MAX_LEN}}}")
-EP_STREAM_PRODUCE = "stream/produce"
 EP_STREAM_RELEASE = "stream/release"
 EP_STREAM_RUNS = "stream/runs"
 STREAM_FULL_HEADER = "X-Eagle3-Stream-Full"

@@ -2,6 +2,7 @@
 
     python tests/integration/dflash_recipe_runner.py remote OUT.pt -c recipe.yaml [--key=value ...]
     python tests/integration/dflash_recipe_runner.py colocated OUT.pt -c recipe.yaml [--key=value ...]
+    python tests/integration/dflash_recipe_runner.py colocated-sampled OUT.pt -c recipe.yaml [--key=value ...]
 
 ``remote`` runs our launcher (``eagle3_client.automodel_launch.main``), ``colocated`` the recipe
 module's own ``main`` (the YAML's ``recipe:`` names which). Both get the same instruments, none
@@ -11,6 +12,12 @@ recipe builds its draft after loading the target, and only the co-located run lo
 random streams differ there). ``colocated`` loads the target with transformers instead of
 ``NeMoAutoModelForCausalLM``, which refuses to run without CUDA; for a plain HF checkpoint that
 is what that loader does.
+
+``colocated-sampled`` is ``colocated`` whose train loader samples as a stream trainer's does
+(a ``DistributedSampler`` for the one rank, ``shuffle`` from ``recipe_args.train_shuffle``:
+:func:`eagle3_client.automodel_stream_dflash.stream_train_loader`): upstream's single-process
+DFlash recipe shuffles with the global RNG, an order no producer can know, so this is the
+co-located run a stream run is compared with. Only the order of the batches changes.
 """
 
 from __future__ import annotations
@@ -79,13 +86,20 @@ def main() -> None:
         from eagle3_client.automodel_launch import main as launch
 
         launch(recipe_args)
-    elif mode == "colocated":
+    elif mode in ("colocated", "colocated-sampled"):
         dflash = importlib.import_module(DFLASH_RECIPES["TrainDFlashRecipe"])
         dflash.NeMoAutoModelForCausalLM = _CpuTargetLoader  # type: ignore[attr-defined]
+        if mode == "colocated-sampled":
+            from eagle3_client.automodel_stream_dflash import stream_train_loader
+
+            cfg = parse_args_and_load_config(argv=list(recipe_args))
+            dflash.build_eagle3_dataloader = stream_train_loader(  # type: ignore[attr-defined]
+                dflash.build_eagle3_dataloader, cfg.recipe_args, None, 1, 0
+            )
         sys.argv = [module.__file__ or "", *recipe_args]
         module.main()
     else:
-        raise SystemExit(f"mode must be 'remote' or 'colocated', not {mode!r}")
+        raise SystemExit(f"mode must be 'remote', 'colocated' or 'colocated-sampled', not {mode!r}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from eagle3_client import protocol
 from eagle3_client.capture import Capture
 from eagle3_client.streaming.open import open_stream
 from eagle3_client.streaming.producer import Producer, sample_id
-from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun
+from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun, UnknownSample
 from eagle3_client.synthetic import vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, import_or_skip
 from tests.integration.test_packing_compat import documents
@@ -61,17 +61,9 @@ def colocated(hf_model: torch.nn.Module) -> Any:
 
 
 @pytest.fixture(scope="module")
-def pair(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
-    """Two appliances for the in-process tests (the kill tests start their own)."""
-    logs = tmp_path_factory.mktemp("stream")
-    procs = [ServerProcess(["--cache-dir", str(cache_dir)], log_path=logs / f"a{i}.log") for i in range(2)]
-    try:
-        for proc in procs:
-            proc.start()
-        yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
+def pair(appliances: list[ServerProcess]) -> list[ServerProcess]:
+    """The two session-wide appliances (the kill tests start their own)."""
+    return appliances
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +109,21 @@ def produce_in_thread(producer: Producer) -> tuple[threading.Thread, dict[str, A
     return thread, result
 
 
+def record_leases(queue: Any) -> list[str]:
+    """The sample ids ``queue.acquire`` hands out, in order (the loader does not say which it yields)."""
+    seen: list[str] = []
+    original = queue.acquire
+
+    def acquire(**kwargs: Any) -> Any:
+        lease = original(**kwargs)
+        if lease is not None:
+            seen.append(lease.ref.sample_id)
+        return lease
+
+    queue.acquire = acquire
+    return seen
+
+
 def assert_equal(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> None:
     assert got is not None and want is not None, what
     assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, want.dtype, got.shape, want.shape)
@@ -141,16 +148,7 @@ def test_upstream_loader_yields_the_colocated_batches(
         queue, store = open_stream(
             queue_url, run_id=run_id, wait_for_run=30, data_plane=data_plane, read_ahead=read_ahead
         )
-        seen: list[str] = []
-        original = queue.acquire
-
-        def acquire(**kwargs: Any) -> Any:
-            lease = original(**kwargs)
-            if lease is not None:
-                seen.append(lease.ref.sample_id)
-            return lease
-
-        queue.acquire = acquire  # type: ignore[method-assign]
+        seen = record_leases(queue)
         got = list(streaming.FeatureDataLoader(queue, store))
         thread.join(60)
         store.close()
@@ -222,6 +220,11 @@ def test_errors_name_what_is_wrong(pair: list[ServerProcess], queue_url: str) ->
         elsewhere = streaming.refs.SampleRef(**{**ref.__dict__, "store_uri": "mem://local"})
         with pytest.raises(StreamError, match="mem://local"):
             store.get(elsewhere)
+        unknown = streaming.refs.SampleRef(**{**ref.__dict__, "sample_id": "e0000-b99999999"})
+        store._claim_timeout = 1.0  # no appliance keeps it, and no producer will move it
+        with pytest.raises(UnknownSample, match="e0000-b99999999"):
+            store.get(unknown)
+        store._claim_timeout = 300.0
         forged = streaming.queue.Lease(ref, lease.deadline, lease.visibility_timeout, 0, "0123456789abcdef")
         with pytest.raises(StreamError, match=ref.sample_id):
             queue.ack(forged)
@@ -393,16 +396,7 @@ def test_a_frozen_appliance_holds_back_only_its_own_samples(cache_dir: Path, col
         with Producer([p.url for p in procs], queue_url, run_id, batches, vocab_mapping=MAPPING) as producer:
             thread, result = produce_in_thread(producer)
             queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, read_ahead=3)
-            original = queue.acquire
-            last: list[str] = []
-
-            def acquire(**kwargs: Any) -> Any:
-                lease = original(**kwargs)
-                if lease is not None:
-                    last.append(lease.ref.sample_id)
-                return lease
-
-            queue.acquire = acquire  # type: ignore[method-assign]
+            last = record_leases(queue)
             for batch in streaming.FeatureDataLoader(queue, store):
                 got[last[-1]] = batch
                 if len(got) == 4:

@@ -8,6 +8,13 @@ upstream's ``HFDFlashTargetModel.generate_batch`` does: the hooked layers' outpu
 ``[0]`` when a layer returns a tuple) concatenated in the requested order, no shift, and the
 model's own logits, untouched, when asked.
 
+A DSpark capture is computed as upstream's ``HFDSparkTargetModel.generate_batch`` does, from
+hooks in the same forward: ``-1`` is the input embedding's output, the last layer is the final
+norm's output, any other id that layer's output (output ``[0]`` of a tuple); each feature with a
+4-D hyper-connection stream ``[B,T,h,H]`` reduced by its mean over the streams, concatenated in
+order; and the final norm's output again, alone (``last_hidden_states``). Hooks are keyed by
+:func:`hook_points`: a layer's index, :data:`EMBEDDING` (-1) or :data:`FINAL_NORM` (-2).
+
 :func:`check_request` bounds what one request may cost: the same working-memory budget as an
 EAGLE-3 ``/generate`` (:attr:`ServingLimits.working_bytes`, at :func:`working_bytes_per_token`),
 and an answer no larger than the server's largest EAGLE-3 answer (``max_answer_bytes``).
@@ -27,22 +34,88 @@ from eagle3_appliance.errors import InvalidRequest
 from eagle3_appliance.model.limits import ServingLimits, TargetShape
 from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.model.target import Target
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, KEY_LOGITS, Capture
 
 __all__ = [
+    "EMBEDDING",
+    "FINAL_NORM",
     "answer_bytes_per_token",
+    "capture_refusal",
     "check_request",
     "encode",
+    "find_final_norm",
     "forward_with_layers",
+    "hook_points",
     "lm_head_refusal",
     "lm_head_rows",
     "working_bytes_per_token",
 ]
 
 
+# Hook keys beside the decoder layers' indices (DSpark): the input embedding's and the final norm's output.
+EMBEDDING = -1
+FINAL_NORM = -2
+# Where the text stack (the module holding ``layers`` and ``norm``) sits, as upstream's DSpark wrapper looks.
+_TEXT_STACKS = (("model",), ("model", "language_model"), ("language_model",), ())
+
+
+def find_final_norm(model: nn.Module) -> nn.Module | None:
+    """The final norm whose output feeds the LM head (``<text stack>.norm``), or None."""
+    for names in _TEXT_STACKS:
+        obj: Any = model
+        for name in names:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if obj is not None and hasattr(obj, "layers"):
+            norm = getattr(obj, "norm", None)
+            return norm if isinstance(norm, nn.Module) else None
+    return None
+
+
+def capture_refusal(target: Target, capture: Capture) -> str | None:
+    """Why this server's model cannot serve ``capture`` exactly as the co-located wrapper would, or None."""
+    if not capture.is_dspark:
+        return None
+    if hasattr(target.model, "get_dspark_target_feature_modules"):
+        return "the model chooses its own DSpark feature modules (get_dspark_target_feature_modules), not served here"
+    if target.lockstep is not None:
+        return f"a DSpark capture is not served by a tensor-parallel target ({target.mode})"
+    if find_final_norm(target.model) is None:
+        return "the model's final norm (the text stack's `norm`) was not found"
+    if EMBEDDING in capture.layers and not isinstance(target.model.get_input_embeddings(), nn.Module):
+        return "the model has no input embedding module to capture layer -1 from"
+    return None
+
+
+def hook_points(capture: Capture, num_layers: int) -> set[int]:
+    """The hook keys a forward needs for ``capture``: its layers (DFlash), or DSpark's feature points."""
+    if capture.is_eagle3:
+        return set()
+    if not capture.is_dspark:
+        return set(capture.layers)
+    points = {i for i in capture.layers if 0 <= i < num_layers - 1}
+    if EMBEDDING in capture.layers:
+        points.add(EMBEDDING)
+    points.add(FINAL_NORM)  # the last layer's feature and the last hidden state
+    return points
+
+
+def _hook_module(target: Target, key: int) -> nn.Module:
+    if key == EMBEDDING:
+        module: nn.Module = target.model.get_input_embeddings()
+        return module
+    if key == FINAL_NORM:
+        norm = find_final_norm(target.model)
+        if norm is None:
+            raise RuntimeError("the model's final norm was not found")
+        return norm
+    return target.layers[key]
+
+
 @contextlib.contextmanager
-def _hooks(layers: Sequence[nn.Module], ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Forward hooks on ``layers[i]`` for each ``i`` in ``ids``, for one block; the dict fills as the forward runs."""
+def _hooks(target: Target, ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Forward hooks on the module of each key in ``ids``, for one block; the dict fills as the forward runs."""
     captured: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -54,7 +127,7 @@ def _hooks(layers: Sequence[nn.Module], ids: Sequence[int]) -> Iterator[dict[int
 
     try:
         for i in ids:
-            handles.append(layers[i].register_forward_hook(hook_for(i)))
+            handles.append(_hook_module(target, i).register_forward_hook(hook_for(i)))
         yield captured
     finally:
         for handle in handles:
@@ -72,9 +145,10 @@ def forward_with_layers(
     packing: Packing | None = None,
     slice_rows: int | None = None,
 ) -> tuple[ForwardOutputs, dict[int, torch.Tensor]]:
-    """The target's forward, plus the outputs of ``layer_ids`` (none: exactly ``Target.forward``)."""
+    """The target's forward, plus the outputs of the ``layer_ids`` hook keys (:func:`hook_points`; none:
+    exactly ``Target.forward``)."""
     ids = sorted(set(layer_ids))
-    with _hooks(target.layers, ids) as captured:
+    with _hooks(target, ids) as captured:
         out = target.forward(
             input_ids,
             attention_mask,
@@ -98,9 +172,15 @@ def encode(
     rows: slice | None = None,
     *,
     alloc: Allocator | None = None,
+    num_layers: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A DFlash answer for batch ``rows`` of a forward (all of it when None), keyed in ``capture.keys`` order."""
+    """A DFlash or DSpark answer for batch ``rows`` of a forward (all of it when None), keyed in
+    ``capture.keys`` order. ``num_layers``: the model's depth (a DSpark capture needs it)."""
     rows = rows if rows is not None else slice(None)
+    if capture.is_dspark:
+        if num_layers is None:
+            raise ValueError("a DSpark answer needs the model's number of layers")
+        return _encode_dspark(capture, layers, rows, num_layers, alloc)
     parts = [layers[i][rows] for i in capture.layers]
     if alloc is None or len(parts) == 1:
         hidden = torch.cat(parts, dim=-1)
@@ -117,12 +197,35 @@ def encode(
     return answer
 
 
+def _dspark_feature(layer_id: int, layers: dict[int, torch.Tensor], last: int) -> torch.Tensor:
+    key = EMBEDDING if layer_id == -1 else FINAL_NORM if layer_id == last else layer_id
+    feature = layers[key]
+    return feature.mean(dim=2) if feature.ndim == 4 else feature  # hyper-connection streams, as upstream
+
+
+def _encode_dspark(
+    capture: Capture, layers: dict[int, torch.Tensor], rows: slice, num_layers: int, alloc: Allocator | None
+) -> dict[str, torch.Tensor]:
+    parts = [_dspark_feature(i, layers, num_layers - 1)[rows] for i in capture.layers]
+    if alloc is None or len(parts) == 1:
+        hidden = torch.cat(parts, dim=-1)
+    else:
+        shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
+        hidden = torch.cat(parts, dim=-1, out=alloc(shape, parts[0].dtype))
+    return {KEY_HIDDEN_STATES: hidden, KEY_LAST_HIDDEN_STATES: layers[FINAL_NORM][rows]}
+
+
+def _captured_tensors(capture: Capture) -> int:
+    """How many ``[B,T,H]`` tensors the capture keeps alive: its layers (and DSpark's final norm)."""
+    return len(capture.layers) + (1 if capture.is_dspark else 0)
+
+
 def working_bytes_per_token(shape: TargetShape, capture: Capture, *, sliced: bool = True) -> int:
     """Server memory one token of this capture needs at worst: the decoder's activations, every
     captured layer beyond the three aux ones kept alive and concatenated, and the answer (with
     logits: the whole logits, written slice by slice). ``sliced=False``: an unsliced EAGLE-3
     forward's memory instead of the activations and the logits."""
-    extra_layers = max(0, len(capture.layers) - 3)
+    extra_layers = max(0, _captured_tensors(capture) - 3)
     layers = 2 * extra_layers * shape.hidden_size * shape.dtype_bytes
     if not sliced:
         return shape.unsliced_bytes_per_token() + layers
@@ -130,8 +233,9 @@ def working_bytes_per_token(shape: TargetShape, capture: Capture, *, sliced: boo
 
 
 def answer_bytes_per_token(shape: TargetShape, capture: Capture) -> int:
-    """Wire bytes of one token of a DFlash answer: ``n x H`` hidden units, and ``V`` logits when asked."""
-    width = len(capture.layers) * shape.hidden_size + (shape.vocab_size if capture.logits else 0)
+    """Wire bytes of one token of a DFlash answer: ``n x H`` hidden units, and ``V`` logits when asked
+    (DSpark: ``(n + 1) x H``, the features and the final norm's output)."""
+    width = _captured_tensors(capture) * shape.hidden_size + (shape.vocab_size if capture.logits else 0)
     return width * shape.dtype_bytes
 
 

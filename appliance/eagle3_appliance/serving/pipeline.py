@@ -233,6 +233,8 @@ class Pipeline:
         already kept here is not computed again (a producer that retries, or restarted).
         """
         run_id, sample_id = _sample(request, session)
+        if session.capture.is_dspark:
+            raise NotConfigured("streams carry EAGLE-3 and DFlash answers; a dspark session asks /generate")
         kept = self.resident.peek(run_id, sample_id)
         if kept is not None:
             _same_stream(kept, session)
@@ -490,7 +492,8 @@ class Pipeline:
             alloc = self.buffers.device_alloc()
             inputs = [job.inputs.to(device) for job in jobs]
             hidden = any(job.capture.is_eagle3 and job.encoding.kind == protocol.ENCODING_HIDDEN for job in jobs)
-            layer_ids = {i for job in jobs for i in job.capture.layers}
+            depth = target.num_hidden_layers
+            layer_ids = {i for job in jobs for i in captures.hook_points(job.capture, depth)}
             if len(jobs) == 1:
                 stacked = inputs[0]
             else:  # micro-batching: one forward over the rows of every job
@@ -514,9 +517,9 @@ class Pipeline:
             start = 0
             for job, job_inputs in zip(jobs, inputs, strict=True):
                 stop = start + job_inputs.batch_size
-                if not job.capture.is_eagle3:  # DFlash: chosen layers, unshifted, logits if asked
+                if not job.capture.is_eagle3:  # DFlash: chosen layers, unshifted, logits if asked; DSpark
                     part = None if len(jobs) == 1 else slice(start, stop)
-                    answers.append(captures.encode(job.capture, out, layers, part, alloc=alloc))
+                    answers.append(captures.encode(job.capture, out, layers, part, alloc=alloc, num_layers=depth))
                     start = stop
                     continue
                 rows: ForwardOutputs = out if len(jobs) == 1 else out.rows(start, stop)

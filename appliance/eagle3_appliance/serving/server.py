@@ -99,10 +99,13 @@ async def register_session(request: Request) -> HTTPResponse:
     """Extension: start a session. The body is the client's offer (JSON object, may be empty)."""
     state = serving_state(request)
     offer = json_body(request.body, SessionOffer.from_json)
-    try:  # DFlash: any layer set this model has, named and checked once per session
+    try:  # DFlash, DSpark: any layer set this model has, named and checked once per session
         capture = offer.capture.checked(state.target.num_hidden_layers)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    refusal = captures.capture_refusal(state.target, capture)
+    if refusal is not None:
+        raise InvalidRequest(f"this server cannot serve the {capture.label} capture: {refusal}")
     lease = _requested_lease(offer.lease_seconds, state.settings)
     offered = offered_encodings(offer)
     wants_hidden = any(e.kind == protocol.ENCODING_HIDDEN for e in offered)

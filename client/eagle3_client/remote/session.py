@@ -197,7 +197,7 @@ class ServerSession:
                 raise CaptureUnsupported(
                     f"{self.control.url} did not agree to the {self.capture.label} capture of layers "
                     f"{list(self.capture.layers)} (it answered {reply.capture.label}): an appliance from "
-                    "before DFlash support; upgrade it"
+                    "before support for this capture; upgrade it"
                 )
             try:  # every session, first or re-registered, of every path: never another model's answers
                 self.pin.check(self.control.url, reply.model_fingerprint)

@@ -138,6 +138,8 @@ class Producer:
         in_order: bool = False,
         **options: Any,
     ) -> None:
+        if capture.is_dspark:
+            raise ValueError("streams carry EAGLE-3 and DFlash answers, not DSpark's: use RemoteDSparkTargetModel")
         if capture.is_eagle3 and vocab_mapping is None:
             raise ValueError("an EAGLE-3 run needs the draft vocabulary: pass vocab_mapping=(ids, mask)")
         if encoding.startswith(protocol.ENCODING_HIDDEN):

@@ -22,7 +22,7 @@ import httpx
 import torch
 
 from eagle3_client import protocol
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, KEY_LOGITS
 from eagle3_client.encodings import detect_encoding, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.transports.control import ControlPlane
@@ -139,7 +139,7 @@ def check_supervision(
     The encoding is recognised by the answer's keys, so any plane can move any encoding;
     ``encoding`` is what the server said it used (the wire plane's header), checked against them.
     """
-    if KEY_HIDDEN_STATES in tensors:  # a DFlash capture's answer: no encoding applies
+    if KEY_HIDDEN_STATES in tensors:  # a DFlash or DSpark capture's answer: no encoding applies
         return _check_capture_answer(url, tensors)
     found = detect_encoding(tensors)
     if encoding is not None:
@@ -156,7 +156,11 @@ def check_supervision(
 
 
 def _check_capture_answer(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    keys = (KEY_HIDDEN_STATES, KEY_LOGITS) if KEY_LOGITS in tensors else (KEY_HIDDEN_STATES,)
+    keys: tuple[str, ...] = (KEY_HIDDEN_STATES,)
+    if KEY_LOGITS in tensors:  # DFlash with logits
+        keys = (KEY_HIDDEN_STATES, KEY_LOGITS)
+    elif KEY_LAST_HIDDEN_STATES in tensors:  # DSpark
+        keys = (KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES)
     extra = set(tensors) - set(keys) - set(protocol.SAMPLE_INPUT_KEYS)
     if extra or any(tensors.get(k) is None for k in keys):
         raise ProtocolViolation(f"{url}/generate sent a capture answer with keys {sorted(tensors)}; expected {keys}")

@@ -1,0 +1,118 @@
+"""``RemoteDSparkTargetModel``: DSpark's target, served remotely.
+
+A thin adapter over :class:`eagle3_client.remote.core.RemoteTarget`, like the DFlash one: the
+same servers, options, fleet, data planes and async requests. The capture
+(:meth:`eagle3_client.capture.Capture.dspark`) is the recipe's ``target_layer_ids`` (strictly
+increasing; ``-1`` is the embedding output, the last layer the post-norm hidden state) and the
+post-norm final hidden state, computed on the server as upstream's ``HFDSparkTargetModel``
+does. Every server negotiates it in its ``/session``; an upstream server (or an appliance without
+DSpark support) is refused with :class:`~eagle3_client.errors.CaptureUnsupported` before any
+batch is sent.
+
+The surface is the one NeMo AutoModel's DSpark recipe uses of ``HFDSparkTargetModel``:
+``generate_batch`` returning upstream's ``DSparkTargetBatch`` (when AutoModel is installed; an
+equivalent local dataclass otherwise), ``target_layer_ids``, ``get_input_embeddings()`` and
+``get_output_embeddings()`` (the LM head, fetched once in bounded chunks as the DFlash adapter does).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture, dspark_batch_type
+from eagle3_client.dflash import fetch_lm_head
+from eagle3_client.errors import ProtocolViolation
+from eagle3_client.remote.core import RemoteTarget
+from eagle3_client.remote.request import Packing
+from eagle3_client.transports.dataplane import Answer
+
+__all__ = ["RemoteDSparkTargetModel", "dspark_batch_type"]
+
+
+class RemoteDSparkTargetModel(RemoteTarget):
+    """DSpark target whose forwards run on remote appliances.
+
+    Usage::
+
+        target = RemoteDSparkTargetModel.from_urls(["http://node3:8001"], target_layer_ids=[-1, 9, 17, 35])
+        batch = target.generate_batch(input_ids, attention_mask, loss_mask)   # DSparkTargetBatch
+        lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
+        target.close()
+
+    Options: exactly those of :class:`eagle3_client.backend.RemoteEagle3TargetModel` (data
+    plane, auth token, leases, timeouts, fleet); ``encoding`` does not apply (the answer is the
+    features and the final norm's output, sent as computed).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str] | str | os.PathLike[str] | None,
+        *,
+        target_layer_ids: Sequence[int],
+        device: torch.device | str = "cpu",
+        headers: dict[str, str] | None = None,
+        **options: Any,
+    ) -> None:
+        layers = [int(i) for i in target_layer_ids]
+        if not layers:
+            raise ValueError("DSpark requires at least one target_layer_id.")
+        if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+            raise ValueError(f"DSpark target_layer_ids must be strictly increasing, got {layers}")
+        self.target_layer_ids = layers
+        self._lm_head: torch.nn.Linear | None = None
+        super().__init__(urls, device=device, headers=headers, capture=Capture.dspark(layers), **options)
+
+    @classmethod
+    def from_urls(
+        cls,
+        urls: Sequence[str] | str | os.PathLike[str] | None,
+        *,
+        target_layer_ids: Sequence[int],
+        device: torch.device | str = "cpu",
+        **options: Any,
+    ) -> RemoteDSparkTargetModel:
+        """Like ``RemoteEagle3TargetModel.from_urls``, with the layers to capture."""
+        return cls(urls, target_layer_ids=target_layer_ids, device=device, **options)
+
+    # -- what the recipe calls ----------------------------------------------------------
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
+        if self._lm_head is None:
+            weight = self._any(fetch_lm_head)
+            head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            head.weight = torch.nn.Parameter(weight.to(self._device), requires_grad=False)
+            self._lm_head = head
+        return self._lm_head
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def _to_batch(
+        self,
+        answer: Answer,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        packing: Packing | None,
+    ) -> Any:
+        dev = self._device
+        tensors = answer.tensors
+        hidden = tensors.get(KEY_HIDDEN_STATES)
+        last = tensors.get(KEY_LAST_HIDDEN_STATES)
+        if hidden is None or last is None or hidden.shape[:2] != input_ids.shape or last.shape[:2] != input_ids.shape:
+            raise ProtocolViolation(
+                f"a DSpark answer has keys {sorted(tensors)} with hidden_states "
+                f"{None if hidden is None else list(hidden.shape)} and last_hidden_states "
+                f"{None if last is None else list(last.shape)} for a batch of {list(input_ids.shape)}"
+            )
+        return dspark_batch_type()(
+            target_hidden_states=hidden.to(dev),
+            target_last_hidden_states=last.to(dev),
+            input_ids=input_ids.to(dev),
+            loss_mask=loss_mask.to(dev),
+            **({} if packing is None else packing.on(dev)),
+        )
