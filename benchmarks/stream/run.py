@@ -37,8 +37,9 @@ second of the loop's wall time, the share of that wall time the trainer waited f
 client or ``open_stream``), the longest single wait (also in trainer steps), and the samples
 computed more than once: the appliances' ``eagle3_inference_exec_count_total`` (blocking,
 prefetch) or ``eagle3_stream_produced_total`` (stream) over the scenario, minus the samples
-trained (a killed appliance's counter is read just before the kill). First the fleet's capacity (``prefetch`` with both appliances busy and no
-step time) beside the trainer's demand (1 / step time). The target it is read against (printed,
+trained (a killed appliance's counter is read just before the kill). First the fleet's capacity
+(``prefetch`` with both appliances busy and no step time) beside the trainer's demand (1 / step
+time). The target it is read against (printed,
 not asserted): the stream waits at most 1 % of the wall time and never longer than two steps at
 once, in every scenario, with a fleet capacity at least 1.2x the demand. Every loop is bounded:
 ``--samples`` steps and ``--scenario-timeout`` seconds.
