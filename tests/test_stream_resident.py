@@ -772,16 +772,22 @@ def test_disabled_too_large_and_bad_watermarks() -> None:
 def test_priority_samples_use_the_reserve_that_new_samples_leave_free() -> None:
     """A sample computed again after its appliance was lost must find room even when every appliance
     is full of the samples queued behind it (the deadlock a trainer waiting for it would be in)."""
-    resident = ResidentAnswers(1000, 500, reserve_bytes=200)
-    for i in range(4):
-        _keep(resident, "r", f"s{i}", 200)  # 800: at the limit of new samples (1000 - 200)
+    resident = ResidentAnswers(1000, 500, reserve_bytes=100)
+    assert resident.reserve_now == 100
+    for i in range(3):
+        _keep(resident, "r", f"s{i}", 200)  # 600; the reserve grew to two of the largest answers (400)
+    assert resident.reserve_now == 400 and resident.low_bytes == 500
     with pytest.raises(StreamFull, match="high watermark"):
-        resident.reserve("r", "new", 100, RETRY)
+        resident.reserve("r", "new", 200, RETRY)
     assert resident.paused
-    lost = resident.reserve("r", "lost", 200, RETRY, priority=True)  # into the reserve, despite the pause
-    resident.keep(lost, _answer("r", "lost", 200))
+    for i in range(2):  # into the reserve, despite the pause: two lost samples
+        lost = resident.reserve("r", f"lost{i}", 200, RETRY, priority=True)
+        resident.keep(lost, _answer("r", f"lost{i}", 200))
     assert _totals(resident) == (1000, 0, 5)
     with pytest.raises(StreamFull):  # the high watermark itself is never passed
         resident.reserve("r", "lost2", 1, RETRY, priority=True)
+    big = ResidentAnswers(1000, 750, reserve_bytes=100)
+    _keep(big, "r", "a", 300)  # the reserve becomes 500 (at most half): the low watermark follows it down
+    assert big.reserve_now == 500 and big.low_bytes == 500
     with pytest.raises(ValueError, match="low watermark"):
-        ResidentAnswers(1000, 900, reserve_bytes=200)
+        ResidentAnswers(1000, 950, reserve_bytes=100)

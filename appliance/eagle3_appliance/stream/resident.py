@@ -8,8 +8,10 @@ another trainer, which claims the same answer from here.
 
 Memory is bounded by ``--stream-memory-mb`` (the high watermark): a computation is admitted
 only if the resident answers, those being computed and its own (estimated from its shape,
-never below its real size) fit under it. A new sample must leave ``--stream-reserve`` of it
-free: that room is for *priority* samples (``X-Eagle3-Priority``: a sample whose appliance
+never below its real size) fit under it. A new sample must leave a reserve free: the larger of
+``--stream-reserve`` of it and two of the largest answers seen (at most half of it; none with
+``--stream-reserve 0``). That room
+is for *priority* samples (``X-Eagle3-Priority``: a sample whose appliance
 was lost, which a trainer may be waiting for while every appliance is full of the samples
 queued behind it; or the next sample of an in-order run). Once a new sample is refused,
 producers stay refused until the resident answers fall below the low watermark
@@ -90,8 +92,9 @@ class ResidentAnswers:
                 f"the low watermark ({low_bytes}) must be in [0, high watermark {high_bytes} - reserve {reserve_bytes}]"
             )
         self.high_bytes = high_bytes
-        self.low_bytes = low_bytes
+        self._low_bytes = low_bytes
         self.reserve_bytes = reserve_bytes
+        self._largest = 0  # the largest answer reserved so far: the reserve holds two of them
         self.metrics = metrics  # eagle3_appliance.ops.metrics.Metrics (its stream_* series), or None
         self.paused = False
         self._runs: dict[str, _Run] = {}
@@ -101,7 +104,7 @@ class ResidentAnswers:
         self._lock = threading.Lock()
         if metrics is not None:
             metrics.stream_watermark.labels("high").set(high_bytes)
-            metrics.stream_watermark.labels("low").set(low_bytes)
+            metrics.stream_watermark.labels("low").set_function(lambda: self.low_bytes)
             metrics.stream_resident.labels("bytes").set_function(lambda: self._resident)
             metrics.stream_resident.labels("samples").set_function(lambda: self._count)
             metrics.stream_paused.set_function(lambda: float(self.paused))
@@ -131,9 +134,10 @@ class ResidentAnswers:
             if priority and held + nbytes <= self.high_bytes:
                 self._reserved += nbytes
                 return Reservation(run_id, sample_id, nbytes)
+            self._largest = max(self._largest, nbytes)
             if self.paused and held <= self.low_bytes:
                 self.paused = False
-            if self.paused or held + nbytes > self.high_bytes - self.reserve_bytes:
+            if self.paused or held + nbytes > self.high_bytes - self.reserve_now:
                 self.paused = True
                 if self.metrics is not None:
                     self.metrics.stream_refused.inc()
@@ -231,6 +235,18 @@ class ResidentAnswers:
             self.metrics.stream_released.labels("run_ended").inc(dropped)
         return dropped
 
+    @property
+    def reserve_now(self) -> int:
+        """The room new samples leave for priority ones (module docstring)."""
+        if self.reserve_bytes == 0:
+            return 0  # no reserve asked for (--stream-reserve 0)
+        return min(self.high_bytes // 2, max(self.reserve_bytes, 2 * self._largest))
+
+    @property
+    def low_bytes(self) -> int:
+        """The low watermark, never above what new samples may fill (so that producers can resume)."""
+        return min(self._low_bytes, self.high_bytes - self.reserve_now)
+
     def _resume(self) -> None:
         """Producers are admitted again once answers are dropped to the low watermark (the lock is held):
         said at once (``paused``, the gauge, ``/stream/runs``), not at the next producer's try."""
@@ -264,6 +280,7 @@ class ResidentAnswers:
                 "resident_samples": self._count,
                 "high_watermark_bytes": self.high_bytes,
                 "low_watermark_bytes": self.low_bytes,
+                "reserve_bytes": self.reserve_now,
                 "paused": self.paused,
                 "runs": {
                     run_id: {"samples": len(run.answers), "bytes": run.nbytes} for run_id, run in self._runs.items()

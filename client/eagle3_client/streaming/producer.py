@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 _FULL_PAUSE_S = 0.25  # before a refused sample is offered again (the appliance was at its watermark)
 _DOWN_POLL_S = 0.2  # while an appliance is out of the rotation (the fleet probes it back)
+# An appliance that does not list what it keeps within this (its event loop answers at once, even
+# while a forward runs) is frozen or gone: its samples are computed again elsewhere.
+_LIST_TIMEOUT_S = 2.0
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -422,7 +425,7 @@ class Producer:
         path = f"{protocol.EP_STREAM_RUNS}/{run_id}"
         control = member.server.control
         try:
-            body = control.request("GET", path, control.read_json, retries=False, timeout=5.0)
+            body = control.request("GET", path, control.read_json, retries=False, timeout=_LIST_TIMEOUT_S)
         except TargetHTTPError as exc:
             return set() if exc.status == 404 else None
         except RemoteTargetError:

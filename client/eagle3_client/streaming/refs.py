@@ -72,15 +72,17 @@ def from_upstream(ref: Any) -> StreamRef:
     )
 
 
-def upstream_lease(lease: LeaseJSON) -> Any:
-    """Upstream's ``Lease`` for a queue's lease: its deadline on this process's monotonic clock.
+def upstream_lease(lease: LeaseJSON, leased_at: float | None = None) -> Any:
+    """Upstream's ``Lease`` for a queue's lease: its deadline on this process's monotonic clock,
+    from ``leased_at`` (when the queue granted it; now by default).
 
     ``lease_id`` is the queue's (a string): the loader only hands the lease back to our queue.
     """
     _, queue = _streaming()
+    start = time.monotonic() if leased_at is None else leased_at
     return queue.Lease(
         ref=to_upstream(lease.ref),
-        deadline=time.monotonic() + lease.visibility_timeout_s,
+        deadline=start + lease.visibility_timeout_s,
         visibility_timeout=queue.VisibilityTimeout(lease.visibility_timeout_s),
         redelivery_count=lease.redelivery_count,
         lease_id=lease.lease_id,

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _SCHEME = "appliance://"
 _RETRY_S = 0.5  # between claims of a sample whose appliance is gone, while the producer moves it
+_SUSPECT_S = 2.0  # a claim failed this recently, or is this slow: its appliance is not answering
 
 
 def owner_url(store_uri: str) -> str:
@@ -74,10 +75,13 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         self.encoding = parse_encoding(description.encoding)
         self._device = torch.device(device)
         self._claim_timeout = claim_timeout
-        # Each appliance is a target of its own: its answers live there, so a claim has no failover.
-        # A claim computes nothing (its answer starts at once): a server silent for 30 s is frozen
-        # or gone, and the sample is looked for where the producer moved it.
-        self._options = {"failover_timeout": 5.0, "generate_timeout": 30.0, **options}
+        # Each appliance is a target of its own: its answers live there, so a claim has no failover
+        # (nothing to wait for: it is back or not). A claim computes nothing, its answer starts at
+        # once: a server silent for 5 s is frozen or gone, and the sample is looked for where the
+        # producer moved it.
+        self._options = {"failover_timeout": 0.5, "generate_timeout": 5.0, **options}
+        self._claims: dict[str, list[float]] = {}  # appliance URL -> start times of claims in flight
+        self._failed: dict[str, float] = {}  # appliance URL -> when a claim there last failed
         self._targets: dict[str, RemoteTarget] = {}
         self._held: dict[str, dict[str, torch.Tensor]] = {}  # read-ahead samples, by sample id
         self._lock = threading.Lock()
@@ -162,6 +166,16 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         except (RemoteTargetError, StreamError) as exc:
             logger.info("release of sample %s on %s not confirmed: %s", ref.sample_id, ref.store_uri, exc)
 
+    def suspect(self, store_uri: str) -> bool:
+        """Whether the appliance at ``store_uri`` is not answering claims now: one failed in the last
+        :data:`_SUSPECT_S` seconds, or one has been waiting longer than that for its first bytes."""
+        url = owner_url(store_uri)
+        now = time.monotonic()
+        with self._lock:
+            failed = self._failed.get(url)
+            oldest = min(self._claims.get(url) or [now])
+        return (failed is not None and now - failed < _SUSPECT_S) or now - oldest > _SUSPECT_S
+
     def _check(self, ref: StreamRef) -> None:
         if ref.run_id != self._queue.run_id:
             raise RunMismatch(f"sample {ref.sample_id!r} belongs to run {ref.run_id!r}, not {self._queue.run_id!r}")
@@ -187,12 +201,22 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         current = ref
         while True:
             url = owner_url(current.store_uri)
+            started = time.monotonic()
+            with self._lock:
+                self._claims.setdefault(url, []).append(started)
             try:
-                answer = self._target(url).claim(current.run_id, current.sample_id)
+                try:
+                    answer = self._target(url).claim(current.run_id, current.sample_id)
+                finally:
+                    with self._lock:
+                        self._claims[url].remove(started)
             except (TargetUnreachable, TargetHTTPError) as exc:
                 if isinstance(exc, TargetHTTPError) and exc.status not in (404, 410, 503):
                     raise
                 reason = str(exc)
+                if not isinstance(exc, TargetHTTPError) or exc.status == 503:  # 404: it moved; the server is fine
+                    with self._lock:
+                        self._failed[url] = time.monotonic()
             else:
                 fingerprint = self._target(url)._servers[0].fingerprint
                 if fingerprint is not None and fingerprint != self.description.model_fingerprint:

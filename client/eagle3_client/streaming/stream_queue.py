@@ -13,13 +13,21 @@ an appliance that is slow, frozen or gone holds back only its own samples, which
 moves elsewhere, while the trainer takes the others. With ``in_order`` it hands them out in the
 order the queue leased them instead (a trainer that must see the producer's order). The leases
 read ahead count against the visibility timeout: keep it well above ``k`` training steps. On
-``close`` the leases not yet handed out go back to the queue at once (``fail``).
+``close`` the leases not yet handed out go back to the queue at once (``fail``). A lease that
+outlives its visibility timeout while it waits is dropped, never trained twice; and (unless
+``in_order``) a sample whose appliance is not answering claims is handed back at once, so that
+the readers are not all stuck on a frozen appliance while the producer moves its samples.
+
+``ack_behind`` (the default with read-ahead): ``ack`` returns at once and a thread acks on the
+queue and releases the answer on its appliance, so that the trainer does not wait for the
+round trips; ``close`` (or ``flush``) waits for them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue as queue_module
 import socket
 import threading
 import time
@@ -50,6 +58,7 @@ class StreamQueue:
         read_ahead: int = 0,
         store: ApplianceFeatureStore | None = None,
         in_order: bool = False,
+        ack_behind: bool | None = None,
     ) -> None:
         if read_ahead < 0 or (read_ahead and store is None):
             raise ValueError("read_ahead is a count >= 0, and needs the store that claims the samples")
@@ -62,7 +71,7 @@ class StreamQueue:
         self.in_order = in_order
         # Read ahead: leases numbered in the order they were leased; a slot holds the lease once its
         # sample is claimed, or None when its claim failed (the sample went back to the queue).
-        self._slots: dict[int, LeaseJSON | None] = {}
+        self._slots: dict[int, tuple[LeaseJSON, float] | None] = {}  # (lease, when it was granted)
         self._leased = 0  # numbers given out
         self._next = 0  # the number acquire() hands out next, in order
         self._reading = 0  # leases being claimed now
@@ -74,6 +83,13 @@ class StreamQueue:
         ]
         for reader in self._readers:
             reader.start()
+        # Ack behind (default with read-ahead): ack() returns at once and a thread tells the queue
+        # and the appliance; its failures are logged, as upstream's loader logs those of ack().
+        self._acks: queue_module.Queue[StreamRef | tuple[StreamRef, str] | None] | None = None
+        if read_ahead > 0 if ack_behind is None else ack_behind:
+            self._acks = queue_module.Queue()
+            self._acker = threading.Thread(target=self._ack_behind, name="stream-ack-behind", daemon=True)
+            self._acker.start()
 
     @property
     def run_id(self) -> str:
@@ -88,16 +104,28 @@ class StreamQueue:
         """
         if self._readers:
             with self._cond:
-                lease = self._take_ready()
+                taken = self._take_ready()
                 self._cond.notify_all()
-            return None if lease is None else upstream_lease(lease)
+            return None if taken is None else upstream_lease(*taken)
         if self._closed or self._run_closed:
             return None
         leased = self.backend.acquire(self.consumer)
         return None if leased is None else upstream_lease(leased)
 
-    def _take_ready(self) -> LeaseJSON | None:
-        """A claimed lease to hand out (the condition's lock is held)."""
+    def _take_ready(self) -> tuple[LeaseJSON, float] | None:
+        """A claimed lease to hand out, and when it was granted (the condition's lock is held).
+
+        A lease whose visibility timeout ran out while it waited here is dropped: the queue has
+        delivered its sample again (to another trainer, or to this one later), and training it
+        here too would train it twice.
+        """
+        now = time.monotonic()
+        for number, slot in list(self._slots.items()):
+            if slot is not None and now > slot[1] + slot[0].visibility_timeout_s:
+                logger.warning("read-ahead of %s outlived its lease: dropped", slot[0].ref.sample_id)
+                if self._store is not None:
+                    self._store.drop_held(slot[0].ref.sample_id)
+                self._slots[number] = None
         while self._next in self._slots and self._slots[self._next] is None:
             del self._slots[self._next]  # its claim failed: the sample went back to the queue
             self._next += 1
@@ -106,7 +134,7 @@ class StreamQueue:
                 return None
             self._next += 1
             return self._slots.pop(self._next - 1)
-        done = sorted(n for n, leased in self._slots.items() if leased is not None)
+        done = sorted(n for n, slot in self._slots.items() if slot is not None)
         return self._slots.pop(done[0]) if done else None
 
     def _read_ahead(self) -> None:
@@ -120,14 +148,20 @@ class StreamQueue:
                 if self._closed:
                     return
                 self._reading += 1
-            leased, number = None, -1
+            leased, number, granted = None, -1, 0.0
             try:
                 if not self._run_closed:
                     with self._leasing:  # numbered in the order the queue leased them
+                        granted = time.monotonic()
                         leased = self.backend.acquire(self.consumer)
                         if leased is not None:
                             number, self._leased = self._leased, self._leased + 1
-                if leased is not None:
+                if leased is not None and not self.in_order and self._store.suspect(leased.ref.store_uri):
+                    # Its appliance is not answering claims now: let the producer move it, take another.
+                    self._give_back(leased)
+                    leased = None
+                    time.sleep(0.05)
+                elif leased is not None:
                     self._store.hold(leased.ref.sample_id, self._store.fetch(leased.ref))
             except Exception as exc:  # noqa: BLE001 - the sample goes back to the queue; the loop goes on
                 logger.warning("read-ahead of %s failed: %s", leased.ref.sample_id if leased else "a lease", exc)
@@ -142,7 +176,7 @@ class StreamQueue:
                     if leased is not None and self._closed:
                         self._store.drop_held(leased.ref.sample_id)
                         self._give_back(leased)
-                    self._slots[number] = None if self._closed else leased
+                    self._slots[number] = None if self._closed or leased is None else (leased, granted)
                 self._cond.notify_all()
             if number < 0:
                 if not self._run_closed:
@@ -158,11 +192,38 @@ class StreamQueue:
             logger.info("giving back %s: %s", leased.ref.sample_id, exc)
 
     def ack(self, lease: Any) -> None:
-        """The sample is consumed (``LeaseNotHeld`` if the lease expired and went to another trainer)."""
+        """The sample is consumed (``LeaseNotHeld`` if the lease expired and went to another trainer;
+        behind: logged, and the call returns before the queue has it)."""
         ref = from_upstream(lease.ref)
-        self.backend.ack(ref.sample_id, str(lease.lease_id))
+        if self._acks is not None:
+            self._acks.put((ref, str(lease.lease_id)))
+            return
+        self._ack_now(ref, str(lease.lease_id))
+
+    def _ack_now(self, ref: StreamRef, lease_id: str) -> None:
+        self.backend.ack(ref.sample_id, lease_id)
         if self._on_ack is not None:
             self._on_ack(ref)
+
+    def _ack_behind(self) -> None:
+        assert self._acks is not None
+        while True:
+            item = self._acks.get()
+            try:
+                if item is None:
+                    return
+                ref, lease_id = item  # type: ignore[misc]
+                try:
+                    self._ack_now(ref, lease_id)
+                except Exception as exc:  # noqa: BLE001 - as upstream's loader does with a failed ack
+                    logger.warning("ack of sample %s failed: %s", ref.sample_id, exc)
+            finally:
+                self._acks.task_done()
+
+    def flush(self) -> None:
+        """Wait until every ack sent behind has reached the queue."""
+        if self._acks is not None:
+            self._acks.join()
 
     def fail(self, lease: Any) -> None:
         """Deliver the sample again (to any trainer), now."""
@@ -173,20 +234,23 @@ class StreamQueue:
         if not (self._closed or self._run_closed):
             self._run_closed = self.backend.state().closed
         with self._cond:
-            waiting = any(leased is not None for leased in self._slots.values())
+            waiting = any(slot is not None for slot in self._slots.values())
         return self._closed or (self._run_closed and not waiting)
 
     def close(self) -> None:
         """Stop this consumer (the run's queue stays for the other trainers); read-ahead leases go back."""
         with self._cond:
             self._closed = True
-            unread = [leased for leased in self._slots.values() if leased is not None]
+            unread = [slot for slot in self._slots.values() if slot is not None]
             self._slots.clear()
             self._cond.notify_all()
-        for leased in unread:
+        for leased, _ in unread:
             if self._store is not None:
                 self._store.drop_held(leased.ref.sample_id)
             self._give_back(leased)
+        if self._acks is not None:
+            self._acks.put(None)
+            self._acker.join(timeout=30)
         for reader in self._readers:
             reader.join(timeout=5)
 
