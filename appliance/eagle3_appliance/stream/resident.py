@@ -12,8 +12,8 @@ never below its real size) fit under it. A new sample must leave a reserve free:
 ``--stream-reserve`` of it and two of the largest answers seen (at most half of it; none with
 ``--stream-reserve 0``). That room
 is for *priority* samples (``X-Eagle3-Priority``: a sample whose appliance
-was lost, which a trainer may be waiting for while every appliance is full of the samples
-queued behind it; or the next sample of an in-order run). Once a new sample is refused,
+was lost and which a trainer holds a lease on, waiting for it while every appliance may be full
+of the samples queued behind it; or the next sample of an in-order run). Once a new sample is refused,
 producers stay refused until the resident answers fall below the low watermark
 (``--stream-low-watermark``), so that a producer sitting at the watermark does not alternate
 between one answer in and one out.

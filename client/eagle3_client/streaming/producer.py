@@ -12,7 +12,10 @@ Guarantees (each one tested by killing something):
   producer restarted with the same run id resumes: samples the queue already knows are not
   computed again, and the run ends where it stood.
 * An appliance that refuses because its resident answers are at the high watermark makes the
-  producer pause on it (it retries that sample shortly, here or on another appliance).
+  producer pause on it (it retries that sample shortly, here or on another appliance). Two kinds
+  of sample may use the room appliances keep free (``X-Eagle3-Priority``): a lost sample a
+  trainer holds a lease on (it waits for it, and the samples filling the appliances are queued
+  behind it), and the next sample of an in-order run.
 * Every ``sweep_interval`` the producer compares the queue with what the appliances keep: a
   sample not yet acked whose appliance is gone (killed, or restarted without its answers) is
   computed again on another appliance and its reference moved on the queue; an acked sample
@@ -170,6 +173,7 @@ class Producer:
         self.report = ProduceReport(total=len(self._batches))
         self._todo: collections.deque[tuple[str, str, bool]] = collections.deque()  # (run, sample, recompute)
         self._busy: set[tuple[str, str]] = set()  # queued or being computed
+        self._urgent: set[tuple[str, str]] = set()  # lost samples a trainer holds a lease on
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -324,7 +328,9 @@ class Producer:
             try:
                 payload, needs = self._payload(run_id, sid)
                 member.server.require(needs)
-                ref = member.server.produce(run_id, sid, payload, priority=recompute or head)
+                with self._cond:
+                    urgent = (run_id, sid) in self._urgent
+                ref = member.server.produce(run_id, sid, payload, priority=urgent or head)
             except TargetOverloaded:
                 self.report.refused_full += 1
                 self._give_back(item)
@@ -363,6 +369,7 @@ class Producer:
         result = self.queues[ref.run_id].put(ref)
         with self._cond:
             self._busy.discard((ref.run_id, ref.sample_id))
+            self._urgent.discard((ref.run_id, ref.sample_id))
         if result == PUT_ACKED:  # consumed meanwhile (from its first copy): this one is not needed
             self._release(ref.run_id, ref.store_uri, [ref.sample_id])
 
@@ -396,7 +403,11 @@ class Producer:
                     if held and status.sample_id in held:
                         late.setdefault(status.store_uri, []).append(status.sample_id)
                     continue
-                if (run_id, status.sample_id) in self._busy or (held is not None and status.sample_id in held):
+                if held is not None and status.sample_id in held:
+                    continue
+                if status.state == "leased":  # a trainer waits for it: it may use the appliances' reserve
+                    self._urgent.add((run_id, status.sample_id))
+                if (run_id, status.sample_id) in self._busy:
                     continue
                 logger.warning(
                     "sample %s of run %s (%s) is no longer kept by %s: computing it again",
