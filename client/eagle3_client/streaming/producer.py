@@ -396,15 +396,23 @@ class Producer:
             stale = sorted(sid for sid in held_there or () if where.get(sid, uri) != uri)
             if stale:
                 late.setdefault(uri, []).extend(stale)
+        lost = []
+        for status in statuses:
+            held = kept[status.store_uri]
+            if status.state == "acked":
+                if held and status.sample_id in held:
+                    late.setdefault(status.store_uri, []).append(status.sample_id)
+            elif held is None or status.sample_id not in held:
+                lost.append(status)
+        if lost:
+            # Read the queue again: a sample acked (then released) between the two reads above is
+            # not lost. An answer is released only after its ack, so one still not acked now was
+            # kept when the appliance was read, if it was kept at all.
+            now = {s.sample_id: s for s in self._statuses(run_id)}
+            lost = [s for s in lost if (n := now.get(s.sample_id)) is not None and n.state != "acked"]
+            lost = [s for s in lost if now[s.sample_id].store_uri == s.store_uri]
         with self._cond:
-            for status in statuses:
-                held = kept[status.store_uri]
-                if status.state == "acked":
-                    if held and status.sample_id in held:
-                        late.setdefault(status.store_uri, []).append(status.sample_id)
-                    continue
-                if held is not None and status.sample_id in held:
-                    continue
+            for status in lost:
                 if status.state == "leased":  # a trainer waits for it: it may use the appliances' reserve
                     self._urgent.add((run_id, status.sample_id))
                 if (run_id, status.sample_id) in self._busy:
