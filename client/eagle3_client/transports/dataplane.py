@@ -183,7 +183,10 @@ class WireDataPlane(DataPlane):
     name = "wire"
 
     def fetch(self, payload: bytes, *, retries: bool = True, headers: Mapping[str, str] | None = None) -> Answer:
-        # RECV_INTO: the socket transport receives the body straight into the tensors.
+        # RECV_INTO: the socket transport receives the body straight into the tensors. A stream
+        # claim computes nothing: a claim that timed out (a frozen server) is not resent, its
+        # caller looks for the sample where the producer moved it.
+        claim = headers is not None and protocol.SAMPLE_HEADER in headers
         answer = self.control.request(
             "POST",
             protocol.EP_GENERATE,
@@ -191,6 +194,7 @@ class WireDataPlane(DataPlane):
             content=payload,
             headers=headers,
             retries=retries,
+            retry_lost=not claim,
             extensions={RECV_INTO: True},
         )
         return self.accept(answer)
