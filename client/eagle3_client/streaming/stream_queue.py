@@ -134,7 +134,9 @@ class StreamQueue:
                 return None
             self._next += 1
             return self._slots.pop(self._next - 1)
-        done = sorted(n for n, slot in self._slots.items() if slot is not None)
+        for number in [n for n, slot in self._slots.items() if slot is None]:
+            del self._slots[number]  # out of order, a failed or dropped slot frees its place at once
+        done = sorted(self._slots)
         return self._slots.pop(done[0]) if done else None
 
     def _read_ahead(self) -> None:
