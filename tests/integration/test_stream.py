@@ -28,7 +28,6 @@ from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.produce import batches_of
 from eagle3_client import protocol
 from eagle3_client.capture import Capture
-from eagle3_client.streaming.open import open_stream
 from eagle3_client.streaming.producer import Producer, sample_id
 from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun, UnknownSample
 from eagle3_client.synthetic import vocab_mapping
@@ -39,6 +38,7 @@ from tests.redis_support import redis_server
 streaming = import_or_skip("nemo_automodel.components.speculative.streaming")
 upstream_eagle = import_or_skip("nemo_automodel.components.speculative.eagle.target")
 upstream_dflash = import_or_skip("nemo_automodel.components.speculative.dflash.target")
+open_stream = import_or_skip("eagle3_client.streaming.open").open_stream  # the consumer side needs AutoModel
 
 VOCAB, DRAFT = 1024, 256
 PYTHON = sys.executable
