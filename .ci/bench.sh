@@ -29,6 +29,7 @@ sys.exit(1 if failed else 0)
 # Stream benchmark, smoke form: the three ways through the steady scenario, 6 samples each
 # (prints the table; nothing here is a timing assertion).
 echo "== bench: python -m benchmarks.stream (steady, 6 samples per way)"
+make -s automodel  # the stream's trainer is upstream's FeatureDataLoader (nemo-automodel, --no-deps)
 .venv/bin/python -m benchmarks.stream --samples 6 --scenarios steady --head-start 3 --capacity-samples 4 \
     --cache-dir "${EAGLE3_CACHE_DIR:-.cache/eagle3-appliance}" | tee "$out"
 tail -n 1 "$out" | .venv/bin/python -c '
