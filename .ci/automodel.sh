@@ -30,4 +30,7 @@ t=$SECONDS
 EAGLE3_REQUIRE_AUTOMODEL=1 .venv/bin/python -m pytest tests/integration -v -p no:locust -ra --durations=10
 echo "tests ran in $((SECONDS - t)) s"
 
+echo "== automodel: Locust ranks as stream consumers (upstream's loader; skipped by make test before this step)"
+.venv/bin/python -m pytest tests/loadtest/test_locust_stream.py -p no:cacheprovider -ra
+
 echo "== automodel: done in $((SECONDS - start)) s"
