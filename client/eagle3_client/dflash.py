@@ -90,10 +90,7 @@ class RemoteDFlashTargetModel(RemoteTarget):
     def get_output_embeddings(self) -> torch.nn.Linear:
         """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
         if self._lm_head is None:
-            weight = self._any(fetch_lm_head)
-            head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            head.weight = torch.nn.Parameter(weight.to(self._device), requires_grad=False)
-            self._lm_head = head
+            self._lm_head = lm_head_module(self)
         return self._lm_head
 
     # -- decoding ----------------------------------------------------------------------
@@ -129,6 +126,15 @@ class RemoteDFlashTargetModel(RemoteTarget):
             logits=here(logits),
             **({} if packing is None else packing.on(dev)),
         )
+
+
+def lm_head_module(target: RemoteTarget) -> torch.nn.Linear:
+    """The target's LM head as a frozen bias-free ``Linear`` on the target's device, fetched from one server
+    (the DFlash family's and DSpark's drafts reuse it)."""
+    weight = target._any(fetch_lm_head)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = torch.nn.Parameter(weight.to(target._device), requires_grad=False)
+    return head
 
 
 def fetch_lm_head(server: ServerSession) -> torch.Tensor:

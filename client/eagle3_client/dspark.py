@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture, dspark_batch_type
-from eagle3_client.dflash import fetch_lm_head
+from eagle3_client.dflash import lm_head_module
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.remote.request import Packing
@@ -83,10 +83,7 @@ class RemoteDSparkTargetModel(RemoteTarget):
     def get_output_embeddings(self) -> torch.nn.Linear:
         """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
         if self._lm_head is None:
-            weight = self._any(fetch_lm_head)
-            head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            head.weight = torch.nn.Parameter(weight.to(self._device), requires_grad=False)
-            self._lm_head = head
+            self._lm_head = lm_head_module(self)
         return self._lm_head
 
     # -- decoding ----------------------------------------------------------------------
