@@ -385,23 +385,105 @@ def _metric(url: str, name: str) -> float:
 
 
 def test_a_frozen_appliance_holds_back_only_its_own_samples(cache_dir: Path, colocated: Any, tmp_path: Path) -> None:
-    """SIGSTOP one of two appliances mid-run: its samples are computed again on the other, the
-    trainer (reading ahead) takes the rest meanwhile, and every sample is trained once, bit for bit."""
+    """SIGSTOP one of two appliances once every sample is on the queue: the trainer (reading one
+    ahead) takes every sample of the other while it stays frozen, although its one reader's claim
+    went to the frozen appliance and stalls there (claims time out after a minute here); the frozen
+    appliance's samples are computed again on the other; every sample is trained once, bit for bit."""
     batches = batches_of(rows(32, seed=41), 2)
     procs = [ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"a{i}.log").start() for i in range(2)]
     queue_url = "appliance://" + procs[0].url[len("http://") :]
+    frozen_uri = "appliance://" + procs[1].url[len("http://") :]
     run_id = new_run("freeze")
     got: dict[str, Any] = {}
+    thawed = threading.Event()
+    by_watchdog: list[bool] = []
+
+    def thaw(watchdog: bool) -> None:
+        if not thawed.is_set():
+            thawed.set()
+            by_watchdog.append(watchdog)
+            procs[1].proc.send_signal(signal.SIGCONT)
+
+    watchdog = threading.Timer(45.0, thaw, (True,))
     try:
-        with Producer([p.url for p in procs], queue_url, run_id, batches, vocab_mapping=MAPPING) as producer:
+        # In order: the queue hands the samples out in id order, so which come after the frozen
+        # appliance's first one is known.
+        with Producer(
+            [p.url for p in procs], queue_url, run_id, batches, vocab_mapping=MAPPING, in_order=True
+        ) as producer:
             thread, result = produce_in_thread(producer)
-            queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, read_ahead=3)
+
+            def all_put() -> bool:
+                try:
+                    return producer.queue.state().pending == len(batches)
+                except UnknownRun:  # the producer has not opened it yet
+                    return False
+
+            _wait_for(all_put, 60, "every sample on the queue")
+            where = {s.sample_id: s.store_uri for s in producer.queue.samples()}
+            frozen = sorted(sid for sid, uri in where.items() if uri == frozen_uri)
+            others = sorted(sid for sid, uri in where.items() if uri != frozen_uri)
+            assert frozen and others and others[-1] > frozen[0], where  # some wait behind a frozen one
+            procs[1].proc.send_signal(signal.SIGSTOP)
+            watchdog.start()
+            queue, store = open_stream(
+                queue_url, run_id=run_id, wait_for_run=30, read_ahead=1, generate_timeout=60.0
+            )
             last = record_leases(queue)
             for batch in streaming.FeatureDataLoader(queue, store):
                 got[last[-1]] = batch
-                if len(got) == 4:
-                    procs[1].proc.send_signal(signal.SIGSTOP)
-                    threading.Timer(8.0, procs[1].proc.send_signal, (signal.SIGCONT,)).start()
+                if set(others) <= set(got) and producer.report.recomputed >= 1:
+                    thaw(False)
+                time.sleep(0.1)
+            thread.join(120)
+            queue.close()
+            store.close()
+    finally:
+        watchdog.cancel()
+        procs[1].proc.send_signal(signal.SIGCONT)
+        for proc in procs:
+            proc.stop()
+    assert "error" not in result, result
+    assert sorted(got) == [sample_id(0, i) for i in range(len(batches))] and len(last) == len(batches)
+    # Before the appliance came back: every sample of the other one was trained, and the frozen
+    # one's samples were being computed again elsewhere.
+    assert by_watchdog == [False]
+    assert result["report"].recomputed >= 1
+    for sid, batch in got.items():
+        source = batches[int(sid.rsplit("-b", 1)[1])]
+        inputs = (source["input_ids"], source["attention_mask"], source["loss_mask"])
+        for key, value in colocated_supervision(colocated, inputs, *MAPPING).items():
+            assert_equal(getattr(batch, key), value, f"{sid} {key}")
+
+
+def test_acks_are_not_held_up_by_a_frozen_appliance(cache_dir: Path, tmp_path: Path) -> None:
+    """The trainer acks a sample of an appliance that has just frozen: telling that appliance to
+    drop the answer cannot hold back the acks of the samples trained after it (acked behind, on
+    the queue hosted elsewhere), or their leases (3 s) run out and they are handed out again."""
+    batches = batches_of(rows(80, seed=43), 2)
+    procs = [ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"a{i}.log").start() for i in range(2)]
+    queue_url = "appliance://" + procs[0].url[len("http://") :]
+    frozen_uri = "appliance://" + procs[1].url[len("http://") :]
+    run_id = new_run("ackfreeze")
+    trained: list[str] = []
+    try:
+        with Producer(
+            [p.url for p in procs], queue_url, run_id, batches, vocab_mapping=MAPPING, visibility_timeout=3.0
+        ) as producer:
+            thread, result = produce_in_thread(producer)
+            queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, read_ahead=2)
+            last = record_leases(queue)
+            for _ in streaming.FeatureDataLoader(queue, store):
+                trained.append(last[-1])
+                if (
+                    not any(t.is_alive() for t in threading.enumerate() if t.name == "thaw")
+                    and queue.backend.locate(last[-1]).store_uri == frozen_uri  # type: ignore[union-attr]
+                    and len(trained) < 10
+                ):
+                    procs[1].proc.send_signal(signal.SIGSTOP)  # before the loader acks this sample
+                    thaw = threading.Timer(8.0, procs[1].proc.send_signal, (signal.SIGCONT,))
+                    thaw.name = "thaw"
+                    thaw.start()
                 time.sleep(0.1)
             thread.join(120)
             queue.close()
@@ -411,10 +493,56 @@ def test_a_frozen_appliance_holds_back_only_its_own_samples(cache_dir: Path, col
         for proc in procs:
             proc.stop()
     assert "error" not in result, result
-    assert sorted(got) == [sample_id(0, i) for i in range(len(batches))] and len(last) == len(batches)
-    assert result["report"].recomputed >= 1  # the frozen appliance's samples were computed elsewhere
-    for sid, batch in got.items():
-        source = batches[int(sid.rsplit("-b", 1)[1])]
-        inputs = (source["input_ids"], source["attention_mask"], source["loss_mask"])
-        for key, value in colocated_supervision(colocated, inputs, *MAPPING).items():
-            assert_equal(getattr(batch, key), value, f"{sid} {key}")
+    assert sorted(trained) == [sample_id(0, i) for i in range(len(batches))]  # each once
+
+
+def test_samples_in_flight_on_a_frozen_appliance_are_computed_elsewhere(cache_dir: Path, tmp_path: Path) -> None:
+    """An appliance freezes as the run starts: the producer's requests already sent to it are
+    computed again on the other appliance, and nothing more is sent to it while it is silent, so
+    the whole run is trained while it stays frozen (its requests would otherwise wait minutes)."""
+    batches = batches_of(rows(24, seed=47), 2)
+    procs = [ServerProcess(["--cache-dir", str(cache_dir)], log_path=tmp_path / f"a{i}.log").start() for i in range(2)]
+    queue_url = "appliance://" + procs[0].url[len("http://") :]
+    run_id = new_run("inflight")
+    trained: list[str] = []
+    by_watchdog: list[bool] = []
+
+    def thaw(watchdog: bool) -> None:
+        if not by_watchdog:
+            by_watchdog.append(watchdog)
+            procs[1].proc.send_signal(signal.SIGCONT)
+
+    watchdog = threading.Timer(45.0, thaw, (True,))
+    try:
+        with Producer([p.url for p in procs], queue_url, run_id, batches, vocab_mapping=MAPPING) as producer:
+            # Its first requests to the second appliance block at once: frozen before the run opens.
+            frozen = threading.Event()
+            original = producer._connect
+
+            def connect_then_freeze() -> None:
+                original()
+                procs[1].proc.send_signal(signal.SIGSTOP)
+                frozen.set()
+
+            producer._connect = connect_then_freeze  # type: ignore[method-assign]
+            thread, result = produce_in_thread(producer)
+            assert frozen.wait(60)
+            watchdog.start()
+            queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, read_ahead=2)
+            last = record_leases(queue)
+            for _ in streaming.FeatureDataLoader(queue, store):
+                trained.append(last[-1])
+                if len(trained) == len(batches):
+                    thaw(False)
+            thread.join(120)
+            queue.close()
+            store.close()
+    finally:
+        watchdog.cancel()
+        procs[1].proc.send_signal(signal.SIGCONT)
+        for proc in procs:
+            proc.stop()
+    assert "error" not in result, result
+    assert by_watchdog == [False]  # every sample trained while the appliance was frozen
+    assert sorted(trained) == [sample_id(0, i) for i in range(len(batches))]
+    assert result["report"].recomputed >= 1  # what it had been sent was computed again

@@ -42,6 +42,7 @@ from eagle3_client.streaming.queues import (
     check_page,
     check_total,
 )
+from eagle3_client.transports.tls import tls_context
 
 __all__ = ["SCHEME", "ApplianceQueue", "http_url"]
 
@@ -88,6 +89,7 @@ class ApplianceQueue(QueueBackend):
             headers=auth_headers(auth_token),
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             trust_env=False,
+            verify=tls_context(),
         )
 
     def open(self, description: RunDescription | None = None) -> RunDescription:

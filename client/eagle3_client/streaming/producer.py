@@ -20,6 +20,10 @@ Guarantees (each one tested by killing something):
   sample not yet acked whose appliance is gone (killed, or restarted without its answers) is
   computed again on another appliance and its reference moved on the queue; an acked sample
   whose answer is still kept (its trainer died between the ack and the release) is released.
+* An appliance that does not answer the sweep (frozen, or its host unreachable) is *silent*:
+  it is sent nothing more until it answers again, and the samples it was computing are computed
+  on another appliance too. Whichever copy is done first is put on the queue; the other is
+  released when it comes (or by a later sweep).
 * With ``in_order`` a run's samples are put on its queue in the plan's order (computed in
   parallel, each held back until those before it are put), so that a single trainer trains in
   that order; without it each is put as soon as it is computed (a slow appliance then holds back
@@ -31,6 +35,8 @@ Guarantees (each one tested by killing something):
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -60,6 +66,7 @@ _DOWN_POLL_S = 0.2  # while an appliance is out of the rotation (the fleet probe
 # An appliance that does not list what it keeps within this (its event loop answers at once, even
 # while a forward runs) is frozen or gone: its samples are computed again elsewhere.
 _LIST_TIMEOUT_S = 2.0
+_LOOK_AHEAD = 64  # how far into the work list a worker looks for a sample that may use the reserve
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -172,7 +179,9 @@ class Producer:
         self.target = RemoteTarget(list(urls), capture=capture, encoding=encoding, **options)
         self.report = ProduceReport(total=len(self._batches))
         self._todo: collections.deque[tuple[str, str, bool]] = collections.deque()  # (run, sample, recompute)
-        self._busy: set[tuple[str, str]] = set()  # queued or being computed
+        self._busy: set[tuple[str, str]] = set()  # queued or being computed, not yet put
+        self._inflight: dict[tuple[str, str], list[str]] = {}  # being computed: on which appliances
+        self._silent: set[str] = set()  # appliances that did not answer the last sweep
         self._urgent: set[tuple[str, str]] = set()  # lost samples a trainer holds a lease on
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -300,11 +309,23 @@ class Producer:
     # -- workers: one per in-flight slot of each appliance ------------------------------------
 
     def _take(self) -> tuple[str, str, bool] | None:
+        """The next sample to compute: first one that may use the appliances' reserve (a lost one
+        a trainer waits for, the next of an in-order run), else the oldest. Refused samples go
+        back to the front: they must not keep those behind them while the appliances are full."""
         with self._cond:
             while not self._todo:
                 if self._stop.is_set():
                     return None
                 self._cond.wait(0.2)
+            first = set(self._urgent)
+            for run_id, unput in list(self._unput.items()):  # read without the put lock: a stale head is harmless
+                with contextlib.suppress(IndexError):
+                    first.add((run_id, unput[0]))
+            if first:  # they sit near the front (put there, or first in plan order): look that far only
+                for item in itertools.islice(self._todo, _LOOK_AHEAD):
+                    if (item[0], item[1]) in first:
+                        self._todo.remove(item)
+                        return item
             return self._todo.popleft()
 
     def _give_back(self, item: tuple[str, str, bool]) -> None:
@@ -312,32 +333,49 @@ class Producer:
             self._todo.appendleft(item)
             self._cond.notify()
 
+    def _give_back_unless_twinned(self, item: tuple[str, str, bool], elsewhere: list[str]) -> None:
+        """Offer a sample that was not computed again, unless its other copy is still being computed or was put."""
+        with self._cond:
+            twinned = bool(elsewhere) or (item[0], item[1]) not in self._busy
+        if not twinned:
+            self._give_back(item)
+
     def _work(self, member: Member[ServerSession]) -> None:
         fleet = self.target._fleet
         while not self._stop.is_set():
-            if fleet.describe(member)["state"] != "ready":
-                self._stop.wait(_DOWN_POLL_S)  # the fleet's monitor probes it and takes it back
+            if fleet.describe(member)["state"] != "ready" or member.url in self._silent:
+                self._stop.wait(_DOWN_POLL_S)  # the fleet's monitor (or the sweep) takes it back
                 continue
             item = self._take()
             if item is None:
                 return
             run_id, sid, recompute = item
+            key = (run_id, sid)
+            with self._cond:
+                self._inflight.setdefault(key, []).append(member.url)
             with self._put_lock:  # the next sample of an in-order run holds the ones after it back
                 unput = self._unput.get(run_id)
                 head = unput is not None and len(unput) > 0 and unput[0] == sid
             try:
-                payload, needs = self._payload(run_id, sid)
-                member.server.require(needs)
-                with self._cond:
-                    urgent = (run_id, sid) in self._urgent
-                ref = member.server.produce(run_id, sid, payload, priority=urgent or head)
+                try:
+                    payload, needs = self._payload(run_id, sid)
+                    member.server.require(needs)
+                    with self._cond:
+                        urgent = key in self._urgent
+                    ref = member.server.produce(run_id, sid, payload, priority=urgent or head)
+                finally:
+                    with self._cond:
+                        elsewhere = self._inflight[key]
+                        elsewhere.remove(member.url)
+                        if not elsewhere:
+                            del self._inflight[key]
             except TargetOverloaded:
                 self.report.refused_full += 1
-                self._give_back(item)
+                self._give_back_unless_twinned(item, elsewhere)
                 self._stop.wait(_FULL_PAUSE_S)
                 continue
             except BaseException as exc:
-                self._give_back(item)
+                self._give_back_unless_twinned(item, elsewhere)
                 if is_server_failure(exc):
                     fleet.fail(member, exc)
                     continue
@@ -352,6 +390,13 @@ class Producer:
                 return
 
     def _announce(self, ref: StreamRef, recompute: bool, url: str) -> None:
+        key = (ref.run_id, ref.sample_id)
+        with self._cond:
+            # The later of two copies (one computed again while its appliance was silent): not needed.
+            late = key not in self._busy or key in self._computed
+        if late:
+            self._release(ref.run_id, ref.store_uri, [ref.sample_id])
+            return
         with self._cond:
             self.report.computed += 1
             self.report.recomputed += recompute
@@ -390,6 +435,7 @@ class Producer:
         statuses = self._statuses(run_id)  # first: whatever it lists was kept before this reads the appliances
         uris = {s.store_uri for s in statuses} | {_store_uri(m.url) for m in self.target._fleet.members}
         kept = {uri: self._kept(run_id, uri) for uri in uris}
+        self._twin_silent(kept)
         late: dict[str, list[str]] = {}
         where = {s.sample_id: s.store_uri for s in statuses}
         for uri, held_there in kept.items():  # answers of samples that moved away (their appliance froze)
@@ -429,6 +475,23 @@ class Producer:
             self._cond.notify_all()
         for uri, ids in late.items():
             self.report.released_late += self._release(run_id, uri, ids)
+
+    def _twin_silent(self, kept: Mapping[str, set[str] | None]) -> None:
+        """Note which appliances are silent; what only silent ones are computing is computed again
+        elsewhere (the module docstring)."""
+        silent = {m.url for m in self.target._fleet.members if kept.get(_store_uri(m.url), set()) is None}
+        with self._cond:
+            for url in sorted(silent - self._silent):
+                logger.warning(
+                    "%s does not answer: nothing more is sent to it, what it computes is computed again", url
+                )
+            self._silent = silent
+            queued = {(run_id, sid) for run_id, sid, _ in self._todo}
+            for key, urls in self._inflight.items():
+                if key not in queued and all(url in silent for url in urls):
+                    self.report.recomputed += 1
+                    self._todo.appendleft((*key, False))
+            self._cond.notify_all()
 
     def _member(self, store_uri: str) -> Member[ServerSession] | None:
         for member in self.target._fleet.members:

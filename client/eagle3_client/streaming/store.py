@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import torch
 
 from eagle3_client import protocol
@@ -34,6 +35,7 @@ from eagle3_client.protocol import RunDescription, StreamRef
 from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.streaming.queues import QueueBackend, RunMismatch, StreamError, UnknownSample
 from eagle3_client.streaming.refs import from_upstream
+from eagle3_client.streaming.stream_queue import STALL_S
 
 __all__ = ["ApplianceFeatureStore", "owner_url"]
 
@@ -41,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 _SCHEME = "appliance://"
 _RETRY_S = 0.5  # between claims of a sample whose appliance is gone, while the producer moves it
-_SUSPECT_S = 2.0  # a claim failed this recently, or is this slow: its appliance is not answering
+_SUSPECT_S = 2.0  # a claim failed this recently: its appliance is not answering
+_RELEASE_TIMEOUT_S = 2.0  # an appliance answers a release at once (its event loop does), or is not answering
 
 
 def owner_url(store_uri: str) -> str:
@@ -82,6 +85,7 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         self._options = {"failover_timeout": 0.5, "generate_timeout": 5.0, **options}
         self._claims: dict[str, list[float]] = {}  # appliance URL -> start times of claims in flight
         self._failed: dict[str, float] = {}  # appliance URL -> when a claim there last failed
+        self._answered: dict[str, float] = {}  # appliance URL -> when a claim there last got its answer
         self._targets: dict[str, RemoteTarget] = {}
         self._held: dict[str, dict[str, torch.Tensor]] = {}  # read-ahead samples, by sample id
         self._lock = threading.Lock()
@@ -158,23 +162,51 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
     # -- ours -----------------------------------------------------------------------------
 
     def drop_acked(self, ref: StreamRef) -> None:
-        """Tell ``ref``'s appliance its answer may go (its lease was acked); best effort, the producer sweeps."""
+        """Tell ``ref``'s appliance its answer may go (its lease was acked); best effort, the producer sweeps.
+
+        Not sent to an appliance that is not answering claims now, and given up after
+        :data:`_RELEASE_TIMEOUT_S`: the producer's sweep releases what is acked and still kept.
+        """
         try:
+            if self.suspect(ref.store_uri):
+                logger.info(
+                    "release of sample %s left to the producer: %s is not answering", ref.sample_id, ref.store_uri
+                )
+                return
             url = owner_url(ref.store_uri)
-            body = protocol.ReleaseRequest(ref.run_id, (ref.sample_id,)).to_json()
-            self._target(url)._any(lambda s: s.control.post_json(protocol.EP_STREAM_RELEASE, body, retries=False))
+            content = orjson.dumps(protocol.ReleaseRequest(ref.run_id, (ref.sample_id,)).to_json())
+
+            def release(s: Any) -> Any:
+                return s.control.request(
+                    "POST",
+                    protocol.EP_STREAM_RELEASE,
+                    s.control.read_json,
+                    content=content,
+                    content_type=protocol.JSON,
+                    retries=False,
+                    timeout=_RELEASE_TIMEOUT_S,
+                )
+
+            self._target(url)._any(release)
         except (RemoteTargetError, StreamError) as exc:
+            if isinstance(exc, TargetUnreachable):
+                with self._lock:
+                    self._failed[owner_url(ref.store_uri)] = time.monotonic()
             logger.info("release of sample %s on %s not confirmed: %s", ref.sample_id, ref.store_uri, exc)
 
     def suspect(self, store_uri: str) -> bool:
         """Whether the appliance at ``store_uri`` is not answering claims now: one failed in the last
-        :data:`_SUSPECT_S` seconds, or one has been waiting longer than that for its first bytes."""
+        :data:`_SUSPECT_S` seconds, or one has waited longer than
+        :data:`~eagle3_client.streaming.stream_queue.STALL_S` and none has been answered since it
+        began (a slow appliance still answers some; a frozen one answers none)."""
         url = owner_url(store_uri)
         now = time.monotonic()
         with self._lock:
             failed = self._failed.get(url)
             oldest = min(self._claims.get(url) or [now])
-        return (failed is not None and now - failed < _SUSPECT_S) or now - oldest > _SUSPECT_S
+            answered = self._answered.get(url, float("-inf"))
+        stalled = now - oldest > STALL_S and answered < oldest
+        return (failed is not None and now - failed < _SUSPECT_S) or stalled
 
     def _check(self, ref: StreamRef) -> None:
         if ref.run_id != self._queue.run_id:
@@ -207,6 +239,8 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
             try:
                 try:
                     answer = self._target(url).claim(current.run_id, current.sample_id)
+                    with self._lock:
+                        self._answered[url] = time.monotonic()
                 finally:
                     with self._lock:
                         self._claims[url].remove(started)

@@ -16,11 +16,18 @@ read ahead count against the visibility timeout: keep it well above ``k`` traini
 ``close`` the leases not yet handed out go back to the queue at once (``fail``). A lease that
 outlives its visibility timeout while it waits is dropped, never trained twice; and (unless
 ``in_order``) a sample whose appliance is not answering claims is handed back at once, so that
-the readers are not all stuck on a frozen appliance while the producer moves its samples.
+the readers are not all stuck on a frozen appliance while the producer moves its samples. A
+claim still without its answer after :data:`STALL_S` stops holding its place: a spare reader
+(up to twice ``k`` of them) leases the next sample meanwhile, so that the claims that went to an
+appliance in the moment it froze (before anything told it was frozen) do not starve the trainer.
+The stalled claim gives up after the store's ``generate_timeout`` and follows its sample to
+where the producer moved it.
 
 ``ack_behind`` (the default with read-ahead): ``ack`` returns at once and a thread acks on the
-queue and releases the answer on its appliance, so that the trainer does not wait for the
-round trips; ``close`` (or ``flush``) waits for them.
+queue, so that the trainer does not wait for the round trip; another thread then releases the
+answer on its appliance, so that an appliance slow to answer (frozen) holds back no ack: acks
+held back would outlive their leases and the samples be trained again. ``close`` (or
+``flush``) waits for both.
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ if TYPE_CHECKING:
 __all__ = ["StreamQueue"]
 
 logger = logging.getLogger(__name__)
+
+STALL_S = 0.5  # a read-ahead claim without its answer this long is stalled: a spare reader takes its place
+_SPARES_PER_PLACE = 2  # spare readers per read-ahead place, for stalled claims
 
 
 class StreamQueue:
@@ -74,22 +84,26 @@ class StreamQueue:
         self._slots: dict[int, tuple[LeaseJSON, float] | None] = {}  # (lease, when it was granted)
         self._leased = 0  # numbers given out
         self._next = 0  # the number acquire() hands out next, in order
-        self._reading = 0  # leases being claimed now
+        self._places = read_ahead
+        self._reading: dict[int, float] = {}  # reader -> when it began leasing and claiming (now)
         self._leasing = threading.Lock()
         self._cond = threading.Condition()
         self._readers = [
-            threading.Thread(target=self._read_ahead, name=f"stream-read-ahead-{i}", daemon=True)
-            for i in range(read_ahead)
+            threading.Thread(target=self._read_ahead, args=(i,), name=f"stream-read-ahead-{i}", daemon=True)
+            for i in range(read_ahead * (1 + _SPARES_PER_PLACE))
         ]
         for reader in self._readers:
             reader.start()
         # Ack behind (default with read-ahead): ack() returns at once and a thread tells the queue
         # and the appliance; its failures are logged, as upstream's loader logs those of ack().
-        self._acks: queue_module.Queue[StreamRef | tuple[StreamRef, str] | None] | None = None
+        self._acks: queue_module.Queue[tuple[StreamRef, str] | None] | None = None
+        self._releases: queue_module.Queue[StreamRef | None] = queue_module.Queue()
         if read_ahead > 0 if ack_behind is None else ack_behind:
             self._acks = queue_module.Queue()
             self._acker = threading.Thread(target=self._ack_behind, name="stream-ack-behind", daemon=True)
+            self._releaser = threading.Thread(target=self._release_behind, name="stream-release-behind", daemon=True)
             self._acker.start()
+            self._releaser.start()
 
     @property
     def run_id(self) -> str:
@@ -100,11 +114,19 @@ class StreamQueue:
     def acquire(self, *, poll_interval: float = 0.05) -> Any:
         """Upstream's ``Lease`` of the oldest ready sample, or None (nothing ready yet, or closed).
 
-        Read ahead: the next in lease order (``in_order``), else the first whose claim is done.
+        Read ahead: the next in lease order (``in_order``), else the first whose claim is done;
+        when none is, it waits up to ``poll_interval`` for one (upstream's loader sleeps that long
+        after a None: the sample is handed out as its claim ends, not at the next poll).
         """
         if self._readers:
+            deadline = time.monotonic() + poll_interval
             with self._cond:
-                taken = self._take_ready()
+                while (taken := self._take_ready()) is None and not self._closed and not self._run_closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.notify_all()  # a place may have come free
+                    self._cond.wait(left)
                 self._cond.notify_all()
             return None if taken is None else upstream_lease(*taken)
         if self._closed or self._run_closed:
@@ -139,17 +161,27 @@ class StreamQueue:
         done = sorted(self._slots)
         return self._slots.pop(done[0]) if done else None
 
-    def _read_ahead(self) -> None:
-        """One reader: lease a sample when fewer than ``read_ahead`` are held, claim it, hand it to ``acquire``."""
+    def _busy_places(self) -> tuple[int, float]:
+        """Places taken (held samples, claims not yet stalled) and how long until the next claim
+        stalls, bounded (the condition's lock is held)."""
+        now = time.monotonic()
+        active = [began + STALL_S - now for began in self._reading.values() if now - began < STALL_S]
+        return len(self._slots) + len(active), max(0.01, min([0.5, *active]))
+
+    def _read_ahead(self, reader: int) -> None:
+        """One reader: lease a sample while fewer than ``read_ahead`` places are taken, claim it,
+        hand it to ``acquire``. Stalled claims free their place (the module docstring)."""
         assert self._store is not None
-        limit = len(self._readers)
         while True:
             with self._cond:
-                while not self._closed and len(self._slots) + self._reading >= limit:
-                    self._cond.wait(0.5)
+                while not self._closed:
+                    busy, wait = self._busy_places()
+                    if busy < self._places:
+                        break
+                    self._cond.wait(wait)
                 if self._closed:
                     return
-                self._reading += 1
+                self._reading[reader] = time.monotonic()
             leased, number, granted = None, -1, 0.0
             try:
                 if not self._run_closed:
@@ -173,7 +205,7 @@ class StreamQueue:
                     leased = None
                 time.sleep(0.5)
             with self._cond:
-                self._reading -= 1
+                del self._reading[reader]
                 if number >= 0:
                     if leased is not None and self._closed:
                         self._store.drop_held(leased.ref.sample_id)
@@ -204,7 +236,11 @@ class StreamQueue:
 
     def _ack_now(self, ref: StreamRef, lease_id: str) -> None:
         self.backend.ack(ref.sample_id, lease_id)
-        if self._on_ack is not None:
+        if self._on_ack is None:
+            return
+        if self._acks is not None:
+            self._releases.put(ref)
+        else:
             self._on_ack(ref)
 
     def _ack_behind(self) -> None:
@@ -214,7 +250,7 @@ class StreamQueue:
             try:
                 if item is None:
                     return
-                ref, lease_id = item  # type: ignore[misc]
+                ref, lease_id = item
                 try:
                     self._ack_now(ref, lease_id)
                 except Exception as exc:  # noqa: BLE001 - as upstream's loader does with a failed ack
@@ -222,10 +258,25 @@ class StreamQueue:
             finally:
                 self._acks.task_done()
 
+    def _release_behind(self) -> None:
+        while True:
+            ref = self._releases.get()
+            try:
+                if ref is None:
+                    return
+                try:
+                    if self._on_ack is not None:
+                        self._on_ack(ref)
+                except Exception as exc:  # noqa: BLE001 - best effort: the producer's sweep releases it later
+                    logger.info("release of sample %s failed: %s", ref.sample_id, exc)
+            finally:
+                self._releases.task_done()
+
     def flush(self) -> None:
-        """Wait until every ack sent behind has reached the queue."""
+        """Wait until every ack sent behind has reached the queue, and its release the appliance."""
         if self._acks is not None:
             self._acks.join()
+            self._releases.join()
 
     def fail(self, lease: Any) -> None:
         """Deliver the sample again (to any trainer), now."""
@@ -253,6 +304,8 @@ class StreamQueue:
         if self._acks is not None:
             self._acks.put(None)
             self._acker.join(timeout=30)
+            self._releases.put(None)
+            self._releaser.join(timeout=30)
         for reader in self._readers:
             reader.join(timeout=5)
 

@@ -48,6 +48,7 @@ from eagle3_client.errors import (
 )
 from eagle3_client.transports.buffers import BufferPool
 from eagle3_client.transports.socketbody import BODY, RECV_INTO, SocketTransport
+from eagle3_client.transports.tls import tls_context
 
 __all__ = ["GENERATE_TIMEOUT_MARGIN_S", "ControlPlane"]
 
@@ -105,7 +106,7 @@ class ControlPlane:
         self.buffer_pool = buffer_pool
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
         if transport is None:
-            transport = SocketTransport(httpx.HTTPTransport(limits=limits, trust_env=False))
+            transport = SocketTransport(httpx.HTTPTransport(limits=limits, trust_env=False, verify=tls_context()))
         self._transport = transport
         # Set by abort() (a server that stopped answering): why requests are refused until resume().
         self._aborted: str | None = None
