@@ -35,7 +35,6 @@ from eagle3_client.protocol import RunDescription, StreamRef
 from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.streaming.queues import QueueBackend, RunMismatch, StreamError, UnknownSample
 from eagle3_client.streaming.refs import from_upstream
-from eagle3_client.streaming.stream_queue import STALL_S
 
 __all__ = ["ApplianceFeatureStore", "owner_url"]
 
@@ -44,6 +43,7 @@ logger = logging.getLogger(__name__)
 _SCHEME = "appliance://"
 _RETRY_S = 0.5  # between claims of a sample whose appliance is gone, while the producer moves it
 _SUSPECT_S = 2.0  # a claim failed this recently: its appliance is not answering
+CLAIM_STALL_S = 0.5  # a claim without its answer this long is stalled (read-ahead lets a spare reader go on)
 _RELEASE_TIMEOUT_S = 2.0  # an appliance answers a release at once (its event loop does), or is not answering
 
 
@@ -78,6 +78,7 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         self.encoding = parse_encoding(description.encoding)
         self._device = torch.device(device)
         self._claim_timeout = claim_timeout
+        self.stall_s = CLAIM_STALL_S
         # Each appliance is a target of its own: its answers live there, so a claim has no failover
         # (nothing to wait for: it is back or not). A claim computes nothing, its answer starts at
         # once: a server silent for 5 s is frozen or gone, and the sample is looked for where the
@@ -197,7 +198,7 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
     def suspect(self, store_uri: str) -> bool:
         """Whether the appliance at ``store_uri`` is not answering claims now: one failed in the last
         :data:`_SUSPECT_S` seconds, or one has waited longer than
-        :data:`~eagle3_client.streaming.stream_queue.STALL_S` and none has been answered since it
+        :data:`CLAIM_STALL_S` and none has been answered since it
         began (a slow appliance still answers some; a frozen one answers none)."""
         url = owner_url(store_uri)
         now = time.monotonic()
@@ -205,7 +206,7 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
             failed = self._failed.get(url)
             oldest = min(self._claims.get(url) or [now])
             answered = self._answered.get(url, float("-inf"))
-        stalled = now - oldest > STALL_S and answered < oldest
+        stalled = now - oldest > self.stall_s and answered < oldest
         return (failed is not None and now - failed < _SUSPECT_S) or stalled
 
     def _check(self, ref: StreamRef) -> None:

@@ -17,7 +17,8 @@ read ahead count against the visibility timeout: keep it well above ``k`` traini
 outlives its visibility timeout while it waits is dropped, never trained twice; and (unless
 ``in_order``) a sample whose appliance is not answering claims is handed back at once, so that
 the readers are not all stuck on a frozen appliance while the producer moves its samples. A
-claim still without its answer after :data:`STALL_S` stops holding its place: a spare reader
+claim still without its answer after the store's ``stall_s``
+(:data:`~eagle3_client.streaming.store.CLAIM_STALL_S`) stops holding its place: a spare reader
 (up to twice ``k`` of them) leases the next sample meanwhile, so that the claims that went to an
 appliance in the moment it froze (before anything told it was frozen) do not starve the trainer.
 The stalled claim gives up after the store's ``generate_timeout`` and follows its sample to
@@ -52,7 +53,6 @@ __all__ = ["StreamQueue"]
 
 logger = logging.getLogger(__name__)
 
-STALL_S = 0.5  # a read-ahead claim without its answer this long is stalled: a spare reader takes its place
 _SPARES_PER_PLACE = 2  # spare readers per read-ahead place, for stalled claims
 
 
@@ -164,8 +164,9 @@ class StreamQueue:
     def _busy_places(self) -> tuple[int, float]:
         """Places taken (held samples, claims not yet stalled) and how long until the next claim
         stalls, bounded (the condition's lock is held)."""
-        now = time.monotonic()
-        active = [began + STALL_S - now for began in self._reading.values() if now - began < STALL_S]
+        assert self._store is not None
+        now, stall = time.monotonic(), self._store.stall_s
+        active = [began + stall - now for began in self._reading.values() if now - began < stall]
         return len(self._slots) + len(active), max(0.01, min([0.5, *active]))
 
     def _read_ahead(self, reader: int) -> None:
