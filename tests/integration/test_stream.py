@@ -426,9 +426,7 @@ def test_a_frozen_appliance_holds_back_only_its_own_samples(cache_dir: Path, col
             assert frozen and others and others[-1] > frozen[0], where  # some wait behind a frozen one
             procs[1].proc.send_signal(signal.SIGSTOP)
             watchdog.start()
-            queue, store = open_stream(
-                queue_url, run_id=run_id, wait_for_run=30, read_ahead=1, generate_timeout=60.0
-            )
+            queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30, read_ahead=1, generate_timeout=60.0)
             last = record_leases(queue)
             for batch in streaming.FeatureDataLoader(queue, store):
                 got[last[-1]] = batch
