@@ -127,6 +127,8 @@ def capture_rows(shape: ModelShape, *, captures: list[str], dtype_bytes: int, ba
             capture.checked(shape.num_hidden_layers)
         tensors = len(capture.layers) + (1 if capture.is_dspark else 0)  # DSpark: and the final norm's output
         width = tensors * shape.hidden_size + (shape.vocab_size if capture.logits else 0)
+        if capture.is_vlm:  # ViSpec, MSD: the embedding output, the last hidden state and the logits
+            width = 2 * shape.hidden_size + shape.vocab_size
         per_token = width * dtype_bytes
         rows.append(SizeRow(shape.name, None, per_token, per_token, batch_tokens, capture=capture))
     return rows

@@ -32,15 +32,19 @@ if TYPE_CHECKING:
         TargetTimeout,
         TargetUnreachable,
     )
+    from eagle3_client.msd import RemoteMSDTargetModel
     from eagle3_client.remote.core import RemoteResult
     from eagle3_client.transports.negotiate import DataPlaneUnavailable
     from eagle3_client.transports.transfer import TransferError
+    from eagle3_client.vispec import RemoteVispecTargetModel
 
 _EXPORTS = {
     "Capture": "eagle3_client.capture",
     "CaptureUnsupported": "eagle3_client.errors",
     "RemoteDFlashTargetModel": "eagle3_client.dflash",
     "RemoteDSparkTargetModel": "eagle3_client.dspark",
+    "RemoteMSDTargetModel": "eagle3_client.msd",
+    "RemoteVispecTargetModel": "eagle3_client.vispec",
     "DataPlaneUnavailable": "eagle3_client.transports.negotiate",
     "TransferError": "eagle3_client.transports.transfer",
     "USING_NEMO_AUTOMODEL": "eagle3_client.contract",
@@ -74,8 +78,10 @@ __all__ = [
     "RemoteDFlashTargetModel",
     "RemoteDSparkTargetModel",
     "RemoteEagle3TargetModel",
+    "RemoteMSDTargetModel",
     "RemoteResult",
     "RemoteTargetError",
+    "RemoteVispecTargetModel",
     "TargetHTTPError",
     "TargetOverloaded",
     "TargetTimeLimit",

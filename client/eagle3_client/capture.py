@@ -6,7 +6,10 @@ JetSpec, Domino) captures a layer set the recipe chooses (``target_layer_ids``, 
 distinct layers), unshifted, and optionally the full-vocabulary logits ``[B,T,V]`` (JetSpec's
 forward-KL). DSpark captures a strictly increasing layer set in which ``-1`` is the embedding
 output and the last layer is the post-norm hidden state, plus the post-norm final hidden state
-``[B,T,H]`` (upstream's ``HFDSparkTargetModel``). :class:`Capture` says which, and both ends
+``[B,T,H]`` (upstream's ``HFDSparkTargetModel``). The vision-language kinds, ViSpec and MSD,
+take no layers: the answer is the forward's embedding output (vision features spliced in), its
+last hidden state and its logits, unshifted (``docs/vlm.md``); their requests may carry the
+processor's vision tensors. :class:`Capture` says which, and both ends
 read it from here: the client puts it in its ``POST /session`` offer, the server checks it
 against its model once, keeps it on the session and answers every ``/generate`` of that session
 with it.
@@ -24,6 +27,7 @@ Usage::
     capture.keys                           # ("hidden_states", "logits"): the answer's wire keys
     Capture.parse("dflash+logits:1,3,5")   # the command-line spelling (load tests, sizes)
     Capture.parse("dspark:-1,3,7")
+    Capture.parse("vispec"), Capture.parse("msd")
 """
 
 from __future__ import annotations
@@ -40,14 +44,21 @@ from eagle3_client.quoting import quote
 __all__ = [
     "dflash_batch_type",
     "dspark_batch_type",
+    "msd_batch_type",
+    "vispec_batch_type",
     "CAPTURE_DFLASH",
     "CAPTURE_DSPARK",
     "CAPTURE_EAGLE3",
     "CAPTURE_KINDS",
+    "CAPTURE_MSD",
+    "CAPTURE_VISPEC",
     "EAGLE3",
     "KEY_HIDDEN_STATES",
+    "KEY_INPUTS_EMBEDS",
     "KEY_LAST_HIDDEN_STATES",
     "KEY_LOGITS",
+    "MAX_VISION_INPUTS",
+    "VLM_KEYS",
     "MAX_CAPTURE_LAYERS",
     "OFFER_KEY",
     "Capture",
@@ -56,7 +67,11 @@ __all__ = [
 CAPTURE_EAGLE3 = "eagle3"  # the server's aux layers, draft-vocabulary supervision (upstream)
 CAPTURE_DFLASH = "dflash"  # a chosen layer set, unshifted, full logits optional
 CAPTURE_DSPARK = "dspark"  # a layer set (-1: the embedding output; last: post-norm), plus the post-norm state
-CAPTURE_KINDS = (CAPTURE_EAGLE3, CAPTURE_DFLASH, CAPTURE_DSPARK)
+# Vision-language targets (docs/vlm.md): upstream's HFVispecTargetModel and HFMSDTargetModel.
+CAPTURE_VISPEC = "vispec"  # the base model's hidden_states[0] and [-1], lm_head(last)
+CAPTURE_MSD = "msd"  # the language backbone's inputs_embeds, the full forward's last state and logits
+CAPTURE_VLM = (CAPTURE_VISPEC, CAPTURE_MSD)
+CAPTURE_KINDS = (CAPTURE_EAGLE3, CAPTURE_DFLASH, CAPTURE_DSPARK, *CAPTURE_VLM)
 # The key of the capture object in the /session offer and reply.
 OFFER_KEY = "capture"
 # The answer of a DFlash capture, in wire order: cat(layer outputs) [B,T,n*H] in the model
@@ -66,6 +81,14 @@ KEY_LOGITS = "logits"
 # The answer of a DSpark capture, in wire order: cat(features) [B,T,n*H], then the final norm's
 # output [B,T,H] (upstream's ``target_last_hidden_states``), both in the model dtype.
 KEY_LAST_HIDDEN_STATES = "last_hidden_states"
+# The answer of a ViSpec or MSD capture, in wire order, all unshifted and in the model dtype:
+# the embedding output with the vision features spliced in [B,T,H], the last hidden state
+# [B,T,H] and the logits [B,T,V]. The client shifts them as the co-located wrapper does.
+KEY_INPUTS_EMBEDS = "inputs_embeds"
+VLM_KEYS = (KEY_INPUTS_EMBEDS, KEY_HIDDEN_STATES, KEY_LOGITS)
+# Vision tensors one request may carry beside its ids and masks (the wire body's entry bound
+# is the server's MAX_BODY_ENTRIES: 3 + this).
+MAX_VISION_INPUTS = 8
 # More layers than any model has would only be a way to make the server allocate: a bound
 # checked before the model's own depth is.
 MAX_CAPTURE_LAYERS = 1024
@@ -79,7 +102,9 @@ class Capture:
     session's encoding) or ``"dflash"`` (``layers``: the decoder layers whose outputs are
     concatenated, in this order; ``logits``: also send the full-vocabulary logits) or ``"dspark"``
     (``layers``: strictly increasing, ``-1`` the embedding output, the last layer the final
-    norm's output; the answer also carries the final norm's output on its own; no logits).
+    norm's output; the answer also carries the final norm's output on its own; no logits) or
+    ``"vispec"`` / ``"msd"`` (no layers, no logits flag: a vision-language target's embedding
+    output, last hidden state and logits, :data:`VLM_KEYS`).
     """
 
     kind: str = CAPTURE_EAGLE3
@@ -93,6 +118,19 @@ class Capture:
     @classmethod
     def dspark(cls, layers: Sequence[int]) -> Capture:
         return cls(CAPTURE_DSPARK, tuple(int(i) for i in layers), False)
+
+    @classmethod
+    def vispec(cls) -> Capture:
+        return cls(CAPTURE_VISPEC)
+
+    @classmethod
+    def msd(cls) -> Capture:
+        return cls(CAPTURE_MSD)
+
+    @property
+    def is_vlm(self) -> bool:
+        """ViSpec or MSD: a vision-language target's forward, whose requests may carry vision tensors."""
+        return self.kind in CAPTURE_VLM
 
     @property
     def is_eagle3(self) -> bool:
@@ -112,11 +150,13 @@ class Capture:
         """The wire keys of a DFlash or DSpark answer, in order (EAGLE-3's come from the encoding)."""
         if self.is_dspark:
             return (KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES)
+        if self.is_vlm:
+            return VLM_KEYS
         return (KEY_HIDDEN_STATES, KEY_LOGITS) if self.logits else (KEY_HIDDEN_STATES,)
 
     def checked(self, num_layers: int) -> Capture:
         """This capture if a model of ``num_layers`` decoder layers can serve it; ValueError naming why not."""
-        if self.is_eagle3:
+        if self.is_eagle3 or self.is_vlm:
             return self
         if not self.layers:
             raise ValueError("capture.layers must name at least one decoder layer")
@@ -150,7 +190,7 @@ class Capture:
     def spec(self) -> str:
         """The command-line spelling :meth:`parse` reads: ``eagle3``, ``dflash:1,3,5``, ``dflash+logits:1,3,5``,
         ``dspark:-1,3,7``."""
-        return self.kind if self.is_eagle3 else f"{self.label}:{','.join(str(i) for i in self.layers)}"
+        return self.kind if self.is_eagle3 or self.is_vlm else f"{self.label}:{','.join(str(i) for i in self.layers)}"
 
     @classmethod
     def parse(cls, text: str) -> Capture:
@@ -158,10 +198,13 @@ class Capture:
         text = text.strip()
         if text == CAPTURE_EAGLE3:
             return EAGLE3
+        if text in CAPTURE_VLM:
+            return cls(text)
         head, _, tail = text.partition(":")
         if head not in (CAPTURE_DFLASH, f"{CAPTURE_DFLASH}+logits", CAPTURE_DSPARK) or not tail.strip():
             raise ValueError(
-                "a capture is 'eagle3', 'dflash:L1,L2,...', 'dflash+logits:L1,L2,...' or 'dspark:L1,L2,...', "
+                "a capture is 'eagle3', 'dflash:L1,L2,...', 'dflash+logits:L1,L2,...', 'dspark:L1,L2,...', "
+                "'vispec' or 'msd', "
                 f"got {quote(text)}"
             )
         try:
@@ -193,6 +236,11 @@ class Capture:
             raise ValueError(f"capture.logits must be true or false, got {quote(logits)}")
         if kind == CAPTURE_EAGLE3 and (layers or logits):
             raise ValueError("an eagle3 capture takes no layers or logits: it uses the server's aux layers")
+        if kind in CAPTURE_VLM and (layers or logits):
+            raise ValueError(
+                f"a {kind} capture takes no layers or logits: "
+                "it sends the embedding output, the last hidden state and the logits"
+            )
         if kind == CAPTURE_DSPARK and logits:
             raise ValueError("a dspark capture takes no logits: it sends the final norm's output instead")
         return cls(kind, tuple(layers), logits)
@@ -247,4 +295,51 @@ def dspark_batch_type() -> type:
     except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
         return _LocalDSparkTargetBatch
     batch_type: type = DSparkTargetBatch
+    return batch_type
+
+
+@dataclass
+class _LocalVispecTargetBatch:
+    """The fields of upstream's ``VispecTargetBatch`` (used when NeMo AutoModel is not installed)."""
+
+    inputs_embeds: torch.Tensor
+    input_hidden_states: torch.Tensor
+    target_logits: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    image_mask: torch.Tensor
+
+
+@dataclass
+class _LocalMSDTargetBatch:
+    """The fields of upstream's ``MSDTargetBatch`` (used when NeMo AutoModel is not installed)."""
+
+    inputs_embeds: torch.Tensor
+    input_hidden_states: torch.Tensor
+    target_hidden_states: torch.Tensor
+    target_logits: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    image_mask: torch.Tensor
+
+
+@functools.cache
+def vispec_batch_type() -> type:
+    """Upstream's ``VispecTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
+    try:
+        from nemo_automodel.components.speculative.eagle.vispec_target import VispecTargetBatch
+    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
+        return _LocalVispecTargetBatch
+    batch_type: type = VispecTargetBatch
+    return batch_type
+
+
+@functools.cache
+def msd_batch_type() -> type:
+    """Upstream's ``MSDTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
+    try:
+        from nemo_automodel.components.speculative.eagle.msd_target import MSDTargetBatch
+    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
+        return _LocalMSDTargetBatch
+    batch_type: type = MSDTargetBatch
     return batch_type

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from eagle3_client.capture import EAGLE3, OFFER_KEY, Capture
+from eagle3_client.capture import EAGLE3, MAX_VISION_INPUTS, OFFER_KEY, Capture
 from eagle3_client.quoting import quote
 
 __all__ = [
@@ -364,11 +364,14 @@ class GenerateRequest:
 
     capture: Capture = EAGLE3  # the session's capture (EAGLE-3: upstream's aux layers and supervision)
     packed: bool = False  # the body carries PACKING_KEYS (documents packed into rows)
+    # The vision tensors' names (a ViSpec or MSD capture only), sorted: the server checks each
+    # against its model's forward and refuses the request for any other (docs/vlm.md).
+    vision: tuple[str, ...] = ()
 
     @property
     def keys(self) -> tuple[str, ...]:
         """The body's keys, in wire order."""
-        return GENERATE_INPUT_KEYS + (PACKING_KEYS if self.packed else ())
+        return GENERATE_INPUT_KEYS + (PACKING_KEYS if self.packed else ()) + self.vision
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -380,7 +383,15 @@ class GenerateRequest:
         """The request a body's keys describe under the session's ``capture``; ``ValueError`` naming
         a missing or unexpected key."""
         present = set(keys)
-        request = cls(capture=capture, packed=bool(present & set(PACKING_KEYS)))
+        packed = bool(present & set(PACKING_KEYS))
+        vision: tuple[str, ...] = ()
+        if capture.is_vlm:  # every other key is a vision tensor (its name checked by the server)
+            if packed:
+                raise ValueError(f"a {capture.label} request carries no packing keys {list(PACKING_KEYS)}")
+            vision = tuple(sorted(present - set(GENERATE_INPUT_KEYS)))
+            if len(vision) > MAX_VISION_INPUTS:
+                raise ValueError(f"{len(vision)} vision tensors {list(vision)}; at most {MAX_VISION_INPUTS}")
+        request = cls(capture=capture, packed=packed, vision=vision)
         missing = [k for k in request.keys if k not in present]
         if missing:
             what = f"a packed request carries all of {list(PACKING_KEYS)}; " if request.packed else ""
@@ -463,6 +474,9 @@ class SessionReply:
     # The offer's capabilities this server grants; absent from older servers (then none).
     capabilities: tuple[str, ...] = ()
     gpu_uuids: tuple[str, ...] = ()  # GPU_UUIDS_KEY: the GPU(s) of its NCCL end; absent from older servers
+    # A ViSpec or MSD session: the token id the model's image placeholders carry (the client
+    # derives the batch's image mask from it, as the co-located wrapper does); else absent.
+    image_token_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -485,6 +499,8 @@ class SessionReply:
             body["capabilities"] = list(self.capabilities)
         if self.gpu_uuids:
             body[GPU_UUIDS_KEY] = list(self.gpu_uuids)
+        if self.image_token_id is not None:
+            body["image_token_id"] = self.image_token_id
         return body
 
     @classmethod
@@ -502,6 +518,7 @@ class SessionReply:
             capture=_capture(body),
             capabilities=_names(body, "capabilities"),
             gpu_uuids=_names(body, GPU_UUIDS_KEY),
+            image_token_id=_field(body, "image_token_id", int, None),
         )
 
 

@@ -6,8 +6,8 @@ forward, supervision and transfer steps only read them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,12 +39,14 @@ class GenerateInputs:
     """One ``/generate`` batch: ``input_ids``, ``attention_mask``, ``loss_mask``, each ``[B,T]``.
 
     ``packing`` is set for a packed request: the forward then isolates the documents of a row.
+    ``vision``: a ViSpec or MSD request's vision tensors by forward parameter name (validated).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
     packing: Packing | None = None
+    vision: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -60,8 +62,9 @@ class GenerateInputs:
 
     def to(self, device: torch.device) -> GenerateInputs:
         packing = None if self.packing is None else self.packing.to(device)
+        vision = {name: t.to(device) for name, t in self.vision.items()}
         return GenerateInputs(
-            self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), packing
+            self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), packing, vision
         )
 
 

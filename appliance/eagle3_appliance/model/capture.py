@@ -34,6 +34,7 @@ from eagle3_appliance.errors import InvalidRequest
 from eagle3_appliance.model.limits import ServingLimits, TargetShape
 from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.model.target import Target
+from eagle3_appliance.model.vlm import vlm_refusal
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, KEY_LOGITS, Capture
 
 __all__ = [
@@ -75,6 +76,8 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
 
 def capture_refusal(target: Target, capture: Capture) -> str | None:
     """Why this server's model cannot serve ``capture`` exactly as the co-located wrapper would, or None."""
+    if capture.is_vlm:
+        return vlm_refusal(target, capture)
     if not capture.is_dspark:
         return None
     if hasattr(target.model, "get_dspark_target_feature_modules"):
@@ -90,7 +93,7 @@ def capture_refusal(target: Target, capture: Capture) -> str | None:
 
 def hook_points(capture: Capture, num_layers: int) -> set[int]:
     """The hook keys a forward needs for ``capture``: its layers (DFlash), or DSpark's feature points."""
-    if capture.is_eagle3:
+    if capture.is_eagle3 or capture.is_vlm:
         return set()
     if not capture.is_dspark:
         return set(capture.layers)
@@ -216,7 +219,10 @@ def _encode_dspark(
 
 
 def _captured_tensors(capture: Capture) -> int:
-    """How many ``[B,T,H]`` tensors the capture keeps alive: its layers (and DSpark's final norm)."""
+    """How many ``[B,T,H]`` tensors the capture keeps alive: its layers (and DSpark's final norm; a VLM
+    capture's embedding output and last hidden state)."""
+    if capture.is_vlm:
+        return 2
     return len(capture.layers) + (1 if capture.is_dspark else 0)
 
 
@@ -225,6 +231,8 @@ def working_bytes_per_token(shape: TargetShape, capture: Capture, *, sliced: boo
     captured layer beyond the three aux ones kept alive and concatenated, and the answer (with
     logits: the whole logits, written slice by slice). ``sliced=False``: an unsliced EAGLE-3
     forward's memory instead of the activations and the logits."""
+    if capture.is_vlm:  # the model's own unsliced forward (every hidden state kept), and the answer
+        return shape.unsliced_bytes_per_token() + answer_bytes_per_token(shape, capture)
     extra_layers = max(0, _captured_tensors(capture) - 3)
     layers = 2 * extra_layers * shape.hidden_size * shape.dtype_bytes
     if not sliced:
@@ -235,7 +243,8 @@ def working_bytes_per_token(shape: TargetShape, capture: Capture, *, sliced: boo
 def answer_bytes_per_token(shape: TargetShape, capture: Capture) -> int:
     """Wire bytes of one token of a DFlash answer: ``n x H`` hidden units, and ``V`` logits when asked
     (DSpark: ``(n + 1) x H``, the features and the final norm's output)."""
-    width = _captured_tensors(capture) * shape.hidden_size + (shape.vocab_size if capture.logits else 0)
+    logits = capture.logits or capture.is_vlm
+    width = _captured_tensors(capture) * shape.hidden_size + (shape.vocab_size if logits else 0)
     return width * shape.dtype_bytes
 
 

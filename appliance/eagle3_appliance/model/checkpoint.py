@@ -1,6 +1,9 @@
 """Building the frozen model from a checkpoint, and saying where its weights went.
 
-Three placements, one loader call each (all through transformers' ``from_pretrained``):
+Three placements, one loader call each (all through transformers' ``from_pretrained``), with
+the model class its config calls for (:func:`model_class`): ``AutoModelForImageTextToText`` for
+a vision-language checkpoint (a config with a ``vision_config`` that class maps, as upstream's
+ViSpec recipe loads its target), ``AutoModelForCausalLM`` for every other:
 
 * one device (``--device``): the model whole on one device;
 * a device map (``--device-map``, ``--max-memory``): accelerate puts whole layers on the
@@ -42,6 +45,7 @@ __all__ = [
     "build_model",
     "build_with_recipe",
     "from_pretrained_kwargs",
+    "model_class",
     "placement_lines",
     "recipe_colocated_target",
     "resolve_source",
@@ -99,20 +103,32 @@ def build_model(settings: Settings, device: torch.device, dtype: torch.dtype) ->
     source = resolve_source(settings)
     if settings.loader is Loader.automodel:
         return build_with_recipe(settings, source, device, dtype)
-    from transformers import AutoModelForCausalLM
-
+    model_type = model_class(source, settings.trust_remote_code)
     kwargs = from_pretrained_kwargs(settings, device, dtype)
     if settings.tensor_parallel_size > 1:
         kwargs.pop("device_map", None)  # the plan places the shards (rank r on device r)
         kwargs.update(tensor_parallel_config(settings.tensor_parallel_size))
-    logger.info("loading %s as %s (%s)", source, dtype, settings.placement_mode)
+    logger.info("loading %s as %s with %s (%s)", source, dtype, model_type.__name__, settings.placement_mode)
     tp = settings.tensor_parallel_size > 1 and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if tp else None
     with loading_progress(source, rank):
-        model: nn.Module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: nn.Module = model_type.from_pretrained(source, **kwargs)
     if "device_map" not in kwargs and settings.tensor_parallel_size == 1 and device.type != "cuda":
         nn.Module.to(model, device)  # in place
     return model
+
+
+def model_class(source: str | Path, trust_remote_code: bool = False) -> Any:
+    """``AutoModelForImageTextToText`` for a vision-language config (it has a ``vision_config`` and the
+    class maps it), else ``AutoModelForCausalLM``: a VLM's causal-LM class, where one exists, drops
+    the vision tower that ViSpec and MSD run."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    mapping: Any = getattr(AutoModelForImageTextToText, "_model_mapping", {})
+    if getattr(config, "vision_config", None) is not None and type(config) in mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 # -- the recipe's loader (--loader automodel) ------------------------------------------------

@@ -132,6 +132,10 @@ class Target:
             if p.device.type == "meta" and not offloaded:
                 raise RuntimeError("model has parameters on the meta device after loading")
 
+    def clear_captures(self) -> None:
+        """Drop what the aux-layer hooks kept (a forward not run by :meth:`forward`, a VLM capture's)."""
+        self._captured.clear()
+
     def _capture_hook(self, layer_id: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self._captured[layer_id] = output[0] if isinstance(output, tuple) else output

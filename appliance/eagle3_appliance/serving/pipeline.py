@@ -57,10 +57,11 @@ from eagle3_appliance.dataplanes.transfer import SEND_SLICE_BYTES, Transfer, Wir
 from eagle3_appliance.dataplanes.upstream_nccl import upstream_transfer
 from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.model import capture as captures
-from eagle3_appliance.model import supervision
+from eagle3_appliance.model import supervision, vlm
 from eagle3_appliance.model.limits import ServingLimits, TargetShape, derive_limits
 from eagle3_appliance.model.outputs import ForwardOutputs
 from eagle3_appliance.model.target import Target
+from eagle3_appliance.model.vlm import VisionRules
 from eagle3_appliance.ops.metrics import Metrics
 from eagle3_appliance.serving.connections import client_connected
 from eagle3_appliance.serving.jobs import (
@@ -158,6 +159,7 @@ class Pipeline:
         self.scheduler = Scheduler(lambda: admission.compute_seconds)
         self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
         self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
+        self._vision: dict[str, VisionRules] = {}  # by capture kind (ViSpec, MSD)
         self._shared: dict[RequestKey, Computation] = {}
         # Answers their client did not receive, for an immediate retry.
         self._kept = KeptAnswers(kept if kept is not None else ResendStore(settings.resend_budget_mb << 20))
@@ -182,6 +184,8 @@ class Pipeline:
             granted=session.capabilities,
             max_packed_rows=self.max_packed_rows,
             max_mask_bytes=self.limits.max_packed_mask_bytes,
+            capture=session.capture,
+            vision_rules=self._vision_rules(session),
         )
         capture = session.capture
         captures.check_request(capture, inputs, self.shape, self.limits)
@@ -189,6 +193,16 @@ class Pipeline:
         if mapping is None and capture.is_eagle3:
             raise NotConfigured("call /set_vocab_mapping before /generate: the draft vocabulary is not set")
         return inputs, mapping
+
+    def _vision_rules(self, session: Session) -> VisionRules | None:
+        """What a ViSpec or MSD session's vision tensors may be (None for other captures); once per kind."""
+        capture = session.capture
+        if not capture.is_vlm:
+            return None
+        rules = self._vision.get(capture.kind)
+        if rules is None:
+            rules = self._vision[capture.kind] = VisionRules.of(self.target, capture, self.limits.max_batch_tokens)
+        return rules
 
     async def generate(self, request: Request, session: Session) -> None:
         """Answer one ``/generate`` request of ``session`` (a stream claim: the kept answer, no forward)."""
@@ -233,8 +247,10 @@ class Pipeline:
         already kept here is not computed again (a producer that retries, or restarted).
         """
         run_id, sample_id = _sample(request, session)
-        if session.capture.is_dspark:
-            raise NotConfigured("streams carry EAGLE-3 and DFlash answers; a dspark session asks /generate")
+        if session.capture.is_dspark or session.capture.is_vlm:
+            raise NotConfigured(
+                f"streams carry EAGLE-3 and DFlash answers; a {session.capture.label} session asks /generate"
+            )
         kept = self.resident.peek(run_id, sample_id)
         if kept is not None:
             _same_stream(kept, session)
@@ -405,7 +421,8 @@ class Pipeline:
                     running.job.waiters.append(waiter)
                     return running
         job.waiters.append(waiter)
-        if self.batcher is not None and job.inputs.packing is None:  # packed rows run alone (microbatch.py)
+        # Packed rows and vision inputs run alone (microbatch.py; a VLM job's tensors are its own).
+        if self.batcher is not None and job.inputs.packing is None and not job.capture.is_vlm:
             work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
         else:
             work = self._run_alone(job)
@@ -486,6 +503,8 @@ class Pipeline:
             tickets = [w.ticket for job in jobs for w in job.waiters if w.active]
         for ticket in tickets:
             ticket.begin_compute()
+        if len(jobs) == 1 and jobs[0].capture.is_vlm:  # the model's own forward, as upstream's wrapper runs it
+            return self._compute_vlm(all_jobs, jobs[0], tickets)
         try:
             target = self.target
             device = target.device
@@ -539,6 +558,22 @@ class Pipeline:
                 ticket.forward_done()
             prepared = {id(job): job.transfer.prepare(answer) for job, answer in zip(jobs, answers, strict=True)}
             return [prepared.get(id(job)) for job in all_jobs]
+        finally:
+            for ticket in tickets:
+                ticket.end_compute()
+
+    def _compute_vlm(self, all_jobs: list[Job], job: Job, tickets: list[Any]) -> list[dict[str, torch.Tensor] | None]:
+        """A ViSpec or MSD job, alone (its vision tensors are its own): :func:`eagle3_appliance.model.vlm.forward`."""
+        try:
+            device = self.target.device
+            answer = vlm.forward(self.target, job.capture, job.inputs.to(device))
+            self.metrics.exec_count.inc()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so that the forward phase is the GPU's time
+            for ticket in tickets:
+                ticket.forward_done()
+            prepared = job.transfer.prepare(answer)
+            return [prepared if other is job else None for other in all_jobs]
         finally:
             for ticket in tickets:
                 ticket.end_compute()

@@ -27,6 +27,7 @@ from eagle3_appliance.dataplanes.transfer import host_copy, send_wire
 from eagle3_appliance.errors import InvalidRequest, MalformedBody, Unavailable, install_error_handler
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model.target import Target
+from eagle3_appliance.model.vlm import image_token_id
 from eagle3_appliance.ops.lifecycle import install_second_signal_exit
 from eagle3_appliance.serving import dataplane_routes, queue_routes, stream_routes
 from eagle3_appliance.serving.connections import GuardedHttpProtocol, raise_fd_limit
@@ -137,6 +138,7 @@ async def register_session(request: Request) -> HTTPResponse:
         capture=capture,
         capabilities=tuple(c for c in protocol.CAPABILITIES if c in session.capabilities),
         gpu_uuids=state.planes.gpu_uuids,
+        image_token_id=image_token_id(state.target.model) if capture.is_vlm else None,
     )
     return json(reply.to_json())
 

@@ -21,7 +21,10 @@ import torch
 
 from eagle3_appliance.core.inputs import GenerateInputs, Packing, VocabMapping
 from eagle3_appliance.errors import ApplianceError, InvalidRequest, InvalidTensors, MalformedBody
+from eagle3_appliance.model.vlm import VisionRules
+from eagle3_appliance.serving.vision_inputs import validate_vision
 from eagle3_client import wire
+from eagle3_client.capture import EAGLE3, Capture
 from eagle3_client.protocol import VOCAB_MAPPING_KEYS, GenerateRequest
 
 __all__ = [
@@ -35,7 +38,8 @@ __all__ = [
     "validate_vocab_mapping",
 ]
 
-# Entries a wire body may have: ours have at most six keys; more is not a request (and
+# Entries a wire body may have: ours have at most six keys (a VLM request: three and at most
+# MAX_VISION_INPUTS vision tensors); more is not a request (and
 # each tiny entry would cost a Python object, a hostile body holding millions of them).
 MAX_BODY_ENTRIES = 16
 
@@ -109,16 +113,20 @@ def validate_generate(
     granted: Collection[str] = (),
     max_packed_rows: int | None = None,
     max_mask_bytes: int | None = None,
+    capture: Capture = EAGLE3,
+    vision_rules: VisionRules | None = None,
 ) -> GenerateInputs:
     """``(input_ids, attention_mask, loss_mask)``, each ``[B,T]``, ids in ``[0, vocab_size)``; packing if sent.
 
     ``granted``: the capabilities of the request's session; a body that needs another is
     refused. A packed body (:data:`eagle3_client.protocol.PACKING_KEYS`) is checked by
     :func:`validate_packing`, with ``max_packed_rows`` (FlashAttention: 1) and
-    ``max_mask_bytes`` (the ``[B,1,T,T]`` mask's float32 bytes) as its extra bounds.
+    ``max_mask_bytes`` (the ``[B,1,T,T]`` mask's float32 bytes) as its extra bounds. Under a
+    ViSpec or MSD ``capture`` the other keys are vision tensors, checked by ``vision_rules``
+    (:mod:`eagle3_appliance.serving.vision_inputs`); under any other they are refused.
     """
     try:
-        request = GenerateRequest.from_keys([k for k, v in tensors.items() if v is not None])
+        request = GenerateRequest.from_keys([k for k, v in tensors.items() if v is not None], capture)
     except ValueError as exc:
         raise InvalidTensors(str(exc)) from None
     extra = sorted(set(tensors) - set(request.keys))  # a key sent as None is no key of the request either
@@ -157,7 +165,12 @@ def validate_generate(
         packing = validate_packing(
             tensors, input_ids.shape, max_packed_rows=max_packed_rows, max_mask_bytes=max_mask_bytes
         )
-    return GenerateInputs(input_ids, attention_mask, loss_mask, packing)
+    vision: dict[str, torch.Tensor] = {}
+    if request.vision:
+        if vision_rules is None:
+            raise InvalidTensors(f"unexpected keys {list(request.vision)}: this server takes no vision inputs")
+        vision = validate_vision(tensors, request.vision, vision_rules, input_ids.shape)
+    return GenerateInputs(input_ids, attention_mask, loss_mask, packing, vision)
 
 
 def validate_packing(

@@ -9,12 +9,13 @@ returns to the trainer unchanged, as the co-located wrappers do.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from eagle3_client import protocol, wire
-from eagle3_client.capture import EAGLE3, Capture
+from eagle3_client.capture import EAGLE3, MAX_VISION_INPUTS, Capture
 
 __all__ = ["Packing", "encode_request"]
 
@@ -40,22 +41,45 @@ def encode_request(
     doc_remaining: torch.Tensor | None = None,
     *,
     capture: Capture = EAGLE3,
+    vision: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[protocol.GenerateRequest, bytes, Packing | None]:
     """The request, its wire body, and the packing to put on the batch (None: unpacked, upstream's body).
 
     ``ValueError`` when only some of the packing tensors are given: a half-packed batch would be
-    run as plain rows without any other sign.
+    run as plain rows without any other sign. ``vision``: a ViSpec or MSD request's vision tensors
+    by the target forward's parameter names (the server refuses names its forward lacks).
     """
+    vision_keys = _vision_keys(capture, vision or {})
     packed = {"position_ids": position_ids, "seq_lens": seq_lens, "doc_remaining": doc_remaining}
     given = [key for key, value in packed.items() if value is not None]
     if given and len(given) != len(packed):
         missing = [key for key in packed if key not in given]
         raise ValueError(f"packed rows need all of position_ids, seq_lens and doc_remaining; {missing} missing")
-    request = protocol.GenerateRequest(capture=capture, packed=bool(given))
+    if given and vision_keys:
+        raise ValueError(f"a {capture.label} request carries no packed rows")
+    request = protocol.GenerateRequest(capture=capture, packed=bool(given), vision=vision_keys)
     tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, **packed}
+    tensors.update(vision or {})
     payload = wire.encode({key: tensors[key] for key in request.keys})
     packing = None
     if request.packed:
         assert position_ids is not None and seq_lens is not None and doc_remaining is not None
         packing = Packing(position_ids, seq_lens, doc_remaining)
     return request, payload, packing
+
+
+def _vision_keys(capture: Capture, vision: Mapping[str, object]) -> tuple[str, ...]:
+    """The vision tensors' names in wire order; ``ValueError``/``TypeError`` naming what cannot be sent."""
+    if not vision:
+        return ()
+    if not capture.is_vlm:
+        raise ValueError(f"a {capture.label} request carries no vision inputs, got {sorted(vision)}")
+    taken = sorted(set(vision) & set(protocol.SAMPLE_INPUT_KEYS))
+    if taken:
+        raise ValueError(f"vision inputs may not be named {taken}: the request's own keys")
+    if len(vision) > MAX_VISION_INPUTS:
+        raise ValueError(f"{len(vision)} vision inputs {sorted(vision)}; at most {MAX_VISION_INPUTS}")
+    bad = sorted(name for name, value in vision.items() if not isinstance(value, torch.Tensor))
+    if bad:
+        raise TypeError(f"vision inputs must be tensors; {bad} are not")
+    return tuple(sorted(vision))

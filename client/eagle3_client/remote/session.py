@@ -84,6 +84,7 @@ class ServerSession:
         # The client's model: every session this server registers is checked against it (_connect).
         self.pin = pin if pin is not None else ModelPin()
         self.capture = capture  # what the adapter's requests capture; negotiated with every session
+        self.image_token_id: int | None = None  # a ViSpec or MSD session's, from its reply
         self.lease_seconds = lease_seconds
         self.client_name = client_name
         self.config = config or DataPlaneConfig()
@@ -199,6 +200,13 @@ class ServerSession:
                     f"{list(self.capture.layers)} (it answered {reply.capture.label}): an appliance from "
                     "before support for this capture; upgrade it"
                 )
+            if self.capture.is_vlm and reply.image_token_id is None:
+                self._disconnect(reply.session_id)
+                raise CaptureUnsupported(
+                    f"{self.control.url} agreed to the {self.capture.label} capture without naming its model's "
+                    "image token id: an appliance from before support for this capture; upgrade it"
+                )
+            self.image_token_id = reply.image_token_id
             try:  # every session, first or re-registered, of every path: never another model's answers
                 self.pin.check(self.control.url, reply.model_fingerprint)
             except ModelMismatch:

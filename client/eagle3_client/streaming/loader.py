@@ -31,8 +31,8 @@ class DFlashFeatureLoader:
             raise ValueError(f"acquire_poll_interval must be positive, got {acquire_poll_interval}")
         if store.capture.is_eagle3:
             raise ValueError("this run streams EAGLE-3 batches: use upstream's FeatureDataLoader")
-        if store.capture.is_dspark:
-            raise ValueError("streams carry no DSpark batches: use RemoteDSparkTargetModel")
+        if store.capture.is_dspark or store.capture.is_vlm:
+            raise ValueError(f"streams carry no {store.capture.label} batches: use the remote target adapter")
         self._queue = queue
         self._store = store
         self._poll = acquire_poll_interval

@@ -151,8 +151,10 @@ class Producer:
         in_order: bool = False,
         **options: Any,
     ) -> None:
-        if capture.is_dspark:
-            raise ValueError("streams carry EAGLE-3 and DFlash answers, not DSpark's: use RemoteDSparkTargetModel")
+        if capture.is_dspark or capture.is_vlm:
+            raise ValueError(
+                f"streams carry EAGLE-3 and DFlash answers, not {capture.label}'s: use the remote target adapter"
+            )
         if capture.is_eagle3 and vocab_mapping is None:
             raise ValueError("an EAGLE-3 run needs the draft vocabulary: pass vocab_mapping=(ids, mask)")
         if encoding.startswith(protocol.ENCODING_HIDDEN):

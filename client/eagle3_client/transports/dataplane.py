@@ -22,7 +22,7 @@ import httpx
 import torch
 
 from eagle3_client import protocol
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, KEY_LOGITS
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_INPUTS_EMBEDS, KEY_LAST_HIDDEN_STATES, KEY_LOGITS, VLM_KEYS
 from eagle3_client.encodings import detect_encoding, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.transports.control import ControlPlane
@@ -139,7 +139,7 @@ def check_supervision(
     The encoding is recognised by the answer's keys, so any plane can move any encoding;
     ``encoding`` is what the server said it used (the wire plane's header), checked against them.
     """
-    if KEY_HIDDEN_STATES in tensors:  # a DFlash or DSpark capture's answer: no encoding applies
+    if KEY_HIDDEN_STATES in tensors:  # a DFlash, DSpark, ViSpec or MSD capture's answer: no encoding applies
         return _check_capture_answer(url, tensors)
     found = detect_encoding(tensors)
     if encoding is not None:
@@ -157,7 +157,9 @@ def check_supervision(
 
 def _check_capture_answer(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
     keys: tuple[str, ...] = (KEY_HIDDEN_STATES,)
-    if KEY_LOGITS in tensors:  # DFlash with logits
+    if KEY_INPUTS_EMBEDS in tensors:  # ViSpec, MSD
+        keys = VLM_KEYS
+    elif KEY_LOGITS in tensors:  # DFlash with logits
         keys = (KEY_HIDDEN_STATES, KEY_LOGITS)
     elif KEY_LAST_HIDDEN_STATES in tensors:  # DSpark
         keys = (KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES)

@@ -1,0 +1,107 @@
+"""What the ViSpec and MSD adapters share: vision inputs on a request, the answer, the shifts.
+
+A ViSpec or MSD session's answer is the target forward's embedding output (vision features
+spliced in), last hidden state and logits, unshifted (:data:`eagle3_client.capture.VLM_KEYS`).
+The adapters build upstream's batch from them here: the shift left with a zero tail and the
+image mask (``input_ids == image_token_id``, the id the server names in its session reply)
+are copies and comparisons, so the batch is the co-located wrapper's bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_INPUTS_EMBEDS, KEY_LOGITS, Capture
+from eagle3_client.dflash import lm_head_module
+from eagle3_client.errors import ProtocolViolation
+from eagle3_client.remote.core import RemoteResult, RemoteTarget
+from eagle3_client.remote.request import encode_request
+from eagle3_client.remote.session import ServerSession
+from eagle3_client.transports.dataplane import Answer
+
+__all__ = ["RemoteVisionTarget", "VisionAnswer", "shift_left"]
+
+
+def shift_left(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` ``[B,T,...]`` one position left along T, the last position zero (the wrappers' alignment)."""
+    return torch.cat((tensor[:, 1:], torch.zeros_like(tensor[:, :1])), dim=1)
+
+
+class VisionAnswer:
+    """One answer's three tensors on the adapter's device, checked against the batch's ``[B,T]``."""
+
+    def __init__(self, answer: Answer, shape: torch.Size, device: torch.device, label: str) -> None:
+        tensors = answer.tensors
+        parts = [tensors.get(key) for key in (KEY_INPUTS_EMBEDS, KEY_HIDDEN_STATES, KEY_LOGITS)]
+        if any(t is None or t.ndim != 3 or t.shape[:2] != shape for t in parts):
+            shapes = {k: None if v is None else list(v.shape) for k, v in tensors.items()}
+            raise ProtocolViolation(f"a {label} answer has {shapes} for a batch of {list(shape)}")
+        embeds, hidden, logits = (t.to(device) for t in parts if t is not None)
+        self.inputs_embeds, self.hidden_states, self.logits = embeds, hidden, logits
+
+
+class RemoteVisionTarget(RemoteTarget):
+    """A ViSpec or MSD target on remote appliances: the capture, the image token id, the LM head."""
+
+    def __init__(
+        self,
+        urls: Sequence[str] | str | os.PathLike[str] | None,
+        *,
+        capture: Capture,
+        device: torch.device | str = "cpu",
+        headers: dict[str, str] | None = None,
+        **options: Any,
+    ) -> None:
+        self._lm_head: torch.nn.Linear | None = None
+        self._image_token_id: int | None = None
+        super().__init__(urls, device=device, headers=headers, capture=capture, **options)
+
+    @property
+    def image_token_id(self) -> int:
+        """The target's image placeholder token id, as its servers name it in their session reply."""
+        if self._image_token_id is None:
+
+            def read(server: ServerSession) -> int:
+                if server.image_token_id is None:  # its session join refused such a server; kept for the type
+                    raise ProtocolViolation(f"{server.url} named no image token id")
+                return server.image_token_id
+
+            self._image_token_id = self._any(read)
+        return self._image_token_id
+
+    def get_lm_head(self) -> torch.nn.Linear:
+        """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
+        if self._lm_head is None:
+            self._lm_head = lm_head_module(self)
+        return self._lm_head
+
+    def _request(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        vision: Mapping[str, torch.Tensor],
+    ) -> tuple[bytes, frozenset[str]]:
+        request, payload, _ = encode_request(
+            input_ids, attention_mask, loss_mask, capture=self._capture, vision=dict(vision)
+        )
+        return payload, request.capabilities
+
+    def _answer(self, answer: Answer, input_ids: torch.Tensor) -> VisionAnswer:
+        return VisionAnswer(answer, input_ids.shape, self._device, self._capture.label)
+
+    def _submit_vision(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        vision: Mapping[str, torch.Tensor],
+        build: Any,
+    ) -> RemoteResult:
+        payload, needs = self._request(input_ids, attention_mask, loss_mask, vision)
+        self.image_token_id  # noqa: B018 - known before the answer is converted (a session is joined)
+        return self._submit(payload, lambda answer: build(self._answer(answer, input_ids)), needs)
