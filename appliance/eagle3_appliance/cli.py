@@ -372,7 +372,7 @@ def sizes(
     capture: Annotated[
         list[str] | None,
         typer.Option(
-            help="DFlash-style captures to list too (repeatable): dflash:L1,L2,... or dflash+logits:L1,L2,...",
+            help="Other families' captures to list too (repeatable): dflash:L1,L2,..., dflash+logits:L1,L2,..., dspark:L1,L2,..., vispec or msd",
         ),
     ] = None,
 ) -> None:

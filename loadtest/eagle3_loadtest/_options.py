@@ -64,8 +64,10 @@ def add_options(parser: Any) -> None:
         default="eagle3",
         env_var="LOCUST_CAPTURE",
         help="What each /generate captures: eagle3 (the server's aux layers, draft-vocabulary supervision), "
-        "dflash:L1,L2,... (DFlash-style: those layers, unshifted) or dflash+logits:L1,L2,... (also the "
-        "full-vocabulary logits, as JetSpec asks). Needs a server with sessions unless eagle3.",
+        "dflash:L1,L2,... (DFlash-style: those layers, unshifted), dflash+logits:L1,L2,... (also the "
+        "full-vocabulary logits, as JetSpec asks), dspark:L1,L2,... (DSpark's features and final norm), "
+        "vispec or msd (a vision-language server's embeddings, last hidden state and logits; the ranks send "
+        "text-only rows). Needs a server with sessions unless eagle3.",
     )
     parser.add_argument(
         "--encoding",

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from eagle3_client.capture import EAGLE3, KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.capture import (
+    EAGLE3,
+    KEY_HIDDEN_STATES,
+    KEY_INPUTS_EMBEDS,
+    KEY_LAST_HIDDEN_STATES,
+    KEY_LOGITS,
+    Capture,
+)
 from eagle3_client.protocol import SUPERVISION_KEYS
 
 __all__ = [
@@ -125,20 +132,23 @@ def check_supervision(
 def _check_capture(
     tensors: Mapping[str, torch.Tensor | None], request: Mapping[str, torch.Tensor], expected: Expected
 ) -> None:
-    """A DFlash answer: the layers' outputs ``[B,T,n*H]`` (unshifted), and the logits ``[B,T,V]`` if asked."""
+    """Another family's answer, unshifted, keys in the capture's order: DFlash's layer outputs
+    ``[B,T,n*H]`` (and the logits ``[B,T,V]`` if asked); DSpark's as well as the final norm's
+    output ``[B,T,H]``; ViSpec's and MSD's input embeddings and last hidden state ``[B,T,H]`` and
+    the logits ``[B,T,V]``."""
     capture = expected.capture
     if list(tensors) != list(capture.keys):
         raise SupervisionError(f"answer has keys {list(tensors)}, expected exactly {list(capture.keys)}")
     batch, seq_len = request["input_ids"].shape
-    hidden = _get(tensors, KEY_HIDDEN_STATES)
-    _dtype(KEY_HIDDEN_STATES, hidden, AUX_DTYPES)
-    _shape(KEY_HIDDEN_STATES, hidden, [batch, seq_len, len(capture.layers) * expected.hidden_size])
-    if not bool(torch.isfinite(hidden).all()):
-        raise SupervisionError("hidden_states holds NaN or infinite values")
-    if capture.logits:
-        logits = _get(tensors, KEY_LOGITS)
-        _dtype(KEY_LOGITS, logits, AUX_DTYPES)
-        _shape(KEY_LOGITS, logits, [batch, seq_len, expected.vocab_size])
+    hidden_width = expected.hidden_size if capture.is_vlm else len(capture.layers) * expected.hidden_size
+    widths = {KEY_HIDDEN_STATES: hidden_width, KEY_LOGITS: expected.vocab_size}
+    widths |= {KEY_LAST_HIDDEN_STATES: expected.hidden_size, KEY_INPUTS_EMBEDS: expected.hidden_size}
+    for key in capture.keys:
+        tensor = _get(tensors, key)
+        _dtype(key, tensor, AUX_DTYPES)
+        _shape(key, tensor, [batch, seq_len, widths[key]])
+        if key != KEY_LOGITS and not bool(torch.isfinite(tensor).all()):
+            raise SupervisionError(f"{key} holds NaN or infinite values")
 
 
 def _check_probs(probs: torch.Tensor, batch: int, seq_len: int, expected: Expected) -> None:

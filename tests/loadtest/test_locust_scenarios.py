@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -282,3 +284,38 @@ def test_steady_with_packed_rows(
     # Two rows of 96 per request; only the tail of each row after its last sample is padding.
     assert m["tokens"] == m["responses"] * 2 * 96
     assert m["real_tokens"] > 0.5 * m["tokens"]
+
+
+@pytest.fixture(scope="module")
+def vlm_appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """An appliance on a tiny Qwen2-VL (random weights, built from a config)."""
+    from tests.vlm_support import APPLIANCE_ARGS, make_tiny_vlm
+
+    folder = make_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
+    log = tmp_path_factory.mktemp("vlm-logs") / "server.log"
+    with ServerProcess(["--model", str(folder), *APPLIANCE_ARGS], log_path=log) as server:
+        yield server
+
+
+@pytest.mark.parametrize("kind", ["vispec", "msd"])
+def test_steady_with_vision_language_captures(
+    locust: Any, vlm_appliance: ServerProcess, kind: str, tmp_path: Path
+) -> None:
+    """``--capture vispec`` / ``msd`` against a vision-language appliance: every answer's three
+    tensors checked (embeddings and last hidden state [B,T,H], logits [B,T,V]), counted by kind."""
+    info = httpx.post(vlm_appliance.url + "/model_info", trust_env=False).json()
+    shapes = ["--batch-size", "2", "--seq-len", "uniform:8:32", "--max-seq-len", "32", "--draft-vocab", "64"]
+    run = locust.run(
+        ["-f", "loadtest/steady.py", "-u", "1", "-r", "1", "-t", "4s", *shapes, "--capture", kind],
+        vlm_appliance.url,
+        tmp_path / kind,
+    )
+    assert_ok(run)
+    generate = run.stats()[("POST", "generate")]
+    assert count(generate, "num_requests") > 0 and count(generate, "num_failures") == 0
+    m = run.report()["custom_metrics"]
+    assert m["invalid"] == 0
+    # fp32 embeddings and last hidden state [T,2H] and fp32 logits [T,V], per token.
+    assert m["supervision_bytes_per_token"] == 2 * info["hidden_size"] * 4 + info["vocab_size"] * 4
+    metrics = Path(run.report()["server_metrics"]["file"]).read_text()
+    assert f'eagle3_generate_captures_total{{capture="{kind}"}}' in metrics
