@@ -309,11 +309,14 @@ def test_every_row_consumed_once_through_a_killed_trainer_and_a_killed_appliance
         )  # fmt: skip
         children.append(producer)
         consumer = ["-m", "tests.integration.stream_consumer", queue, run_id, str(out)]
+        # The steady consumer starts once the holder holds its lease: started together on a loaded
+        # machine, the steady one could take the whole run before the holder had imported torch.
         holder = _start([*consumer, "--hold-after", "2"], tmp_path / "holder.log")
-        steady = _start([*consumer, "--step-seconds", "0.3"], tmp_path / "steady.log")
-        children += [holder, steady]
+        children.append(holder)
         _wait_for(lambda: "holding" in (tmp_path / "holder.log").read_text(), 120, "a consumer holding a lease")
         held = (tmp_path / "holder.log").read_text().split("holding ", 1)[1].split()[0]
+        steady = _start([*consumer, "--step-seconds", "0.3"], tmp_path / "steady.log")
+        children.append(steady)
         holder.kill()
         _wait_for(lambda: len(_acked(out)) >= 4, 120, "four acked samples")
         procs[1].proc.send_signal(signal.SIGKILL)  # unclaimed answers die with it
