@@ -39,6 +39,7 @@ from eagle3_client.protocol import (
 )
 
 __all__ = [
+    "STALL_S",
     "PUT_ACKED",
     "PUT_NEW",
     "PUT_REPLACED",
@@ -52,6 +53,11 @@ __all__ = [
     "check_page",
     "check_total",
 ]
+
+# A claim without its answer this long is stalled: the read-ahead's spare reader takes its place
+# (stream_queue) and the store holds the appliance suspect (store). Here, below both, so that
+# neither imports the other for it.
+STALL_S = 0.5
 
 # What put() did: queued a new sample, moved a sample not yet acked, or nothing (already acked).
 PUT_NEW, PUT_REPLACED, PUT_ACKED = "new", "replaced", "acked"

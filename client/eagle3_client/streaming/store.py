@@ -33,9 +33,8 @@ from eagle3_client.encodings import decode_supervision, parse_encoding
 from eagle3_client.errors import RemoteTargetError, TargetHTTPError, TargetUnreachable
 from eagle3_client.protocol import RunDescription, StreamRef
 from eagle3_client.remote.core import RemoteTarget
-from eagle3_client.streaming.queues import QueueBackend, RunMismatch, StreamError, UnknownSample
+from eagle3_client.streaming.queues import STALL_S, QueueBackend, RunMismatch, StreamError, UnknownSample
 from eagle3_client.streaming.refs import from_upstream
-from eagle3_client.streaming.stream_queue import STALL_S
 
 __all__ = ["ApplianceFeatureStore", "owner_url"]
 
@@ -197,7 +196,7 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
     def suspect(self, store_uri: str) -> bool:
         """Whether the appliance at ``store_uri`` is not answering claims now: one failed in the last
         :data:`_SUSPECT_S` seconds, or one has waited longer than
-        :data:`~eagle3_client.streaming.stream_queue.STALL_S` and none has been answered since it
+        :data:`~eagle3_client.streaming.queues.STALL_S` and none has been answered since it
         began (a slow appliance still answers some; a frozen one answers none)."""
         url = owner_url(store_uri)
         now = time.monotonic()

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from eagle3_client.protocol import LeaseJSON, StreamRef
-from eagle3_client.streaming.queues import QueueBackend, StreamError
+from eagle3_client.streaming.queues import STALL_S, QueueBackend, StreamError
 from eagle3_client.streaming.refs import from_upstream, upstream_lease
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ __all__ = ["StreamQueue"]
 
 logger = logging.getLogger(__name__)
 
-STALL_S = 0.5  # a read-ahead claim without its answer this long is stalled: a spare reader takes its place
 _SPARES_PER_PLACE = 2  # spare readers per read-ahead place, for stalled claims
 
 
