@@ -233,8 +233,6 @@ class Pipeline:
         already kept here is not computed again (a producer that retries, or restarted).
         """
         run_id, sample_id = _sample(request, session)
-        if session.capture.is_dspark:
-            raise NotConfigured("streams carry EAGLE-3 and DFlash answers; a dspark session asks /generate")
         kept = self.resident.peek(run_id, sample_id)
         if kept is not None:
             _same_stream(kept, session)

@@ -151,8 +151,6 @@ class Producer:
         in_order: bool = False,
         **options: Any,
     ) -> None:
-        if capture.is_dspark:
-            raise ValueError("streams carry EAGLE-3 and DFlash answers, not DSpark's: use RemoteDSparkTargetModel")
         if capture.is_eagle3 and vocab_mapping is None:
             raise ValueError("an EAGLE-3 run needs the draft vocabulary: pass vocab_mapping=(ids, mask)")
         if encoding.startswith(protocol.ENCODING_HIDDEN):
@@ -287,7 +285,7 @@ class Producer:
                 "no appliance reported a model fingerprint: the stream needs eagle3-appliance servers"
             )
         description = RunDescription(
-            algorithm="eagle3" if self.capture.is_eagle3 else "dflash",
+            algorithm=self.capture.algorithm,
             capture=self.capture.spec,
             encoding=self.encoding,
             model_fingerprint=fingerprints.pop(),
