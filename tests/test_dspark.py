@@ -146,3 +146,13 @@ def test_the_sizes_rows_count_the_final_norm() -> None:
     assert row.bytes_per_token == 4 * 64 * 4
     with pytest.raises(ValueError, match="out of range"):
         capture_rows(shape, captures=["dspark:-1,8"], dtype_bytes=4, batch_tokens=10)
+
+
+def test_the_launcher_refuses_the_stream_backend_for_dspark_naming_what_works() -> None:
+    """The stream carries DSpark runs, but the DSpark recipe has no stream backend: said before setup."""
+    from eagle3_client.automodel_launch import check_config
+
+    cfg = {"recipe": "TrainDSparkRecipe", "recipe_args": {"target_model_backend": "stream"}}
+    with pytest.raises(SystemExit, match="no target_model_backend: stream yet.*DSparkFeatureLoader"):
+        check_config(cfg)
+    check_config({**cfg, "recipe_args": {"target_model_backend": "remote"}})  # accepted

@@ -22,7 +22,14 @@ from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.limits import TargetShape
 from eagle3_appliance.serving.stream_answers import estimate_bytes
 from eagle3_appliance.stream.resident import KeptAnswer, NoKeptAnswer, ResidentAnswers, StreamFull
-from eagle3_client import RemoteDFlashTargetModel, RemoteEagle3TargetModel, TargetOverloaded, protocol, wire
+from eagle3_client import (
+    RemoteDFlashTargetModel,
+    RemoteDSparkTargetModel,
+    RemoteEagle3TargetModel,
+    TargetOverloaded,
+    protocol,
+    wire,
+)
 from eagle3_client.capture import EAGLE3, Capture
 from eagle3_client.encodings import parse_encoding
 from eagle3_client.remote.core import RemoteTarget
@@ -78,6 +85,12 @@ def dflash_target(url: str, capture: Capture, plane: str = "wire") -> RemoteDFla
     model = RemoteDFlashTargetModel.from_urls(
         [url], target_layer_ids=capture.layers, capture_logits=capture.logits, data_plane=plane, max_retries=0
     )
+    model._fleet.start()
+    return model
+
+
+def dspark_target(url: str, capture: Capture, plane: str = "wire") -> RemoteDSparkTargetModel:
+    model = RemoteDSparkTargetModel.from_urls([url], target_layer_ids=capture.layers, data_plane=plane, max_retries=0)
     model._fleet.start()
     return model
 
@@ -164,7 +177,12 @@ CASES: dict[str, tuple[Capture, str, bool]] = {
     # int32 ids, bool attention mask, int8 loss mask: kept and sent back in the dtypes they came in.
     "narrow": (EAGLE3, "topk:8", False),
     "dflash-narrow": (Capture.dflash([2]), "probs", False),
+    # DSpark: the embedding output (-1), a middle layer and the last (post-norm), plus the final norm.
+    "dspark": (Capture.dspark([-1, 3, 7]), "probs", False),
+    "dspark-packed": (Capture.dspark([0, 5]), "probs", True),
 }
+# A DSpark answer's tensors by the names of upstream's DSpark stream schema (ref and store).
+DSPARK_NAMES = {"hidden_states": "target_hidden_states", "last_hidden_states": "target_last_hidden_states"}
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +193,12 @@ def targets(stream_server: ServerProcess) -> Iterator[Callable[[str, str], Remot
     def get(case: str, plane: str) -> RemoteTarget:
         if (case, plane) not in made:
             capture, encoding, _ = CASES[case]
-            made[case, plane] = (
-                eagle3_target(stream_server.url, encoding, plane)
-                if capture.is_eagle3
-                else dflash_target(stream_server.url, capture, plane)
-            )
+            if capture.is_eagle3:
+                made[case, plane] = eagle3_target(stream_server.url, encoding, plane)
+            elif capture.is_dspark:
+                made[case, plane] = dspark_target(stream_server.url, capture, plane)
+            else:
+                made[case, plane] = dflash_target(stream_server.url, capture, plane)
         return made[case, plane]
 
     yield get
@@ -201,6 +220,8 @@ def decoded(target: RemoteTarget, case: str, answer: Any, args: tuple[torch.Tens
     """What a consumer's store returns for a claimed answer: the decoded supervision and the request's tensors."""
     capture = CASES[case][0]
     requested = {k: answer.tensors[k] for k in protocol.SAMPLE_INPUT_KEYS if k in answer.tensors}
+    if capture.is_dspark:
+        return {DSPARK_NAMES.get(k, k): t for k, t in answer.tensors.items()}
     if not capture.is_eagle3:
         return dict(answer.tensors)
     _, _, packing = encode_request(*args, capture=capture)
@@ -253,15 +274,18 @@ def test_a_claimed_answer_is_the_computed_one(
     # The recipe's batch from the claim is the batch generate_batch returns.
     from_claim = consumer._to_batch(claimed, args[0], args[1], args[2], packing)
     from_generate = consumer.generate_batch(*args)
-    fields: tuple[str, ...] = (
-        ("aux_hidden_states", "target_probs", "position_mask") if capture.is_eagle3 else ("hidden_states",)
-    )
-    fields += ("input_ids", "attention_mask", "loss_mask")
+    fields: tuple[str, ...]
+    if capture.is_dspark:  # DSparkTargetBatch has no attention mask
+        fields = ("target_hidden_states", "target_last_hidden_states", "input_ids", "loss_mask")
+    elif capture.is_eagle3:
+        fields = ("aux_hidden_states", "target_probs", "position_mask", "input_ids", "attention_mask", "loss_mask")
+    else:
+        fields = ("hidden_states", "input_ids", "attention_mask", "loss_mask")
     fields += protocol.PACKING_KEYS if packed else ()
     fields += ("logits",) if capture.logits else ()
     for name in fields:
         assert_same(getattr(from_claim, name), getattr(from_generate, name), name)
-    if not capture.is_eagle3 and not capture.logits:
+    if capture.kind == "dflash" and not capture.logits:
         assert from_claim.logits is None
 
     # A redelivery: the same tensors again.
@@ -273,11 +297,16 @@ def test_a_claimed_answer_is_the_computed_one(
     # The reference describes the store's decoded view exactly; the server keeps what it sends.
     store = decoded(consumer, case, claimed, args)
     assert ref.feature_specs == {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in store.items()}
-    assert ref.feature_keys == {k: k for k in store}
+    wire_keys = {v: k for k, v in DSPARK_NAMES.items()} if capture.is_dspark else {}
+    assert ref.feature_keys == {k: wire_keys.get(k, k) for k in store}
     if capture.is_eagle3:
         assert ref.feature_specs["target_probs"] == ((*args[0].shape, DRAFT), "float32")
         assert ref.feature_specs["position_mask"] == ((*args[0].shape, 1), "bool")
-    assert (ref.run_id, ref.sample_id, ref.algorithm) == (run_id, "s0", "eagle3" if capture.is_eagle3 else "dflash")
+    algorithm = "eagle3" if capture.is_eagle3 else "dspark" if capture.is_dspark else "dflash"
+    assert (ref.run_id, ref.sample_id, ref.algorithm) == (run_id, "s0", algorithm)
+    if capture.is_dspark:  # [B,T,n*H] and [B,T,H] of the built-in model (H 64, float32)
+        assert ref.feature_specs["target_hidden_states"] == ((*args[0].shape, 64 * len(capture.layers)), "float32")
+        assert ref.feature_specs["target_last_hidden_states"] == ((*args[0].shape, 64), "float32")
     assert ref.store_uri == "appliance://" + stream_server.url.removeprefix("http://")
     assert ref.num_tokens == int(args[1].sum())
     assert ref.estimated_bytes == nbytes(store)
@@ -552,10 +581,12 @@ def test_a_claim_from_another_encoding_or_capture_is_a_409_naming_both(
 ) -> None:
     topk = RawSession(stream_server.url, encoding="topk:8")
     dflash = RawSession(stream_server.url, capture=Capture.dflash([1, 2], logits=True))
+    dspark = RawSession(stream_server.url, capture=Capture.dspark([1, 2]))
     claimed_before = metric(scrape(stream_server.url), "eagle3_stream_claimed_total")
     try:
         _refused(topk.claim("bad/s0"), 409, "encoding 'probs'", "encoding 'topk:8'")
         _refused(dflash.claim("bad/s0"), 409, "capture 'eagle3'", "capture 'dflash+logits:1,2'")
+        _refused(dspark.claim("bad/s0"), 409, "capture 'eagle3'", "capture 'dspark:1,2'")
         # A second produce of the kept sample from such a session is refused the same way.
         payload = encode_request(*random_batch(VOCAB, 2, 12, seed=9))[1]
         _refused(topk.produce("bad/s0", payload), 409, "encoding 'probs'", "encoding 'topk:8'")
@@ -565,6 +596,7 @@ def test_a_claim_from_another_encoding_or_capture_is_a_409_naming_both(
     finally:
         topk.close()
         dflash.close()
+        dspark.close()
     assert kept.claim("bad/s0").status_code == 200  # the producer's own encoding still gets it
     assert metric(scrape(stream_server.url), "eagle3_stream_claimed_total") == claimed_before + 1
     assert healthy(stream_server.url)

@@ -283,7 +283,11 @@ def produce(
     packed_sequence_size: Annotated[int, typer.Option(help="Pack rows into rows of this many tokens (0 = no).")] = 0,
     pad_token_id: Annotated[int, typer.Option(help="The token id padding is made of.")] = 0,
     capture: Annotated[
-        str, typer.Option(help="eagle3, or a DFlash capture: dflash:L1,L2,... or dflash+logits:L1,L2,...")
+        str,
+        typer.Option(
+            help="eagle3, a DFlash capture (dflash:L1,L2,... or dflash+logits:L1,L2,...) or a DSpark one "
+            "(dspark:L1,L2,..., with --dataset)"
+        ),
     ] = "eagle3",
     encoding: Annotated[str, typer.Option(help="EAGLE-3 supervision encoding: probs, logits or topk:K.")] = "probs",
     vocab_mapping: Annotated[
@@ -372,7 +376,8 @@ def sizes(
     capture: Annotated[
         list[str] | None,
         typer.Option(
-            help="Other families' captures to list too (repeatable): dflash:L1,L2,..., dflash+logits:L1,L2,..., dspark:L1,L2,..., vispec or msd",
+            help="Other families' captures to list too (repeatable): dflash:L1,L2,..., "
+            "dflash+logits:L1,L2,..., dspark:L1,L2,..., vispec or msd",
         ),
     ] = None,
 ) -> None:

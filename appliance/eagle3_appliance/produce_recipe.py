@@ -17,6 +17,10 @@ is the producer's ``--capture dflash:...`` (the layers the recipe logs). Upstrea
 always shuffles and has no ``train_shuffle`` key; its stream backend reads that key
 (:mod:`eagle3_client.automodel_stream_dflash`), with the same default (true), as this does.
 
+A DSpark YAML (``TrainDSparkRecipe``) is refused: its trainer has no stream backend yet (a
+DSpark run is produced with ``--dataset`` and ``--capture dspark:...`` and read with
+``DSparkFeatureLoader``).
+
 One choice differs from a co-located run: with ``trainers = 1`` and ``train_shuffle: true`` the
 order is drawn from ``DistributedSampler``'s seed and the epoch, not from the trainer's RNG (which
 the producer cannot see), so such a run sees the same samples per epoch in another order than a
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from eagle3_client.automodel import DFLASH_RECIPES
+from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES
 from eagle3_client.automodel_launch import recipe_name
 from eagle3_client.automodel_stream import stream_run_id
 from eagle3_client.automodel_stream_dflash import RankMesh
@@ -80,6 +84,11 @@ def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: in
         raise ValueError(f"--trainers must be at least 1, got {trainers}")
     cfg = parse_args_and_load_config(argv=["-c", config, *overrides])
     recipe = recipe_name(cfg)
+    if recipe in DSPARK_RECIPES:
+        raise ValueError(
+            f"{recipe} has no stream backend yet: produce a DSpark run with --dataset and --capture dspark:L1,... "
+            "and read it with eagle3_client.streaming.loader.DSparkFeatureLoader"
+        )
     rc = cfg.recipe_args
     target = rc.target_model_name_or_path
     trust = bool(rc.get("trust_remote_code", False))

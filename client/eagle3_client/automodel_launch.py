@@ -54,7 +54,10 @@ def check_config(cfg: Any) -> None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
     if backend == "stream" and name in DSPARK_RECIPES:
-        raise SystemExit("streams carry no DSpark answers: train TrainDSparkRecipe with target_model_backend: remote")
+        raise SystemExit(
+            "TrainDSparkRecipe has no target_model_backend: stream yet: train it with target_model_backend: remote "
+            "(a DSpark run on the stream is read with eagle3_client.streaming.loader.DSparkFeatureLoader)"
+        )
     if backend not in ("remote", "stream"):
         logger.warning(
             "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "

@@ -39,10 +39,12 @@ from typing import Any
 
 import torch
 
+from eagle3_client.errors import ProtocolViolation
 from eagle3_client.quoting import quote
 
 __all__ = [
     "dflash_batch_type",
+    "dspark_batch",
     "dspark_batch_type",
     "msd_batch_type",
     "vispec_batch_type",
@@ -52,6 +54,7 @@ __all__ = [
     "CAPTURE_KINDS",
     "CAPTURE_MSD",
     "CAPTURE_VISPEC",
+    "DSPARK_FEATURES",
     "EAGLE3",
     "KEY_HIDDEN_STATES",
     "KEY_INPUTS_EMBEDS",
@@ -89,6 +92,9 @@ VLM_KEYS = (KEY_INPUTS_EMBEDS, KEY_HIDDEN_STATES, KEY_LOGITS)
 # Vision tensors one request may carry beside its ids and masks (the wire body's entry bound
 # is the server's MAX_BODY_ENTRIES: 3 + this).
 MAX_VISION_INPUTS = 8
+# A DSpark answer's tensors by the names of upstream's stream schema (FeatureAlgorithm.DSPARK),
+# each with its wire key: what a stream's reference names and a consumer's store returns.
+DSPARK_FEATURES = {"target_hidden_states": KEY_HIDDEN_STATES, "target_last_hidden_states": KEY_LAST_HIDDEN_STATES}
 # More layers than any model has would only be a way to make the server allocate: a bound
 # checked before the model's own depth is.
 MAX_CAPTURE_LAYERS = 1024
@@ -139,6 +145,13 @@ class Capture:
     @property
     def is_dspark(self) -> bool:
         return self.kind == CAPTURE_DSPARK
+
+    @property
+    def algorithm(self) -> str:
+        """Upstream's ``FeatureAlgorithm`` value of a stream of these answers (``SampleRef.algorithm``):
+        one per kind, so that a DSpark sample is never read as a DFlash one (their ``hidden_states``
+        differ: DSpark's ``-1`` and last layer are the embedding output and the post-norm state)."""
+        return self.kind
 
     @property
     def label(self) -> str:
@@ -343,3 +356,32 @@ def msd_batch_type() -> type:
         return _LocalMSDTargetBatch
     batch_type: type = MSDTargetBatch
     return batch_type
+
+
+def dspark_batch(
+    hidden: torch.Tensor | None,
+    last: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    packing: Mapping[str, torch.Tensor] | None,
+    device: torch.device,
+) -> Any:
+    """Upstream's ``DSparkTargetBatch`` from a DSpark answer (``hidden_states``, ``last_hidden_states``)
+    and its request, on ``device``.
+
+    One builder for the answer of a ``/generate`` and for a stream's kept answer, so that both
+    are the same batch; :class:`ProtocolViolation` when the answer does not fit the request.
+    """
+    if hidden is None or last is None or hidden.shape[:2] != input_ids.shape or last.shape[:2] != input_ids.shape:
+        raise ProtocolViolation(
+            f"a DSpark answer has {KEY_HIDDEN_STATES} {None if hidden is None else list(hidden.shape)} and "
+            f"{KEY_LAST_HIDDEN_STATES} {None if last is None else list(last.shape)} "
+            f"for a batch of {list(input_ids.shape)}"
+        )
+    return dspark_batch_type()(
+        target_hidden_states=hidden.to(device),
+        target_last_hidden_states=last.to(device),
+        input_ids=input_ids.to(device),
+        loss_mask=loss_mask.to(device),
+        **{key: t.to(device) for key, t in (packing or {}).items()},
+    )

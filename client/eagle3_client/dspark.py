@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture, dspark_batch_type
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture, dspark_batch, dspark_batch_type
 from eagle3_client.dflash import lm_head_module
-from eagle3_client.errors import ProtocolViolation
 from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.remote.request import Packing
 from eagle3_client.transports.dataplane import Answer
@@ -96,20 +95,12 @@ class RemoteDSparkTargetModel(RemoteTarget):
         loss_mask: torch.Tensor,
         packing: Packing | None,
     ) -> Any:
-        dev = self._device
         tensors = answer.tensors
-        hidden = tensors.get(KEY_HIDDEN_STATES)
-        last = tensors.get(KEY_LAST_HIDDEN_STATES)
-        if hidden is None or last is None or hidden.shape[:2] != input_ids.shape or last.shape[:2] != input_ids.shape:
-            raise ProtocolViolation(
-                f"a DSpark answer has keys {sorted(tensors)} with hidden_states "
-                f"{None if hidden is None else list(hidden.shape)} and last_hidden_states "
-                f"{None if last is None else list(last.shape)} for a batch of {list(input_ids.shape)}"
-            )
-        return dspark_batch_type()(
-            target_hidden_states=hidden.to(dev),
-            target_last_hidden_states=last.to(dev),
-            input_ids=input_ids.to(dev),
-            loss_mask=loss_mask.to(dev),
-            **({} if packing is None else packing.on(dev)),
+        return dspark_batch(
+            tensors.get(KEY_HIDDEN_STATES),
+            tensors.get(KEY_LAST_HIDDEN_STATES),
+            input_ids,
+            loss_mask,
+            None if packing is None else packing.on(self._device),
+            self._device,
         )

@@ -815,7 +815,7 @@ class RunDescription:
     and the queue refuses a reference whose ``target_model_version`` is not ``model_fingerprint``.
     """
 
-    algorithm: str  # upstream's FeatureAlgorithm value: "eagle3" or "dflash"
+    algorithm: str  # upstream's FeatureAlgorithm value: "eagle3", "dflash" or "dspark" (Capture.algorithm)
     capture: str  # eagle3_client.capture.Capture.spec() of the answers
     encoding: str  # the EAGLE-3 supervision encoding the answers are kept in ("probs" for DFlash)
     model_fingerprint: str

@@ -1,7 +1,7 @@
 """The stream: a fleet runs ahead of the trainers, on NeMo AutoModel's streaming API (issue #30).
 
 References come from upstream: its ``FeatureDataLoader`` and ``SampleRef`` unchanged, and its
-co-located ``HFEagle3TargetModel`` / ``HFDFlashTargetModel`` computing the expected answers in
+co-located ``HFEagle3TargetModel`` / ``HFDFlashTargetModel`` / ``HFDSparkTargetModel`` computing the expected answers in
 this process. Both queue backends run: ``appliance://`` (hosted by an appliance) and
 ``redis://`` (a real ``redis-server``). The guarantees are tested by killing things: a trainer
 holding a lease, an appliance with unclaimed answers, the producer mid-run.
@@ -38,6 +38,7 @@ from tests.redis_support import redis_server
 streaming = import_or_skip("nemo_automodel.components.speculative.streaming")
 upstream_eagle = import_or_skip("nemo_automodel.components.speculative.eagle.target")
 upstream_dflash = import_or_skip("nemo_automodel.components.speculative.dflash.target")
+upstream_dspark = import_or_skip("nemo_automodel.components.speculative.dspark.target")
 open_stream = import_or_skip("eagle3_client.streaming.open").open_stream  # the consumer side needs AutoModel
 
 VOCAB, DRAFT = 1024, 256
@@ -196,6 +197,92 @@ def test_a_dflash_capture_streams_through_our_loader(
         assert type(batch) is upstream_dflash.DFlashTargetBatch
         for key in ("hidden_states", "logits", "input_ids", "attention_mask", "loss_mask"):
             assert_equal(getattr(batch, key), getattr(want, key), key)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_dspark_capture_streams_through_our_loader(
+    pair: list[ServerProcess], queue_url: str, hf_model: torch.nn.Module, packed: bool
+) -> None:
+    """Produced on two appliances, every batch is upstream's ``HFDSparkTargetModel``'s, bit for bit."""
+    from eagle3_client.streaming.loader import DSparkFeatureLoader
+
+    layers = [-1, 3, 7]  # the embedding output, a middle layer, the last (post-norm)
+    reference = upstream_dspark.HFDSparkTargetModel(hf_model, target_layer_ids=layers)
+    batches = batches_of(rows(8, seed=13), 2, packed_sequence_size=48 if packed else 0)
+    run_id = new_run("dspark")
+    with Producer([p.url for p in pair], queue_url, run_id, batches, capture=Capture.dspark(layers)) as producer:
+        thread, result = produce_in_thread(producer)
+        queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30)
+        assert (store.description.algorithm, store.description.capture) == ("dspark", "dspark:-1,3,7")
+        seen = record_leases(queue)
+        got = list(DSparkFeatureLoader(queue, store))
+        thread.join(60)
+        store.close()
+    assert "error" not in result, result
+    assert sorted(seen) == [sample_id(0, i) for i in range(len(batches))]
+    assert sum(result["report"].per_appliance.values()) == len(batches)
+    for sid, batch in zip(seen, got, strict=True):
+        source = batches[int(sid.rsplit("-b", 1)[1])]
+        packing = {k: source[k] for k in protocol.PACKING_KEYS if k in source}
+        assert bool(packing) == packed
+        want = reference.generate_batch(source["input_ids"], source["attention_mask"], source["loss_mask"], **packing)
+        assert type(batch) is type(want) is upstream_dspark.DSparkTargetBatch
+        assert batch.target_hidden_states.shape[-1] == 64 * len(layers)
+        for key in ("target_hidden_states", "target_last_hidden_states", "input_ids", "loss_mask"):
+            assert_equal(getattr(batch, key), getattr(want, key), key)
+        for key in protocol.PACKING_KEYS:
+            if packed:
+                assert_equal(getattr(batch, key), getattr(want, key), key)
+            else:
+                assert getattr(batch, key) is None and getattr(want, key) is None, key
+    state = queue.backend.state()
+    assert state.closed and state.acked == len(batches) and state.redelivered == 0
+
+
+def test_a_dspark_sample_is_refused_by_a_consumer_of_another_capture(pair: list[ServerProcess], queue_url: str) -> None:
+    """DSpark's and DFlash's ``hidden_states`` are different features: neither is read as the other."""
+    from eagle3_client.streaming.loader import DFlashFeatureLoader, DSparkFeatureLoader
+    from eagle3_client.streaming.store import ApplianceFeatureStore
+
+    batches = batches_of(rows(4, seed=17), 2)
+    run_id = new_run("dspark-refused")
+    with Producer([pair[0].url], queue_url, run_id, batches, capture=Capture.dspark([-1, 7])) as producer:
+        thread, result = produce_in_thread(producer)
+        queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30)
+        with pytest.raises(ValueError, match="DSpark batches: use DSparkFeatureLoader"):
+            DFlashFeatureLoader(queue, store)
+        lease = None
+        while lease is None:
+            lease = queue.acquire()
+            time.sleep(0.05)
+        assert lease.ref.algorithm is streaming.refs.FeatureAlgorithm.DSPARK
+        assert dict(lease.ref.feature_keys)["target_hidden_states"] == "hidden_states"
+        # A consumer opened for a DFlash run: the reference says DSpark, refused before any claim.
+        dflash_run = protocol.RunDescription(
+            **{**store.description.to_json(), "algorithm": "dflash", "capture": "dflash:0,7"}
+        )
+        dflash_store = ApplianceFeatureStore(queue.backend, dflash_run)
+        with pytest.raises(RunMismatch, match=r"is a dspark sample; this store reads dflash answers"):
+            dflash_store.get(lease.ref)
+        with pytest.raises(ValueError, match="dflash batches: use DFlashFeatureLoader"):
+            DSparkFeatureLoader(queue, dflash_store)
+        dflash_store.close()
+        # A DSpark consumer of other layers: the appliance refuses the claim (409), named both ways.
+        other_layers = protocol.RunDescription(**{**store.description.to_json(), "capture": "dspark:0,5"})
+        other_store = ApplianceFeatureStore(queue.backend, other_layers)
+        with pytest.raises(RunMismatch, match=r"capture 'dspark:-1,7'.*capture 'dspark:0,5'"):
+            other_store.get(lease.ref)
+        other_store.close()
+        # The run's own consumer still gets the sample, then the rest.
+        tensors, _ = store.get(lease.ref)
+        assert set(tensors) >= {"target_hidden_states", "target_last_hidden_states", "input_ids", "loss_mask"}
+        assert tensors["target_hidden_states"].shape[-1] == 2 * tensors["target_last_hidden_states"].shape[-1]
+        queue.ack(lease)
+        rest = list(DSparkFeatureLoader(queue, store))
+        thread.join(60)
+        store.close()
+    assert "error" not in result, result
+    assert len(rest) == len(batches) - 1
 
 
 # -- what is refused, and said --------------------------------------------------------------------

@@ -247,9 +247,9 @@ class Pipeline:
         already kept here is not computed again (a producer that retries, or restarted).
         """
         run_id, sample_id = _sample(request, session)
-        if session.capture.is_dspark or session.capture.is_vlm:
+        if session.capture.is_vlm:
             raise NotConfigured(
-                f"streams carry EAGLE-3 and DFlash answers; a {session.capture.label} session asks /generate"
+                f"streams carry EAGLE-3, DFlash and DSpark answers; a {session.capture.label} session asks /generate"
             )
         kept = self.resident.peek(run_id, sample_id)
         if kept is not None:

@@ -6,7 +6,10 @@ trainer that claims it later gets everything its batch needs from this appliance
 claim (``/generate`` with ``X-Eagle3-Sample``) sends that dictionary on the claiming session's
 data plane like any answer. The reference (:func:`stream_ref`) describes the tensors the
 consumer's store returns: the decoded supervision (``target_probs`` float32 ``[B,T,D]``
-whatever encoding travelled), and the request's tensors as they were sent.
+whatever encoding travelled), and the request's tensors as they were sent. A DSpark answer is
+named as upstream's ``FeatureAlgorithm.DSPARK`` schema names it (``target_hidden_states``,
+``target_last_hidden_states``), each mapped to its wire key, so that a consumer never takes it
+for a DFlash answer (whose ``hidden_states`` is another layer set's features).
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ from eagle3_appliance.dataplanes.transfer import Transfer, device_ready
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model.limits import TargetShape
 from eagle3_client import protocol
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.capture import DSPARK_FEATURES, KEY_HIDDEN_STATES, KEY_LOGITS, Capture
 from eagle3_client.encodings import Encoding, wire_bytes_per_token
 
 __all__ = ["STREAM_SCHEMA_VERSION", "KeepTransfer", "estimate_bytes", "kept_tensors", "stream_ref"]
 
-# Upstream's EAGLE-3 (and DFlash) stream schema version (nemo_automodel ... streaming.eagle3).
+# Upstream's EAGLE-3 (and DFlash, DSpark) stream schema version (nemo_automodel ... streaming.eagle3).
 STREAM_SCHEMA_VERSION = 1
 
 
@@ -100,9 +103,11 @@ def stream_ref(
 ) -> protocol.StreamRef:
     """The tensor-free reference that announces ``kept`` (what the consumer's store returns, decoded)."""
     specs: dict[str, tuple[tuple[int, ...], str]] = {}
+    keys: dict[str, str] = {}  # feature name -> its key in the kept answer
 
-    def spec(name: str, tensor_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def spec(name: str, tensor_shape: tuple[int, ...], dtype: torch.dtype, key: str | None = None) -> None:
         specs[name] = (tuple(int(d) for d in tensor_shape), str(dtype).removeprefix("torch."))
+        keys[name] = key or name
 
     if capture.is_eagle3:
         assert mapping is not None
@@ -111,13 +116,14 @@ def stream_ref(
         spec("aux_hidden_states", tuple(aux.shape), aux.dtype)
         spec("target_probs", (batch, seq_len, mapping.draft_vocab_size), torch.float32)
         spec("position_mask", (batch, seq_len, 1), torch.bool)
-        algorithm = "eagle3"
+    elif capture.is_dspark:
+        for name, key in DSPARK_FEATURES.items():
+            spec(name, tuple(kept[key].shape), kept[key].dtype, key)
     else:
         hidden = kept[KEY_HIDDEN_STATES]
         spec(KEY_HIDDEN_STATES, tuple(hidden.shape), hidden.dtype)
         if KEY_LOGITS in kept:
             spec(KEY_LOGITS, tuple(kept[KEY_LOGITS].shape), kept[KEY_LOGITS].dtype)
-        algorithm = "dflash"
     for key in protocol.SAMPLE_INPUT_KEYS:
         if key in kept:
             spec(key, tuple(kept[key].shape), kept[key].dtype)
@@ -126,9 +132,9 @@ def stream_ref(
         sample_id=sample_id,
         run_id=run_id,
         store_uri=store_uri,
-        feature_keys={name: name for name in specs},
+        feature_keys=keys,
         feature_specs=specs,
-        algorithm=algorithm,
+        algorithm=capture.algorithm,
         schema_version=STREAM_SCHEMA_VERSION,
         num_tokens=int(kept["attention_mask"].sum()),
         estimated_bytes=nbytes,

@@ -3,7 +3,8 @@
 Appliances compute a run's batches ahead of the trainers and keep each answer where it was
 computed; a queue (``appliance://host:port`` or ``redis://host:port/db``) carries tensor-free
 references. :func:`open_stream` gives a trainer a ``(queue, store)`` pair that upstream's
-``FeatureDataLoader`` accepts unchanged.
+``FeatureDataLoader`` accepts unchanged (EAGLE-3 runs); DFlash-family and DSpark runs are read
+through :mod:`eagle3_client.streaming.loader`.
 
-May import ``remote``, ``transports`` and the ground; never the adapters (``backend``, ``dflash``).
+May import ``remote``, ``transports`` and the ground; never the adapters (``backend``, ``dflash``, ``dspark``).
 """

@@ -1,10 +1,12 @@
-"""A loader of DFlash-family batches from the stream, with the lifecycle of upstream's ``FeatureDataLoader``.
+"""Loaders of DFlash-family and DSpark batches from the stream, with the lifecycle of upstream's ``FeatureDataLoader``.
 
-Upstream's loader materializes EAGLE-3 batches only. This one yields upstream's
-``DFlashTargetBatch`` (hidden states of the run's layers, logits when captured, the request's
-tensors) and otherwise behaves the same: one lease at a time, the previous batch's lease acked
-(and its store handle released) on the next pull, ``consume_now`` to ack early, iteration
-ending when the run is closed or the loader is.
+Upstream's loader materializes EAGLE-3 batches only. :class:`DFlashFeatureLoader` yields
+upstream's ``DFlashTargetBatch`` (hidden states of the run's layers, logits when captured, the
+request's tensors), :class:`DSparkFeatureLoader` its ``DSparkTargetBatch`` (built by
+:func:`eagle3_client.capture.dspark_batch`, as ``RemoteDSparkTargetModel.generate_batch``
+builds it); both otherwise behave as upstream's: one lease at a time, the previous batch's
+lease acked (and its store handle released) on the next pull, ``consume_now`` to ack early,
+iteration ending when the run is closed or the loader is. Each refuses a run of another family.
 """
 
 from __future__ import annotations
@@ -13,26 +15,26 @@ import logging
 import time
 from typing import Any
 
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, dflash_batch_type
+from eagle3_client import protocol
+from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture, dflash_batch_type, dspark_batch
 from eagle3_client.streaming.queues import StreamError
 from eagle3_client.streaming.store import ApplianceFeatureStore
 from eagle3_client.streaming.stream_queue import StreamQueue
 
-__all__ = ["DFlashFeatureLoader"]
+__all__ = ["DFlashFeatureLoader", "DSparkFeatureLoader"]
 
 logger = logging.getLogger(__name__)
 
 
-class DFlashFeatureLoader:
-    """Iterator over ``DFlashTargetBatch`` from a run's stream (see the module docstring)."""
+class _StreamLoader:
+    """The lifecycle both loaders share; a subclass says which runs it reads and builds the batch."""
 
     def __init__(self, queue: StreamQueue, store: ApplianceFeatureStore, *, acquire_poll_interval: float = 0.05):
         if acquire_poll_interval <= 0:
             raise ValueError(f"acquire_poll_interval must be positive, got {acquire_poll_interval}")
         if store.capture.is_eagle3:
             raise ValueError("this run streams EAGLE-3 batches: use upstream's FeatureDataLoader")
-        if store.capture.is_dspark or store.capture.is_vlm:
-            raise ValueError(f"streams carry no {store.capture.label} batches: use the remote target adapter")
+        self._refuse(store.capture)
         self._queue = queue
         self._store = store
         self._poll = acquire_poll_interval
@@ -40,7 +42,14 @@ class DFlashFeatureLoader:
         self._handle: Any = None
         self._closed = False
 
-    def __iter__(self) -> DFlashFeatureLoader:
+    def _refuse(self, capture: Capture) -> None:
+        """ValueError when the run's capture is not this loader's family."""
+        raise NotImplementedError
+
+    def _batch(self, tensors: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def __iter__(self) -> _StreamLoader:
         return self
 
     def __next__(self) -> Any:
@@ -59,16 +68,7 @@ class DFlashFeatureLoader:
             self._queue.fail(lease)
             raise
         self._lease, self._handle = lease, handle
-        return dflash_batch_type()(
-            hidden_states=tensors[KEY_HIDDEN_STATES],
-            input_ids=tensors["input_ids"],
-            attention_mask=tensors["attention_mask"],
-            loss_mask=tensors["loss_mask"],
-            logits=tensors.get(KEY_LOGITS),
-            position_ids=tensors.get("position_ids"),
-            seq_lens=tensors.get("seq_lens"),
-            doc_remaining=tensors.get("doc_remaining"),
-        )
+        return self._batch(tensors)
 
     def consume_now(self) -> None:
         """Ack the last batch's lease now (it is otherwise acked on the next pull)."""
@@ -87,8 +87,50 @@ class DFlashFeatureLoader:
         self._queue.close()
         self._closed = True
 
-    def __enter__(self) -> DFlashFeatureLoader:
+    def __enter__(self) -> _StreamLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DFlashFeatureLoader(_StreamLoader):
+    """Iterator over ``DFlashTargetBatch`` from a DFlash-family run's stream (see the module docstring)."""
+
+    def _refuse(self, capture: Capture) -> None:
+        if capture.is_dspark:
+            raise ValueError("this run streams DSpark batches: use DSparkFeatureLoader")
+        if capture.is_vlm:
+            raise ValueError(f"streams carry no {capture.label} batches: use the remote target adapter")
+
+    def _batch(self, tensors: dict[str, Any]) -> Any:
+        return dflash_batch_type()(
+            hidden_states=tensors[KEY_HIDDEN_STATES],
+            input_ids=tensors["input_ids"],
+            attention_mask=tensors["attention_mask"],
+            loss_mask=tensors["loss_mask"],
+            logits=tensors.get(KEY_LOGITS),
+            position_ids=tensors.get("position_ids"),
+            seq_lens=tensors.get("seq_lens"),
+            doc_remaining=tensors.get("doc_remaining"),
+        )
+
+
+class DSparkFeatureLoader(_StreamLoader):
+    """Iterator over ``DSparkTargetBatch`` from a DSpark run's stream (see the module docstring)."""
+
+    def _refuse(self, capture: Capture) -> None:
+        if not capture.is_dspark:
+            raise ValueError(f"this run streams {capture.label} batches: use DFlashFeatureLoader")
+
+    def _batch(self, tensors: dict[str, Any]) -> Any:
+        input_ids = tensors["input_ids"]
+        packing = {k: tensors[k] for k in protocol.PACKING_KEYS if k in tensors} or None
+        return dspark_batch(
+            tensors.get("target_hidden_states"),
+            tensors.get("target_last_hidden_states"),
+            input_ids,
+            tensors["loss_mask"],
+            packing,
+            input_ids.device,
+        )

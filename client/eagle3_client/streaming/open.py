@@ -9,6 +9,9 @@
     for batch in FeatureDataLoader(queue, store):                          # Eagle3TargetBatch
         ...
 
+A DFlash-family run is read with ``DFlashFeatureLoader(queue, store)``, a DSpark run with
+``DSparkFeatureLoader(queue, store)`` (:mod:`eagle3_client.streaming.loader`).
+
 A trainer may start before its producer: ``open_stream`` waits up to ``wait_for_run`` seconds
 for the run to be created. The client options (``data_plane``, ``auth_token``, timeouts, ...)
 apply to the claims from every appliance; ``device`` is where the batches' tensors land.

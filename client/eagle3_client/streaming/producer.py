@@ -151,9 +151,10 @@ class Producer:
         in_order: bool = False,
         **options: Any,
     ) -> None:
-        if capture.is_dspark or capture.is_vlm:
+        if capture.is_vlm:
             raise ValueError(
-                f"streams carry EAGLE-3 and DFlash answers, not {capture.label}'s: use the remote target adapter"
+                f"streams carry EAGLE-3, DFlash and DSpark answers, not {capture.label}'s: "
+                "use the remote target adapter"
             )
         if capture.is_eagle3 and vocab_mapping is None:
             raise ValueError("an EAGLE-3 run needs the draft vocabulary: pass vocab_mapping=(ids, mask)")
@@ -289,7 +290,7 @@ class Producer:
                 "no appliance reported a model fingerprint: the stream needs eagle3-appliance servers"
             )
         description = RunDescription(
-            algorithm="eagle3" if self.capture.is_eagle3 else "dflash",
+            algorithm=self.capture.algorithm,
             capture=self.capture.spec,
             encoding=self.encoding,
             model_fingerprint=fingerprints.pop(),

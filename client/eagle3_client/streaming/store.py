@@ -8,8 +8,11 @@ co-located wrapper's) and returns upstream's feature names.
 
 When the appliance is gone (killed, or restarted without its answers), the producer computes
 the sample again elsewhere and moves its reference on the queue; ``get`` follows it there,
-for at most ``claim_timeout`` seconds. A reference of another model than the run's, or of
-another run, is refused (:class:`~eagle3_client.streaming.queues.RunMismatch`).
+for at most ``claim_timeout`` seconds. A reference of another model than the run's, of
+another run, or of another draft family than the store's capture (a DSpark sample claimed for
+a DFlash run, say: both have ``hidden_states``, of other layers) is refused
+(:class:`~eagle3_client.streaming.queues.RunMismatch`); so is a claim the appliance refuses
+because the answer was computed with another capture than the store's.
 
 ``release`` drops nothing: an answer is dropped when its lease is acked
 (:class:`eagle3_client.streaming.stream_queue.StreamQueue`), so that a trainer that dies
@@ -28,7 +31,7 @@ import orjson
 import torch
 
 from eagle3_client import protocol
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.capture import DSPARK_FEATURES, KEY_HIDDEN_STATES, KEY_LOGITS, Capture
 from eagle3_client.encodings import decode_supervision, parse_encoding
 from eagle3_client.errors import RemoteTargetError, TargetHTTPError, TargetUnreachable
 from eagle3_client.protocol import RunDescription, StreamRef
@@ -210,6 +213,11 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         return (failed is not None and now - failed < _SUSPECT_S) or stalled
 
     def _check(self, ref: StreamRef) -> None:
+        if ref.algorithm != self.capture.algorithm:
+            raise RunMismatch(
+                f"sample {ref.sample_id!r} of run {ref.run_id!r} is a {ref.algorithm} sample; this store reads "
+                f"{self.capture.algorithm} answers (capture {self.description.capture!r}): refused"
+            )
         if ref.run_id != self._queue.run_id:
             raise RunMismatch(f"sample {ref.sample_id!r} belongs to run {ref.run_id!r}, not {self._queue.run_id!r}")
         if ref.target_model_version != self.description.model_fingerprint:
@@ -246,6 +254,8 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
                     with self._lock:
                         self._claims[url].remove(started)
             except (TargetUnreachable, TargetHTTPError) as exc:
+                if isinstance(exc, TargetHTTPError) and exc.status == 409:  # kept with another capture
+                    raise RunMismatch(f"{url} refused the claim of sample {current.sample_id!r}: {exc}") from exc
                 if isinstance(exc, TargetHTTPError) and exc.status not in (404, 410, 503):
                     raise
                 reason = str(exc)
@@ -282,6 +292,9 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
             out["aux_hidden_states"] = tensors["aux_hidden_states"].to(device)
             out["target_probs"] = decoded.target_probs
             out["position_mask"] = decoded.position_mask
+        elif self.capture.is_dspark:
+            for name, key in DSPARK_FEATURES.items():
+                out[name] = tensors[key].to(device)
         else:
             out[KEY_HIDDEN_STATES] = tensors[KEY_HIDDEN_STATES].to(device)
             if KEY_LOGITS in tensors:
