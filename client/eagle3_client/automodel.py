@@ -51,7 +51,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,12 +62,14 @@ from eagle3_client.backend import RemoteEagle3TargetModel
 from eagle3_client.dflash import RemoteDFlashTargetModel
 from eagle3_client.dspark import RemoteDSparkTargetModel
 from eagle3_client.options import ClientOptions, checked_value, option_fields, recipe_key
+from eagle3_client.vispec import RemoteVispecTargetModel
 
 __all__ = [
     "DFLASH_RECIPES",
     "DSPARK_RECIPES",
-    "REMOTE_PACKAGE",
     "RECIPE_MODULE",
+    "REMOTE_PACKAGE",
+    "VISPEC_RECIPES",
     "ConfigOnlyTarget",
     "Installation",
     "configured_backend",
@@ -75,6 +77,7 @@ __all__ = [
     "options_from_config",
     "remote_dflash_recipe",
     "remote_dspark_recipe",
+    "remote_vispec_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +95,8 @@ DFLASH_RECIPES = {
 }
 # DSpark's recipe: class name -> module.
 DSPARK_RECIPES = {"TrainDSparkRecipe": "nemo_automodel.recipes.llm.train_dspark"}
+# ViSpec's stage-2 (vision-aware) recipe: class name -> module.
+VISPEC_RECIPES = {"TrainVispecRecipe": "nemo_automodel.recipes.llm.train_vispec"}
 
 
 def options_from_config(recipe_args: Any = None) -> dict[str, Any]:
@@ -236,17 +241,18 @@ def install(options: Mapping[str, Any] | None = None) -> Installation:
 
 
 class ConfigOnlyTarget:
-    """What a DFlash recipe keeps as ``target_model`` when the target is remote: its config, no weights.
+    """What a recipe keeps as ``target_model`` when the target is remote: its config, no weights.
 
     The recipe reads the config (layer count, attention implementation) and, when it builds its
-    trainer, the embeddings and LM head, which come from the remote wrapper (fetched once).
+    trainer, the embeddings and LM head, which come from the remote wrapper (fetched once). It
+    has no parameters (upstream's check that a target's weights were loaded finds none on meta).
     """
 
     _owns_packed_attention = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self.remote: RemoteDFlashTargetModel | RemoteDSparkTargetModel | None = None
+        self.remote: RemoteDFlashTargetModel | RemoteDSparkTargetModel | RemoteVispecTargetModel | None = None
 
     def eval(self) -> ConfigOnlyTarget:
         return self
@@ -257,7 +263,10 @@ class ConfigOnlyTarget:
     def to(self, *args: Any, **kwargs: Any) -> ConfigOnlyTarget:
         return self
 
-    def _wrapper(self) -> RemoteDFlashTargetModel | RemoteDSparkTargetModel:
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        return iter(())
+
+    def _wrapper(self) -> RemoteDFlashTargetModel | RemoteDSparkTargetModel | RemoteVispecTargetModel:
         if self.remote is None:
             raise RuntimeError("the remote target is not built yet (the recipe builds it in setup())")
         return self.remote
@@ -266,7 +275,10 @@ class ConfigOnlyTarget:
         return self._wrapper().get_input_embeddings()
 
     def get_output_embeddings(self) -> Any:
-        return self._wrapper().get_output_embeddings()
+        wrapper = self._wrapper()
+        return (
+            wrapper.get_lm_head() if isinstance(wrapper, RemoteVispecTargetModel) else wrapper.get_output_embeddings()
+        )
 
 
 _DFLASH_BASE = DFLASH_RECIPES["TrainDFlashRecipe"]
@@ -402,6 +414,58 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
     return RemoteTargetRecipe
 
 
+def _swapping_recipe(
+    recipe_cls: type,
+    module_name: str,
+    label: str,
+    swaps: Callable[[Any, list[str] | str, dict[str, Any]], dict[str, Any]],
+    options: Mapping[str, Any] | None,
+) -> type:
+    """A subclass of ``recipe_cls`` whose ``setup()`` runs with names of its module swapped
+    (``swaps(recipe, urls, client_kwargs)``) when the YAML says ``target_model_backend: remote``.
+
+    What DSpark's and ViSpec's recipes share: they build their target and its wrapper inline in
+    ``setup()`` from names their module imported, so swapping those names for that one call makes
+    upstream's own ``setup()`` build ours. ``stream`` is refused (``label``: the family, for the
+    message); any other backend is the recipe, unchanged.
+    """
+    extra = dict(options or {})
+
+    class RemoteTargetRecipe(recipe_cls):
+        def setup(self) -> Any:
+            recipe_cfg = self.cfg.recipe_args
+            backend = recipe_cfg.get("target_model_backend", "colocated")
+            if backend == STREAM_BACKEND:
+                raise ValueError(
+                    f"{recipe_cls.__name__} ({label}) has no target_model_backend: stream: "
+                    "train it with target_model_backend: remote"
+                )
+            if backend != "remote":
+                return super().setup()
+            urls = recipe_cfg.get("remote_urls", None)
+            if not urls:
+                raise ValueError("target_model_backend=remote needs recipe_args.remote_urls")
+            kwargs = {**extra, **options_from_config(recipe_cfg)}
+            module = sys.modules[module_name]
+            replacements = swaps(self, _url_list(urls), kwargs)
+            saved = {name: getattr(module, name) for name in replacements}
+            for name, value in replacements.items():
+                setattr(module, name, value)  # for setup() only
+            try:
+                return super().setup()
+            finally:
+                for name, value in saved.items():
+                    setattr(module, name, value)
+
+    RemoteTargetRecipe.__name__ = RemoteTargetRecipe.__qualname__ = recipe_cls.__name__
+    return RemoteTargetRecipe
+
+
+def _refuse_context_parallelism(cp_mesh: Any) -> None:
+    if cp_mesh is not None and cp_mesh.size() > 1:
+        raise ValueError("context parallelism (cp_size>1) shards a co-located target; a remote one needs none")
+
+
 def remote_dspark_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:
     """A subclass of the DSpark recipe whose target runs on appliances when the YAML says
     ``recipe_args.target_model_backend: remote`` (anything else: the recipe, unchanged).
@@ -411,47 +475,73 @@ def remote_dspark_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
     builds :class:`~eagle3_client.dspark.RemoteDSparkTargetModel` with the layer ids the recipe
     resolved and checked. ``options`` are client keywords; the YAML's ``remote_<option>`` keys win.
     """
-    extra = dict(options or {})
-    module_name = DSPARK_RECIPES["TrainDSparkRecipe"]
 
-    class RemoteTargetRecipe(recipe_cls):
-        def setup(self) -> Any:
-            recipe_cfg = self.cfg.recipe_args
-            if recipe_cfg.get("target_model_backend", "colocated") != "remote":
-                return super().setup()
-            urls = recipe_cfg.get("remote_urls", None)
-            if not urls:
-                raise ValueError("target_model_backend=remote needs recipe_args.remote_urls")
-            kwargs = {**extra, **options_from_config(recipe_cfg)}
-            recipe = self
+    def swaps(recipe: Any, urls: list[str] | str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        def remote_wrapper(model: Any, target_layer_ids: Sequence[int], cp_mesh: Any = None) -> Any:
+            _refuse_context_parallelism(cp_mesh)
+            wrapper = RemoteDSparkTargetModel.from_urls(
+                urls, target_layer_ids=list(target_layer_ids), device=recipe.device, **kwargs
+            )
+            if isinstance(model, ConfigOnlyTarget):
+                model.remote = wrapper
+            logger.info(
+                "eagle3-appliance: %s captures layers %s from %s",
+                recipe_cls.__name__,
+                wrapper.target_layer_ids,
+                wrapper.urls,
+            )
+            return wrapper
 
-            def remote_wrapper(model: Any, target_layer_ids: Sequence[int], cp_mesh: Any = None) -> Any:
-                if cp_mesh is not None and cp_mesh.size() > 1:
-                    raise ValueError(
-                        "context parallelism (cp_size>1) shards a co-located target; a remote one needs none"
-                    )
-                wrapper = RemoteDSparkTargetModel.from_urls(
-                    _url_list(urls), target_layer_ids=list(target_layer_ids), device=recipe.device, **kwargs
+        return {"NeMoAutoModelForCausalLM": _ConfigLoader, "HFDSparkTargetModel": remote_wrapper}
+
+    return _swapping_recipe(recipe_cls, DSPARK_RECIPES["TrainDSparkRecipe"], "DSpark", swaps, options)
+
+
+def remote_vispec_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:
+    """A subclass of ViSpec's stage-2 recipe whose vision-language target runs on appliances when the
+    YAML says ``recipe_args.target_model_backend: remote`` (anything else: the recipe, unchanged).
+
+    The recipe's own ``setup()`` runs, with two names of its module swapped for that call:
+    ``AutoModelForImageTextToText`` reads the config only and connects to the servers
+    (:class:`ConfigOnlyTarget` over a :class:`~eagle3_client.vispec.RemoteVispecTargetModel`), so
+    upstream's check that the target's weights were loaded runs on the embeddings the servers
+    hold; and ``HFVispecTargetModel`` hands the recipe that remote wrapper, after checking that the
+    image token id the recipe resolved (config, then processor) is the one the servers name. The
+    tokenizer, the processor and the data pipeline stay the recipe's (they are read from
+    ``target_model_name_or_path``, which must hold the config, tokenizer and processor files, not
+    the weights). ``options`` are client keywords; the YAML's ``remote_<option>`` keys win.
+    """
+
+    def swaps(recipe: Any, urls: list[str] | str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        class RemoteLoader:
+            """``AutoModelForImageTextToText`` for the recipe's one call: the config, and the servers."""
+
+            @staticmethod
+            def from_pretrained(path: str, **load_kwargs: Any) -> ConfigOnlyTarget:
+                from transformers import AutoConfig
+
+                trust = bool(load_kwargs.get("trust_remote_code", False))
+                target = ConfigOnlyTarget(AutoConfig.from_pretrained(path, trust_remote_code=trust))
+                target.remote = RemoteVispecTargetModel.from_urls(urls, device=recipe.device, **kwargs)
+                return target
+
+        def remote_wrapper(model: Any, *, image_token_id: int) -> Any:
+            wrapper = model._wrapper() if isinstance(model, ConfigOnlyTarget) else None
+            if not isinstance(wrapper, RemoteVispecTargetModel):
+                raise TypeError(f"the remote ViSpec target needs the recipe's remote target model, not {type(model)}")
+            if wrapper.image_token_id != int(image_token_id):
+                raise ValueError(
+                    f"the recipe's image token id is {image_token_id} but the servers at {wrapper.urls} name "
+                    f"{wrapper.image_token_id}: they serve another checkpoint than target_model_name_or_path"
                 )
-                if isinstance(model, ConfigOnlyTarget):
-                    model.remote = wrapper
-                logger.info(
-                    "eagle3-appliance: %s captures layers %s from %s",
-                    recipe_cls.__name__,
-                    wrapper.target_layer_ids,
-                    wrapper.urls,
-                )
-                return wrapper
+            logger.info(
+                "eagle3-appliance: %s captures the embeddings, last hidden state and logits (image token %d) from %s",
+                recipe_cls.__name__,
+                wrapper.image_token_id,
+                wrapper.urls,
+            )
+            return wrapper
 
-            module = sys.modules[module_name]
-            saved = {name: getattr(module, name) for name in ("NeMoAutoModelForCausalLM", "HFDSparkTargetModel")}
-            setattr(module, "NeMoAutoModelForCausalLM", _ConfigLoader)  # noqa: B010 - swapped for setup() only
-            setattr(module, "HFDSparkTargetModel", remote_wrapper)  # noqa: B010
-            try:
-                return super().setup()
-            finally:
-                for name, value in saved.items():
-                    setattr(module, name, value)
+        return {"AutoModelForImageTextToText": RemoteLoader, "HFVispecTargetModel": remote_wrapper}
 
-    RemoteTargetRecipe.__name__ = RemoteTargetRecipe.__qualname__ = recipe_cls.__name__
-    return RemoteTargetRecipe
+    return _swapping_recipe(recipe_cls, VISPEC_RECIPES["TrainVispecRecipe"], "ViSpec", swaps, options)

@@ -10,8 +10,10 @@ same. ``target_model_backend: stream`` trains from a supervision stream (the EAG
 The YAML's ``recipe:`` key picks the recipe:
 ``TrainEagle3Recipe`` (the default), or one of the DFlash family (``TrainDFlashRecipe``,
 ``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``, ``TrainDominoRecipe``), run through
-:func:`eagle3_client.automodel.remote_dflash_recipe`, or ``TrainDSparkRecipe``, run through
-:func:`eagle3_client.automodel.remote_dspark_recipe`. Usage::
+:func:`eagle3_client.automodel.remote_dflash_recipe`, ``TrainDSparkRecipe``, run through
+:func:`eagle3_client.automodel.remote_dspark_recipe`, or ViSpec's stage 2, ``TrainVispecRecipe``, run
+through :func:`eagle3_client.automodel.remote_vispec_recipe` (DSpark and ViSpec: ``remote`` only,
+streams carry neither's captures). Usage::
 
     python -m eagle3_client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
     torchrun --nproc-per-node=8 -m eagle3_client.automodel_launch -c recipe.yaml
@@ -40,14 +42,14 @@ def recipe_name(cfg: Any) -> str:
 
 def check_config(cfg: Any) -> None:
     """Refuse a YAML written for another recipe; warn when it does not use the remote backend."""
-    from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES
+    from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES, VISPEC_RECIPES
 
     name = recipe_name(cfg)
-    if name != _RECIPE and name not in DFLASH_RECIPES and name not in DSPARK_RECIPES:
+    if name != _RECIPE and not any(name in known for known in (DFLASH_RECIPES, DSPARK_RECIPES, VISPEC_RECIPES)):
         raise SystemExit(
             f"this launcher runs the EAGLE-3 recipe ({_RECIPE}), a DFlash-family recipe "
-            f"({', '.join(DFLASH_RECIPES)}) or DSpark's ({', '.join(DSPARK_RECIPES)}); "
-            f"the YAML asks for {cfg.get('recipe', None)!r}"
+            f"({', '.join(DFLASH_RECIPES)}), DSpark's ({', '.join(DSPARK_RECIPES)}) or ViSpec's "
+            f"({', '.join(VISPEC_RECIPES)}); the YAML asks for {cfg.get('recipe', None)!r}"
         )
     recipe_args = cfg.get("recipe_args", None)
     if recipe_args is None:
@@ -58,6 +60,11 @@ def check_config(cfg: Any) -> None:
             "TrainDSparkRecipe has no target_model_backend: stream yet: train it with target_model_backend: remote "
             "(a DSpark run on the stream is read with eagle3_client.streaming.loader.DSparkFeatureLoader)"
         )
+    if backend == "stream" and name in VISPEC_RECIPES:
+        raise SystemExit(
+            "streams carry no vision-language (ViSpec) captures: train TrainVispecRecipe with "
+            "target_model_backend: remote"
+        )
     if backend not in ("remote", "stream"):
         logger.warning(
             "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "
@@ -67,11 +74,11 @@ def check_config(cfg: Any) -> None:
 
 
 def build_recipe(argv: Sequence[str]) -> Any:
-    """Parse like the recipe, install our client, build ``TrainEagle3Recipe`` and ``setup()`` it."""
+    """Parse like the recipe, install our client, build the recipe the YAML names and ``setup()`` it."""
     # Imported here so that ``--help`` does not wait for AutoModel's imports.
     from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
 
-    from eagle3_client.automodel import DSPARK_RECIPES, install, options_from_config
+    from eagle3_client.automodel import DSPARK_RECIPES, VISPEC_RECIPES, install, options_from_config
 
     cfg = parse_args_and_load_config(argv=list(argv))
     check_config(cfg)
@@ -92,6 +99,12 @@ def build_recipe(argv: Sequence[str]) -> Any:
         from eagle3_client.automodel import remote_dspark_recipe
 
         recipe_cls = remote_dspark_recipe(getattr(importlib.import_module(DSPARK_RECIPES[name]), name), options)
+    elif name in VISPEC_RECIPES:
+        import importlib
+
+        from eagle3_client.automodel import remote_vispec_recipe
+
+        recipe_cls = remote_vispec_recipe(getattr(importlib.import_module(VISPEC_RECIPES[name]), name), options)
     else:
         import importlib
 

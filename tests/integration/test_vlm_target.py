@@ -2,7 +2,8 @@
 
 The reference is upstream's own wrapper run in this process on the same tiny Qwen2-VL checkpoint
 (float32 on the CPU, as the appliance runs it), on batches with an image row and text-only rows,
-without vision inputs at all, over the wire and over gloo, synchronously and asynchronously;
+without vision inputs at all, with bfloat16 pixels (what upstream's VLM collate sends), over the
+wire and over gloo, synchronously and asynchronously;
 and the embeddings and LM head the recipes read.
 """
 
@@ -64,6 +65,11 @@ def test_vispec_is_bit_identical_to_upstream(
             assert_same(remote.generate_batch(ids, attention, loss, **vision), want, vispec.VispecTargetBatch)
             if images:
                 assert bool(want.image_mask.any())
+        # Upstream's VLM collate sends bfloat16 pixels whatever the target's dtype: served as sent.
+        ids, attention, loss, vision = vlm_batch(16)
+        vision["pixel_values"] = vision["pixel_values"].to(torch.bfloat16)
+        want = reference.generate_batch(ids, attention, loss, **vision)
+        assert_same(remote.generate_batch(ids, attention, loss, **vision), want, vispec.VispecTargetBatch)
         ids, attention, loss, vision = vlm_batch(15)
         handle = remote.generate_batch_async(ids, attention, loss, **vision)
         assert_same(

@@ -95,7 +95,9 @@ class VisionRules:
     """What the vision tensors of a request may be, for one model and capture.
 
     ``accepted``: the forward's named parameters less :data:`RESERVED_INPUTS`. ``pixel_dtypes``:
-    a ``pixel_values*`` tensor is floating, float32 or the model's dtype; every other vision
+    a ``pixel_values*`` tensor is floating, float32, bfloat16, float16 or the model's dtype (upstream's
+    VLM collate sends bfloat16 whatever the target's dtype; the vision tower casts to its own, so
+    the tensor reaches the forward as sent, as in the co-located wrappers); every other vision
     tensor is int32/int64 (grids, token types). ``max_patches``: rows of a pixel tensor, at most a
     patch per token before the vision tower's merge (``spatial_merge_size ** 2`` patches a token).
     """
@@ -115,7 +117,7 @@ class VisionRules:
         vision_config = getattr(target.config, "vision_config", None)
         merge = getattr(vision_config, "spatial_merge_size", None)
         merge = merge if isinstance(merge, int) and merge > 0 else 1
-        dtypes = tuple(dict.fromkeys((torch.float32, target.dtype)))
+        dtypes = tuple(dict.fromkeys((torch.float32, torch.bfloat16, torch.float16, target.dtype)))
         return cls(f"{type(fn.__self__).__name__}.forward", accepted, dtypes, max_batch_tokens * merge * merge)
 
 

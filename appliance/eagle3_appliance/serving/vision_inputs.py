@@ -2,7 +2,7 @@
 
 Names: each must be a parameter of the forward the capture runs (:class:`VisionRules`); any
 other is refused with its name, never dropped (upstream's wrappers drop them silently, which
-would hide a mistyped key). Dtypes: ``pixel_values*`` floating (float32 or the model's dtype),
+would hide a mistyped key). Dtypes: ``pixel_values*`` floating (float32, bfloat16, float16 or the model's dtype),
 everything else int32/int64. Sizes: the body's bytes are already bounded by ``--max-body-bytes``
 and its entries by the decoder; here a pixel tensor's rows (patches) by the request's token
 budget, a ``*_grid_thw`` by its pixel tensor's rows, and a ``[B,T]`` token-type tensor by the
