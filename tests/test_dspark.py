@@ -21,6 +21,7 @@ from eagle3_client import CaptureUnsupported, RemoteDSparkTargetModel, TargetHTT
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture
 from eagle3_client.dspark import dspark_batch_type
 from eagle3_client.errors import ProtocolViolation
+from eagle3_client.remote.request import encode_request
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.synthetic import random_batch
 from eagle3_client.transports.control import ControlPlane
@@ -76,6 +77,35 @@ def test_the_client_reports_the_servers_refusal_of_layer_ids(server: ServerProce
         with pytest.raises(TargetHTTPError, match=r"\[9\] are out of range") as info:
             remote.generate_batch(*random_batch(VOCAB, 1, 8, seed=1))
     assert info.value.status == 422
+
+
+def test_a_text_only_server_refuses_dspark_vision_inputs_naming_them(server: ServerProcess) -> None:
+    ids, attention, loss = random_batch(VOCAB, 2, 8, seed=3)
+    vision = {"pixel_values": torch.zeros(4, 48), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    with RemoteDSparkTargetModel.from_urls([server.url], target_layer_ids=[-1, 3], max_retries=0) as remote:
+        refused = r"\['image_grid_thw', 'pixel_values'\]: this server takes no vision"
+        with pytest.raises(TargetHTTPError, match=refused) as info:
+            remote.generate_batch(ids, attention, loss, **vision)
+        assert info.value.status == 422
+        with pytest.raises(TargetHTTPError, match="this server takes no vision inputs"):
+            remote.generate_batch_async(ids, attention, loss, **vision).result(60)
+        batch = remote.generate_batch(ids, attention, loss)  # the same session serves text-only batches
+        assert batch.target_hidden_states.shape[-1] == 2 * batch.target_last_hidden_states.shape[-1]
+
+
+def test_a_dspark_request_carries_vision_tensors_or_packing_not_both() -> None:
+    capture = Capture.dspark([-1, 3])
+    request = protocol.GenerateRequest.from_keys([*protocol.GENERATE_INPUT_KEYS, "pixel_values"], capture)
+    assert request.vision == ("pixel_values",) and not request.packed
+    packed = protocol.GenerateRequest.from_keys(protocol.SAMPLE_INPUT_KEYS, capture)
+    assert packed.packed and packed.vision == ()
+    with pytest.raises(ValueError, match=r"vision tensors \['pixel_values'\] or packing keys, not both"):
+        protocol.GenerateRequest.from_keys([*protocol.SAMPLE_INPUT_KEYS, "pixel_values"], capture)
+    ids, attention, loss = random_batch(VOCAB, 1, 8, seed=4)
+    positions = torch.arange(8).unsqueeze(0)
+    packing = (positions, torch.tensor([[8]]), 8 - positions)
+    with pytest.raises(ValueError, match="vision inputs or packed rows, not both"):
+        encode_request(ids, attention, loss, *packing, capture=capture, vision={"pixel_values": torch.zeros(4, 48)})
 
 
 def test_layer_ids_out_of_order_are_refused_before_anything_is_sent() -> None:

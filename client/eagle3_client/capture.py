@@ -139,6 +139,11 @@ class Capture:
         return self.kind in CAPTURE_VLM
 
     @property
+    def takes_vision(self) -> bool:
+        """ViSpec, MSD or DSpark: a request may carry vision tensors for the target's forward (docs/vlm.md)."""
+        return self.is_vlm or self.is_dspark
+
+    @property
     def is_eagle3(self) -> bool:
         return self.kind == CAPTURE_EAGLE3
 

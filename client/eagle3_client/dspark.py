@@ -13,6 +13,11 @@ The surface is the one NeMo AutoModel's DSpark recipe uses of ``HFDSparkTargetMo
 ``generate_batch`` returning upstream's ``DSparkTargetBatch`` (when AutoModel is installed; an
 equivalent local dataclass otherwise), ``target_layer_ids``, ``get_input_embeddings()`` and
 ``get_output_embeddings()`` (the LM head, fetched once in bounded chunks as the DFlash adapter does).
+
+Vision inputs (upstream's ``multimodal: true``): ``generate_batch(..., **mm_kwargs)`` sends the
+tensors (``pixel_values``, ``image_grid_thw``, ...) beside the batch; an appliance serving a
+vision-language checkpoint passes them to the model's forward as upstream's wrapper does, and any
+other server refuses the request (422 naming them). Nothing is dropped on either side (docs/dspark.md).
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import torch
 
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture, dspark_batch, dspark_batch_type
 from eagle3_client.dflash import lm_head_module
-from eagle3_client.remote.core import RemoteTarget
-from eagle3_client.remote.request import Packing
+from eagle3_client.remote.core import RemoteResult, RemoteTarget
+from eagle3_client.remote.request import Packing, encode_request
 from eagle3_client.transports.dataplane import Answer
 
 __all__ = ["RemoteDSparkTargetModel", "dspark_batch_type"]
@@ -84,6 +89,62 @@ class RemoteDSparkTargetModel(RemoteTarget):
         if self._lm_head is None:
             self._lm_head = lm_head_module(self)
         return self._lm_head
+
+    # -- requests ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+        doc_remaining: torch.Tensor | None = None,
+        **mm_kwargs: torch.Tensor,
+    ) -> Any:
+        """Upstream's ``HFDSparkTargetModel.generate_batch``: packed rows as the base class sends them;
+        ``mm_kwargs`` (a vision-language target's tensors, by its forward's parameter names) sent as
+        the request's vision inputs (not with packed rows)."""
+        request, payload, packing = encode_request(
+            input_ids,
+            attention_mask,
+            loss_mask,
+            position_ids,
+            seq_lens,
+            doc_remaining,
+            capture=self._capture,
+            vision=mm_kwargs,
+        )
+        answer = self._generate(payload, request.capabilities)
+        return self._to_batch(answer, input_ids, attention_mask, loss_mask, packing)
+
+    def generate_batch_async(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+        doc_remaining: torch.Tensor | None = None,
+        **mm_kwargs: torch.Tensor,
+    ) -> RemoteResult:
+        """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
+        request, payload, packing = encode_request(
+            input_ids,
+            attention_mask,
+            loss_mask,
+            position_ids,
+            seq_lens,
+            doc_remaining,
+            capture=self._capture,
+            vision=mm_kwargs,
+        )
+        return self._submit(
+            payload,
+            lambda answer: self._to_batch(answer, input_ids, attention_mask, loss_mask, packing),
+            request.capabilities,
+        )
 
     # -- decoding ----------------------------------------------------------------------
 

@@ -364,7 +364,7 @@ class GenerateRequest:
 
     capture: Capture = EAGLE3  # the session's capture (EAGLE-3: upstream's aux layers and supervision)
     packed: bool = False  # the body carries PACKING_KEYS (documents packed into rows)
-    # The vision tensors' names (a ViSpec or MSD capture only), sorted: the server checks each
+    # The vision tensors' names (a ViSpec, MSD or DSpark capture only), sorted: the server checks each
     # against its model's forward and refuses the request for any other (docs/vlm.md).
     vision: tuple[str, ...] = ()
 
@@ -385,10 +385,14 @@ class GenerateRequest:
         present = set(keys)
         packed = bool(present & set(PACKING_KEYS))
         vision: tuple[str, ...] = ()
-        if capture.is_vlm:  # every other key is a vision tensor (its name checked by the server)
-            if packed:
+        if capture.takes_vision:  # every other key is a vision tensor (its name checked by the server)
+            if packed and capture.is_vlm:
                 raise ValueError(f"a {capture.label} request carries no packing keys {list(PACKING_KEYS)}")
-            vision = tuple(sorted(present - set(GENERATE_INPUT_KEYS)))
+            vision = tuple(sorted(present - set(GENERATE_INPUT_KEYS) - set(PACKING_KEYS)))
+            if packed and vision:
+                raise ValueError(
+                    f"a {capture.label} request carries vision tensors {list(vision)} or packing keys, not both"
+                )
             if len(vision) > MAX_VISION_INPUTS:
                 raise ValueError(f"{len(vision)} vision tensors {list(vision)}; at most {MAX_VISION_INPUTS}")
         request = cls(capture=capture, packed=packed, vision=vision)

@@ -23,7 +23,7 @@ and an answer no larger than the server's largest EAGLE-3 answer (``max_answer_b
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -147,9 +147,10 @@ def forward_with_layers(
     alloc: Allocator | None = None,
     packing: Packing | None = None,
     slice_rows: int | None = None,
+    vision: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[ForwardOutputs, dict[int, torch.Tensor]]:
     """The target's forward, plus the outputs of the ``layer_ids`` hook keys (:func:`hook_points`; none:
-    exactly ``Target.forward``)."""
+    exactly ``Target.forward``). ``vision``: a DSpark request's vision tensors, for the model's forward."""
     ids = sorted(set(layer_ids))
     with _hooks(target, ids) as captured:
         out = target.forward(
@@ -159,6 +160,7 @@ def forward_with_layers(
             alloc=alloc,
             packing=packing,
             slice_rows=slice_rows,
+            vision=vision,
         )
     missing = [i for i in ids if i not in captured]
     if missing:

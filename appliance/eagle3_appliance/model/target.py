@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -233,6 +233,7 @@ class Target:
         alloc: Allocator | None = None,
         packing: Packing | None = None,
         slice_rows: int | None = None,
+        vision: Mapping[str, torch.Tensor] | None = None,
     ) -> ForwardOutputs:
         """One target forward on the model's device; the aux states, logits and (if asked) the LM head's input.
 
@@ -242,7 +243,12 @@ class Target:
         (:mod:`eagle3_appliance.model.packing`). ``slice_rows``: the LM head is not run in the
         forward but over slices of this many rows when the logits are read
         (:mod:`eagle3_appliance.model.head_slices`; ignored for a head that cannot be sliced).
+        ``vision``: a DSpark request's vision tensors, passed to the model's forward by name as
+        upstream's ``HFDSparkTargetModel`` passes its ``mm_kwargs`` (never with ``packing``; not
+        on a tensor-parallel target, whose other ranks would not see them).
         """
+        if vision and (packing is not None or self.lockstep is not None):
+            raise ValueError("vision inputs run neither with packed rows nor on a tensor-parallel target")
         self._captured.clear()
         mask, extra = packed_forward_inputs(self.model, input_ids, attention_mask, packing)
         # A sharded (tensor-parallel) or offloaded (device-map) head keeps its own forward.
@@ -256,7 +262,9 @@ class Target:
                     stack.enter_context(pooled_logits(head, alloc))
                 else:
                     slot = stack.enter_context(deferred_head(sliced))
-                out = self.model(input_ids=input_ids, attention_mask=mask, **extra, **self._forward_flags)
+                out = self.model(
+                    input_ids=input_ids, attention_mask=mask, **extra, **(vision or {}), **self._forward_flags
+                )
             if len(self._captured) != 3:
                 raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
             logits = out.logits if hasattr(out, "logits") else out

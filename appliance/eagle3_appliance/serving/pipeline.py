@@ -55,7 +55,7 @@ from eagle3_appliance.dataplanes.resend_store import ResendStore
 from eagle3_appliance.dataplanes.streaming import AnswerStream, send_streamed, streamed_layout
 from eagle3_appliance.dataplanes.transfer import SEND_SLICE_BYTES, Transfer, WireTransfer
 from eagle3_appliance.dataplanes.upstream_nccl import upstream_transfer
-from eagle3_appliance.errors import MalformedBody, NotConfigured, Unavailable
+from eagle3_appliance.errors import InvalidTensors, MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model import supervision, vlm
 from eagle3_appliance.model.limits import ServingLimits, TargetShape, derive_limits
@@ -159,7 +159,7 @@ class Pipeline:
         self.scheduler = Scheduler(lambda: admission.compute_seconds)
         self.batcher: MicroBatcher[Job, dict[str, torch.Tensor] | None] | None = None
         self._lock = threading.Lock()  # job states and attached waiters (event loop and model thread)
-        self._vision: dict[str, VisionRules] = {}  # by capture kind (ViSpec, MSD)
+        self._vision: dict[str, VisionRules | None] = {}  # by capture kind (ViSpec, MSD, DSpark)
         self._shared: dict[RequestKey, Computation] = {}
         # Answers their client did not receive, for an immediate retry.
         self._kept = KeptAnswers(kept if kept is not None else ResendStore(settings.resend_budget_mb << 20))
@@ -195,14 +195,19 @@ class Pipeline:
         return inputs, mapping
 
     def _vision_rules(self, session: Session) -> VisionRules | None:
-        """What a ViSpec or MSD session's vision tensors may be (None for other captures); once per kind."""
+        """What a ViSpec, MSD or DSpark session's vision tensors may be (None: it takes none); once per kind.
+
+        DSpark takes them only from a vision-language model (its config has an ``image_token_id``),
+        checked against the whole model's forward as upstream's wrapper passes them.
+        """
         capture = session.capture
-        if not capture.is_vlm:
+        if not capture.takes_vision:
             return None
-        rules = self._vision.get(capture.kind)
-        if rules is None:
-            rules = self._vision[capture.kind] = VisionRules.of(self.target, capture, self.limits.max_batch_tokens)
-        return rules
+        if capture.kind not in self._vision:
+            vlm_model = capture.is_vlm or vlm.image_token_id(self.target.model) is not None
+            rules = VisionRules.of(self.target, capture, self.limits.max_batch_tokens) if vlm_model else None
+            self._vision[capture.kind] = rules
+        return self._vision[capture.kind]
 
     async def generate(self, request: Request, session: Session) -> None:
         """Answer one ``/generate`` request of ``session`` (a stream claim: the kept answer, no forward)."""
@@ -256,6 +261,10 @@ class Pipeline:
             _same_stream(kept, session)
             return kept.ref
         inputs, mapping = self.validated(request, session)
+        if inputs.vision:
+            raise InvalidTensors(
+                f"a stream sample carries no vision inputs, got {sorted(inputs.vision)}; ask /generate"
+            )
         capture, encoding = session.capture, parse_encoding(session.encoding)
         estimate = estimate_bytes(self.shape, capture, encoding, mapping, inputs)
         priority = request.headers.get(protocol.PRIORITY_HEADER) == "1"
@@ -421,8 +430,9 @@ class Pipeline:
                     running.job.waiters.append(waiter)
                     return running
         job.waiters.append(waiter)
-        # Packed rows and vision inputs run alone (microbatch.py; a VLM job's tensors are its own).
-        if self.batcher is not None and job.inputs.packing is None and not job.capture.is_vlm:
+        # Packed rows and vision inputs run alone (microbatch.py; a job's vision tensors are its own).
+        alone = job.inputs.packing is not None or job.capture.is_vlm or bool(job.inputs.vision)
+        if self.batcher is not None and not alone:
             work = self.batcher.submit(job, seq_len=job.inputs.seq_len, tokens=job.inputs.tokens)
         else:
             work = self._run_alone(job)
@@ -530,6 +540,7 @@ class Pipeline:
                 alloc=alloc,
                 packing=stacked.packing,  # set only for a job alone: packed jobs are never stacked
                 slice_rows=self._slice_rows(stacked),
+                vision=stacked.vision,  # likewise (a DSpark job's vision tensors)
             )
             self.metrics.exec_count.inc()
             answers = []

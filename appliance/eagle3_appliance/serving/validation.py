@@ -122,8 +122,9 @@ def validate_generate(
     refused. A packed body (:data:`eagle3_client.protocol.PACKING_KEYS`) is checked by
     :func:`validate_packing`, with ``max_packed_rows`` (FlashAttention: 1) and
     ``max_mask_bytes`` (the ``[B,1,T,T]`` mask's float32 bytes) as its extra bounds. Under a
-    ViSpec or MSD ``capture`` the other keys are vision tensors, checked by ``vision_rules``
-    (:mod:`eagle3_appliance.serving.vision_inputs`); under any other they are refused.
+    ViSpec, MSD or DSpark ``capture`` the other keys are vision tensors, checked by ``vision_rules``
+    (:mod:`eagle3_appliance.serving.vision_inputs`; None: the server takes none, a DSpark session on
+    a text-only model); under any other capture they are refused.
     """
     try:
         request = GenerateRequest.from_keys([k for k, v in tensors.items() if v is not None], capture)

@@ -1,4 +1,4 @@
-"""The vision tensors of a ViSpec or MSD ``/generate``, checked before any of them reaches the model.
+"""The vision tensors of a ViSpec, MSD or DSpark ``/generate``, checked before any of them reaches the model.
 
 Names: each must be a parameter of the forward the capture runs (:class:`VisionRules`); any
 other is refused with its name, never dropped (upstream's wrappers drop them silently, which

@@ -46,7 +46,7 @@ def encode_request(
     """The request, its wire body, and the packing to put on the batch (None: unpacked, upstream's body).
 
     ``ValueError`` when only some of the packing tensors are given: a half-packed batch would be
-    run as plain rows without any other sign. ``vision``: a ViSpec or MSD request's vision tensors
+    run as plain rows without any other sign. ``vision``: a ViSpec, MSD or DSpark request's vision tensors
     by the target forward's parameter names (the server refuses names its forward lacks).
     """
     vision_keys = _vision_keys(capture, vision or {})
@@ -56,7 +56,7 @@ def encode_request(
         missing = [key for key in packed if key not in given]
         raise ValueError(f"packed rows need all of position_ids, seq_lens and doc_remaining; {missing} missing")
     if given and vision_keys:
-        raise ValueError(f"a {capture.label} request carries no packed rows")
+        raise ValueError(f"a {capture.label} request carries vision inputs or packed rows, not both")
     request = protocol.GenerateRequest(capture=capture, packed=bool(given), vision=vision_keys)
     tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, **packed}
     tensors.update(vision or {})
@@ -72,7 +72,7 @@ def _vision_keys(capture: Capture, vision: Mapping[str, object]) -> tuple[str, .
     """The vision tensors' names in wire order; ``ValueError``/``TypeError`` naming what cannot be sent."""
     if not vision:
         return ()
-    if not capture.is_vlm:
+    if not capture.takes_vision:
         raise ValueError(f"a {capture.label} request carries no vision inputs, got {sorted(vision)}")
     taken = sorted(set(vision) & set(protocol.SAMPLE_INPUT_KEYS))
     if taken:
