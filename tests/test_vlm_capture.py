@@ -259,3 +259,20 @@ def test_loading_picks_the_image_text_to_text_class(tmp_path: Path, model_dir: P
 
     assert model_class(make_tiny_vlm(tmp_path / "vlm")) is AutoModelForImageTextToText
     assert model_class(model_dir) is AutoModelForCausalLM
+
+
+def test_a_vlm_requests_memory_counts_every_hidden_state_the_forward_keeps() -> None:
+    """ViSpec and MSD run the model with ``output_hidden_states=True``: the embedding output and
+    every layer's output stay alive until the answer is built, ``(L + 1) x H`` a token beside the
+    unsliced forward and the answer. A bound without them let a request pass the memory budget
+    by that much (for an 8B target with a 152k vocabulary, about half the real peak)."""
+    from eagle3_appliance.model.capture import answer_bytes_per_token, working_bytes_per_token
+    from eagle3_appliance.model.limits import TargetShape
+
+    shape = TargetShape(
+        32768, vocab_size=151936, hidden_size=4096, intermediate_size=12288, dtype_bytes=2, num_layers=36
+    )
+    kept = (36 + 1) * 4096 * 2
+    for capture in (Capture.vispec(), Capture.msd()):
+        unsliced_and_answer = shape.unsliced_bytes_per_token() + answer_bytes_per_token(shape, capture)
+        assert working_bytes_per_token(shape, capture) == unsliced_and_answer + kept

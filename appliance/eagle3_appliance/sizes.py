@@ -220,7 +220,12 @@ def longest_rows(shape: ModelShape, *, draft_vocab: int, dtype_bytes: int, slice
     if shape.parameters is None:
         return []
     target = TargetShape(
-        shape.max_position_embeddings, shape.vocab_size, shape.hidden_size, shape.intermediate_size, dtype_bytes
+        shape.max_position_embeddings,
+        shape.vocab_size,
+        shape.hidden_size,
+        shape.intermediate_size,
+        dtype_bytes,
+        num_layers=shape.num_hidden_layers or 0,
     )
     cuda = torch.device("cuda")
     rows = []

@@ -233,8 +233,9 @@ def working_bytes_per_token(shape: TargetShape, capture: Capture, *, sliced: boo
     captured layer beyond the three aux ones kept alive and concatenated, and the answer (with
     logits: the whole logits, written slice by slice). ``sliced=False``: an unsliced EAGLE-3
     forward's memory instead of the activations and the logits."""
-    if capture.is_vlm:  # the model's own unsliced forward (every hidden state kept), and the answer
-        return shape.unsliced_bytes_per_token() + answer_bytes_per_token(shape, capture)
+    if capture.is_vlm:  # the model's own unsliced forward, every hidden state it keeps, and the answer
+        kept = (shape.num_layers + 1) * shape.hidden_size * shape.dtype_bytes
+        return shape.unsliced_bytes_per_token() + kept + answer_bytes_per_token(shape, capture)
     extra_layers = max(0, _captured_tensors(capture) - 3)
     layers = 2 * extra_layers * shape.hidden_size * shape.dtype_bytes
     if not sliced:

@@ -75,6 +75,7 @@ class TargetShape:
     hidden_size: int
     intermediate_size: int | None
     dtype_bytes: int
+    num_layers: int = 0  # decoder layers (a forward with output_hidden_states keeps one state each)
 
     @classmethod
     def of(cls, target: Any) -> TargetShape:
@@ -93,6 +94,7 @@ class TargetShape:
             hidden_size=int(target.hidden_size),
             intermediate_size=int(intermediate) if isinstance(intermediate, int) else None,
             dtype_bytes=target.dtype.itemsize,
+            num_layers=int(getattr(target, "num_hidden_layers", 0) or 0),
         )
 
     def activation_bytes_per_token(self) -> int:
