@@ -97,3 +97,18 @@ def test_undeclared_vision_keys_are_a_422_naming_them(vlm_server: ServerProcess)
             remote.generate_batch(
                 ids, attention, loss, **{**vision, "image_grid_thw": vision["image_grid_thw"].float()}
             )
+
+
+def test_vision_inputs_the_model_rejects_are_a_422_and_the_server_goes_on(vlm_server: ServerProcess) -> None:
+    """Placeholders and image features that disagree (the model's own ValueError): the request's
+    fault, a 422 with the model's message, not a 500; the next request is served."""
+    ids, attention, loss, vision = vlm_batch(29)
+    wrong = ids.clone()
+    wrong[0, 3] = 7  # one image placeholder fewer than the image's features
+    with RemoteDSparkTargetModel.from_urls([vlm_server.url], target_layer_ids=[-1, 3], max_retries=0) as remote:
+        with pytest.raises(TargetHTTPError) as info:
+            remote.generate_batch(wrong, attention, loss, **vision)
+        assert info.value.status == 422, info.value
+        assert "refused this request" in str(info.value)
+        batch = remote.generate_batch(ids, attention, loss, **vision)
+        assert batch.target_hidden_states.shape[:2] == ids.shape

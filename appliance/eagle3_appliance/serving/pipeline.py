@@ -55,7 +55,7 @@ from eagle3_appliance.dataplanes.resend_store import ResendStore
 from eagle3_appliance.dataplanes.streaming import AnswerStream, send_streamed, streamed_layout
 from eagle3_appliance.dataplanes.transfer import SEND_SLICE_BYTES, Transfer, WireTransfer
 from eagle3_appliance.dataplanes.upstream_nccl import upstream_transfer
-from eagle3_appliance.errors import InvalidTensors, MalformedBody, NotConfigured, Unavailable
+from eagle3_appliance.errors import InvalidRequest, InvalidTensors, MalformedBody, NotConfigured, Unavailable
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model import supervision, vlm
 from eagle3_appliance.model.limits import ServingLimits, TargetShape, derive_limits
@@ -531,17 +531,23 @@ class Pipeline:
                     torch.cat([i.attention_mask for i in inputs]),
                     torch.cat([i.loss_mask for i in inputs]),
                 )
-            out, layers = captures.forward_with_layers(
-                target,
-                stacked.input_ids,
-                stacked.attention_mask,
-                layer_ids,
-                capture_hidden=hidden,
-                alloc=alloc,
-                packing=stacked.packing,  # set only for a job alone: packed jobs are never stacked
-                slice_rows=self._slice_rows(stacked),
-                vision=stacked.vision,  # likewise (a DSpark job's vision tensors)
-            )
+            try:
+                out, layers = captures.forward_with_layers(
+                    target,
+                    stacked.input_ids,
+                    stacked.attention_mask,
+                    layer_ids,
+                    capture_hidden=hidden,
+                    alloc=alloc,
+                    packing=stacked.packing,  # set only for a job alone: packed jobs are never stacked
+                    slice_rows=self._slice_rows(stacked),
+                    vision=stacked.vision,  # likewise (a DSpark job's vision tensors)
+                )
+            except ValueError as exc:
+                if not stacked.vision:
+                    raise
+                # The model's own check of its vision inputs against the placeholders: the request's fault.
+                raise InvalidRequest(f"the model refused this request's vision inputs: {exc}") from None
             self.metrics.exec_count.inc()
             answers = []
             start = 0
