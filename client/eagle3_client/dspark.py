@@ -31,7 +31,7 @@ import torch
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture, dspark_batch, dspark_batch_type
 from eagle3_client.dflash import lm_head_module
 from eagle3_client.remote.core import RemoteResult, RemoteTarget
-from eagle3_client.remote.request import Packing, encode_request
+from eagle3_client.remote.request import Packing
 from eagle3_client.transports.dataplane import Answer
 
 __all__ = ["RemoteDSparkTargetModel", "dspark_batch_type"]
@@ -106,18 +106,9 @@ class RemoteDSparkTargetModel(RemoteTarget):
         """Upstream's ``HFDSparkTargetModel.generate_batch``: packed rows as the base class sends them;
         ``mm_kwargs`` (a vision-language target's tensors, by its forward's parameter names) sent as
         the request's vision inputs (not with packed rows)."""
-        request, payload, packing = encode_request(
-            input_ids,
-            attention_mask,
-            loss_mask,
-            position_ids,
-            seq_lens,
-            doc_remaining,
-            capture=self._capture,
-            vision=mm_kwargs,
+        return self._request_batch(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, vision=mm_kwargs
         )
-        answer = self._generate(payload, request.capabilities)
-        return self._to_batch(answer, input_ids, attention_mask, loss_mask, packing)
 
     def generate_batch_async(
         self,
@@ -130,21 +121,17 @@ class RemoteDSparkTargetModel(RemoteTarget):
         **mm_kwargs: torch.Tensor,
     ) -> RemoteResult:
         """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
-        request, payload, packing = encode_request(
+        result: RemoteResult = self._request_batch(
             input_ids,
             attention_mask,
             loss_mask,
             position_ids,
             seq_lens,
             doc_remaining,
-            capture=self._capture,
             vision=mm_kwargs,
+            background=True,
         )
-        return self._submit(
-            payload,
-            lambda answer: self._to_batch(answer, input_ids, attention_mask, loss_mask, packing),
-            request.capabilities,
-        )
+        return result
 
     # -- decoding ----------------------------------------------------------------------
 

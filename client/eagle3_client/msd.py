@@ -11,8 +11,7 @@ tensors, each a parameter of the target model's forward (the server refuses any 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,22 +35,7 @@ class RemoteMSDTargetModel(RemoteVisionTarget):
         target.close()
     """
 
-    def __init__(
-        self,
-        urls: Sequence[str] | str | os.PathLike[str] | None,
-        *,
-        device: torch.device | str = "cpu",
-        headers: dict[str, str] | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(urls, capture=Capture.msd(), device=device, headers=headers, **options)
-
-    @classmethod
-    def from_urls(
-        cls, urls: Sequence[str] | str | os.PathLike[str] | None, *, device: torch.device | str = "cpu", **options: Any
-    ) -> RemoteMSDTargetModel:
-        """Like ``RemoteEagle3TargetModel.from_urls``."""
-        return cls(urls, device=device, **options)
+    CAPTURE = Capture.msd()
 
     @torch.no_grad()
     def generate_batch(  # type: ignore[override]  # upstream's MSD signature, not EAGLE-3's

@@ -17,8 +17,6 @@ the server (422 naming it), not dropped.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,22 +43,7 @@ class RemoteVispecTargetModel(RemoteVisionTarget):
     token, leases, timeouts, fleet); ``encoding`` does not apply.
     """
 
-    def __init__(
-        self,
-        urls: Sequence[str] | str | os.PathLike[str] | None,
-        *,
-        device: torch.device | str = "cpu",
-        headers: dict[str, str] | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(urls, capture=Capture.vispec(), device=device, headers=headers, **options)
-
-    @classmethod
-    def from_urls(
-        cls, urls: Sequence[str] | str | os.PathLike[str] | None, *, device: torch.device | str = "cpu", **options: Any
-    ) -> RemoteVispecTargetModel:
-        """Like ``RemoteEagle3TargetModel.from_urls``."""
-        return cls(urls, device=device, **options)
+    CAPTURE = Capture.vispec()
 
     @torch.no_grad()
     def generate_batch(  # type: ignore[override]  # upstream's ViSpec signature, not EAGLE-3's

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,21 +44,37 @@ class VisionAnswer:
         self.inputs_embeds, self.hidden_states, self.logits = embeds, hidden, logits
 
 
+_Target = TypeVar("_Target", bound="RemoteVisionTarget")
+
+
 class RemoteVisionTarget(RemoteTarget):
-    """A ViSpec or MSD target on remote appliances: the capture, the image token id, the LM head."""
+    """A ViSpec or MSD target on remote appliances: the capture (``CAPTURE``, set by each adapter),
+    the image token id, the LM head."""
+
+    CAPTURE: Capture
 
     def __init__(
         self,
         urls: Sequence[str] | str | os.PathLike[str] | None,
         *,
-        capture: Capture,
         device: torch.device | str = "cpu",
         headers: dict[str, str] | None = None,
         **options: Any,
     ) -> None:
         self._lm_head: torch.nn.Linear | None = None
         self._image_token_id: int | None = None
-        super().__init__(urls, device=device, headers=headers, capture=capture, **options)
+        super().__init__(urls, device=device, headers=headers, capture=self.CAPTURE, **options)
+
+    @classmethod
+    def from_urls(
+        cls: type[_Target],
+        urls: Sequence[str] | str | os.PathLike[str] | None,
+        *,
+        device: torch.device | str = "cpu",
+        **options: Any,
+    ) -> _Target:
+        """Like ``RemoteEagle3TargetModel.from_urls``."""
+        return cls(urls, device=device, **options)
 
     @property
     def image_token_id(self) -> int:

@@ -16,7 +16,7 @@ import concurrent.futures
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -233,11 +233,7 @@ class RemoteTarget:
         did not grant packing (upstream's, an older appliance) gets nothing:
         :class:`~eagle3_client.errors.CapabilityUnavailable`.
         """
-        request, payload, packing = encode_request(
-            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
-        )
-        answer = self._generate(payload, request.capabilities)
-        return self._to_batch(answer, input_ids, attention_mask, loss_mask, packing)
+        return self._request_batch(input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining)
 
     def generate_batch_async(
         self,
@@ -249,14 +245,43 @@ class RemoteTarget:
         doc_remaining: torch.Tensor | None = None,
     ) -> RemoteResult:
         """:meth:`generate_batch` in the background: a handle with ``result(timeout)`` and ``cancel()``."""
+        result: RemoteResult = self._request_batch(
+            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, background=True
+        )
+        return result
+
+    def _request_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        seq_lens: torch.Tensor | None,
+        doc_remaining: torch.Tensor | None,
+        *,
+        vision: Mapping[str, torch.Tensor] | None = None,
+        background: bool = False,
+    ) -> Any:
+        """One request's batch (``background``: a :class:`RemoteResult` for it); ``vision``: the
+        request's vision tensors, for a capture that takes them."""
         request, payload, packing = encode_request(
-            input_ids, attention_mask, loss_mask, position_ids, seq_lens, doc_remaining, capture=self._capture
+            input_ids,
+            attention_mask,
+            loss_mask,
+            position_ids,
+            seq_lens,
+            doc_remaining,
+            capture=self._capture,
+            vision=vision,
         )
-        return self._submit(
-            payload,
-            lambda answer: self._to_batch(answer, input_ids, attention_mask, loss_mask, packing),
-            request.capabilities,
-        )
+        if background:
+            return self._submit(
+                payload,
+                lambda answer: self._to_batch(answer, input_ids, attention_mask, loss_mask, packing),
+                request.capabilities,
+            )
+        answer = self._generate(payload, request.capabilities)
+        return self._to_batch(answer, input_ids, attention_mask, loss_mask, packing)
 
     def claim(self, run_id: str, sample_id: str) -> Answer:
         """A stream sample's answer kept by this target's server (the consumer's store has one target per
