@@ -130,6 +130,8 @@ RULES = VisionRules(
     frozenset({"pixel_values", "image_grid_thw", "mm_token_type_ids"}),
     (torch.float32,),
     max_patches=64,
+    patch_dim=48,
+    merge=2,
 )
 
 
@@ -139,7 +141,7 @@ RULES = VisionRules(
         ({"pixel_values": torch.zeros(16, 48), "image_sizes": torch.ones(1, 2)}, r"\['image_sizes'\] are not inputs"),
         ({"pixel_values": torch.zeros(16, 48, dtype=torch.float64)}, "pixel_values has dtype float64"),
         ({"image_grid_thw": torch.ones(1, 3)}, "image_grid_thw has dtype float32; expected one of int64, int32"),
-        ({"pixel_values": torch.zeros(65, 48)}, "pixel_values has 65 rows; this server takes at most 64"),
+        ({"pixel_values": torch.zeros(65, 48)}, "pixel_values has 65 rows; this request may carry at most 64"),
         ({"pixel_values": torch.full((4, 48), float("nan"))}, "NaN or infinite"),
         (
             {"pixel_values": torch.zeros(12, 48), "image_grid_thw": torch.tensor([[1, 4, 4]])},
@@ -148,16 +150,57 @@ RULES = VisionRules(
         ({"image_grid_thw": torch.tensor([[1, 0, 4]])}, r"image_grid_thw must lie in \[1, 64\]"),
         ({"mm_token_type_ids": torch.zeros(2, 5, dtype=torch.int64)}, r"mm_token_type_ids has shape \[2, 5\]"),
         ({"mm_token_type_ids": -torch.ones(2, 8, dtype=torch.int64)}, "must not be negative"),
+        # What the vision tower would fail on (a 500 before): the patch size, the merge, the pairing.
+        (
+            {"pixel_values": torch.zeros(16, 47), "image_grid_thw": torch.tensor([[1, 4, 4]])},
+            r"pixel_values must be \[patches, 48\]",
+        ),
+        (
+            {"pixel_values": torch.zeros(1, 16, 48), "image_grid_thw": torch.tensor([[1, 4, 4]])},
+            r"pixel_values must be \[patches, 48\]",
+        ),
+        (
+            {"pixel_values": torch.zeros(9, 48), "image_grid_thw": torch.tensor([[1, 3, 3]])},
+            "image_grid_thw's height and width must be multiples of the vision tower's merge size 2",
+        ),
+        ({"pixel_values": torch.zeros(16, 48)}, "pixel_values comes without image_grid_thw"),
+        ({"mm_token_type_ids": torch.full((2, 8), 7)}, r"mm_token_type_ids must lie in \[0, 2\]"),
     ],
 )
 def test_bad_vision_tensors_are_refused_naming_them(tensors: dict[str, torch.Tensor], message: str) -> None:
     with pytest.raises(InvalidTensors, match=message):
-        validate_vision(tensors, sorted(tensors), RULES, torch.Size([2, 8]))
+        validate_vision(tensors, sorted(tensors), RULES, torch.zeros(2, 8, dtype=torch.int64))
+
+
+def test_pixel_rows_are_bounded_by_the_placeholders_they_fill() -> None:
+    """Each placeholder token takes ``merge ** 2`` patches (the model refuses any other count), so a
+    request's pixel rows are bounded by its own placeholders, not only by the server's token
+    budget; one image's patches by a row's length (its placeholders lie in one row)."""
+    rules = VisionRules(
+        "Qwen2VLModel.forward",
+        frozenset({"pixel_values", "image_grid_thw"}),
+        (torch.float32,),
+        max_patches=1 << 20,
+        patch_dim=48,
+        merge=2,
+        placeholders={"pixel_values": IMAGE_TOKEN},
+    )
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+    ids[0, 1:5] = IMAGE_TOKEN
+    fits = {"pixel_values": torch.zeros(16, 48), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    assert validate_vision(fits, sorted(fits), rules, ids)["pixel_values"] is fits["pixel_values"]
+    more = {"pixel_values": torch.zeros(20, 48), "image_grid_thw": torch.tensor([[1, 2, 10]])}
+    with pytest.raises(InvalidTensors, match=r"has 20 rows; this request may carry at most 16 \(4 patches for each"):
+        validate_vision(more, sorted(more), rules, ids)
+    ids[:, :] = IMAGE_TOKEN  # 16 placeholders, but one image of 36 patches cannot lie in a row of 8 tokens
+    wide = {"pixel_values": torch.zeros(36, 48), "image_grid_thw": torch.tensor([[1, 6, 6]])}
+    with pytest.raises(InvalidTensors, match="an image of 36 patches; .* row of 8 tokens, 32 patches at most"):
+        validate_vision(wide, sorted(wide), rules, ids)
 
 
 def test_good_vision_tensors_pass_unchanged() -> None:
     tensors = {"pixel_values": torch.randn(16, 48), "image_grid_thw": torch.tensor([[1, 4, 4]])}
-    checked = validate_vision(tensors, sorted(tensors), RULES, torch.Size([1, 8]))
+    checked = validate_vision(tensors, sorted(tensors), RULES, torch.zeros(1, 8, dtype=torch.int64))
     assert all(checked[k] is tensors[k] for k in tensors)
 
 
@@ -180,12 +223,71 @@ def test_wrong_dtypes_and_oversize_vision_tensors_are_refused(vlm_server: Server
     assert resp.status_code == 422 and "pixel_values has dtype float64" in resp.json()["error"]
     resp = _generate(vlm_server.url, session, {**body, "image_grid_thw": body["image_grid_thw"].float()})
     assert resp.status_code == 422 and "image_grid_thw has dtype float32" in resp.json()["error"]
-    huge = torch.zeros(1 << 20, 1)  # more patches than the server's token budget allows
+    huge = torch.zeros(1 << 20, 1)  # more patches than the request's 4 placeholders take
     resp = _generate(vlm_server.url, session, {**body, "pixel_values": huge})
-    assert resp.status_code == 422 and "pixel_values has 1048576 rows" in resp.json()["error"]
+    assert resp.status_code == 422
+    assert "pixel_values has 1048576 rows; this request may carry at most 16" in resp.json()["error"]
     wrong = {**body, "image_grid_thw": torch.tensor([[1, 2, 2]])}
     resp = _generate(vlm_server.url, session, wrong)
     assert resp.status_code == 422 and "describes 4 patches; pixel_values has 16 rows" in resp.json()["error"]
+
+
+HOSTILE = {
+    "patch of 47 values": {"pixel_values": torch.randn(16, 47)},
+    "3-D pixels": {"pixel_values": torch.randn(1, 16, 48)},
+    "odd grid": {"pixel_values": torch.randn(9, 48), "image_grid_thw": torch.tensor([[1, 3, 3]])},
+    "token type 7": {"mm_token_type_ids": torch.full((2, 16), 7)},
+    "pixels without a grid": {"image_grid_thw": None},
+    "a grid without pixels": {"pixel_values": None},
+    "more features than placeholders": {"pixel_values": torch.randn(64, 48), "image_grid_thw": torch.tensor([[1, 8, 8]])},
+    "two grids for one image": {"pixel_values": torch.randn(32, 48), "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)},
+    "a video without placeholders": {"pixel_values_videos": torch.randn(16, 48), "video_grid_thw": torch.tensor([[1, 4, 4]])},
+}
+
+
+@pytest.mark.parametrize(
+    "capture", [{"kind": "vispec"}, {"kind": "msd"}, {"kind": "dspark", "layers": [-1, 3]}], ids=lambda c: c["kind"]
+)
+def test_hostile_vision_tensors_are_a_422_and_the_server_goes_on(vlm_server: ServerProcess, capture: dict) -> None:
+    """Vision tensors the model's own code would crash on (a reshape, a dict lookup, a missing
+    grid): each is the request's fault, a 422 naming it, never a 500 that takes the server out of
+    a fleet; health and the next good request are answered."""
+    resp = httpx.post(vlm_server.url + "/session", json={"client": "t", "capture": capture}, trust_env=False)
+    assert resp.status_code == 200, resp.text
+    session = resp.json()["session_id"]
+    for name, change in HOSTILE.items():
+        body = {k: v for k, v in {**_body(), **change}.items() if v is not None}
+        resp = _generate(vlm_server.url, session, body)
+        assert resp.status_code == 422, (name, resp.status_code, resp.text)
+        assert resp.json()["error"], name
+    assert httpx.get(vlm_server.url + "/health", trust_env=False).status_code == 200
+    resp = _generate(vlm_server.url, session, _body())
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_shallow_model_started_without_aux_layer_ids_serves_all_but_eagle3(vlm_server: ServerProcess) -> None:
+    """Four layers are too few for EAGLE-3's default aux ids [1, L//2-1, L-4]. The server starts
+    anyway (no family-specific flags needed for DSpark, ViSpec, MSD or DFlash) and refuses an
+    EAGLE-3 client, ours at /session or upstream's at /set_vocab_mapping and /generate, with a 422
+    saying to pass --aux-layer-ids; it never answers with other layers."""
+    url = vlm_server.url
+    assert httpx.get(url + "/model_info", trust_env=False).json()["aux_layer_ids"] == []
+    resp = httpx.post(url + "/session", json={"client": "t"}, trust_env=False)
+    assert resp.status_code == 422
+    assert "cannot serve the eagle3 capture" in resp.json()["error"] and "--aux-layer-ids" in resp.json()["error"]
+    mask = torch.zeros(256, dtype=torch.bool)
+    mask[:32] = True
+    mapping = {"selected_token_ids": torch.arange(32), "selected_token_mask": mask}
+    resp = httpx.post(url + "/set_vocab_mapping", content=wire.encode(mapping), trust_env=False)
+    assert resp.status_code == 422 and "--aux-layer-ids" in resp.json()["error"]
+    ids, attention, loss, _ = vlm_batch(3, images=0)
+    resp = httpx.post(
+        url + "/generate",
+        content=wire.encode({"input_ids": ids, "attention_mask": attention, "loss_mask": loss}),
+        trust_env=False,
+    )
+    assert resp.status_code == 422 and "--aux-layer-ids" in resp.json()["error"]
+    _session(url, "vispec")  # the other captures are served by the same server
 
 
 def test_vision_tensors_in_another_capture_are_refused(vlm_server: ServerProcess) -> None:

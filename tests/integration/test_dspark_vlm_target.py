@@ -18,7 +18,7 @@ import torch
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteDSparkTargetModel, TargetHTTPError
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, make_tiny_vlm, vlm_batch
+from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, vlm_batch
 
 upstream = import_or_skip("nemo_automodel.components.speculative.dspark.target")
 
@@ -104,7 +104,7 @@ def test_vision_inputs_the_model_rejects_are_a_422_and_the_server_goes_on(vlm_se
     fault, a 422 with the model's message, not a 500; the next request is served."""
     ids, attention, loss, vision = vlm_batch(29)
     wrong = ids.clone()
-    wrong[0, 3] = 7  # one image placeholder fewer than the image's features
+    wrong[0, 8] = IMAGE_TOKEN  # one image placeholder more than the image's features
     with RemoteDSparkTargetModel.from_urls([vlm_server.url], target_layer_ids=[-1, 3], max_retries=0) as remote:
         with pytest.raises(TargetHTTPError) as info:
             remote.generate_batch(wrong, attention, loss, **vision)

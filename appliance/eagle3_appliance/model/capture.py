@@ -76,6 +76,8 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
 
 def capture_refusal(target: Target, capture: Capture) -> str | None:
     """Why this server's model cannot serve ``capture`` exactly as the co-located wrapper would, or None."""
+    if capture.is_eagle3:
+        return target.eagle3_refusal
     if capture.is_vlm:
         return vlm_refusal(target, capture)
     if not capture.is_dspark:

@@ -54,4 +54,6 @@ def load_target(settings: Settings) -> Target:
     target = Target(model, settings.aux_layer_ids, name=settings.model, mode=settings.placement_mode)
     for line in checkpoint.placement_lines(model, target.layers, settings.placement_mode):
         logger.info("placement %s", line)
+    if target.eagle3_refusal is not None:
+        logger.warning("serving every capture but EAGLE-3: %s", target.eagle3_refusal)
     return target

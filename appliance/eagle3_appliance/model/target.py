@@ -113,11 +113,18 @@ class Target:
         self._fingerprint: str | None = None
         self.layers = find_decoder_layers(model)
         num_layers = self.num_hidden_layers
-        self.aux_layer_ids = (
-            default_aux_layer_ids(num_layers)
-            if aux_layer_ids is None
-            else validate_aux_layer_ids(list(aux_layer_ids), num_layers)
-        )
+        # Why EAGLE-3 is not served (None: it is). Only when no aux ids were given and the defaults
+        # do not fit a shallow model: the server still serves every other capture, and refuses an
+        # EAGLE-3 client with this reason instead of failing to start (explicit ids still must fit).
+        self.eagle3_refusal: str | None = None
+        if aux_layer_ids is not None:
+            self.aux_layer_ids = validate_aux_layer_ids(list(aux_layer_ids), num_layers)
+        else:
+            try:
+                self.aux_layer_ids = default_aux_layer_ids(num_layers)
+            except ValueError as exc:
+                self.aux_layer_ids = []
+                self.eagle3_refusal = f"{exc} (start the appliance with --aux-layer-ids to serve EAGLE-3)"
         self._captured: dict[int, torch.Tensor] = {}
         for layer_id in self.aux_layer_ids:
             self.layers[layer_id].register_forward_hook(self._capture_hook(layer_id))
@@ -265,12 +272,14 @@ class Target:
                 out = self.model(
                     input_ids=input_ids, attention_mask=mask, **extra, **(vision or {}), **self._forward_flags
                 )
-            if len(self._captured) != 3:
+            if sorted(self._captured) != sorted(self.aux_layer_ids):
                 raise RuntimeError(f"captured {sorted(self._captured)} instead of layers {self.aux_layer_ids}")
             logits = out.logits if hasattr(out, "logits") else out
             # With a device map the aux layers may sit on other devices: gathered where the logits are.
             parts = [self._captured[i].to(logits.device) for i in self.aux_layer_ids]
-            if alloc is None:
+            if not parts:  # no EAGLE-3 aux layers (eagle3_refusal): the other captures read no aux
+                aux = torch.empty((*input_ids.shape, 0), dtype=self.dtype, device=logits.device)
+            elif alloc is None:
                 aux = torch.cat(parts, dim=-1)
             else:
                 shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))

@@ -24,7 +24,8 @@ Unlike upstream, a vision tensor the forward does not declare is refused, never 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from eagle3_appliance.errors import InvalidRequest
 from eagle3_appliance.model.target import Target
 from eagle3_client.capture import CAPTURE_VISPEC, KEY_HIDDEN_STATES, KEY_INPUTS_EMBEDS, KEY_LOGITS, Capture
 
-__all__ = ["RESERVED_INPUTS", "VisionRules", "forward", "image_token_id", "vlm_refusal"]
+__all__ = ["RESERVED_INPUTS", "VisionRules", "forward", "image_token_id", "request_fault", "vlm_refusal"]
 
 # Forward parameters a request may not set: the server sets them (ids, mask, flags) or they
 # are not tensors of a batch (caches, precomputed encoder outputs, labels, packing).
@@ -85,6 +86,19 @@ def vlm_refusal(target: Target, capture: Capture) -> str | None:
     return None
 
 
+def request_fault(exc: Exception, vision: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``exc``, raised by the model's forward, is the request's fault (a 422, not a 500).
+
+    With vision inputs, yes, unless the device or the memory failed: the request's checks
+    (:mod:`eagle3_appliance.serving.vision_inputs`) cover what the Qwen-VL family's code reshapes
+    and looks up, and what they cannot know of another family's vision tower (a patch layout, a
+    token-type grouping) fails in its own code on the request's tensors. Such a failure must not
+    read as a broken server, which a fleet takes out of its rotation.
+    """
+    broken = (torch.OutOfMemoryError, torch.AcceleratorError, MemoryError)
+    return bool(vision) and not isinstance(exc, broken)
+
+
 def _forward_of(model: Any, capture: Capture) -> Any:
     """The forward whose parameters the vision inputs must be: ViSpec's base model's, MSD's whole model's."""
     return model.model.forward if capture.kind == CAPTURE_VISPEC else model.forward
@@ -100,12 +114,22 @@ class VisionRules:
     the tensor reaches the forward as sent, as in the co-located wrappers); every other vision
     tensor is int32/int64 (grids, token types). ``max_patches``: rows of a pixel tensor, at most a
     patch per token before the vision tower's merge (``spatial_merge_size ** 2`` patches a token).
+
+    ``patch_dim`` and ``merge``: for a model that takes ``*_grid_thw`` (the Qwen-VL convention), a
+    pixel tensor is ``[patches, in_channels x temporal_patch_size x patch_size ** 2]`` and a grid's
+    height and width are multiples of ``spatial_merge_size``; the vision tower reshapes by both and
+    would fail on anything else, so they are checked first (None / 1 where the config says nothing).
     """
 
     forward_name: str
     accepted: frozenset[str]
     pixel_dtypes: tuple[torch.dtype, ...]
     max_patches: int
+    patch_dim: int | None = None
+    merge: int = 1
+    # The placeholder token id of each pixel tensor's images (the config's image/video_token_id):
+    # a request's patches are at most merge**2 per placeholder it holds, as the model requires.
+    placeholders: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, target: Target, capture: Capture, max_batch_tokens: int) -> VisionRules:
@@ -115,10 +139,31 @@ class VisionRules:
         named = (p for p in params.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
         accepted = frozenset(p.name for p in named) - RESERVED_INPUTS
         vision_config = getattr(target.config, "vision_config", None)
-        merge = getattr(vision_config, "spatial_merge_size", None)
-        merge = merge if isinstance(merge, int) and merge > 0 else 1
+        merge = _positive(vision_config, "spatial_merge_size") or 1
+        sizes = [_positive(vision_config, name) for name in ("in_channels", "temporal_patch_size", "patch_size")]
+        patch_dim = None
+        if "image_grid_thw" in accepted and all(sizes):
+            channels, temporal, patch = sizes
+            patch_dim = channels * temporal * patch * patch  # type: ignore[operator]
         dtypes = tuple(dict.fromkeys((torch.float32, torch.bfloat16, torch.float16, target.dtype)))
-        return cls(f"{type(fn.__self__).__name__}.forward", accepted, dtypes, max_batch_tokens * merge * merge)
+        name = f"{type(fn.__self__).__name__}.forward"
+        config = target.model.config
+        tokens = {"pixel_values": "image_token_id", "pixel_values_videos": "video_token_id"}
+        placeholders = {k: v for k, key in tokens.items() if (v := _positive(config, key)) is not None and k in accepted}
+        return cls(
+            name,
+            accepted,
+            dtypes,
+            max_batch_tokens * merge * merge,
+            patch_dim=patch_dim,
+            merge=merge,
+            placeholders=placeholders if patch_dim is not None else {},
+        )
+
+
+def _positive(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -175,13 +220,16 @@ def forward(target: Target, capture: Capture, inputs: GenerateInputs) -> dict[st
     """The ViSpec or MSD answer for one request (on the model's device), keyed in ``capture.keys`` order.
 
     A ``ValueError`` from the model (its vision inputs disagree with the placeholders, say) is
-    the request's fault: 422 with the model's message.
+    the request's fault: 422 with the model's message; so is any error on vision inputs
+    (:func:`request_fault`).
     """
     run = _vispec if capture.kind == CAPTURE_VISPEC else _msd
     try:
         answer = run(target.model, inputs)
-    except ValueError as exc:
-        raise InvalidRequest(f"the model refused this {capture.label} request's inputs: {exc}") from None
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) or request_fault(exc, inputs.vision)):
+            raise
+        raise InvalidRequest(f"the model refused this {capture.label} request's inputs: {exc!r}") from None
     finally:
         target.clear_captures()  # the aux-layer hooks fired too; their tensors are not kept
     return {key: answer[key] for key in capture.keys}

@@ -176,6 +176,8 @@ class Pipeline:
 
     def validated(self, request: Request, session: Session) -> tuple[GenerateInputs, VocabMapping | None]:
         """Decode and validate a ``/generate`` body of ``session`` (the decode-and-validate step)."""
+        if session.capture.is_eagle3 and self.target.eagle3_refusal is not None:  # an upstream client's
+            raise InvalidRequest(f"this server cannot serve the eagle3 capture: {self.target.eagle3_refusal}")
         inputs = validate_generate(
             decode_body(request.body),
             vocab_size=self.vocab_size,
@@ -543,11 +545,11 @@ class Pipeline:
                     slice_rows=self._slice_rows(stacked),
                     vision=stacked.vision,  # likewise (a DSpark job's vision tensors)
                 )
-            except ValueError as exc:
-                if not stacked.vision:
+            except Exception as exc:
+                if not vlm.request_fault(exc, stacked.vision):
                     raise
                 # The model's own check of its vision inputs against the placeholders: the request's fault.
-                raise InvalidRequest(f"the model refused this request's vision inputs: {exc}") from None
+                raise InvalidRequest(f"the model refused this request's vision inputs: {exc!r}") from None
             self.metrics.exec_count.inc()
             answers = []
             start = 0

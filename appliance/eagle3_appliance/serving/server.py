@@ -158,6 +158,8 @@ def _requested_lease(value: float | None, settings: Settings) -> float | None:
 async def set_vocab_mapping(request: Request) -> HTTPResponse:
     state = serving_state(request)
     session = request_session(request)
+    if state.target.eagle3_refusal is not None:  # the mapping is EAGLE-3's; fail an upstream client at setup
+        raise InvalidRequest(f"this server cannot serve the eagle3 capture: {state.target.eagle3_refusal}")
     mapping = validate_vocab_mapping(decode_body(request.body), logits_size=state.target.logits_size)
     check_mapping(parse_encoding(session.encoding), mapping)
     version = _mapping_version(request, session.anonymous)

@@ -170,7 +170,7 @@ def validate_generate(
     if request.vision:
         if vision_rules is None:
             raise InvalidTensors(f"unexpected keys {list(request.vision)}: this server takes no vision inputs")
-        vision = validate_vision(tensors, request.vision, vision_rules, input_ids.shape)
+        vision = validate_vision(tensors, request.vision, vision_rules, input_ids)
     return GenerateInputs(input_ids, attention_mask, loss_mask, packing, vision)
 
 

@@ -6,7 +6,14 @@ would hide a mistyped key). Dtypes: ``pixel_values*`` floating (float32, bfloat1
 everything else int32/int64. Sizes: the body's bytes are already bounded by ``--max-body-bytes``
 and its entries by the decoder; here a pixel tensor's rows (patches) by the request's token
 budget, a ``*_grid_thw`` by its pixel tensor's rows, and a ``[B,T]`` token-type tensor by the
-batch's shape, so the vision tower never runs on more than the budget allows.
+batch's shape, so the vision tower never runs on more than the budget allows. Where the model
+names its placeholder tokens, tighter bounds the model itself requires: a pixel tensor's rows by
+``merge ** 2`` a placeholder in ``input_ids``, and one image's (frame x height x width) patches
+by ``merge ** 2`` times a row's length (its placeholders lie in one row). Structure, where the
+model follows the Qwen-VL convention (it takes ``*_grid_thw``): a pixel tensor comes with its grid
+and has the vision config's patch size, a grid's height and width are multiples of the merge
+size, and token types are 0 (text), 1 (image) or 2 (video); the model's own code would crash on
+anything else (a 500 that takes the server out of a fleet), so the request gets a 422 instead.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ _INTEGER = (torch.int64, torch.int32)
 _MAX_DIMS = 5  # pixel_values [patches, dim] up to a video's [B, frames, C, H, W]
 # Each grid names the pixel tensor whose rows (patches) it describes (Qwen2-VL family).
 _GRIDS = {"image_grid_thw": "pixel_values", "video_grid_thw": "pixel_values_videos"}
+_TOKEN_TYPES = 2  # text 0, image 1, video 2
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -34,7 +42,7 @@ def validate_vision(
     tensors: Mapping[str, torch.Tensor | None],
     names: Sequence[str],
     rules: VisionRules,
-    batch_shape: torch.Size,
+    input_ids: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """The request's vision tensors by name; :class:`InvalidTensors` (422) naming what is wrong."""
     undeclared = sorted(name for name in names if name not in rules.accepted)
@@ -54,32 +62,67 @@ def validate_vision(
         if not 1 <= tensor.ndim <= _MAX_DIMS:
             raise InvalidTensors(f"{name} must have 1 to {_MAX_DIMS} dimensions, got shape {list(tensor.shape)}")
         if name.startswith("pixel_values"):
-            if tensor.shape[0] > rules.max_patches:
-                raise InvalidTensors(
-                    f"{name} has {tensor.shape[0]} rows; this server takes at most {rules.max_patches} per request "
-                    "(its token budget, a token per merged patch)"
-                )
+            most, why = _most_patches(name, input_ids, rules)
+            if tensor.shape[0] > most:
+                raise InvalidTensors(f"{name} has {tensor.shape[0]} rows; this request may carry at most {most} ({why})")
             if tensor.numel() and not bool(torch.isfinite(tensor).all()):
                 raise InvalidTensors(f"{name} holds NaN or infinite values")
         elif tensor.numel() and int(tensor.min()) < 0:
             raise InvalidTensors(f"{name} must not be negative, got a value of {int(tensor.min())}")
         vision[name] = tensor
     for name, tensor in vision.items():
-        if name.endswith("token_type_ids") and tensor.shape != batch_shape:
-            raise InvalidTensors(f"{name} has shape {list(tensor.shape)}; input_ids has {list(batch_shape)}")
+        if name.endswith("token_type_ids"):
+            if tensor.shape != input_ids.shape:
+                raise InvalidTensors(f"{name} has shape {list(tensor.shape)}; input_ids has {list(input_ids.shape)}")
+            if rules.patch_dim is not None and tensor.numel() and int(tensor.max()) > _TOKEN_TYPES:
+                raise InvalidTensors(
+                    f"{name} must lie in [0, {_TOKEN_TYPES}] (text, image, video), got a value of {int(tensor.max())}"
+                )
     for grid_name, pixels_name in _GRIDS.items():
+        pixels = vision.get(pixels_name)
+        if pixels is not None and rules.patch_dim is not None:
+            if pixels.ndim != 2 or pixels.shape[1] != rules.patch_dim:
+                raise InvalidTensors(
+                    f"{pixels_name} must be [patches, {rules.patch_dim}] (channels x temporal patch x patch x "
+                    f"patch of the vision config), got shape {list(pixels.shape)}"
+                )
+            if grid_name not in vision:
+                raise InvalidTensors(f"{pixels_name} comes without {grid_name}, which says how its patches form images")
         if grid_name in vision:
-            _check_grid(grid_name, vision[grid_name], vision.get(pixels_name), pixels_name, rules.max_patches)
+            _check_grid(grid_name, vision[grid_name], pixels, pixels_name, rules)
+            per_image = rules.merge * rules.merge * int(input_ids.shape[-1])
+            largest = int(vision[grid_name].prod(dim=1).max())  # at most the pixel rows (_check_grid): no wrap
+            if pixels_name in rules.placeholders and largest > per_image:
+                raise InvalidTensors(
+                    f"{grid_name} holds an image of {largest} patches; one image's placeholders lie in one row "
+                    f"of {input_ids.shape[-1]} tokens, {per_image} patches at most"
+                )
     return vision
 
 
-def _check_grid(name: str, grid: torch.Tensor, pixels: torch.Tensor | None, pixels_name: str, most: int) -> None:
-    """A ``[n, 3]`` grid of positive (t, h, w) whose patches add up to its pixel tensor's rows."""
+def _most_patches(name: str, input_ids: torch.Tensor, rules: VisionRules) -> tuple[int, str]:
+    """The most rows ``name`` may have in this request, and why."""
+    token = rules.placeholders.get(name)
+    if token is None:
+        return rules.max_patches, "the server's token budget, a token per merged patch"
+    count = int((input_ids == token).sum())
+    per = rules.merge * rules.merge
+    return count * per, f"{per} patches for each of its {count} placeholder tokens (id {token})"
+
+
+def _check_grid(name: str, grid: torch.Tensor, pixels: torch.Tensor | None, pixels_name: str, rules: VisionRules) -> None:
+    """A ``[n, 3]`` grid of positive (t, h, w), h and w multiples of the merge size, whose patches
+    add up to its pixel tensor's rows."""
     if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
         raise InvalidTensors(f"{name} must be [images, 3] (t, h, w), got shape {list(grid.shape)}")
-    low, high = int(grid.min()), int(grid.max())
+    low, high, most = int(grid.min()), int(grid.max()), rules.max_patches
     if low < 1 or high > most:
         raise InvalidTensors(f"{name} must lie in [1, {most}], got values in [{low}, {high}]")
+    if bool((grid[:, 1:] % rules.merge != 0).any()):
+        raise InvalidTensors(
+            f"{name}'s height and width must be multiples of the vision tower's merge size {rules.merge}, "
+            f"got {grid.tolist()}"
+        )
     patches = float(grid.double().prod(dim=1).sum())  # in float64: no integer wrap, exact up to 2**53
     rows = None if pixels is None else int(pixels.shape[0])
     if rows is None or patches != rows:
