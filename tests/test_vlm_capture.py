@@ -239,9 +239,15 @@ HOSTILE = {
     "token type 7": {"mm_token_type_ids": torch.full((2, 16), 7)},
     "pixels without a grid": {"image_grid_thw": None},
     "a grid without pixels": {"pixel_values": None},
-    "more features than placeholders": {"pixel_values": torch.randn(64, 48), "image_grid_thw": torch.tensor([[1, 8, 8]])},
+    "more features than placeholders": {
+        "pixel_values": torch.randn(64, 48),
+        "image_grid_thw": torch.tensor([[1, 8, 8]]),
+    },
     "two grids for one image": {"pixel_values": torch.randn(32, 48), "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)},
-    "a video without placeholders": {"pixel_values_videos": torch.randn(16, 48), "video_grid_thw": torch.tensor([[1, 4, 4]])},
+    "a video without placeholders": {
+        "pixel_values_videos": torch.randn(16, 48),
+        "video_grid_thw": torch.tensor([[1, 4, 4]]),
+    },
 }
 
 

@@ -53,6 +53,18 @@ def make_tiny_vlm(folder: Path) -> Path:
     return folder
 
 
+def split_device_map() -> str:
+    """A ``--device-map`` for :func:`make_tiny_vlm`'s model: the vision tower, the embeddings and
+    layers 0-1 on the CPU; layers 2-3, the norm and the LM head on disk (read back per forward)."""
+    import json
+
+    text = "model.language_model"
+    entries = {"model.visual": "cpu", f"{text}.embed_tokens": "cpu", f"{text}.rotary_emb": "cpu"}
+    entries |= {f"{text}.layers.{i}": "cpu" if i < 2 else "disk" for i in range(4)}
+    entries |= {f"{text}.norm": "disk", "lm_head": "disk"}
+    return json.dumps(entries)
+
+
 def vlm_batch(seed: int, *, rows: int = 2, length: int = 16, images: int = 1) -> tuple[torch.Tensor, ...]:
     """``(input_ids, attention_mask, loss_mask, vision)``: the first ``images`` rows hold one 4x4-patch
     image (4 placeholder tokens after merging), the others are text only; the last row is padded."""

@@ -18,7 +18,7 @@ import torch
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteDSparkTargetModel, TargetHTTPError
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, vlm_batch
+from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, split_device_map, vlm_batch
 
 upstream = import_or_skip("nemo_automodel.components.speculative.dspark.target")
 
@@ -112,3 +112,20 @@ def test_vision_inputs_the_model_rejects_are_a_422_and_the_server_goes_on(vlm_se
         assert "refused this request" in str(info.value)
         batch = remote.generate_batch(ids, attention, loss, **vision)
         assert batch.target_hidden_states.shape[:2] == ids.shape
+
+
+def test_a_device_map_serves_dspark_with_vision_bit_identical(
+    vlm_dir: Path, hf_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The features are read by hooks on modules accelerate moves and reads back from disk."""
+    args = ["--model", str(vlm_dir), *APPLIANCE_ARGS, "--device-map", split_device_map(), "--cache-dir", str(tmp_path)]
+    layers = [-1, 1, 3]
+    reference = upstream.HFDSparkTargetModel(hf_model, target_layer_ids=layers)
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        with RemoteDSparkTargetModel.from_urls([server.url], target_layer_ids=layers) as remote:
+            for seed, rows, length, images in BATCHES[:3]:
+                ids, attention, loss, vision = vlm_batch(seed, rows=rows, length=length, images=images)
+                assert_same(
+                    remote.generate_batch(ids, attention, loss, **vision),
+                    reference.generate_batch(ids, attention, loss, **vision),
+                )

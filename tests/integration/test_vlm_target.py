@@ -18,7 +18,7 @@ import torch
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteMSDTargetModel, RemoteVispecTargetModel
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, vlm_batch
+from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, split_device_map, vlm_batch
 
 vispec = import_or_skip("nemo_automodel.components.speculative.eagle.vispec_target")
 msd = import_or_skip("nemo_automodel.components.speculative.eagle.msd_target")
@@ -99,3 +99,26 @@ def test_the_embeddings_and_lm_head_are_the_targets(vlm_server: ServerProcess, h
         assert torch.equal(remote.get_lm_head().weight, reference.get_lm_head().weight)
     with RemoteMSDTargetModel.from_urls([vlm_server.url]) as remote:
         assert torch.equal(remote.get_lm_head().weight, msd.HFMSDTargetModel(hf_model).get_lm_head().weight)
+
+
+def test_a_device_map_serves_both_captures_bit_identical(
+    vlm_dir: Path, hf_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """A VLM placed with ``--device-map`` (half of it read back from disk by accelerate's hooks)
+    answers ViSpec and MSD exactly as upstream's wrappers do on the model in one piece."""
+    args = ["--model", str(vlm_dir), *APPLIANCE_ARGS, "--device-map", split_device_map(), "--cache-dir", str(tmp_path)]
+    vispec_ref = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
+    msd_ref = msd.HFMSDTargetModel(hf_model)
+    with ServerProcess(args, log_path=tmp_path / "server.log") as server:
+        with RemoteVispecTargetModel.from_urls([server.url]) as remote:
+            assert remote.served_model() is not None and remote.served_model().mode == "device_map"
+            for seed, rows, length, images in BATCHES[:2]:
+                ids, attention, loss, vision = vlm_batch(seed, rows=rows, length=length, images=images)
+                want = vispec_ref.generate_batch(ids, attention, loss, **vision)
+                assert_same(remote.generate_batch(ids, attention, loss, **vision), want, vispec.VispecTargetBatch)
+        with RemoteMSDTargetModel.from_urls([server.url]) as remote:
+            ids, attention, loss, vision = vlm_batch(31)
+            inputs = {"input_ids": ids, "attention_mask": attention, **vision}
+            want = msd_ref.generate_batch(loss_mask=loss.bool(), model_inputs=inputs)
+            assert_same(remote.generate_batch(loss_mask=loss.bool(), model_inputs=inputs), want, msd.MSDTargetBatch)
+    assert "placement device_map" in (tmp_path / "server.log").read_text()

@@ -100,8 +100,12 @@ def request_fault(exc: Exception, vision: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _forward_of(model: Any, capture: Capture) -> Any:
-    """The forward whose parameters the vision inputs must be: ViSpec's base model's, MSD's whole model's."""
-    return model.model.forward if capture.kind == CAPTURE_VISPEC else model.forward
+    """The module whose forward's parameters the vision inputs must be: ViSpec's base model, else the whole model.
+
+    Its class names it: under a device map accelerate's hooks replace ``forward`` with a partial
+    (no ``__self__``) that keeps the original's signature (``__wrapped__``).
+    """
+    return model.model if capture.kind == CAPTURE_VISPEC else model
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,8 @@ class VisionRules:
     @classmethod
     def of(cls, target: Target, capture: Capture, max_batch_tokens: int) -> VisionRules:
         model = target.model
-        fn = _forward_of(model, capture)
-        params = inspect.signature(fn).parameters
+        module = _forward_of(model, capture)
+        params = inspect.signature(module.forward).parameters
         named = (p for p in params.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
         accepted = frozenset(p.name for p in named) - RESERVED_INPUTS
         vision_config = getattr(target.config, "vision_config", None)
@@ -146,10 +150,12 @@ class VisionRules:
             channels, temporal, patch = sizes
             patch_dim = channels * temporal * patch * patch  # type: ignore[operator]
         dtypes = tuple(dict.fromkeys((torch.float32, torch.bfloat16, torch.float16, target.dtype)))
-        name = f"{type(fn.__self__).__name__}.forward"
+        name = f"{type(module).__name__}.forward"
         config = target.model.config
         tokens = {"pixel_values": "image_token_id", "pixel_values_videos": "video_token_id"}
-        placeholders = {k: v for k, key in tokens.items() if (v := _positive(config, key)) is not None and k in accepted}
+        placeholders = {
+            k: v for k, key in tokens.items() if (v := _positive(config, key)) is not None and k in accepted
+        }
         return cls(
             name,
             accepted,

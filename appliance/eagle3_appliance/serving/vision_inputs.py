@@ -64,7 +64,9 @@ def validate_vision(
         if name.startswith("pixel_values"):
             most, why = _most_patches(name, input_ids, rules)
             if tensor.shape[0] > most:
-                raise InvalidTensors(f"{name} has {tensor.shape[0]} rows; this request may carry at most {most} ({why})")
+                raise InvalidTensors(
+                    f"{name} has {tensor.shape[0]} rows; this request may carry at most {most} ({why})"
+                )
             if tensor.numel() and not bool(torch.isfinite(tensor).all()):
                 raise InvalidTensors(f"{name} holds NaN or infinite values")
         elif tensor.numel() and int(tensor.min()) < 0:
@@ -110,7 +112,9 @@ def _most_patches(name: str, input_ids: torch.Tensor, rules: VisionRules) -> tup
     return count * per, f"{per} patches for each of its {count} placeholder tokens (id {token})"
 
 
-def _check_grid(name: str, grid: torch.Tensor, pixels: torch.Tensor | None, pixels_name: str, rules: VisionRules) -> None:
+def _check_grid(
+    name: str, grid: torch.Tensor, pixels: torch.Tensor | None, pixels_name: str, rules: VisionRules
+) -> None:
     """A ``[n, 3]`` grid of positive (t, h, w), h and w multiples of the merge size, whose patches
     add up to its pixel tensor's rows."""
     if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
