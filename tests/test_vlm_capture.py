@@ -198,6 +198,26 @@ def test_pixel_rows_are_bounded_by_the_placeholders_they_fill() -> None:
         validate_vision(wide, sorted(wide), rules, ids)
 
 
+def test_qwen2_5_vl_seconds_per_video_grid_are_floating() -> None:
+    """``second_per_grid_ts`` is a float a video (Qwen2.5-VL's processor): taken, and checked."""
+    rules = VisionRules(
+        "Qwen2_5_VLModel.forward", frozenset({"video_grid_thw", "second_per_grid_ts"}), (torch.float32,), 64
+    )
+    grid = torch.tensor([[2, 4, 4]])
+    ok = {"video_grid_thw": grid, "second_per_grid_ts": torch.tensor([0.5])}
+    with pytest.raises(InvalidTensors, match="pixel_values_videos has None rows"):  # the dtype passed
+        validate_vision(ok, sorted(ok), rules, torch.zeros(1, 8, dtype=torch.int64))
+    for bad, message in [
+        (torch.tensor([float("nan")]), "one finite, non-negative value a video"),
+        (torch.tensor([[0.5]]), "one finite, non-negative value a video"),
+        (torch.tensor([0.5, 0.5]), "second_per_grid_ts has 2 values; video_grid_thw has 1 videos"),
+        (torch.tensor([1], dtype=torch.int64), "second_per_grid_ts has dtype int64"),
+    ]:
+        tensors = {"video_grid_thw": grid, "second_per_grid_ts": bad}
+        with pytest.raises(InvalidTensors, match=message):
+            validate_vision(tensors, sorted(tensors), rules, torch.zeros(1, 8, dtype=torch.int64))
+
+
 def test_good_vision_tensors_pass_unchanged() -> None:
     tensors = {"pixel_values": torch.randn(16, 48), "image_grid_thw": torch.tensor([[1, 4, 4]])}
     checked = validate_vision(tensors, sorted(tensors), RULES, torch.zeros(1, 8, dtype=torch.int64))

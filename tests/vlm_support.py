@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 IMAGE_TOKEN = 250
+VIDEO_TOKEN = 251
 VISION_START, VISION_END = 252, 253
 VOCAB = 256
 PATCH_DIM = 3 * 1 * 4 * 4  # channels x temporal patch x patch x patch
@@ -42,7 +43,7 @@ def make_tiny_vlm(folder: Path) -> Path:
             "in_channels": 3,
         },
         image_token_id=IMAGE_TOKEN,
-        video_token_id=251,
+        video_token_id=VIDEO_TOKEN,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
         bos_token_id=1,

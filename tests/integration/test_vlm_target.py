@@ -18,7 +18,16 @@ import torch
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteMSDTargetModel, RemoteVispecTargetModel
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, split_device_map, vlm_batch
+from tests.vlm_support import (
+    APPLIANCE_ARGS,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_START,
+    VISION_END,
+    make_tiny_vlm,
+    split_device_map,
+    vlm_batch,
+)
 
 vispec = import_or_skip("nemo_automodel.components.speculative.eagle.vispec_target")
 msd = import_or_skip("nemo_automodel.components.speculative.eagle.msd_target")
@@ -122,3 +131,23 @@ def test_a_device_map_serves_both_captures_bit_identical(
             want = msd_ref.generate_batch(loss_mask=loss.bool(), model_inputs=inputs)
             assert_same(remote.generate_batch(loss_mask=loss.bool(), model_inputs=inputs), want, msd.MSDTargetBatch)
     assert "placement device_map" in (tmp_path / "server.log").read_text()
+
+
+def test_a_video_row_is_bit_identical(vlm_server: ServerProcess, hf_model: torch.nn.Module) -> None:
+    """Video inputs (``pixel_values_videos``, ``video_grid_thw``, token type 2) next to an image row."""
+    ids, attention, loss, vision = vlm_batch(33, rows=2, length=24)
+    ids[1, 2:12] = torch.tensor([VISION_START, *[VIDEO_TOKEN] * 8, VISION_END])  # 2 frames of 2x2 merged patches
+    gen = torch.Generator().manual_seed(34)
+    vision |= {
+        "pixel_values_videos": torch.randn(32, vision["pixel_values"].shape[1], generator=gen),
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).long() + 2 * (ids == VIDEO_TOKEN).long(),
+    }
+    reference = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
+    with RemoteVispecTargetModel.from_urls([vlm_server.url]) as remote:
+        want = reference.generate_batch(ids, attention, loss, **vision)
+        assert_same(remote.generate_batch(ids, attention, loss, **vision), want, vispec.VispecTargetBatch)
+    without = {k: v for k, v in vision.items() if "video" not in k}
+    without["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    other = reference.generate_batch(ids, attention, loss, **without)
+    assert not torch.equal(want.input_hidden_states, other.input_hidden_states)  # the video is not ignored

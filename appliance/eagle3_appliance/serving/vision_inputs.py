@@ -32,6 +32,8 @@ _MAX_DIMS = 5  # pixel_values [patches, dim] up to a video's [B, frames, C, H, W
 # Each grid names the pixel tensor whose rows (patches) it describes (Qwen2-VL family).
 _GRIDS = {"image_grid_thw": "pixel_values", "video_grid_thw": "pixel_values_videos"}
 _TOKEN_TYPES = 2  # text 0, image 1, video 2
+# Floating inputs that are not pixels: Qwen2.5-VL's seconds per temporal patch of each video.
+_FLOATING = {"second_per_grid_ts": (torch.float32, torch.float64)}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -55,7 +57,7 @@ def validate_vision(
     for name in names:
         tensor = tensors[name]
         assert tensor is not None  # validate_generate refuses keys sent as None
-        allowed = rules.pixel_dtypes if name.startswith("pixel_values") else _INTEGER
+        allowed = rules.pixel_dtypes if name.startswith("pixel_values") else _FLOATING.get(name, _INTEGER)
         if tensor.dtype not in allowed:
             names_ = ", ".join(_dtype_name(d) for d in allowed)
             raise InvalidTensors(f"{name} has dtype {_dtype_name(tensor.dtype)}; expected one of {names_}")
@@ -69,6 +71,9 @@ def validate_vision(
                 )
             if tensor.numel() and not bool(torch.isfinite(tensor).all()):
                 raise InvalidTensors(f"{name} holds NaN or infinite values")
+        elif name in _FLOATING:
+            if tensor.ndim != 1 or (tensor.numel() and not bool((torch.isfinite(tensor) & (tensor >= 0)).all())):
+                raise InvalidTensors(f"{name} must be one finite, non-negative value a video")
         elif tensor.numel() and int(tensor.min()) < 0:
             raise InvalidTensors(f"{name} must not be negative, got a value of {int(tensor.min())}")
         vision[name] = tensor
@@ -80,6 +85,9 @@ def validate_vision(
                 raise InvalidTensors(
                     f"{name} must lie in [0, {_TOKEN_TYPES}] (text, image, video), got a value of {int(tensor.max())}"
                 )
+    seconds = vision.get("second_per_grid_ts")
+    if seconds is not None and seconds.shape[0] != (rows := len(vision.get("video_grid_thw", ()))):
+        raise InvalidTensors(f"second_per_grid_ts has {seconds.shape[0]} values; video_grid_thw has {rows} videos")
     for grid_name, pixels_name in _GRIDS.items():
         pixels = vision.get(pixels_name)
         if pixels is not None and rules.patch_dim is not None:
