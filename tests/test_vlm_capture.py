@@ -172,10 +172,11 @@ def test_bad_vision_tensors_are_refused_naming_them(tensors: dict[str, torch.Ten
         validate_vision(tensors, sorted(tensors), RULES, torch.zeros(2, 8, dtype=torch.int64))
 
 
-def test_pixel_rows_are_bounded_by_the_placeholders_they_fill() -> None:
-    """Each placeholder token takes ``merge ** 2`` patches (the model refuses any other count), so a
-    request's pixel rows are bounded by its own placeholders, not only by the server's token
-    budget; one image's patches by a row's length (its placeholders lie in one row)."""
+def test_pixel_rows_match_the_placeholders_they_fill() -> None:
+    """Each placeholder token takes ``merge ** 2`` patches (the model refuses any other count, after
+    its vision tower ran), so a request's pixel rows are its own placeholders' and not merely within
+    the server's token budget; one image's patches at most a row's length (its placeholders lie in
+    one row)."""
     rules = VisionRules(
         "Qwen2VLModel.forward",
         frozenset({"pixel_values", "image_grid_thw"}),
@@ -190,11 +191,14 @@ def test_pixel_rows_are_bounded_by_the_placeholders_they_fill() -> None:
     fits = {"pixel_values": torch.zeros(16, 48), "image_grid_thw": torch.tensor([[1, 4, 4]])}
     assert validate_vision(fits, sorted(fits), rules, ids)["pixel_values"] is fits["pixel_values"]
     more = {"pixel_values": torch.zeros(20, 48), "image_grid_thw": torch.tensor([[1, 2, 10]])}
-    with pytest.raises(InvalidTensors, match=r"has 20 rows; this request may carry at most 16 \(4 patches for each"):
+    with pytest.raises(InvalidTensors, match=r"has 20 rows; the request's 4 placeholder tokens \(id 250\) take 16"):
         validate_vision(more, sorted(more), rules, ids)
-    ids[:, :] = IMAGE_TOKEN  # 16 placeholders, but one image of 36 patches cannot lie in a row of 8 tokens
-    wide = {"pixel_values": torch.zeros(36, 48), "image_grid_thw": torch.tensor([[1, 6, 6]])}
-    with pytest.raises(InvalidTensors, match="an image of 36 patches; .* row of 8 tokens, 32 patches at most"):
+    fewer = {"pixel_values": torch.zeros(12, 48), "image_grid_thw": torch.tensor([[1, 2, 6]])}
+    with pytest.raises(InvalidTensors, match=r"has 12 rows; the request's 4 placeholder tokens \(id 250\) take 16"):
+        validate_vision(fewer, sorted(fewer), rules, ids)
+    ids[:, :] = IMAGE_TOKEN  # 16 placeholders, but one image of 64 patches cannot lie in a row of 8 tokens
+    wide = {"pixel_values": torch.zeros(64, 48), "image_grid_thw": torch.tensor([[1, 8, 8]])}
+    with pytest.raises(InvalidTensors, match="an image of 64 patches; .* row of 8 tokens, 32 patches at most"):
         validate_vision(wide, sorted(wide), rules, ids)
 
 
@@ -246,7 +250,7 @@ def test_wrong_dtypes_and_oversize_vision_tensors_are_refused(vlm_server: Server
     huge = torch.zeros(1 << 20, 1)  # more patches than the request's 4 placeholders take
     resp = _generate(vlm_server.url, session, {**body, "pixel_values": huge})
     assert resp.status_code == 422
-    assert "pixel_values has 1048576 rows; this request may carry at most 16" in resp.json()["error"]
+    assert "pixel_values has 1048576 rows; the request's 4 placeholder tokens (id 250) take 16" in resp.json()["error"]
     wrong = {**body, "image_grid_thw": torch.tensor([[1, 2, 2]])}
     resp = _generate(vlm_server.url, session, wrong)
     assert resp.status_code == 422 and "describes 4 patches; pixel_values has 16 rows" in resp.json()["error"]

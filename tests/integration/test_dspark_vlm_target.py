@@ -18,7 +18,7 @@ import torch
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteDSparkTargetModel, TargetHTTPError
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, split_device_map, vlm_batch
+from tests.vlm_support import APPLIANCE_ARGS, make_tiny_vlm, split_device_map, vlm_batch
 
 upstream = import_or_skip("nemo_automodel.components.speculative.dspark.target")
 
@@ -100,14 +100,16 @@ def test_undeclared_vision_keys_are_a_422_naming_them(vlm_server: ServerProcess)
 
 
 def test_vision_inputs_the_model_rejects_are_a_422_and_the_server_goes_on(vlm_server: ServerProcess) -> None:
-    """Placeholders and image features that disagree (the model's own ValueError): the request's
-    fault, a 422 with the model's message, not a 500; the next request is served."""
+    """Token types naming a second image the request has no grid for (the model's own code fails
+    on it; the server's checks cannot see it): the request's fault, a 422 with the model's
+    message, not a 500; the next request is served. (Placeholders that disagree with the pixel
+    rows are refused before the forward: tests/test_vlm_capture.py.)"""
     ids, attention, loss, vision = vlm_batch(29)
-    wrong = ids.clone()
-    wrong[0, 8] = IMAGE_TOKEN  # one image placeholder more than the image's features
+    types = vision["mm_token_type_ids"].clone()
+    types[1, 10:14] = 1  # an image group in the text-only row
     with RemoteDSparkTargetModel.from_urls([vlm_server.url], target_layer_ids=[-1, 3], max_retries=0) as remote:
         with pytest.raises(TargetHTTPError) as info:
-            remote.generate_batch(wrong, attention, loss, **vision)
+            remote.generate_batch(ids, attention, loss, **{**vision, "mm_token_type_ids": types})
         assert info.value.status == 422, info.value
         assert "refused this request" in str(info.value)
         batch = remote.generate_batch(ids, attention, loss, **vision)

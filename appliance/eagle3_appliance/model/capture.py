@@ -84,8 +84,6 @@ def capture_refusal(target: Target, capture: Capture) -> str | None:
         return None
     if hasattr(target.model, "get_dspark_target_feature_modules"):
         return "the model chooses its own DSpark feature modules (get_dspark_target_feature_modules), not served here"
-    if target.lockstep is not None:
-        return f"a DSpark capture is not served by a tensor-parallel target ({target.mode})"
     if find_final_norm(target.model) is None:
         return "the model's final norm (the text stack's `norm`) was not found"
     if EMBEDDING in capture.layers and not isinstance(target.model.get_input_embeddings(), nn.Module):

@@ -73,8 +73,14 @@ class Lockstep(Protocol):
         attention_mask: torch.Tensor,
         capture_hidden: bool,
         packing: Packing | None = None,
+        vision: Mapping[str, torch.Tensor] | None = None,
+        vlm_capture: str | None = None,
     ) -> AbstractContextManager[None]:
-        """Start the same forward on every other rank; the block runs this rank's own."""
+        """Start the same forward on every other rank; the block runs this rank's own.
+
+        ``vision``: the request's vision tensors, passed to every rank's forward. ``vlm_capture``:
+        the ViSpec or MSD capture kind whose call (:mod:`eagle3_appliance.model.vlm`) every rank
+        makes instead of :meth:`Target.forward`."""
         ...
 
     def faults(self) -> list[str]:
@@ -251,11 +257,11 @@ class Target:
         forward but over slices of this many rows when the logits are read
         (:mod:`eagle3_appliance.model.head_slices`; ignored for a head that cannot be sliced).
         ``vision``: a DSpark request's vision tensors, passed to the model's forward by name as
-        upstream's ``HFDSparkTargetModel`` passes its ``mm_kwargs`` (never with ``packing``; not
-        on a tensor-parallel target, whose other ranks would not see them).
+        upstream's ``HFDSparkTargetModel`` passes its ``mm_kwargs`` (never with ``packing``; a
+        tensor-parallel target's other ranks are sent them too).
         """
-        if vision and (packing is not None or self.lockstep is not None):
-            raise ValueError("vision inputs run neither with packed rows nor on a tensor-parallel target")
+        if vision and packing is not None:
+            raise ValueError("vision inputs do not run with packed rows")
         self._captured.clear()
         mask, extra = packed_forward_inputs(self.model, input_ids, attention_mask, packing)
         # A sharded (tensor-parallel) or offloaded (device-map) head keeps its own forward.
@@ -264,7 +270,7 @@ class Target:
         try:
             with contextlib.ExitStack() as stack:
                 slot = stack.enter_context(self._capture_lm_head_input(capture_hidden and sliced is None))
-                stack.enter_context(self._lockstep(input_ids, attention_mask, capture_hidden, packing))
+                stack.enter_context(self.lockstep_step(input_ids, attention_mask, capture_hidden, packing, vision))
                 if sliced is None:
                     stack.enter_context(pooled_logits(head, alloc))
                 else:
@@ -327,12 +333,19 @@ class Target:
             self._slicing_refusal = (reason,)
         return self._slicing_refusal[0]
 
-    def _lockstep(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capture_hidden: bool, packing: Packing | None
+    def lockstep_step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capture_hidden: bool = False,
+        packing: Packing | None = None,
+        vision: Mapping[str, torch.Tensor] | None = None,
+        vlm_capture: str | None = None,
     ) -> AbstractContextManager[None]:
+        """The other ranks' share of this forward (:meth:`Lockstep.step`); nothing on one rank."""
         if self.lockstep is None:
             return contextlib.nullcontext()
-        return self.lockstep.step(input_ids, attention_mask, capture_hidden, packing)
+        return self.lockstep.step(input_ids, attention_mask, capture_hidden, packing, vision, vlm_capture)
 
     def packing_refusal(self) -> str | None:
         """Why this target cannot run packed rows (the model's forward takes no ``position_ids``), or None."""

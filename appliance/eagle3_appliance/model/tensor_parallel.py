@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -46,12 +46,13 @@ from typing import Any
 
 import torch
 
-from eagle3_appliance.core.inputs import Packing
-from eagle3_appliance.errors import Unavailable
-from eagle3_appliance.model import checkpoint
+from eagle3_appliance.core.inputs import GenerateInputs, Packing
+from eagle3_appliance.errors import InvalidRequest, Unavailable
+from eagle3_appliance.model import checkpoint, vlm
 from eagle3_appliance.model.target import Target
 from eagle3_appliance.model.threads import apply_intra_op_threads
 from eagle3_appliance.settings import Settings
+from eagle3_client.capture import Capture
 
 __all__ = [
     "EXIT_DELAY",
@@ -214,13 +215,18 @@ class TensorParallelGroup:
         attention_mask: torch.Tensor,
         capture_hidden: bool,
         packing: Packing | None = None,
+        vision: Mapping[str, torch.Tensor] | None = None,
+        vlm_capture: str | None = None,
     ) -> Iterator[None]:
-        """Send one forward to every worker; the block runs rank 0's own forward."""
+        """Send one forward to every worker; the block runs rank 0's own forward.
+
+        Vision tensors travel as CPU tensors (pickled: numpy has no bfloat16), in their dtype."""
         if self.failure is not None:
             raise RankFailed(f"the tensor-parallel group has failed: {self.failure}; the server is exiting")
         packed = None if packing is None else tuple(t.cpu().numpy() for t in _packing_tensors(packing))
         arrays = (input_ids.cpu().numpy(), attention_mask.cpu().numpy())
-        message = ("forward", self._step + 1, *arrays, capture_hidden, packed)
+        images = {name: _tensor_message(t) for name, t in (vision or {}).items()}
+        message = ("forward", self._step + 1, *arrays, capture_hidden, packed, images, vlm_capture)
         with self._lock:
             self._step += 1
             self._step_started = time.monotonic()
@@ -229,6 +235,15 @@ class TensorParallelGroup:
                 worker.conn.send(message)
             yield
         except Exception as exc:
+            if vision and vlm.request_fault(exc, vision) and self.failure is None:
+                # The model refused the request's vision inputs: every rank runs the same code on
+                # the same inputs and stops at the same point (the workers report the step done),
+                # so the ranks stay in step; the request gets a 422. A rank that does not finish
+                # the step still fails the group by the step's deadline.
+                with self._lock:
+                    self._own_done = self._step
+                    self._settle()
+                raise
             # A collective fails when a peer is gone: name the rank rather than the socket error.
             deadline = time.monotonic() + 2 * HEARTBEAT_INTERVAL + 1.0
             while self.failure is None and time.monotonic() < deadline:
@@ -343,6 +358,18 @@ class TensorParallelGroup:
 
 def _packing_tensors(packing: Packing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return packing.position_ids, packing.seq_lens, packing.doc_remaining
+
+
+def _tensor_message(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], Any]:
+    """A tensor as plain bytes for a control message: pickling a tensor itself would pass shared
+    memory between processes, and numpy has no bfloat16."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), flat.view(torch.uint8).numpy()
+
+
+def _tensor_from_message(message: tuple[str, tuple[int, ...], Any]) -> torch.Tensor:
+    dtype, shape, data = message
+    return torch.from_numpy(data).view(getattr(torch, dtype)).reshape(shape)
 
 
 def _exit_now(code: int) -> None:
@@ -467,11 +494,21 @@ def worker_main(fd: int, parent_pid: int) -> int:
                 return 1
             if message[0] == "stop":
                 return 0
-            _, step, input_ids, attention_mask, capture_hidden, packed = message
+            _, step, input_ids, attention_mask, capture_hidden, packed, images, vlm_capture = message
             ids = torch.from_numpy(input_ids).to(device)
             mask = torch.from_numpy(attention_mask).to(device)
             packing = None if packed is None else Packing(*(torch.from_numpy(a).to(device) for a in packed))
-            target.forward(ids, mask, capture_hidden=capture_hidden, packing=packing)
+            vision = {name: _tensor_from_message(m).to(device) for name, m in images.items()}
+            try:
+                if vlm_capture is not None:  # ViSpec or MSD: the same call rank 0 makes
+                    capture = Capture.from_json({"kind": vlm_capture})
+                    vlm.forward(target, capture, GenerateInputs(ids, mask, mask, None, vision))
+                else:
+                    target.forward(ids, mask, capture_hidden=capture_hidden, packing=packing, vision=vision)
+            except Exception as exc:
+                if not (isinstance(exc, InvalidRequest) or vlm.request_fault(exc, vision)):
+                    raise
+                # Rank 0 refused the same inputs at the same point (TensorParallelGroup.step).
             send(("done", step))
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which exits
         logging.getLogger(__name__).error("rank %d failed:\n%s", config.rank, traceback.format_exc())

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from eagle3_appliance.core.inputs import GenerateInputs
-from eagle3_appliance.errors import InvalidRequest
+from eagle3_appliance.errors import ApplianceError, InvalidRequest
 from eagle3_appliance.model.target import Target
 from eagle3_client.capture import CAPTURE_VISPEC, KEY_HIDDEN_STATES, KEY_INPUTS_EMBEDS, KEY_LOGITS, Capture
 
@@ -72,8 +72,6 @@ def vlm_refusal(target: Target, capture: Capture) -> str | None:
     if not capture.is_vlm:
         return None
     model = target.model
-    if target.lockstep is not None:
-        return f"a {capture.label} capture is not served by a tensor-parallel target ({target.mode})"
     if image_token_id(model) is None:
         return (
             f"{type(model).__name__} is not a vision-language model: its config has no image_token_id "
@@ -95,7 +93,7 @@ def request_fault(exc: Exception, vision: Mapping[str, torch.Tensor]) -> bool:
     token-type grouping) fails in its own code on the request's tensors. Such a failure must not
     read as a broken server, which a fleet takes out of its rotation.
     """
-    broken = (torch.OutOfMemoryError, torch.AcceleratorError, MemoryError)
+    broken = (torch.OutOfMemoryError, torch.AcceleratorError, MemoryError, ApplianceError)  # ours carry a status
     return bool(vision) and not isinstance(exc, broken)
 
 
@@ -231,7 +229,11 @@ def forward(target: Target, capture: Capture, inputs: GenerateInputs) -> dict[st
     """
     run = _vispec if capture.kind == CAPTURE_VISPEC else _msd
     try:
-        answer = run(target.model, inputs)
+        # A tensor-parallel target's other ranks make the same call (eagle3_appliance.model.tensor_parallel).
+        with target.lockstep_step(
+            inputs.input_ids, inputs.attention_mask, vision=inputs.vision, vlm_capture=capture.kind
+        ):
+            answer = run(target.model, inputs)
     except Exception as exc:
         if not (isinstance(exc, ValueError) or request_fault(exc, inputs.vision)):
             raise

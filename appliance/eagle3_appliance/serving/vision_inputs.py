@@ -7,7 +7,7 @@ everything else int32/int64. Sizes: the body's bytes are already bounded by ``--
 and its entries by the decoder; here a pixel tensor's rows (patches) by the request's token
 budget, a ``*_grid_thw`` by its pixel tensor's rows, and a ``[B,T]`` token-type tensor by the
 batch's shape, so the vision tower never runs on more than the budget allows. Where the model
-names its placeholder tokens, tighter bounds the model itself requires: a pixel tensor's rows by
+names its placeholder tokens, what the model itself requires: a pixel tensor's rows are
 ``merge ** 2`` a placeholder in ``input_ids``, and one image's (frame x height x width) patches
 by ``merge ** 2`` times a row's length (its placeholders lie in one row). Structure, where the
 model follows the Qwen-VL convention (it takes ``*_grid_thw``): a pixel tensor comes with its grid
@@ -64,11 +64,7 @@ def validate_vision(
         if not 1 <= tensor.ndim <= _MAX_DIMS:
             raise InvalidTensors(f"{name} must have 1 to {_MAX_DIMS} dimensions, got shape {list(tensor.shape)}")
         if name.startswith("pixel_values"):
-            most, why = _most_patches(name, input_ids, rules)
-            if tensor.shape[0] > most:
-                raise InvalidTensors(
-                    f"{name} has {tensor.shape[0]} rows; this request may carry at most {most} ({why})"
-                )
+            _check_patches(name, int(tensor.shape[0]), input_ids, rules)
             if tensor.numel() and not bool(torch.isfinite(tensor).all()):
                 raise InvalidTensors(f"{name} holds NaN or infinite values")
         elif name in _FLOATING:
@@ -110,14 +106,25 @@ def validate_vision(
     return vision
 
 
-def _most_patches(name: str, input_ids: torch.Tensor, rules: VisionRules) -> tuple[int, str]:
-    """The most rows ``name`` may have in this request, and why."""
+def _check_patches(name: str, rows: int, input_ids: torch.Tensor, rules: VisionRules) -> None:
+    """A pixel tensor's rows: exactly ``merge ** 2`` a placeholder token where the model names its
+    placeholders (the model's own check, made before any rank of a tensor-parallel target runs),
+    else at most the token budget allows."""
     token = rules.placeholders.get(name)
     if token is None:
-        return rules.max_patches, "the server's token budget, a token per merged patch"
+        if rows > rules.max_patches:
+            raise InvalidTensors(
+                f"{name} has {rows} rows; this request may carry at most {rules.max_patches} "
+                "(the server's token budget, a token per merged patch)"
+            )
+        return
     count = int((input_ids == token).sum())
     per = rules.merge * rules.merge
-    return count * per, f"{per} patches for each of its {count} placeholder tokens (id {token})"
+    if rows != count * per:
+        raise InvalidTensors(
+            f"{name} has {rows} rows; the request's {count} placeholder tokens (id {token}) take "
+            f"{count * per} ({per} patches each)"
+        )
 
 
 def _check_grid(
