@@ -135,13 +135,15 @@ def test_validate_says_when_its_reference_differs_from_the_servers_dtype(
     assert "note " not in same.output and "result  PASS" in same.output
 
 
-def test_produce_refuses_a_dspark_recipe_yaml_naming_the_way_that_works(tmp_path: Path) -> None:
-    """DSpark's trainer has no stream backend: ``produce -c`` says so before building any data."""
+def test_produce_refuses_a_dspark_recipe_yaml_it_cannot_produce(tmp_path: Path) -> None:
+    """A multimodal DSpark recipe reads its own VLM loader (vision inputs): ``produce -c`` says so
+    before building any data."""
     pytest.importorskip("nemo_automodel")
     config = tmp_path / "dspark.yaml"
-    config.write_text("recipe: TrainDSparkRecipe\nrecipe_args:\n  target_model_name_or_path: /nonexistent\n")
+    config.write_text(
+        "recipe: TrainDSparkRecipe\nrecipe_args:\n  target_model_name_or_path: /nonexistent\n  multimodal: true\n"
+    )
     args = ["produce", "--urls", "http://127.0.0.1:9", "--queue", "appliance://127.0.0.1:9", "--run-id", "r"]
     result = runner.invoke(app, [*args, "-c", str(config), "--capture", "dspark:-1,3"], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
-    assert "TrainDSparkRecipe has no stream backend yet" in result.output
-    assert "--capture dspark:L1" in result.output
+    assert "multimodal: true or cached_target_path has no stream backend" in " ".join(result.output.split())

@@ -178,11 +178,24 @@ def test_the_sizes_rows_count_the_final_norm() -> None:
         capture_rows(shape, captures=["dspark:-1,8"], dtype_bytes=4, batch_tokens=10)
 
 
-def test_the_launcher_refuses_the_stream_backend_for_dspark_naming_what_works() -> None:
-    """The stream carries DSpark runs, but the DSpark recipe has no stream backend: said before setup."""
+def test_the_dspark_recipe_refuses_the_stream_for_configs_without_text_batches() -> None:
+    """DSpark trains from the stream (text targets); ``multimodal: true`` and ``cached_target_path``
+    are refused at setup, before anything loads, naming why."""
+    from eagle3_client.automodel import remote_dspark_recipe
     from eagle3_client.automodel_launch import check_config
 
-    cfg = {"recipe": "TrainDSparkRecipe", "recipe_args": {"target_model_backend": "stream"}}
-    with pytest.raises(SystemExit, match="no target_model_backend: stream yet.*DSparkFeatureLoader"):
-        check_config(cfg)
-    check_config({**cfg, "recipe_args": {"target_model_backend": "remote"}})  # accepted
+    check_config({"recipe": "TrainDSparkRecipe", "recipe_args": {"target_model_backend": "stream"}})  # accepted
+
+    class Recipe:
+        def __init__(self, recipe_args: dict[str, object]) -> None:
+            self.cfg = type("Cfg", (), {"recipe_args": recipe_args})()
+
+        def setup(self) -> str:
+            return "upstream's setup"
+
+    recipe_cls = remote_dspark_recipe(Recipe)
+    for key, value in (("multimodal", True), ("cached_target_path", "/cache")):
+        recipe = recipe_cls({"target_model_backend": "stream", key: value})
+        with pytest.raises(ValueError, match=f"cannot train with target_model_backend: stream: {key}"):
+            recipe.setup()
+    assert recipe_cls({"target_model_backend": "colocated"}).setup() == "upstream's setup"

@@ -324,10 +324,15 @@ def produce(
             from eagle3_appliance.produce_recipe import recipe_runs
 
             runs = recipe_runs(config, [], run_id, trainers)
-            if runs.is_dflash and parsed.is_eagle3:
+            if runs.capture_kind != parsed.kind:
+                spelling = {
+                    "eagle3": "eagle3",
+                    "dflash": "dflash:L1,L2,... (dflash+logits:... for JetSpec)",
+                    "dspark": "dspark:L1,L2,...",
+                }[runs.capture_kind]
                 raise ValueError(
-                    f"{runs.recipe} captures target layers: give --capture dflash:L1,L2,... (dflash+logits:... "
-                    "for JetSpec), the layers the recipe logs"
+                    f"{runs.recipe} reads {runs.capture_kind} captures, not {parsed.kind}: give --capture "
+                    f"{spelling}, the layers the recipe logs"
                 )
             plans, mapping = runs.plans, runs.vocab_mapping
         else:

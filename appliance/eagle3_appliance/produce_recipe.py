@@ -17,9 +17,10 @@ is the producer's ``--capture dflash:...`` (the layers the recipe logs). Upstrea
 always shuffles and has no ``train_shuffle`` key; its stream backend reads that key
 (:mod:`eagle3_client.automodel_stream_dflash`), with the same default (true), as this does.
 
-A DSpark YAML (``TrainDSparkRecipe``) is refused: its trainer has no stream backend yet (a
-DSpark run is produced with ``--dataset`` and ``--capture dspark:...`` and read with
-``DSparkFeatureLoader``).
+A DSpark YAML (``TrainDSparkRecipe``, a text target) gets the same batches too (its text loader
+is the same ``build_eagle3_dataloader``), no draft vocabulary, and the capture ``--capture
+dspark:...``. ``multimodal: true`` (its own VLM loader, vision inputs) and ``cached_target_path``
+(no target) are refused.
 
 One choice differs from a co-located run: with ``trainers = 1`` and ``train_shuffle: true`` the
 order is drawn from ``DistributedSampler``'s seed and the epoch, not from the trainer's RNG (which
@@ -39,6 +40,7 @@ from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES
 from eagle3_client.automodel_launch import recipe_name
 from eagle3_client.automodel_stream import stream_run_id
 from eagle3_client.automodel_stream_dflash import RankMesh
+from eagle3_client.capture import CAPTURE_DFLASH, CAPTURE_DSPARK, CAPTURE_EAGLE3
 from eagle3_client.streaming.producer import RunPlan
 
 __all__ = ["RecipeRuns", "recipe_runs"]
@@ -49,14 +51,17 @@ class RecipeRuns:
     """What a recipe's producer needs: one run per epoch and rank, and the draft vocabulary."""
 
     plans: list[RunPlan]
-    vocab_mapping: tuple[torch.Tensor, torch.Tensor] | None  # None: a DFlash-family recipe
+    vocab_mapping: tuple[torch.Tensor, torch.Tensor] | None  # None: a DFlash-family or DSpark recipe
     epochs: int
     trainers: int
     recipe: str = "TrainEagle3Recipe"
 
     @property
-    def is_dflash(self) -> bool:
-        return self.recipe in DFLASH_RECIPES
+    def capture_kind(self) -> str:
+        """The capture kind the recipe's trainer reads (``eagle3``, ``dflash`` or ``dspark``)."""
+        if self.recipe in DFLASH_RECIPES:
+            return CAPTURE_DFLASH
+        return CAPTURE_DSPARK if self.recipe in DSPARK_RECIPES else CAPTURE_EAGLE3
 
 
 class _Chain:
@@ -84,12 +89,12 @@ def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: in
         raise ValueError(f"--trainers must be at least 1, got {trainers}")
     cfg = parse_args_and_load_config(argv=["-c", config, *overrides])
     recipe = recipe_name(cfg)
-    if recipe in DSPARK_RECIPES:
-        raise ValueError(
-            f"{recipe} has no stream backend yet: produce a DSpark run with --dataset and --capture dspark:L1,... "
-            "and read it with eagle3_client.streaming.loader.DSparkFeatureLoader"
-        )
     rc = cfg.recipe_args
+    if recipe in DSPARK_RECIPES and (rc.get("multimodal", False) or rc.get("cached_target_path", None)):
+        raise ValueError(
+            f"{recipe} with multimodal: true or cached_target_path has no stream backend (its batches are not "
+            "the text loader's); train it with target_model_backend: remote"
+        )
     target = rc.target_model_name_or_path
     trust = bool(rc.get("trust_remote_code", False))
     tokenizer = NeMoAutoTokenizer.from_pretrained(target, trust_remote_code=trust)
@@ -115,7 +120,7 @@ def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: in
     ]
     epochs = int(rc.get("num_epochs", 1))
     mapping = None
-    if recipe not in DFLASH_RECIPES:
+    if recipe not in DFLASH_RECIPES and recipe not in DSPARK_RECIPES:
         mapping = _vocab_mapping(loaders, tokenizer, base, rc)
     plans = []
     for epoch in range(epochs):

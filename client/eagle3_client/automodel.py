@@ -57,7 +57,7 @@ from typing import Any
 
 from eagle3_client.automodel_packing import patch_recipe
 from eagle3_client.automodel_stream import STREAM_BACKEND, StreamSettings
-from eagle3_client.automodel_stream_dflash import StreamDFlashTarget, stream_train_loader
+from eagle3_client.automodel_stream_dflash import StreamDFlashTarget, StreamDSparkTarget, stream_train_loader
 from eagle3_client.backend import RemoteEagle3TargetModel
 from eagle3_client.dflash import RemoteDFlashTargetModel
 from eagle3_client.dspark import RemoteDSparkTargetModel
@@ -295,6 +295,46 @@ class _ConfigLoader:
         return ConfigOnlyTarget(config.get_text_config())
 
 
+class _StreamLoop:
+    """The loop hooks of a recipe whose ``target_wrapper`` may read the stream (a
+    :class:`~eagle3_client.automodel_stream_dflash.StreamDFlashTarget`): the runs are opened from
+    the loop's first epoch and the last batch is acked once it is trained; validation batches are
+    not on the stream, the appliances compute them. Any other wrapper: the recipe's loop, unchanged."""
+
+    def run_train_validation_loop(self) -> Any:
+        wrapper = getattr(self, "target_wrapper", None)
+        if not isinstance(wrapper, StreamDFlashTarget):
+            return super().run_train_validation_loop()  # type: ignore[misc]
+        wrapper.start(int(getattr(self, "_resume_epoch", 0) or 0))
+        try:
+            result = super().run_train_validation_loop()  # type: ignore[misc]
+        except BaseException:
+            wrapper.finish(ack=False)  # the batch in hand goes to another trainer after its lease
+            raise
+        wrapper.finish(ack=True)  # the last batch is trained: ack it (the run closes)
+        return result
+
+    def _run_eval(self) -> Any:
+        wrapper = getattr(self, "target_wrapper", None)
+        if not isinstance(wrapper, StreamDFlashTarget):
+            return super()._run_eval()  # type: ignore[misc]
+        with wrapper.live():
+            return super()._run_eval()  # type: ignore[misc]
+
+
+def _sampled_loader(recipe: Any, build: Callable[..., Any]) -> Callable[..., Any]:
+    """``build_eagle3_dataloader`` whose train loader samples as the producer does (stream_train_loader),
+    reading the recipe's ranks when it is called (its meshes are set up by then)."""
+
+    def build_loader(*args: Any, **kwargs: Any) -> Any:
+        world = int(getattr(recipe.dist_env, "world_size", 1) or 1)
+        dp_mesh = getattr(recipe, "dp_mesh", None)
+        swapped = stream_train_loader(build, recipe.cfg.recipe_args, dp_mesh, world, recipe._get_dp_rank())
+        return swapped(*args, **kwargs)
+
+    return build_loader
+
+
 def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:
     """A subclass of a DFlash-family recipe whose target runs on appliances when the YAML says
     ``recipe_args.target_model_backend: remote`` (anything else: the recipe, unchanged).
@@ -310,7 +350,7 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
     """
     extra = dict(options or {})
 
-    class RemoteTargetRecipe(recipe_cls):
+    class RemoteTargetRecipe(_StreamLoop, recipe_cls):
         def _backend(self) -> str:
             return str(self.cfg.recipe_args.get("target_model_backend", "colocated"))
 
@@ -324,40 +364,11 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
             # The train loader with the producer's sampler (stream_train_loader), for setup() alone.
             module = sys.modules[_DFLASH_BASE]
             build = getattr(module, "build_eagle3_dataloader")  # noqa: B009 - swapped for setup()
-            recipe = self
-
-            def build_loader(*args: Any, **kwargs: Any) -> Any:
-                world = int(getattr(recipe.dist_env, "world_size", 1) or 1)
-                swapped = stream_train_loader(
-                    build, recipe.cfg.recipe_args, getattr(recipe, "dp_mesh", None), world, recipe._get_dp_rank()
-                )
-                return swapped(*args, **kwargs)
-
-            setattr(module, "build_eagle3_dataloader", build_loader)  # noqa: B010
+            setattr(module, "build_eagle3_dataloader", _sampled_loader(self, build))  # noqa: B010
             try:
                 return super().setup()
             finally:
                 setattr(module, "build_eagle3_dataloader", build)  # noqa: B010
-
-        def run_train_validation_loop(self) -> Any:
-            wrapper = getattr(self, "target_wrapper", None)
-            if not isinstance(wrapper, StreamDFlashTarget):
-                return super().run_train_validation_loop()
-            wrapper.start(int(getattr(self, "_resume_epoch", 0) or 0))
-            try:
-                result = super().run_train_validation_loop()
-            except BaseException:
-                wrapper.finish(ack=False)  # the batch in hand goes to another trainer after its lease
-                raise
-            wrapper.finish(ack=True)  # the last batch is trained: ack it (the run closes)
-            return result
-
-        def _run_eval(self) -> Any:
-            wrapper = getattr(self, "target_wrapper", None)
-            if not isinstance(wrapper, StreamDFlashTarget):
-                return super()._run_eval()
-            with wrapper.live():  # validation batches are not on the stream: the appliances compute them
-                return super()._run_eval()
 
         def _build_target_model(self, recipe_cfg: Any, target_path: str, draft_spec: Any) -> Any:
             if not self._remote():
@@ -414,40 +425,59 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
     return RemoteTargetRecipe
 
 
+@dataclass(frozen=True)
+class _StreamSwap:
+    """How a swapping recipe trains from the stream: which of its module's names builds the target
+    wrapper (``wrapper_name``), the stream wrapper over the remote one (``wrap(recipe, remote,
+    client_kwargs)``), and why a config cannot (``refusal(recipe_args)``, None: it can)."""
+
+    wrapper_name: str
+    wrap: Callable[[Any, Any, dict[str, Any]], Any]
+    refusal: Callable[[Any], str | None]
+
+
 def _swapping_recipe(
     recipe_cls: type,
     module_name: str,
     label: str,
     swaps: Callable[[Any, list[str] | str, dict[str, Any]], dict[str, Any]],
     options: Mapping[str, Any] | None,
+    stream: _StreamSwap | None = None,
 ) -> type:
     """A subclass of ``recipe_cls`` whose ``setup()`` runs with names of its module swapped
     (``swaps(recipe, urls, client_kwargs)``) when the YAML says ``target_model_backend: remote``.
 
     What DSpark's and ViSpec's recipes share: they build their target and its wrapper inline in
     ``setup()`` from names their module imported, so swapping those names for that one call makes
-    upstream's own ``setup()`` build ours. ``stream`` is refused (``label``: the family, for the
-    message); any other backend is the recipe, unchanged.
+    upstream's own ``setup()`` build ours. ``stream``: the same, plus the train loader sampling as
+    the producer does and the wrapper reading the stream (``stream``; None: refused, ``label``
+    naming the family); any other backend is the recipe, unchanged.
     """
     extra = dict(options or {})
 
-    class RemoteTargetRecipe(recipe_cls):
+    class RemoteTargetRecipe(_StreamLoop, recipe_cls):
         def setup(self) -> Any:
             recipe_cfg = self.cfg.recipe_args
             backend = recipe_cfg.get("target_model_backend", "colocated")
             if backend == STREAM_BACKEND:
-                raise ValueError(
-                    f"{recipe_cls.__name__} ({label}) has no target_model_backend: stream: "
-                    "train it with target_model_backend: remote"
-                )
-            if backend != "remote":
+                refusal = "it has none" if stream is None else stream.refusal(recipe_cfg)
+                if refusal is not None:
+                    raise ValueError(
+                        f"{recipe_cls.__name__} ({label}) cannot train with target_model_backend: stream: "
+                        f"{refusal}; train it with target_model_backend: remote"
+                    )
+                StreamSettings.from_config(recipe_cfg)  # the stream_* keys, before anything loads
+            elif backend != "remote":
                 return super().setup()
             urls = recipe_cfg.get("remote_urls", None)
             if not urls:
-                raise ValueError("target_model_backend=remote needs recipe_args.remote_urls")
+                raise ValueError(f"target_model_backend={backend} needs recipe_args.remote_urls")
             kwargs = {**extra, **options_from_config(recipe_cfg)}
             module = sys.modules[module_name]
             replacements = swaps(self, _url_list(urls), kwargs)
+            if backend == STREAM_BACKEND:
+                assert stream is not None
+                replacements = {**replacements, **self._stream_swaps(module, replacements, kwargs)}
             saved = {name: getattr(module, name) for name in replacements}
             for name, value in replacements.items():
                 setattr(module, name, value)  # for setup() only
@@ -456,6 +486,18 @@ def _swapping_recipe(
             finally:
                 for name, value in saved.items():
                     setattr(module, name, value)
+
+        def _stream_swaps(self, module: Any, replacements: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+            """The train loader sampling as the producer does, and the wrapper reading the stream."""
+            assert stream is not None
+            remote_wrapper = replacements[stream.wrapper_name]
+            recipe = self
+
+            def stream_wrapper(*args: Any, **wrapper_kwargs: Any) -> Any:
+                return stream.wrap(recipe, remote_wrapper(*args, **wrapper_kwargs), kwargs)
+
+            build = getattr(module, "build_eagle3_dataloader")  # noqa: B009
+            return {stream.wrapper_name: stream_wrapper, "build_eagle3_dataloader": _sampled_loader(self, build)}
 
     RemoteTargetRecipe.__name__ = RemoteTargetRecipe.__qualname__ = recipe_cls.__name__
     return RemoteTargetRecipe
@@ -494,7 +536,22 @@ def remote_dspark_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
 
         return {"NeMoAutoModelForCausalLM": _ConfigLoader, "HFDSparkTargetModel": remote_wrapper}
 
-    return _swapping_recipe(recipe_cls, DSPARK_RECIPES["TrainDSparkRecipe"], "DSpark", swaps, options)
+    def stream_wrapper(recipe: Any, remote: Any, kwargs: dict[str, Any]) -> Any:
+        recipe_cfg = recipe.cfg.recipe_args
+        settings = StreamSettings.from_config(recipe_cfg)
+        epochs = int(recipe_cfg.get("num_epochs", 1))
+        rank = recipe._get_dp_rank()
+        return StreamDSparkTarget(remote, settings, rank=rank, epochs=epochs, device=recipe.device, options=kwargs)
+
+    def stream_refusal(recipe_cfg: Any) -> str | None:
+        if bool(recipe_cfg.get("multimodal", False)):
+            return "multimodal: true batches carry vision inputs, which the stream's recipe mode does not produce"
+        if recipe_cfg.get("cached_target_path", None):
+            return "cached_target_path trains from a cache, without a target"
+        return None
+
+    stream = _StreamSwap("HFDSparkTargetModel", stream_wrapper, stream_refusal)
+    return _swapping_recipe(recipe_cls, DSPARK_RECIPES["TrainDSparkRecipe"], "DSpark", swaps, options, stream)
 
 
 def remote_vispec_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:

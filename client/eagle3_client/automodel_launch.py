@@ -55,11 +55,6 @@ def check_config(cfg: Any) -> None:
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
-    if backend == "stream" and name in DSPARK_RECIPES:
-        raise SystemExit(
-            "TrainDSparkRecipe has no target_model_backend: stream yet: train it with target_model_backend: remote "
-            "(a DSpark run on the stream is read with eagle3_client.streaming.loader.DSparkFeatureLoader)"
-        )
     if backend == "stream" and name in VISPEC_RECIPES:
         raise SystemExit(
             "streams carry no vision-language (ViSpec) captures: train TrainVispecRecipe with "

@@ -1,4 +1,4 @@
-"""``target_model_backend: stream`` for the DFlash family (DFlash, DFlash 2, JetSpec, Domino).
+"""``target_model_backend: stream`` for the DFlash family (DFlash, DFlash 2, JetSpec, Domino) and DSpark.
 
 The YAML keys are those of the EAGLE-3 recipe's stream backend
 (:mod:`eagle3_client.automodel_stream`)::
@@ -38,6 +38,13 @@ from the producer's, or a producer started with another ``--trainers``, is refus
 Before the first batch of each run the run's capture (``store.description.capture``) must equal
 the recipe's (its layers and whether it captures the logits): a run produced with another
 ``--capture`` is refused with :class:`~eagle3_client.streaming.queues.RunMismatch`.
+
+DSpark (``TrainDSparkRecipe``, text targets) works the same way: its loop also iterates its own
+``build_eagle3_dataloader`` loader and passes each batch (padded or packed) to ``generate_batch``;
+:class:`StreamDSparkTarget` reads the run through
+:class:`~eagle3_client.streaming.loader.DSparkFeatureLoader` and checks the same two tensors. Its
+runs are produced with ``--capture dspark:...`` (the layers the recipe logs). A ``multimodal: true``
+or ``cached_target_path`` DSpark run has no stream backend (refused at setup).
 Validation (``val_data_path``) is not on the stream: it runs on the ``remote_urls`` appliances,
 as with ``remote``. Resuming mid-epoch from a checkpoint is refused by the check (the recipe
 restarts the epoch at its first batch, the run's acked samples are not delivered again).
@@ -57,7 +64,14 @@ from eagle3_client.capture import Capture
 from eagle3_client.dflash import RemoteDFlashTargetModel
 from eagle3_client.streaming.queues import RunMismatch, StreamError
 
-__all__ = ["STREAM_BACKEND", "RankMesh", "StreamDFlashTarget", "StreamOrderMismatch", "stream_train_loader"]
+__all__ = [
+    "STREAM_BACKEND",
+    "RankMesh",
+    "StreamDFlashTarget",
+    "StreamDSparkTarget",
+    "StreamOrderMismatch",
+    "stream_train_loader",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +124,7 @@ class StreamDFlashTarget:
 
     def __init__(
         self,
-        remote: RemoteDFlashTargetModel,
+        remote: Any,
         settings: StreamSettings,
         *,
         rank: int,
@@ -124,13 +138,22 @@ class StreamDFlashTarget:
         self.epochs = int(epochs)
         self.device = torch.device(device)
         self.target_layer_ids = list(remote.target_layer_ids)
-        self.capture_logits = bool(remote.capture_logits)
-        self.capture = Capture.dflash(self.target_layer_ids, logits=self.capture_logits)
+        self.capture_logits = bool(getattr(remote, "capture_logits", False))  # DSpark: none
+        self.capture = self._capture_of(remote)
         self.urls = getattr(remote, "urls", "")
         self._options = dict(options or {})
         self._epoch = 0
         self._run: tuple[Any, Any, Any] | None = None  # (queue, store, loader) of the current epoch
         self._live = False  # validation: batches from the appliances, not the stream
+
+    def _capture_of(self, remote: RemoteDFlashTargetModel) -> Capture:
+        """The capture the recipe's wrapper asks for (the runs must have been produced with it)."""
+        return Capture.dflash(self.target_layer_ids, logits=self.capture_logits)
+
+    def _loader(self, queue: Any, store: Any) -> Any:
+        from eagle3_client.streaming.loader import DFlashFeatureLoader
+
+        return DFlashFeatureLoader(queue, store)
 
     # -- what the recipe calls ----------------------------------------------------------
 
@@ -206,7 +229,6 @@ class StreamDFlashTarget:
                 self._epoch += 1
 
     def _open(self) -> None:
-        from eagle3_client.streaming.loader import DFlashFeatureLoader
         from eagle3_client.streaming.open import open_stream
 
         if self._epoch >= self.epochs:
@@ -231,7 +253,7 @@ class StreamDFlashTarget:
                     f"{self.capture.spec!r}: produce it with `eagle3-appliance produce -c <this YAML> "
                     f"--capture {self.capture.spec}`"
                 )
-            loader = DFlashFeatureLoader(queue, store)
+            loader = self._loader(queue, store)
         except BaseException:
             queue.close()
             store.close()
@@ -245,3 +267,15 @@ class StreamDFlashTarget:
             self.settings.queue,
         )
         self._run = (queue, store, loader)
+
+
+class StreamDSparkTarget(StreamDFlashTarget):
+    """The DSpark recipe's ``target_wrapper`` on the stream: upstream's ``DSparkTargetBatch`` of each run."""
+
+    def _capture_of(self, remote: Any) -> Capture:
+        return Capture.dspark(self.target_layer_ids)
+
+    def _loader(self, queue: Any, store: Any) -> Any:
+        from eagle3_client.streaming.loader import DSparkFeatureLoader
+
+        return DSparkFeatureLoader(queue, store)

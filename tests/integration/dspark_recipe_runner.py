@@ -2,9 +2,11 @@
 
     python tests/integration/dspark_recipe_runner.py remote OUT.pt -c recipe.yaml [--key=value ...]
     python tests/integration/dspark_recipe_runner.py colocated OUT.pt -c recipe.yaml [--key=value ...]
+    python tests/integration/dspark_recipe_runner.py colocated-sampled OUT.pt -c recipe.yaml [--key=value ...]
 
 As ``dflash_recipe_runner.py``: ``remote`` runs our launcher, ``colocated`` the recipe module's
-own ``main`` with the target loaded by transformers. The draft's weights are reset from a fixed
+own ``main`` with the target loaded by transformers (``colocated-sampled``: its train loader
+sampling as a stream trainer's does, as in ``dflash_recipe_runner.py``). The draft's weights are reset from a fixed
 seed, then, instead of the training loop (the recipe's FlexAttention has no backward on the CPU),
 the recipe's own ``_forward_batch`` runs on the first :data:`BATCHES` training batches without
 gradients: the losses, the draft's weights (embeddings and LM head copied from the target) and
@@ -83,12 +85,21 @@ def main() -> None:
         from eagle3_client.automodel_launch import main as launch
 
         launch(recipe_args)
-    elif mode == "colocated":
+    elif mode in ("colocated", "colocated-sampled"):
         module.NeMoAutoModelForCausalLM = _CpuTargetLoader  # type: ignore[attr-defined]
+        if mode == "colocated-sampled":  # the train loader samples as a stream trainer's does
+            from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+
+            from eagle3_client.automodel_stream_dflash import stream_train_loader
+
+            cfg = parse_args_and_load_config(argv=list(recipe_args))
+            module.build_eagle3_dataloader = stream_train_loader(  # type: ignore[attr-defined]
+                module.build_eagle3_dataloader, cfg.recipe_args, None, 1, 0
+            )
         sys.argv = [module.__file__ or "", *recipe_args]
         module.main()
     else:
-        raise SystemExit(f"mode must be 'remote' or 'colocated', not {mode!r}")
+        raise SystemExit(f"mode must be 'remote', 'colocated' or 'colocated-sampled', not {mode!r}")
 
 
 if __name__ == "__main__":
