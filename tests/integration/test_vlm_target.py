@@ -9,40 +9,18 @@ and the embeddings and LM head the recipes read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteMSDTargetModel, RemoteVispecTargetModel
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, vlm_batch
+from tests.vlm_support import IMAGE_TOKEN, vlm_batch
 
 vispec = import_or_skip("nemo_automodel.components.speculative.eagle.vispec_target")
 msd = import_or_skip("nemo_automodel.components.speculative.eagle.msd_target")
 
 BATCHES = [(11, 2, 16, 1), (12, 3, 12, 2), (13, 2, 10, 0), (14, 1, 9, 1)]  # seed, rows, length, image rows
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
-
-
-@pytest.fixture(scope="module")
-def vlm_server(vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("vlm-logs") / "server.log"
-    with ServerProcess(["--model", str(vlm_dir), *APPLIANCE_ARGS], log_path=log) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def hf_model(vlm_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).requires_grad_(False)
 
 
 def assert_same(got: object, want: object, batch_type: type) -> None:
@@ -54,9 +32,9 @@ def assert_same(got: object, want: object, batch_type: type) -> None:
 
 @pytest.mark.parametrize("data_plane", ["wire", "gloo"])
 def test_vispec_is_bit_identical_to_upstream(
-    vlm_server: ServerProcess, hf_model: torch.nn.Module, data_plane: str
+    vlm_server: ServerProcess, vlm_model: torch.nn.Module, data_plane: str
 ) -> None:
-    reference = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
+    reference = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN)
     with RemoteVispecTargetModel.from_urls([vlm_server.url], data_plane=data_plane) as remote:
         assert remote.image_token_id == IMAGE_TOKEN
         for seed, rows, length, images in BATCHES:
@@ -80,9 +58,9 @@ def test_vispec_is_bit_identical_to_upstream(
 
 @pytest.mark.parametrize("data_plane", ["wire", "gloo"])
 def test_msd_is_bit_identical_to_upstream(
-    vlm_server: ServerProcess, hf_model: torch.nn.Module, data_plane: str
+    vlm_server: ServerProcess, vlm_model: torch.nn.Module, data_plane: str
 ) -> None:
-    reference = msd.HFMSDTargetModel(hf_model)
+    reference = msd.HFMSDTargetModel(vlm_model)
     with RemoteMSDTargetModel.from_urls([vlm_server.url], data_plane=data_plane) as remote:
         for seed, rows, length, images in BATCHES:
             ids, attention, loss, vision = vlm_batch(seed, rows=rows, length=length, images=images)
@@ -92,10 +70,10 @@ def test_msd_is_bit_identical_to_upstream(
         assert remote.transport_stats()[0]["tier"] == data_plane
 
 
-def test_the_embeddings_and_lm_head_are_the_targets(vlm_server: ServerProcess, hf_model: torch.nn.Module) -> None:
-    reference = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
+def test_the_embeddings_and_lm_head_are_the_targets(vlm_server: ServerProcess, vlm_model: torch.nn.Module) -> None:
+    reference = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN)
     with RemoteVispecTargetModel.from_urls([vlm_server.url]) as remote:
         assert torch.equal(remote.get_input_embeddings().weight, reference.get_input_embeddings().weight)
         assert torch.equal(remote.get_lm_head().weight, reference.get_lm_head().weight)
     with RemoteMSDTargetModel.from_urls([vlm_server.url]) as remote:
-        assert torch.equal(remote.get_lm_head().weight, msd.HFMSDTargetModel(hf_model).get_lm_head().weight)
+        assert torch.equal(remote.get_lm_head().weight, msd.HFMSDTargetModel(vlm_model).get_lm_head().weight)
