@@ -36,6 +36,15 @@ def test_every_name_in_all_exists(name: str) -> None:
     assert missing == []
 
 
+def test_the_stream_loaders_are_exported() -> None:
+    """A loader per family upstream's ``FeatureDataLoader`` does not read (the consumer side needs AutoModel)."""
+    pytest.importorskip("nemo_automodel.components.speculative.streaming")
+    loader = importlib.import_module("eagle3_client.streaming.loader")
+    names = {"DFlashFeatureLoader", "DSparkFeatureLoader", "VispecFeatureLoader", "MSDFeatureLoader"}
+    assert set(loader.__all__) == names
+    assert all(callable(getattr(loader, name)) for name in names)
+
+
 def test_client_exports() -> None:
     assert "RemoteEagle3TargetModel" in eagle3_client.__all__
     assert eagle3_client.RemoteEagle3TargetModel.from_urls is not None

@@ -57,8 +57,8 @@ def check_config(cfg: Any) -> None:
     backend = recipe_args.get("target_model_backend", "colocated")
     if backend == "stream" and name in VISPEC_RECIPES:
         raise SystemExit(
-            "streams carry no vision-language (ViSpec) captures: train TrainVispecRecipe with "
-            "target_model_backend: remote"
+            "TrainVispecRecipe has no target_model_backend: stream yet: train it with target_model_backend: remote "
+            "(a ViSpec run on the stream is read with eagle3_client.streaming.loader.VispecFeatureLoader)"
         )
     if backend not in ("remote", "stream"):
         logger.warning(

@@ -46,7 +46,10 @@ __all__ = [
     "dflash_batch_type",
     "dspark_batch",
     "dspark_batch_type",
+    "msd_batch",
     "msd_batch_type",
+    "shift_left",
+    "vispec_batch",
     "vispec_batch_type",
     "CAPTURE_DFLASH",
     "CAPTURE_DSPARK",
@@ -389,4 +392,71 @@ def dspark_batch(
         input_ids=input_ids.to(device),
         loss_mask=loss_mask.to(device),
         **{key: t.to(device) for key, t in (packing or {}).items()},
+    )
+
+
+def shift_left(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` ``[B,T,...]`` one position left along T, the last position zero (the VLM wrappers' alignment)."""
+    return torch.cat((tensor[:, 1:], torch.zeros_like(tensor[:, :1])), dim=1)
+
+
+def _vlm_answer(
+    answer: Mapping[str, torch.Tensor], input_ids: torch.Tensor, device: torch.device, label: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ViSpec or MSD answer's three tensors (:data:`VLM_KEYS`) on ``device``, checked against the batch."""
+    parts = [answer.get(key) for key in VLM_KEYS]
+    if any(t is None or t.ndim != 3 or t.shape[:2] != input_ids.shape for t in parts):
+        shapes = {k: list(v.shape) for k, v in answer.items()}
+        raise ProtocolViolation(f"a {label} answer has {shapes} for a batch of {list(input_ids.shape)}")
+    embeds, hidden, logits = (t.to(device) for t in parts if t is not None)
+    return embeds, hidden, logits
+
+
+def vispec_batch(
+    answer: Mapping[str, torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    image_token_id: int,
+    device: torch.device,
+) -> Any:
+    """Upstream's ``VispecTargetBatch`` from a ViSpec answer and its request, on ``device``.
+
+    One builder for ``RemoteVispecTargetModel.generate_batch`` and a stream's kept answer, so that
+    both are ``HFVispecTargetModel``'s batch: the shifts and the image mask
+    (``input_ids == image_token_id``, the id the servers name) are copies and comparisons.
+    """
+    embeds, hidden, logits = _vlm_answer(answer, input_ids, device, CAPTURE_VISPEC)
+    ids = input_ids.to(device)
+    return vispec_batch_type()(
+        inputs_embeds=shift_left(embeds),
+        input_hidden_states=hidden,
+        target_logits=shift_left(logits),
+        attention_mask=attention_mask.to(device),
+        loss_mask=shift_left(loss_mask.to(device)),
+        image_mask=shift_left((ids == image_token_id).to(ids.dtype)).bool(),
+    )
+
+
+def msd_batch(
+    answer: Mapping[str, torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    image_token_id: int,
+    device: torch.device,
+) -> Any:
+    """Upstream's ``MSDTargetBatch`` from an MSD answer and its request, on ``device`` (one builder, as
+    :func:`vispec_batch`). ``loss_mask`` is already aligned to next-token logits, as upstream takes it."""
+    embeds, hidden, logits = _vlm_answer(answer, input_ids, device, CAPTURE_MSD)
+    supervised = loss_mask.to(device).bool().clone()
+    supervised[:, -1] = False  # the shifted tensors' zero tail has nothing to match
+    return msd_batch_type()(
+        inputs_embeds=shift_left(embeds),
+        input_hidden_states=hidden,
+        target_hidden_states=shift_left(hidden),
+        target_logits=shift_left(logits),
+        attention_mask=attention_mask.to(device),
+        loss_mask=supervised,
+        image_mask=shift_left(input_ids.to(device).eq(image_token_id)),
     )

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from eagle3_client.capture import Capture, msd_batch_type
+from eagle3_client.capture import Capture, msd_batch, msd_batch_type
 from eagle3_client.remote.core import RemoteResult
-from eagle3_client.vlm import RemoteVisionTarget, VisionAnswer, shift_left
+from eagle3_client.vlm import RemoteVisionTarget
 
 __all__ = ["RemoteMSDTargetModel", "msd_batch_type"]
 
@@ -63,21 +63,5 @@ class RemoteMSDTargetModel(RemoteVisionTarget):
             attention_mask,
             loss_mask,
             vision,
-            lambda answer: self._batch(answer, input_ids, attention_mask, loss_mask),
-        )
-
-    def _batch(
-        self, answer: VisionAnswer, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
-    ) -> Any:
-        dev = self._device
-        supervised = loss_mask.to(dev).bool().clone()
-        supervised[:, -1] = False  # the shifted tensors' zero tail has nothing to match
-        return msd_batch_type()(
-            inputs_embeds=shift_left(answer.inputs_embeds),
-            input_hidden_states=answer.hidden_states,
-            target_hidden_states=shift_left(answer.hidden_states),
-            target_logits=shift_left(answer.logits),
-            attention_mask=attention_mask.to(dev),
-            loss_mask=supervised,
-            image_mask=shift_left(input_ids.to(dev).eq(self.image_token_id)),
+            lambda answer: msd_batch(answer, input_ids, attention_mask, loss_mask, self.image_token_id, self._device),
         )

@@ -819,13 +819,16 @@ class RunDescription:
     and the queue refuses a reference whose ``target_model_version`` is not ``model_fingerprint``.
     """
 
-    algorithm: str  # upstream's FeatureAlgorithm value: "eagle3", "dflash" or "dspark" (Capture.algorithm)
+    algorithm: str  # Capture.algorithm: upstream's FeatureAlgorithm value, or "vispec" / "msd"
     capture: str  # eagle3_client.capture.Capture.spec() of the answers
     encoding: str  # the EAGLE-3 supervision encoding the answers are kept in ("probs" for DFlash)
     model_fingerprint: str
     visibility_timeout_s: float = 60.0  # how long a lease lives before its sample is delivered again
     draft_vocab_size: int | None = None  # EAGLE-3: the draft vocabulary (what topk:K decodes into)
     mapping_digest: str | None = None  # EAGLE-3: mapping_digest() of the draft vocabulary's token ids
+    # ViSpec, MSD: the image placeholder id the appliances name in their session reply (the
+    # loaders' image mask), so that a trainer reads it from the run, never from its own config.
+    image_token_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -836,6 +839,7 @@ class RunDescription:
             "visibility_timeout_s": self.visibility_timeout_s,
             "draft_vocab_size": self.draft_vocab_size,
             "mapping_digest": self.mapping_digest,
+            "image_token_id": self.image_token_id,
         }
 
     @classmethod
@@ -848,6 +852,9 @@ class RunDescription:
         digest = _field(body, "mapping_digest", str, None)
         if digest is not None and len(digest) > 128:
             raise ValueError("'mapping_digest' is at most 128 characters")
+        image_token_id = _field(body, "image_token_id", int, None)
+        if image_token_id is not None and image_token_id < 0:
+            raise ValueError(f"'image_token_id' must be >= 0, got {image_token_id}")
         return cls(
             algorithm=_field(body, "algorithm", str),
             capture=_field(body, "capture", str),
@@ -856,6 +863,7 @@ class RunDescription:
             visibility_timeout_s=timeout,
             draft_vocab_size=vocab,
             mapping_digest=digest,
+            image_token_id=image_token_id,
         )
 
     def differences(self, other: RunDescription) -> list[str]:

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from eagle3_client.capture import Capture, vispec_batch_type
+from eagle3_client.capture import Capture, vispec_batch, vispec_batch_type
 from eagle3_client.remote.core import RemoteResult
-from eagle3_client.vlm import RemoteVisionTarget, VisionAnswer, shift_left
+from eagle3_client.vlm import RemoteVisionTarget
 
 __all__ = ["RemoteVispecTargetModel", "vispec_batch_type"]
 
@@ -73,20 +73,7 @@ class RemoteVispecTargetModel(RemoteVisionTarget):
             attention_mask,
             loss_mask,
             multimodal_inputs,
-            lambda answer: self._batch(answer, input_ids, attention_mask, loss_mask),
-        )
-
-    def _batch(
-        self, answer: VisionAnswer, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
-    ) -> Any:
-        dev = self._device
-        ids = input_ids.to(dev)
-        image = shift_left((ids == self.image_token_id).to(ids.dtype)).bool()
-        return vispec_batch_type()(
-            inputs_embeds=shift_left(answer.inputs_embeds),
-            input_hidden_states=answer.hidden_states,
-            target_logits=shift_left(answer.logits),
-            attention_mask=attention_mask.to(dev),
-            loss_mask=shift_left(loss_mask.to(dev)),
-            image_mask=image,
+            lambda answer: vispec_batch(
+                answer, input_ids, attention_mask, loss_mask, self.image_token_id, self._device
+            ),
         )

@@ -1,47 +1,30 @@
-"""What the ViSpec and MSD adapters share: vision inputs on a request, the answer, the shifts.
+"""What the ViSpec and MSD adapters share: vision inputs on a request, the image token id, the LM head.
 
 A ViSpec or MSD session's answer is the target forward's embedding output (vision features
 spliced in), last hidden state and logits, unshifted (:data:`eagle3_client.capture.VLM_KEYS`).
-The adapters build upstream's batch from them here: the shift left with a zero tail and the
-image mask (``input_ids == image_token_id``, the id the server names in its session reply)
-are copies and comparisons, so the batch is the co-located wrapper's bit for bit.
+The adapters build upstream's batch from them with :func:`eagle3_client.capture.vispec_batch` /
+:func:`~eagle3_client.capture.msd_batch`, the builders a stream's loaders use too: the shift
+left with a zero tail and the image mask (``input_ids == image_token_id``, the id the server
+names in its session reply) are copies and comparisons, so the batch is the co-located
+wrapper's bit for bit.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_INPUTS_EMBEDS, KEY_LOGITS, Capture
+from eagle3_client.capture import Capture, shift_left
 from eagle3_client.dflash import lm_head_module
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.remote.core import RemoteResult, RemoteTarget
 from eagle3_client.remote.request import encode_request
 from eagle3_client.remote.session import ServerSession
-from eagle3_client.transports.dataplane import Answer
 
-__all__ = ["RemoteVisionTarget", "VisionAnswer", "shift_left"]
-
-
-def shift_left(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` ``[B,T,...]`` one position left along T, the last position zero (the wrappers' alignment)."""
-    return torch.cat((tensor[:, 1:], torch.zeros_like(tensor[:, :1])), dim=1)
-
-
-class VisionAnswer:
-    """One answer's three tensors on the adapter's device, checked against the batch's ``[B,T]``."""
-
-    def __init__(self, answer: Answer, shape: torch.Size, device: torch.device, label: str) -> None:
-        tensors = answer.tensors
-        parts = [tensors.get(key) for key in (KEY_INPUTS_EMBEDS, KEY_HIDDEN_STATES, KEY_LOGITS)]
-        if any(t is None or t.ndim != 3 or t.shape[:2] != shape for t in parts):
-            shapes = {k: None if v is None else list(v.shape) for k, v in tensors.items()}
-            raise ProtocolViolation(f"a {label} answer has {shapes} for a batch of {list(shape)}")
-        embeds, hidden, logits = (t.to(device) for t in parts if t is not None)
-        self.inputs_embeds, self.hidden_states, self.logits = embeds, hidden, logits
+__all__ = ["RemoteVisionTarget", "shift_left"]
 
 
 _Target = TypeVar("_Target", bound="RemoteVisionTarget")
@@ -107,17 +90,15 @@ class RemoteVisionTarget(RemoteTarget):
         )
         return payload, request.capabilities
 
-    def _answer(self, answer: Answer, input_ids: torch.Tensor) -> VisionAnswer:
-        return VisionAnswer(answer, input_ids.shape, self._device, self._capture.label)
-
     def _submit_vision(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
         vision: Mapping[str, torch.Tensor],
-        build: Any,
+        build: Callable[[Mapping[str, torch.Tensor]], Any],
     ) -> RemoteResult:
+        """Send one request; ``build`` makes the batch from the answer's tensors."""
         payload, needs = self._request(input_ids, attention_mask, loss_mask, vision)
         self.image_token_id  # noqa: B018 - known before the answer is converted (a session is joined)
-        return self._submit(payload, lambda answer: build(self._answer(answer, input_ids)), needs)
+        return self._submit(payload, lambda answer: build(answer.tensors), needs)

@@ -9,7 +9,6 @@ naming them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,32 +17,13 @@ import torch
 from eagle3_appliance.launch import ServerProcess
 from eagle3_client import RemoteDSparkTargetModel, TargetHTTPError
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, make_tiny_vlm, split_device_map, vlm_batch
+from tests.vlm_support import APPLIANCE_ARGS, split_device_map, vlm_batch
 
 upstream = import_or_skip("nemo_automodel.components.speculative.dspark.target")
 
 BATCHES = [(21, 2, 16, 1), (22, 3, 12, 2), (23, 2, 10, 0), (24, 1, 9, 1)]  # seed, rows, length, image rows
 LAYER_SETS = [[-1, 1, 3], [0, 2]]  # 4 decoder layers: -1 the embedding output, 3 the post-norm state
 FIELDS = ("target_hidden_states", "target_last_hidden_states", "input_ids", "loss_mask")
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
-
-
-@pytest.fixture(scope="module")
-def vlm_server(vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("vlm-logs") / "server.log"
-    with ServerProcess(["--model", str(vlm_dir), *APPLIANCE_ARGS], log_path=log) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def hf_model(vlm_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).requires_grad_(False)
 
 
 def assert_same(got: object, want: object) -> None:
@@ -55,17 +35,17 @@ def assert_same(got: object, want: object) -> None:
         assert getattr(got, field) is None and getattr(want, field) is None, field
 
 
-def test_upstream_finds_the_text_stack_of_a_qwen2_vl(hf_model: torch.nn.Module) -> None:
-    reference = upstream.HFDSparkTargetModel(hf_model, target_layer_ids=[-1, 3])
-    assert reference._get_final_norm() is hf_model.model.language_model.norm
+def test_upstream_finds_the_text_stack_of_a_qwen2_vl(vlm_model: torch.nn.Module) -> None:
+    reference = upstream.HFDSparkTargetModel(vlm_model, target_layer_ids=[-1, 3])
+    assert reference._get_final_norm() is vlm_model.model.language_model.norm
     assert len(reference._get_transformer_layers()) == 4
 
 
 @pytest.mark.parametrize("layers", LAYER_SETS, ids=str)
 def test_bit_identical_to_upstream_with_vision_inputs(
-    vlm_server: ServerProcess, hf_model: torch.nn.Module, layers: list[int]
+    vlm_server: ServerProcess, vlm_model: torch.nn.Module, layers: list[int]
 ) -> None:
-    reference = upstream.HFDSparkTargetModel(hf_model, target_layer_ids=layers)
+    reference = upstream.HFDSparkTargetModel(vlm_model, target_layer_ids=layers)
     with RemoteDSparkTargetModel.from_urls([vlm_server.url], target_layer_ids=layers) as remote:
         for seed, rows, length, images in BATCHES:
             ids, attention, loss, vision = vlm_batch(seed, rows=rows, length=length, images=images)
@@ -117,12 +97,12 @@ def test_vision_inputs_the_model_rejects_are_a_422_and_the_server_goes_on(vlm_se
 
 
 def test_a_device_map_serves_dspark_with_vision_bit_identical(
-    vlm_dir: Path, hf_model: torch.nn.Module, tmp_path: Path
+    vlm_dir: Path, vlm_model: torch.nn.Module, tmp_path: Path
 ) -> None:
     """The features are read by hooks on modules accelerate moves and reads back from disk."""
     args = ["--model", str(vlm_dir), *APPLIANCE_ARGS, "--device-map", split_device_map(), "--cache-dir", str(tmp_path)]
     layers = [-1, 1, 3]
-    reference = upstream.HFDSparkTargetModel(hf_model, target_layer_ids=layers)
+    reference = upstream.HFDSparkTargetModel(vlm_model, target_layer_ids=layers)
     with ServerProcess(args, log_path=tmp_path / "server.log") as server:
         with RemoteDSparkTargetModel.from_urls([server.url], target_layer_ids=layers) as remote:
             for seed, rows, length, images in BATCHES[:3]:

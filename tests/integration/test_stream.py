@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from eagle3_client.streaming.queues import RunMismatch, StreamError, UnknownRun,
 from eagle3_client.synthetic import vocab_mapping
 from tests.integration.automodel_support import colocated_supervision, import_or_skip
 from tests.integration.test_packing_compat import documents
-from tests.redis_support import redis_server
 
 streaming = import_or_skip("nemo_automodel.components.speculative.streaming")
 upstream_eagle = import_or_skip("nemo_automodel.components.speculative.eagle.target")
@@ -65,13 +63,6 @@ def colocated(hf_model: torch.nn.Module) -> Any:
 def pair(appliances: list[ServerProcess]) -> list[ServerProcess]:
     """The two session-wide appliances (the kill tests start their own)."""
     return appliances
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server (Debian's), for the redis:// queue."""
-    with redis_server(tmp_path_factory.mktemp("redis") / "redis.log") as url:
-        yield url
 
 
 @pytest.fixture(params=["appliance", "redis"])

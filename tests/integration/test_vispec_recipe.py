@@ -148,5 +148,6 @@ def test_a_stream_is_refused_before_anything_loads(
     config = write_config(tmp_path, "stream", vispec_target, vispec_appliance.url, backend="stream")
     proc = run("remote", config, tmp_path / "stream.pt")
     assert proc.returncode != 0
-    assert "streams carry no vision-language (ViSpec) captures" in proc.stderr
+    assert "TrainVispecRecipe has no target_model_backend: stream yet" in proc.stderr
+    assert "VispecFeatureLoader" in proc.stderr
     assert not (tmp_path / "stream.pt").exists()

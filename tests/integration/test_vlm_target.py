@@ -9,7 +9,6 @@ and the embeddings and LM head the recipes read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from tests.vlm_support import (
     VIDEO_TOKEN,
     VISION_END,
     VISION_START,
-    make_tiny_vlm,
     split_device_map,
     vlm_batch,
 )
@@ -33,25 +31,6 @@ vispec = import_or_skip("nemo_automodel.components.speculative.eagle.vispec_targ
 msd = import_or_skip("nemo_automodel.components.speculative.eagle.msd_target")
 
 BATCHES = [(11, 2, 16, 1), (12, 3, 12, 2), (13, 2, 10, 0), (14, 1, 9, 1)]  # seed, rows, length, image rows
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
-
-
-@pytest.fixture(scope="module")
-def vlm_server(vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("vlm-logs") / "server.log"
-    with ServerProcess(["--model", str(vlm_dir), *APPLIANCE_ARGS], log_path=log) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def hf_model(vlm_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).requires_grad_(False)
 
 
 def assert_same(got: object, want: object, batch_type: type) -> None:
@@ -63,9 +42,9 @@ def assert_same(got: object, want: object, batch_type: type) -> None:
 
 @pytest.mark.parametrize("data_plane", ["wire", "gloo"])
 def test_vispec_is_bit_identical_to_upstream(
-    vlm_server: ServerProcess, hf_model: torch.nn.Module, data_plane: str
+    vlm_server: ServerProcess, vlm_model: torch.nn.Module, data_plane: str
 ) -> None:
-    reference = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
+    reference = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN)
     with RemoteVispecTargetModel.from_urls([vlm_server.url], data_plane=data_plane) as remote:
         assert remote.image_token_id == IMAGE_TOKEN
         for seed, rows, length, images in BATCHES:
@@ -89,9 +68,9 @@ def test_vispec_is_bit_identical_to_upstream(
 
 @pytest.mark.parametrize("data_plane", ["wire", "gloo"])
 def test_msd_is_bit_identical_to_upstream(
-    vlm_server: ServerProcess, hf_model: torch.nn.Module, data_plane: str
+    vlm_server: ServerProcess, vlm_model: torch.nn.Module, data_plane: str
 ) -> None:
-    reference = msd.HFMSDTargetModel(hf_model)
+    reference = msd.HFMSDTargetModel(vlm_model)
     with RemoteMSDTargetModel.from_urls([vlm_server.url], data_plane=data_plane) as remote:
         for seed, rows, length, images in BATCHES:
             ids, attention, loss, vision = vlm_batch(seed, rows=rows, length=length, images=images)
@@ -101,23 +80,23 @@ def test_msd_is_bit_identical_to_upstream(
         assert remote.transport_stats()[0]["tier"] == data_plane
 
 
-def test_the_embeddings_and_lm_head_are_the_targets(vlm_server: ServerProcess, hf_model: torch.nn.Module) -> None:
-    reference = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
+def test_the_embeddings_and_lm_head_are_the_targets(vlm_server: ServerProcess, vlm_model: torch.nn.Module) -> None:
+    reference = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN)
     with RemoteVispecTargetModel.from_urls([vlm_server.url]) as remote:
         assert torch.equal(remote.get_input_embeddings().weight, reference.get_input_embeddings().weight)
         assert torch.equal(remote.get_lm_head().weight, reference.get_lm_head().weight)
     with RemoteMSDTargetModel.from_urls([vlm_server.url]) as remote:
-        assert torch.equal(remote.get_lm_head().weight, msd.HFMSDTargetModel(hf_model).get_lm_head().weight)
+        assert torch.equal(remote.get_lm_head().weight, msd.HFMSDTargetModel(vlm_model).get_lm_head().weight)
 
 
 def test_a_device_map_serves_both_captures_bit_identical(
-    vlm_dir: Path, hf_model: torch.nn.Module, tmp_path: Path
+    vlm_dir: Path, vlm_model: torch.nn.Module, tmp_path: Path
 ) -> None:
     """A VLM placed with ``--device-map`` (half of it read back from disk by accelerate's hooks)
     answers ViSpec and MSD exactly as upstream's wrappers do on the model in one piece."""
     args = ["--model", str(vlm_dir), *APPLIANCE_ARGS, "--device-map", split_device_map(), "--cache-dir", str(tmp_path)]
-    vispec_ref = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
-    msd_ref = msd.HFMSDTargetModel(hf_model)
+    vispec_ref = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN)
+    msd_ref = msd.HFMSDTargetModel(vlm_model)
     with ServerProcess(args, log_path=tmp_path / "server.log") as server:
         with RemoteVispecTargetModel.from_urls([server.url]) as remote:
             assert remote.served_model() is not None and remote.served_model().mode == "device_map"
@@ -133,7 +112,7 @@ def test_a_device_map_serves_both_captures_bit_identical(
     assert "placement device_map" in (tmp_path / "server.log").read_text()
 
 
-def test_a_video_row_is_bit_identical(vlm_server: ServerProcess, hf_model: torch.nn.Module) -> None:
+def test_a_video_row_is_bit_identical(vlm_server: ServerProcess, vlm_model: torch.nn.Module) -> None:
     """Video inputs (``pixel_values_videos``, ``video_grid_thw``, token type 2) next to an image row."""
     ids, attention, loss, vision = vlm_batch(33, rows=2, length=24)
     ids[1, 2:12] = torch.tensor([VISION_START, *[VIDEO_TOKEN] * 8, VISION_END])  # 2 frames of 2x2 merged patches
@@ -143,7 +122,7 @@ def test_a_video_row_is_bit_identical(vlm_server: ServerProcess, hf_model: torch
         "video_grid_thw": torch.tensor([[2, 4, 4]]),
         "mm_token_type_ids": (ids == IMAGE_TOKEN).long() + 2 * (ids == VIDEO_TOKEN).long(),
     }
-    reference = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN)
+    reference = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN)
     with RemoteVispecTargetModel.from_urls([vlm_server.url]) as remote:
         want = reference.generate_batch(ids, attention, loss, **vision)
         assert_same(remote.generate_batch(ids, attention, loss, **vision), want, vispec.VispecTargetBatch)

@@ -20,7 +20,7 @@ from eagle3_appliance.launch import ServerProcess
 from eagle3_appliance.model.numerics import tolerance_for
 from eagle3_client import RemoteDSparkTargetModel, RemoteMSDTargetModel, RemoteVispecTargetModel, TargetHTTPError
 from tests.integration.automodel_support import import_or_skip
-from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, make_tiny_vlm, vlm_batch
+from tests.vlm_support import APPLIANCE_ARGS, IMAGE_TOKEN, vlm_batch
 
 vispec = import_or_skip("nemo_automodel.components.speculative.eagle.vispec_target")
 msd = import_or_skip("nemo_automodel.components.speculative.eagle.msd_target")
@@ -30,23 +30,11 @@ TOLERANCE = tolerance_for(torch.float32)
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_vlm(tmp_path_factory.mktemp("vlm") / "model")
-
-
-@pytest.fixture(scope="module")
 def tp_server(vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("vlm-tp-logs") / "server.log"
     args = ["--model", str(vlm_dir), *APPLIANCE_ARGS, "--tensor-parallel-size", "2"]
     with ServerProcess(args, log_path=log, startup_timeout=300) as proc:
         yield proc
-
-
-@pytest.fixture(scope="module")
-def hf_model(vlm_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).requires_grad_(False)
 
 
 def assert_within(got: object, want: object) -> None:
@@ -67,22 +55,22 @@ def assert_within(got: object, want: object) -> None:
 
 
 def test_vispec_msd_and_dspark_with_vision_are_within_the_tolerance(
-    tp_server: ServerProcess, hf_model: torch.nn.Module
+    tp_server: ServerProcess, vlm_model: torch.nn.Module
 ) -> None:
     ids, attention, loss, vision = vlm_batch(41, rows=3, length=16, images=2)
     with RemoteVispecTargetModel.from_urls([tp_server.url]) as remote:
         assert remote.served_model() is not None and remote.served_model().mode == "tp=2"
-        want = vispec.HFVispecTargetModel(hf_model, image_token_id=IMAGE_TOKEN).generate_batch(
+        want = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN).generate_batch(
             ids, attention, loss, **vision
         )
         assert_within(remote.generate_batch(ids, attention, loss, **vision), want)
     with RemoteMSDTargetModel.from_urls([tp_server.url]) as remote:
         inputs = {"input_ids": ids, "attention_mask": attention, **vision}
-        want = msd.HFMSDTargetModel(hf_model).generate_batch(loss_mask=loss.bool(), model_inputs=inputs)
+        want = msd.HFMSDTargetModel(vlm_model).generate_batch(loss_mask=loss.bool(), model_inputs=inputs)
         assert_within(remote.generate_batch(loss_mask=loss.bool(), model_inputs=inputs), want)
     layers = [-1, 1, 3]
     with RemoteDSparkTargetModel.from_urls([tp_server.url], target_layer_ids=layers) as remote:
-        want = dspark.HFDSparkTargetModel(hf_model, target_layer_ids=layers).generate_batch(
+        want = dspark.HFDSparkTargetModel(vlm_model, target_layer_ids=layers).generate_batch(
             ids, attention, loss, **vision
         )
         assert_within(remote.generate_batch(ids, attention, loss, **vision), want)

@@ -254,18 +254,15 @@ class Pipeline:
         already kept here is not computed again (a producer that retries, or restarted).
         """
         run_id, sample_id = _sample(request, session)
-        if session.capture.is_vlm:
-            raise NotConfigured(
-                f"streams carry EAGLE-3, DFlash and DSpark answers; a {session.capture.label} session asks /generate"
-            )
         kept = self.resident.peek(run_id, sample_id)
         if kept is not None:
             _same_stream(kept, session)
             return kept.ref
         inputs, mapping = self.validated(request, session)
-        if inputs.vision:
+        if inputs.vision and not session.capture.is_vlm:  # a ViSpec or MSD sample's vision tensors are its own
             raise InvalidTensors(
-                f"a stream sample carries no vision inputs, got {sorted(inputs.vision)}; ask /generate"
+                f"a {session.capture.label} stream sample carries no vision inputs, got {sorted(inputs.vision)}; "
+                "ask /generate"
             )
         capture, encoding = session.capture, parse_encoding(session.encoding)
         estimate = estimate_bytes(self.shape, capture, encoding, mapping, inputs)

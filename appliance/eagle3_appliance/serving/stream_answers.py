@@ -9,7 +9,10 @@ consumer's store returns: the decoded supervision (``target_probs`` float32 ``[B
 whatever encoding travelled), and the request's tensors as they were sent. A DSpark answer is
 named as upstream's ``FeatureAlgorithm.DSPARK`` schema names it (``target_hidden_states``,
 ``target_last_hidden_states``), each mapped to its wire key, so that a consumer never takes it
-for a DFlash answer (whose ``hidden_states`` is another layer set's features).
+for a DFlash answer (whose ``hidden_states`` is another layer set's features). A ViSpec or MSD
+answer (``inputs_embeds``, ``hidden_states``, ``logits``, unshifted) is kept with the request's
+ids and masks, which the consumer's batch needs (the image mask comes from ``input_ids``), not
+its vision tensors, which it does not: the kept size is the answer's and those, as estimated.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from eagle3_appliance.dataplanes.transfer import Transfer, device_ready
 from eagle3_appliance.model import capture as captures
 from eagle3_appliance.model.limits import TargetShape
 from eagle3_client import protocol
-from eagle3_client.capture import DSPARK_FEATURES, KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.capture import DSPARK_FEATURES, Capture
 from eagle3_client.encodings import Encoding, wire_bytes_per_token
 
 __all__ = ["STREAM_SCHEMA_VERSION", "KeepTransfer", "estimate_bytes", "kept_tensors", "stream_ref"]
@@ -119,11 +122,9 @@ def stream_ref(
     elif capture.is_dspark:
         for name, key in DSPARK_FEATURES.items():
             spec(name, tuple(kept[key].shape), kept[key].dtype, key)
-    else:
-        hidden = kept[KEY_HIDDEN_STATES]
-        spec(KEY_HIDDEN_STATES, tuple(hidden.shape), hidden.dtype)
-        if KEY_LOGITS in kept:
-            spec(KEY_LOGITS, tuple(kept[KEY_LOGITS].shape), kept[KEY_LOGITS].dtype)
+    else:  # DFlash (hidden states, logits when captured), ViSpec and MSD (VLM_KEYS): named as kept
+        for key in capture.keys:
+            spec(key, tuple(kept[key].shape), kept[key].dtype)
     for key in protocol.SAMPLE_INPUT_KEYS:
         if key in kept:
             spec(key, tuple(kept[key].shape), kept[key].dtype)

@@ -1,12 +1,17 @@
-"""Loaders of DFlash-family and DSpark batches from the stream, with the lifecycle of upstream's ``FeatureDataLoader``.
+"""Loaders of DFlash-family, DSpark, ViSpec and MSD batches from the stream, with the lifecycle of upstream's
+``FeatureDataLoader``.
 
 Upstream's loader materializes EAGLE-3 batches only. :class:`DFlashFeatureLoader` yields
 upstream's ``DFlashTargetBatch`` (hidden states of the run's layers, logits when captured, the
 request's tensors), :class:`DSparkFeatureLoader` its ``DSparkTargetBatch`` (built by
 :func:`eagle3_client.capture.dspark_batch`, as ``RemoteDSparkTargetModel.generate_batch``
-builds it); both otherwise behave as upstream's: one lease at a time, the previous batch's
-lease acked (and its store handle released) on the next pull, ``consume_now`` to ack early,
-iteration ending when the run is closed or the loader is. Each refuses a run of another family.
+builds it), :class:`VispecFeatureLoader` and :class:`MSDFeatureLoader` its ``VispecTargetBatch``
+and ``MSDTargetBatch`` (built by :func:`~eagle3_client.capture.vispec_batch` and
+:func:`~eagle3_client.capture.msd_batch`, as the remote ViSpec and MSD adapters build them, with
+the image token id the run names: the one its appliances named). All otherwise behave as
+upstream's: one lease at a time, the previous batch's lease acked (and its store handle released)
+on the next pull, ``consume_now`` to ack early, iteration ending when the run is closed or the
+loader is. Each refuses a run of another capture, naming the loader that reads it.
 """
 
 from __future__ import annotations
@@ -16,35 +21,57 @@ import time
 from typing import Any
 
 from eagle3_client import protocol
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LOGITS, Capture, dflash_batch_type, dspark_batch
+from eagle3_client.capture import (
+    CAPTURE_DFLASH,
+    CAPTURE_DSPARK,
+    CAPTURE_MSD,
+    CAPTURE_VISPEC,
+    KEY_HIDDEN_STATES,
+    KEY_LOGITS,
+    dflash_batch_type,
+    dspark_batch,
+    msd_batch,
+    vispec_batch,
+)
 from eagle3_client.streaming.queues import StreamError
 from eagle3_client.streaming.store import ApplianceFeatureStore
 from eagle3_client.streaming.stream_queue import StreamQueue
 
-__all__ = ["DFlashFeatureLoader", "DSparkFeatureLoader"]
+__all__ = ["DFlashFeatureLoader", "DSparkFeatureLoader", "MSDFeatureLoader", "VispecFeatureLoader"]
 
 logger = logging.getLogger(__name__)
 
+# The loader of each capture kind's runs, and how a refusal names the kind.
+_LOADERS = {
+    CAPTURE_DFLASH: "DFlashFeatureLoader",
+    CAPTURE_DSPARK: "DSparkFeatureLoader",
+    CAPTURE_VISPEC: "VispecFeatureLoader",
+    CAPTURE_MSD: "MSDFeatureLoader",
+}
+_NAMES = {CAPTURE_DSPARK: "DSpark", CAPTURE_VISPEC: "ViSpec", CAPTURE_MSD: "MSD"}
+
 
 class _StreamLoader:
-    """The lifecycle both loaders share; a subclass says which runs it reads and builds the batch."""
+    """The lifecycle the loaders share; a subclass names the capture kind it reads (``KIND``) and builds the batch."""
+
+    KIND: str
 
     def __init__(self, queue: StreamQueue, store: ApplianceFeatureStore, *, acquire_poll_interval: float = 0.05):
         if acquire_poll_interval <= 0:
             raise ValueError(f"acquire_poll_interval must be positive, got {acquire_poll_interval}")
-        if store.capture.is_eagle3:
+        capture = store.capture
+        if capture.is_eagle3:
             raise ValueError("this run streams EAGLE-3 batches: use upstream's FeatureDataLoader")
-        self._refuse(store.capture)
+        if capture.kind != self.KIND:
+            raise ValueError(
+                f"this run streams {_NAMES.get(capture.kind, capture.label)} batches: use {_LOADERS[capture.kind]}"
+            )
         self._queue = queue
         self._store = store
         self._poll = acquire_poll_interval
         self._lease: Any = None
         self._handle: Any = None
         self._closed = False
-
-    def _refuse(self, capture: Capture) -> None:
-        """ValueError when the run's capture is not this loader's family."""
-        raise NotImplementedError
 
     def _batch(self, tensors: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -97,11 +124,7 @@ class _StreamLoader:
 class DFlashFeatureLoader(_StreamLoader):
     """Iterator over ``DFlashTargetBatch`` from a DFlash-family run's stream (see the module docstring)."""
 
-    def _refuse(self, capture: Capture) -> None:
-        if capture.is_dspark:
-            raise ValueError("this run streams DSpark batches: use DSparkFeatureLoader")
-        if capture.is_vlm:
-            raise ValueError(f"streams carry no {capture.label} batches: use the remote target adapter")
+    KIND = CAPTURE_DFLASH
 
     def _batch(self, tensors: dict[str, Any]) -> Any:
         return dflash_batch_type()(
@@ -119,9 +142,7 @@ class DFlashFeatureLoader(_StreamLoader):
 class DSparkFeatureLoader(_StreamLoader):
     """Iterator over ``DSparkTargetBatch`` from a DSpark run's stream (see the module docstring)."""
 
-    def _refuse(self, capture: Capture) -> None:
-        if not capture.is_dspark:
-            raise ValueError(f"this run streams {capture.label} batches: use DFlashFeatureLoader")
+    KIND = CAPTURE_DSPARK
 
     def _batch(self, tensors: dict[str, Any]) -> Any:
         input_ids = tensors["input_ids"]
@@ -133,4 +154,42 @@ class DSparkFeatureLoader(_StreamLoader):
             tensors["loss_mask"],
             packing,
             input_ids.device,
+        )
+
+
+class _VisionLoader(_StreamLoader):
+    """A ViSpec or MSD run's loader: the image token id comes from the run (the one its appliances named)."""
+
+    def __init__(self, queue: StreamQueue, store: ApplianceFeatureStore, *, acquire_poll_interval: float = 0.05):
+        super().__init__(queue, store, acquire_poll_interval=acquire_poll_interval)
+        image_token_id = store.description.image_token_id
+        if image_token_id is None:
+            raise ValueError(
+                f"run {queue.run_id!r} names no image token id: it was not produced by a producer that "
+                "streams ViSpec and MSD runs"
+            )
+        self._image_token_id: int = image_token_id
+
+
+class VispecFeatureLoader(_VisionLoader):
+    """Iterator over ``VispecTargetBatch`` from a ViSpec run's stream (see the module docstring)."""
+
+    KIND = CAPTURE_VISPEC
+
+    def _batch(self, tensors: dict[str, Any]) -> Any:
+        ids = tensors["input_ids"]
+        return vispec_batch(
+            tensors, ids, tensors["attention_mask"], tensors["loss_mask"], self._image_token_id, ids.device
+        )
+
+
+class MSDFeatureLoader(_VisionLoader):
+    """Iterator over ``MSDTargetBatch`` from an MSD run's stream (see the module docstring)."""
+
+    KIND = CAPTURE_MSD
+
+    def _batch(self, tensors: dict[str, Any]) -> Any:
+        ids = tensors["input_ids"]
+        return msd_batch(
+            tensors, ids, tensors["attention_mask"], tensors["loss_mask"], self._image_token_id, ids.device
         )

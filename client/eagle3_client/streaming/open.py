@@ -10,7 +10,8 @@
         ...
 
 A DFlash-family run is read with ``DFlashFeatureLoader(queue, store)``, a DSpark run with
-``DSparkFeatureLoader(queue, store)`` (:mod:`eagle3_client.streaming.loader`).
+``DSparkFeatureLoader(queue, store)``, a ViSpec or MSD run with ``VispecFeatureLoader`` or
+``MSDFeatureLoader`` (:mod:`eagle3_client.streaming.loader`).
 
 A trainer may start before its producer: ``open_stream`` waits up to ``wait_for_run`` seconds
 for the run to be created. The client options (``data_plane``, ``auth_token``, timeouts, ...)

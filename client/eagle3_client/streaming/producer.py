@@ -57,7 +57,7 @@ from eagle3_client.remote.session import ServerSession
 from eagle3_client.streaming.backends import open_queue
 from eagle3_client.streaming.queues import PUT_ACKED, QueueBackend
 
-__all__ = ["ProduceReport", "Producer", "RunPlan", "sample_id"]
+__all__ = ["ProduceReport", "Producer", "RunPlan", "sample_id", "vision_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,27 @@ Batch = Mapping[str, torch.Tensor]
 def _store_uri(url: str) -> str:
     """The ``store_uri`` an appliance at ``url`` names in its references (the address it was reached at)."""
     return "appliance://" + url.split("://", 1)[-1].rstrip("/")
+
+
+def vision_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """A sample's vision tensors (``pixel_values``, ``image_grid_thw``, ...): every key of its batch
+    but the request's own (:data:`eagle3_client.protocol.SAMPLE_INPUT_KEYS`)."""
+    return {key: t for key, t in batch.items() if key not in protocol.SAMPLE_INPUT_KEYS}
+
+
+def _check_vision(capture: Capture, what: str, batch: Batch) -> None:
+    """ValueError, before anything is computed, for vision tensors a stream of ``capture`` cannot carry."""
+    vision = sorted(vision_inputs(batch))
+    if not vision:
+        return
+    if not capture.is_vlm:
+        raise ValueError(
+            f"{what} carries vision tensors {vision}: a stream carries them for ViSpec and MSD runs only, "
+            f"not {capture.label}"
+        )
+    packed = sorted(set(batch) & set(protocol.PACKING_KEYS))
+    if packed:
+        raise ValueError(f"{what} carries vision tensors {vision} and packing keys {packed}, not both")
 
 
 def sample_id(epoch: int, index: int) -> str:
@@ -108,7 +129,9 @@ class Producer:
 
     ``batches``: one epoch's batches, in order, each with ``input_ids``, ``attention_mask`` and
     ``loss_mask`` (``[B,T]``) and, for packed rows, ``position_ids``, ``seq_lens`` and
-    ``doc_remaining``. ``vocab_mapping``: the two arguments of ``set_vocab_mapping`` (EAGLE-3).
+    ``doc_remaining``; a ViSpec or MSD run's (unpacked) batches may hold their vision tensors
+    (``pixel_values``, ``image_grid_thw``, ...) as further keys, sent as the adapters send them.
+    ``vocab_mapping``: the two arguments of ``set_vocab_mapping`` (EAGLE-3).
     Other keyword arguments are client options (``auth_token``, timeouts, ``probe_interval``...).
     """
 
@@ -151,11 +174,6 @@ class Producer:
         in_order: bool = False,
         **options: Any,
     ) -> None:
-        if capture.is_vlm:
-            raise ValueError(
-                f"streams carry EAGLE-3, DFlash and DSpark answers, not {capture.label}'s: "
-                "use the remote target adapter"
-            )
         if capture.is_eagle3 and vocab_mapping is None:
             raise ValueError("an EAGLE-3 run needs the draft vocabulary: pass vocab_mapping=(ids, mask)")
         if encoding.startswith(protocol.ENCODING_HIDDEN):
@@ -165,6 +183,9 @@ class Producer:
             )
         if not plans or any(not plan.samples for plan in plans) or len({p.run_id for p in plans}) != len(plans):
             raise ValueError("every run needs at least one sample, and run ids must differ")
+        for plan in plans:
+            for sid, batch in plan.samples:
+                _check_vision(capture, f"sample {sid} of run {plan.run_id}", batch)
         self.plans = {plan.run_id: plan for plan in plans}
         self._batches = {(plan.run_id, sid): batch for plan in plans for sid, batch in plan.samples}
         self.capture = capture
@@ -289,6 +310,15 @@ class Producer:
             raise RemoteTargetError(
                 "no appliance reported a model fingerprint: the stream needs eagle3-appliance servers"
             )
+        image_token_id = None
+        if self.capture.is_vlm:  # the trainers' image mask: the id the servers name, carried by the run
+            named = {m.server.image_token_id for m in fleet.members if m.server.image_token_id is not None}
+            if len(named) != 1:
+                raise RemoteTargetError(
+                    f"a {self.capture.label} run needs the one image token id its appliances name; "
+                    f"they named {sorted(named)}"
+                )
+            image_token_id = named.pop()
         description = RunDescription(
             algorithm=self.capture.algorithm,
             capture=self.capture.spec,
@@ -297,6 +327,7 @@ class Producer:
             visibility_timeout_s=self.visibility_timeout,
             draft_vocab_size=None if self.vocab_mapping is None else int(self.vocab_mapping[0].numel()),
             mapping_digest=digest,
+            image_token_id=image_token_id,
         )
         for queue in self.queues.values():
             queue.open(description)
@@ -305,7 +336,12 @@ class Producer:
         batch = self._batches[(run_id, sid)]
         packing = [batch.get(k) for k in protocol.PACKING_KEYS]
         request, payload, _ = encode_request(
-            batch["input_ids"], batch["attention_mask"], batch["loss_mask"], *packing, capture=self.capture
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["loss_mask"],
+            *packing,
+            capture=self.capture,
+            vision=vision_inputs(batch),
         )
         return payload, request.capabilities
 

@@ -3,18 +3,24 @@
 The queue and the appliances speak :class:`eagle3_client.protocol.StreamRef` (JSON, dtypes by
 name); upstream's ``FeatureDataLoader`` wants its own frozen dataclasses. NeMo AutoModel is
 imported here only, when a stream is opened.
+
+Upstream's ``FeatureAlgorithm`` has no ViSpec or MSD member (its ``SampleRef`` refuses any other
+algorithm), so their leases carry a :class:`VisionSampleRef`: the same fields, the algorithm by
+name. Only our loaders read those runs; upstream's loader refuses the reference.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from eagle3_client.capture import CAPTURE_VLM
 from eagle3_client.protocol import LeaseJSON, StreamRef
 
-__all__ = ["from_upstream", "to_upstream", "upstream_lease"]
+__all__ = ["VisionSampleRef", "from_upstream", "to_upstream", "upstream_lease"]
 
 
 def _streaming() -> Any:
@@ -35,16 +41,36 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+@dataclass(frozen=True)
+class VisionSampleRef:
+    """Upstream's ``SampleRef`` fields for a ViSpec or MSD sample (``algorithm``: ``"vispec"`` or ``"msd"``)."""
+
+    sample_id: str
+    run_id: str
+    store_uri: str
+    feature_keys: dict[str, str]
+    feature_specs: dict[str, Any]  # upstream's FeatureSpec by name
+    algorithm: str
+    schema_version: int
+    num_tokens: int
+    estimated_bytes: int
+    target_model_version: str
+    draft_weight_version: str
+
+
 def to_upstream(ref: StreamRef) -> Any:
-    """Upstream's ``SampleRef`` for ``ref`` (its own checks apply: required features per algorithm)."""
+    """Upstream's ``SampleRef`` for ``ref`` (its own checks apply: required features per algorithm);
+    a :class:`VisionSampleRef` for a ViSpec or MSD sample."""
     refs, _ = _streaming()
-    return refs.SampleRef(
+    vision = ref.algorithm in CAPTURE_VLM
+    make = VisionSampleRef if vision else refs.SampleRef
+    return make(
         sample_id=ref.sample_id,
         run_id=ref.run_id,
         store_uri=ref.store_uri,
         feature_keys=dict(ref.feature_keys),
         feature_specs={k: refs.FeatureSpec(shape, _dtype(d)) for k, (shape, d) in ref.feature_specs.items()},
-        algorithm=refs.FeatureAlgorithm(ref.algorithm),
+        algorithm=ref.algorithm if vision else refs.FeatureAlgorithm(ref.algorithm),
         schema_version=ref.schema_version,
         num_tokens=ref.num_tokens,
         estimated_bytes=ref.estimated_bytes,
@@ -63,7 +89,7 @@ def from_upstream(ref: Any) -> StreamRef:
         feature_specs={
             k: (tuple(spec.shape), str(spec.dtype).removeprefix("torch.")) for k, spec in ref.feature_specs.items()
         },
-        algorithm=ref.algorithm.value,
+        algorithm=getattr(ref.algorithm, "value", ref.algorithm),  # upstream's enum, or a VisionSampleRef's name
         schema_version=ref.schema_version,
         num_tokens=ref.num_tokens,
         estimated_bytes=ref.estimated_bytes,

@@ -31,7 +31,7 @@ import orjson
 import torch
 
 from eagle3_client import protocol
-from eagle3_client.capture import DSPARK_FEATURES, KEY_HIDDEN_STATES, KEY_LOGITS, Capture
+from eagle3_client.capture import DSPARK_FEATURES, Capture
 from eagle3_client.encodings import decode_supervision, parse_encoding
 from eagle3_client.errors import RemoteTargetError, TargetHTTPError, TargetUnreachable
 from eagle3_client.protocol import RunDescription, StreamRef
@@ -295,10 +295,9 @@ class ApplianceFeatureStore(_store_base().FeatureStore):  # type: ignore[misc]
         elif self.capture.is_dspark:
             for name, key in DSPARK_FEATURES.items():
                 out[name] = tensors[key].to(device)
-        else:
-            out[KEY_HIDDEN_STATES] = tensors[KEY_HIDDEN_STATES].to(device)
-            if KEY_LOGITS in tensors:
-                out[KEY_LOGITS] = tensors[KEY_LOGITS].to(device)
+        else:  # DFlash (hidden states, logits when captured), ViSpec and MSD (VLM_KEYS): as kept
+            for key in self.capture.keys:
+                out[key] = tensors[key].to(device)
         for key in protocol.SAMPLE_INPUT_KEYS:
             if key in tensors:
                 out[key] = tensors[key].to(device)
