@@ -147,8 +147,37 @@ def test_the_producer_refuses_vision_tensors_a_stream_cannot_carry(vlm_server: S
         match=r"carries vision tensors \['image_grid_thw', 'mm_token_type_ids', 'pixel_values'\] and packing keys",
     ):
         Producer([vlm_server.url], queue_url, new_run("packed"), [packed], capture=Capture.vispec())
-    with pytest.raises(ValueError, match="a stream carries them for ViSpec and MSD runs only, not dspark"):
-        Producer([vlm_server.url], queue_url, new_run("dspark"), [sample], capture=Capture.dspark([-1, 3]))
+    with pytest.raises(ValueError, match="a stream carries them for ViSpec, MSD and DSpark runs only, not dflash"):
+        Producer([vlm_server.url], queue_url, new_run("dflash"), [sample], capture=Capture.dflash([1, 3]))
+
+
+def test_dspark_with_vision_inputs_streams_through_its_loader(
+    vlm_server: ServerProcess, vlm_model: torch.nn.Module, queue_url: str
+) -> None:
+    """DSpark on a vision-language target (upstream's ``multimodal: true``): each sample's vision
+    tensors go to the appliance with it, and every batch is ``HFDSparkTargetModel``'s bit for bit."""
+    dspark = import_or_skip("nemo_automodel.components.speculative.dspark.target")
+    layers = [-1, 1, 3]
+    batches = samples()
+    run_id = new_run("dspark-vlm")
+    with Producer([vlm_server.url], queue_url, run_id, batches, capture=Capture.dspark(layers)) as producer:
+        thread, result = produce_in_thread(producer)
+        queue, store = open_stream(queue_url, run_id=run_id, wait_for_run=30)
+        seen = record_leases(queue)
+        got = list(loaders.DSparkFeatureLoader(queue, store))
+        thread.join(60)
+        store.close()
+    assert "error" not in result, result
+    assert sorted(seen) == [sample_id(0, i) for i in range(len(batches))]
+    reference = dspark.HFDSparkTargetModel(vlm_model, target_layer_ids=layers)
+    for sid, batch in zip(seen, got, strict=True):
+        source = batches[int(sid.rsplit("-b", 1)[1])]
+        ids, attention, loss = source["input_ids"], source["attention_mask"], source["loss_mask"]
+        want = reference.generate_batch(ids, attention, loss, **vision_inputs(source))
+        assert type(batch) is type(want)
+        for name in want.__dataclass_fields__:
+            a, b = getattr(batch, name), getattr(want, name)
+            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -259,7 +259,7 @@ class Pipeline:
             _same_stream(kept, session)
             return kept.ref
         inputs, mapping = self.validated(request, session)
-        if inputs.vision and not session.capture.is_vlm:  # a ViSpec or MSD sample's vision tensors are its own
+        if inputs.vision and not session.capture.takes_vision:  # validated already: refused there too
             raise InvalidTensors(
                 f"a {session.capture.label} stream sample carries no vision inputs, got {sorted(inputs.vision)}; "
                 "ask /generate"

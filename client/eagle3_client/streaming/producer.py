@@ -87,9 +87,9 @@ def _check_vision(capture: Capture, what: str, batch: Batch) -> None:
     vision = sorted(vision_inputs(batch))
     if not vision:
         return
-    if not capture.is_vlm:
+    if not capture.takes_vision:
         raise ValueError(
-            f"{what} carries vision tensors {vision}: a stream carries them for ViSpec and MSD runs only, "
+            f"{what} carries vision tensors {vision}: a stream carries them for ViSpec, MSD and DSpark runs only, "
             f"not {capture.label}"
         )
     packed = sorted(set(batch) & set(protocol.PACKING_KEYS))
@@ -129,7 +129,7 @@ class Producer:
 
     ``batches``: one epoch's batches, in order, each with ``input_ids``, ``attention_mask`` and
     ``loss_mask`` (``[B,T]``) and, for packed rows, ``position_ids``, ``seq_lens`` and
-    ``doc_remaining``; a ViSpec or MSD run's (unpacked) batches may hold their vision tensors
+    ``doc_remaining``; a ViSpec, MSD or DSpark run's (unpacked) batches may hold their vision tensors
     (``pixel_values``, ``image_grid_thw``, ...) as further keys, sent as the adapters send them.
     ``vocab_mapping``: the two arguments of ``set_vocab_mapping`` (EAGLE-3).
     Other keyword arguments are client options (``auth_token``, timeouts, ``probe_interval``...).
