@@ -329,6 +329,7 @@ def produce(
                     "eagle3": "eagle3",
                     "dflash": "dflash:L1,L2,... (dflash+logits:... for JetSpec)",
                     "dspark": "dspark:L1,L2,...",
+                    "vispec": "vispec",
                 }[runs.capture_kind]
                 raise ValueError(
                     f"{runs.recipe} reads {runs.capture_kind} captures, not {parsed.kind}: give --capture "

@@ -17,6 +17,11 @@ is the producer's ``--capture dflash:...`` (the layers the recipe logs). Upstrea
 always shuffles and has no ``train_shuffle`` key; its stream backend reads that key
 (:mod:`eagle3_client.automodel_stream_dflash`), with the same default (true), as this does.
 
+A ViSpec (stage 2) YAML (``TrainVispecRecipe``) gets its own VLM pipeline: the recipe module's
+``AutoProcessor`` with its pixel bounds and ``build_dspark_vlm_dataloader`` over the YAML's
+``dataset``, sampled as above; each batch carries its vision tensors, and the capture is
+``--capture vispec``. The producer holds a run's batches, pixels included, in memory while it runs.
+
 A DSpark YAML (``TrainDSparkRecipe``, a text target) gets the same batches too (its text loader
 is the same ``build_eagle3_dataloader``), no draft vocabulary, and the capture ``--capture
 dspark:...``. ``multimodal: true`` (its own VLM loader, vision inputs) and ``cached_target_path``
@@ -36,11 +41,11 @@ from typing import Any
 
 import torch
 
-from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES
+from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES, VISPEC_RECIPES
 from eagle3_client.automodel_launch import recipe_name
 from eagle3_client.automodel_stream import stream_run_id
 from eagle3_client.automodel_stream_dflash import RankMesh
-from eagle3_client.capture import CAPTURE_DFLASH, CAPTURE_DSPARK, CAPTURE_EAGLE3
+from eagle3_client.capture import CAPTURE_DFLASH, CAPTURE_DSPARK, CAPTURE_EAGLE3, CAPTURE_VISPEC
 from eagle3_client.streaming.producer import RunPlan
 
 __all__ = ["RecipeRuns", "recipe_runs"]
@@ -58,9 +63,11 @@ class RecipeRuns:
 
     @property
     def capture_kind(self) -> str:
-        """The capture kind the recipe's trainer reads (``eagle3``, ``dflash`` or ``dspark``)."""
+        """The capture kind the recipe's trainer reads (``eagle3``, ``dflash``, ``dspark`` or ``vispec``)."""
         if self.recipe in DFLASH_RECIPES:
             return CAPTURE_DFLASH
+        if self.recipe in VISPEC_RECIPES:
+            return CAPTURE_VISPEC
         return CAPTURE_DSPARK if self.recipe in DSPARK_RECIPES else CAPTURE_EAGLE3
 
 
@@ -97,6 +104,9 @@ def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: in
         )
     target = rc.target_model_name_or_path
     trust = bool(rc.get("trust_remote_code", False))
+    epochs = int(rc.get("num_epochs", 1))
+    if recipe in VISPEC_RECIPES:
+        return _runs(_vispec_loaders(cfg, trainers), None, run_id, epochs, trainers, recipe)
     tokenizer = NeMoAutoTokenizer.from_pretrained(target, trust_remote_code=trust)
     target_config = AutoConfig.from_pretrained(target, trust_remote_code=trust)
     base = getattr(target_config, "text_config", None) or target_config
@@ -118,10 +128,21 @@ def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: in
         )
         for rank in range(trainers)
     ]
-    epochs = int(rc.get("num_epochs", 1))
     mapping = None
     if recipe not in DFLASH_RECIPES and recipe not in DSPARK_RECIPES:
         mapping = _vocab_mapping(loaders, tokenizer, base, rc)
+    return _runs(loaders, mapping, run_id, epochs, trainers, recipe)
+
+
+def _runs(
+    loaders: Sequence[Any],
+    mapping: tuple[torch.Tensor, torch.Tensor] | None,
+    run_id: str,
+    epochs: int,
+    trainers: int,
+    recipe: str,
+) -> RecipeRuns:
+    """One run per epoch and rank: that rank's batches of that epoch, in its sampler's order."""
     plans = []
     for epoch in range(epochs):
         for rank, loader in enumerate(loaders):
@@ -129,6 +150,35 @@ def recipe_runs(config: str, overrides: Sequence[str], run_id: str, trainers: in
             batches = [dict(batch) for batch in loader]
             plans.append(RunPlan(stream_run_id(run_id, epoch, rank), [(f"b{i:08d}", b) for i, b in enumerate(batches)]))
     return RecipeRuns(plans, mapping, epochs, trainers, recipe)
+
+
+def _vispec_loaders(cfg: Any, trainers: int) -> list[Any]:
+    """The ViSpec recipe's train loader of each rank, built by its own module's names (as its setup does)."""
+    import importlib
+
+    module = importlib.import_module(VISPEC_RECIPES["TrainVispecRecipe"])
+    rc = cfg.recipe_args
+    if int(rc.micro_batch_size) != 1:
+        raise ValueError(f"ViSpec training requires recipe_args.micro_batch_size=1 (got {rc.micro_batch_size})")
+    trust = bool(rc.get("trust_remote_code", False))
+    processor = module.AutoProcessor.from_pretrained(rc.target_model_name_or_path, trust_remote_code=trust)
+    module.set_image_pixel_bounds(
+        processor, max_pixels=rc.get("image_max_pixels", None), min_pixels=rc.get("image_min_pixels", None)
+    )
+    return [
+        module.build_dspark_vlm_dataloader(
+            dataset_cfg=cfg.dataset,
+            processor=processor,
+            batch_size=1,
+            max_length=rc.seq_length,
+            shuffle=rc.get("train_shuffle", True),
+            num_workers=0,
+            distributed=True,  # a DistributedSampler even for one rank: an order the producer can know
+            dp_mesh=RankMesh(trainers, rank),
+            inject_fake_image=False,
+        )
+        for rank in range(trainers)
+    ]
 
 
 def _vocab_mapping(loaders: Sequence[Any], tokenizer: Any, base: Any, rc: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,7 +57,12 @@ from typing import Any
 
 from eagle3_client.automodel_packing import patch_recipe
 from eagle3_client.automodel_stream import STREAM_BACKEND, StreamSettings
-from eagle3_client.automodel_stream_dflash import StreamDFlashTarget, StreamDSparkTarget, stream_train_loader
+from eagle3_client.automodel_stream_dflash import (
+    StreamDFlashTarget,
+    StreamDSparkTarget,
+    StreamVispecTarget,
+    stream_train_loader,
+)
 from eagle3_client.backend import RemoteEagle3TargetModel
 from eagle3_client.dflash import RemoteDFlashTargetModel
 from eagle3_client.dspark import RemoteDSparkTargetModel
@@ -429,11 +434,13 @@ def remote_dflash_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
 class _StreamSwap:
     """How a swapping recipe trains from the stream: which of its module's names builds the target
     wrapper (``wrapper_name``), the stream wrapper over the remote one (``wrap(recipe, remote,
-    client_kwargs)``), and why a config cannot (``refusal(recipe_args)``, None: it can)."""
+    client_kwargs)``), why a config cannot (``refusal(recipe_args)``, None: it can), and which name
+    builds the train loader, swapped to sample as the producer does (``loader_name``)."""
 
     wrapper_name: str
     wrap: Callable[[Any, Any, dict[str, Any]], Any]
     refusal: Callable[[Any], str | None]
+    loader_name: str = "build_eagle3_dataloader"  # the module's train-loader builder
 
 
 def _swapping_recipe(
@@ -496,8 +503,8 @@ def _swapping_recipe(
             def stream_wrapper(*args: Any, **wrapper_kwargs: Any) -> Any:
                 return stream.wrap(recipe, remote_wrapper(*args, **wrapper_kwargs), kwargs)
 
-            build = getattr(module, "build_eagle3_dataloader")  # noqa: B009
-            return {stream.wrapper_name: stream_wrapper, "build_eagle3_dataloader": _sampled_loader(self, build)}
+            build = getattr(module, stream.loader_name)
+            return {stream.wrapper_name: stream_wrapper, stream.loader_name: _sampled_loader(self, build)}
 
     RemoteTargetRecipe.__name__ = RemoteTargetRecipe.__qualname__ = recipe_cls.__name__
     return RemoteTargetRecipe
@@ -536,13 +543,6 @@ def remote_dspark_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
 
         return {"NeMoAutoModelForCausalLM": _ConfigLoader, "HFDSparkTargetModel": remote_wrapper}
 
-    def stream_wrapper(recipe: Any, remote: Any, kwargs: dict[str, Any]) -> Any:
-        recipe_cfg = recipe.cfg.recipe_args
-        settings = StreamSettings.from_config(recipe_cfg)
-        epochs = int(recipe_cfg.get("num_epochs", 1))
-        rank = recipe._get_dp_rank()
-        return StreamDSparkTarget(remote, settings, rank=rank, epochs=epochs, device=recipe.device, options=kwargs)
-
     def stream_refusal(recipe_cfg: Any) -> str | None:
         if bool(recipe_cfg.get("multimodal", False)):
             return "multimodal: true batches carry vision inputs, which the stream's recipe mode does not produce"
@@ -550,8 +550,20 @@ def remote_dspark_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
             return "cached_target_path trains from a cache, without a target"
         return None
 
-    stream = _StreamSwap("HFDSparkTargetModel", stream_wrapper, stream_refusal)
+    stream = _StreamSwap("HFDSparkTargetModel", _stream_target(StreamDSparkTarget), stream_refusal)
     return _swapping_recipe(recipe_cls, DSPARK_RECIPES["TrainDSparkRecipe"], "DSpark", swaps, options, stream)
+
+
+def _stream_target(cls: type[StreamDFlashTarget]) -> Callable[[Any, Any, dict[str, Any]], Any]:
+    """A :attr:`_StreamSwap.wrap`: ``cls`` over the recipe's remote wrapper, with its stream_* keys."""
+
+    def wrap(recipe: Any, remote: Any, kwargs: dict[str, Any]) -> Any:
+        recipe_cfg = recipe.cfg.recipe_args
+        settings = StreamSettings.from_config(recipe_cfg)
+        epochs = int(recipe_cfg.get("num_epochs", 1))
+        return cls(remote, settings, rank=recipe._get_dp_rank(), epochs=epochs, device=recipe.device, options=kwargs)
+
+    return wrap
 
 
 def remote_vispec_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:
@@ -601,4 +613,7 @@ def remote_vispec_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
 
         return {"AutoModelForImageTextToText": RemoteLoader, "HFVispecTargetModel": remote_wrapper}
 
-    return _swapping_recipe(recipe_cls, VISPEC_RECIPES["TrainVispecRecipe"], "ViSpec", swaps, options)
+    stream = _StreamSwap(
+        "HFVispecTargetModel", _stream_target(StreamVispecTarget), lambda _cfg: None, "build_dspark_vlm_dataloader"
+    )
+    return _swapping_recipe(recipe_cls, VISPEC_RECIPES["TrainVispecRecipe"], "ViSpec", swaps, options, stream)

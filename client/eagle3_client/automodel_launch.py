@@ -55,11 +55,6 @@ def check_config(cfg: Any) -> None:
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
-    if backend == "stream" and name in VISPEC_RECIPES:
-        raise SystemExit(
-            "TrainVispecRecipe has no target_model_backend: stream yet: train it with target_model_backend: remote "
-            "(a ViSpec run on the stream is read with eagle3_client.streaming.loader.VispecFeatureLoader)"
-        )
     if backend not in ("remote", "stream"):
         logger.warning(
             "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "

@@ -45,6 +45,12 @@ DSpark (``TrainDSparkRecipe``, text targets) works the same way: its loop also i
 :class:`~eagle3_client.streaming.loader.DSparkFeatureLoader` and checks the same two tensors. Its
 runs are produced with ``--capture dspark:...`` (the layers the recipe logs). A ``multimodal: true``
 or ``cached_target_path`` DSpark run has no stream backend (refused at setup).
+
+ViSpec's stage 2 (``TrainVispecRecipe``) too: its loop iterates its own VLM loader
+(``build_dspark_vlm_dataloader``, swapped the same way for the producer's sampler) and passes each
+batch with its vision inputs; :class:`StreamVispecTarget` reads the run through
+:class:`~eagle3_client.streaming.loader.VispecFeatureLoader`. The check compares the ids and masks
+of the request each sample was computed from (the loader's ``inputs``), for every family.
 Validation (``val_data_path``) is not on the stream: it runs on the ``remote_urls`` appliances,
 as with ``remote``. Resuming mid-epoch from a checkpoint is refused by the check (the recipe
 restarts the epoch at its first batch, the run's acked samples are not delivered again).
@@ -70,6 +76,7 @@ __all__ = [
     "StreamDFlashTarget",
     "StreamDSparkTarget",
     "StreamOrderMismatch",
+    "StreamVispecTarget",
     "stream_train_loader",
 ]
 
@@ -137,7 +144,7 @@ class StreamDFlashTarget:
         self.rank = int(rank)
         self.epochs = int(epochs)
         self.device = torch.device(device)
-        self.target_layer_ids = list(remote.target_layer_ids)
+        self.target_layer_ids = list(getattr(remote, "target_layer_ids", ()))  # ViSpec: none
         self.capture_logits = bool(getattr(remote, "capture_logits", False))  # DSpark: none
         self.capture = self._capture_of(remote)
         self.urls = getattr(remote, "urls", "")
@@ -164,14 +171,16 @@ class StreamDFlashTarget:
         return self.remote.get_output_embeddings()
 
     def generate_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **packing: Any
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **extra: Any
     ) -> Any:
-        """The stream's next batch, which must be this one (the recipe's ``input_ids`` and ``loss_mask``)."""
+        """The stream's next batch, which must be this one: the request it was computed from has the
+        recipe's ``input_ids`` and ``loss_mask``. ``extra``: packing, or a ViSpec batch's vision inputs
+        (not kept on the stream, so not compared: the ids and masks are)."""
         if self._live:
-            return self.remote.generate_batch(input_ids, attention_mask, loss_mask, **packing)
-        batch = self._next()
+            return self.remote.generate_batch(input_ids, attention_mask, loss_mask, **extra)
+        batch, inputs = self._next()
         for name, mine in (("input_ids", input_ids), ("loss_mask", loss_mask)):
-            theirs = getattr(batch, name)
+            theirs = inputs[name]
             if theirs.shape != mine.shape or not torch.equal(theirs, mine.to(theirs.device)):
                 run = stream_run_id(self.settings.run_id, self._epoch, self.rank)
                 raise StreamOrderMismatch(
@@ -217,13 +226,15 @@ class StreamDFlashTarget:
 
     # -- the stream ---------------------------------------------------------------------
 
-    def _next(self) -> Any:
+    def _next(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The next batch of the stream and the request tensors it was computed from."""
         while True:
             if self._run is None:
                 self._open()
             assert self._run is not None
+            loader = self._run[2]
             try:
-                return next(self._run[2])
+                return next(loader), loader.inputs
             except StopIteration:
                 self.finish(ack=True)
                 self._epoch += 1
@@ -279,3 +290,21 @@ class StreamDSparkTarget(StreamDFlashTarget):
         from eagle3_client.streaming.loader import DSparkFeatureLoader
 
         return DSparkFeatureLoader(queue, store)
+
+
+class StreamVispecTarget(StreamDFlashTarget):
+    """ViSpec's (stage 2) ``target_wrapper`` on the stream: upstream's ``VispecTargetBatch`` of each run.
+
+    The recipe's loop passes each batch's vision inputs; the stream's sample was computed from the
+    same batch (its ids and masks are checked; the pixels are not kept on the stream)."""
+
+    def _capture_of(self, remote: Any) -> Capture:
+        return Capture.vispec()
+
+    def get_lm_head(self) -> Any:
+        return self.remote.get_lm_head()
+
+    def _loader(self, queue: Any, store: Any) -> Any:
+        from eagle3_client.streaming.loader import VispecFeatureLoader
+
+        return VispecFeatureLoader(queue, store)

@@ -142,12 +142,54 @@ def test_the_recipes_losses_and_weights_are_the_colocated_ones(
     assert torch.equal(draft_embed, target_embed)
 
 
-def test_a_stream_is_refused_before_anything_loads(
+def test_the_recipe_trains_from_the_stream_as_colocated(
     vispec_target: Path, vispec_appliance: ServerProcess, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, "stream", vispec_target, vispec_appliance.url, backend="stream")
-    proc = run("remote", config, tmp_path / "stream.pt")
-    assert proc.returncode != 0
-    assert "TrainVispecRecipe has no target_model_backend: stream yet" in proc.stderr
-    assert "VispecFeatureLoader" in proc.stderr
-    assert not (tmp_path / "stream.pt").exists()
+    """``target_model_backend: stream``: the producer in recipe mode (the recipe's processor and VLM
+    loader, each batch with its vision tensors, ``--capture vispec``), the trainer reading the run
+    through ``VispecFeatureLoader``; the reference is the co-located recipe whose loader samples as
+    a stream trainer's does. Batches, losses and final weights bit for bit; every sample acked."""
+    url = vispec_appliance.url
+    queue = "appliance://" + url.removeprefix("http://")
+    config = write_config(tmp_path, "stream", vispec_target, url, backend="stream")
+    keys = f"  stream_queue: {queue}\n  stream_run_id: vispec-run\n  train_shuffle: true\n"
+    config.write_text(config.read_text().replace("recipe_args:\n", "recipe_args:\n" + keys))
+    produce = ["--urls", url, "--queue", queue, "--run-id", "vispec-run", "-c", str(config)]
+    logs = {name: tmp_path / f"{name}.log" for name in ("producer", "stream", "colocated")}
+
+    def start(args: list[str], name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [PYTHON, str(RUNNER), *args],
+            env=python_env(),
+            stdout=open(logs[name], "wb"),
+            stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+
+    procs = {
+        "producer": start(["produce", "-", *produce, "--capture", "vispec", "--timeout", "280"], "producer"),
+        "stream": start(["remote", str(tmp_path / "stream.pt"), "-c", str(config)], "stream"),
+        "colocated": start(
+            [
+                "colocated-sampled",
+                str(tmp_path / "colocated.pt"),
+                "-c",
+                str(config),
+                "--recipe_args.target_model_backend=colocated",
+            ],
+            "colocated",
+        ),  # fmt: skip
+    }
+    for name, proc in procs.items():
+        code = proc.wait(timeout=300)
+        assert code == 0, f"{name} failed ({code}):\n{logs[name].read_text(errors='replace')[-4000:]}"
+    assert "in 1 run(s) closed" in logs["producer"].read_text()
+    assert "from the stream: run vispec-run.e0.r0 (vispec)" in logs["stream"].read_text()
+    stream, colocated = torch.load(tmp_path / "stream.pt"), torch.load(tmp_path / "colocated.pt")
+    assert stream["backend"] == "eagle3_client.automodel_stream_dflash.StreamVispecTarget"
+    assert stream["target_model"] == "ConfigOnlyTarget"
+    assert stream["steps"] == colocated["steps"] == SAMPLES
+    for got, want in zip(stream["batches"], colocated["batches"], strict=True):
+        assert got.keys() == want.keys()
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(stream["losses"], colocated["losses"])
+    assert all(torch.equal(stream["final"][k], colocated["final"][k]) for k in colocated["final"])

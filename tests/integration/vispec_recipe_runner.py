@@ -2,12 +2,17 @@
 
     python tests/integration/vispec_recipe_runner.py remote OUT.pt -c recipe.yaml [--key=value ...]
     python tests/integration/vispec_recipe_runner.py colocated OUT.pt -c recipe.yaml [--key=value ...]
+    python tests/integration/vispec_recipe_runner.py colocated-sampled OUT.pt -c recipe.yaml [--key=value ...]
+    python tests/integration/vispec_recipe_runner.py produce - [eagle3-appliance produce arguments]
 
 ``remote`` runs our launcher (``eagle3_client.automodel_launch``), ``colocated`` the recipe module's
 own ``main``, which loads the target with ``AutoModelForImageTextToText`` in this process. Both run
 upstream's training loop unchanged (forward, backward, optimizer steps); the runner records the
 loss of every micro-batch (the recipe's ``_compute_metrics``), the target batches the wrapper
-returned, and the draft's weights after the loop.
+returned, and the draft's weights after the loop. ``colocated-sampled`` is ``colocated`` whose
+train loader samples as a stream trainer's does (``stream_train_loader``); ``produce`` runs
+``eagle3-appliance produce`` (recipe mode) with the same stand-ins, since it builds the recipe's
+processor and data pipeline too.
 
 Two stand-ins for packages this test environment lacks, applied the same way in both modes and
 only when the package is missing (with it installed, upstream's own code runs):
@@ -107,16 +112,30 @@ def main() -> None:
     mode, out, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
     module = importlib.import_module(VISPEC_RECIPES["TrainVispecRecipe"])
     _stand_ins(module)
+    if mode == "produce":
+        from eagle3_appliance.cli import app
+
+        app(["produce", *recipe_args])
+        return
     _instrument(module.TrainVispecRecipe, out)
     if mode == "remote":
         from eagle3_client.automodel_launch import main as launch
 
         launch(recipe_args)
-    elif mode == "colocated":
+    elif mode in ("colocated", "colocated-sampled"):
+        if mode == "colocated-sampled":
+            from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+
+            from eagle3_client.automodel_stream_dflash import stream_train_loader
+
+            cfg = parse_args_and_load_config(argv=list(recipe_args))
+            module.build_dspark_vlm_dataloader = stream_train_loader(  # type: ignore[attr-defined]
+                module.build_dspark_vlm_dataloader, cfg.recipe_args, None, 1, 0
+            )
         sys.argv = [module.__file__ or "", *recipe_args]
         module.main()
     else:
-        raise SystemExit(f"mode must be 'remote' or 'colocated', not {mode!r}")
+        raise SystemExit(f"mode must be 'remote', 'colocated', 'colocated-sampled' or 'produce', not {mode!r}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ class _StreamLoader:
         self._lease: Any = None
         self._handle: Any = None
         self._closed = False
+        # The request tensors the last batch was computed from (input_ids, attention_mask, loss_mask,
+        # unshifted): what a trainer checks against its own batch (a ViSpec batch holds shifted copies).
+        self.inputs: dict[str, Any] = {}
 
     def _batch(self, tensors: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -95,6 +98,7 @@ class _StreamLoader:
             self._queue.fail(lease)
             raise
         self._lease, self._handle = lease, handle
+        self.inputs = {k: tensors[k] for k in protocol.GENERATE_INPUT_KEYS if k in tensors}
         return self._batch(tensors)
 
     def consume_now(self) -> None:
