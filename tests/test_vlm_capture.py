@@ -7,6 +7,7 @@ built-in text-only one. The bit-for-bit comparison with upstream's wrappers is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,6 +201,29 @@ def test_pixel_rows_match_the_placeholders_they_fill() -> None:
     wide = {"pixel_values": torch.zeros(64, 48), "image_grid_thw": torch.tensor([[1, 8, 8]])}
     with pytest.raises(InvalidTensors, match="an image of 64 patches; .* row of 8 tokens, 32 patches at most"):
         validate_vision(wide, sorted(wide), rules, ids)
+
+
+def test_an_eager_vision_towers_attention_scores_are_bounded_by_the_working_memory() -> None:
+    """Eager attention holds ``heads x P x P`` float32 scores a frame of P patches: 2 heads x 16^2 x 4 B
+    = 2 KiB an image of 4x4 patches. A budget below that refuses the image; SDPA is not bounded."""
+    eager = VisionRules(
+        "Qwen2VLModel.forward",
+        frozenset({"pixel_values", "image_grid_thw"}),
+        (torch.float32,),
+        max_patches=64,
+        patch_dim=48,
+        merge=2,
+        eager_heads=2,
+        attention_budget=2047,
+    )
+    image = {"pixel_values": torch.zeros(16, 48), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    ids = torch.zeros(1, 8, dtype=torch.int64)
+    with pytest.raises(InvalidTensors, match="eager attention for 2,048 bytes of scores, above this request's 2,047"):
+        validate_vision(image, sorted(image), eager, ids)
+    roomy = dataclasses.replace(eager, attention_budget=2048)
+    assert validate_vision(image, sorted(image), roomy, ids)["pixel_values"] is image["pixel_values"]
+    sdpa = dataclasses.replace(eager, eager_heads=None, attention_budget=None)
+    assert validate_vision(image, sorted(image), sdpa, ids)["pixel_values"] is image["pixel_values"]
 
 
 def test_qwen2_5_vl_seconds_per_video_grid_are_floating() -> None:

@@ -223,11 +223,12 @@ def test_a_batch_other_than_the_recipes_is_refused(monkeypatch: pytest.MonkeyPat
 
     target = _target()
     ids = torch.arange(8).view(2, 4)
-    streamed = SimpleNamespace(input_ids=ids.flip(0), loss_mask=torch.ones_like(ids))
-    monkeypatch.setattr(target, "_next", lambda: streamed)
+    streamed = SimpleNamespace()  # the batch; the check reads the request it was computed from
+    request = {"input_ids": ids.flip(0), "loss_mask": torch.ones_like(ids)}
+    monkeypatch.setattr(target, "_next", lambda: (streamed, request))
     with pytest.raises(StreamOrderMismatch, match=r"run 'run-x.e0.r0' has other input_ids"):
         target.generate_batch(ids, torch.ones_like(ids), torch.ones_like(ids))
-    streamed.input_ids = ids
+    request["input_ids"] = ids
     assert target.generate_batch(ids, torch.ones_like(ids), torch.ones_like(ids)) is streamed
 
 
@@ -256,7 +257,7 @@ def test_the_producer_builds_a_dflash_recipes_runs_without_a_vocabulary(qwen3_ta
         )
     )  # fmt: skip
     runs = recipe_runs(str(yaml_path), [], "r", trainers=2)
-    assert runs.is_dflash and runs.vocab_mapping is None
+    assert runs.capture_kind == "dflash" and runs.vocab_mapping is None
     assert [p.run_id for p in runs.plans] == ["r.e0.r0", "r.e0.r1", "r.e1.r0", "r.e1.r1"]
     assert sum(len(p.samples) for p in runs.plans) == 2 * SAMPLES // MICRO_BATCH
     refused = CliRunner().invoke(
@@ -264,4 +265,4 @@ def test_the_producer_builds_a_dflash_recipes_runs_without_a_vocabulary(qwen3_ta
               "-c", str(yaml_path)],
         env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"},
     )  # fmt: skip
-    assert refused.exit_code == 2 and "--capture dflash:" in refused.output
+    assert refused.exit_code == 2 and "--capture dflash:" in " ".join(refused.output.split())

@@ -132,9 +132,16 @@ class VisionRules:
     # The placeholder token id of each pixel tensor's images (the config's image/video_token_id):
     # a request's patches are at most merge**2 per placeholder it holds, as the model requires.
     placeholders: Mapping[str, int] = field(default_factory=dict)
+    # An eager vision tower holds each frame's [heads, P, P] attention scores (float32): its heads,
+    # and the bytes those scores may take (the request's working memory); None where its attention
+    # kernel (SDPA, FlashAttention) needs no P x P matrix.
+    eager_heads: int | None = None
+    attention_budget: int | None = None
 
     @classmethod
-    def of(cls, target: Target, capture: Capture, max_batch_tokens: int) -> VisionRules:
+    def of(
+        cls, target: Target, capture: Capture, max_batch_tokens: int, working_bytes: int | None = None
+    ) -> VisionRules:
         model = target.model
         module = _forward_of(model, capture)
         params = inspect.signature(module.forward).parameters
@@ -154,6 +161,8 @@ class VisionRules:
         placeholders = {
             k: v for k, key in tokens.items() if (v := _positive(config, key)) is not None and k in accepted
         }
+        eager = getattr(vision_config, "_attn_implementation", None) == "eager"
+        heads = _positive(vision_config, "num_heads") if eager and patch_dim is not None else None
         return cls(
             name,
             accepted,
@@ -162,6 +171,8 @@ class VisionRules:
             patch_dim=patch_dim,
             merge=merge,
             placeholders=placeholders if patch_dim is not None else {},
+            eager_heads=heads,
+            attention_budget=working_bytes if heads is not None else None,
         )
 
 

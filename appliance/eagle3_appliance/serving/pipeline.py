@@ -207,7 +207,12 @@ class Pipeline:
             return None
         if capture.kind not in self._vision:
             vlm_model = capture.is_vlm or vlm.image_token_id(self.target.model) is not None
-            rules = VisionRules.of(self.target, capture, self.limits.max_batch_tokens) if vlm_model else None
+            limits = self.limits
+            rules = (
+                VisionRules.of(self.target, capture, limits.max_batch_tokens, limits.working_bytes)
+                if vlm_model
+                else None
+            )
             self._vision[capture.kind] = rules
         return self._vision[capture.kind]
 

@@ -103,7 +103,24 @@ def validate_vision(
                     f"{grid_name} holds an image of {largest} patches; one image's placeholders lie in one row "
                     f"of {input_ids.shape[-1]} tokens, {per_image} patches at most"
                 )
+            _check_attention(grid_name, vision[grid_name], rules)
     return vision
+
+
+def _check_attention(name: str, grid: torch.Tensor, rules: VisionRules) -> None:
+    """An eager vision tower's attention scores, ``heads x P x P`` float32 a frame of P patches, held
+    one frame at a time but counted for every frame (the tower's layers run them together): within
+    the request's working memory. SDPA and FlashAttention need no such matrix and are not bounded here."""
+    if rules.eager_heads is None or rules.attention_budget is None:
+        return
+    frames, per_frame = grid[:, 0].double(), (grid[:, 1] * grid[:, 2]).double()
+    need = float((frames * per_frame * per_frame).sum()) * rules.eager_heads * 4
+    if need > rules.attention_budget:
+        raise InvalidTensors(
+            f"{name} asks the vision tower's eager attention for {need:,.0f} bytes of scores, above this "
+            f"request's {rules.attention_budget:,} bytes of working memory: send smaller images "
+            "(or serve with an attention implementation that needs no P x P matrix, e.g. sdpa)"
+        )
 
 
 def _check_patches(name: str, rows: int, input_ids: torch.Tensor, rules: VisionRules) -> None:
