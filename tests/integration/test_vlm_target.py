@@ -130,3 +130,29 @@ def test_a_video_row_is_bit_identical(vlm_server: ServerProcess, vlm_model: torc
     without["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
     other = reference.generate_batch(ids, attention, loss, **without)
     assert not torch.equal(want.input_hidden_states, other.input_hidden_states)  # the video is not ignored
+
+
+def test_a_fleet_of_two_serves_both_captures_bit_identical(
+    vlm_server: ServerProcess, vlm_dir: Path, vlm_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """Two appliances on one checkpoint: requests in flight on both at once (the fleet spreads
+    them), each answer upstream's; both name the same image token id."""
+    vispec_ref = vispec.HFVispecTargetModel(vlm_model, image_token_id=IMAGE_TOKEN)
+    msd_ref = msd.HFMSDTargetModel(vlm_model)
+    with ServerProcess(["--model", str(vlm_dir), *APPLIANCE_ARGS], log_path=tmp_path / "second.log") as second:
+        urls = [vlm_server.url, second.url]
+        with RemoteVispecTargetModel.from_urls(urls) as remote:
+            batches = [
+                vlm_batch(seed, rows=rows, length=length, images=images) for seed, rows, length, images in BATCHES
+            ]
+            handles = [remote.generate_batch_async(ids, att, loss, **vision) for ids, att, loss, vision in batches]
+            for (ids, att, loss, vision), handle in zip(batches, handles, strict=True):
+                want = vispec_ref.generate_batch(ids, att, loss, **vision)
+                assert_same(handle.result(120), want, vispec.VispecTargetBatch)
+            served = {stats["url"] for stats in remote.transport_stats() if stats["served"]}
+            assert len(served) == 2, remote.transport_stats()
+        with RemoteMSDTargetModel.from_urls(urls) as remote:
+            for ids, att, loss, vision in batches[:2]:
+                inputs = {"input_ids": ids, "attention_mask": att, **vision}
+                want = msd_ref.generate_batch(loss_mask=loss.bool(), model_inputs=inputs)
+                assert_same(remote.generate_batch(loss_mask=loss.bool(), model_inputs=inputs), want, msd.MSDTargetBatch)

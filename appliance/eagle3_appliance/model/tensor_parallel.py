@@ -8,8 +8,9 @@
   TCP store on 127.0.0.1. Each rank then loads its shards with transformers' tensor-parallel
   plan (:func:`eagle3_appliance.model.checkpoint.build_model`).
 * Per forward, rank 0 sends the step's ``input_ids`` and ``attention_mask`` (and a packed
-  request's packing) over every control channel and runs its own forward; the workers run
-  the same ``Target.forward`` on the same inputs, and the collectives inside the forward
+  request's packing, a request's vision tensors) over every control channel and runs its own
+  forward; the workers run the same ``Target.forward`` (a ViSpec or MSD capture: the same
+  :func:`eagle3_appliance.model.vlm.forward`) on the same inputs, and the collectives inside the forward
   keep the ranks together. The aux layers' outputs and the logits are whole (replicated,
   gathered) tensors on every rank; rank 0 keeps them and answers, the workers drop theirs.
   Rank 0 owns HTTP and every data plane.
@@ -220,7 +221,8 @@ class TensorParallelGroup:
     ) -> Iterator[None]:
         """Send one forward to every worker; the block runs rank 0's own forward.
 
-        Vision tensors travel as CPU tensors (pickled: numpy has no bfloat16), in their dtype."""
+        ``vision``: the request's vision tensors, sent as their bytes and dtype (:func:`_tensor_message`);
+        ``vlm_capture``: a ViSpec or MSD capture, whose call every worker makes instead of the forward."""
         if self.failure is not None:
             raise RankFailed(f"the tensor-parallel group has failed: {self.failure}; the server is exiting")
         packed = None if packing is None else tuple(t.cpu().numpy() for t in _packing_tensors(packing))
