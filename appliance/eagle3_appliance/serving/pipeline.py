@@ -254,9 +254,9 @@ class Pipeline:
         already kept here is not computed again (a producer that retries, or restarted).
         """
         run_id, sample_id = _sample(request, session)
-        if session.capture.is_vlm:
+        if session.capture.is_vlm or session.capture.is_eagle:
             raise NotConfigured(
-                f"streams carry EAGLE-3, DFlash and DSpark answers; a {session.capture.label} session asks /generate"
+                f"streams carry EAGLE-3, DFlash and DSpark answers, not {session.capture.named}: ask /generate"
             )
         kept = self.resident.peek(run_id, sample_id)
         if kept is not None:
