@@ -5,8 +5,8 @@ appliances run it): on the built-in model with padded batches and with packed ro
 upstream's packer, over the wire and over gloo, synchronously and asynchronously, from one server
 and from a fleet of two; on the tiny Qwen2-VL of ``tests/vlm_support.py`` with text-only batches,
 as ViSpec's stage 1 uses it; and the embeddings and LM head the recipes read. Upstream computes
-``lm_head(base_model(...)[0])`` on its own; the server's logits are its forward's (sliced LM head
-included), so these checks are what says the two are the same bits.
+``lm_head(base_model(...)[0])`` on its own; the server's logits are its forward's, so these checks
+are what says the two are the same bits.
 """
 
 from __future__ import annotations
