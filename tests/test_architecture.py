@@ -119,7 +119,7 @@ LAYERS: dict[str, list[dict[str, set[str]]]] = {
             }
         },
         # the recipes' surfaces, and the stream's queue + store (upstream's streaming API)
-        {"adapters": {"backend", "dflash", "dspark", "vlm", "vispec", "msd"}, "streaming": {"streaming"}},
+        {"adapters": {"backend", "dflash", "dspark", "eagle", "vlm", "vispec", "msd"}, "streaming": {"streaming"}},
         {"remote": {"remote"}},  # the generic core: sessions, fleet, requests
         {"transports": {"transports"}},  # how bytes travel
         {

@@ -19,6 +19,7 @@ MODULES = [
     "eagle3_client.capture",
     "eagle3_client.dflash",
     "eagle3_client.dspark",
+    "eagle3_client.eagle",
     "eagle3_client.vlm",
     "eagle3_client.vispec",
     "eagle3_client.msd",
@@ -48,6 +49,8 @@ def test_the_stream_loaders_are_exported() -> None:
 def test_client_exports() -> None:
     assert "RemoteEagle3TargetModel" in eagle3_client.__all__
     assert eagle3_client.RemoteEagle3TargetModel.from_urls is not None
+    for name in ("RemoteDSparkTargetModel", "RemoteEagleTargetModel"):  # every family's adapter
+        assert name in eagle3_client.__all__ and getattr(eagle3_client, name).from_urls is not None
 
 
 def test_client_does_not_need_server_packages() -> None:

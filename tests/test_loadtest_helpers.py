@@ -317,10 +317,28 @@ def test_a_dflash_answer_is_checked_by_its_capture(request_batch: dict[str, torc
             check_supervision(bad, request_batch, DFLASH_EXPECTED)
 
 
+def test_an_eagle_answer_is_its_last_hidden_state_and_logits(request_batch: dict[str, torch.Tensor]) -> None:
+    """``--capture eagle``: the final norm's output [B,T,H] then the logits [B,T,V], nothing else."""
+    expected = Expected(hidden_size=HIDDEN, draft_vocab=DRAFT, capture=Capture.eagle(), vocab_size=VOCAB)
+    batch, seq_len = request_batch["input_ids"].shape
+    answer = {"last_hidden_states": torch.randn(batch, seq_len, HIDDEN), "logits": torch.randn(batch, seq_len, VOCAB)}
+    check_supervision(answer, request_batch, expected)
+    broken = {
+        "no logits": ({"last_hidden_states": answer["last_hidden_states"]}, "expected exactly"),
+        "order": ({"logits": answer["logits"], "last_hidden_states": answer["last_hidden_states"]}, "expected"),
+        "wide": ({**answer, "last_hidden_states": torch.randn(batch, seq_len, 2 * HIDDEN)}, "has shape"),
+        "NaN": ({**answer, "last_hidden_states": answer["last_hidden_states"] * float("nan")}, "NaN"),
+    }
+    for bad, message in broken.values():
+        with pytest.raises(SupervisionError, match=message):
+            check_supervision(bad, request_batch, expected)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("eagle3", Capture()),
+        ("eagle", Capture.eagle()),
         ("dflash:1,3,5", Capture.dflash([1, 3, 5])),
         (" dflash+logits:7,0 ", Capture.dflash([7, 0], logits=True)),
     ],

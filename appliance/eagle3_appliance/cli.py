@@ -383,7 +383,7 @@ def sizes(
         list[str] | None,
         typer.Option(
             help="Other families' captures to list too (repeatable): dflash:L1,L2,..., "
-            "dflash+logits:L1,L2,..., dspark:L1,L2,..., vispec or msd",
+            "dflash+logits:L1,L2,..., dspark:L1,L2,..., vispec, msd or eagle (EAGLE-1/2)",
         ),
     ] = None,
 ) -> None:

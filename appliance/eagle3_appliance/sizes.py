@@ -112,8 +112,8 @@ class SizeRow:
 
 
 def capture_rows(shape: ModelShape, *, captures: list[str], dtype_bytes: int, batch_tokens: int) -> list[SizeRow]:
-    """One row per DFlash-style capture (``dflash:L1,L2,..``, ``dflash+logits:..`` or ``dspark:..``);
-    ValueError for a bad one.
+    """One row per capture other than EAGLE-3 (``dflash:L1,L2,..``, ``dflash+logits:..``, ``dspark:..``,
+    ``vispec``, ``msd``, ``eagle``); ValueError for a bad one.
 
     Per token the answer is ``n x H`` hidden units and, with logits, ``V`` more (DSpark: ``(n+1) x H``),
     all in the model dtype; the request's ids and masks are not echoed (the client keeps them).
@@ -129,6 +129,8 @@ def capture_rows(shape: ModelShape, *, captures: list[str], dtype_bytes: int, ba
         width = tensors * shape.hidden_size + (shape.vocab_size if capture.logits else 0)
         if capture.is_vlm:  # ViSpec, MSD: the embedding output, the last hidden state and the logits
             width = 2 * shape.hidden_size + shape.vocab_size
+        if capture.is_eagle:  # EAGLE-1/2: the last hidden state and its logits
+            width = shape.hidden_size + shape.vocab_size
         per_token = width * dtype_bytes
         rows.append(SizeRow(shape.name, None, per_token, per_token, batch_tokens, capture=capture))
     return rows

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from eagle3_client.contract import USING_NEMO_AUTOMODEL, Eagle3TargetBackend, Eagle3TargetBatch
     from eagle3_client.dflash import RemoteDFlashTargetModel
     from eagle3_client.dspark import RemoteDSparkTargetModel
+    from eagle3_client.eagle import RemoteEagleTargetModel
     from eagle3_client.errors import (
         CapabilityUnavailable,
         CaptureUnsupported,
@@ -43,6 +44,7 @@ _EXPORTS = {
     "CaptureUnsupported": "eagle3_client.errors",
     "RemoteDFlashTargetModel": "eagle3_client.dflash",
     "RemoteDSparkTargetModel": "eagle3_client.dspark",
+    "RemoteEagleTargetModel": "eagle3_client.eagle",
     "RemoteMSDTargetModel": "eagle3_client.msd",
     "RemoteVispecTargetModel": "eagle3_client.vispec",
     "DataPlaneUnavailable": "eagle3_client.transports.negotiate",
@@ -78,6 +80,7 @@ __all__ = [
     "RemoteDFlashTargetModel",
     "RemoteDSparkTargetModel",
     "RemoteEagle3TargetModel",
+    "RemoteEagleTargetModel",
     "RemoteMSDTargetModel",
     "RemoteResult",
     "RemoteTargetError",

@@ -36,6 +36,11 @@ draft reuses are fetched from the servers. These recipes pack rows themselves
 (``packed_sequence_size``, no gate to lift): the wrapper sends the packing, which every server
 must have granted, and context parallelism stays refused (it shards a co-located target).
 
+DSpark, ViSpec (stage 2), EAGLE-1/EAGLE-2 and ViSpec's stage 1 build their target inline in
+``setup()``: :func:`remote_dspark_recipe`, :func:`remote_vispec_recipe` and
+:func:`remote_eagle_recipe` swap the names that ``setup()`` reads for that one call (one
+mechanism, ``_swapping_recipe``), with the same YAML switch.
+
 Usage (what :mod:`eagle3_client.automodel_launch` does)::
 
     from eagle3_client.automodel import install, options_from_config
@@ -66,12 +71,14 @@ from eagle3_client.automodel_stream_dflash import (
 from eagle3_client.backend import RemoteEagle3TargetModel
 from eagle3_client.dflash import RemoteDFlashTargetModel
 from eagle3_client.dspark import RemoteDSparkTargetModel
+from eagle3_client.eagle import RemoteEagleTargetModel
 from eagle3_client.options import ClientOptions, checked_value, option_fields, recipe_key
 from eagle3_client.vispec import RemoteVispecTargetModel
 
 __all__ = [
     "DFLASH_RECIPES",
     "DSPARK_RECIPES",
+    "EAGLE_RECIPES",
     "RECIPE_MODULE",
     "REMOTE_PACKAGE",
     "VISPEC_RECIPES",
@@ -82,6 +89,7 @@ __all__ = [
     "options_from_config",
     "remote_dflash_recipe",
     "remote_dspark_recipe",
+    "remote_eagle_recipe",
     "remote_vispec_recipe",
 ]
 
@@ -102,6 +110,19 @@ DFLASH_RECIPES = {
 DSPARK_RECIPES = {"TrainDSparkRecipe": "nemo_automodel.recipes.llm.train_dspark"}
 # ViSpec's stage-2 (vision-aware) recipe: class name -> module.
 VISPEC_RECIPES = {"TrainVispecRecipe": "nemo_automodel.recipes.llm.train_vispec"}
+# The recipes whose target is upstream's HFEagleTargetModel (EAGLE-1, EAGLE-2 and ViSpec's text-only
+# stage 1 with a vision-language target): class name -> module.
+EAGLE_RECIPES = {
+    "TrainEagle1Recipe": "nemo_automodel.recipes.llm.train_eagle1",
+    "TrainEagle2Recipe": "nemo_automodel.recipes.llm.train_eagle2",
+    "TrainVispecStage1Recipe": "nemo_automodel.recipes.llm.train_vispec",
+}
+# The name each such recipe's setup() loads its target with, by the module that defines that setup()
+# (TrainEagle2Recipe inherits TrainEagle1Recipe's).
+_EAGLE_TARGET_LOADERS = {
+    "nemo_automodel.recipes.llm.train_eagle1": "NeMoAutoModelForCausalLM",
+    "nemo_automodel.recipes.llm.train_vispec": "AutoModelForImageTextToText",
+}
 
 
 def options_from_config(recipe_args: Any = None) -> dict[str, Any]:
@@ -245,6 +266,9 @@ def install(options: Mapping[str, Any] | None = None) -> Installation:
     return installation
 
 
+_RemoteWrapper = RemoteDFlashTargetModel | RemoteDSparkTargetModel | RemoteVispecTargetModel | RemoteEagleTargetModel
+
+
 class ConfigOnlyTarget:
     """What a recipe keeps as ``target_model`` when the target is remote: its config, no weights.
 
@@ -257,7 +281,7 @@ class ConfigOnlyTarget:
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self.remote: RemoteDFlashTargetModel | RemoteDSparkTargetModel | RemoteVispecTargetModel | None = None
+        self.remote: _RemoteWrapper | None = None
 
     def eval(self) -> ConfigOnlyTarget:
         return self
@@ -271,7 +295,7 @@ class ConfigOnlyTarget:
     def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
         return iter(())
 
-    def _wrapper(self) -> RemoteDFlashTargetModel | RemoteDSparkTargetModel | RemoteVispecTargetModel:
+    def _wrapper(self) -> _RemoteWrapper:
         if self.remote is None:
             raise RuntimeError("the remote target is not built yet (the recipe builds it in setup())")
         return self.remote
@@ -281,9 +305,9 @@ class ConfigOnlyTarget:
 
     def get_output_embeddings(self) -> Any:
         wrapper = self._wrapper()
-        return (
-            wrapper.get_lm_head() if isinstance(wrapper, RemoteVispecTargetModel) else wrapper.get_output_embeddings()
-        )
+        if isinstance(wrapper, RemoteVispecTargetModel | RemoteEagleTargetModel):
+            return wrapper.get_lm_head()
+        return wrapper.get_output_embeddings()
 
 
 _DFLASH_BASE = DFLASH_RECIPES["TrainDFlashRecipe"]
@@ -443,6 +467,34 @@ class _StreamSwap:
     loader_name: str = "build_eagle3_dataloader"  # the module's train-loader builder
 
 
+def _remote_loader(connect: Callable[[], _RemoteWrapper]) -> type:
+    """A stand-in for a recipe's target loader, for its one call: the config, and the servers (``connect()``).
+
+    Connecting here, not when the wrapper is built, lets the checks a recipe runs on its loaded
+    target (upstream's ``raise_if_target_not_materialized``) read the embeddings the servers hold.
+    """
+
+    class RemoteLoader:
+        @staticmethod
+        def from_pretrained(path: str, **load_kwargs: Any) -> ConfigOnlyTarget:
+            from transformers import AutoConfig
+
+            trust = bool(load_kwargs.get("trust_remote_code", False))
+            target = ConfigOnlyTarget(AutoConfig.from_pretrained(path, trust_remote_code=trust))
+            target.remote = connect()
+            return target
+
+    return RemoteLoader
+
+
+def _served_wrapper(model: Any, wrapper_type: type[_RemoteWrapper]) -> Any:
+    """The remote wrapper the recipe's loader (:func:`_remote_loader`) connected, for the recipe's wrapper call."""
+    wrapper = model._wrapper() if isinstance(model, ConfigOnlyTarget) else None
+    if not isinstance(wrapper, wrapper_type):
+        raise TypeError(f"the remote {wrapper_type.__name__} needs the recipe's remote target model, not {type(model)}")
+    return wrapper
+
+
 def _swapping_recipe(
     recipe_cls: type,
     module_name: str,
@@ -454,7 +506,7 @@ def _swapping_recipe(
     """A subclass of ``recipe_cls`` whose ``setup()`` runs with names of its module swapped
     (``swaps(recipe, urls, client_kwargs)``) when the YAML says ``target_model_backend: remote``.
 
-    What DSpark's and ViSpec's recipes share: they build their target and its wrapper inline in
+    What DSpark's, ViSpec's and EAGLE-1/2's recipes share: they build their target and its wrapper inline in
     ``setup()`` from names their module imported, so swapping those names for that one call makes
     upstream's own ``setup()`` build ours. ``stream``: the same, plus the train loader sampling as
     the producer does and the wrapper reading the stream (``stream``; None: refused, ``label``
@@ -582,22 +634,10 @@ def remote_vispec_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
     """
 
     def swaps(recipe: Any, urls: list[str] | str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        class RemoteLoader:
-            """``AutoModelForImageTextToText`` for the recipe's one call: the config, and the servers."""
-
-            @staticmethod
-            def from_pretrained(path: str, **load_kwargs: Any) -> ConfigOnlyTarget:
-                from transformers import AutoConfig
-
-                trust = bool(load_kwargs.get("trust_remote_code", False))
-                target = ConfigOnlyTarget(AutoConfig.from_pretrained(path, trust_remote_code=trust))
-                target.remote = RemoteVispecTargetModel.from_urls(urls, device=recipe.device, **kwargs)
-                return target
+        loader = _remote_loader(lambda: RemoteVispecTargetModel.from_urls(urls, device=recipe.device, **kwargs))
 
         def remote_wrapper(model: Any, *, image_token_id: int) -> Any:
-            wrapper = model._wrapper() if isinstance(model, ConfigOnlyTarget) else None
-            if not isinstance(wrapper, RemoteVispecTargetModel):
-                raise TypeError(f"the remote ViSpec target needs the recipe's remote target model, not {type(model)}")
+            wrapper = _served_wrapper(model, RemoteVispecTargetModel)
             if wrapper.image_token_id != int(image_token_id):
                 raise ValueError(
                     f"the recipe's image token id is {image_token_id} but the servers at {wrapper.urls} name "
@@ -611,9 +651,44 @@ def remote_vispec_recipe(recipe_cls: type, options: Mapping[str, Any] | None = N
             )
             return wrapper
 
-        return {"AutoModelForImageTextToText": RemoteLoader, "HFVispecTargetModel": remote_wrapper}
+        return {"AutoModelForImageTextToText": loader, "HFVispecTargetModel": remote_wrapper}
 
     stream = _StreamSwap(
         "HFVispecTargetModel", _stream_target(StreamVispecTarget), lambda _cfg: None, "build_dspark_vlm_dataloader"
     )
     return _swapping_recipe(recipe_cls, VISPEC_RECIPES["TrainVispecRecipe"], "ViSpec", swaps, options, stream)
+
+
+def remote_eagle_recipe(recipe_cls: type, options: Mapping[str, Any] | None = None) -> type:
+    """A subclass of an EAGLE-1/EAGLE-2 recipe (or ViSpec's text-only stage 1) whose target runs on
+    appliances when the YAML says ``recipe_args.target_model_backend: remote`` (anything else: the
+    recipe, unchanged).
+
+    The recipe's own ``setup()`` runs, with two names of the module that defines it swapped for that
+    call: the target loader (``NeMoAutoModelForCausalLM``; ``AutoModelForImageTextToText`` for ViSpec's
+    stage 1) reads the config only and connects to the servers (:class:`ConfigOnlyTarget` over a
+    :class:`~eagle3_client.eagle.RemoteEagleTargetModel`), so the checks the recipe runs on its target
+    read the served embeddings; and ``HFEagleTargetModel`` hands the recipe that remote wrapper, whose
+    embeddings and LM head the draft copies. ``options`` are client keywords; the YAML's
+    ``remote_<option>`` keys win.
+    """
+    module_name = next(c.__module__ for c in recipe_cls.__mro__ if "setup" in vars(c))
+    loader_name = _EAGLE_TARGET_LOADERS.get(module_name)
+    if loader_name is None:
+        raise TypeError(f"{recipe_cls.__name__}'s setup() comes from {module_name}, whose target loader is not known")
+
+    def swaps(recipe: Any, urls: list[str] | str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        loader = _remote_loader(lambda: RemoteEagleTargetModel.from_urls(urls, device=recipe.device, **kwargs))
+
+        def remote_wrapper(model: Any) -> Any:
+            wrapper = _served_wrapper(model, RemoteEagleTargetModel)
+            logger.info(
+                "eagle3-appliance: %s captures the last hidden state and its logits from %s",
+                recipe_cls.__name__,
+                wrapper.urls,
+            )
+            return wrapper
+
+        return {loader_name: loader, "HFEagleTargetModel": remote_wrapper}
+
+    return _swapping_recipe(recipe_cls, module_name, "EAGLE-1/2", swaps, options)

@@ -11,9 +11,11 @@ The YAML's ``recipe:`` key picks the recipe:
 ``TrainEagle3Recipe`` (the default), or one of the DFlash family (``TrainDFlashRecipe``,
 ``TrainDFlash2Recipe``, ``TrainJetSpecRecipe``, ``TrainDominoRecipe``), run through
 :func:`eagle3_client.automodel.remote_dflash_recipe`, ``TrainDSparkRecipe``, run through
-:func:`eagle3_client.automodel.remote_dspark_recipe`, or ViSpec's stage 2, ``TrainVispecRecipe``, run
-through :func:`eagle3_client.automodel.remote_vispec_recipe` (DSpark and ViSpec: ``remote`` only,
-streams carry neither's captures). Usage::
+:func:`eagle3_client.automodel.remote_dspark_recipe`, ViSpec's stage 2, ``TrainVispecRecipe``, run
+through :func:`eagle3_client.automodel.remote_vispec_recipe`, or EAGLE-1/EAGLE-2 and ViSpec's stage 1
+(``TrainEagle1Recipe``, ``TrainEagle2Recipe``, ``TrainVispecStage1Recipe``), run through
+:func:`eagle3_client.automodel.remote_eagle_recipe` (DSpark, ViSpec and EAGLE-1/2: ``remote`` only,
+streams carry none of their captures). Usage::
 
     python -m eagle3_client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
     torchrun --nproc-per-node=8 -m eagle3_client.automodel_launch -c recipe.yaml
@@ -42,19 +44,23 @@ def recipe_name(cfg: Any) -> str:
 
 def check_config(cfg: Any) -> None:
     """Refuse a YAML written for another recipe; warn when it does not use the remote backend."""
-    from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES, VISPEC_RECIPES
+    from eagle3_client.automodel import DFLASH_RECIPES, DSPARK_RECIPES, EAGLE_RECIPES, VISPEC_RECIPES
 
     name = recipe_name(cfg)
-    if name != _RECIPE and not any(name in known for known in (DFLASH_RECIPES, DSPARK_RECIPES, VISPEC_RECIPES)):
+    known = (DFLASH_RECIPES, DSPARK_RECIPES, VISPEC_RECIPES, EAGLE_RECIPES)
+    if name != _RECIPE and not any(name in recipes for recipes in known):
         raise SystemExit(
             f"this launcher runs the EAGLE-3 recipe ({_RECIPE}), a DFlash-family recipe "
-            f"({', '.join(DFLASH_RECIPES)}), DSpark's ({', '.join(DSPARK_RECIPES)}) or ViSpec's "
-            f"({', '.join(VISPEC_RECIPES)}); the YAML asks for {cfg.get('recipe', None)!r}"
+            f"({', '.join(DFLASH_RECIPES)}), DSpark's ({', '.join(DSPARK_RECIPES)}), ViSpec's "
+            f"({', '.join(VISPEC_RECIPES)}) or an EAGLE-1/2 one ({', '.join(EAGLE_RECIPES)}); "
+            f"the YAML asks for {cfg.get('recipe', None)!r}"
         )
     recipe_args = cfg.get("recipe_args", None)
     if recipe_args is None:
         raise SystemExit("the YAML has no recipe_args section")
     backend = recipe_args.get("target_model_backend", "colocated")
+    if backend == "stream" and name in EAGLE_RECIPES:
+        raise SystemExit(f"streams carry no EAGLE-1/2 captures: train {name} with target_model_backend: remote")
     if backend not in ("remote", "stream"):
         logger.warning(
             "recipe_args.target_model_backend is %r: the eagle3-appliance client is used only with 'remote' "
@@ -68,7 +74,7 @@ def build_recipe(argv: Sequence[str]) -> Any:
     # Imported here so that ``--help`` does not wait for AutoModel's imports.
     from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
 
-    from eagle3_client.automodel import DSPARK_RECIPES, VISPEC_RECIPES, install, options_from_config
+    from eagle3_client.automodel import DSPARK_RECIPES, EAGLE_RECIPES, VISPEC_RECIPES, install, options_from_config
 
     cfg = parse_args_and_load_config(argv=list(argv))
     check_config(cfg)
@@ -95,6 +101,12 @@ def build_recipe(argv: Sequence[str]) -> Any:
         from eagle3_client.automodel import remote_vispec_recipe
 
         recipe_cls = remote_vispec_recipe(getattr(importlib.import_module(VISPEC_RECIPES[name]), name), options)
+    elif name in EAGLE_RECIPES:
+        import importlib
+
+        from eagle3_client.automodel import remote_eagle_recipe
+
+        recipe_cls = remote_eagle_recipe(getattr(importlib.import_module(EAGLE_RECIPES[name]), name), options)
     else:
         import importlib
 

@@ -9,10 +9,12 @@ output and the last layer is the post-norm hidden state, plus the post-norm fina
 ``[B,T,H]`` (upstream's ``HFDSparkTargetModel``). The vision-language kinds, ViSpec and MSD,
 take no layers: the answer is the forward's embedding output (vision features spliced in), its
 last hidden state and its logits, unshifted (``docs/vlm.md``); their requests may carry the
-processor's vision tensors. :class:`Capture` says which, and both ends
-read it from here: the client puts it in its ``POST /session`` offer, the server checks it
-against its model once, keeps it on the session and answers every ``/generate`` of that session
-with it.
+processor's vision tensors. EAGLE-1/EAGLE-2 (and ViSpec's text-only stage 1) take no layers
+either: the answer is the post-norm last hidden state ``[B,T,H]`` and the LM head's output on it
+``[B,T,V]``, unshifted (upstream's ``HFEagleTargetModel``, ``docs/eagle.md``). :class:`Capture`
+says which, and both ends read it from here: the client puts it in its ``POST /session`` offer,
+the server checks it against its model once, keeps it on the session and answers every
+``/generate`` of that session with it.
 
 An unmodified upstream peer never sees one: the EAGLE-3 capture is the absence of the field
 (the offer and the reply stay byte-for-byte what they were), and our client refuses to send a
@@ -27,7 +29,7 @@ Usage::
     capture.keys                           # ("hidden_states", "logits"): the answer's wire keys
     Capture.parse("dflash+logits:1,3,5")   # the command-line spelling (load tests, sizes)
     Capture.parse("dspark:-1,3,7")
-    Capture.parse("vispec"), Capture.parse("msd")
+    Capture.parse("vispec"), Capture.parse("msd"), Capture.parse("eagle")
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "dflash_batch_type",
     "dspark_batch",
     "dspark_batch_type",
+    "eagle_batch_type",
     "msd_batch",
     "msd_batch_type",
     "shift_left",
@@ -53,12 +56,14 @@ __all__ = [
     "vispec_batch_type",
     "CAPTURE_DFLASH",
     "CAPTURE_DSPARK",
+    "CAPTURE_EAGLE",
     "CAPTURE_EAGLE3",
     "CAPTURE_KINDS",
     "CAPTURE_MSD",
     "CAPTURE_VISPEC",
     "DSPARK_FEATURES",
     "EAGLE3",
+    "EAGLE_KEYS",
     "KEY_HIDDEN_STATES",
     "KEY_INPUTS_EMBEDS",
     "KEY_LAST_HIDDEN_STATES",
@@ -77,7 +82,9 @@ CAPTURE_DSPARK = "dspark"  # a layer set (-1: the embedding output; last: post-n
 CAPTURE_VISPEC = "vispec"  # the base model's hidden_states[0] and [-1], lm_head(last)
 CAPTURE_MSD = "msd"  # the language backbone's inputs_embeds, the full forward's last state and logits
 CAPTURE_VLM = (CAPTURE_VISPEC, CAPTURE_MSD)
-CAPTURE_KINDS = (CAPTURE_EAGLE3, CAPTURE_DFLASH, CAPTURE_DSPARK, *CAPTURE_VLM)
+# EAGLE-1/EAGLE-2 and ViSpec stage 1 (upstream's HFEagleTargetModel): the post-norm last hidden state, lm_head of it
+CAPTURE_EAGLE = "eagle"
+CAPTURE_KINDS = (CAPTURE_EAGLE3, CAPTURE_DFLASH, CAPTURE_DSPARK, *CAPTURE_VLM, CAPTURE_EAGLE)
 # The key of the capture object in the /session offer and reply.
 OFFER_KEY = "capture"
 # The answer of a DFlash capture, in wire order: cat(layer outputs) [B,T,n*H] in the model
@@ -92,6 +99,9 @@ KEY_LAST_HIDDEN_STATES = "last_hidden_states"
 # [B,T,H] and the logits [B,T,V]. The client shifts them as the co-located wrapper does.
 KEY_INPUTS_EMBEDS = "inputs_embeds"
 VLM_KEYS = (KEY_INPUTS_EMBEDS, KEY_HIDDEN_STATES, KEY_LOGITS)
+# The answer of an EAGLE-1/2 capture, in wire order, unshifted and in the model dtype: the final
+# norm's output [B,T,H] (the base model's last hidden state) and the LM head's output on it [B,T,V].
+EAGLE_KEYS = (KEY_LAST_HIDDEN_STATES, KEY_LOGITS)
 # Vision tensors one request may carry beside its ids and masks (the wire body's entry bound
 # is the server's MAX_BODY_ENTRIES: 3 + this).
 MAX_VISION_INPUTS = 8
@@ -113,7 +123,8 @@ class Capture:
     (``layers``: strictly increasing, ``-1`` the embedding output, the last layer the final
     norm's output; the answer also carries the final norm's output on its own; no logits) or
     ``"vispec"`` / ``"msd"`` (no layers, no logits flag: a vision-language target's embedding
-    output, last hidden state and logits, :data:`VLM_KEYS`).
+    output, last hidden state and logits, :data:`VLM_KEYS`) or ``"eagle"`` (no layers, no logits
+    flag: the post-norm last hidden state and its logits, :data:`EAGLE_KEYS`).
     """
 
     kind: str = CAPTURE_EAGLE3
@@ -136,6 +147,10 @@ class Capture:
     def msd(cls) -> Capture:
         return cls(CAPTURE_MSD)
 
+    @classmethod
+    def eagle(cls) -> Capture:
+        return cls(CAPTURE_EAGLE)
+
     @property
     def is_vlm(self) -> bool:
         """ViSpec or MSD: a vision-language target's forward, whose requests may carry vision tensors."""
@@ -155,6 +170,16 @@ class Capture:
         return self.kind == CAPTURE_DSPARK
 
     @property
+    def is_eagle(self) -> bool:
+        """EAGLE-1/EAGLE-2 (not EAGLE-3): the last hidden state and its logits."""
+        return self.kind == CAPTURE_EAGLE
+
+    @property
+    def takes_layers(self) -> bool:
+        """DFlash or DSpark: the capture names the layers it sends."""
+        return self.kind in (CAPTURE_DFLASH, CAPTURE_DSPARK)
+
+    @property
     def algorithm(self) -> str:
         """Upstream's ``FeatureAlgorithm`` value of a stream of these answers (``SampleRef.algorithm``):
         one per kind, so that a DSpark sample is never read as a DFlash one (their ``hidden_states``
@@ -163,12 +188,21 @@ class Capture:
 
     @property
     def label(self) -> str:
-        """How metrics and logs name it: ``eagle3``, ``dflash``, ``dflash+logits`` or ``dspark``."""
+        """How metrics and logs name it: ``eagle3``, ``dflash``, ``dflash+logits``, ``dspark``, ``vispec``,
+        ``msd`` or ``eagle``."""
         return f"{self.kind}+logits" if self.logits else self.kind
 
     @property
+    def named(self) -> str:
+        """How messages name it: ``the dspark capture of layers [-1, 3]``, ``the eagle capture``."""
+        layers = f" of layers {list(self.layers)}" if self.takes_layers else ""
+        return f"the {self.label} capture{layers}"
+
+    @property
     def keys(self) -> tuple[str, ...]:
-        """The wire keys of a DFlash or DSpark answer, in order (EAGLE-3's come from the encoding)."""
+        """The wire keys of a non-EAGLE-3 answer, in order (EAGLE-3's come from the encoding)."""
+        if self.is_eagle:
+            return EAGLE_KEYS
         if self.is_dspark:
             return (KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES)
         if self.is_vlm:
@@ -177,7 +211,7 @@ class Capture:
 
     def checked(self, num_layers: int) -> Capture:
         """This capture if a model of ``num_layers`` decoder layers can serve it; ValueError naming why not."""
-        if self.is_eagle3 or self.is_vlm:
+        if not self.takes_layers:
             return self
         if not self.layers:
             raise ValueError("capture.layers must name at least one decoder layer")
@@ -210,8 +244,8 @@ class Capture:
     @property
     def spec(self) -> str:
         """The command-line spelling :meth:`parse` reads: ``eagle3``, ``dflash:1,3,5``, ``dflash+logits:1,3,5``,
-        ``dspark:-1,3,7``."""
-        return self.kind if self.is_eagle3 or self.is_vlm else f"{self.label}:{','.join(str(i) for i in self.layers)}"
+        ``dspark:-1,3,7``, ``vispec``, ``msd``, ``eagle``."""
+        return f"{self.label}:{','.join(str(i) for i in self.layers)}" if self.takes_layers else self.kind
 
     @classmethod
     def parse(cls, text: str) -> Capture:
@@ -219,13 +253,13 @@ class Capture:
         text = text.strip()
         if text == CAPTURE_EAGLE3:
             return EAGLE3
-        if text in CAPTURE_VLM:
+        if text in (*CAPTURE_VLM, CAPTURE_EAGLE):
             return cls(text)
         head, _, tail = text.partition(":")
         if head not in (CAPTURE_DFLASH, f"{CAPTURE_DFLASH}+logits", CAPTURE_DSPARK) or not tail.strip():
             raise ValueError(
                 "a capture is 'eagle3', 'dflash:L1,L2,...', 'dflash+logits:L1,L2,...', 'dspark:L1,L2,...', "
-                "'vispec' or 'msd', "
+                "'vispec', 'msd' or 'eagle', "
                 f"got {quote(text)}"
             )
         try:
@@ -261,6 +295,10 @@ class Capture:
             raise ValueError(
                 f"a {kind} capture takes no layers or logits: "
                 "it sends the embedding output, the last hidden state and the logits"
+            )
+        if kind == CAPTURE_EAGLE and (layers or logits):
+            raise ValueError(
+                "an eagle capture takes no layers or logits: it sends the last hidden state and its logits"
             )
         if kind == CAPTURE_DSPARK and logits:
             raise ValueError("a dspark capture takes no logits: it sends the final norm's output instead")
@@ -342,6 +380,32 @@ class _LocalMSDTargetBatch:
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
     image_mask: torch.Tensor
+
+
+@dataclass
+class _LocalEagleTargetBatch:
+    """The fields of upstream's ``EagleTargetBatch`` (used when NeMo AutoModel is not installed)."""
+
+    input_hidden_states: torch.Tensor
+    target_hidden_states: torch.Tensor
+    target_logits: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    doc_remaining: torch.Tensor | None = None
+
+
+@functools.cache
+def eagle_batch_type() -> type:
+    """Upstream's ``EagleTargetBatch`` (EAGLE-1/2) when it imports, else the local equivalent (imported on use)."""
+    try:
+        from nemo_automodel.components.speculative.eagle.target_v12 import EagleTargetBatch
+    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
+        return _LocalEagleTargetBatch
+    batch_type: type = EagleTargetBatch
+    return batch_type
 
 
 @functools.cache

@@ -67,7 +67,8 @@ def add_options(parser: Any) -> None:
         "dflash:L1,L2,... (DFlash-style: those layers, unshifted), dflash+logits:L1,L2,... (also the "
         "full-vocabulary logits, as JetSpec asks), dspark:L1,L2,... (DSpark's features and final norm), "
         "vispec or msd (a vision-language server's embeddings, last hidden state and logits; the ranks send "
-        "text-only rows). Needs a server with sessions unless eagle3.",
+        "text-only rows), eagle (EAGLE-1/2: the last hidden state and its logits). Needs a server with sessions "
+        "unless eagle3.",
     )
     parser.add_argument(
         "--encoding",

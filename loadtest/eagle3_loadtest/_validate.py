@@ -135,7 +135,7 @@ def _check_capture(
     """Another family's answer, unshifted, keys in the capture's order: DFlash's layer outputs
     ``[B,T,n*H]`` (and the logits ``[B,T,V]`` if asked); DSpark's as well as the final norm's
     output ``[B,T,H]``; ViSpec's and MSD's input embeddings and last hidden state ``[B,T,H]`` and
-    the logits ``[B,T,V]``."""
+    the logits ``[B,T,V]``; EAGLE-1/2's last hidden state ``[B,T,H]`` and its logits ``[B,T,V]``."""
     capture = expected.capture
     if list(tensors) != list(capture.keys):
         raise SupervisionError(f"answer has keys {list(tensors)}, expected exactly {list(capture.keys)}")

@@ -269,6 +269,28 @@ def test_steady_with_dflash_style_requests(
     assert 'eagle3_generate_captures_total{capture="dflash+logits"}' in metrics
 
 
+def test_steady_with_eagle_requests(
+    locust: Any, appliance: ServerProcess, model_info: dict[str, Any], tmp_path: Path
+) -> None:
+    """``--capture eagle`` (EAGLE-1/2): the last hidden state and the logits of every answer checked, counted."""
+    run = locust.run(
+        ["-f", "loadtest/steady.py", "-u", "1", "-r", "1", "-t", "4s", *SHAPES, "--capture", "eagle"],
+        appliance.url,
+        tmp_path / "eagle",
+    )
+    assert_ok(run)
+    stats = run.stats()
+    generate = stats[("POST", "generate")]
+    assert count(generate, "num_requests") > 0 and count(generate, "num_failures") == 0
+    assert ("POST", "set_vocab_mapping") not in stats
+    m = run.report()["custom_metrics"]
+    assert m["invalid"] == 0
+    # fp32 last hidden state [T,H] and fp32 logits [T,V], per token.
+    assert m["supervision_bytes_per_token"] == model_info["hidden_size"] * 4 + model_info["vocab_size"] * 4
+    metrics = Path(run.report()["server_metrics"]["file"]).read_text()
+    assert 'eagle3_generate_captures_total{capture="eagle"}' in metrics
+
+
 def test_steady_with_packed_rows(
     locust: Any, appliance: ServerProcess, model_info: dict[str, Any], tmp_path: Path
 ) -> None:

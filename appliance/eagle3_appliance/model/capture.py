@@ -15,6 +15,12 @@ norm's output, any other id that layer's output (output ``[0]`` of a tuple); eac
 order; and the final norm's output again, alone (``last_hidden_states``). Hooks are keyed by
 :func:`hook_points`: a layer's index, :data:`EMBEDDING` (-1) or :data:`FINAL_NORM` (-2).
 
+An EAGLE-1/2 capture (upstream's ``HFEagleTargetModel``: ``lm_head(base_model(...)[0])``) is the
+final norm's output, hooked in the same forward, and the forward's own logits, which every causal
+LM computes as ``lm_head`` of exactly that output; a model that transforms the head's output
+(soft-capping, scaling: :meth:`Target.logit_transform`) is refused, as upstream's logits would
+not be the model's.
+
 :func:`check_request` bounds what one request may cost: the same working-memory budget as an
 EAGLE-3 ``/generate`` (:attr:`ServingLimits.working_bytes`, at :func:`working_bytes_per_token`),
 and an answer no larger than the server's largest EAGLE-3 answer (``max_answer_bytes``).
@@ -80,6 +86,11 @@ def capture_refusal(target: Target, capture: Capture) -> str | None:
         return target.eagle3_refusal
     if capture.is_vlm:
         return vlm_refusal(target, capture)
+    if capture.is_eagle:
+        if find_final_norm(target.model) is None:
+            return "the model's final norm (the text stack's `norm`) was not found"
+        transform = target.logit_transform()
+        return None if transform is None else f"{transform}: its logits are not lm_head(last hidden state)"
     if not capture.is_dspark:
         return None
     if hasattr(target.model, "get_dspark_target_feature_modules"):
@@ -95,6 +106,8 @@ def hook_points(capture: Capture, num_layers: int) -> set[int]:
     """The hook keys a forward needs for ``capture``: its layers (DFlash), or DSpark's feature points."""
     if capture.is_eagle3 or capture.is_vlm:
         return set()
+    if capture.is_eagle:
+        return {FINAL_NORM}  # the last hidden state
     if not capture.is_dspark:
         return set(capture.layers)
     points = {i for i in capture.layers if 0 <= i < num_layers - 1}
@@ -182,6 +195,8 @@ def encode(
     """A DFlash or DSpark answer for batch ``rows`` of a forward (all of it when None), keyed in
     ``capture.keys`` order. ``num_layers``: the model's depth (a DSpark capture needs it)."""
     rows = rows if rows is not None else slice(None)
+    if capture.is_eagle:
+        return {KEY_LAST_HIDDEN_STATES: layers[FINAL_NORM][rows], KEY_LOGITS: _logits(out, rows, alloc)}
     if capture.is_dspark:
         if num_layers is None:
             raise ValueError("a DSpark answer needs the model's number of layers")
@@ -194,12 +209,16 @@ def encode(
         hidden = torch.cat(parts, dim=-1, out=alloc(shape, parts[0].dtype))
     answer = {KEY_HIDDEN_STATES: hidden}
     if capture.logits:
-        if out.logits is not None:
-            answer[KEY_LOGITS] = out.logits[rows]
-        else:  # the LM head over slices of the sequence, written into the answer
-            start, stop, _ = rows.indices(out.logits_shape[0])
-            answer[KEY_LOGITS] = out.rows(start, stop).full_logits(alloc)
+        answer[KEY_LOGITS] = _logits(out, rows, alloc)
     return answer
+
+
+def _logits(out: ForwardOutputs, rows: slice, alloc: Allocator | None) -> torch.Tensor:
+    """The model's logits of batch ``rows``: its own, or its LM head run over slices into the answer."""
+    if out.logits is not None:
+        return out.logits[rows]
+    start, stop, _ = rows.indices(out.logits_shape[0])
+    return out.rows(start, stop).full_logits(alloc)
 
 
 def _dspark_feature(layer_id: int, layers: dict[int, torch.Tensor], last: int) -> torch.Tensor:
@@ -222,9 +241,11 @@ def _encode_dspark(
 
 def _captured_tensors(capture: Capture) -> int:
     """How many ``[B,T,H]`` tensors the capture keeps alive: its layers (and DSpark's final norm; a VLM
-    capture's embedding output and last hidden state)."""
+    capture's embedding output and last hidden state; EAGLE-1/2's last hidden state)."""
     if capture.is_vlm:
         return 2
+    if capture.is_eagle:
+        return 1
     return len(capture.layers) + (1 if capture.is_dspark else 0)
 
 
@@ -245,8 +266,8 @@ def working_bytes_per_token(shape: TargetShape, capture: Capture, *, sliced: boo
 
 def answer_bytes_per_token(shape: TargetShape, capture: Capture) -> int:
     """Wire bytes of one token of a DFlash answer: ``n x H`` hidden units, and ``V`` logits when asked
-    (DSpark: ``(n + 1) x H``, the features and the final norm's output)."""
-    logits = capture.logits or capture.is_vlm
+    (DSpark: ``(n + 1) x H``, the features and the final norm's output; EAGLE-1/2: ``H + V``)."""
+    logits = capture.logits or capture.is_vlm or capture.is_eagle
     width = _captured_tensors(capture) * shape.hidden_size + (shape.vocab_size if logits else 0)
     return width * shape.dtype_bytes
 
@@ -262,8 +283,9 @@ def check_request(capture: Capture, inputs: GenerateInputs, shape: TargetShape, 
     else:
         most = limits.working_bytes // per_token
     if tokens > most:
+        layers = f" of {len(capture.layers)} layers" if capture.takes_layers else ""
         raise InvalidRequest(
-            f"a {capture.label} capture of {len(capture.layers)} layers may use at most "
+            f"a {capture.label} capture{layers} may use at most "
             f"{most} tokens per request on this server ({per_token:,} B a token); got {tokens}"
         )
     answer = tokens * answer_bytes_per_token(shape, capture)

@@ -402,6 +402,10 @@ class Target:
             return "the model has no output embedding (LM head) weight"
         if getattr(head, "bias", None) is not None:
             return "the LM head has a bias"
+        return self.logit_transform()
+
+    def logit_transform(self) -> str | None:
+        """The transformation the config puts between the LM head's output and the logits, named; None when none."""
         configs = [self.config, getattr(self.config, "text_config", None)]
         for config in (c for c in configs if c is not None):
             for attr, neutral in _LOGIT_TRANSFORMS.items():

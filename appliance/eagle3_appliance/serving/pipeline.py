@@ -259,6 +259,11 @@ class Pipeline:
         already kept here is not computed again (a producer that retries, or restarted).
         """
         run_id, sample_id = _sample(request, session)
+        if session.capture.is_eagle:
+            raise NotConfigured(
+                f"streams carry EAGLE-3, DFlash, DSpark, ViSpec and MSD answers, not {session.capture.named}: "
+                "ask /generate"
+            )
         kept = self.resident.peek(run_id, sample_id)
         if kept is not None:
             _same_stream(kept, session)

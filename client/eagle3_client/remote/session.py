@@ -178,7 +178,7 @@ class ServerSession:
             if not self.capture.is_eagle3:
                 raise CaptureUnsupported(
                     f"{self.control.url} is an upstream EAGLE-3 server (no /{protocol.EP_SESSION}): it cannot "
-                    f"serve the {self.capture.label} capture of layers {list(self.capture.layers)}, and would "
+                    f"serve {self.capture.named}, and would "
                     "answer with EAGLE-3 supervision; point this client at eagle3-appliance servers"
                 ) from None
             self.upstream, self.session_id, self.encoding, self.fingerprint = True, None, PROBS, None
@@ -196,8 +196,8 @@ class ServerSession:
             if reply.capture != self.capture:
                 self._disconnect(reply.session_id)
                 raise CaptureUnsupported(
-                    f"{self.control.url} did not agree to the {self.capture.label} capture of layers "
-                    f"{list(self.capture.layers)} (it answered {reply.capture.label}): an appliance from "
+                    f"{self.control.url} did not agree to {self.capture.named} "
+                    f"(it answered {reply.capture.label}): an appliance from "
                     "before support for this capture; upgrade it"
                 )
             if self.capture.is_vlm and reply.image_token_id is None:

@@ -22,7 +22,14 @@ import httpx
 import torch
 
 from eagle3_client import protocol
-from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_INPUTS_EMBEDS, KEY_LAST_HIDDEN_STATES, KEY_LOGITS, VLM_KEYS
+from eagle3_client.capture import (
+    EAGLE_KEYS,
+    KEY_HIDDEN_STATES,
+    KEY_INPUTS_EMBEDS,
+    KEY_LAST_HIDDEN_STATES,
+    KEY_LOGITS,
+    VLM_KEYS,
+)
 from eagle3_client.encodings import detect_encoding, parse_encoding
 from eagle3_client.errors import ProtocolViolation
 from eagle3_client.transports.control import ControlPlane
@@ -139,7 +146,7 @@ def check_supervision(
     The encoding is recognised by the answer's keys, so any plane can move any encoding;
     ``encoding`` is what the server said it used (the wire plane's header), checked against them.
     """
-    if KEY_HIDDEN_STATES in tensors:  # a DFlash, DSpark, ViSpec or MSD capture's answer: no encoding applies
+    if KEY_HIDDEN_STATES in tensors or KEY_LAST_HIDDEN_STATES in tensors:  # another family's: no encoding applies
         return _check_capture_answer(url, tensors)
     found = detect_encoding(tensors)
     if encoding is not None:
@@ -157,7 +164,9 @@ def check_supervision(
 
 def _check_capture_answer(url: str, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
     keys: tuple[str, ...] = (KEY_HIDDEN_STATES,)
-    if KEY_INPUTS_EMBEDS in tensors:  # ViSpec, MSD
+    if KEY_HIDDEN_STATES not in tensors:  # EAGLE-1/2: the last hidden state and its logits
+        keys = EAGLE_KEYS
+    elif KEY_INPUTS_EMBEDS in tensors:  # ViSpec, MSD
         keys = VLM_KEYS
     elif KEY_LOGITS in tensors:  # DFlash with logits
         keys = (KEY_HIDDEN_STATES, KEY_LOGITS)
