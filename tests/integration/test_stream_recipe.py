@@ -221,7 +221,7 @@ def test_a_trainer_restarted_from_its_checkpoint_resumes_where_its_acks_stand(
     logs = {name: tmp_path / f"{name}.log" for name in ("producer", "first", "second")}
     producer = _start(
         ["-m", "eagle3_appliance", "produce", "--urls", ",".join(p.url for p in fleet), "--queue", queue,
-         "--run-id", run_id, "-c", str(yaml_path), "--visibility-timeout", "3", "--timeout", "380"],
+         "--run-id", run_id, "-c", str(yaml_path), "--visibility-timeout", "10", "--timeout", "380"],
         logs["producer"],
     )  # fmt: skip
     first = _start([str(RUNNER), "remote", str(tmp_path / "first.pt"), "-c", str(yaml_path)], logs["first"])
