@@ -14,8 +14,8 @@ The YAML's ``recipe:`` key picks the recipe:
 :func:`eagle3_client.automodel.remote_dspark_recipe`, ViSpec's stage 2, ``TrainVispecRecipe``, run
 through :func:`eagle3_client.automodel.remote_vispec_recipe`, or EAGLE-1/EAGLE-2 and ViSpec's stage 1
 (``TrainEagle1Recipe``, ``TrainEagle2Recipe``, ``TrainVispecStage1Recipe``), run through
-:func:`eagle3_client.automodel.remote_eagle_recipe` (DSpark, ViSpec and EAGLE-1/2: ``remote`` only,
-streams carry none of their captures). Usage::
+:func:`eagle3_client.automodel.remote_eagle_recipe`. Every one takes ``target_model_backend: remote``
+and all but EAGLE-1/2 also ``stream`` (streams carry no EAGLE-1/2 captures). Usage::
 
     python -m eagle3_client.automodel_launch -c recipe.yaml --recipe_args.remote_urls='["http://node3:8001"]'
     torchrun --nproc-per-node=8 -m eagle3_client.automodel_launch -c recipe.yaml
