@@ -20,7 +20,6 @@ import torch
 
 from eagle3_appliance.launch import ServerProcess
 from tests.integration.automodel_support import import_or_skip, make_recipe_target
-from tests.integration.dspark_recipe_runner import BATCHES
 from tests.integration.test_dspark_recipe import RECIPE_YAML
 from tests.integration.test_stream_dflash_recipe import _finish, _start
 
@@ -55,6 +54,8 @@ def qwen3_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         Qwen3ForCausalLM(config).save_pretrained(root / "model")
+    from tests.integration.dspark_recipe_runner import BATCHES  # imports AutoModel: after the skip above
+
     # Exactly the batches the runner computes: the trainer consumes (and acks) the whole run.
     return make_recipe_target(root / "model", root / "target", samples=BATCHES * MICRO_BATCH)
 
@@ -101,10 +102,12 @@ def test_the_dspark_recipe_trains_from_the_stream_as_colocated(
     produced = _finish(producer, logs["producer"])
     assert "in 1 run(s) closed" in produced  # every sample acked
     assert stream_out.count("from the stream: run") == 1 and f"({capture})" in stream_out
+    from tests.integration import dspark_recipe_runner as runner  # imports AutoModel: after the skip above
+
     s, c = torch.load(tmp_path / "stream.pt"), torch.load(tmp_path / "colocated.pt")
     assert s["backend"] == "eagle3_client.automodel_stream_dflash.StreamDSparkTarget"
     assert s["target_model"] == "ConfigOnlyTarget" and c["target_model"] == "Qwen3ForCausalLM"
-    assert 1 <= len(c["losses"]) <= BATCHES and bool(torch.isfinite(c["losses"]).all())  # packed: fewer rows
+    assert 1 <= len(c["losses"]) <= runner.BATCHES and bool(torch.isfinite(c["losses"]).all())  # packed: fewer rows
     assert torch.equal(s["losses"], c["losses"]), f"stream {s['losses'].tolist()} != co-located {c['losses'].tolist()}"
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(s["hidden"], c["hidden"], strict=True))
     assert s["documents"] == c["documents"] and (max(c["documents"]) > 1) == bool(packed)
