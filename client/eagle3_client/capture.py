@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -308,6 +309,15 @@ class Capture:
 EAGLE3 = Capture()
 
 
+def _upstream_or_local(module: str, name: str, local: type) -> type:
+    """Upstream's batch type ``module.name`` when it imports, else ``local`` (the same fields)."""
+    try:
+        found: type = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
+        return local
+    return found
+
+
 @dataclass
 class _LocalDFlashTargetBatch:
     """The fields of upstream's ``DFlashTargetBatch`` (used when NeMo AutoModel is not installed)."""
@@ -325,12 +335,9 @@ class _LocalDFlashTargetBatch:
 @functools.cache
 def dflash_batch_type() -> type:
     """Upstream's ``DFlashTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
-    try:
-        from nemo_automodel.components.speculative.dflash.target import DFlashTargetBatch
-    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
-        return _LocalDFlashTargetBatch
-    batch_type: type = DFlashTargetBatch
-    return batch_type
+    return _upstream_or_local(
+        "nemo_automodel.components.speculative.dflash.target", "DFlashTargetBatch", _LocalDFlashTargetBatch
+    )
 
 
 @dataclass
@@ -349,12 +356,9 @@ class _LocalDSparkTargetBatch:
 @functools.cache
 def dspark_batch_type() -> type:
     """Upstream's ``DSparkTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
-    try:
-        from nemo_automodel.components.speculative.dspark.target import DSparkTargetBatch
-    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
-        return _LocalDSparkTargetBatch
-    batch_type: type = DSparkTargetBatch
-    return batch_type
+    return _upstream_or_local(
+        "nemo_automodel.components.speculative.dspark.target", "DSparkTargetBatch", _LocalDSparkTargetBatch
+    )
 
 
 @dataclass
@@ -400,34 +404,25 @@ class _LocalEagleTargetBatch:
 @functools.cache
 def eagle_batch_type() -> type:
     """Upstream's ``EagleTargetBatch`` (EAGLE-1/2) when it imports, else the local equivalent (imported on use)."""
-    try:
-        from nemo_automodel.components.speculative.eagle.target_v12 import EagleTargetBatch
-    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
-        return _LocalEagleTargetBatch
-    batch_type: type = EagleTargetBatch
-    return batch_type
+    return _upstream_or_local(
+        "nemo_automodel.components.speculative.eagle.target_v12", "EagleTargetBatch", _LocalEagleTargetBatch
+    )
 
 
 @functools.cache
 def vispec_batch_type() -> type:
     """Upstream's ``VispecTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
-    try:
-        from nemo_automodel.components.speculative.eagle.vispec_target import VispecTargetBatch
-    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
-        return _LocalVispecTargetBatch
-    batch_type: type = VispecTargetBatch
-    return batch_type
+    return _upstream_or_local(
+        "nemo_automodel.components.speculative.eagle.vispec_target", "VispecTargetBatch", _LocalVispecTargetBatch
+    )
 
 
 @functools.cache
 def msd_batch_type() -> type:
     """Upstream's ``MSDTargetBatch`` when it imports, else the local equivalent (imported on first use)."""
-    try:
-        from nemo_automodel.components.speculative.eagle.msd_target import MSDTargetBatch
-    except Exception:  # noqa: BLE001 - absent or half-installed AutoModel: the local type has the same fields
-        return _LocalMSDTargetBatch
-    batch_type: type = MSDTargetBatch
-    return batch_type
+    return _upstream_or_local(
+        "nemo_automodel.components.speculative.eagle.msd_target", "MSDTargetBatch", _LocalMSDTargetBatch
+    )
 
 
 def dspark_batch(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,13 +32,58 @@ from eagle3_client.remote.request import Packing
 from eagle3_client.remote.session import ServerSession
 from eagle3_client.transports.dataplane import Answer
 
-__all__ = ["LM_HEAD_CHUNK_BYTES", "RemoteDFlashTargetModel", "dflash_batch_type"]
+__all__ = ["LM_HEAD_CHUNK_BYTES", "FixedCaptureTarget", "LMHeadTarget", "RemoteDFlashTargetModel", "dflash_batch_type"]
 
 # The LM head travels in requests of at most this many bytes (a 152k x 8192 bf16 head is 2.5 GB).
 LM_HEAD_CHUNK_BYTES = 64 << 20
 
+_Target = TypeVar("_Target", bound="FixedCaptureTarget")
 
-class RemoteDFlashTargetModel(RemoteTarget):
+
+class LMHeadTarget(RemoteTarget):
+    """A remote target whose draft reuses the LM head (DFlash, DSpark, ViSpec, MSD, EAGLE-1/2)."""
+
+    _lm_head: torch.nn.Linear | None = None
+
+    def lm_head_linear(self) -> torch.nn.Linear:
+        """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
+        if self._lm_head is None:
+            self._lm_head = lm_head_module(self)
+        return self._lm_head
+
+
+class FixedCaptureTarget(LMHeadTarget):
+    """An adapter whose capture takes no arguments: the class's ``CAPTURE`` (ViSpec, MSD, EAGLE-1/2)."""
+
+    CAPTURE: Capture
+
+    def __init__(
+        self,
+        urls: Sequence[str] | str | os.PathLike[str] | None,
+        *,
+        device: torch.device | str = "cpu",
+        headers: dict[str, str] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(urls, device=device, headers=headers, capture=self.CAPTURE, **options)
+
+    @classmethod
+    def from_urls(
+        cls: type[_Target],
+        urls: Sequence[str] | str | os.PathLike[str] | None,
+        *,
+        device: torch.device | str = "cpu",
+        **options: Any,
+    ) -> _Target:
+        """Like ``RemoteEagle3TargetModel.from_urls``."""
+        return cls(urls, device=device, **options)
+
+    def get_lm_head(self) -> torch.nn.Linear:
+        """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
+        return self.lm_head_linear()
+
+
+class RemoteDFlashTargetModel(LMHeadTarget):
     """DFlash-family target whose forwards run on remote appliances.
 
     Usage::
@@ -68,7 +113,6 @@ class RemoteDFlashTargetModel(RemoteTarget):
             raise ValueError("DFlash requires at least one target_layer_id.")
         self.target_layer_ids = layers
         self.capture_logits = bool(capture_logits)
-        self._lm_head: torch.nn.Linear | None = None
         capture = Capture.dflash(layers, logits=self.capture_logits)
         super().__init__(urls, device=device, headers=headers, capture=capture, **options)
 
@@ -89,9 +133,7 @@ class RemoteDFlashTargetModel(RemoteTarget):
 
     def get_output_embeddings(self) -> torch.nn.Linear:
         """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
-        if self._lm_head is None:
-            self._lm_head = lm_head_module(self)
-        return self._lm_head
+        return self.lm_head_linear()
 
     # -- decoding ----------------------------------------------------------------------
 

@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from eagle3_client.capture import KEY_HIDDEN_STATES, KEY_LAST_HIDDEN_STATES, Capture, dspark_batch, dspark_batch_type
-from eagle3_client.dflash import lm_head_module
-from eagle3_client.remote.core import RemoteResult, RemoteTarget
+from eagle3_client.dflash import LMHeadTarget
+from eagle3_client.remote.core import RemoteResult
 from eagle3_client.remote.request import Packing
 from eagle3_client.transports.dataplane import Answer
 
 __all__ = ["RemoteDSparkTargetModel", "dspark_batch_type"]
 
 
-class RemoteDSparkTargetModel(RemoteTarget):
+class RemoteDSparkTargetModel(LMHeadTarget):
     """DSpark target whose forwards run on remote appliances.
 
     Usage::
@@ -67,7 +67,6 @@ class RemoteDSparkTargetModel(RemoteTarget):
         if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
             raise ValueError(f"DSpark target_layer_ids must be strictly increasing, got {layers}")
         self.target_layer_ids = layers
-        self._lm_head: torch.nn.Linear | None = None
         super().__init__(urls, device=device, headers=headers, capture=Capture.dspark(layers), **options)
 
     @classmethod
@@ -86,9 +85,7 @@ class RemoteDSparkTargetModel(RemoteTarget):
 
     def get_output_embeddings(self) -> torch.nn.Linear:
         """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
-        if self._lm_head is None:
-            self._lm_head = lm_head_module(self)
-        return self._lm_head
+        return self.lm_head_linear()
 
     # -- requests ----------------------------------------------------------------------
 

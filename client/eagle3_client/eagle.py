@@ -19,16 +19,13 @@ once, in bounded chunks, as the DFlash adapter fetches it).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from eagle3_client.capture import KEY_LAST_HIDDEN_STATES, KEY_LOGITS, Capture, eagle_batch_type
-from eagle3_client.dflash import lm_head_module
+from eagle3_client.dflash import FixedCaptureTarget
 from eagle3_client.errors import ProtocolViolation
-from eagle3_client.remote.core import RemoteTarget
 from eagle3_client.remote.request import Packing
 from eagle3_client.transports.dataplane import Answer
 from eagle3_client.vlm import shift_left
@@ -36,7 +33,7 @@ from eagle3_client.vlm import shift_left
 __all__ = ["RemoteEagleTargetModel", "eagle_batch_type"]
 
 
-class RemoteEagleTargetModel(RemoteTarget):
+class RemoteEagleTargetModel(FixedCaptureTarget):
     """EAGLE-1/EAGLE-2 target whose forwards run on remote appliances.
 
     Usage::
@@ -52,34 +49,6 @@ class RemoteEagleTargetModel(RemoteTarget):
     """
 
     CAPTURE = Capture.eagle()
-
-    def __init__(
-        self,
-        urls: Sequence[str] | str | os.PathLike[str] | None,
-        *,
-        device: torch.device | str = "cpu",
-        headers: dict[str, str] | None = None,
-        **options: Any,
-    ) -> None:
-        self._lm_head: torch.nn.Linear | None = None
-        super().__init__(urls, device=device, headers=headers, capture=self.CAPTURE, **options)
-
-    @classmethod
-    def from_urls(
-        cls,
-        urls: Sequence[str] | str | os.PathLike[str] | None,
-        *,
-        device: torch.device | str = "cpu",
-        **options: Any,
-    ) -> RemoteEagleTargetModel:
-        """Like ``RemoteEagle3TargetModel.from_urls``."""
-        return cls(urls, device=device, **options)
-
-    def get_lm_head(self) -> torch.nn.Linear:
-        """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
-        if self._lm_head is None:
-            self._lm_head = lm_head_module(self)
-        return self._lm_head
 
     # ``generate_batch`` / ``generate_batch_async``: RemoteTarget's, upstream's signature (packed rows included).
 

@@ -11,53 +11,26 @@ wrapper's bit for bit.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from eagle3_client.capture import Capture, shift_left
-from eagle3_client.dflash import lm_head_module
+from eagle3_client.capture import shift_left
+from eagle3_client.dflash import FixedCaptureTarget
 from eagle3_client.errors import ProtocolViolation
-from eagle3_client.remote.core import RemoteResult, RemoteTarget
+from eagle3_client.remote.core import RemoteResult
 from eagle3_client.remote.request import encode_request
 from eagle3_client.remote.session import ServerSession
 
 __all__ = ["RemoteVisionTarget", "shift_left"]
 
 
-_Target = TypeVar("_Target", bound="RemoteVisionTarget")
-
-
-class RemoteVisionTarget(RemoteTarget):
+class RemoteVisionTarget(FixedCaptureTarget):
     """A ViSpec or MSD target on remote appliances: the capture (``CAPTURE``, set by each adapter),
     the image token id, the LM head."""
 
-    CAPTURE: Capture
-
-    def __init__(
-        self,
-        urls: Sequence[str] | str | os.PathLike[str] | None,
-        *,
-        device: torch.device | str = "cpu",
-        headers: dict[str, str] | None = None,
-        **options: Any,
-    ) -> None:
-        self._lm_head: torch.nn.Linear | None = None
-        self._image_token_id: int | None = None
-        super().__init__(urls, device=device, headers=headers, capture=self.CAPTURE, **options)
-
-    @classmethod
-    def from_urls(
-        cls: type[_Target],
-        urls: Sequence[str] | str | os.PathLike[str] | None,
-        *,
-        device: torch.device | str = "cpu",
-        **options: Any,
-    ) -> _Target:
-        """Like ``RemoteEagle3TargetModel.from_urls``."""
-        return cls(urls, device=device, **options)
+    _image_token_id: int | None = None
 
     @property
     def image_token_id(self) -> int:
@@ -71,12 +44,6 @@ class RemoteVisionTarget(RemoteTarget):
 
             self._image_token_id = self._any(read)
         return self._image_token_id
-
-    def get_lm_head(self) -> torch.nn.Linear:
-        """The target's LM head (frozen, no bias), fetched once in bounded chunks and cached."""
-        if self._lm_head is None:
-            self._lm_head = lm_head_module(self)
-        return self._lm_head
 
     def _request(
         self,

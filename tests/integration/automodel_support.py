@@ -167,3 +167,26 @@ def colocated_supervision(
         "input_ids": batch.input_ids,
         "loss_mask": batch.loss_mask,
     }
+
+
+def make_qwen3_recipe_target(root: Path, *, samples: int, layers: int = 8) -> Path:
+    """:func:`make_recipe_target` over a tiny Qwen3 (hidden 64, ``layers`` decoder layers, 1024 ids, untied
+    head) made from seed 3: the target of the DFlash and DSpark recipe tests."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=1024,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        Qwen3ForCausalLM(config).save_pretrained(root / "model")
+    return make_recipe_target(root / "model", root / "target", samples=samples)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from eagle3_appliance.launch import ServerProcess
-from tests.integration.automodel_support import PYTHON, import_or_skip, make_recipe_target, python_env
+from tests.integration.automodel_support import PYTHON, import_or_skip, make_qwen3_recipe_target, python_env
 
 import_or_skip("nemo_automodel.recipes.llm.train_dflash")
 import_or_skip("nemo_automodel.recipes.llm.train_jetspec")
@@ -58,25 +58,7 @@ checkpoint:
 
 @pytest.fixture(scope="module")
 def qwen3_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    root = tmp_path_factory.mktemp("qwen3")
-    config = Qwen3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=1024,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        Qwen3ForCausalLM(config).save_pretrained(root / "model")
-    return make_recipe_target(root / "model", root / "target", samples=8)
+    return make_qwen3_recipe_target(tmp_path_factory.mktemp("qwen3"), samples=8)
 
 
 @pytest.fixture(scope="module")

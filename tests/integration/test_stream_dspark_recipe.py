@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from eagle3_appliance.launch import ServerProcess
-from tests.integration.automodel_support import import_or_skip, make_recipe_target
+from tests.integration.automodel_support import import_or_skip, make_qwen3_recipe_target
 from tests.integration.test_dspark_recipe import RECIPE_YAML
 from tests.integration.test_stream_dflash_recipe import _finish, _start
 
@@ -36,28 +36,10 @@ STREAM_KEYS = """\
 
 @pytest.fixture(scope="module")
 def qwen3_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    root = tmp_path_factory.mktemp("qwen3-dspark-stream")
-    config = Qwen3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=1024,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        Qwen3ForCausalLM(config).save_pretrained(root / "model")
     from tests.integration.dspark_recipe_runner import BATCHES  # imports AutoModel: after the skip above
 
     # Exactly the batches the runner computes: the trainer consumes (and acks) the whole run.
-    return make_recipe_target(root / "model", root / "target", samples=BATCHES * MICRO_BATCH)
+    return make_qwen3_recipe_target(tmp_path_factory.mktemp("qwen3-dspark-stream"), samples=BATCHES * MICRO_BATCH)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from eagle3_client import protocol
@@ -162,7 +163,10 @@ class DSparkFeatureLoader(_StreamLoader):
 
 
 class _VisionLoader(_StreamLoader):
-    """A ViSpec or MSD run's loader: the image token id comes from the run (the one its appliances named)."""
+    """A ViSpec or MSD run's loader: the image token id comes from the run (the one its appliances named);
+    ``BUILD`` is the batch builder the remote adapter uses too (:mod:`eagle3_client.capture`)."""
+
+    BUILD: Callable[..., Any]
 
     def __init__(self, queue: StreamQueue, store: ApplianceFeatureStore, *, acquire_poll_interval: float = 0.05):
         super().__init__(queue, store, acquire_poll_interval=acquire_poll_interval)
@@ -174,26 +178,21 @@ class _VisionLoader(_StreamLoader):
             )
         self._image_token_id: int = image_token_id
 
+    def _batch(self, tensors: dict[str, Any]) -> Any:
+        ids = tensors["input_ids"]
+        build = type(self).BUILD
+        return build(tensors, ids, tensors["attention_mask"], tensors["loss_mask"], self._image_token_id, ids.device)
+
 
 class VispecFeatureLoader(_VisionLoader):
     """Iterator over ``VispecTargetBatch`` from a ViSpec run's stream (see the module docstring)."""
 
     KIND = CAPTURE_VISPEC
-
-    def _batch(self, tensors: dict[str, Any]) -> Any:
-        ids = tensors["input_ids"]
-        return vispec_batch(
-            tensors, ids, tensors["attention_mask"], tensors["loss_mask"], self._image_token_id, ids.device
-        )
+    BUILD = vispec_batch
 
 
 class MSDFeatureLoader(_VisionLoader):
     """Iterator over ``MSDTargetBatch`` from an MSD run's stream (see the module docstring)."""
 
     KIND = CAPTURE_MSD
-
-    def _batch(self, tensors: dict[str, Any]) -> Any:
-        ids = tensors["input_ids"]
-        return msd_batch(
-            tensors, ids, tensors["attention_mask"], tensors["loss_mask"], self._image_token_id, ids.device
-        )
+    BUILD = msd_batch
